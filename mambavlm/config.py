@@ -1,0 +1,200 @@
+"""Typed configuration schemas, YAML loading and ``key=value`` overrides.
+
+Configs are data: a YAML file is validated against these pydantic models, so an unknown key or a
+wrong type is an error that names it (``projector.scan_mode: Input should be 'cross-stitch', ...``).
+Command-line overrides use dotted paths: ``projector.d_state=32 llm.source=/ckpt/mamba``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+__all__ = [
+    "ConfigError",
+    "EncoderConfig",
+    "VisionConfig",
+    "ProjectorConfig",
+    "LLMConfig",
+    "ModelConfig",
+    "apply_overrides",
+    "load_config",
+    "load_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the offending key."""
+
+
+class StrictModel(BaseModel):
+    """Base schema: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class EncoderConfig(StrictModel):
+    """One frozen vision encoder, created by name from timm or open_clip."""
+
+    name: str = Field(description="'timm:<model>' or 'open_clip:<model>'")
+    image_size: int = Field(384, gt=0, description="square input resolution in pixels")
+    feature_layer: int = Field(-2, description="block whose output is used; -2 = second-to-last")
+    weights: str | None = Field(
+        None,
+        description="None = random init; 'pretrained' = the library's default weights; "
+        "a local file path; or an open_clip pretrained tag / timm 'hf-hub:' name",
+    )
+    frozen: bool = True
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra architecture kwargs (e.g. depth, embed_dim)"
+    )
+
+
+class VisionConfig(StrictModel):
+    """The encoders and how their patch grids are fused into one visual sequence."""
+
+    encoders: list[EncoderConfig] = Field(min_length=1)
+    fusion: Literal["sequence", "channel"] = Field(
+        "sequence", description="'sequence' = visual long sequence (MambaVLM); 'channel' = Cobra"
+    )
+    target_grid: Literal["largest", "smallest", "first"] | list[int] = Field(
+        "largest", description="grid all encoders are resampled to when their sizes differ"
+    )
+
+
+class ProjectorConfig(StrictModel):
+    """Maps the fused visual grids to the LLM's embedding width."""
+
+    type: Literal["mamba", "mlp", "linear"] = "mamba"
+    scan_mode: Literal["cross-stitch", "cross-cat", "1d"] = "cross-stitch"
+    d_inner: int | None = Field(None, gt=0, description="SSM width; None = the LLM's hidden size")
+    d_state: int = Field(16, gt=0)
+    dt_rank: int | None = Field(None, gt=0, description="None = ceil(d_inner / 16)")
+    conv_kernel: int = Field(3, gt=0, description="depthwise 2D conv kernel size")
+    depth: int = Field(1, gt=0, description="number of Mamba projector layers")
+    share_directions: bool = Field(False, description="one set of SSM parameters for all directions")
+
+
+class LLMConfig(StrictModel):
+    """The language model: architecture, weights, tokenizer and conversation template."""
+
+    family: Literal["mamba", "mamba2", "llama"]
+    source: str | None = Field(
+        None, description="hub name or local directory of weights; None = random init from `config`"
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="HF config fields: the architecture for random init / meta builds, "
+        "and overrides when loading `source`",
+    )
+    tokenizer: str | None = Field(
+        None, description="hub name, local directory, or 'builtin:tiny'; None = same as source"
+    )
+    template: Literal["plain", "vicuna_v1"] = "plain"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+
+class ModelConfig(StrictModel):
+    """A whole MambaVLM: vision -> projector -> LLM."""
+
+    name: str = "mambavlm"
+    vision: VisionConfig
+    projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
+    llm: LLMConfig
+    max_length: int = Field(2048, gt=0, description="longest token sequence (visual + text)")
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or non-mapping document is a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place.
+
+    ``vision.encoders.0.image_size=224`` indexes into lists.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key")
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node: Any = data
+        for i, part in enumerate(parts[:-1]):
+            node = _child(node, part, ".".join(parts[: i + 1]), create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            idx = _index(node, last, key)
+            node[idx] = value
+        elif isinstance(node, dict):
+            node[last] = value
+        else:
+            raise ConfigError(f"override {key!r}: {'.'.join(parts[:-1])} is not a mapping")
+    return data
+
+
+def _index(node: list, part: str, key: str) -> int:
+    try:
+        idx = int(part)
+    except ValueError:
+        raise ConfigError(f"override {key!r}: {part!r} indexes a list, use a number") from None
+    if not -len(node) <= idx < len(node):
+        raise ConfigError(f"override {key!r}: index {idx} out of range (list has {len(node)})")
+    return idx
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise ConfigError(f"override path {path!r} goes through a non-mapping value")
+    if part not in node or node[part] is None:
+        if not create:
+            raise ConfigError(f"unknown key {path!r}")
+        node[part] = {}
+    return node[part]
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``source: dotted.key: message``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(schema: type[M], data: dict[str, Any], source: str = "config") -> M:
+    """Validate a dict against a schema, raising ConfigError with every bad key named."""
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+
+
+def load_config(
+    schema: type[M], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> M:
+    """Load YAML ``path`` (if given), apply ``key=value`` overrides, validate against ``schema``."""
+    data = load_yaml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides))
+    return validate(schema, data, source=str(path) if path is not None else "config")
