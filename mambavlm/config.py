@@ -21,6 +21,7 @@ __all__ = [
     "LLMConfig",
     "ModelConfig",
     "apply_overrides",
+    "deep_merge",
     "load_config",
     "load_yaml",
 ]
@@ -110,16 +111,38 @@ class ModelConfig(StrictModel):
 M = TypeVar("M", bound=BaseModel)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or non-mapping document is a ConfigError."""
-    path = Path(path)
+def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or non-mapping document is a ConfigError.
+
+    A top-level ``base: other.yaml`` (relative to this file) is loaded first and this file's keys
+    are merged over it (mappings merged recursively, other values replaced).
+    """
+    path = Path(path).resolve()
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to itself")
     with path.open() as f:
         data = yaml.safe_load(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    return data
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
+    return deep_merge(load_yaml(path.parent / base, _seen + (path,)), data)
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """``update`` merged over ``base``: nested mappings merge, everything else replaces."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:

@@ -1,0 +1,100 @@
+"""Config schemas: YAML validation, overrides, ``base`` inheritance, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mambavlm.config import ConfigError, ModelConfig, apply_overrides, deep_merge, load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+MINIMAL = {"vision": {"encoders": [{"name": "timm:vit_tiny_patch16_224"}]}, "llm": {"family": "mamba"}}
+
+
+@pytest.mark.parametrize("path", MODEL_CONFIGS, ids=lambda p: p.name)
+def test_shipped_model_configs_validate(path: Path) -> None:
+    cfg = load_config(ModelConfig, path)
+    assert cfg.vision.encoders and cfg.llm.family in {"mamba", "mamba2", "llama"}
+
+
+def test_paper_config_values() -> None:
+    cfg = load_config(ModelConfig, ROOT / "configs/model/mambavlm-2.8b.yaml")
+    assert [e.name for e in cfg.vision.encoders] == [
+        "timm:vit_large_patch14_reg4_dinov2",
+        "open_clip:ViT-SO400M-14-SigLIP-384",
+    ]
+    assert {e.image_size for e in cfg.vision.encoders} == {384}
+    assert cfg.projector.type == "mamba" and cfg.projector.scan_mode == "cross-stitch"
+    cat = load_config(ModelConfig, ROOT / "configs/model/mambavlm-2.8b-cross-cat.yaml")
+    assert cat.projector.scan_mode == "cross-cat" and cat.llm == cfg.llm
+    cobra = load_config(ModelConfig, ROOT / "configs/model/cobra-baseline.yaml")
+    assert cobra.vision.fusion == "channel" and cobra.projector.type == "mlp"
+
+
+def test_unknown_key_is_named(tmp_path: Path) -> None:
+    data = {**MINIMAL, "projector": {"type": "mamba", "d_stat": 16}}
+    with pytest.raises(ConfigError, match=r"projector\.d_stat: unknown key"):
+        load_config(ModelConfig, _write(tmp_path / "m.yaml", data))
+
+
+def test_wrong_type_and_bad_choice_are_named(tmp_path: Path) -> None:
+    data = {**MINIMAL, "projector": {"d_state": "many", "scan_mode": "zigzag"}}
+    with pytest.raises(ConfigError) as err:
+        load_config(ModelConfig, _write(tmp_path / "m.yaml", data))
+    msg = str(err.value)
+    assert "projector.d_state" in msg and "integer" in msg
+    assert "projector.scan_mode" in msg and "cross-stitch" in msg
+
+
+def test_missing_required_key_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="llm: Field required"):
+        load_config(ModelConfig, _write(tmp_path / "m.yaml", {"vision": MINIMAL["vision"]}))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(ModelConfig, tmp_path / "absent.yaml")
+
+
+def test_overrides_parse_yaml_values_and_index_lists(tmp_path: Path) -> None:
+    path = _write(tmp_path / "m.yaml", MINIMAL)
+    cfg = load_config(
+        ModelConfig,
+        path,
+        ["projector.d_state=32", "vision.encoders.0.image_size=224", "llm.config={hidden_size: 8}",
+         "projector.share_directions=true", "llm.source="],
+    )
+    assert cfg.projector.d_state == 32 and cfg.projector.share_directions is True
+    assert cfg.vision.encoders[0].image_size == 224
+    assert cfg.llm.config == {"hidden_size": 8} and cfg.llm.source is None
+
+
+def test_override_errors() -> None:
+    with pytest.raises(ConfigError, match="not of the form key=value"):
+        apply_overrides({}, ["projector.d_state"])
+    with pytest.raises(ConfigError, match="index 3 out of range"):
+        apply_overrides({"a": [1]}, ["a.3=2"])
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_config(ModelConfig, None, ["vision.encoders=[{name: x}]", "llm.family=mamba", "llm.famly=x"])
+
+
+def test_base_inheritance_merges_and_detects_loops(tmp_path: Path) -> None:
+    _write(tmp_path / "base.yaml", {**MINIMAL, "projector": {"d_state": 8, "depth": 2}})
+    _write(tmp_path / "child.yaml", {"base": "base.yaml", "projector": {"d_state": 4}})
+    cfg = load_config(ModelConfig, tmp_path / "child.yaml")
+    assert cfg.projector.d_state == 4 and cfg.projector.depth == 2
+    _write(tmp_path / "a.yaml", {"base": "b.yaml"})
+    _write(tmp_path / "b.yaml", {"base": "a.yaml"})
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(ModelConfig, tmp_path / "a.yaml")
+    assert deep_merge({"a": {"b": 1, "c": 2}, "l": [1]}, {"a": {"b": 3}, "l": [2]}) == {
+        "a": {"b": 3, "c": 2},
+        "l": [2],
+    }
