@@ -1,0 +1,183 @@
+"""LLaVA-format instruction data: records of an optional image and a conversation, as training samples.
+
+A record is ``{"id": ..., "image": "relative/path.jpg" (optional), "conversations": [{"from": "human",
+"value": "<image>\\nWhat is ...?"}, {"from": "gpt", "value": "..."}, ...]}``. Bad records (missing or
+corrupt images, malformed conversations, sequences whose image would be cut by truncation) do not
+raise: they come back as :class:`SkippedSample` and the collator drops them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+from transformers import PreTrainedTokenizerBase
+
+from mambavlm.llm.templates import ASSISTANT_ROLES, HUMAN_ROLES, ConversationTemplate
+from mambavlm.llm.tokenizer import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    tokenize_conversation,
+)
+
+__all__ = ["LlavaDataset", "SkippedSample", "load_records"]
+
+logger = logging.getLogger(__name__)
+
+IMAGE_LOAD_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+@dataclass(frozen=True)
+class SkippedSample:
+    """A record that could not become a sample, and why."""
+
+    id: str
+    reason: str
+
+
+def load_records(records: Sequence[dict] | str | Path) -> list[dict]:
+    """The records themselves, or those of a JSON file holding a list of records."""
+    if isinstance(records, (str, Path)):
+        path = Path(records)
+        if not path.is_file():
+            raise FileNotFoundError(f"LLaVA data file not found: {path}")
+        with path.open() as f:
+            records = json.load(f)
+        source = str(path)
+    else:
+        source = "records"
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{source}: expected a list of record dicts")
+    return records
+
+
+class LlavaDataset(Dataset):
+    """LLaVA-format records -> ``{"id", "input_ids" (L,), "labels" (L,), "pixel_values", "truncated"}``.
+
+    ``pixel_values`` is a list with one ``(3, H_k, W_k)`` tensor per image transform (one transform per
+    vision encoder), or None for a text-only record. A record with an ``"image"`` but no ``<image>``
+    in its turns gets ``"<image>\\n"`` prepended to its first human turn (LLaVA's convention); it must
+    then hold exactly one ``<image>``, and a text-only record none. Sequences longer than
+    ``max_length`` are cut to it (``"truncated": True``) as long as every image token and at least
+    one answer token survive; otherwise the record is skipped.
+    """
+
+    def __init__(
+        self,
+        records: Sequence[dict] | str | Path,
+        image_root: str | Path | None,
+        tokenizer: PreTrainedTokenizerBase,
+        template: ConversationTemplate,
+        image_transforms: Sequence[Callable[[Image.Image], Tensor]],
+        num_image_tokens: int,
+        max_length: int,
+        add_bos: bool,
+    ) -> None:
+        if num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        if not image_transforms:
+            raise ValueError("image_transforms is empty: give one transform per vision encoder")
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has no eos token to end assistant turns with")
+        self.records = load_records(records)
+        self.image_root = Path(image_root) if image_root is not None else None
+        self.tokenizer = tokenizer
+        self.template = template
+        self.image_transforms = list(image_transforms)
+        self.num_image_tokens = num_image_tokens
+        self.max_length = max_length
+        self.add_bos = add_bos
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
+        record = self.records[index]
+        record_id = str(record.get("id", index))
+        result = self._build(record)
+        if isinstance(result, str):
+            logger.warning("skipping record %s: %s", record_id, result)
+            return SkippedSample(record_id, result)
+        return {"id": record_id, **result}
+
+    def _build(self, record: dict) -> dict[str, Any] | str:
+        """The sample's fields, or the reason it must be skipped."""
+        turns = record.get("conversations")
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            return "malformed conversations: 'conversations' must be a list of turn dicts"
+        if not any(t.get("from") in ASSISTANT_ROLES for t in turns):
+            return "no assistant turn"
+        has_image = "image" in record
+        turns = _with_image_placeholder(turns) if has_image else turns
+        num_placeholders = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in turns)
+        if num_placeholders != int(has_image):
+            kind = "an image record" if has_image else "a text-only record"
+            return f"{kind} holds {num_placeholders} {IMAGE_TOKEN} placeholders, expected {int(has_image)}"
+        try:
+            segments = self.template.render(turns, self.tokenizer.eos_token)
+        except ValueError as err:
+            return f"malformed conversations: {err}"
+
+        input_ids, labels = tokenize_conversation(
+            segments, self.tokenizer, self.num_image_tokens, self.add_bos
+        )
+        truncated = len(input_ids) > self.max_length
+        if truncated:
+            if IMAGE_TOKEN_INDEX in input_ids[self.max_length :]:
+                return f"truncation to max_length={self.max_length} would cut into the image tokens"
+            input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
+            if all(label == IGNORE_INDEX for label in labels):
+                return f"truncation to max_length={self.max_length} leaves no answer tokens"
+
+        pixel_values = None
+        if has_image:
+            image = self._load_image(record["image"])
+            if isinstance(image, str):
+                return image
+            pixel_values = [transform(image) for transform in self.image_transforms]
+        return {
+            "input_ids": torch.tensor(input_ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "pixel_values": pixel_values,
+            "truncated": truncated,
+        }
+
+    def _load_image(self, relative_path: Any) -> Image.Image | str:
+        """The record's image as RGB, fully decoded, or the reason it cannot be read."""
+        if not isinstance(relative_path, str) or not relative_path:
+            return f"'image' must be a non-empty path string, got {relative_path!r}"
+        path = (
+            self.image_root / relative_path if self.image_root is not None else Path(relative_path)
+        )
+        if not path.is_file():
+            return f"image file not found: {path}"
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return image.convert("RGB")
+        except IMAGE_LOAD_ERRORS as err:
+            return f"unreadable image {path}: {type(err).__name__}: {err}"
+
+
+def _with_image_placeholder(turns: list[dict]) -> list[dict]:
+    """A copy of ``turns`` with ``"<image>\\n"`` before the first human message, unless one has it."""
+    if any(IMAGE_TOKEN in str(t.get("value", "")) for t in turns):
+        return turns
+    turns = copy.deepcopy(turns)
+    for turn in turns:
+        if turn.get("from") in HUMAN_ROLES and isinstance(turn.get("value"), str):
+            turn["value"] = f"{IMAGE_TOKEN}\n{turn['value']}"
+            break
+    return turns

@@ -1,0 +1,134 @@
+"""Build the language model named by an ``LLMConfig``: random init, architecture only, or pretrained weights.
+
+Families map to transformers classes: ``mamba`` (Mamba-2.8B), ``mamba2`` (Mamba-2 and distilled
+students), ``llama`` (Vicuna-7B and the LLaMA-family teachers). Architecture-only builds work under
+``with torch.device("meta"):`` so the 2.8B / 7B models can be sized without memory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    Mamba2Config,
+    Mamba2ForCausalLM,
+    MambaConfig,
+    MambaForCausalLM,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
+
+from mambavlm.config import LLMConfig
+from mambavlm.llm.mamba_ssm_format import (
+    is_mamba_ssm_checkpoint,
+    load_mamba_ssm_checkpoint,
+    mamba_ssm_config_to_hf,
+    read_mamba_ssm_config,
+)
+
+__all__ = ["LLM_FAMILIES", "TORCH_DTYPES", "LLMBuildError", "build_llm", "llm_hidden_size"]
+
+LLM_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
+    "mamba": (MambaConfig, MambaForCausalLM),
+    "mamba2": (Mamba2Config, Mamba2ForCausalLM),
+    "llama": (LlamaConfig, LlamaForCausalLM),
+}
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+
+
+class LLMBuildError(ValueError):
+    """The LLM config and its source do not fit together (wrong family, unknown field, no architecture)."""
+
+
+def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
+    """The causal LM of ``cfg``.
+
+    - ``source`` None: random init from ``cfg.config``.
+    - ``load_weights`` False: architecture only (random init, or meta tensors under a meta device
+      context), its config read from ``source``'s ``config.json`` when ``source`` is a local directory,
+      else from ``cfg.config``.
+    - otherwise: pretrained weights; a mamba_ssm-format directory is converted, anything else goes
+      through ``from_pretrained``. ``cfg.config`` entries override the stored config.
+    """
+    config_cls, model_cls = LLM_FAMILIES[cfg.family]
+    dtype = TORCH_DTYPES[cfg.dtype]
+    check_config_fields(config_cls, cfg.config)
+    if cfg.source is None:
+        return model_cls._from_config(config_cls(**cfg.config), dtype=dtype)
+
+    source = cfg.source
+    is_local_dir = Path(source).expanduser().is_dir()
+    if not is_local_dir and source.startswith(("/", "./", "../", "~")):
+        raise FileNotFoundError(f"llm.source {source!r} is not a directory")
+    if is_local_dir:
+        source = str(Path(source).expanduser())
+
+    if is_local_dir and is_mamba_ssm_checkpoint(source):
+        config = mamba_ssm_config_to_hf(read_mamba_ssm_config(source), cfg.config)
+        check_family(cfg.family, config.model_type, f"{source} (mamba_ssm format)")
+        if load_weights:
+            return load_mamba_ssm_checkpoint(source, dtype, cfg.config)
+        return model_cls._from_config(config, dtype=dtype)
+
+    if load_weights:
+        config = read_hf_config(config_cls, source, cfg.family, cfg.config)
+        model, info = model_cls.from_pretrained(source, config=config, dtype=dtype, output_loading_info=True)
+        if info["missing_keys"]:
+            raise LLMBuildError(f"llm.source {source!r} lacks weights for {sorted(info['missing_keys'])}")
+        return model
+
+    if is_local_dir:
+        config = read_hf_config(config_cls, source, cfg.family, cfg.config)
+    elif cfg.config:
+        config = config_cls(**cfg.config)
+    else:
+        raise LLMBuildError(
+            f"llm.source {source!r} is not a local directory and llm.config is empty: an architecture-only "
+            "build needs the architecture in llm.config (nothing is downloaded)"
+        )
+    return model_cls._from_config(config, dtype=dtype)
+
+
+def llm_hidden_size(model: PreTrainedModel) -> int:
+    """Width D of the LLM's token embeddings (B, L, D), the projector's output width."""
+    return int(model.config.hidden_size)
+
+
+def check_config_fields(config_cls: type[PreTrainedConfig], fields: dict[str, Any]) -> None:
+    """Raise ``LLMBuildError`` for keys of ``fields`` that a default ``config_cls()`` lacks.
+
+    transformers keeps a misspelt keyword as a plain attribute, and drops some legacy ones (``rope_theta``
+    when ``rope_parameters`` is stored): both would be silent no-ops, so both are errors here.
+    """
+    reference = config_cls()
+    unknown = sorted(key for key in fields if not hasattr(reference, key))
+    if unknown:
+        raise LLMBuildError(f"llm.config: {config_cls.__name__} has no field(s) {unknown}")
+
+
+def check_family(family: str, model_type: str | None, source: str) -> None:
+    """Raise ``LLMBuildError`` if a checkpoint's ``model_type`` is not the one ``family`` builds."""
+    expected = LLM_FAMILIES[family][0].model_type
+    if model_type != expected:
+        raise LLMBuildError(
+            f"llm.source {source} holds a {model_type!r} model but llm.family is {family!r} "
+            f"(which loads model_type {expected!r})"
+        )
+
+
+def read_hf_config(
+    config_cls: type[PreTrainedConfig], source: str, family: str, overrides: dict[str, Any]
+) -> PreTrainedConfig:
+    """The transformers config stored at ``source``, family-checked, with ``overrides`` applied."""
+    config_dict, _ = config_cls.get_config_dict(source)
+    check_family(family, config_dict.get("model_type"), repr(source))
+    return config_cls.from_dict({**config_dict, **overrides})

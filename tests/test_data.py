@@ -1,0 +1,342 @@
+"""LLaVA dataset (bad data -> SkippedSample), collator, and the Shapes-VQA generator."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from mambavlm.data.collate import VLMCollator
+from mambavlm.data.llava import LlavaDataset, SkippedSample
+from mambavlm.data.synthetic import (
+    ANSWERS,
+    BACKGROUND,
+    COLORS,
+    GRID,
+    QUESTION_TYPES,
+    main,
+    make_shapes_vqa,
+)
+from mambavlm.llm.templates import get_template
+from mambavlm.llm.tokenizer import build_tiny_tokenizer
+
+NUM_IMAGE_TOKENS = 3
+MAX_LENGTH = 24
+
+
+def to_tensor_at(size: int):
+    """An image transform standing in for one encoder's preprocessing: resize, (3, size, size) float."""
+    return lambda image: TF.to_tensor(image.resize((size, size), Image.NEAREST))
+
+
+def png_bytes(color: tuple[int, int, int], size: int = 16) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def qa(question: str, answer: str) -> list[dict]:
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+@pytest.fixture()
+def dataset(tmp_path) -> LlavaDataset:
+    (tmp_path / "img").mkdir()
+    (tmp_path / "img" / "red.png").write_bytes(png_bytes((255, 0, 0)))
+    (tmp_path / "img" / "blue.png").write_bytes(png_bytes((0, 0, 255)))
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (tmp_path / "img" / "truncated.png").write_bytes(png_bytes((0, 255, 0), size=64)[:60])
+    records = [
+        {"id": "good", "image": "img/red.png", "conversations": qa("what color is it ?", "red")},
+        {"id": "text", "conversations": qa("how many ?", "two")},
+        {"id": "missing", "image": "img/nope.png", "conversations": qa("what color ?", "red")},
+        {"id": "corrupt", "image": "img/corrupt.png", "conversations": qa("what color ?", "red")},
+        {
+            "id": "truncated_png",
+            "image": "img/truncated.png",
+            "conversations": qa("what color ?", "green"),
+        },
+        {
+            "id": "no_gpt",
+            "image": "img/red.png",
+            "conversations": [{"from": "human", "value": "hello"}],
+        },
+        {"id": "bad_order", "conversations": qa("a", "b") + qa("c", "d")[1:]},
+        {
+            "id": "image_cut",
+            "image": "img/blue.png",
+            "conversations": qa(
+                "please describe this image in a few short words " * 2 + "now <image>", "blue"
+            ),
+        },
+        {
+            "id": "long_answer",
+            "image": "img/blue.png",
+            "conversations": qa("<image>\ncolor ?", " ".join(["blue"] * 30)),
+        },
+        {"id": "answer_cut", "conversations": qa(" ".join(["one"] * 30), "two")},
+        {
+            "id": "two_images",
+            "image": "img/red.png",
+            "conversations": qa("<image> <image> what ?", "red"),
+        },
+    ]
+    json_path = tmp_path / "data.json"
+    json_path.write_text(json.dumps(records))
+    ds = LlavaDataset(
+        json_path,
+        image_root=tmp_path,
+        tokenizer=build_tiny_tokenizer(),
+        template=get_template("plain"),
+        image_transforms=[to_tensor_at(8), to_tensor_at(4)],
+        num_image_tokens=NUM_IMAGE_TOKENS,
+        max_length=MAX_LENGTH,
+        add_bos=True,
+    )
+    json_path.unlink()  # records are read once, at construction
+    return ds
+
+
+def by_id(ds: LlavaDataset) -> dict[str, object]:
+    return {ds.records[i]["id"]: ds[i] for i in range(len(ds))}
+
+
+def test_good_samples_load(dataset):
+    tok = dataset.tokenizer
+    items = by_id(dataset)
+    good = items["good"]
+    expected_text = "<s> In : what color is it ? Out : red </s>"
+    ids = good["input_ids"].tolist()
+    assert ids[:3] == [
+        tok.bos_token_id,
+        tok.convert_tokens_to_ids("In"),
+        tok.convert_tokens_to_ids(":"),
+    ]
+    assert ids[3:6] == [-200] * NUM_IMAGE_TOKENS  # "<image>\n" prepended to the first human turn
+    assert tok.decode([i for i in ids if i >= 0]) == expected_text
+    labels = good["labels"].tolist()
+    assert tok.decode([i for i in labels if i != -100]) == "red </s>"
+    assert labels[-2:] == ids[-2:] and set(labels[:-2]) == {-100}
+    assert good["truncated"] is False
+    red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+    assert [p.shape for p in good["pixel_values"]] == [(3, 8, 8), (3, 4, 4)]
+    assert all(torch.equal(p, red.expand_as(p)) for p in good["pixel_values"])
+
+    text = items["text"]
+    assert text["pixel_values"] is None
+    assert -200 not in text["input_ids"].tolist()
+    assert tok.decode(text["input_ids"].tolist()) == "<s> In : how many ? Out : two </s>"
+
+
+@pytest.mark.parametrize(
+    "record_id, reason",
+    [
+        ("missing", "image file not found"),
+        ("corrupt", "unreadable image"),
+        ("truncated_png", "unreadable image"),
+        ("no_gpt", "no assistant turn"),
+        ("bad_order", "malformed conversations"),
+        ("image_cut", "would cut into the image tokens"),
+        ("answer_cut", "leaves no answer tokens"),
+        ("two_images", "holds 2 <image> placeholders"),
+    ],
+)
+def test_bad_records_are_skipped_with_reason(dataset, caplog, record_id, reason):
+    index = next(i for i, r in enumerate(dataset.records) if r["id"] == record_id)
+    with caplog.at_level(logging.WARNING, logger="mambavlm.data.llava"):
+        item = dataset[index]
+    assert isinstance(item, SkippedSample)
+    assert item.id == record_id
+    assert reason in item.reason
+    assert record_id in caplog.text and reason in caplog.text
+
+
+def test_long_sequence_is_truncated_not_skipped(dataset):
+    item = by_id(dataset)["long_answer"]
+    assert item["truncated"] is True
+    assert item["input_ids"].shape == item["labels"].shape == (MAX_LENGTH,)
+    assert item["input_ids"].tolist().count(-200) == NUM_IMAGE_TOKENS
+    blue = dataset.tokenizer.convert_tokens_to_ids("blue")
+    assert item["labels"].tolist()[-1] == blue
+
+
+def test_existing_placeholder_is_not_doubled(tmp_path):
+    (tmp_path / "x.png").write_bytes(png_bytes((0, 0, 0)))
+    records = [{"id": "a", "image": "x.png", "conversations": qa("what is <image> here ?", "dog")}]
+    ds = LlavaDataset(
+        records,
+        tmp_path,
+        build_tiny_tokenizer(),
+        get_template("plain"),
+        [to_tensor_at(4)],
+        2,
+        64,
+        add_bos=False,
+    )
+    ids = ds[0]["input_ids"].tolist()
+    tok = ds.tokenizer
+    assert ids.count(-200) == 2
+    assert ids[:5] == tok.convert_tokens_to_ids(["In", ":", "what", "is"]) + [-200]
+    assert records[0]["conversations"][0]["value"] == "what is <image> here ?"
+
+
+def test_collator_pads_masks_and_stacks_images(dataset):
+    items = by_id(dataset)
+    batch_items = [items["good"], items["missing"], items["text"], items["long_answer"]]
+    batch = VLMCollator(pad_token_id=0)(batch_items)
+    assert batch["ids"] == ["good", "text", "long_answer"]
+    assert batch["skipped"] == [("missing", items["missing"].reason)]
+    assert batch["num_truncated"] == 1
+
+    kept = [items["good"], items["text"], items["long_answer"]]
+    lengths = [len(s["input_ids"]) for s in kept]
+    assert (
+        batch["input_ids"].shape
+        == batch["labels"].shape
+        == batch["attention_mask"].shape
+        == (3, max(lengths))
+    )
+    assert batch["attention_mask"].dtype == torch.long
+    for row, sample in enumerate(kept):
+        n = lengths[row]
+        assert torch.equal(batch["input_ids"][row, :n], sample["input_ids"])
+        assert torch.equal(batch["labels"][row, :n], sample["labels"])
+        assert batch["input_ids"][row, n:].eq(0).all() and batch["labels"][row, n:].eq(-100).all()
+        assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (max(lengths) - n)
+
+    pixels = batch["pixel_values"]
+    assert [p.shape for p in pixels] == [(2, 3, 8, 8), (2, 3, 4, 4)]
+    for k in range(2):
+        assert torch.equal(pixels[k][0], items["good"]["pixel_values"][k])
+        assert torch.equal(pixels[k][1], items["long_answer"]["pixel_values"][k])
+    assert not torch.equal(pixels[0][0], pixels[0][1])  # red image first, blue second
+
+
+def test_collator_text_only_and_all_skipped(dataset):
+    items = by_id(dataset)
+    collate = VLMCollator(pad_token_id=0)
+    text_only = collate([items["text"]])
+    assert text_only["pixel_values"] is None and text_only["input_ids"].shape[0] == 1
+    empty = collate([items["missing"], items["corrupt"]])
+    assert empty["input_ids"] is None
+    assert [sample_id for sample_id, _ in empty["skipped"]] == ["missing", "corrupt"]
+
+
+# --- Shapes-VQA -------------------------------------------------------------------------------
+
+
+def solve_from_pixels(path: Path, image_size: int) -> dict:
+    """Recover the objects from the PNG alone: colour -> (shape, row, col) by pixel masks."""
+    pixels = np.asarray(Image.open(path).convert("RGB"))
+    palette = {name: np.array(rgb) for name, rgb in COLORS.items()}
+    known = np.zeros(pixels.shape[:2], dtype=bool) | (pixels == np.array(BACKGROUND)).all(-1)
+    objects = {}
+    for name, rgb in palette.items():
+        mask = (pixels == rgb).all(-1)
+        known |= mask
+        if not mask.any():
+            continue
+        ys, xs = np.nonzero(mask)
+        fill = mask.sum() / ((np.ptp(ys) + 1) * (np.ptp(xs) + 1))
+        shape = "square" if fill > 0.95 else "circle" if fill > 0.68 else "triangle"
+        cell = image_size / GRID
+        objects[name] = (shape, int(ys.mean() // cell), int(xs.mean() // cell))
+    assert known.all(), f"{path}: pixels outside background and palette"
+    return objects
+
+
+def answer(objects: dict, question: str) -> str:
+    words = question.replace("<image>", "").split()
+    by_shape = {shape: color for color, (shape, _, _) in objects.items()}
+    if words[:3] == ["what", "color", "is"]:
+        return by_shape[words[4]]
+    if words[:3] == ["what", "shape", "is"]:
+        return objects[words[4]][0]
+    if words[:2] == ["how", "many"]:
+        return ["one", "two", "three"][len(objects) - 1]
+    assert words[:2] == ["where", "is"], question
+    (_, r1, c1), (_, r2, c2) = objects[words[3]], objects[words[8]]
+    assert objects[words[3]][0] == words[4] and objects[words[8]][0] == words[9]
+    if r1 == r2:
+        return "left" if c1 < c2 else "right"
+    assert c1 == c2, question
+    return "above" if r1 < r2 else "below"
+
+
+def test_synthetic_answers_follow_from_pixels(tmp_path):
+    train, val = make_shapes_vqa(tmp_path, num_train=40, num_val=40, image_size=32, seed=1)
+    for path in (train, val):
+        for record in json.loads(path.read_text()):
+            objects = solve_from_pixels(tmp_path / record["image"], 32)
+            turns = record["conversations"]
+            assert turns[0]["value"].startswith("<image>\n")
+            for question, reply in zip(turns[0::2], turns[1::2]):
+                assert reply["value"] == answer(objects, question["value"]), record["id"]
+
+
+def test_synthetic_balance_and_turn_structure(tmp_path):
+    train, val = make_shapes_vqa(tmp_path, num_train=120, num_val=96, seed=0)
+    val_records = json.loads(val.read_text())
+    assert all(len(r["conversations"]) == 2 for r in val_records)
+    per_type = {t: Counter() for t in QUESTION_TYPES}
+    for r in val_records:
+        per_type[r["question_types"][0]][r["conversations"][1]["value"]] += 1
+    for qtype, counts in per_type.items():
+        assert sum(counts.values()) == 96 // len(QUESTION_TYPES)
+        assert set(counts) == set(ANSWERS[qtype])
+        assert max(counts.values()) - min(counts.values()) <= 1, (qtype, counts)
+
+    order = ["count", "color", "shape", "relation"]
+    lengths = Counter()
+    for r in json.loads(train.read_text()):
+        types = r["question_types"]
+        lengths[len(types)] += 1
+        assert len(r["conversations"]) == 2 * len(types)
+        assert types == sorted(types, key=order.index) and not {"color", "shape"} <= set(types)
+    assert set(lengths) == {1, 2, 3}
+
+
+def test_synthetic_is_deterministic(tmp_path):
+    paths_a = make_shapes_vqa(tmp_path / "a", 12, 6, seed=5)
+    paths_b = make_shapes_vqa(tmp_path / "b", 12, 6, seed=5)
+    paths_c = make_shapes_vqa(tmp_path / "c", 12, 6, seed=6)
+    for pa, pb in zip(paths_a, paths_b):
+        assert pa.read_text() == pb.read_text()
+    images = sorted(p.name for p in (tmp_path / "a" / "images").iterdir())
+    assert len(images) == 18
+    for name in images:
+        assert (tmp_path / "a" / "images" / name).read_bytes() == (
+            tmp_path / "b" / "images" / name
+        ).read_bytes()
+    assert paths_a[0].read_text() != paths_c[0].read_text()
+    make_shapes_vqa(tmp_path / "d", 30, 6, seed=5)
+    assert (tmp_path / "d" / "val.json").read_text() == paths_a[1].read_text()
+
+
+def test_synthetic_cli_and_dataset_load(tmp_path, capsys):
+    main([str(tmp_path), "--train", "4", "--val", "2"])
+    out = capsys.readouterr().out
+    assert str(tmp_path / "train.json") in out and str(tmp_path / "val.json") in out
+    ds = LlavaDataset(
+        tmp_path / "val.json",
+        tmp_path,
+        build_tiny_tokenizer(),
+        get_template("plain"),
+        [to_tensor_at(32)],
+        4,
+        64,
+        True,
+    )
+    items = [ds[i] for i in range(len(ds))]
+    assert all(
+        isinstance(item, dict) and item["input_ids"].tolist().count(-200) == 4 for item in items
+    )
+    assert all(3 not in item["input_ids"].tolist() for item in items)  # no <unk>
