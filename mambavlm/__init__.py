@@ -1,1 +1,27 @@
-"""mambavlm"""
+"""mambavlm: build, train and distill Mamba-based vision-language models.
+
+The public API is small; everything else is importable from its own module
+(``mambavlm.vision``, ``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``,
+``mambavlm.data``, ``mambavlm.distill``).
+"""
+
+from mambavlm.config import ConfigError, ModelConfig, load_config
+from mambavlm.model import MambaVLM, build_model
+from mambavlm.projector import build_projector
+from mambavlm.scan import inverse_orders, plot_scan_orders, scan_orders
+from mambavlm.vision.long_sequence import VisualLongSequence
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "MambaVLM",
+    "ModelConfig",
+    "VisualLongSequence",
+    "build_model",
+    "build_projector",
+    "inverse_orders",
+    "load_config",
+    "plot_scan_orders",
+    "scan_orders",
+]

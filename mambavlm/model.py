@@ -1,0 +1,318 @@
+"""The MambaVLM model: vision -> projector -> LLM, with loss, cached generation and save/load.
+
+Images enter the token sequence as placeholders: each ``<image>`` in a prompt becomes
+``num_visual_tokens`` copies of ``IMAGE_TOKEN_INDEX`` when tokenised, and ``embed`` replaces exactly
+those positions with the projector's output (one ``masked_scatter``). Sequence lengths are therefore
+known before the model runs, padding and labels work as for text, and a sample without ``<image>`` is
+plain text for the LLM.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from mambavlm.config import ConfigError, ModelConfig, load_config
+from mambavlm.io import atomic_directory
+from mambavlm.llm.factory import build_llm
+from mambavlm.llm.templates import ConversationTemplate, get_template
+from mambavlm.llm.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_tokenizer, tokenize_prompt
+from mambavlm.projector import build_projector
+from mambavlm.vision.long_sequence import VisualLongSequence
+
+__all__ = ["MambaVLM", "build_model"]
+
+CONFIG_FILE = "config.yaml"
+WEIGHTS_FILE = "vision_projector.safetensors"
+LLM_DIR = "llm"
+TOKENIZER_DIR = "tokenizer"
+
+
+class MambaVLM(nn.Module):
+    """A vision-language model: ``forward`` for training, ``generate`` for answers."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        vision: VisualLongSequence,
+        projector: nn.Module,
+        llm: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.template: ConversationTemplate = get_template(config.llm.template)
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image (M*h*w; 1458 for the paper's DINOv2 + SigLIP at 384 px)."""
+        return self.vision.num_tokens
+
+    @property
+    def add_bos(self) -> bool:
+        """LLaMA-family tokenisation starts with BOS; GPT-NeoX (Mamba) does not."""
+        return self.config.llm.family == "llama"
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    def encode_images(self, pixel_values: Sequence[Tensor]) -> Tensor:
+        """One (N, 3, H_m, W_m) tensor per encoder -> visual tokens (N, num_visual_tokens, D_llm)."""
+        grids = self.vision(pixel_values)
+        return self.projector(grids)
+
+    def embed(self, input_ids: Tensor, pixel_values: Sequence[Tensor] | None = None) -> Tensor:
+        """input_ids (B, L) with IMAGE_TOKEN_INDEX placeholders -> inputs_embeds (B, L, D_llm)."""
+        image_mask = input_ids == IMAGE_TOKEN_INDEX
+        embed_tokens = self.llm.get_input_embeddings()
+        embeds = embed_tokens(input_ids.masked_fill(image_mask, 0))
+        num_placeholders = int(image_mask.sum())
+        if num_placeholders == 0:
+            return embeds
+        if pixel_values is None:
+            raise ValueError(
+                f"input_ids hold {num_placeholders} image placeholder tokens but no pixel_values"
+            )
+        features = self.encode_images(pixel_values)
+        if features.shape[0] * features.shape[1] != num_placeholders:
+            raise ValueError(
+                f"input_ids hold {num_placeholders} image placeholder tokens, but pixel_values give "
+                f"{features.shape[0]} images x {features.shape[1]} visual tokens"
+            )
+        return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
+
+    def _check_length(self, length: int) -> None:
+        if length > self.config.max_length:
+            raise ValueError(
+                f"sequence too long: {length} tokens > max_length={self.config.max_length} "
+                f"({self.num_visual_tokens} of them per image)"
+            )
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        pixel_values: Sequence[Tensor] | None = None,
+        labels: Tensor | None = None,
+        **llm_kwargs: Any,
+    ) -> CausalLMOutputWithPast:
+        """input_ids, attention_mask, labels (B, L); pixel_values: per encoder (N_img, 3, H, W).
+
+        Returns the LLM's output: ``logits`` (B, L, V) and, given labels (-100 = ignored), ``loss``.
+        """
+        self._check_length(input_ids.shape[1])
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.llm(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs
+        )
+
+    def preprocess_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
+        """PIL images -> one (N, 3, H_m, W_m) tensor per encoder, each with its own preprocessing."""
+        per_image = [self.vision.preprocess(img) for img in images]
+        return [torch.stack(column) for column in zip(*per_image)]
+
+    def build_prompt_ids(self, prompt: str, with_image: bool) -> list[int]:
+        """A user message -> the template's generation prompt, tokenised with image placeholders."""
+        if self.tokenizer is None:
+            raise RuntimeError("this model was built without a tokenizer")
+        if with_image and IMAGE_TOKEN not in prompt:
+            prompt = f"{IMAGE_TOKEN}\n{prompt}"
+        if not with_image and IMAGE_TOKEN in prompt:
+            raise ValueError(f"prompt contains {IMAGE_TOKEN} but no image was given")
+        text = self.template.prompt(prompt, eos_token=self.tokenizer.eos_token or "")
+        return tokenize_prompt(text, self.tokenizer, self.num_visual_tokens, self.add_bos)
+
+    @torch.no_grad()
+    def generate_ids(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        pixel_values: Sequence[Tensor] | None = None,
+        **generate_kwargs: Any,
+    ) -> Tensor:
+        """Left-padded prompts (B, L) -> new token ids (B, T), through the LLM's cached ``generate``.
+
+        The prompt (visual tokens included) is processed once; each new token reuses the LLM's cache
+        (KV for attention, conv + SSM state for Mamba).
+        """
+        self._check_length(input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 0))
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        tok = self.tokenizer
+        if tok is not None:
+            generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
+            generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        return self.llm.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: Sequence[Image.Image | None] | None,
+        prompts: Sequence[str],
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        **generate_kwargs: Any,
+    ) -> list[str]:
+        """Answer ``prompts`` (one per image; None for text-only) -> decoded answers.
+
+        Greedy by default; ``do_sample=True`` with temperature / top_p / top_k samples.
+        """
+        if self.tokenizer is None:
+            raise RuntimeError("this model was built without a tokenizer")
+        images = list(images) if images is not None else [None] * len(prompts)
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
+        ids = [self.build_prompt_ids(p, img is not None) for p, img in zip(prompts, images)]
+        width = max(len(x) for x in ids)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for i, x in enumerate(ids):
+            input_ids[i, width - len(x) :] = torch.tensor(x)
+            attention_mask[i, width - len(x) :] = 1
+        present = [img for img in images if img is not None]
+        pixel_values = None
+        if present:
+            pixel_values = [p.to(self.device) for p in self.preprocess_images(present)]
+        out = self.generate_ids(
+            input_ids.to(self.device),
+            attention_mask.to(self.device),
+            pixel_values,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            **generate_kwargs,
+        )
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write config.yaml, the LLM (HF format), the tokenizer and vision+projector safetensors.
+
+        The directory is written atomically: it appears complete or not at all.
+        """
+        path = Path(path)
+        with atomic_directory(path) as tmp:
+            (tmp / CONFIG_FILE).write_text(
+                yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
+            )
+            self.llm.save_pretrained(tmp / LLM_DIR)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
+            own = {
+                k: v.detach().contiguous().cpu()
+                for k, v in self.state_dict().items()
+                if not k.startswith("llm.")
+            }
+            save_file(own, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        return path
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> MambaVLM:
+        """Load a directory written by ``save_pretrained`` (no download: everything is local)."""
+        path = Path(path)
+        if not (path / CONFIG_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a MambaVLM directory (no {CONFIG_FILE})")
+        config = load_config(ModelConfig, path / CONFIG_FILE)
+        local = config.model_copy(deep=True)
+        for enc in local.vision.encoders:
+            enc.weights = None
+        local.llm.source = str(path / LLM_DIR)
+        local.llm.config = {}
+        local.llm.tokenizer = str(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
+        model = build_model(local, load_tokenizer=local.llm.tokenizer is not None)
+        model.config = config
+        load_into(model, load_file(str(path / WEIGHTS_FILE)), source=str(path / WEIGHTS_FILE))
+        return model.to(device) if device is not None else model
+
+
+def load_into(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
+    """Load vision+projector weights, naming any missing, unexpected or mis-shaped parameter."""
+    own = {k: v for k, v in module.state_dict().items() if not k.startswith("llm.")}
+    problems = [
+        f"{k}: checkpoint has shape {tuple(state[k].shape)}, model expects {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    problems += [f"{k}: missing from checkpoint" for k in own if k not in state]
+    problems += [f"{k}: unexpected in checkpoint" for k in state if k not in own]
+    if problems:
+        raise ValueError(f"cannot load {source}:\n  " + "\n  ".join(problems))
+    module.load_state_dict(state, strict=False)
+
+
+def build_model(
+    config: ModelConfig | str | Path,
+    overrides: Sequence[str] = (),
+    load_weights: bool = True,
+    load_tokenizer: bool = True,
+) -> MambaVLM:
+    """Assemble a MambaVLM from a config (object or YAML path, plus ``key=value`` overrides).
+
+    ``load_weights=False`` builds the architecture only (random init, nothing read or downloaded);
+    wrap the call in ``with torch.device("meta"):`` to build without memory.
+    """
+    if not isinstance(config, ModelConfig):
+        config = load_config(ModelConfig, config, overrides)
+    elif overrides:
+        raise ConfigError("pass overrides with a config path, or apply them to the config first")
+    cfg = config
+    if not load_weights:
+        cfg = config.model_copy(deep=True)
+        for enc in cfg.vision.encoders:
+            enc.weights = None
+    vision = VisualLongSequence(cfg.vision)
+    llm = build_llm(cfg.llm, load_weights=load_weights)
+    hidden = llm.config.hidden_size
+    projector = build_projector(
+        cfg.projector,
+        in_dims=vision.out_dims,
+        out_dim=hidden,
+        grid_size=vision.grid_size,
+        num_maps=vision.num_maps,
+    )
+    tokenizer = build_tokenizer(cfg.llm) if load_tokenizer else None
+    return MambaVLM(config, vision, projector, llm, tokenizer)
+
+
+def parameter_table(model: MambaVLM) -> list[dict[str, Any]]:
+    """Per-part parameter counts: vision encoders, projector, LLM (embeddings, layers, head)."""
+    rows = []
+
+    def add(name: str, module: nn.Module, detail: str = "") -> None:
+        params = list(module.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        rows.append({"part": name, "detail": detail, "params": total, "trainable": trainable})
+
+    for i, (enc_cfg, enc) in enumerate(zip(model.config.vision.encoders, model.vision.encoders)):
+        add(f"vision.encoders.{i}", enc, enc_cfg.name)
+    add("projector", model.projector, model.config.projector.type)
+    add("llm", model.llm, model.config.llm.family)
+    return rows
+
+
+def describe(model: MambaVLM) -> str:
+    """A human-readable parameter table plus the ``visual_tokens: N`` line."""
+    rows = parameter_table(model)
+    total = sum(r["params"] for r in rows)
+    lines = [f"{'part':<22}{'detail':<44}{'params':>16}{'trainable':>16}"]
+    for r in rows:
+        lines.append(f"{r['part']:<22}{r['detail']:<44}{r['params']:>16,}{r['trainable']:>16,}")
+    lines.append(f"{'total':<66}{total:>16,}{sum(r['trainable'] for r in rows):>16,}")
+    lines.append(f"visual_tokens: {model.num_visual_tokens}")
+    return "\n".join(lines)
+

@@ -1,0 +1,228 @@
+"""MambaVLM end to end on the tiny config: splicing, loss, training, generation, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM, MambaForCausalLM
+
+from mambavlm.data.collate import VLMCollator
+from mambavlm.data.llava import LlavaDataset
+from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
+from mambavlm.model import WEIGHTS_FILE, MambaVLM, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "model" / "tiny.yaml"
+LLAMA_OVERRIDES = [
+    "llm.family=llama",
+    "llm.config={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+    "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024}",
+    "llm.template=vicuna_v1",
+]
+
+
+def tiny_model(*overrides: str, seed: int = 0) -> MambaVLM:
+    torch.manual_seed(seed)
+    return build_model(TINY, list(overrides)).eval()
+
+
+def image(color: tuple[int, int, int], size: int = 32) -> Image.Image:
+    img = Image.new("RGB", (size, size), (128, 128, 128))
+    img.paste(color, (4, 4, 20, 20))
+    return img
+
+
+def batch_for(model: MambaVLM, tmp_path: Path, with_text_only: bool = True) -> dict:
+    """Two image samples (red / blue square) and optionally one text-only sample, collated."""
+    records = []
+    for i, (name, color) in enumerate([("red", (230, 30, 30)), ("blue", (30, 30, 230))]):
+        path = tmp_path / f"{name}.png"
+        image(color).save(path)
+        records.append(
+            {
+                "id": str(i),
+                "image": path.name,
+                "conversations": [
+                    {"from": "human", "value": "what color is the square ?"},
+                    {"from": "gpt", "value": name},
+                ],
+            }
+        )
+    if with_text_only:
+        records.append(
+            {
+                "id": "text",
+                "conversations": [
+                    {"from": "human", "value": "how many objects are there ?"},
+                    {"from": "gpt", "value": "two"},
+                ],
+            }
+        )
+    ds = LlavaDataset(
+        records,
+        tmp_path,
+        model.tokenizer,
+        model.template,
+        [enc.preprocess for enc in model.vision.encoders],
+        model.num_visual_tokens,
+        model.config.max_length,
+        model.add_bos,
+    )
+    return VLMCollator(model.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
+
+
+def test_visual_tokens_are_spliced_at_the_placeholders(tmp_path: Path) -> None:
+    model = tiny_model()
+    batch = batch_for(model, tmp_path)
+    ids, pixels = batch["input_ids"], batch["pixel_values"]
+    embeds = model.embed(ids, pixels)
+    visual = model.projector(model.vision(pixels))  # (2, 32, D)
+    mask = ids == IMAGE_TOKEN_INDEX
+    assert mask.sum(dim=1).tolist() == [32, 32, 0]
+    torch.testing.assert_close(embeds[0][mask[0]], visual[0])
+    torch.testing.assert_close(embeds[1][mask[1]], visual[1])
+    text = model.llm.get_input_embeddings()(ids.clamp(min=0))
+    torch.testing.assert_close(embeds[~mask], text[~mask])
+
+
+def test_padded_batch_matches_each_sample_alone(tmp_path: Path) -> None:
+    model = tiny_model()
+    batch = batch_for(model, tmp_path)
+    logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
+    for i in range(3):
+        n = int(batch["attention_mask"][i].sum())
+        ids = batch["input_ids"][i : i + 1, :n]
+        pixels = [p[i : i + 1] for p in batch["pixel_values"]] if i < 2 else None
+        alone = model(input_ids=ids, pixel_values=pixels).logits
+        torch.testing.assert_close(logits[i, :n], alone[0], rtol=1e-4, atol=1e-5)
+
+
+def test_loss_is_cross_entropy_on_answer_tokens_only(tmp_path: Path) -> None:
+    model = tiny_model()
+    batch = batch_for(model, tmp_path)
+    out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_text_only_input_equals_the_plain_hf_language_model(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.llm.save_pretrained(tmp_path / "lm")
+    plain = MambaForCausalLM.from_pretrained(tmp_path / "lm").eval()
+    vlm = build_model(TINY, [f"llm.source={tmp_path / 'lm'}"]).eval()
+    ids = torch.tensor([model.build_prompt_ids("how many objects are there ?", with_image=False)])
+    torch.testing.assert_close(vlm(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_tiny_model_trains_and_loss_falls(tmp_path: Path) -> None:
+    model = tiny_model().train()
+    batch = batch_for(model, tmp_path, with_text_only=False)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(not p.requires_grad for p in model.vision.parameters())
+    opt = torch.optim.AdamW(params, lr=3e-3)
+    losses = []
+    for _ in range(25):
+        loss = model(**inputs).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.2 * losses[0], losses
+    model.eval()
+    answers = model.generate([image((230, 30, 30)), image((30, 30, 230))],
+                             ["what color is the square ?"] * 2, max_new_tokens=3)
+    assert answers == ["red", "blue"]
+
+
+def _greedy_by_recomputation(model: MambaVLM, ids: list[int], pixels, steps: int) -> list[int]:
+    """Greedy decoding that re-runs the whole sequence every step (no cache)."""
+    seq = list(ids)
+    out = []
+    for _ in range(steps):
+        logits = model(input_ids=torch.tensor([seq]), pixel_values=pixels).logits
+        nxt = int(logits[0, -1].argmax())
+        out.append(nxt)
+        seq.append(nxt)
+        if nxt == model.tokenizer.eos_token_id:
+            break
+    return out
+
+
+@pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
+def test_cached_generation_equals_recomputation(overrides: list[str]) -> None:
+    model = tiny_model(*overrides, seed=1)
+    img = image((30, 200, 30))
+    ids = model.build_prompt_ids("what shape is the green object ?", with_image=True)
+    pixels = model.preprocess_images([img])
+    expected = _greedy_by_recomputation(model, ids, pixels, steps=6)
+    got = model.generate_ids(
+        torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long), pixels,
+        max_new_tokens=6, do_sample=False, eos_token_id=model.tokenizer.eos_token_id,
+    )[0].tolist()
+    assert got[: len(expected)] == expected
+
+
+def test_batched_generation_with_left_padding_and_sampling() -> None:
+    model = tiny_model(seed=2)
+    imgs = [image((230, 30, 30)), None]
+    prompts = ["what color is the square ?", "how many objects are there ?"]
+    greedy = model.generate(imgs, prompts, max_new_tokens=4)
+    alone = [model.generate([imgs[0]], prompts[:1], max_new_tokens=4)[0],
+             model.generate(None, prompts[1:], max_new_tokens=4)[0]]
+    assert greedy == alone
+    torch.manual_seed(0)
+    s1 = model.generate(imgs, prompts, max_new_tokens=4, do_sample=True, temperature=1.5)
+    torch.manual_seed(0)
+    s2 = model.generate(imgs, prompts, max_new_tokens=4, do_sample=True, temperature=1.5)
+    assert s1 == s2 and all(isinstance(s, str) for s in s1)
+
+
+@pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
+def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, overrides: list[str]) -> None:
+    model = tiny_model(*overrides)
+    with torch.no_grad():
+        for p in model.projector.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    batch = batch_for(model, tmp_path)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    model.save_pretrained(tmp_path / "saved")
+    loaded = MambaVLM.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.config == model.config
+    assert type(loaded.llm) is (LlamaForCausalLM if overrides else MambaForCausalLM)
+    torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
+    assert not list(tmp_path.glob(".tmp-*")), "temporary directory left behind"
+
+
+def test_load_errors_name_the_problem(tmp_path: Path) -> None:
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "saved")
+    weights = tmp_path / "saved" / WEIGHTS_FILE
+    state = load_file(str(weights))
+    key = "projector.first.out_proj.weight"
+    state[key] = torch.zeros(3, 3)
+    save_file(state, str(weights))
+    with pytest.raises(ValueError, match=rf"{key}: checkpoint has shape \(3, 3\), model expects \(64, 64\)"):
+        MambaVLM.from_pretrained(tmp_path / "saved")
+    with pytest.raises(FileNotFoundError, match="not a MambaVLM directory"):
+        MambaVLM.from_pretrained(tmp_path)
+
+
+def test_bad_inputs_are_reported(tmp_path: Path) -> None:
+    model = tiny_model()
+    batch = batch_for(model, tmp_path)
+    with pytest.raises(ValueError, match="no pixel_values"):
+        model(input_ids=batch["input_ids"])
+    with pytest.raises(ValueError, match="64 image placeholder tokens, but pixel_values give 1 images"):
+        model(input_ids=batch["input_ids"], pixel_values=[p[:1] for p in batch["pixel_values"]])
+    with pytest.raises(ValueError, match="sequence too long: 300 tokens > max_length=256"):
+        model(input_ids=torch.zeros(1, 300, dtype=torch.long))
+    with pytest.raises(ValueError, match="contains <image> but no image"):
+        model.generate(None, ["<image> what ?"])
