@@ -1,0 +1,145 @@
+"""Seed a Mamba-2 mixer from a trained attention layer (mmMamba sec. 4.1, MaTVLM sec. 3.2).
+
+Attention without softmax is a linear RNN, S_t = S_{t-1} + v_t k_t^T, y_t = S_t q_t, so the mixer's
+x, B, C projections take W_V, W_K, W_Q (key/value heads repeated to the query heads, as transformers'
+``repeat_kv`` does for grouped-query attention), out_proj takes W_O, heads and head_dim are kept and
+d_state = head_dim. The modes differ in what the rest of the layer is:
+
+- ``"mmmamba"`` (inherit + mimic, mmMamba's public code): decay gamma_t = exp(-softplus(u W_gamma +
+  dt_bias) exp(a)) with W_gamma = 0, a = 1, softplus(dt_bias) log-uniform in [1e-3, 1e-1] (gamma near 1);
+  unscaled input S_t = gamma_t S_{t-1} + v_t k_t^T (the paper's Eq. 2); a causal conv initialised to
+  the identity (current-token tap 1, no activation); gate W_G xavier-uniform with gain 2^-2.5; no D.
+- ``"matvlm"``: x, B, C (and out_proj, as MaTVLM's code does) from V, K, Q (and O); everything else a
+  fresh Mamba-2 layer (mamba_ssm's init: dt log-uniform in [1e-3, 1e-1], A_log = log U[1, 16],
+  default conv with SiLU, D = 1, input scaled by dt).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from mambavlm.distill.mamba2_mixer import Mamba2Mixer, Mamba2MixerConfig
+
+__all__ = ["SEEDING_MODES", "linear_attention_reference", "seed_mamba2_from_attention"]
+
+SeedingMode = Literal["mmmamba", "matvlm"]
+
+SEEDING_MODES: dict[str, dict[str, Any]] = {
+    "mmmamba": {"conv_activation": None, "use_D": False, "dt_scales_input": False},
+    "matvlm": {},
+}
+"""Mamba2MixerConfig options each mode sets beyond the attention's shape (the rest are defaults)."""
+
+_MMMAMBA_GATE_GAIN = 2**-2.5
+
+
+def _attention_shape(attn: nn.Module) -> tuple[int, int, int, int]:
+    """(hidden_size, num_heads, num_kv_heads, head_dim) of ``attn``, checked against its projections."""
+    names = ("q_proj", "k_proj", "v_proj", "o_proj")
+    missing = [name for name in names if not isinstance(getattr(attn, name, None), nn.Linear)]
+    if missing:
+        raise TypeError(
+            f"{type(attn).__name__} has no nn.Linear {', '.join(missing)}; expected a LlamaAttention-like module"
+        )
+    config = getattr(attn, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    if not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"{type(attn).__name__}.config.num_attention_heads must be a positive int, got {heads!r}")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = attn.q_proj.in_features
+    head_dim = getattr(config, "head_dim", None) or attn.q_proj.out_features // heads
+    if heads % kv_heads != 0:
+        raise ValueError(f"num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+    expected = {
+        "q_proj": (hidden, heads * head_dim),
+        "k_proj": (hidden, kv_heads * head_dim),
+        "v_proj": (hidden, kv_heads * head_dim),
+        "o_proj": (heads * head_dim, hidden),
+    }
+    for name, (fan_in, fan_out) in expected.items():
+        linear = getattr(attn, name)
+        if (linear.in_features, linear.out_features) != (fan_in, fan_out):
+            raise ValueError(
+                f"{name} maps {linear.in_features} -> {linear.out_features}, expected {fan_in} -> {fan_out} "
+                f"for {heads} heads, {kv_heads} key/value heads of dim {head_dim}"
+            )
+    return hidden, heads, kv_heads, head_dim
+
+
+def _copy_heads(target: nn.Linear, source: nn.Linear, repeats: int, head_dim: int) -> None:
+    """target <- source with each head_dim-row block repeated ``repeats`` times (repeat_kv order)."""
+    weight = source.weight.unflatten(0, (-1, head_dim)).repeat_interleave(repeats, dim=0).flatten(0, 1)
+    target.weight.copy_(weight)
+    if target.bias is not None:
+        if source.bias is None:
+            target.bias.zero_()
+        else:
+            target.bias.copy_(source.bias.unflatten(0, (-1, head_dim)).repeat_interleave(repeats, dim=0).flatten(0, 1))
+
+
+def _mimic_init(mixer: Mamba2Mixer, generator: torch.Generator | None) -> None:
+    """mmMamba's init of the parameters attention lacks, so the layer starts as near-linear attention.
+
+    dt_bias keeps the fresh draw (softplus(dt_bias) log-uniform in [1e-3, 1e-1]), which is mmMamba's too.
+    """
+    mixer.dt_proj.weight.zero_()
+    mixer.A_log.fill_(1.0)
+    mixer.conv1d.weight.zero_()
+    mixer.conv1d.weight[:, 0, -1] = 1.0
+    mixer.conv1d.bias.zero_()
+    gate = torch.empty(mixer.gate_proj.weight.shape, device=generator.device if generator is not None else None)
+    nn.init.xavier_uniform_(gate, gain=_MMMAMBA_GATE_GAIN, generator=generator)
+    mixer.gate_proj.weight.copy_(gate)
+
+
+@torch.no_grad()
+def seed_mamba2_from_attention(
+    attn: nn.Module, mode: SeedingMode, generator: torch.Generator | None = None
+) -> Mamba2Mixer:
+    """A ``Mamba2Mixer`` seeded from ``attn`` (a transformers LlamaAttention or any module with
+    q_proj/k_proj/v_proj/o_proj and ``config.num_attention_heads`` / ``num_key_value_heads`` /
+    ``head_dim``), on the attention's device and dtype. ``generator`` drives the random draws.
+
+    The attention is only read; the mixer owns copies. RoPE is not carried over (there are no
+    positions in a recurrence); the attention's 1/sqrt(head_dim) score scale is not either.
+    """
+    if mode not in SEEDING_MODES:
+        raise ValueError(f"unknown seeding mode {mode!r}; expected one of {sorted(SEEDING_MODES)}")
+    hidden, heads, kv_heads, head_dim = _attention_shape(attn)
+    xbc_bias = any(getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj"))
+    config = Mamba2MixerConfig(
+        hidden_size=hidden,
+        num_heads=heads,
+        head_dim=head_dim,
+        d_state=head_dim,
+        xbc_bias=xbc_bias,
+        out_bias=attn.o_proj.bias is not None,
+        **SEEDING_MODES[mode],
+    )
+    weight = attn.q_proj.weight
+    mixer = Mamba2Mixer(config, device=weight.device, dtype=weight.dtype, generator=generator)
+    _copy_heads(mixer.x_proj, attn.v_proj, heads // kv_heads, head_dim)
+    _copy_heads(mixer.B_proj, attn.k_proj, heads // kv_heads, head_dim)
+    _copy_heads(mixer.C_proj, attn.q_proj, 1, head_dim)
+    mixer.out_proj.load_state_dict(attn.o_proj.state_dict())
+    if mode == "mmmamba":
+        _mimic_init(mixer, generator)
+    return mixer
+
+
+def linear_attention_reference(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Causal linear attention, no softmax, no scaling: y_t = sum_{s <= t} (q_t . k_s) v_s.
+
+    q, k (B, H, L, N), v (B, H, L, P) -> y (B, H, L, P), computed as a masked L x L product.
+    """
+    if q.dim() != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(
+            f"expected q, k (B, H, L, N) and v (B, H, L, P), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    length = q.shape[2]
+    causal = torch.ones(length, length, dtype=torch.bool, device=q.device).tril()
+    scores = (q @ k.transpose(-1, -2)).masked_fill(~causal, 0.0)
+    return scores @ v

@@ -1,0 +1,230 @@
+"""Mamba2Mixer decoding and seeding it from a transformers LlamaAttention (mmMamba / MaTVLM)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from mambavlm.distill.mamba2_mixer import Mamba2LayerCache, Mamba2Mixer, Mamba2MixerConfig
+from mambavlm.distill.seeding import linear_attention_reference, seed_mamba2_from_attention
+
+HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
+
+
+def tiny_llama_attention(attention_bias: bool = False) -> torch.nn.Module:
+    """Layer 0's attention of a tiny random LlamaForCausalLM with grouped-query attention (4 heads, 2 KV)."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=32,
+        hidden_size=HIDDEN,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        attention_bias=attention_bias,
+        initializer_range=0.05,
+    )
+    attention = LlamaForCausalLM(config).model.layers[0].self_attn
+    if attention_bias:
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(attention, name).bias.normal_(std=0.1)
+    return attention
+
+
+def teacher_linear_attention_heads(attention: torch.nn.Module, u: torch.Tensor) -> torch.Tensor:
+    """Causal linear attention over the teacher's own q, k, v (repeat_kv for GQA, no RoPE): (B, L, H*P)."""
+    batch, length, _ = u.shape
+    q = attention.q_proj(u).view(batch, length, HEADS, HEAD_DIM).transpose(1, 2)
+    k = attention.k_proj(u).view(batch, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    v = attention.v_proj(u).view(batch, length, KV_HEADS, HEAD_DIM).transpose(1, 2)
+    y = linear_attention_reference(q, repeat_kv(k, HEADS // KV_HEADS), repeat_kv(v, HEADS // KV_HEADS))
+    return y.transpose(1, 2)
+
+
+def force_unit_decay(mixer: Mamba2Mixer) -> None:
+    """gamma = exp(-softplus(.) * exp(a)) = 1 for every token: a = -inf."""
+    with torch.no_grad():
+        mixer.A_log.fill_(-math.inf)
+
+
+def test_linear_attention_reference_matches_a_token_loop() -> None:
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(2, 2, 5, 3, generator=g), torch.randn(2, 2, 5, 3, generator=g)
+    v = torch.randn(2, 2, 5, 4, generator=g)
+    expected = torch.stack(
+        [sum((q[:, :, t] * k[:, :, s]).sum(-1, keepdim=True) * v[:, :, s] for s in range(t + 1)) for t in range(5)],
+        dim=2,
+    )
+    torch.testing.assert_close(linear_attention_reference(q, k, v), expected)
+
+
+@pytest.mark.parametrize("attention_bias", [False, True])
+def test_seeded_mixer_with_unit_decay_is_the_teachers_linear_attention(attention_bias: bool) -> None:
+    attention = tiny_llama_attention(attention_bias)
+    seeded = seed_mamba2_from_attention(attention, "mmmamba", generator=torch.Generator().manual_seed(0))
+    plain = Mamba2Mixer(dataclasses.replace(seeded.config, use_conv=False, use_gate=False))
+    result = plain.load_state_dict(seeded.state_dict(), strict=False)
+    assert result.missing_keys == []
+    assert set(result.unexpected_keys) == {"conv1d.weight", "conv1d.bias", "gate_proj.weight", "norm_weight"}
+    force_unit_decay(plain)
+
+    u = torch.randn(2, 11, HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = attention.o_proj(teacher_linear_attention_heads(attention, u).flatten(2))
+        actual = plain(u)
+    assert expected.abs().mean() > 0.1
+    torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_seeded_mmmamba_conv_is_identity_and_gate_is_rmsnorm_silu() -> None:
+    attention = tiny_llama_attention()
+    mixer = seed_mamba2_from_attention(attention, "mmmamba", generator=torch.Generator().manual_seed(0))
+    force_unit_decay(mixer)
+    u = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        heads = teacher_linear_attention_heads(attention, u)  # (B, L, H, P)
+        normed = heads / torch.sqrt(heads.pow(2).mean(-1, keepdim=True) + mixer.config.rms_eps)
+        gate = (u @ mixer.gate_proj.weight.T).view(2, 9, HEADS, HEAD_DIM)
+        expected = attention.o_proj((normed * gate * torch.sigmoid(gate)).flatten(2))
+        actual = mixer(u)
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_mmmamba_init_values() -> None:
+    attention = tiny_llama_attention()
+    mixer = seed_mamba2_from_attention(attention, "mmmamba", generator=torch.Generator().manual_seed(0))
+    cfg = mixer.config
+    assert (cfg.num_heads, cfg.head_dim, cfg.d_state) == (HEADS, HEAD_DIM, HEAD_DIM)
+    assert cfg.conv_activation is None and not cfg.dt_scales_input and mixer.D is None
+    # inherited: head h of x and B reads KV head h // 2; C and out_proj are the query / output weights
+    for h in range(HEADS):
+        rows, kv_rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM), slice((h // 2) * HEAD_DIM, (h // 2 + 1) * HEAD_DIM)
+        assert torch.equal(mixer.x_proj.weight[rows], attention.v_proj.weight[kv_rows])
+        assert torch.equal(mixer.B_proj.weight[rows], attention.k_proj.weight[kv_rows])
+    assert torch.equal(mixer.C_proj.weight, attention.q_proj.weight)
+    assert torch.equal(mixer.out_proj.weight, attention.o_proj.weight)
+    # mimic: W_gamma = 0, a = 1, dt in [1e-3, 1e-1] so gamma = exp(-dt e) is close to 1
+    assert torch.count_nonzero(mixer.dt_proj.weight) == 0
+    assert torch.equal(mixer.A_log, torch.ones(HEADS))
+    dt = F.softplus(mixer.dt_bias)
+    assert dt.min() >= 1e-3 - 1e-7 and dt.max() <= 1e-1 + 1e-7
+    assert torch.exp(-dt * math.e).min() > 0.7
+    identity = torch.zeros(cfg.conv_channels, 1, cfg.d_conv)
+    identity[:, 0, -1] = 1.0
+    assert torch.equal(mixer.conv1d.weight, identity)
+    assert torch.count_nonzero(mixer.conv1d.bias) == 0
+    gate_bound = 2**-2.5 * math.sqrt(6 / (HIDDEN + HEADS * HEAD_DIM))
+    assert 0 < mixer.gate_proj.weight.abs().max() <= gate_bound
+    assert torch.equal(mixer.norm_weight, torch.ones(HEAD_DIM))
+
+
+def test_matvlm_init_copies_x_b_c_out_and_is_fresh_elsewhere() -> None:
+    attention = tiny_llama_attention()
+    mixer = seed_mamba2_from_attention(attention, "matvlm", generator=torch.Generator().manual_seed(0))
+    cfg = mixer.config
+    assert cfg.conv_activation == "silu" and cfg.dt_scales_input and cfg.use_gate
+    def repeated(weight: torch.Tensor) -> torch.Tensor:
+        return weight.view(KV_HEADS, HEAD_DIM, HIDDEN).repeat_interleave(HEADS // KV_HEADS, 0).flatten(0, 1)
+
+    assert torch.equal(mixer.x_proj.weight, repeated(attention.v_proj.weight))
+    assert torch.equal(mixer.B_proj.weight, repeated(attention.k_proj.weight))
+    assert torch.equal(mixer.C_proj.weight, attention.q_proj.weight)
+    assert torch.equal(mixer.out_proj.weight, attention.o_proj.weight)
+    # fresh Mamba-2 (mamba_ssm defaults)
+    A = torch.exp(mixer.A_log)
+    assert A.min() >= 1.0 - 1e-6 and A.max() <= 16.0 + 1e-5
+    dt = F.softplus(mixer.dt_bias)
+    assert dt.min() >= 1e-3 - 1e-7 and dt.max() <= 1e-1 + 1e-7
+    assert torch.equal(mixer.D, torch.ones(HEADS))
+    conv_bound = 1 / math.sqrt(cfg.d_conv)
+    assert mixer.conv1d.weight.abs().max() <= conv_bound and mixer.conv1d.weight[:, 0, :-1].abs().sum() > 0
+    dt_bound = 1 / math.sqrt(HIDDEN)
+    assert 0 < mixer.dt_proj.weight.abs().max() <= dt_bound
+
+
+def test_seeding_is_reproducible_with_a_generator() -> None:
+    attention = tiny_llama_attention()
+    first = seed_mamba2_from_attention(attention, "matvlm", generator=torch.Generator().manual_seed(5))
+    again = seed_mamba2_from_attention(attention, "matvlm", generator=torch.Generator().manual_seed(5))
+    other = seed_mamba2_from_attention(attention, "matvlm", generator=torch.Generator().manual_seed(6))
+    for name, value in first.state_dict().items():
+        assert torch.equal(value, again.state_dict()[name]), name
+    assert not torch.equal(first.dt_bias, other.dt_bias)
+
+
+@pytest.mark.parametrize("mode", ["mmmamba", "matvlm"])
+def test_gradients_reach_every_parameter(mode: str) -> None:
+    attention = tiny_llama_attention(attention_bias=True)
+    mixer = seed_mamba2_from_attention(attention, mode, torch.Generator().manual_seed(0))
+    u = torch.randn(2, 10, HIDDEN, generator=torch.Generator().manual_seed(3))
+    mixer(u).pow(2).sum().backward()
+    for name, parameter in mixer.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("mode", ["mmmamba", "matvlm"])
+def test_prefill_then_decoding_equals_the_full_forward(mode: str) -> None:
+    mixer = seed_mamba2_from_attention(tiny_llama_attention(), mode, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixer.conv1d.weight.normal_(std=0.3)  # a conv that mixes tokens, so its state matters
+        mixer.dt_proj.weight.normal_(std=0.1)  # data-dependent decay
+    assert mixer.config.use_conv and mixer.config.use_gate
+    u = torch.randn(2, 15, HIDDEN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = mixer(u)
+        cache = Mamba2LayerCache.zeros(2, mixer.config)
+        pieces = [mixer(u[:, :6], cache), mixer(u[:, 6:8], cache)]  # prefill, then a 2-token continuation
+        pieces += [mixer.step(u[:, t : t + 1], cache) for t in range(8, 12)]
+        pieces += [mixer(u[:, t : t + 1], cache) for t in range(12, 15)]  # forward routes one token to step
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_zeros_shapes_follow_the_config() -> None:
+    config = Mamba2MixerConfig(hidden_size=8, num_heads=2, head_dim=3, d_state=5, d_conv=4)
+    cache = Mamba2LayerCache.zeros(3, config, dtype=torch.float64)
+    assert cache.conv_state.shape == (3, 2 * 3 + 2 * 2 * 5, 4) and cache.ssm_state.shape == (3, 2, 3, 5)
+    assert cache.ssm_state.dtype == torch.float64 and cache.conv_state.abs().sum() == 0
+    no_conv = Mamba2LayerCache.zeros(1, dataclasses.replace(config, use_conv=False))
+    assert no_conv.conv_state.shape == (1, 26, 0)
+
+
+def test_bad_inputs_are_named() -> None:
+    attention = tiny_llama_attention()
+    with pytest.raises(ValueError, match="unknown seeding mode 'mamba'"):
+        seed_mamba2_from_attention(attention, "mamba")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="o_proj"):
+        seed_mamba2_from_attention(torch.nn.Module(), "mmmamba")
+    attention.config.num_key_value_heads = 3
+    with pytest.raises(ValueError, match="multiple of num_key_value_heads"):
+        seed_mamba2_from_attention(attention, "mmmamba")
+    with pytest.raises(ValueError, match="head_dim must be a positive int"):
+        Mamba2MixerConfig(hidden_size=8, num_heads=2, head_dim=0, d_state=4)
+    mixer = Mamba2Mixer(Mamba2MixerConfig(hidden_size=8, num_heads=2, head_dim=4, d_state=4))
+    with pytest.raises(ValueError, match="hidden_states must be"):
+        mixer(torch.zeros(1, 3, 7))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba_ssm")
+def test_seeded_mixer_on_cuda_matches_cpu_and_decodes_consistently() -> None:
+    mixer = seed_mamba2_from_attention(tiny_llama_attention(), "matvlm", torch.Generator().manual_seed(0))
+    u = torch.randn(2, 150, HIDDEN, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = mixer(u)
+        mixer.cuda()
+        full = mixer(u.cuda())
+        cache = Mamba2LayerCache.zeros(2, mixer.config, device="cuda")
+        pieces = [mixer(u[:, :140].cuda(), cache)] + [mixer(u[:, t : t + 1].cuda(), cache) for t in range(140, 150)]
+    scale = expected.abs().max()
+    assert (full.cpu() - expected).abs().max() / scale < 1e-2
+    assert (torch.cat(pieces, dim=1).cpu() - expected).abs().max() / scale < 1e-2
