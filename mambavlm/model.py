@@ -22,6 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mambavlm.config import ConfigError, ModelConfig, load_config
+from mambavlm.generation import GenerationSettings, StaticStateDecoder, supports_static_decoding
 from mambavlm.io import atomic_directory
 from mambavlm.llm.factory import build_llm
 from mambavlm.llm.templates import ConversationTemplate, get_template
@@ -55,6 +56,7 @@ class MambaVLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.template: ConversationTemplate = get_template(config.llm.template)
+        self._static_decoder: StaticStateDecoder | None = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -136,18 +138,28 @@ class MambaVLM(nn.Module):
         text = self.template.prompt(prompt, eos_token=self.tokenizer.eos_token or "")
         return tokenize_prompt(text, self.tokenizer, self.num_visual_tokens, self.add_bos)
 
+    def static_decoder(self) -> StaticStateDecoder:
+        """The Mamba LLM's static-state decoder, built on first use and kept (with its CUDA graph)."""
+        decoder = self._static_decoder
+        if decoder is None or decoder.model is not self.llm or decoder.device != self.device:
+            self._static_decoder = StaticStateDecoder(self.llm)
+        return self._static_decoder
+
     @torch.no_grad()
     def generate_ids(
         self,
         input_ids: Tensor,
         attention_mask: Tensor,
         pixel_values: Sequence[Tensor] | None = None,
+        fast: bool | None = None,
         **generate_kwargs: Any,
     ) -> Tensor:
-        """Left-padded prompts (B, L) -> new token ids (B, T), through the LLM's cached ``generate``.
+        """Left-padded prompts (B, L) -> new token ids (B, T).
 
-        The prompt (visual tokens included) is processed once; each new token reuses the LLM's cache
-        (KV for attention, conv + SSM state for Mamba).
+        The prompt (visual tokens included) is processed once; each new token reuses the LLM's state
+        (KV for attention, conv + SSM state for Mamba). ``fast=True``: the static-state decoder
+        (Mamba / Mamba-2 LLMs; CUDA-graph steps on CUDA); ``False``: the LLM's HF ``generate``;
+        None: the fast path when the LLM is on CUDA, supported, and the arguments are ones it handles.
         """
         self._check_length(input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 0))
         inputs_embeds = self.embed(input_ids, pixel_values)
@@ -155,6 +167,14 @@ class MambaVLM(nn.Module):
         if tok is not None:
             generate_kwargs.setdefault("pad_token_id", tok.pad_token_id)
             generate_kwargs.setdefault("eos_token_id", tok.eos_token_id)
+        if fast is None:
+            fast = (
+                self.device.type == "cuda"
+                and supports_static_decoding(self.llm)
+                and GenerationSettings.accepts(generate_kwargs, self.llm.generation_config)
+            )
+        if fast:
+            return self.static_decoder().generate(inputs_embeds, attention_mask, **generate_kwargs)
         return self.llm.generate(
             inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )

@@ -1,0 +1,1 @@
+"""Speed benchmarks, one command each: ``python -m benchmarks.<name> [--quick] [--out FILE]``."""

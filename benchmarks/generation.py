@@ -1,0 +1,277 @@
+"""End-to-end generation speed: MambaVLM-2.8B's static-state / CUDA-graph decoder beside its anchors.
+
+    python -m benchmarks.generation            # CUDA: the paper config, bf16, 256 new tokens
+    python -m benchmarks.generation --quick    # CPU: the tiny config, a few tokens (CI)
+
+Rows, all measured in this one run, batch 1, greedy, EOS off, random weights (nothing downloaded):
+- MambaVLM (fast path): one image + a short prompt (1478 tokens for the paper config, 1458 of them
+  visual) through ``MambaVLM.generate_ids(fast=True)``: vision, projector, prefill, decoding;
+- the plain Mamba LM on a text prompt of the same length, through the same decoder;
+- mamba_ssm's ``MambaLMHeadModel.generate(cg=True)`` with the same shapes (skipped without mamba_ssm);
+- HF ``generate`` (the eager path) of the same MambaVLM and prompt.
+
+Per row: the prefill (prompt -> first logits) timed on its own, the whole generation, and from them
+ms per decoded token = (total - prefill) / (new tokens - 1); tok/s = new tokens / total; peak memory
+of the generation. Medians over ``--repeats`` runs after a warm-up run.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from benchmarks.report import default_out, markdown_table, write_report
+from benchmarks.timing import (
+    benchmark_device,
+    free_memory,
+    median_seconds,
+    peak_memory_gib,
+    reset_peak_memory,
+    synchronize,
+)
+from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
+from mambavlm.model import MambaVLM, build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
+TINY_CONFIG = ROOT / "configs" / "model" / "tiny.yaml"
+TEXT_TOKENS = 20
+"""Text tokens of the prompt around the image: 10 before, 10 after (1478 = 1458 + 20 for the paper)."""
+
+
+@dataclass
+class Row:
+    """One measured way of generating."""
+
+    name: str
+    prompt_tokens: int
+    new_tokens: int
+    prefill_s: float
+    total_s: float
+    peak_gib: float | None
+    note: str = ""
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.total_s
+
+    @property
+    def ms_per_decoded_token(self) -> float:
+        return 1e3 * (self.total_s - self.prefill_s) / max(self.new_tokens - 1, 1)
+
+    def cells(self) -> list[str]:
+        peak = "n/a" if self.peak_gib is None else f"{self.peak_gib:.2f}"
+        return [
+            self.name,
+            str(self.prompt_tokens),
+            str(self.new_tokens),
+            f"{1e3 * self.prefill_s:.1f}",
+            f"{self.ms_per_decoded_token:.2f}",
+            f"{self.tokens_per_s:.1f}",
+            peak,
+            self.note,
+        ]
+
+
+HEADERS = ["path", "prompt tokens", "new tokens", "prefill ms", "ms / decoded token", "tok/s", "peak GiB", "note"]
+
+
+def vlm_prompt(model: MambaVLM, device: torch.device, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """input_ids (1, L): 10 random text tokens, the image's placeholders, 10 more; attention_mask."""
+    vocab = model.llm.config.vocab_size
+    half = TEXT_TOKENS // 2
+    text = torch.randint(1, vocab, (TEXT_TOKENS,), generator=generator)
+    image = torch.full((model.num_visual_tokens,), IMAGE_TOKEN_INDEX)
+    ids = torch.cat([text[:half], image, text[half:]])[None].to(device)
+    return ids, torch.ones_like(ids)
+
+
+def pixel_values(model: MambaVLM, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> list[Tensor]:
+    """One random image per encoder at its resolution: [(1, 3, S_m, S_m)]."""
+    return [
+        torch.randn(1, 3, enc.image_size, enc.image_size, generator=generator).to(device, dtype)
+        for enc in model.config.vision.encoders
+    ]
+
+
+def measure(
+    name: str,
+    device: torch.device,
+    prompt_tokens: int,
+    new_tokens: int,
+    prefill: Callable[[], object],
+    generate: Callable[[], Tensor],
+    repeats: int,
+    note: str = "",
+) -> tuple[Row, Tensor]:
+    """Time ``prefill`` and ``generate`` (after one warm-up each); returns the row and the tokens."""
+    prefill_s = median_seconds(prefill, device, repeats, warmup=1)
+    tokens = generate()  # warm-up (and CUDA-graph capture); also the tokens to compare
+    if tokens.shape[-1] != new_tokens:
+        raise RuntimeError(f"{name}: generated {tokens.shape[-1]} tokens, expected {new_tokens}")
+    reset_peak_memory(device)
+    total_s = median_seconds(generate, device, repeats, warmup=0)
+    return Row(name, prompt_tokens, new_tokens, prefill_s, total_s, peak_memory_gib(device), note), tokens
+
+
+def matching_prefix(a: Tensor, b: Tensor) -> int:
+    """How many leading tokens two (1, T) generations share."""
+    differ = (a != b).flatten().nonzero()
+    return a.numel() if differ.numel() == 0 else int(differ[0])
+
+
+def mamba_ssm_row(
+    model: MambaVLM, device: torch.device, dtype: torch.dtype, length: int, new_tokens: int, repeats: int
+) -> Row | str:
+    """mamba_ssm's MambaLMHeadModel of the LLM's shapes, generate(cg=True); a note when unavailable."""
+    if device.type != "cuda":
+        return "mamba_ssm generate(cg=True): skipped (needs CUDA)"
+    try:
+        from mamba_ssm.models.config_mamba import MambaConfig as SSMConfig
+        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
+    except ImportError as error:
+        return f"mamba_ssm generate(cg=True): skipped (mamba_ssm not importable: {error})"
+    cfg = model.llm.config
+    ssm_model = MambaLMHeadModel(
+        SSMConfig(
+            d_model=cfg.hidden_size,
+            n_layer=cfg.num_hidden_layers,
+            vocab_size=cfg.vocab_size,
+            ssm_cfg={"d_state": cfg.state_size, "d_conv": cfg.conv_kernel, "expand": cfg.expand},
+            rms_norm=True,
+            residual_in_fp32=cfg.residual_in_fp32,
+            fused_add_norm=True,
+        ),
+        device=device,
+        dtype=dtype,
+    ).eval()
+    ids = torch.randint(1, cfg.vocab_size, (1, length), device=device)
+
+    def generate() -> Tensor:
+        out = ssm_model.generate(ids, max_length=length + new_tokens, cg=True, top_k=1)
+        return out[:, length:]
+
+    with torch.no_grad():
+        row, _ = measure(
+            "mamba_ssm MambaLMHeadModel.generate(cg=True)",
+            device,
+            length,
+            new_tokens,
+            lambda: ssm_model(ids, num_last_tokens=1),
+            generate,
+            repeats,
+            "anchor",
+        )
+    return row
+
+
+def run(args: argparse.Namespace) -> str:
+    device = benchmark_device(args.quick)
+    dtype = torch.float32 if args.quick else torch.bfloat16
+    config = TINY_CONFIG if args.quick else PAPER_CONFIG
+    new_tokens = args.new_tokens or (8 if args.quick else 256)
+    repeats = args.repeats or (2 if args.quick else 3)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = build_model(config, load_weights=False, load_tokenizer=False)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.llm.generation_config.eos_token_id = None  # every path generates exactly new_tokens
+    generator = torch.Generator().manual_seed(0)
+    input_ids, attention_mask = vlm_prompt(model, device, generator)
+    pixels = pixel_values(model, device, dtype, generator)
+    length = input_ids.shape[1]
+    gen_kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
+    decoder = model.static_decoder()
+
+    rows: list[Row] = []
+    notes: list[str] = []
+    with torch.no_grad():
+        vlm_row, vlm_tokens = measure(
+            f"{model.config.name} static state{' + CUDA graph' if decoder.cuda_graph else ''}",
+            device,
+            length,
+            new_tokens,
+            lambda: decoder.prefill(model.embed(input_ids, pixels), attention_mask),
+            lambda: model.generate_ids(input_ids, attention_mask, pixels, fast=True, **gen_kwargs),
+            repeats,
+            "ours, image + prompt",
+        )
+        rows.append(vlm_row)
+
+        text_ids = torch.randint(1, model.llm.config.vocab_size, (1, length), generator=generator).to(device)
+        embed_tokens = model.llm.get_input_embeddings()
+        lm_row, _ = measure(
+            f"Mamba LM ({model.llm.config.num_hidden_layers} layers) static state"
+            f"{' + CUDA graph' if decoder.cuda_graph else ''}",
+            device,
+            length,
+            new_tokens,
+            lambda: decoder.prefill(embed_tokens(text_ids)),
+            lambda: decoder.generate(embed_tokens(text_ids), **gen_kwargs),
+            repeats,
+            "ours, plain LM, same length",
+        )
+        rows.append(lm_row)
+
+    ssm = mamba_ssm_row(model, device, dtype, length, new_tokens, repeats)
+    free_memory(device)
+    if isinstance(ssm, Row):
+        rows.append(ssm)
+    else:
+        notes.append(ssm)
+
+    with torch.no_grad():
+        hf_row, hf_tokens = measure(
+            "HF generate (eager)",
+            device,
+            length,
+            new_tokens,
+            lambda: model.llm(inputs_embeds=model.embed(input_ids, pixels), use_cache=True, logits_to_keep=1),
+            lambda: model.generate_ids(input_ids, attention_mask, pixels, fast=False, **gen_kwargs),
+            repeats,
+            "transformers, same VLM and prompt",
+        )
+        rows.append(hf_row)
+    synchronize(device)
+    notes.append(
+        f"fast path vs HF generate: first {matching_prefix(vlm_tokens, hf_tokens)} of {new_tokens} greedy tokens "
+        "identical (random weights; in bf16 a near-tie can flip one token and the rest follows)"
+    )
+
+    ratios = [
+        f"- VLM fast path vs plain LM fast path (tok/s): {vlm_row.tokens_per_s / lm_row.tokens_per_s:.3f}x",
+        f"- VLM fast path vs HF generate (tok/s): {vlm_row.tokens_per_s / hf_row.tokens_per_s:.2f}x",
+    ]
+    if isinstance(ssm, Row):
+        ratios.insert(0, f"- VLM fast path vs mamba_ssm generate(cg=True) (tok/s): "
+                         f"{vlm_row.tokens_per_s / ssm.tokens_per_s:.3f}x")
+        ratios.insert(1, f"- plain LM fast path vs mamba_ssm, ms per decoded token: "
+                         f"{lm_row.ms_per_decoded_token / ssm.ms_per_decoded_token:.3f}x (lower is faster)")
+    setup = (
+        f"{config.name}, {str(dtype).removeprefix('torch.')}, batch 1, greedy, {length}-token prompt "
+        f"({model.num_visual_tokens} visual), {new_tokens} new tokens, median of {repeats}"
+    )
+    return write_report(
+        args.out or default_out("generation", args.quick),
+        "Generation: MambaVLM fast path vs anchors",
+        device,
+        [setup, markdown_table(HEADERS, [r.cells() for r in rows]), "\n".join(ratios + [f"- {n}" for n in notes])],
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU, a few tokens (CI)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/generation[-quick].md)")
+    parser.add_argument("--new-tokens", type=int, help="tokens to generate (default 256; 8 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per row (default 3; 2 with --quick)")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()

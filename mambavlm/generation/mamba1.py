@@ -1,0 +1,101 @@
+"""transformers' ``MambaMixer`` (Mamba-1) run on explicit static state: a prefill and a one-token step.
+
+Both read the mixer's own weights, so they follow it through training or loading; they compute what
+``MambaMixer.forward`` computes with a cache (same masking of padded positions, same fp32 SSM
+parameters), using this package's ops: ``causal_conv1d`` + ``selective_scan`` for the prompt,
+``causal_conv1d_update`` + ``selective_state_update`` per token (the CUDA kernels where installed).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers.models.mamba.modeling_mamba import MambaMixer
+
+from mambavlm.generation.selective_state_update import selective_state_update
+from mambavlm.generation.static_state import MixerState
+from mambavlm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
+from mambavlm.ops.selective_scan import selective_scan
+
+__all__ = ["StatefulMambaMixer"]
+
+
+class StatefulMambaMixer:
+    """Prefill and single-token step of one ``MambaMixer`` over a ``MixerState``.
+
+    State: conv (B, D_inner, W) in the model's dtype, ssm (B, D_inner, N), A (D_inner, N) and
+    dt_bias (D_inner,) in float32.
+    """
+
+    def __init__(self, mixer: MambaMixer) -> None:
+        if not isinstance(mixer, MambaMixer):
+            raise TypeError(f"expected a transformers MambaMixer, got {type(mixer).__name__}")
+        self.mixer = mixer
+
+    def allocate(self, batch: int) -> MixerState:
+        """Zeroed state for ``batch`` sequences on the mixer's device."""
+        m = self.mixer
+        weight = m.in_proj.weight
+        return MixerState(
+            conv=weight.new_zeros(batch, m.intermediate_size, m.conv_kernel_size),
+            ssm=torch.zeros(batch, m.intermediate_size, m.ssm_state_size, device=weight.device),
+            A=torch.zeros(m.intermediate_size, m.ssm_state_size, device=weight.device),
+            dt_bias=torch.zeros(m.intermediate_size, device=weight.device),
+        )
+
+    def _split_ssm_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Conv output x (..., D_inner) -> dt before bias (..., D_inner), B and C (..., N)."""
+        m = self.mixer
+        dt, B, C = torch.split(m.x_proj(x), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
+        return F.linear(dt, m.dt_proj.weight), B, C
+
+    def prefill(self, hidden: Tensor, attention_mask: Tensor | None, state: MixerState) -> Tensor:
+        """hidden (B, L, D) (normed), attention_mask (B, L) or None -> (B, L, D); writes ``state``."""
+        m = self.mixer
+        state.A.copy_(-torch.exp(m.A_log.float()))
+        state.dt_bias.copy_(m.dt_proj.bias)
+        dtype = hidden.dtype
+        if attention_mask is not None:
+            hidden = (hidden * attention_mask[:, :, None]).to(dtype)
+        x, z = m.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (B, D_inner, L) each
+        x = x.contiguous()  # the causal_conv1d kernel's channel-last layout wants aligned strides
+        state.conv.copy_(causal_conv1d_state(x, m.conv_kernel_size))
+        x = causal_conv1d(x, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation).transpose(1, 2)
+        if attention_mask is not None:
+            x = (x * attention_mask[:, :, None]).to(x.dtype)
+        dt, B, C = self._split_ssm_inputs(x)
+        y, last_state = selective_scan(
+            x.transpose(1, 2),
+            dt.transpose(1, 2),
+            state.A,
+            B.transpose(1, 2),
+            C.transpose(1, 2),
+            D=m.D.float(),
+            z=z,
+            delta_bias=state.dt_bias,
+            delta_softplus=True,
+            return_last_state=True,
+        )
+        state.ssm.copy_(last_state)
+        return m.out_proj(y.transpose(1, 2).to(dtype))
+
+    def step(self, hidden: Tensor, state: MixerState) -> Tensor:
+        """hidden (B, D) (normed) -> (B, D) for one new token; updates ``state`` in place."""
+        m = self.mixer
+        x, z = m.in_proj(hidden).chunk(2, dim=-1)  # (B, D_inner) each
+        x = causal_conv1d_update(x, state.conv, m.conv1d.weight.squeeze(1), m.conv1d.bias, activation=m.activation)
+        dt, B, C = self._split_ssm_inputs(x)
+        y = selective_state_update(
+            state.ssm,
+            x,
+            dt,
+            state.A,
+            B,
+            C,
+            D=m.D,
+            z=z,
+            dt_bias=state.dt_bias,
+            dt_softplus=True,
+        )
+        return m.out_proj(y.to(hidden.dtype))
