@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> str:
     cfg = load_config(ModelConfig, config_path)
     repeats = args.repeats or (2 if args.quick else 10)
     batch = args.batch
-    with torch.device("meta"):  # widths and grid only: no encoder weights are made
+    for encoder in cfg.vision.encoders:  # widths and grid only: no weights are read or made
+        encoder.weights = None
+    with torch.device("meta"):
         vision = VisualLongSequence(cfg.vision)
     h, w = vision.grid_size
     mamba_name = f"Mamba projector ({cfg.projector.scan_mode}, d_state {cfg.projector.d_state})"

@@ -64,9 +64,12 @@ class MambaProjectorLayer(nn.Module):
         self.dt_rank = dt_rank or math.ceil(d_inner / 16)
         h, w = self.grid_size
 
-        with torch.device("cpu"):  # index buffers are real even when the model is built on meta
+        target = torch.empty(0).device  # the device a surrounding `with torch.device(...)` sets
+        with torch.device("cpu"):  # index buffers stay real when the model is built on meta
             orders = scan_orders(h, w, num_maps, scan_mode)
             inverse = inverse_orders(orders)
+        if target.type != "meta":
+            orders, inverse = orders.to(target), inverse.to(target)
         self.register_buffer("orders", orders, persistent=False)
         self.register_buffer("inverse", inverse, persistent=False)
         k = orders.shape[0]
