@@ -1,0 +1,287 @@
+"""Distillation stages: which student parameters train, and each stage's loss against the frozen teacher.
+
+Stages (mmMamba sec. 4.2-4.4, MaTVLM sec. 3.3); "new" mixer parameters are the ones attention lacks:
+W_gamma (``dt_proj``), a (``A_log``), ``dt_bias``, ``D``, the conv and the gate (``gate_proj``, ``norm_weight``).
+
+=========  =====================================================  ===========================================
+stage      trains                                                 loss
+=========  =====================================================  ===========================================
+stage1     new mixer parameters                                   sum_l MSE(Attn_l(X_l), Mamba2_l(X_l))
+stage2     new + x/B/C projections (W_V, W_K, W_Q)                the same
+stage3     every mixer parameter (out_proj = W_O too)             KL(P_teacher || P_student) on the logits
+matvlm     every mixer parameter + the projector (connector)      alpha * sum_l mean_t ||Attn_l - Mamba2_l||_2
+                                                                  + beta * T^2 * KL(P_t || P_s) + gamma * CE
+=========  =====================================================  ===========================================
+
+X_l is the TEACHER's input to its attention in layer l (collected with forward hooks), so each
+student mixer is trained on exactly what the teacher's attention saw; Attn_l(X_l) is that attention's
+output. Embeddings, norms, MLPs, kept attention layers, the LM head and the vision encoders never
+train. For the logit losses student and teacher see the same input: the student embeds it with its
+own (copied) vision + projector, which for stage 3 equal the teacher's, and for MaTVLM let the
+connector learn. Token reductions average over real tokens (attention_mask = 1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+
+from mambavlm.distill.hybrid import mamba_mixers
+from mambavlm.distill.mamba2_mixer import Mamba2Mixer
+
+__all__ = [
+    "STAGES",
+    "DistillationObjective",
+    "LossWeights",
+    "StageName",
+    "TeacherAttentionTaps",
+    "distill_loss",
+    "embed_inputs",
+    "language_model",
+    "layerwise_loss",
+    "logit_kl",
+    "set_trainable",
+    "tap_attention",
+    "trainable_parameters",
+]
+
+StageName = Literal["stage1", "stage2", "stage3", "matvlm"]
+STAGES: tuple[str, ...] = get_args(StageName)
+
+NEW_MIXER_PARAMETERS = frozenset({"dt_proj", "dt_bias", "A_log", "D", "conv1d", "gate_proj", "norm_weight"})
+"""Top-level mixer attributes with no counterpart in attention (trained from stage 1 on)."""
+INHERITED_XBC = frozenset({"x_proj", "B_proj", "C_proj"})
+"""The projections seeded from W_V, W_K, W_Q (trained from stage 2 on)."""
+
+
+def _check_stage(stage: str) -> None:
+    if stage not in STAGES:
+        raise ValueError(f"unknown distillation stage {stage!r}; expected one of {', '.join(STAGES)}")
+
+
+def _mixer_parameter_trains(stage: str, attribute: str) -> bool:
+    if stage == "stage1":
+        return attribute in NEW_MIXER_PARAMETERS
+    if stage == "stage2":
+        return attribute in NEW_MIXER_PARAMETERS | INHERITED_XBC
+    return True
+
+
+def trainable_parameters(model: nn.Module, stage: str) -> set[str]:
+    """Names (as in ``model.named_parameters()``) of the parameters ``stage`` trains.
+
+    ``model`` is the student: a hybrid LLM, or a MambaVLM holding one (whose ``projector.*``
+    parameters train in the ``matvlm`` stage).
+    """
+    _check_stage(stage)
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        if isinstance(module, Mamba2Mixer):
+            for name, _ in module.named_parameters():
+                if _mixer_parameter_trains(stage, name.split(".")[0]):
+                    names.add(f"{prefix}.{name}")
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no Mamba-2 mixers: convert it to a hybrid first")
+    if stage == "matvlm" and isinstance(getattr(model, "projector", None), nn.Module):
+        names |= {f"projector.{name}" for name, _ in model.projector.named_parameters()}
+    return names
+
+
+def set_trainable(model: nn.Module, stage: str) -> set[str]:
+    """requires_grad = True exactly for ``trainable_parameters(model, stage)``; returns those names."""
+    names = trainable_parameters(model, stage)
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in names)
+    return names
+
+
+def language_model(model: nn.Module) -> PreTrainedModel:
+    """The causal LM of a MambaVLM (``.llm``) or the model itself."""
+    llm = getattr(model, "llm", model)
+    if not isinstance(llm, PreTrainedModel):
+        raise TypeError(f"expected a MambaVLM or a transformers causal LM, got {type(model).__name__}")
+    return llm
+
+
+def embed_inputs(model: nn.Module, input_ids: Tensor, pixel_values: Sequence[Tensor] | None) -> Tensor:
+    """input_ids (B, L) (+ images for a MambaVLM) -> inputs_embeds (B, L, D)."""
+    if hasattr(model, "embed") and hasattr(model, "llm"):
+        return model.embed(input_ids, pixel_values)
+    if pixel_values is not None:
+        raise ValueError(f"{type(model).__name__} is a text-only LM but the batch holds images")
+    return model.get_input_embeddings()(input_ids)
+
+
+def _decoder_layers(llm: PreTrainedModel) -> nn.ModuleList:
+    layers = getattr(getattr(llm, "model", None), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(llm).__name__} has no model.layers: a LLaMA-family decoder is needed")
+    return layers
+
+
+@dataclass
+class TeacherAttentionTaps:
+    """What the teacher's attention in each tapped layer saw and returned: (B, L, D) each."""
+
+    inputs: dict[int, Tensor]
+    outputs: dict[int, Tensor]
+
+
+@contextmanager
+def tap_attention(llm: PreTrainedModel, layers: Sequence[int]) -> Iterator[TeacherAttentionTaps]:
+    """Forward hooks on ``llm.model.layers[i].self_attn`` for i in ``layers`` that record its input
+    hidden states and its output (detached) during the forwards run inside the ``with`` block."""
+    decoder = _decoder_layers(llm)
+    taps = TeacherAttentionTaps({}, {})
+    handles = []
+
+    def hook(index: int) -> Any:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            taps.inputs[index] = hidden.detach()
+            taps.outputs[index] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return record
+
+    try:
+        for i in layers:
+            handles.append(decoder[i].self_attn.register_forward_hook(hook(i), with_kwargs=True))
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _masked_token_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """values (B, L) -> mean over the positions where mask (B, L) is nonzero (all when None)."""
+    if mask is None:
+        return values.mean()
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def layerwise_loss(
+    mixers: dict[int, nn.Module],
+    taps: TeacherAttentionTaps,
+    attention_mask: Tensor | None,
+    kind: Literal["mse", "l2"],
+) -> Tensor:
+    """Sum over Mamba-2 layers l of the distance between mixer_l(X_l) and the teacher's Attn_l(X_l).
+
+    ``mse``: mean squared error over real tokens and channels (mmMamba Eq. 3/4); ``l2``: the L2 norm
+    over channels averaged over real tokens (MaTVLM Eq. 9).
+    """
+    total = None
+    for i, mixer in sorted(mixers.items()):
+        if i not in taps.inputs:
+            raise KeyError(f"no teacher activations for layer {i}: tap it with tap_attention")
+        predicted = mixer(taps.inputs[i]).float()
+        diff = predicted - taps.outputs[i].float()
+        per_token = diff.pow(2).mean(-1) if kind == "mse" else diff.norm(dim=-1)
+        term = _masked_token_mean(per_token, attention_mask)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no Mamba-2 layers to distill")
+    return total
+
+
+def logit_kl(
+    student_logits: Tensor, teacher_logits: Tensor, attention_mask: Tensor | None, temperature: float = 1.0
+) -> Tensor:
+    """T^2 * KL(P_teacher || P_student) with P = softmax(logits / T), averaged over real tokens.
+
+    logits (B, L, V); at T = 1 this is mmMamba's stage-3 loss, otherwise MaTVLM's Eq. 7.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_token = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
+    return temperature**2 * _masked_token_mean(per_token, attention_mask)
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """MaTVLM's weights (alpha: layer, beta: KL, gamma: CE) and the KL temperature T."""
+
+    alpha: float = 1.0
+    beta: float = 1.0
+    gamma: float = 0.0
+    temperature: float = 1.0
+
+
+def distill_loss(
+    stage: str,
+    teacher: nn.Module,
+    student: nn.Module,
+    batch: dict[str, Any],
+    weights: LossWeights = LossWeights(),
+) -> tuple[Tensor, dict[str, float]]:
+    """One batch's loss for ``stage`` and its unweighted parts ({"layer", "kl", "ce"}, those used).
+
+    teacher / student: MambaVLMs or LLaMA-family causal LMs (the student a hybrid); batch: the
+    collator's ``input_ids``, ``attention_mask``, ``labels`` (B, L) and ``pixel_values``. The teacher
+    runs without gradients.
+    """
+    _check_stage(stage)
+    teacher_llm, student_llm = language_model(teacher), language_model(student)
+    mixers = mamba_mixers(student_llm)
+    if not mixers:
+        raise ValueError(f"the student {type(student_llm).__name__} has no Mamba-2 layers: convert it first")
+    input_ids, mask = batch["input_ids"], batch.get("attention_mask")
+    pixel_values = batch.get("pixel_values")
+    matvlm = stage == "matvlm"
+    use_layer = stage in ("stage1", "stage2") or (matvlm and weights.alpha != 0)
+    use_kl = stage == "stage3" or (matvlm and weights.beta != 0)
+    use_ce = matvlm and weights.gamma != 0
+    if not (use_layer or use_kl or use_ce):
+        raise ValueError("alpha, beta and gamma are all 0: the matvlm loss is empty")
+
+    with torch.no_grad():
+        teacher_embeds = embed_inputs(teacher, input_ids, pixel_values)
+        with tap_attention(teacher_llm, sorted(mixers) if use_layer else []) as taps:
+            if use_kl:
+                teacher_logits = teacher_llm(inputs_embeds=teacher_embeds, attention_mask=mask, use_cache=False).logits
+            elif use_layer:
+                teacher_llm.model(inputs_embeds=teacher_embeds, attention_mask=mask, use_cache=False)
+
+    parts: dict[str, Tensor] = {}
+    if use_layer:
+        parts["layer"] = layerwise_loss(mixers, taps, mask, "l2" if matvlm else "mse")
+    if use_kl or use_ce:
+        student_embeds = embed_inputs(student, input_ids, pixel_values) if matvlm else teacher_embeds
+        labels = batch["labels"] if use_ce else None
+        out = student_llm(inputs_embeds=student_embeds, attention_mask=mask, labels=labels, use_cache=False)
+        if use_kl:
+            parts["kl"] = logit_kl(out.logits, teacher_logits, mask, weights.temperature if matvlm else 1.0)
+        if use_ce:
+            parts["ce"] = out.loss
+    scale = {"layer": weights.alpha, "kl": weights.beta, "ce": weights.gamma} if matvlm else {}
+    loss = sum(scale.get(name, 1.0) * value for name, value in parts.items())
+    return loss, {k: float(v.detach()) for k, v in parts.items()}
+
+
+class DistillationObjective(nn.Module):
+    """The trainable student with the frozen teacher beside it: ``forward(batch) -> (loss, parts)``.
+
+    Only the student is a submodule, so optimisers, ``accelerate.prepare`` (DDP, FSDP) and
+    checkpoints see the student's parameters alone; the teacher is a plain attribute.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, stage: str, weights: LossWeights = LossWeights()) -> None:
+        super().__init__()
+        _check_stage(stage)
+        self.student = student
+        object.__setattr__(self, "teacher", teacher)
+        self.stage = stage
+        self.weights = weights
+
+    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
+        return distill_loss(self.stage, self.teacher, self.student, batch, self.weights)

@@ -1,0 +1,127 @@
+"""Resumable checkpoints: ``OUTPUT_DIR/checkpoint-STEP/``, written atomically, the last K kept.
+
+A checkpoint holds accelerate's ``save_state`` (model, optimiser, scheduler, gradient scaler, the RNG
+state of every process) plus ``trainer_state.json`` (step, epoch, position in the epoch, the loss
+curve so far). It is written into a temporary sibling directory and renamed into place once complete,
+so a run killed mid-write leaves the previous checkpoints as they were and no ``checkpoint-STEP``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from mambavlm.io import atomic_directory
+
+__all__ = [
+    "CHECKPOINT_PREFIX",
+    "TRAINER_STATE_FILE",
+    "find_checkpoints",
+    "load_checkpoint",
+    "prune_checkpoints",
+    "remove_unfinished_writes",
+    "resolve_resume",
+    "save_checkpoint",
+]
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TRAINER_STATE_FILE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+_UNFINISHED_NAME = re.compile(rf"^\.(tmp|old|del)-{CHECKPOINT_PREFIX}\d+")
+
+
+def find_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete ``checkpoint-STEP`` directories under ``output_dir``, oldest step first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for path in output_dir.iterdir():
+        match = _CHECKPOINT_NAME.match(path.name)
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
+    """The checkpoint to resume from: ``None``, a directory, or ``"latest"`` (None if there is none)."""
+    if resume_from is None:
+        return None
+    if resume_from == "latest":
+        checkpoints = find_checkpoints(output_dir)
+        return checkpoints[-1] if checkpoints else None
+    path = Path(resume_from)
+    if not (path / TRAINER_STATE_FILE).is_file():
+        raise FileNotFoundError(
+            f"train.resume_from={resume_from!r} is not a checkpoint directory (no {TRAINER_STATE_FILE})"
+        )
+    return path
+
+
+def save_checkpoint(
+    accelerator: Accelerator,
+    output_dir: str | Path,
+    step: int,
+    trainer_state: dict[str, Any],
+    keep_last: int,
+) -> Path:
+    """Write ``output_dir/checkpoint-STEP`` atomically on every process, then keep the last ``keep_last``.
+
+    All processes call this: each writes its part of the state (its RNG state; its shard under FSDP)
+    into the temporary directory the main process created, and the main process renames it into
+    place after every process has finished.
+    """
+    target = Path(output_dir) / f"{CHECKPOINT_PREFIX}{step}"
+    with ExitStack() as stack:
+        tmp = stack.enter_context(atomic_directory(target)) if accelerator.is_main_process else None
+        tmp = Path(broadcast_object_list([str(tmp) if tmp is not None else None])[0])
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
+        accelerator.wait_for_everyone()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        prune_checkpoints(output_dir, keep_last)
+    return target
+
+
+def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
+    """Restore accelerate's state from ``path`` (every process) and return its trainer state."""
+    path = Path(path)
+    accelerator.load_state(str(path))
+    return json.loads((path / TRAINER_STATE_FILE).read_text())
+
+
+def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:
+    """Delete all but the newest ``keep_last`` checkpoints; returns the deleted paths.
+
+    Each is renamed out of the ``checkpoint-STEP`` namespace before it is deleted, so a kill during
+    deletion never leaves a partial ``checkpoint-STEP``.
+    """
+    if keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    doomed = find_checkpoints(output_dir)[:-keep_last]
+    for path in doomed:
+        trash = path.with_name(f".del-{path.name}-{os.getpid()}")
+        os.replace(path, trash)
+        shutil.rmtree(trash)
+    return doomed
+
+
+def remove_unfinished_writes(output_dir: str | Path) -> list[Path]:
+    """Delete temporaries that a killed run left beside its checkpoints; returns their paths."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    leftovers = [p for p in output_dir.iterdir() if _UNFINISHED_NAME.match(p.name)]
+    for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+    return leftovers

@@ -1,0 +1,162 @@
+"""Exact-match evaluation by greedy generation: shared by the trainer's val step and eval/evaluate.py.
+
+Each LLaVA-format record contributes its first question and answer: the question is the first human
+turn as written (``<image>`` included), the reference the first assistant turn. Answers are compared
+after :func:`normalize_answer` (lowercase, punctuation removed, whitespace collapsed).
+"""
+
+from __future__ import annotations
+
+import logging
+import string
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mambavlm.data.llava import IMAGE_LOAD_ERRORS, load_records
+from mambavlm.llm.templates import ASSISTANT_ROLES, HUMAN_ROLES
+
+__all__ = [
+    "BLANK_COLOR",
+    "BlankImage",
+    "VQAItem",
+    "exact_match",
+    "generate_answers",
+    "load_vqa_items",
+    "normalize_answer",
+]
+
+logger = logging.getLogger(__name__)
+
+BLANK_COLOR: tuple[int, int, int] = (128, 128, 128)
+"""The mid-grey every image becomes in a blind run."""
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """Lowercase, drop ASCII punctuation, collapse whitespace: ``" Red. "`` -> ``"red"``."""
+    return " ".join(text.lower().translate(_PUNCTUATION).split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether two answers are equal after :func:`normalize_answer`."""
+    return normalize_answer(prediction) == normalize_answer(reference)
+
+
+@dataclass(frozen=True)
+class BlankImage:
+    """Wrap an image transform so that it sees a blank grey image of the same size instead.
+
+    Picklable, so it works in DataLoader workers.
+    """
+
+    transform: Callable[[Image.Image], Any]
+
+    def __call__(self, image: Image.Image) -> Any:
+        return self.transform(Image.new("RGB", image.size, BLANK_COLOR))
+
+
+@dataclass(frozen=True)
+class VQAItem:
+    """One question to answer: ``image`` is a path (None for a text-only record)."""
+
+    id: str
+    image: Path | None
+    question: str
+    reference: str
+
+
+def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path | None) -> list[VQAItem]:
+    """The first question/answer pair of every LLaVA-format record.
+
+    ``image_root`` None means the JSON file's directory (or the working directory for in-memory
+    records). A record without a human turn followed by an assistant turn is a ValueError naming it.
+    """
+    if image_root is None and isinstance(records, (str, Path)):
+        image_root = Path(records).parent
+    root = Path(image_root) if image_root is not None else Path()
+    items = []
+    for index, record in enumerate(load_records(records)):
+        record_id = str(record.get("id", index))
+        turns = record.get("conversations")
+        if (
+            not isinstance(turns, list)
+            or len(turns) < 2
+            or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2])
+            or turns[0].get("from") not in HUMAN_ROLES
+            or turns[1].get("from") not in ASSISTANT_ROLES
+        ):
+            raise ValueError(f"record {record_id}: expected a human turn then an assistant turn")
+        image = record.get("image")
+        items.append(
+            VQAItem(
+                id=record_id,
+                image=root / image if image else None,
+                question=turns[0]["value"],
+                reference=turns[1]["value"].strip(),
+            )
+        )
+    return items
+
+
+def _open_image(path: Path, blind: bool) -> Image.Image | str:
+    """The RGB image (or a blank one of its size), or the reason it cannot be read."""
+    if not path.is_file():
+        return f"image file not found: {path}"
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = image.convert("RGB")
+    except IMAGE_LOAD_ERRORS as err:
+        return f"unreadable image {path}: {type(err).__name__}: {err}"
+    return Image.new("RGB", image.size, BLANK_COLOR) if blind else image
+
+
+def generate_answers(
+    model: Any,
+    items: Sequence[VQAItem],
+    batch_size: int,
+    max_new_tokens: int,
+    blind: bool = False,
+    show_progress: bool = True,
+) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Greedy answers of a MambaVLM to ``items``, in batches.
+
+    Returns ``(rows, skipped)``: one row ``{id, question, answer, reference, correct}`` per item
+    whose image could be read, and ``(id, reason)`` for each item that was skipped.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    rows: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show_progress):
+        batch, images = [], []
+        for item in items[start : start + batch_size]:
+            image = _open_image(item.image, blind) if item.image is not None else None
+            if isinstance(image, str):
+                logger.warning("skipping %s: %s", item.id, image)
+                skipped.append((item.id, image))
+                continue
+            batch.append(item)
+            images.append(image)
+        if not batch:
+            continue
+        answers = model.generate(
+            images, [item.question for item in batch], max_new_tokens=max_new_tokens, do_sample=False
+        )
+        for item, answer in zip(batch, answers):
+            rows.append(
+                {
+                    "id": item.id,
+                    "question": item.question,
+                    "answer": answer,
+                    "reference": item.reference,
+                    "correct": exact_match(answer, item.reference),
+                }
+            )
+    return rows, skipped

@@ -1,0 +1,81 @@
+"""What trains and how: the freezing policy, AdamW parameter groups and the cosine-with-warmup schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import get_cosine_schedule_with_warmup
+
+__all__ = [
+    "FREEZE_PRESETS",
+    "apply_freeze_policy",
+    "build_optimizer",
+    "build_scheduler",
+    "parameter_groups",
+]
+
+FREEZE_PRESETS: dict[str, tuple[str, ...]] = {
+    "align": ("projector",),
+    "finetune": ("projector", "llm"),
+}
+"""Preset -> the model parts that train (vision encoders follow their own ``frozen`` flag)."""
+
+
+def apply_freeze_policy(model: nn.Module, freeze: Literal["align", "finetune"]) -> None:
+    """Set ``requires_grad`` of ``model.projector`` and ``model.llm`` for the preset.
+
+    The vision encoders are left as built: frozen unless the model config sets ``frozen: false``
+    for an encoder (a frozen encoder also stays in eval mode).
+    """
+    if freeze not in FREEZE_PRESETS:
+        raise ValueError(f"unknown freeze preset {freeze!r}; choose one of {sorted(FREEZE_PRESETS)}")
+    trainable = FREEZE_PRESETS[freeze]
+    for part in ("projector", "llm"):
+        getattr(model, part).requires_grad_(part in trainable)
+
+
+def _no_decay_names(model: nn.Module) -> set[str]:
+    """Names of parameters exempt from weight decay: 1-D tensors (biases, scales) and norm layers."""
+    names = {name for name, p in model.named_parameters() if p.ndim < 2}
+    for module_name, module in model.named_modules():
+        if "Norm" in type(module).__name__:
+            prefix = f"{module_name}." if module_name else ""
+            names.update(prefix + name for name, _ in module.named_parameters(recurse=False))
+    return names
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Two AdamW groups over the trainable parameters: with ``weight_decay``, and with 0.
+
+    Frozen parameters are in neither group.
+    """
+    no_decay = _no_decay_names(model)
+    decay_group: dict[str, Any] = {"params": [], "weight_decay": weight_decay}
+    plain_group: dict[str, Any] = {"params": [], "weight_decay": 0.0}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        group = plain_group if name in no_decay else decay_group
+        group["params"].append(param)
+    if not decay_group["params"] and not plain_group["params"]:
+        raise ValueError("the model has no trainable parameters: check the freeze preset")
+    return [g for g in (decay_group, plain_group) if g["params"]]
+
+
+def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW (betas 0.9, 0.999) over :func:`parameter_groups`."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:
+    """Linear warmup over ``ceil(warmup_ratio * total_steps)`` steps, then cosine decay to 0."""
+    if total_steps < 1:
+        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+    if not 0.0 <= warmup_ratio < 1.0:
+        raise ValueError(f"warmup_ratio must be in [0, 1), got {warmup_ratio}")
+    warmup_steps = math.ceil(warmup_ratio * total_steps)
+    return get_cosine_schedule_with_warmup(optimizer, warmup_steps, total_steps)

@@ -1,0 +1,28 @@
+"""Train a MambaVLM: ``accelerate launch train/finetune.py --config configs/train/NAME.yaml [key=value ...]``.
+
+The same command runs on a CPU, one GPU, or many (pick a file from configs/accelerate/ with
+``accelerate launch --config_file``). Overrides use dotted keys: ``output_dir=outputs/run2
+train.max_steps=100 model.projector.d_state=8 blind=true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+
+from mambavlm.training import Trainer, load_train_config
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="train YAML (configs/train/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the train config")
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    config = load_train_config(args.config, args.overrides)
+    Trainer(config).run()
+
+
+if __name__ == "__main__":
+    main()
