@@ -82,7 +82,7 @@ class ProjectorConfig(StrictModel):
 class LLMConfig(StrictModel):
     """The language model: architecture, weights, tokenizer and conversation template."""
 
-    family: Literal["mamba", "mamba2", "llama"]
+    family: Literal["mamba", "mamba2", "llama", "hybrid_llama"]
     source: str | None = Field(
         None, description="hub name or local directory of weights; None = random init from `config`"
     )
@@ -157,7 +157,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         parts = key.strip().split(".")
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             node = _child(node, part, ".".join(parts[: i + 1]), create=True)

@@ -14,7 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mambavlm.config import ConfigError
 from mambavlm.distill.config import DistillConfig, DistillStageConfig, load_distill_config
-from mambavlm.distill.hybrid import HybridLlamaForCausalLM, convert_llama, convert_vlm, load_hybrid_vlm, mamba_mixers
+from mambavlm.distill.hybrid import HybridLlamaForCausalLM, convert_llama, convert_vlm, mamba_mixers
 from mambavlm.distill.stages import (
     LossWeights,
     distill_loss,
@@ -24,7 +24,7 @@ from mambavlm.distill.stages import (
     trainable_parameters,
 )
 from mambavlm.llm.tokenizer import build_tiny_tokenizer
-from mambavlm.model import build_model
+from mambavlm.model import MambaVLM, build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_LLAMA = {
@@ -226,7 +226,7 @@ def test_distill_cli_with_a_vlm_teacher(tmp_path: Path) -> None:
     ])
     check_metrics(metrics, out, ["stage1", "stage2", "stage3"])
     assert metrics["mamba_layers"] == [1, 3]
-    student = load_hybrid_vlm(out / "student")
+    student = MambaVLM.from_pretrained(out / "student")
     assert student.llm.mamba_layers == [1, 3] and student.num_visual_tokens == 32
 
 

@@ -17,10 +17,8 @@ from mambavlm.distill.hybrid import (
     Mamba2AttentionAdapter,
     convert_llama,
     convert_vlm,
-    load_hybrid_vlm,
     mamba_mixers,
 )
-from mambavlm.llm.factory import LLMBuildError
 from mambavlm.model import MambaVLM, build_model
 
 TINY_LLAMA = {
@@ -202,11 +200,11 @@ def test_convert_vlm_keeps_vision_and_projector(tmp_path: Path) -> None:
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
     student.save_pretrained(tmp_path / "student")
-    loaded = load_hybrid_vlm(tmp_path / "student").eval()
+    loaded = MambaVLM.from_pretrained(tmp_path / "student").eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids, pixel_values=pixels).logits, logits)
-    with pytest.raises(LLMBuildError, match="hybrid_llama"):
-        MambaVLM.from_pretrained(tmp_path / "student")
+    assert type(loaded.llm) is HybridLlamaForCausalLM and loaded.config.llm.family == "hybrid_llama"
+    assert loaded.llm.config.mamba_layers == student.llm.config.mamba_layers
 
 
 def test_left_padded_batch_generates_what_each_prompt_generates_alone() -> None:

@@ -46,7 +46,6 @@ __all__ = [
     "Mamba2AttentionAdapter",
     "convert_llama",
     "convert_vlm",
-    "load_hybrid_vlm",
     "mamba_mixers",
 ]
 
@@ -341,51 +340,13 @@ def convert_vlm(
     if vlm.config.llm.family != "llama":
         raise ValueError(f"only a LLaMA-family LLM can be converted; this MambaVLM's llm.family is {vlm.config.llm.family!r}")
     llm = convert_llama(vlm.llm, layout, mode, generator)
+    config = vlm.config.model_copy(deep=True)
+    config.llm.family = "hybrid_llama"
+    config.llm.config = {}
     return MambaVLM(
-        vlm.config.model_copy(deep=True),
+        config,
         copy.deepcopy(vlm.vision),
         copy.deepcopy(vlm.projector),
         llm,
         vlm.tokenizer,
     )
-
-
-def load_hybrid_vlm(path: str | Path, device: str | torch.device | None = None) -> MambaVLM:
-    """Load a ``MambaVLM`` saved with ``save_pretrained`` whose LLM is a ``HybridLlamaForCausalLM``."""
-    from safetensors.torch import load_file
-
-    from mambavlm.config import ModelConfig, load_config
-    from mambavlm.llm.tokenizer import build_tokenizer
-    from mambavlm.model import CONFIG_FILE, LLM_DIR, TOKENIZER_DIR, WEIGHTS_FILE, MambaVLM, load_into
-    from mambavlm.projector import build_projector
-    from mambavlm.vision.long_sequence import VisualLongSequence
-
-    path = Path(path)
-    if not (path / CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{path} is not a MambaVLM directory (no {CONFIG_FILE})")
-    config = load_config(ModelConfig, path / CONFIG_FILE)
-    stored, _ = HybridLlamaConfig.get_config_dict(str(path / LLM_DIR))
-    if stored.get("model_type") != HybridLlamaConfig.model_type:
-        raise ValueError(
-            f"{path / LLM_DIR} holds a {stored.get('model_type')!r} model, not a "
-            f"{HybridLlamaConfig.model_type!r} one: load it with MambaVLM.from_pretrained"
-        )
-    llm = HybridLlamaForCausalLM.from_pretrained(path / LLM_DIR)
-    local = config.model_copy(deep=True)
-    for enc in local.vision.encoders:
-        enc.weights = None
-    vision = VisualLongSequence(local.vision)
-    projector = build_projector(
-        local.projector,
-        in_dims=vision.out_dims,
-        out_dim=llm.config.hidden_size,
-        grid_size=vision.grid_size,
-        num_maps=vision.num_maps,
-    )
-    tokenizer = None
-    if (path / TOKENIZER_DIR).is_dir():
-        local.llm.tokenizer = str(path / TOKENIZER_DIR)
-        tokenizer = build_tokenizer(local.llm)
-    model = MambaVLM(config, vision, projector, llm, tokenizer)
-    load_into(model, load_file(str(path / WEIGHTS_FILE)), source=str(path / WEIGHTS_FILE))
-    return model.to(device) if device is not None else model

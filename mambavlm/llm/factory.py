@@ -30,13 +30,28 @@ from mambavlm.llm.mamba_ssm_format import (
     read_mamba_ssm_config,
 )
 
-__all__ = ["LLM_FAMILIES", "TORCH_DTYPES", "LLMBuildError", "build_llm", "llm_hidden_size"]
+__all__ = ["LLM_FAMILIES", "TORCH_DTYPES", "LLMBuildError", "build_llm", "family_classes", "llm_hidden_size"]
 
 LLM_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "mamba": (MambaConfig, MambaForCausalLM),
     "mamba2": (Mamba2Config, Mamba2ForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
 }
+
+
+
+def family_classes(family: str) -> tuple[type[PreTrainedConfig], type[PreTrainedModel]]:
+    """(config class, model class) of an ``llm.family``.
+
+    ``hybrid_llama`` (a LLaMA whose chosen layers are seeded Mamba-2 mixers) is imported on demand
+    from ``mambavlm.distill.hybrid``, which builds on this module.
+    """
+    if family == "hybrid_llama":
+        from mambavlm.distill.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
+
+        return HybridLlamaConfig, HybridLlamaForCausalLM
+    return LLM_FAMILIES[family]
+
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -59,7 +74,7 @@ def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
     - otherwise: pretrained weights; a mamba_ssm-format directory is converted, anything else goes
       through ``from_pretrained``. ``cfg.config`` entries override the stored config.
     """
-    config_cls, model_cls = LLM_FAMILIES[cfg.family]
+    config_cls, model_cls = family_classes(cfg.family)
     dtype = TORCH_DTYPES[cfg.dtype]
     check_config_fields(config_cls, cfg.config)
     if cfg.source is None:
@@ -117,7 +132,7 @@ def check_config_fields(config_cls: type[PreTrainedConfig], fields: dict[str, An
 
 def check_family(family: str, model_type: str | None, source: str) -> None:
     """Raise ``LLMBuildError`` if a checkpoint's ``model_type`` is not the one ``family`` builds."""
-    expected = LLM_FAMILIES[family][0].model_type
+    expected = family_classes(family)[0].model_type
     if model_type != expected:
         raise LLMBuildError(
             f"llm.source {source} holds a {model_type!r} model but llm.family is {family!r} "
