@@ -56,6 +56,8 @@ class MambaVLM(nn.Module):
         self.llm = llm
         self.tokenizer = tokenizer
         self.template: ConversationTemplate = get_template(config.llm.template)
+        # FSDP auto-wrap (configs/accelerate/fsdp.yaml) wraps the LLM's own decoder blocks
+        self._no_split_modules = list(getattr(llm, "_no_split_modules", None) or [])
         self._static_decoder: StaticStateDecoder | None = None
 
     @property
@@ -66,7 +68,7 @@ class MambaVLM(nn.Module):
     @property
     def add_bos(self) -> bool:
         """LLaMA-family tokenisation starts with BOS; GPT-NeoX (Mamba) does not."""
-        return self.config.llm.family == "llama"
+        return self.config.llm.family in ("llama", "hybrid_llama")
 
     @property
     def device(self) -> torch.device:

@@ -79,6 +79,8 @@ def test_overrides_parse_yaml_values_and_index_lists(tmp_path: Path) -> None:
 def test_override_errors() -> None:
     with pytest.raises(ConfigError, match="not of the form key=value"):
         apply_overrides({}, ["projector.d_state"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        apply_overrides({}, ["llm.config={a: 1, b"])
     with pytest.raises(ConfigError, match="index 3 out of range"):
         apply_overrides({"a": [1]}, ["a.3=2"])
     with pytest.raises(ConfigError, match="unknown key"):
