@@ -27,7 +27,7 @@ from transformers import (
 
 from mambavlm.generation import GenerationSettings, StaticStateDecoder
 from mambavlm.generation.sampling import TokenChooser, sample_from_probs
-from mambavlm.generation.selective_state_update import selective_state_update
+from mambavlm.ops.selective_state_update import selective_state_update
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV, kernels_available
 from mambavlm.ops.selective_scan import selective_scan_naive

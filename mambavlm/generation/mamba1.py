@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from mambavlm.generation.selective_state_update import selective_state_update
+from mambavlm.ops.selective_state_update import selective_state_update
 from mambavlm.generation.static_state import MixerState
 from mambavlm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
 from mambavlm.ops.selective_scan import selective_scan
