@@ -39,7 +39,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, get_wsd_schedule
 from mambavlm.config import ConfigError, LLMConfig
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
-from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.distill.config import DistillConfig, DistillStageConfig, load_distill_config
 from mambavlm.distill.hybrid import convert_llama, convert_vlm, mamba_mixers
 from mambavlm.distill.stages import DistillationObjective, language_model, set_trainable
@@ -48,15 +47,13 @@ from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
 from mambavlm.model import CONFIG_FILE, MambaVLM
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
-from mambavlm.training.loop import gradient_accumulation_steps
+from mambavlm.training.loop import gradient_accumulation_steps, prepare_data
 from mambavlm.training.optim import build_optimizer
 
 logger = get_logger(__name__)
 
 METRICS_FILE = "metrics.json"
 STUDENT_DIR = "student"
-SYNTHETIC_DIR = "data"
-SYNTHETIC_SPEC_FILE = "synthetic.json"
 
 
 def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
@@ -77,26 +74,6 @@ def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
         teacher = LlamaForCausalLM.from_pretrained(path)
         return teacher, build_tokenizer(llm_config), get_template(template)
     raise FileNotFoundError(f"teacher {path}: neither a MambaVLM ({CONFIG_FILE}) nor an HF model (config.json)")
-
-
-def prepare_data(config: DistillConfig, output_dir: Path, accelerator: Accelerator) -> tuple[Path, Path | None, Path]:
-    """(train JSON, val JSON or None, image root); writes the synthetic task when no files are named."""
-    data = config.data
-    if data.train is not None:
-        for key, value in {"data.train": data.train, "data.val": data.val}.items():
-            if value is not None and not Path(value).is_file():
-                raise FileNotFoundError(f"{key}: file not found: {value}")
-        root = Path(data.image_root) if data.image_root is not None else Path(data.train).parent
-        return Path(data.train), Path(data.val) if data.val is not None else None, root
-    spec = data.synthetic.model_dump()
-    out_dir = output_dir / SYNTHETIC_DIR
-    spec_file = out_dir / SYNTHETIC_SPEC_FILE
-    if accelerator.is_main_process and (not spec_file.is_file() or json.loads(spec_file.read_text()) != spec):
-        make_shapes_vqa(out_dir, spec["num_train"], spec["num_val"], spec["image_size"], spec["seed"])
-        with atomic_file(spec_file) as f:
-            json.dump(spec, f)
-    accelerator.wait_for_everyone()
-    return out_dir / "train.json", (out_dir / "val.json" if spec["num_val"] else None), out_dir
 
 
 class TextOnly:
@@ -261,7 +238,8 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-    train_json, val_json, image_root = prepare_data(config, output_dir, accelerator)
+    train_json, val_json, image_root = prepare_data(config.data, output_dir, accelerator)
+    image_root = image_root if image_root is not None else train_json.parent
     set_seed(config.seed)
     teacher, tokenizer, template = load_teacher(config.teacher, config.template)
     teacher.requires_grad_(False)

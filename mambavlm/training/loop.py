@@ -46,7 +46,7 @@ from mambavlm.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from mambavlm.training.config import TrainConfig
+from mambavlm.training.config import DataConfig, TrainConfig
 from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
 from mambavlm.training.optim import apply_freeze_policy, build_optimizer, build_scheduler
 
@@ -103,7 +103,7 @@ class Trainer:
         """
         started = time.perf_counter()
         cfg, acc = self.config, self.accelerator
-        train_json, val_json, image_root = self._prepare_data()
+        train_json, val_json, image_root = prepare_data(self.config.data, self.output_dir, self.accelerator)
         set_seed(cfg.seed)
         model = build_model(cfg.model)
         apply_freeze_policy(model, cfg.train.freeze)
@@ -187,31 +187,6 @@ class Trainer:
             f"model in {self.output_dir / FINAL_MODEL_DIR}"
         )
         return metrics
-
-    def _prepare_data(self) -> tuple[Path, Path | None, Path | None]:
-        """(train JSON, val JSON or None, image root or None); generates the synthetic task if asked."""
-        data = self.config.data
-        if data.train is not None:
-            paths = {"data.train": data.train, "data.val": data.val}
-            for key, value in paths.items():
-                if value is not None and not Path(value).is_file():
-                    raise FileNotFoundError(f"{key}: file not found: {value}")
-            if data.image_root is not None and not Path(data.image_root).is_dir():
-                raise FileNotFoundError(f"data.image_root: directory not found: {data.image_root}")
-            root = Path(data.image_root) if data.image_root is not None else None
-            return Path(data.train), Path(data.val) if data.val is not None else None, root
-        synthetic = data.synthetic
-        out_dir = self.output_dir / SYNTHETIC_DIR
-        spec = synthetic.model_dump()
-        spec_file = out_dir / SYNTHETIC_SPEC_FILE
-        if self.accelerator.is_main_process:
-            if not spec_file.is_file() or json.loads(spec_file.read_text()) != spec:
-                logger.info(f"writing the synthetic Shapes-VQA task to {out_dir}")
-                make_shapes_vqa(out_dir, synthetic.num_train, synthetic.num_val, synthetic.image_size, synthetic.seed)
-                with atomic_file(spec_file) as f:
-                    json.dump(spec, f)
-        self.accelerator.wait_for_everyone()
-        return out_dir / "train.json", (out_dir / "val.json" if synthetic.num_val else None), out_dir
 
     def _dataset(self, model: MambaVLM, train_json: Path, image_root: Path | None) -> LlavaDataset:
         transforms = [encoder.preprocess for encoder in model.vision.encoders]
@@ -459,3 +434,34 @@ def _flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = str(value)
     return flat
+
+
+def prepare_data(
+    data: DataConfig, output_dir: Path, accelerator: Accelerator
+) -> tuple[Path, Path | None, Path | None]:
+    """(train JSON, val JSON or None, image root or None) of ``data``.
+
+    Named files are checked to exist; otherwise the synthetic Shapes-VQA task is written under
+    ``output_dir/data`` by the main process (once per spec) while the others wait.
+    """
+    if data.train is not None:
+        paths = {"data.train": data.train, "data.val": data.val}
+        for key, value in paths.items():
+            if value is not None and not Path(value).is_file():
+                raise FileNotFoundError(f"{key}: file not found: {value}")
+        if data.image_root is not None and not Path(data.image_root).is_dir():
+            raise FileNotFoundError(f"data.image_root: directory not found: {data.image_root}")
+        root = Path(data.image_root) if data.image_root is not None else None
+        return Path(data.train), Path(data.val) if data.val is not None else None, root
+    synthetic = data.synthetic
+    out_dir = output_dir / SYNTHETIC_DIR
+    spec = synthetic.model_dump()
+    spec_file = out_dir / SYNTHETIC_SPEC_FILE
+    if accelerator.is_main_process:
+        if not spec_file.is_file() or json.loads(spec_file.read_text()) != spec:
+            logger.info(f"writing the synthetic Shapes-VQA task to {out_dir}")
+            make_shapes_vqa(out_dir, synthetic.num_train, synthetic.num_val, synthetic.image_size, synthetic.seed)
+            with atomic_file(spec_file) as f:
+                json.dump(spec, f)
+    accelerator.wait_for_everyone()
+    return out_dir / "train.json", (out_dir / "val.json" if synthetic.num_val else None), out_dir
