@@ -22,7 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mambavlm.config import ConfigError, ModelConfig, load_config
-from mambavlm.generation import GenerationSettings, StaticStateDecoder, supports_static_decoding
+from mambavlm.generation import GenerationSettings, StaticDecoder, build_static_decoder, supports_static_decoding
 from mambavlm.io import atomic_directory
 from mambavlm.llm.factory import build_llm
 from mambavlm.llm.templates import ConversationTemplate, get_template
@@ -58,7 +58,7 @@ class MambaVLM(nn.Module):
         self.template: ConversationTemplate = get_template(config.llm.template)
         # FSDP auto-wrap (configs/accelerate/fsdp.yaml) wraps the LLM's own decoder blocks
         self._no_split_modules = list(getattr(llm, "_no_split_modules", None) or [])
-        self._static_decoder: StaticStateDecoder | None = None
+        self._static_decoder: StaticDecoder | None = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -140,11 +140,11 @@ class MambaVLM(nn.Module):
         text = self.template.prompt(prompt, eos_token=self.tokenizer.eos_token or "")
         return tokenize_prompt(text, self.tokenizer, self.num_visual_tokens, self.add_bos)
 
-    def static_decoder(self) -> StaticStateDecoder:
-        """The Mamba LLM's static-state decoder, built on first use and kept (with its CUDA graph)."""
+    def static_decoder(self) -> StaticDecoder:
+        """The LLM's static-cache decoder, built on first use and kept (with its CUDA graph)."""
         decoder = self._static_decoder
         if decoder is None or decoder.model is not self.llm or decoder.device != self.device:
-            self._static_decoder = StaticStateDecoder(self.llm)
+            self._static_decoder = build_static_decoder(self.llm)
         return self._static_decoder
 
     @torch.no_grad()
@@ -159,8 +159,8 @@ class MambaVLM(nn.Module):
         """Left-padded prompts (B, L) -> new token ids (B, T).
 
         The prompt (visual tokens included) is processed once; each new token reuses the LLM's state
-        (KV for attention, conv + SSM state for Mamba). ``fast=True``: the static-state decoder
-        (Mamba / Mamba-2 LLMs; CUDA-graph steps on CUDA); ``False``: the LLM's HF ``generate``;
+        (KV for attention, conv + SSM state for Mamba). ``fast=True``: the static-cache decoder
+        (Mamba / Mamba-2, LLaMA and hybrid LLMs; CUDA-graph steps on CUDA); ``False``: the LLM's HF ``generate``;
         None: the fast path when the LLM is on CUDA, supported, and the arguments are ones it handles.
         """
         self._check_length(input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 0))

@@ -74,11 +74,12 @@ def tiny_mamba(seed: int = 1) -> MambaForCausalLM:
 
 
 def tiny_mamba2(seed: int = 1) -> Mamba2ForCausalLM:
-    """A 2-layer Mamba-2 LM: 4 heads of 16, 2 groups, d_state 16, chunks of 16 (the prompts span two;
-    16 is the smallest size mamba_ssm's Triton SSD kernels take)."""
+    """A 2-layer Mamba-2 LM: 8 heads of 16, 2 groups, d_state 16, chunks of 16 (the prompts span two;
+    16 is the smallest size mamba_ssm's Triton SSD kernels take). in_proj's width (328) is a multiple of
+    8, as causal_conv1d's kernel needs for the channel-last view transformers gives it."""
     torch.manual_seed(seed)
     config = Mamba2Config(
-        hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=16, expand=2, num_heads=4, head_dim=16,
+        hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=16, expand=2, num_heads=8, head_dim=16,
         n_groups=2, chunk_size=16, tie_word_embeddings=False,
     )
     model = Mamba2ForCausalLM(config).eval()
@@ -325,7 +326,7 @@ def test_vlm_fast_path_gives_hf_generate_tokens() -> None:
     torch.testing.assert_close(sample(), sample())
 
 
-@pytest.mark.parametrize("script", ["generation", "projector", "training_throughput"])
+@pytest.mark.parametrize("script", ["generation", "projector", "training_throughput", "long_context"])
 def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: Path) -> None:
     out = tmp_path / f"{script}.md"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -388,3 +388,18 @@ def test_checkpoint_saved_by_mamba_ssm_matches_its_logits(tmp_path):
     ids = torch.randint(0, RAW_VOCAB, (2, 12), device="cuda")
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits, atol=1e-3, rtol=1e-3)
+
+
+def test_mamba_training_without_causal_conv1d_fails_early(monkeypatch) -> None:
+    """mamba_ssm without causal_conv1d would assert inside transformers' fused training op."""
+    from mambavlm.llm import factory
+    from mambavlm.ops import dispatch
+
+    llm = MambaForCausalLM(MambaConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, state_size=4))
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(dispatch, "kernels_available", lambda: {"mamba_ssm": True, "causal_conv1d": False})
+    with pytest.raises(RuntimeError, match="needs causal_conv1d too"):
+        factory.check_mamba_training_kernels(llm, cuda)
+    factory.check_mamba_training_kernels(llm, torch.device("cpu"))  # the PyTorch path needs neither
+    monkeypatch.setattr(dispatch, "kernels_available", lambda: {"mamba_ssm": True, "causal_conv1d": True})
+    factory.check_mamba_training_kernels(llm, cuda)

@@ -342,3 +342,15 @@ def test_causal_conv1d_kernels_match_torch(monkeypatch):
         relative_close(y, ref_y, 1e-5, f"update at {t}")
         torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
     relative_close(y, ref_out[..., 1009], 1e-5, "update vs full conv")
+
+
+def test_conv_kernel_layout_copies_only_what_the_kernel_rejects() -> None:
+    from mambavlm.ops.causal_conv1d import _kernel_layout
+
+    contiguous = torch.randn(2, 6, 5)
+    assert _kernel_layout(contiguous) is contiguous
+    aligned = torch.randn(2, 5, 16).transpose(1, 2)  # channel-last, strides 80 and 16
+    assert _kernel_layout(aligned) is aligned
+    odd = torch.randn(2, 5, 196)[..., :6].transpose(1, 2)  # channel-last slice, sequence stride 196
+    fixed = _kernel_layout(odd)
+    assert fixed.stride(2) == 1 and torch.equal(fixed, odd)

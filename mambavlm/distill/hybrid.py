@@ -199,21 +199,29 @@ class Mamba2AttentionAdapter(nn.Module):
                 )
             state = cache.mamba_state(self.layer_idx, batch, hidden_states.device, hidden_states.dtype)
         real = None if mamba_padding_mask is None else mamba_padding_mask[:, -length:].bool()
-        if real is None or not bool((real[:, 1:] & ~real[:, :-1]).any()):
-            out = self.mixer(hidden_states, state)
-        else:
-            out = hidden_states.new_zeros(hidden_states.shape)
-            for row in range(batch):
-                keep = real[row]
-                if not keep.any():
-                    continue
-                row_state = None
-                if state is not None:
-                    row_state = Mamba2LayerCache(state.conv_state[row : row + 1], state.ssm_state[row : row + 1])
-                out[row, keep] = self.mixer(hidden_states[row : row + 1, keep], row_state)[0]
+        out = self.mix(hidden_states, real, state)
         if cache is not None:
             cache.advance(self.layer_idx, length)
         return out, None
+
+    def mix(self, hidden_states: Tensor, real: Tensor | None, state: Mamba2LayerCache | None) -> Tensor:
+        """hidden_states (B, L, D), real (B, L) bool or None (all real) -> (B, L, D).
+
+        Continues from, and updates, ``state`` when given. Rows where a pad precedes a real token
+        run one by one on their real tokens; their pad positions output 0.
+        """
+        if real is None or not bool((real[:, 1:] & ~real[:, :-1]).any()):
+            return self.mixer(hidden_states, state)
+        out = hidden_states.new_zeros(hidden_states.shape)
+        for row in range(hidden_states.shape[0]):
+            keep = real[row]
+            if not keep.any():
+                continue
+            row_state = None
+            if state is not None:
+                row_state = Mamba2LayerCache(state.conv_state[row : row + 1], state.ssm_state[row : row + 1])
+            out[row, keep] = self.mixer(hidden_states[row : row + 1, keep], row_state)[0]
+        return out
 
 
 class HybridLlamaForCausalLM(LlamaForCausalLM):

@@ -1,135 +1,117 @@
-"""Static-state decoding for transformers' Mamba and Mamba-2 causal LMs, with CUDA graphs on CUDA.
+"""The static decoding loop shared by every fast-path decoder: prefill, CUDA-graph step, choose, stop.
 
-``StaticStateDecoder(model)`` allocates one conv + SSM state per layer for a batch, fills it with
-one pass over the prompt's ``inputs_embeds`` (visual tokens included), and then advances all
-layers one token at a time in place. On CUDA that one-token step is captured into a CUDA graph
-once per batch size and replayed per token; on the CPU the same step runs eagerly on the same
-state, so both devices produce the same tokens as HF ``generate``.
-
-The layers use the model's own weights and modules (in_proj, conv1d, x_proj, dt_proj, out_proj,
-Mamba-2's gated norm, lm_head); the RMSNorms are computed with ``F.rms_norm`` (same formula, fewer
-kernels per token) and the residual stream is float32 when ``config.residual_in_fp32``.
+A ``StaticDecoder`` owns buffers allocated once per (batch size, cache capacity, parameter storage):
+the prefill writes the prompt's state into them, and each step advances them by one token in place.
+On CUDA that one-token step is captured into a CUDA graph once per allocation and replayed per
+token; on the CPU the same step runs eagerly on the same buffers, so both devices produce the same
+tokens as HF ``generate``. Subclasses say what the state is and how the model's layers use it:
+``StaticStateDecoder`` (Mamba / Mamba-2 LMs) and ``HybridStaticDecoder`` (LLaMA and hybrids).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from typing import Any
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from transformers import Mamba2ForCausalLM, MambaForCausalLM, PreTrainedModel
+from torch import Tensor
+from transformers import PreTrainedModel
 
 from mambavlm.generation.cuda_graph import CudaGraphStep
-from mambavlm.generation.mamba1 import StatefulMambaMixer
-from mambavlm.generation.mamba2 import StatefulMamba2Mixer
 from mambavlm.generation.sampling import TokenChooser
 from mambavlm.generation.settings import GenerationSettings
-from mambavlm.generation.static_state import MixerState
 
-__all__ = ["EOS_CHECK_INTERVAL", "StaticStateDecoder", "supports_static_decoding"]
+__all__ = ["EOS_CHECK_INTERVAL", "StaticDecoder", "trim_after_eos"]
 
 EOS_CHECK_INTERVAL = 8
 """Tokens between the host's checks whether every row has finished (the loop's only sync)."""
 
-SUPPORTED_MODELS = (MambaForCausalLM, Mamba2ForCausalLM)
 
-
-def supports_static_decoding(model: PreTrainedModel) -> bool:
-    """Whether ``model`` is a causal LM that ``StaticStateDecoder`` runs (Mamba or Mamba-2)."""
-    return isinstance(model, SUPPORTED_MODELS)
-
-
-def rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
-    """transformers' Mamba RMSNorm, weight * (x / rms(x) in float32).to(x's dtype), in fewer kernels."""
-    normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
-    return norm.weight * normed.to(hidden.dtype)
-
-
-class StaticStateDecoder:
-    """Prefill + per-token step of a ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` on static state.
+class StaticDecoder(ABC):
+    """Prefill + per-token step of a causal LM on static buffers, CUDA-graph replay on CUDA.
 
     cuda_graph: capture the step into a CUDA graph (default: when the model is on CUDA). The
-    decoder keeps its state and graph between calls; they are rebuilt when the batch size changes
-    or the model's parameters move (``.to()``, loading into new tensors).
+    decoder keeps its buffers and graph between calls; they are rebuilt when the batch size or the
+    needed capacity changes, or the model's parameters move (``.to()``, loading into new tensors).
     """
 
+    supported_models: ClassVar[tuple[type[PreTrainedModel], ...]]
+
     def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None) -> None:
-        if not supports_static_decoding(model):
+        if not isinstance(model, self.supported_models):
             raise TypeError(
-                f"static-state decoding supports {[c.__name__ for c in SUPPORTED_MODELS]}, "
+                f"{type(self).__name__} supports {[c.__name__ for c in self.supported_models]}, "
                 f"got {type(model).__name__}"
             )
         self.model = model
-        backbone = model.backbone
-        stateful = StatefulMambaMixer if isinstance(model, MambaForCausalLM) else StatefulMamba2Mixer
-        self.mixers = [stateful(layer.mixer) for layer in backbone.layers]
         device = self.device
         if cuda_graph is None:
             cuda_graph = device.type == "cuda"
         if cuda_graph and device.type != "cuda":
             raise ValueError(f"cuda_graph=True needs the model on a CUDA device, it is on {device}")
         self.cuda_graph = cuda_graph
-        self._states: list[MixerState] = []
+        self.batch_size: int | None = None
+        """Batch size the buffers are allocated for (None before the first prefill)."""
+        self.capacity = 0
+        """Tokens (prompt + generated) the buffers hold; 0 for decoders whose state has no length."""
+        self._length = 0
         self._graph: CudaGraphStep | None = None
         self._prepared_for: tuple[Any, ...] | None = None
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> StaticStateDecoder:
+    def __deepcopy__(self, memo: dict[int, Any]) -> StaticDecoder:
         """A fresh decoder for a copy of the model (CUDA graphs cannot be copied; it captures anew)."""
-        return StaticStateDecoder(copy.deepcopy(self.model, memo), self.cuda_graph)
+        return type(self)(copy.deepcopy(self.model, memo), self.cuda_graph)
 
     @property
     def device(self) -> torch.device:
-        return self.model.lm_head.weight.device
+        return self.model.get_output_embeddings().weight.device
 
-    @property
-    def batch_size(self) -> int | None:
-        """Batch size the state is allocated for (None before the first prefill)."""
-        return self._states[0].conv.shape[0] if self._states else None
+    # ----------------------------------------------------------------- what subclasses provide
 
-    def _layout_key(self, batch: int) -> tuple[Any, ...]:
-        """What the state and graph depend on: batch size and every parameter's storage and dtype."""
-        return (batch, *((p.data_ptr(), p.dtype) for p in self.model.parameters()))
+    def capacity_for(self, needed: int) -> int:
+        """Capacity to allocate when ``needed`` tokens must fit (0: the state does not grow)."""
+        return 0
 
-    def _prepare(self, batch: int) -> None:
-        """Allocate the static state for ``batch`` (and capture the step) unless already done."""
-        key = self._layout_key(batch)
-        if key == self._prepared_for:
+    @abstractmethod
+    def _allocate(self, batch: int, capacity: int) -> None:
+        """Allocate the static buffers for ``batch`` rows and ``capacity`` tokens."""
+
+    @abstractmethod
+    def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
+        """Prompt (B, L, D) -> next-token logits (B, V) in float32; writes the buffers."""
+
+    @abstractmethod
+    def _step_eager(self, input_ids: Tensor) -> Tensor:
+        """input_ids (B,) -> logits (B, V) in float32; advances the buffers by one token."""
+
+    # ------------------------------------------------------------------------- the shared loop
+
+    def _prepare(self, batch: int, needed: int) -> None:
+        """Allocate the buffers (and capture the step) unless the current ones fit."""
+        params = tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
+        fits = self._prepared_for is not None and self._prepared_for == (batch, params)
+        capacity = self.capacity
+        if not fits or needed > capacity or self.capacity_for(needed) < capacity // 2:
+            capacity = self.capacity_for(needed)
+            fits = False
+        if fits:
             return
         self._graph = None
-        self._states = [mixer.allocate(batch) for mixer in self.mixers]
+        self._allocate(batch, capacity)
+        self.batch_size, self.capacity = batch, capacity
         if self.cuda_graph:
             self._graph = CudaGraphStep(self._step_eager, batch, self.device)
-        self._prepared_for = key
-
-    def _blocks(self, hidden: Tensor, mixer_fn: Callable[[int, Tensor], Tensor]) -> Tensor:
-        """The residual blocks: hidden -> norm -> mixer_fn(layer index, normed) -> + residual."""
-        residual_in_fp32 = self.model.config.residual_in_fp32
-        for index, layer in enumerate(self.model.backbone.layers):
-            residual = hidden
-            normed = rms_norm(layer.norm, hidden.to(layer.norm.weight.dtype))
-            if residual_in_fp32:
-                residual = residual.to(torch.float32)
-            hidden = residual + mixer_fn(index, normed)
-        return hidden
-
-    def _logits(self, hidden: Tensor) -> Tensor:
-        """Last hidden state (B, D) -> float32 logits (B, V), through the final norm and lm_head."""
-        hidden = rms_norm(self.model.backbone.norm_f, hidden)
-        return self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype)).float()
-
-    def _step_eager(self, input_ids: Tensor) -> Tensor:
-        hidden = self.model.backbone.embeddings(input_ids)
-        hidden = self._blocks(hidden, lambda i, x: self.mixers[i].step(x, self._states[i]))
-        return self._logits(hidden)
+        self._prepared_for = (batch, params)
 
     @torch.no_grad()
-    def prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def prefill(
+        self, inputs_embeds: Tensor, attention_mask: Tensor | None = None, max_new_tokens: int = 0
+    ) -> Tensor:
         """inputs_embeds (B, L, D), left-padded with attention_mask (B, L) -> next-token logits (B, V).
 
-        Runs the prompt through every layer once and writes each layer's conv and SSM state.
+        Runs the prompt through every layer once and writes each layer's state, with room for
+        ``max_new_tokens`` more tokens where the state grows (attention K/V).
         """
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[1] == 0:
             raise ValueError(f"inputs_embeds must be (B, L, D) with L >= 1, got {tuple(inputs_embeds.shape)}")
@@ -145,11 +127,9 @@ class StaticStateDecoder:
                 )
             if not bool(attention_mask[:, -1].all()):
                 raise ValueError("prompts must be left-padded: attention_mask[:, -1] has zeros")
-        self._prepare(inputs_embeds.shape[0])
-        hidden = self._blocks(
-            inputs_embeds, lambda i, x: self.mixers[i].prefill(x, attention_mask, self._states[i])
-        )
-        return self._logits(hidden[:, -1])
+        self._prepare(inputs_embeds.shape[0], inputs_embeds.shape[1] + max_new_tokens)
+        self._length = inputs_embeds.shape[1]
+        return self._prefill(inputs_embeds, attention_mask)
 
     @torch.no_grad()
     def step(self, input_ids: Tensor) -> Tensor:
@@ -161,6 +141,12 @@ class StaticStateDecoder:
             raise RuntimeError("call prefill before step")
         if input_ids.shape != (self.batch_size,):
             raise ValueError(f"input_ids must be ({self.batch_size},), got {tuple(input_ids.shape)}")
+        if self.capacity and self._length >= self.capacity:
+            raise ValueError(
+                f"the static cache holds {self.capacity} tokens and is full; prefill with a larger "
+                "max_new_tokens"
+            )
+        self._length += 1
         if self._graph is not None:
             return self._graph(input_ids)
         return self._step_eager(input_ids)
@@ -180,7 +166,7 @@ class StaticStateDecoder:
         an EOS id, and finished rows are padded, as HF does.
         """
         settings = GenerationSettings.from_generate_kwargs(generate_kwargs, self.model.generation_config)
-        logits = self.prefill(inputs_embeds, attention_mask)
+        logits = self.prefill(inputs_embeds, attention_mask, settings.max_new_tokens)
         return self.decode(logits, settings, generator)
 
     def decode(

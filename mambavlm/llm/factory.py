@@ -30,7 +30,15 @@ from mambavlm.llm.mamba_ssm_format import (
     read_mamba_ssm_config,
 )
 
-__all__ = ["LLM_FAMILIES", "TORCH_DTYPES", "LLMBuildError", "build_llm", "family_classes", "llm_hidden_size"]
+__all__ = [
+    "LLM_FAMILIES",
+    "TORCH_DTYPES",
+    "LLMBuildError",
+    "build_llm",
+    "check_mamba_training_kernels",
+    "family_classes",
+    "llm_hidden_size",
+]
 
 LLM_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "mamba": (MambaConfig, MambaForCausalLM),
@@ -51,6 +59,26 @@ def family_classes(family: str) -> tuple[type[PreTrainedConfig], type[PreTrained
 
         return HybridLlamaConfig, HybridLlamaForCausalLM
     return LLM_FAMILIES[family]
+
+
+def check_mamba_training_kernels(llm: torch.nn.Module, device: torch.device) -> None:
+    """Fail before training when a Mamba-1 LLM on CUDA would hit mamba_ssm without causal_conv1d.
+
+    transformers trains ``MambaForCausalLM`` through mamba_ssm's fused ``mamba_inner_fn`` whenever
+    mamba_ssm imports, and that op calls the causal_conv1d kernel, asserting deep inside the first
+    step when it is missing. Install both (``pip install -e ".[cuda]"``) or neither.
+    """
+    from mambavlm.ops.dispatch import kernels_available
+
+    if device.type != "cuda" or not isinstance(llm, MambaForCausalLM):
+        return
+    available = kernels_available()
+    if available["mamba_ssm"] and not available["causal_conv1d"]:
+        raise RuntimeError(
+            "training a Mamba LLM on CUDA with mamba_ssm installed needs causal_conv1d too "
+            "(transformers' fused Mamba training op calls it): pip install causal-conv1d, "
+            "or uninstall mamba-ssm to train on the PyTorch path"
+        )
 
 
 TORCH_DTYPES: dict[str, torch.dtype] = {

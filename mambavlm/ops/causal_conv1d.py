@@ -35,6 +35,16 @@ def _kernel_supports(x: Tensor, weight: Tensor) -> bool:
     return x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES and weight.shape[1] in _KERNEL_WIDTHS
 
 
+def _kernel_layout(x: Tensor) -> Tensor:
+    """x (B, D, L) in a layout the kernel accepts: sequence-contiguous, or channel-last with batch and
+    sequence strides that are multiples of 8 (else a contiguous copy)."""
+    if x.stride(2) == 1:
+        return x
+    if x.stride(1) == 1 and x.stride(0) % 8 == 0 and x.stride(2) % 8 == 0:
+        return x
+    return x.contiguous()
+
+
 def _activate(y: Tensor, activation: str | None) -> Tensor:
     """SiLU for ``"silu"``, identity for None."""
     return F.silu(y) if activation == "silu" else y
@@ -53,7 +63,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None = None, activat
     if use_kernels(x, "causal_conv1d") and _kernel_supports(x, weight):
         from causal_conv1d import causal_conv1d_fn
 
-        return causal_conv1d_fn(x, weight, bias, activation=activation)
+        return causal_conv1d_fn(_kernel_layout(x), weight, bias, activation=activation)
     dim, width = weight.shape
     y = F.conv1d(x.to(weight.dtype), weight.unsqueeze(1), bias, padding=width - 1, groups=dim)
     return _activate(y[..., : x.shape[-1]], activation).to(x.dtype)

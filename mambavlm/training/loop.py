@@ -39,6 +39,7 @@ from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset, SkippedSample
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.io import atomic_file
+from mambavlm.llm.factory import check_mamba_training_kernels
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training.checkpoint import (
     load_checkpoint,
@@ -106,6 +107,7 @@ class Trainer:
         train_json, val_json, image_root = prepare_data(self.config.data, self.output_dir, self.accelerator)
         set_seed(cfg.seed)
         model = build_model(cfg.model)
+        check_mamba_training_kernels(model.llm, acc.device)
         apply_freeze_policy(model, cfg.train.freeze)
         if cfg.train.gradient_checkpointing:
             model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -1,0 +1,160 @@
+"""Static-cache decoding for LLaMA teachers and Mamba-2 / attention hybrids (any layout, linear too).
+
+``HybridStaticDecoder(model)`` takes a transformers ``LlamaForCausalLM`` (every layer attention: the
+teacher) or a ``HybridLlamaForCausalLM`` and allocates, per batch and capacity T (prompt + new tokens,
+rounded up to ``CAPACITY_MULTIPLE``):
+
+- per attention layer, K and V buffers (B, H_kv, T, D_head), as transformers' ``StaticCache``;
+- per Mamba-2 layer, a ``Mamba2LayerCache`` (conv + SSM state, the activations' dtype, as ``HybridCache``);
+- which key columns hold a real token (B, T), the next column to write and each row's next position.
+
+The prefill writes the prompt into them (flash SDPA, causal, when no row is padded); each step writes
+one K/V column per attention layer and attends over the whole buffer with the column mask, so its
+shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). For a single
+query, the H query heads are viewed as (H_kv, H / H_kv) rows per K/V head, so grouped-query
+attention reads each K/V head once and needs no ``repeat_kv``. The layers use the model's own
+modules (norms, projections, rotary embedding, MLP, Mamba-2 mixers, lm_head): the tokens are those
+of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from mambavlm.distill.hybrid import Mamba2AttentionAdapter
+from mambavlm.distill.mamba2_mixer import Mamba2LayerCache
+from mambavlm.generation.decoder import StaticDecoder
+
+__all__ = ["CAPACITY_MULTIPLE", "HybridStaticDecoder"]
+
+CAPACITY_MULTIPLE = 256
+"""The K/V buffers' length is a multiple of this (aligned for the attention kernels, reused across
+calls of similar length)."""
+
+
+class HybridStaticDecoder(StaticDecoder):
+    """Prefill + per-token step of a LLaMA or LLaMA/Mamba-2 hybrid on a static KV + SSM cache."""
+
+    supported_models = (LlamaForCausalLM,)
+
+    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None) -> None:
+        super().__init__(model, cuda_graph)
+        config = model.config
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
+        self.layers = list(model.model.layers)
+        self.adapters = {
+            i: layer.self_attn for i, layer in enumerate(self.layers) if isinstance(layer.self_attn, Mamba2AttentionAdapter)
+        }
+        self.attention_layers = [i for i in range(len(self.layers)) if i not in self.adapters]
+        self._kv: dict[int, tuple[Tensor, Tensor]] = {}
+        self._ssm: dict[int, Mamba2LayerCache] = {}
+        self._key_valid = self._write_index = self._positions = torch.empty(0)
+
+    def capacity_for(self, needed: int) -> int:
+        if not self.attention_layers:
+            return 0
+        return -(-needed // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
+
+    def _allocate(self, batch: int, capacity: int) -> None:
+        weight = self.model.get_input_embeddings().weight
+        device, dtype = weight.device, weight.dtype
+        self._kv = {}
+        for i in self.attention_layers:
+            shape = (batch, self.num_kv_heads, capacity, self.layers[i].self_attn.head_dim)
+            self._kv[i] = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        self._ssm = {
+            i: Mamba2LayerCache.zeros(batch, adapter.mixer.config, device=device, dtype=dtype)
+            for i, adapter in self.adapters.items()
+        }
+        self._key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self._write_index = torch.zeros(1, dtype=torch.long, device=device)
+        self._positions = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def _layer(self, index: int, hidden: Tensor, mix: Tensor) -> Tensor:
+        """The rest of decoder layer ``index`` after token mixing: residual, MLP, residual."""
+        layer = self.layers[index]
+        hidden = hidden + mix
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+
+    def _logits(self, hidden: Tensor) -> Tensor:
+        """Last hidden state (B, D) -> float32 logits (B, V)."""
+        return self.model.lm_head(self.model.model.norm(hidden)).float()
+
+    def _qkv(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x (B, L, D) -> rotated q (B, H, L, Dh), rotated k and v (B, H_kv, L, Dh)."""
+        shape = (*x.shape[:2], -1, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        return q, k, v
+
+    def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
+        batch, length, _ = inputs_embeds.shape
+        real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        if real is None:
+            positions = torch.arange(length, device=inputs_embeds.device).expand(batch, length)
+        else:
+            positions = (real.long().cumsum(-1) - 1).masked_fill(~real, 1)  # as HF generate
+        if self.attention_layers:
+            self._key_valid.zero_()
+            self._key_valid[:, :length] = True if real is None else real
+        self._write_index.fill_(length)
+        self._positions.copy_(positions[:, -1] + 1)
+        mask = None
+        if real is not None:
+            causal = torch.ones(length, length, dtype=torch.bool, device=real.device).tril()
+            # A pad query attends to itself too, so that no row of the mask is empty (no NaN).
+            mask = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=real.device)
+            mask = mask[:, None]
+        cos, sin = self.model.model.rotary_emb(inputs_embeds, positions)
+        hidden = inputs_embeds
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(hidden)
+            if i in self.adapters:
+                state = self._ssm[i]
+                state.conv_state.zero_()
+                state.ssm_state.zero_()
+                mix = self.adapters[i].mix(x, real, state)
+            else:
+                attn = layer.self_attn
+                q, k, v = self._qkv(attn, x, cos, sin)
+                keys, values = self._kv[i]
+                keys[:, :, :length] = k
+                values[:, :, :length] = v
+                out = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
+                )
+                mix = attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+            hidden = self._layer(i, hidden, mix)
+        return self._logits(hidden[:, -1])
+
+    def _step_eager(self, input_ids: Tensor) -> Tensor:
+        hidden = self.model.get_input_embeddings()(input_ids)[:, None]  # (B, 1, D)
+        batch = hidden.shape[0]
+        cos, sin = self.model.model.rotary_emb(hidden, self._positions[:, None])
+        if self.attention_layers:
+            self._key_valid.index_fill_(1, self._write_index, True)
+        mask = self._key_valid[:, None, None, :]
+        for i, layer in enumerate(self.layers):
+            x = layer.input_layernorm(hidden)
+            if i in self.adapters:
+                mix = self.adapters[i].mixer.step(x, self._ssm[i])
+            else:
+                attn = layer.self_attn
+                q, k, v = self._qkv(attn, x, cos, sin)
+                keys, values = self._kv[i]
+                keys.index_copy_(2, self._write_index, k)
+                values.index_copy_(2, self._write_index, v)
+                q = q.reshape(batch, self.num_kv_heads, -1, attn.head_dim)  # (B, H_kv, H / H_kv, Dh)
+                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+                mix = attn.o_proj(out.reshape(batch, 1, -1))
+            hidden = self._layer(i, hidden, mix)
+        self._write_index.add_(1)
+        self._positions.add_(1)
+        return self._logits(hidden[:, 0])
