@@ -403,3 +403,18 @@ def test_cuda_graph_tokens_equal_eager_and_hf(family: str, dtype: torch.dtype, o
     hf_logits = torch.stack(hf.scores, 1)
     tol = 1e-3 if dtype == torch.float32 else 0.02 * float(hf_logits.abs().max())
     assert_same_up_to_near_tie(graph_tokens, hf.sequences, hf_logits, tol)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_LMS))
+def test_state_and_graph_are_kept_across_generations_of_one_batch_size(family: str) -> None:
+    """A second prompt of the same batch size reuses the state buffers (and on CUDA the captured
+    graph); another batch size re-allocates."""
+    model = TINY_LMS[family]()
+    decoder = StaticStateDecoder(model)
+    embeds, mask = left_padded_prompt(model)
+    decoder.generate(embeds, mask, max_new_tokens=3, eos_token_id=None)
+    conv, prepared = decoder._states[0].conv, decoder._prepared_for
+    decoder.generate(embeds[:, 4:], mask[:, 4:], max_new_tokens=7, eos_token_id=None)
+    assert decoder._states[0].conv is conv and decoder._prepared_for is prepared
+    decoder.generate(embeds[:1], mask[:1], max_new_tokens=3, eos_token_id=None)
+    assert decoder._states[0].conv is not conv and decoder.batch_size == 1

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from transformers import LlamaForCausalLM
 
-from mambavlm.distill.hybrid import convert_llama, convert_vlm
+from mambavlm.distill.hybrid import convert_llama, convert_vlm, mamba_mixers
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
 from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE
 from test_hybrid import TINY_LLAMA, perturb_mixers, tiny_llama, tiny_llama_vlm
@@ -165,3 +165,20 @@ def test_cuda_graph_tokens_equal_eager_and_hf(layout: str, dtype: torch.dtype) -
     for reference, logits in ((eager_tokens, eager_logits), (hf.sequences[:, ids.shape[1] :], hf_logits)):
         tol = 1e-3 if dtype == torch.float32 else 0.02 * float(logits.abs().max())
         assert_same_up_to_near_tie(graph_tokens, reference, logits, tol)
+
+
+def test_weights_changed_in_place_reach_the_next_generation() -> None:
+    """The mixers' constants (A, dt_bias, D, norm weight) are refreshed by every prefill."""
+    model = model_for("head-interleaved:4")
+    decoder = HybridStaticDecoder(model)
+    ids, mask = left_padded((9, 5))
+    embeds = model.get_input_embeddings()(ids).detach()
+    with torch.no_grad():
+        before = decoder.generate(embeds, mask, max_new_tokens=10, eos_token_id=None)
+        for mixer in mamba_mixers(model).values():
+            mixer.A_log.sub_(1.5)
+            mixer.dt_bias.add_(1.0)
+            mixer.norm_weight.mul_(3.0)
+        after = decoder.generate(embeds, mask, max_new_tokens=10, eos_token_id=None)
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, hf_tokens(model, ids, mask, 10))

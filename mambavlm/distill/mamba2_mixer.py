@@ -25,9 +25,10 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from mambavlm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
+from mambavlm.ops.dispatch import use_kernels
 from mambavlm.ops.ssd import ssd_scan, ssd_step
 
-__all__ = ["Mamba2LayerCache", "Mamba2Mixer", "Mamba2MixerConfig", "inverse_softplus"]
+__all__ = ["Mamba2Constants", "Mamba2LayerCache", "Mamba2Mixer", "Mamba2MixerConfig", "inverse_softplus"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,27 @@ class Mamba2MixerConfig:
     def conv_channels(self) -> int:
         """Channels of the conv over concat(x, B, C): H * P + 2 * H * N."""
         return self.inner_size + 2 * self.num_heads * self.d_state
+
+
+@dataclass
+class Mamba2Constants:
+    """What a Mamba2Mixer derives from its weights for every token, computed once per generation.
+
+    A = -exp(A_log) (H,), dt_bias (H,), D (H,) or None, and the gate norm's weight repeated per head
+    (H * P,) or None, all float32.
+    """
+
+    A: Tensor
+    dt_bias: Tensor
+    D: Tensor | None
+    norm_weight: Tensor | None
+
+    def copy_(self, other: Mamba2Constants) -> None:
+        """Overwrite these tensors in place with ``other``'s (a CUDA graph keeps reading these)."""
+        for name in ("A", "dt_bias", "D", "norm_weight"):
+            mine = getattr(self, name)
+            if mine is not None:
+                mine.copy_(getattr(other, name))
 
 
 @dataclass
@@ -195,30 +217,56 @@ class Mamba2Mixer(nn.Module):
             C.unflatten(-1, (cfg.num_heads, cfg.d_state)),
         )
 
-    def _scan_inputs(self, u: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(x to scan, dt, A) for ssd_scan/ssd_step, whose update is exp(dt A) S + dt x B^T.
+    def constants(self) -> Mamba2Constants:
+        """The per-token constants of the current weights (see ``Mamba2Constants``)."""
+        cfg = self.config
+        norm_weight = None
+        if self.norm_weight is not None:
+            norm_weight = self.norm_weight.float().repeat(cfg.num_heads)
+        return Mamba2Constants(
+            A=-torch.exp(self.A_log.float()),
+            dt_bias=self.dt_bias.float(),
+            D=None if self.D is None else self.D.float(),
+            norm_weight=norm_weight,
+        )
+
+    def _scan_inputs(self, u: Tensor, x: Tensor, consts: Mamba2Constants) -> tuple[Tensor, Tensor]:
+        """(x to scan, dt) for ssd_scan/ssd_step with A = consts.A; their update is exp(dt A) S + dt x B^T.
 
         dt = softplus(u W_gamma + dt_bias) and A = -exp(a) give the decay exp(dt A) = gamma. Without
         ``dt_scales_input`` (mmMamba: S_t = gamma_t S_{t-1} + x_t B_t^T) x / dt is scanned, so that the
         scan's dt * (x / dt) puts x in unscaled while the decay stays gamma; there dt is floored at
         1e-6 (gamma within 1e-6 * exp(a) of 1) to keep x / dt finite. u (..., hidden), x (..., H, P).
         """
-        dt = F.softplus(self.dt_proj(u).float() + self.dt_bias.float())
-        A = -torch.exp(self.A_log.float())
+        dt = F.softplus(self.dt_proj(u).float() + consts.dt_bias)
         if self.config.dt_scales_input:
-            return x, dt, A
+            return x, dt
         dt = dt.clamp_min(_UNSCALED_MIN_DT)
-        return (x / dt[..., None]).to(x.dtype), dt, A
+        return (x / dt[..., None]).to(x.dtype), dt
 
-    def _output(self, y: Tensor, x: Tensor, u: Tensor) -> Tensor:
-        """D skip, gated RMSNorm and out_proj: y, x (..., H, P), u (..., hidden) -> (..., hidden)."""
-        if self.D is not None:
-            y = y + x * self.D.to(x.dtype)[:, None]
+    def _output(self, y: Tensor, x: Tensor, u: Tensor, consts: Mamba2Constants) -> Tensor:
+        """D skip, gated RMSNorm and out_proj: y, x (..., H, P), u (..., hidden) -> (..., hidden).
+
+        The gate is RMSNorm(y) per head * SiLU(u W_G), in float32; on CUDA with mamba_ssm installed
+        it is mamba_ssm's fused gated-RMSNorm kernel (the same formula, one kernel).
+        """
+        if consts.D is not None:
+            y = (y + x * consts.D[:, None]).to(y.dtype)
+        y = rearrange(y, "... h p -> ... (h p)")
         if self.gate_proj is not None:
-            gate = self.gate_proj(u).unflatten(-1, (self.config.num_heads, self.config.head_dim))
-            normed = F.rms_norm(y.float(), (self.config.head_dim,), self.norm_weight.float(), self.config.rms_eps)
-            y = normed * F.silu(gate.float())
-        return self.out_proj(rearrange(y, "... h p -> ... (h p)").to(self.out_proj.weight.dtype))
+            gate = self.gate_proj(u)
+            if use_kernels(y, "mamba_ssm"):
+                from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn
+
+                y = rmsnorm_fn(
+                    y, consts.norm_weight, None, z=gate, eps=self.config.rms_eps,
+                    group_size=self.config.head_dim, norm_before_gate=True,
+                )
+            else:
+                heads = (self.config.num_heads, self.config.head_dim)
+                normed = F.rms_norm(y.float().unflatten(-1, heads), (self.config.head_dim,), eps=self.config.rms_eps)
+                y = normed.flatten(-2) * consts.norm_weight * F.silu(gate.float())
+        return self.out_proj(y.to(self.out_proj.weight.dtype))
 
     def _check_input(self, hidden_states: Tensor) -> None:
         if hidden_states.dim() != 3 or hidden_states.shape[-1] != self.config.hidden_size:
@@ -236,6 +284,7 @@ class Mamba2Mixer(nn.Module):
         length = hidden_states.shape[1]
         if cache is not None and length == 1:
             return self.step(hidden_states, cache)
+        consts = self.constants()
         xbc = self._project_xbc(hidden_states)
         if self.conv1d is not None:
             xbc_t = xbc.transpose(1, 2)
@@ -247,7 +296,8 @@ class Mamba2Mixer(nn.Module):
             xbc = causal_conv1d(xbc_t, weight, self.conv1d.bias, self.config.conv_activation)[..., -length:]
             xbc = xbc.transpose(1, 2)
         x, B, C = self._split_xbc(xbc)
-        x_scan, dt, A = self._scan_inputs(hidden_states, x)
+        x_scan, dt = self._scan_inputs(hidden_states, x, consts)
+        A = consts.A
         if cache is None:
             y = ssd_scan(x_scan, dt, A, B, C, chunk_size=self.config.chunk_size)
         else:
@@ -262,10 +312,16 @@ class Mamba2Mixer(nn.Module):
                 chunk_size=self.config.chunk_size,
             )
             cache.ssm_state.copy_(final_state)
-        return self._output(y, x, hidden_states)
+        return self._output(y, x, hidden_states, consts)
 
-    def step(self, hidden_states: Tensor, cache: Mamba2LayerCache) -> Tensor:
-        """Decode one token: hidden_states (B, 1, hidden) -> (B, 1, hidden); the cache advances in place."""
+    def step(
+        self, hidden_states: Tensor, cache: Mamba2LayerCache, consts: Mamba2Constants | None = None
+    ) -> Tensor:
+        """Decode one token: hidden_states (B, 1, hidden) -> (B, 1, hidden); the cache advances in place.
+
+        ``consts``: ``self.constants()`` computed once for many steps (a static decoder keeps them);
+        computed here when None.
+        """
         self._check_input(hidden_states)
         if hidden_states.shape[1] != 1:
             raise ValueError(f"step takes one token, got hidden_states of length {hidden_states.shape[1]}")
@@ -275,6 +331,7 @@ class Mamba2Mixer(nn.Module):
             weight = self.conv1d.weight.squeeze(1)
             xbc = causal_conv1d_update(xbc, cache.conv_state, weight, self.conv1d.bias, self.config.conv_activation)
         x, B, C = self._split_xbc(xbc)
-        x_scan, dt, A = self._scan_inputs(u, x)
-        y = ssd_step(cache.ssm_state, x_scan, dt, A, B, C)
-        return self._output(y, x, u).unsqueeze(1)
+        consts = self.constants() if consts is None else consts
+        x_scan, dt = self._scan_inputs(u, x, consts)
+        y = ssd_step(cache.ssm_state, x_scan, dt, consts.A, B, C)
+        return self._output(y, x, u, consts).unsqueeze(1)

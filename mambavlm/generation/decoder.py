@@ -90,13 +90,11 @@ class StaticDecoder(ABC):
     def _prepare(self, batch: int, needed: int) -> None:
         """Allocate the buffers (and capture the step) unless the current ones fit."""
         params = tuple((p.data_ptr(), p.dtype) for p in self.model.parameters())
-        fits = self._prepared_for is not None and self._prepared_for == (batch, params)
-        capacity = self.capacity
-        if not fits or needed > capacity or self.capacity_for(needed) < capacity // 2:
-            capacity = self.capacity_for(needed)
-            fits = False
-        if fits:
+        wanted = self.capacity_for(needed)
+        same = self._prepared_for is not None and self._prepared_for == (batch, params)
+        if same and wanted <= self.capacity and not wanted < self.capacity // 2:
             return
+        capacity = wanted
         self._graph = None
         self._allocate(batch, capacity)
         self.batch_size, self.capacity = batch, capacity

@@ -13,8 +13,9 @@ one K/V column per attention layer and attends over the whole buffer with the co
 shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). For a single
 query, the H query heads are viewed as (H_kv, H / H_kv) rows per K/V head, so grouped-query
 attention reads each K/V head once and needs no ``repeat_kv``. The layers use the model's own
-modules (norms, projections, rotary embedding, MLP, Mamba-2 mixers, lm_head): the tokens are those
-of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
+modules and weights (projections, rotary embedding, MLP, Mamba-2 mixers, lm_head; the RMSNorms by
+the same formula in fewer kernels, the mixers' weight-derived constants computed once per prefill):
+the tokens are those of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mambavlm.distill.hybrid import Mamba2AttentionAdapter
-from mambavlm.distill.mamba2_mixer import Mamba2LayerCache
+from mambavlm.distill.mamba2_mixer import Mamba2Constants, Mamba2LayerCache
 from mambavlm.generation.decoder import StaticDecoder
+from mambavlm.generation.norm import rms_norm
 
 __all__ = ["CAPACITY_MULTIPLE", "HybridStaticDecoder"]
 
@@ -53,6 +55,7 @@ class HybridStaticDecoder(StaticDecoder):
         self.attention_layers = [i for i in range(len(self.layers)) if i not in self.adapters]
         self._kv: dict[int, tuple[Tensor, Tensor]] = {}
         self._ssm: dict[int, Mamba2LayerCache] = {}
+        self._consts: dict[int, Mamba2Constants] = {}
         self._key_valid = self._write_index = self._positions = torch.empty(0)
 
     def capacity_for(self, needed: int) -> int:
@@ -71,19 +74,21 @@ class HybridStaticDecoder(StaticDecoder):
             i: Mamba2LayerCache.zeros(batch, adapter.mixer.config, device=device, dtype=dtype)
             for i, adapter in self.adapters.items()
         }
+        with torch.no_grad():
+            self._consts = {i: adapter.mixer.constants() for i, adapter in self.adapters.items()}
         self._key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self._write_index = torch.zeros(1, dtype=torch.long, device=device)
         self._positions = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def _layer(self, index: int, hidden: Tensor, mix: Tensor) -> Tensor:
+    def _layer(self, index: int, hidden: Tensor, mix: Tensor, fused: bool) -> Tensor:
         """The rest of decoder layer ``index`` after token mixing: residual, MLP, residual."""
         layer = self.layers[index]
         hidden = hidden + mix
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        return hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden, fused))
 
-    def _logits(self, hidden: Tensor) -> Tensor:
+    def _logits(self, hidden: Tensor, fused: bool) -> Tensor:
         """Last hidden state (B, D) -> float32 logits (B, V)."""
-        return self.model.lm_head(self.model.model.norm(hidden)).float()
+        return self.model.lm_head(rms_norm(self.model.model.norm, hidden, fused)).float()
 
     def _qkv(self, attn: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x (B, L, D) -> rotated q (B, H, L, Dh), rotated k and v (B, H_kv, L, Dh)."""
@@ -115,8 +120,9 @@ class HybridStaticDecoder(StaticDecoder):
         cos, sin = self.model.model.rotary_emb(inputs_embeds, positions)
         hidden = inputs_embeds
         for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(hidden)
+            x = rms_norm(layer.input_layernorm, hidden)
             if i in self.adapters:
+                self._consts[i].copy_(self.adapters[i].mixer.constants())
                 state = self._ssm[i]
                 state.conv_state.zero_()
                 state.ssm_state.zero_()
@@ -131,8 +137,8 @@ class HybridStaticDecoder(StaticDecoder):
                     q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
                 )
                 mix = attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            hidden = self._layer(i, hidden, mix)
-        return self._logits(hidden[:, -1])
+            hidden = self._layer(i, hidden, mix, fused=False)
+        return self._logits(hidden[:, -1], fused=False)
 
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)[:, None]  # (B, 1, D)
@@ -142,9 +148,9 @@ class HybridStaticDecoder(StaticDecoder):
             self._key_valid.index_fill_(1, self._write_index, True)
         mask = self._key_valid[:, None, None, :]
         for i, layer in enumerate(self.layers):
-            x = layer.input_layernorm(hidden)
+            x = rms_norm(layer.input_layernorm, hidden, fused=True)
             if i in self.adapters:
-                mix = self.adapters[i].mixer.step(x, self._ssm[i])
+                mix = self.adapters[i].mixer.step(x, self._ssm[i], self._consts[i])
             else:
                 attn = layer.self_attn
                 q, k, v = self._qkv(attn, x, cos, sin)
@@ -154,7 +160,7 @@ class HybridStaticDecoder(StaticDecoder):
                 q = q.reshape(batch, self.num_kv_heads, -1, attn.head_dim)  # (B, H_kv, H / H_kv, Dh)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
                 mix = attn.o_proj(out.reshape(batch, 1, -1))
-            hidden = self._layer(i, hidden, mix)
+            hidden = self._layer(i, hidden, mix, fused=True)
         self._write_index.add_(1)
         self._positions.add_(1)
-        return self._logits(hidden[:, 0])
+        return self._logits(hidden[:, 0], fused=True)

@@ -14,22 +14,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import Mamba2ForCausalLM, MambaForCausalLM, PreTrainedModel
 
 from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.mamba1 import StatefulMambaMixer
 from mambavlm.generation.mamba2 import StatefulMamba2Mixer
+from mambavlm.generation.norm import rms_norm
 from mambavlm.generation.static_state import MixerState
 
 __all__ = ["StaticStateDecoder"]
-
-
-def rms_norm(norm: nn.Module, hidden: Tensor) -> Tensor:
-    """transformers' Mamba RMSNorm, weight * (x / rms(x) in float32).to(x's dtype), in fewer kernels."""
-    normed = F.rms_norm(hidden.float(), (hidden.shape[-1],), eps=norm.variance_epsilon)
-    return norm.weight * normed.to(hidden.dtype)
 
 
 class StaticStateDecoder(StaticDecoder):
@@ -46,12 +40,12 @@ class StaticStateDecoder(StaticDecoder):
     def _allocate(self, batch: int, capacity: int) -> None:
         self._states = [mixer.allocate(batch) for mixer in self.mixers]
 
-    def _blocks(self, hidden: Tensor, mixer_fn: Callable[[int, Tensor], Tensor]) -> Tensor:
+    def _blocks(self, hidden: Tensor, mixer_fn: Callable[[int, Tensor], Tensor], fused: bool = False) -> Tensor:
         """The residual blocks: hidden -> norm -> mixer_fn(layer index, normed) -> + residual."""
         residual_in_fp32 = self.model.config.residual_in_fp32
         for index, layer in enumerate(self.model.backbone.layers):
             residual = hidden
-            normed = rms_norm(layer.norm, hidden.to(layer.norm.weight.dtype))
+            normed = rms_norm(layer.norm, hidden.to(layer.norm.weight.dtype), fused)
             if residual_in_fp32:
                 residual = residual.to(torch.float32)
             hidden = residual + mixer_fn(index, normed)
@@ -64,7 +58,7 @@ class StaticStateDecoder(StaticDecoder):
 
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.backbone.embeddings(input_ids)
-        hidden = self._blocks(hidden, lambda i, x: self.mixers[i].step(x, self._states[i]))
+        hidden = self._blocks(hidden, lambda i, x: self.mixers[i].step(x, self._states[i]), fused=True)
         return self._logits(hidden)
 
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
