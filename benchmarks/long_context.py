@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> str:
     points: list[Point] = []
     for name, model in models.items():
         model.to(device)
+        measure(name, model, device, min(contexts), 2, 1)  # warm-up: kernel compilation, allocator
         for context in contexts:
             point = measure(name, model, device, context, steps, repeats)
             print(f"{name:>24} {context_label(context):>6}: {fmt(point.ms_per_token, '.2f')} ms/token", flush=True)
