@@ -30,7 +30,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.report import RESULTS_DIR, default_out, markdown_table, write_report
 from benchmarks.timing import benchmark_device, free_memory, peak_memory_gib, reset_peak_memory, synchronize
-from mambavlm.distill.hybrid import convert_llama
+from mambavlm.distill.convert import convert_llama
 from mambavlm.generation import HybridStaticDecoder
 
 TEACHER_SHAPES: dict[str, dict[str, int]] = {

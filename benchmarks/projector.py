@@ -68,7 +68,7 @@ def run(args: argparse.Namespace) -> str:
             ),
         }
         grids = [torch.randn(batch, h, w, c) for c in vision.out_dims]
-        seq_len = vision.num_tokens + args.text_tokens
+        seq_len = vision.num_visual_tokens + args.text_tokens
         embeds = torch.randn(batch, seq_len, hidden, dtype=llm.dtype, requires_grad=True)
         labels = torch.randint(0, llm.config.vocab_size, (batch, seq_len))
     use_autocast = device.type == "cuda"
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> str:
         return seconds / (seconds + llm_s)
 
     rows = [
-        [name, str(vision.num_tokens), f"{1e3 * seconds:.2f}", f"{100 * share(seconds):.2f} %"]
+        [name, str(vision.num_visual_tokens), f"{1e3 * seconds:.2f}", f"{100 * share(seconds):.2f} %"]
         for name, seconds in times.items()
     ]
     rows.append([llm_name, str(seq_len), f"{1e3 * llm_s:.2f}", "-"])
@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> str:
     )
     precision = "fp32 under bf16 autocast" if use_autocast else "fp32"
     setup = (
-        f"{config_path.name}, batch {batch}, {vision.num_maps} maps of {h}x{w} = {vision.num_tokens} visual "
+        f"{config_path.name}, batch {batch}, {vision.num_maps} maps of {h}x{w} = {vision.num_visual_tokens} visual "
         f"tokens, widths {vision.out_dims} -> {hidden}; projectors {precision}; forward + backward, "
         f"median of {repeats}"
     )

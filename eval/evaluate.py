@@ -20,7 +20,7 @@ import torch
 from mambavlm.io import atomic_file
 from mambavlm.model import CONFIG_FILE, MambaVLM
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
-from mambavlm.training.loop import FINAL_MODEL_DIR
+from mambavlm.training.finetune import FINAL_MODEL_DIR
 
 
 def resolve_model_dir(path: Path) -> Path:

@@ -63,7 +63,7 @@ class MambaVLM(nn.Module):
     @property
     def num_visual_tokens(self) -> int:
         """Visual tokens per image (M*h*w; 1458 for the paper's DINOv2 + SigLIP at 384 px)."""
-        return self.vision.num_tokens
+        return self.vision.num_visual_tokens
 
     @property
     def add_bos(self) -> bool:
@@ -328,13 +328,13 @@ def parameter_table(model: MambaVLM) -> list[dict[str, Any]]:
 
 
 def describe(model: MambaVLM) -> str:
-    """A human-readable parameter table plus the ``visual_tokens: N`` line."""
+    """A human-readable parameter table plus the ``num_visual_tokens: N`` line."""
     rows = parameter_table(model)
     total = sum(r["params"] for r in rows)
     lines = [f"{'part':<22}{'detail':<44}{'params':>16}{'trainable':>16}"]
     for r in rows:
         lines.append(f"{r['part']:<22}{r['detail']:<44}{r['params']:>16,}{r['trainable']:>16,}")
     lines.append(f"{'total':<66}{total:>16,}{sum(r['trainable'] for r in rows):>16,}")
-    lines.append(f"visual_tokens: {model.num_visual_tokens}")
+    lines.append(f"num_visual_tokens: {model.num_visual_tokens}")
     return "\n".join(lines)
 

@@ -97,7 +97,7 @@ def dataset(tmp_path) -> LlavaDataset:
         tokenizer=build_tiny_tokenizer(),
         template=get_template("plain"),
         image_transforms=[to_tensor_at(8), to_tensor_at(4)],
-        num_image_tokens=NUM_IMAGE_TOKENS,
+        num_visual_tokens=NUM_IMAGE_TOKENS,
         max_length=MAX_LENGTH,
         add_bos=True,
     )
@@ -193,7 +193,7 @@ def test_collator_pads_masks_and_stacks_images(dataset):
     batch_items = [items["good"], items["missing"], items["text"], items["long_answer"]]
     batch = VLMCollator(pad_token_id=0)(batch_items)
     assert batch["ids"] == ["good", "text", "long_answer"]
-    assert batch["skipped"] == [("missing", items["missing"].reason)]
+    assert batch["skipped"] == [items["missing"]] and items["missing"].kind == "image file not found"
     assert batch["num_truncated"] == 1
 
     kept = [items["good"], items["text"], items["long_answer"]]
@@ -227,7 +227,7 @@ def test_collator_text_only_and_all_skipped(dataset):
     assert text_only["pixel_values"] is None and text_only["input_ids"].shape[0] == 1
     empty = collate([items["missing"], items["corrupt"]])
     assert empty["input_ids"] is None
-    assert [sample_id for sample_id, _ in empty["skipped"]] == ["missing", "corrupt"]
+    assert [(s.id, s.kind) for s in empty["skipped"]] == [("missing", "image file not found"), ("corrupt", "unreadable image")]
 
 
 # --- Shapes-VQA -------------------------------------------------------------------------------

@@ -14,7 +14,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mambavlm.config import ConfigError
 from mambavlm.distill.config import DistillConfig, DistillStageConfig, load_distill_config
-from mambavlm.distill.hybrid import HybridLlamaForCausalLM, convert_llama, convert_vlm, mamba_mixers
+from mambavlm.distill.convert import convert_llama, convert_vlm
+from mambavlm.llm.hybrid import HybridLlamaForCausalLM, mamba_mixers
 from mambavlm.distill.stages import (
     LossWeights,
     distill_loss,
@@ -56,8 +57,8 @@ def mixer_names(layers: list[int], attributes: list[str]) -> set[str]:
     return {f"model.layers.{i}.self_attn.mixer.{a}" for i in layers for a in attributes}
 
 
-NEW = ["dt_proj.weight", "dt_bias", "A_log", "conv1d.weight", "conv1d.bias", "gate_proj.weight", "norm_weight"]
-XBC = ["x_proj.weight", "B_proj.weight", "C_proj.weight"]
+NEW = ["in_proj_dt.weight", "dt_bias", "A_log", "conv1d.weight", "conv1d.bias", "in_proj_z.weight", "norm.weight"]
+XBC = ["in_proj_x.weight", "in_proj_B.weight", "in_proj_C.weight"]
 
 
 def test_trainable_sets_per_stage() -> None:

@@ -28,6 +28,7 @@ from transformers import (
 from mambavlm.generation import GenerationSettings, StaticStateDecoder
 from mambavlm.generation.sampling import TokenChooser, sample_from_probs
 from mambavlm.ops.selective_state_update import selective_state_update
+from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV, kernels_available
 from mambavlm.ops.selective_scan import selective_scan_naive
@@ -73,7 +74,7 @@ def tiny_mamba(seed: int = 1) -> MambaForCausalLM:
     return strengthen_mixers(model)
 
 
-def tiny_mamba2(seed: int = 1) -> Mamba2ForCausalLM:
+def tiny_mamba2(seed: int = 1) -> SSDForCausalLM:
     """A 2-layer Mamba-2 LM: 8 heads of 16, 2 groups, d_state 16, chunks of 16 (the prompts span two;
     16 is the smallest size mamba_ssm's Triton SSD kernels take). in_proj's width (328) is a multiple of
     8, as causal_conv1d's kernel needs for the channel-last view transformers gives it."""
@@ -82,7 +83,7 @@ def tiny_mamba2(seed: int = 1) -> Mamba2ForCausalLM:
         hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=16, expand=2, num_heads=8, head_dim=16,
         n_groups=2, chunk_size=16, tie_word_embeddings=False,
     )
-    model = Mamba2ForCausalLM(config).eval()
+    model = SSDForCausalLM(config).eval()
     return strengthen_mixers(model)
 
 

@@ -9,16 +9,9 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from mambavlm.distill.hybrid import (
-    CACHE_ARG,
-    HybridCache,
-    HybridLlamaConfig,
-    HybridLlamaForCausalLM,
-    Mamba2AttentionAdapter,
-    convert_llama,
-    convert_vlm,
-    mamba_mixers,
-)
+from mambavlm.distill.convert import convert_llama, convert_vlm
+from mambavlm.llm.cache import CACHE_ARG, HybridCache
+from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM, Mamba2AttentionAdapter, mamba_mixers
 from mambavlm.model import MambaVLM, build_model
 
 TINY_LLAMA = {
@@ -64,7 +57,7 @@ def test_cached_greedy_equals_recompute(layout: str, mode: str) -> None:
     perturb_mixers(hybrid)
     prompt = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(3))
     steps = 8
-    cache = HybridCache(hybrid.config)
+    cache = hybrid.new_cache()
     cached = hybrid.generate(
         prompt, max_new_tokens=steps, do_sample=False, eos_token_id=None, pad_token_id=0, **{CACHE_ARG: cache}
     )
@@ -82,7 +75,7 @@ def test_step_by_step_logits_match_full_forward() -> None:
     ids = torch.randint(0, TINY_LLAMA["vocab_size"], (2, 11), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = hybrid(input_ids=ids, use_cache=False).logits
-        cache = HybridCache(hybrid.config)
+        cache = hybrid.new_cache()
         pieces = [hybrid(input_ids=ids[:, :6], **{CACHE_ARG: cache}, use_cache=True).logits]
         for t in range(6, 11):
             pieces.append(hybrid(input_ids=ids[:, t : t + 1], **{CACHE_ARG: cache}, use_cache=True).logits)

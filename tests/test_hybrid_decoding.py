@@ -8,7 +8,8 @@ import torch
 from torch import Tensor
 from transformers import LlamaForCausalLM
 
-from mambavlm.distill.hybrid import convert_llama, convert_vlm, mamba_mixers
+from mambavlm.distill.convert import convert_llama, convert_vlm
+from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
 from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE
 from test_hybrid import TINY_LLAMA, perturb_mixers, tiny_llama, tiny_llama_vlm
@@ -178,7 +179,7 @@ def test_weights_changed_in_place_reach_the_next_generation() -> None:
         for mixer in mamba_mixers(model).values():
             mixer.A_log.sub_(1.5)
             mixer.dt_bias.add_(1.0)
-            mixer.norm_weight.mul_(3.0)
+            mixer.norm.weight.mul_(3.0)
         after = decoder.generate(embeds, mask, max_new_tokens=10, eos_token_id=None)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, hf_tokens(model, ids, mask, 10))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import repeat_kv
 
-from mambavlm.distill.mamba2_mixer import Mamba2LayerCache, Mamba2Mixer, Mamba2MixerConfig
+from mambavlm.llm.mamba2 import Mamba2Mixer, Mamba2MixerConfig
 from mambavlm.distill.seeding import linear_attention_reference, seed_mamba2_from_attention
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM = 64, 4, 2, 16
@@ -74,7 +74,8 @@ def test_seeded_mixer_with_unit_decay_is_the_teachers_linear_attention(attention
     plain = Mamba2Mixer(dataclasses.replace(seeded.config, use_conv=False, use_gate=False))
     result = plain.load_state_dict(seeded.state_dict(), strict=False)
     assert result.missing_keys == []
-    assert set(result.unexpected_keys) == {"conv1d.weight", "conv1d.bias", "gate_proj.weight", "norm_weight"}
+    gate_bias = {"in_proj_z.bias"} if attention_bias else set()
+    assert set(result.unexpected_keys) == {"conv1d.weight", "conv1d.bias", "in_proj_z.weight", "norm.weight"} | gate_bias
     force_unit_decay(plain)
 
     u = torch.randn(2, 11, HIDDEN, generator=torch.Generator().manual_seed(1))
@@ -93,7 +94,7 @@ def test_seeded_mmmamba_conv_is_identity_and_gate_is_rmsnorm_silu() -> None:
     with torch.no_grad():
         heads = teacher_linear_attention_heads(attention, u)  # (B, L, H, P)
         normed = heads / torch.sqrt(heads.pow(2).mean(-1, keepdim=True) + mixer.config.rms_eps)
-        gate = (u @ mixer.gate_proj.weight.T).view(2, 9, HEADS, HEAD_DIM)
+        gate = (u @ mixer.in_proj_z.weight.T).view(2, 9, HEADS, HEAD_DIM)
         expected = attention.o_proj((normed * gate * torch.sigmoid(gate)).flatten(2))
         actual = mixer(u)
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
@@ -108,23 +109,23 @@ def test_mmmamba_init_values() -> None:
     # inherited: head h of x and B reads KV head h // 2; C and out_proj are the query / output weights
     for h in range(HEADS):
         rows, kv_rows = slice(h * HEAD_DIM, (h + 1) * HEAD_DIM), slice((h // 2) * HEAD_DIM, (h // 2 + 1) * HEAD_DIM)
-        assert torch.equal(mixer.x_proj.weight[rows], attention.v_proj.weight[kv_rows])
-        assert torch.equal(mixer.B_proj.weight[rows], attention.k_proj.weight[kv_rows])
-    assert torch.equal(mixer.C_proj.weight, attention.q_proj.weight)
+        assert torch.equal(mixer.in_proj_x.weight[rows], attention.v_proj.weight[kv_rows])
+        assert torch.equal(mixer.in_proj_B.weight[rows], attention.k_proj.weight[kv_rows])
+    assert torch.equal(mixer.in_proj_C.weight, attention.q_proj.weight)
     assert torch.equal(mixer.out_proj.weight, attention.o_proj.weight)
     # mimic: W_gamma = 0, a = 1, dt in [1e-3, 1e-1] so gamma = exp(-dt e) is close to 1
-    assert torch.count_nonzero(mixer.dt_proj.weight) == 0
+    assert torch.count_nonzero(mixer.in_proj_dt.weight) == 0
     assert torch.equal(mixer.A_log, torch.ones(HEADS))
     dt = F.softplus(mixer.dt_bias)
     assert dt.min() >= 1e-3 - 1e-7 and dt.max() <= 1e-1 + 1e-7
     assert torch.exp(-dt * math.e).min() > 0.7
-    identity = torch.zeros(cfg.conv_channels, 1, cfg.d_conv)
+    identity = torch.zeros(cfg.conv_dim, 1, cfg.d_conv)
     identity[:, 0, -1] = 1.0
     assert torch.equal(mixer.conv1d.weight, identity)
     assert torch.count_nonzero(mixer.conv1d.bias) == 0
     gate_bound = 2**-2.5 * math.sqrt(6 / (HIDDEN + HEADS * HEAD_DIM))
-    assert 0 < mixer.gate_proj.weight.abs().max() <= gate_bound
-    assert torch.equal(mixer.norm_weight, torch.ones(HEAD_DIM))
+    assert 0 < mixer.in_proj_z.weight.abs().max() <= gate_bound
+    assert torch.equal(mixer.norm.weight, torch.ones(HEADS * HEAD_DIM))
 
 
 def test_matvlm_init_copies_x_b_c_out_and_is_fresh_elsewhere() -> None:
@@ -135,9 +136,9 @@ def test_matvlm_init_copies_x_b_c_out_and_is_fresh_elsewhere() -> None:
     def repeated(weight: torch.Tensor) -> torch.Tensor:
         return weight.view(KV_HEADS, HEAD_DIM, HIDDEN).repeat_interleave(HEADS // KV_HEADS, 0).flatten(0, 1)
 
-    assert torch.equal(mixer.x_proj.weight, repeated(attention.v_proj.weight))
-    assert torch.equal(mixer.B_proj.weight, repeated(attention.k_proj.weight))
-    assert torch.equal(mixer.C_proj.weight, attention.q_proj.weight)
+    assert torch.equal(mixer.in_proj_x.weight, repeated(attention.v_proj.weight))
+    assert torch.equal(mixer.in_proj_B.weight, repeated(attention.k_proj.weight))
+    assert torch.equal(mixer.in_proj_C.weight, attention.q_proj.weight)
     assert torch.equal(mixer.out_proj.weight, attention.o_proj.weight)
     # fresh Mamba-2 (mamba_ssm defaults)
     A = torch.exp(mixer.A_log)
@@ -148,7 +149,7 @@ def test_matvlm_init_copies_x_b_c_out_and_is_fresh_elsewhere() -> None:
     conv_bound = 1 / math.sqrt(cfg.d_conv)
     assert mixer.conv1d.weight.abs().max() <= conv_bound and mixer.conv1d.weight[:, 0, :-1].abs().sum() > 0
     dt_bound = 1 / math.sqrt(HIDDEN)
-    assert 0 < mixer.dt_proj.weight.abs().max() <= dt_bound
+    assert 0 < mixer.in_proj_dt.weight.abs().max() <= dt_bound
 
 
 def test_seeding_is_reproducible_with_a_generator() -> None:
@@ -176,25 +177,29 @@ def test_prefill_then_decoding_equals_the_full_forward(mode: str) -> None:
     mixer = seed_mamba2_from_attention(tiny_llama_attention(), mode, torch.Generator().manual_seed(0))
     with torch.no_grad():
         mixer.conv1d.weight.normal_(std=0.3)  # a conv that mixes tokens, so its state matters
-        mixer.dt_proj.weight.normal_(std=0.1)  # data-dependent decay
+        mixer.in_proj_dt.weight.normal_(std=0.1)  # data-dependent decay
     assert mixer.config.use_conv and mixer.config.use_gate
     u = torch.randn(2, 15, HIDDEN, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         full = mixer(u)
-        cache = Mamba2LayerCache.zeros(2, mixer.config)
+        cache = mixer.allocate_state(2)
         pieces = [mixer(u[:, :6], cache), mixer(u[:, 6:8], cache)]  # prefill, then a 2-token continuation
-        pieces += [mixer.step(u[:, t : t + 1], cache) for t in range(8, 12)]
+        pieces += [mixer.step(u[:, t], cache)[:, None] for t in range(8, 12)]
         pieces += [mixer(u[:, t : t + 1], cache) for t in range(12, 15)]  # forward routes one token to step
     torch.testing.assert_close(torch.cat(pieces, dim=1), full, rtol=1e-5, atol=1e-5)
 
 
-def test_cache_zeros_shapes_follow_the_config() -> None:
-    config = Mamba2MixerConfig(hidden_size=8, num_heads=2, head_dim=3, d_state=5, d_conv=4)
-    cache = Mamba2LayerCache.zeros(3, config, dtype=torch.float64)
-    assert cache.conv_state.shape == (3, 2 * 3 + 2 * 2 * 5, 4) and cache.ssm_state.shape == (3, 2, 3, 5)
-    assert cache.ssm_state.dtype == torch.float64 and cache.conv_state.abs().sum() == 0
-    no_conv = Mamba2LayerCache.zeros(1, dataclasses.replace(config, use_conv=False))
-    assert no_conv.conv_state.shape == (1, 26, 0)
+def test_allocated_state_shapes_and_constants_follow_the_config() -> None:
+    config = Mamba2MixerConfig(hidden_size=8, num_heads=2, head_dim=3, d_state=5, d_conv=4, n_groups=2)
+    mixer = Mamba2Mixer(config, dtype=torch.float64)
+    state = mixer.allocate_state(3)
+    assert state.conv.shape == (3, 2 * 3 + 2 * 2 * 5, 4) and state.ssm.shape == (3, 2, 3, 5)
+    assert state.conv.dtype == torch.float64 and state.ssm.dtype == torch.float32
+    assert state.conv.abs().sum() == 0 and state.ssm.abs().sum() == 0
+    torch.testing.assert_close(state.A, -torch.exp(mixer.A_log.float()))
+    torch.testing.assert_close(state.D, mixer.D.float())
+    no_conv = Mamba2Mixer(dataclasses.replace(config, use_conv=False, use_D=False)).allocate_state(1)
+    assert no_conv.conv.shape == (1, 26, 0) and no_conv.D.abs().sum() == 0
 
 
 def test_bad_inputs_are_named() -> None:
@@ -223,7 +228,7 @@ def test_seeded_mixer_on_cuda_matches_cpu_and_decodes_consistently() -> None:
         expected = mixer(u)
         mixer.cuda()
         full = mixer(u.cuda())
-        cache = Mamba2LayerCache.zeros(2, mixer.config, device="cuda")
+        cache = mixer.allocate_state(2)
         pieces = [mixer(u[:, :140].cuda(), cache)] + [mixer(u[:, t : t + 1].cuda(), cache) for t in range(140, 150)]
     scale = expected.abs().max()
     assert (full.cpu() - expected).abs().max() / scale < 1e-2

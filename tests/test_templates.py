@@ -206,7 +206,7 @@ def test_build_tokenizer_pad_fallback(tmp_path, specials, pad):
 
 def test_tokenize_conversation_hand_worked(tiny, vocab):
     segments = get_template("plain").render(TWO_TURNS, eos_token="</s>")
-    input_ids, labels = tokenize_conversation(segments, tiny, num_image_tokens=3, add_bos=True)
+    input_ids, labels = tokenize_conversation(segments, tiny, num_visual_tokens=3, add_bos=True)
     v = vocab
     prompt1 = [
         v["<s>"],
@@ -243,14 +243,14 @@ def test_tokenize_conversation_hand_worked(tiny, vocab):
     assert IMAGE_TOKEN_INDEX == -200
 
     no_bos_ids, no_bos_labels = tokenize_conversation(
-        segments, tiny, num_image_tokens=3, add_bos=False
+        segments, tiny, num_visual_tokens=3, add_bos=False
     )
     assert no_bos_ids == input_ids[1:] and no_bos_labels == labels[1:]
 
 
 def test_tokenize_conversation_masks_image_inside_trainable_segment(tiny, vocab):
     ids, labels = tokenize_conversation(
-        [("red <image> blue", True)], tiny, num_image_tokens=2, add_bos=False
+        [("red <image> blue", True)], tiny, num_visual_tokens=2, add_bos=False
     )
     assert ids == [vocab["red"], -200, -200, vocab["blue"]]
     assert labels == [vocab["red"], -100, -100, vocab["blue"]]
@@ -259,13 +259,13 @@ def test_tokenize_conversation_masks_image_inside_trainable_segment(tiny, vocab)
 def test_tokenize_prompt_is_prefix_of_training_ids(tiny):
     template = get_template("vicuna_v1")
     segments = template.render(TWO_TURNS, eos_token=tiny.eos_token)
-    train_ids, _ = tokenize_conversation(segments, tiny, num_image_tokens=4, add_bos=True)
+    train_ids, _ = tokenize_conversation(segments, tiny, num_visual_tokens=4, add_bos=True)
     prompt = template.prompt(
         "how many objects are there ?", tiny.eos_token, history=[(TWO_TURNS[0]["value"], "red")]
     )
-    prompt_ids = tokenize_prompt(prompt, tiny, num_image_tokens=4, add_bos=True)
+    prompt_ids = tokenize_prompt(prompt, tiny, num_visual_tokens=4, add_bos=True)
     answer_ids = tiny("two</s>", add_special_tokens=False)["input_ids"]
     assert train_ids == prompt_ids + answer_ids
     assert prompt_ids.count(IMAGE_TOKEN_INDEX) == 4
-    with pytest.raises(ValueError, match="num_image_tokens"):
-        tokenize_prompt(prompt, tiny, num_image_tokens=0, add_bos=True)
+    with pytest.raises(ValueError, match="num_visual_tokens"):
+        tokenize_prompt(prompt, tiny, num_visual_tokens=0, add_bos=True)

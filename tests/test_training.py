@@ -24,7 +24,7 @@ from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training import (
     BlankImage,
-    Trainer,
+    run_finetune,
     apply_freeze_policy,
     build_scheduler,
     exact_match,
@@ -79,7 +79,7 @@ def micro_config(output_dir: Path, *overrides: str):
 def micro_run(tmp_path_factory) -> Path:
     """One uninterrupted 6-step run (checkpoints at steps 3 and 6), shared by several tests."""
     out = tmp_path_factory.mktemp("micro_run")
-    Trainer(micro_config(out)).run()
+    run_finetune(micro_config(out))
     return out
 
 
@@ -118,7 +118,7 @@ def test_config_rejects_batch_sizes_that_do_not_divide():
 def test_missing_data_file_is_a_clear_error(tmp_path):
     config = load_train_config(TINY_TRAIN, [f"output_dir={tmp_path}", f"data.train={tmp_path / 'nope.json'}"])
     with pytest.raises(FileNotFoundError, match=r"data\.train: file not found: .*nope\.json"):
-        Trainer(config).run()
+        run_finetune(config)
 
 
 # --- freezing and optimiser -----------------------------------------------------------------------
@@ -285,7 +285,7 @@ def test_short_run_learns_and_writes_its_outputs(micro_run):
     assert metrics["config"]["train"]["max_steps"] == 6
     assert [p.name for p in find_checkpoints(micro_run)] == ["checkpoint-3", "checkpoint-6"]
     state = json.loads((micro_run / "checkpoint-3" / TRAINER_STATE_FILE).read_text())
-    assert (state["step"], state["step_losses"]) == (3, losses[:3])
+    assert (state["step"], state["global_step"], state["phase_losses"]) == (3, 3, [losses[:3]])
     reloaded = MambaVLM.from_pretrained(micro_run / "final")
     assert reloaded.config == micro_config(micro_run).model
 
@@ -293,14 +293,14 @@ def test_short_run_learns_and_writes_its_outputs(micro_run):
 def test_resume_repeats_the_uninterrupted_losses(micro_run, tmp_path):
     """Resume from the step-3 checkpoint of the 6-step run: steps 4-6 must log the same losses."""
     config = micro_config(tmp_path, f"train.resume_from={micro_run / 'checkpoint-3'}")
-    Trainer(config).run()
+    run_finetune(config)
     resumed, uninterrupted = read_metrics(tmp_path)["step_losses"], read_metrics(micro_run)["step_losses"]
     assert resumed == uninterrupted  # bit-exact on CPU
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, monkeypatch):
     overrides = ["train.max_steps=3", "train.save_every=null", "data.synthetic.num_val=0"]
-    Trainer(micro_config(tmp_path / "plain", *overrides)).run()
+    run_finetune(micro_config(tmp_path / "plain", *overrides))
     calls = []
     checkpoint = transformers.modeling_utils.checkpoint
 
@@ -309,7 +309,7 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, monkeypatch):
         return checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted_checkpoint)
-    Trainer(micro_config(tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true")).run()
+    run_finetune(micro_config(tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true"))
     assert calls, "the LLM layers were not checkpointed"
     plain, recomputed = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ckpt")
     assert recomputed["step_losses"] == pytest.approx(plain["step_losses"], rel=1e-6)
@@ -326,7 +326,7 @@ def test_skipped_records_are_counted_not_fatal(tmp_path):
     config = micro_config(
         tmp_path / "run", f"data.train={train_json}", "train.max_steps=2", "train.save_every=null"
     )
-    Trainer(config).run()
+    run_finetune(config)
     metrics = read_metrics(tmp_path / "run")
     assert metrics["num_skipped"] == 3 and len(metrics["step_losses"]) == 2
     assert metrics["val_accuracy"] is None
@@ -343,7 +343,7 @@ def test_micro_batches_with_every_record_skipped_keep_training(tmp_path):
     config = micro_config(
         tmp_path / "run", f"data.train={train_json}", "train.max_steps=2", "train.save_every=null"
     )
-    Trainer(config).run()
+    run_finetune(config)
     metrics = read_metrics(tmp_path / "run")
     assert metrics["num_skipped"] == 15
     # the step holding the one good record has its loss; the other step had nothing to learn from
@@ -354,7 +354,7 @@ def test_two_processes_match_one_process(tmp_path):
     """Same global batch (8) on 1 process x 2 accumulation steps and on 2 processes x 1."""
     common = [*MICRO_RUN, "train.max_steps=3", "train.save_every=null", "data.synthetic.num_val=0"]
     one = tmp_path / "one"
-    Trainer(load_train_config(TINY_TRAIN, [f"output_dir={one}", *common])).run()
+    run_finetune(load_train_config(TINY_TRAIN, [f"output_dir={one}", *common]))
     two = tmp_path / "two"
     accelerate = Path(sys.executable).with_name("accelerate")
     # `accelerate launch --cpu` starts one process unless given an MPI hostfile; the torchrun launcher

@@ -105,7 +105,7 @@ def test_paper_visual_long_sequence_on_meta_device(fusion, tokens, dims):
     )
     with torch.device("meta"):
         vls = VisualLongSequence(cfg)
-    assert (vls.num_tokens, vls.out_dims, vls.grid_size) == (tokens, dims, (27, 27))
+    assert (vls.num_visual_tokens, vls.out_dims, vls.grid_size) == (tokens, dims, (27, 27))
 
 
 def test_timm_grid_matches_blocks_run_by_hand_and_local_weights_load(tmp_path):
@@ -310,7 +310,7 @@ def test_visual_long_sequence_resamples_to_the_target_grid(target, grid):
         own = [enc(p) for enc, p in zip(vls.encoders, pixels, strict=True)]
         grids = vls(pixels)
     assert vls.grid_size == grid and vls.num_maps == 2 and vls.out_dims == [32, 48]
-    assert vls.num_tokens == 2 * grid[0] * grid[1]
+    assert vls.num_visual_tokens == 2 * grid[0] * grid[1]
     assert [tuple(g.shape) for g in grids] == [(2, *grid, 32), (2, *grid, 48)]
     for own_grid, out in zip(own, grids, strict=True):
         size = own_grid.shape[1]
@@ -333,7 +333,7 @@ def test_visual_long_sequence_explicit_grid_and_channel_fusion():
     with torch.no_grad():
         (fused,) = channel(pixels)
         parts = sequence(pixels)
-    assert channel.out_dims == [80] and channel.num_maps == 1 and channel.num_tokens == 9
+    assert channel.out_dims == [80] and channel.num_maps == 1 and channel.num_visual_tokens == 9
     assert fused.shape == (1, 3, 3, 80)
     assert torch.equal(fused[..., :32], parts[0]) and torch.equal(fused[..., 32:], parts[1])
 

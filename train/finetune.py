@@ -11,7 +11,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from mambavlm.training import Trainer, load_train_config
+from mambavlm.training import load_train_config, run_finetune
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     config = load_train_config(args.config, args.overrides)
-    Trainer(config).run()
+    run_finetune(config)
 
 
 if __name__ == "__main__":

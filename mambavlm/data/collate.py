@@ -22,15 +22,15 @@ class VLMCollator:
     Returns ``input_ids`` (B, L) right-padded with ``pad_token_id``, ``attention_mask`` (B, L) long
     (1 = real token), ``labels`` (B, L) padded with -100, ``pixel_values`` = one tensor
     (N_img, 3, H_k, W_k) per vision encoder holding the images of the samples that have one, in batch
-    order (None when no sample has an image), ``ids`` (B,), ``skipped`` = [(id, reason), ...] for the
-    dropped :class:`SkippedSample` items and ``num_truncated``. When every item was skipped,
+    order (None when no sample has an image), ``ids`` (B,), ``skipped`` = the dropped
+    :class:`SkippedSample` items and ``num_truncated``. When every item was skipped,
     ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values`` are None.
     """
 
     pad_token_id: int
 
     def __call__(self, items: Sequence[dict[str, Any] | SkippedSample]) -> dict[str, Any]:
-        skipped = [(item.id, item.reason) for item in items if isinstance(item, SkippedSample)]
+        skipped = [item for item in items if isinstance(item, SkippedSample)]
         samples = [item for item in items if not isinstance(item, SkippedSample)]
         batch: dict[str, Any] = {
             "ids": [s["id"] for s in samples],

@@ -30,7 +30,7 @@ from mambavlm.llm.tokenizer import (
     tokenize_conversation,
 )
 
-__all__ = ["LlavaDataset", "SkippedSample", "load_records"]
+__all__ = ["SKIP_KINDS", "LlavaDataset", "SkippedSample", "load_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -39,9 +39,29 @@ IMAGE_LOAD_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.Decompres
 
 @dataclass(frozen=True)
 class SkippedSample:
-    """A record that could not become a sample, and why."""
+    """A record that could not become a sample: its id, why (``reason``, naming the file or limit) and
+    the kind of fault (``kind``, one of ``SKIP_KINDS``, what skip counts are kept by)."""
 
     id: str
+    reason: str
+    kind: str
+
+
+SKIP_KINDS = (
+    "malformed conversations",
+    "no assistant turn",
+    "image placeholders",
+    "truncation",
+    "bad image path",
+    "image file not found",
+    "unreadable image",
+)
+"""The kinds of bad record, as counted in ``metrics.json``."""
+
+
+@dataclass(frozen=True)
+class _Skip:
+    kind: str
     reason: str
 
 
@@ -79,12 +99,12 @@ class LlavaDataset(Dataset):
         tokenizer: PreTrainedTokenizerBase,
         template: ConversationTemplate,
         image_transforms: Sequence[Callable[[Image.Image], Tensor]],
-        num_image_tokens: int,
+        num_visual_tokens: int,
         max_length: int,
         add_bos: bool,
     ) -> None:
-        if num_image_tokens < 1:
-            raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+        if num_visual_tokens < 1:
+            raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}")
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         if not image_transforms:
@@ -96,7 +116,7 @@ class LlavaDataset(Dataset):
         self.tokenizer = tokenizer
         self.template = template
         self.image_transforms = list(image_transforms)
-        self.num_image_tokens = num_image_tokens
+        self.num_visual_tokens = num_visual_tokens
         self.max_length = max_length
         self.add_bos = add_bos
 
@@ -107,44 +127,46 @@ class LlavaDataset(Dataset):
         record = self.records[index]
         record_id = str(record.get("id", index))
         result = self._build(record)
-        if isinstance(result, str):
-            logger.warning("skipping record %s: %s", record_id, result)
-            return SkippedSample(record_id, result)
+        if isinstance(result, _Skip):
+            logger.warning("skipping record %s: %s", record_id, result.reason)
+            return SkippedSample(record_id, result.reason, result.kind)
         return {"id": record_id, **result}
 
-    def _build(self, record: dict) -> dict[str, Any] | str:
-        """The sample's fields, or the reason it must be skipped."""
+    def _build(self, record: dict) -> dict[str, Any] | _Skip:
+        """The sample's fields, or why it must be skipped."""
         turns = record.get("conversations")
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
-            return "malformed conversations: 'conversations' must be a list of turn dicts"
+            return _Skip("malformed conversations", "malformed conversations: 'conversations' must be a list of turn dicts")
         if not any(t.get("from") in ASSISTANT_ROLES for t in turns):
-            return "no assistant turn"
+            return _Skip("no assistant turn", "no assistant turn")
         has_image = "image" in record
         turns = _with_image_placeholder(turns) if has_image else turns
         num_placeholders = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in turns)
         if num_placeholders != int(has_image):
             kind = "an image record" if has_image else "a text-only record"
-            return f"{kind} holds {num_placeholders} {IMAGE_TOKEN} placeholders, expected {int(has_image)}"
+            return _Skip(
+                "image placeholders", f"{kind} holds {num_placeholders} {IMAGE_TOKEN} placeholders, expected {int(has_image)}"
+            )
         try:
             segments = self.template.render(turns, self.tokenizer.eos_token)
         except ValueError as err:
-            return f"malformed conversations: {err}"
+            return _Skip("malformed conversations", f"malformed conversations: {err}")
 
         input_ids, labels = tokenize_conversation(
-            segments, self.tokenizer, self.num_image_tokens, self.add_bos
+            segments, self.tokenizer, self.num_visual_tokens, self.add_bos
         )
         truncated = len(input_ids) > self.max_length
         if truncated:
             if IMAGE_TOKEN_INDEX in input_ids[self.max_length :]:
-                return f"truncation to max_length={self.max_length} would cut into the image tokens"
+                return _Skip("truncation", f"truncation to max_length={self.max_length} would cut into the image tokens")
             input_ids, labels = input_ids[: self.max_length], labels[: self.max_length]
             if all(label == IGNORE_INDEX for label in labels):
-                return f"truncation to max_length={self.max_length} leaves no answer tokens"
+                return _Skip("truncation", f"truncation to max_length={self.max_length} leaves no answer tokens")
 
         pixel_values = None
         if has_image:
             image = self._load_image(record["image"])
-            if isinstance(image, str):
+            if isinstance(image, _Skip):
                 return image
             pixel_values = [transform(image) for transform in self.image_transforms]
         return {
@@ -154,21 +176,21 @@ class LlavaDataset(Dataset):
             "truncated": truncated,
         }
 
-    def _load_image(self, relative_path: Any) -> Image.Image | str:
-        """The record's image as RGB, fully decoded, or the reason it cannot be read."""
+    def _load_image(self, relative_path: Any) -> Image.Image | _Skip:
+        """The record's image as RGB, fully decoded, or why it cannot be read."""
         if not isinstance(relative_path, str) or not relative_path:
-            return f"'image' must be a non-empty path string, got {relative_path!r}"
+            return _Skip("bad image path", f"'image' must be a non-empty path string, got {relative_path!r}")
         path = (
             self.image_root / relative_path if self.image_root is not None else Path(relative_path)
         )
         if not path.is_file():
-            return f"image file not found: {path}"
+            return _Skip("image file not found", f"image file not found: {path}")
         try:
             with Image.open(path) as image:
                 image.load()
                 return image.convert("RGB")
         except IMAGE_LOAD_ERRORS as err:
-            return f"unreadable image {path}: {type(err).__name__}: {err}"
+            return _Skip("unreadable image", f"unreadable image {path}: {type(err).__name__}: {err}")
 
 
 def _with_image_placeholder(turns: list[dict]) -> list[dict]:

@@ -11,6 +11,7 @@ A distill YAML (``configs/distill/*.yaml``)::
       - {name: stage2, max_steps: 100, lr: 5.0e-4}
       - {name: stage3, max_steps: 100, lr: 5.0e-5}
     output_dir: outputs/distill-tiny
+    save_every: 50                         # checkpoints; resume_from=latest continues, mid-stage too
 
 Command-line overrides use dotted keys (``teacher=DIR layout=ratio:0.25 stages.2.lr=1e-4``).
 Data paths, ``teacher`` and ``output_dir`` are relative to the working directory.
@@ -26,7 +27,7 @@ from pydantic import Field, model_validator
 from mambavlm.config import StrictModel, load_config
 from mambavlm.distill.layouts import HybridLayout
 from mambavlm.distill.stages import LossWeights, StageName
-from mambavlm.training.config import DataConfig
+from mambavlm.training.config import DataConfig, Tracker
 
 __all__ = ["DistillConfig", "DistillStageConfig", "load_distill_config"]
 
@@ -94,6 +95,16 @@ class DistillConfig(StrictModel):
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute the student LLM's activations in backward")
     log_every: int = Field(10, gt=0, description="optimiser steps between log lines")
+    save_every: int | None = Field(
+        None, gt=0, description="optimiser steps (over all stages) between checkpoints; one ends every stage"
+    )
+    keep_last: int = Field(2, gt=0, description="checkpoints kept; older ones are deleted")
+    resume_from: str | None = Field(
+        None, description="a checkpoint directory, or 'latest' (newest in output_dir; fresh start if none)"
+    )
+    trackers: list[Tracker] = Field(
+        default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
+    )
     eval_batch_size: int = Field(32, gt=0, description="prompts per batch on the val split")
     eval_max_new_tokens: int = Field(16, gt=0)
 

@@ -1,17 +1,22 @@
 """Seed a Mamba-2 mixer from a trained attention layer (mmMamba sec. 4.1, MaTVLM sec. 3.2).
 
 Attention without softmax is a linear RNN, S_t = S_{t-1} + v_t k_t^T, y_t = S_t q_t, so the mixer's
-x, B, C projections take W_V, W_K, W_Q (key/value heads repeated to the query heads, as transformers'
-``repeat_kv`` does for grouped-query attention), out_proj takes W_O, heads and head_dim are kept and
-d_state = head_dim. The modes differ in what the rest of the layer is:
+x, B, C projections (``in_proj_x``, ``in_proj_B``, ``in_proj_C`` of the split layout) take W_V, W_K, W_Q
+(key/value heads repeated to the query heads, as transformers' ``repeat_kv`` does for grouped-query
+attention), out_proj takes W_O, heads and head_dim are kept, d_state = head_dim and every head has
+its own B and C (n_groups = heads). The modes differ in what the rest of the layer is:
 
 - ``"mmmamba"`` (inherit + mimic, mmMamba's public code): decay gamma_t = exp(-softplus(u W_gamma +
-  dt_bias) exp(a)) with W_gamma = 0, a = 1, softplus(dt_bias) log-uniform in [1e-3, 1e-1] (gamma near 1);
+  dt_bias) exp(a)) with W_gamma (``in_proj_dt``) = 0, a = 1, softplus(dt_bias) log-uniform in [1e-3, 1e-1] (gamma near 1);
   unscaled input S_t = gamma_t S_{t-1} + v_t k_t^T (the paper's Eq. 2); a causal conv initialised to
-  the identity (current-token tap 1, no activation); gate W_G xavier-uniform with gain 2^-2.5; no D.
+  the identity (current-token tap 1, no activation); gate W_G (``in_proj_z``) xavier-uniform with gain
+  2^-2.5; no D.
 - ``"matvlm"``: x, B, C (and out_proj, as MaTVLM's code does) from V, K, Q (and O); everything else a
   fresh Mamba-2 layer (mamba_ssm's init: dt log-uniform in [1e-3, 1e-1], A_log = log U[1, 16],
   default conv with SiLU, D = 1, input scaled by dt).
+
+Both normalise before the gate, y = RMSNorm(y) * SiLU(z) per head. Where the attention has biases
+(W_V, W_K, W_Q), the mixer's input projections have biases and the gate's and dt's start at 0.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from mambavlm.distill.mamba2_mixer import Mamba2Mixer, Mamba2MixerConfig
+from mambavlm.llm.mamba2 import Mamba2Mixer, Mamba2MixerConfig
 
 __all__ = ["SEEDING_MODES", "linear_attention_reference", "seed_mamba2_from_attention"]
 
@@ -85,14 +90,14 @@ def _mimic_init(mixer: Mamba2Mixer, generator: torch.Generator | None) -> None:
 
     dt_bias keeps the fresh draw (softplus(dt_bias) log-uniform in [1e-3, 1e-1]), which is mmMamba's too.
     """
-    mixer.dt_proj.weight.zero_()
+    mixer.in_proj_dt.weight.zero_()
     mixer.A_log.fill_(1.0)
     mixer.conv1d.weight.zero_()
     mixer.conv1d.weight[:, 0, -1] = 1.0
     mixer.conv1d.bias.zero_()
-    gate = torch.empty(mixer.gate_proj.weight.shape, device=generator.device if generator is not None else None)
+    gate = torch.empty(mixer.in_proj_z.weight.shape, device=generator.device if generator is not None else None)
     nn.init.xavier_uniform_(gate, gain=_MMMAMBA_GATE_GAIN, generator=generator)
-    mixer.gate_proj.weight.copy_(gate)
+    mixer.in_proj_z.weight.copy_(gate)
 
 
 @torch.no_grad()
@@ -109,22 +114,28 @@ def seed_mamba2_from_attention(
     if mode not in SEEDING_MODES:
         raise ValueError(f"unknown seeding mode {mode!r}; expected one of {sorted(SEEDING_MODES)}")
     hidden, heads, kv_heads, head_dim = _attention_shape(attn)
-    xbc_bias = any(getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj"))
+    in_proj_bias = any(getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj"))
     config = Mamba2MixerConfig(
         hidden_size=hidden,
         num_heads=heads,
         head_dim=head_dim,
         d_state=head_dim,
-        xbc_bias=xbc_bias,
-        out_bias=attn.o_proj.bias is not None,
+        n_groups=heads,
+        norm_before_gate=True,
+        fused_projection=False,
+        in_proj_bias=in_proj_bias,
+        out_proj_bias=attn.o_proj.bias is not None,
         **SEEDING_MODES[mode],
     )
     weight = attn.q_proj.weight
     mixer = Mamba2Mixer(config, device=weight.device, dtype=weight.dtype, generator=generator)
-    _copy_heads(mixer.x_proj, attn.v_proj, heads // kv_heads, head_dim)
-    _copy_heads(mixer.B_proj, attn.k_proj, heads // kv_heads, head_dim)
-    _copy_heads(mixer.C_proj, attn.q_proj, 1, head_dim)
+    _copy_heads(mixer.in_proj_x, attn.v_proj, heads // kv_heads, head_dim)
+    _copy_heads(mixer.in_proj_B, attn.k_proj, heads // kv_heads, head_dim)
+    _copy_heads(mixer.in_proj_C, attn.q_proj, 1, head_dim)
     mixer.out_proj.load_state_dict(attn.o_proj.state_dict())
+    if in_proj_bias:
+        mixer.in_proj_z.bias.zero_()
+        mixer.in_proj_dt.bias.zero_()
     if mode == "mmmamba":
         _mimic_init(mixer, generator)
     return mixer

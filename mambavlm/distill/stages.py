@@ -1,7 +1,7 @@
 """Distillation stages: which student parameters train, and each stage's loss against the frozen teacher.
 
 Stages (mmMamba sec. 4.2-4.4, MaTVLM sec. 3.3); "new" mixer parameters are the ones attention lacks:
-W_gamma (``dt_proj``), a (``A_log``), ``dt_bias``, ``D``, the conv and the gate (``gate_proj``, ``norm_weight``).
+W_gamma (``in_proj_dt``), a (``A_log``), ``dt_bias``, ``D``, the conv and the gate (``in_proj_z``, ``norm``).
 
 =========  =====================================================  ===========================================
 stage      trains                                                 loss
@@ -33,14 +33,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
 
-from mambavlm.distill.hybrid import mamba_mixers
-from mambavlm.distill.mamba2_mixer import Mamba2Mixer
+from mambavlm.llm.hybrid import mamba_mixers
+from mambavlm.llm.mamba2 import Mamba2Mixer
 
 __all__ = [
     "STAGES",
     "DistillationObjective",
     "LossWeights",
     "StageName",
+    "StageTrainable",
     "TeacherAttentionTaps",
     "distill_loss",
     "embed_inputs",
@@ -55,9 +56,9 @@ __all__ = [
 StageName = Literal["stage1", "stage2", "stage3", "matvlm"]
 STAGES: tuple[str, ...] = get_args(StageName)
 
-NEW_MIXER_PARAMETERS = frozenset({"dt_proj", "dt_bias", "A_log", "D", "conv1d", "gate_proj", "norm_weight"})
+NEW_MIXER_PARAMETERS = frozenset({"in_proj_dt", "dt_bias", "A_log", "D", "conv1d", "in_proj_z", "norm"})
 """Top-level mixer attributes with no counterpart in attention (trained from stage 1 on)."""
-INHERITED_XBC = frozenset({"x_proj", "B_proj", "C_proj"})
+INHERITED_XBC = frozenset({"in_proj_x", "in_proj_B", "in_proj_C"})
 """The projections seeded from W_V, W_K, W_Q (trained from stage 2 on)."""
 
 
@@ -269,10 +270,13 @@ def distill_loss(
 
 
 class DistillationObjective(nn.Module):
-    """The trainable student with the frozen teacher beside it: ``forward(batch) -> (loss, parts)``.
+    """One stage's objective for the training engine: the trainable student with the frozen teacher
+    beside it, ``forward(batch) -> (loss, parts)``.
 
     Only the student is a submodule, so optimisers, ``accelerate.prepare`` (DDP, FSDP) and
-    checkpoints see the student's parameters alone; the teacher is a plain attribute.
+    checkpoints see the student's parameters alone (``student.*``); the teacher is a plain attribute
+    and stays in eval mode. As a ``mambavlm.training.Objective``, ``module`` is the objective itself
+    (the loss must run through the prepared wrapper, as DDP needs) and ``loss`` its forward's loss.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, stage: str, weights: LossWeights = LossWeights()) -> None:
@@ -283,5 +287,29 @@ class DistillationObjective(nn.Module):
         self.stage = stage
         self.weights = weights
 
+    @property
+    def module(self) -> DistillationObjective:
+        return self
+
+    def train(self, mode: bool = True) -> DistillationObjective:
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
     def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
         return distill_loss(self.stage, self.teacher, self.student, batch, self.weights)
+
+    def loss(self, prepared: nn.Module, batch: dict[str, Any]) -> Tensor:
+        return prepared(batch)[0]
+
+
+@dataclass(frozen=True)
+class StageTrainable:
+    """The trainable-parameter policy of a stage for the engine: ``set_trainable`` on the objective's
+    student; returns the names (relative to the student) that train."""
+
+    stage: str
+
+    def __call__(self, module: nn.Module) -> set[str]:
+        student = getattr(module, "student", module)
+        return set_trainable(student, self.stage)

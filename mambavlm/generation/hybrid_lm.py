@@ -5,7 +5,8 @@ teacher) or a ``HybridLlamaForCausalLM`` and allocates, per batch and capacity T
 rounded up to ``CAPACITY_MULTIPLE``):
 
 - per attention layer, K and V buffers (B, H_kv, T, D_head), as transformers' ``StaticCache``;
-- per Mamba-2 layer, a ``Mamba2LayerCache`` (conv + SSM state, the activations' dtype, as ``HybridCache``);
+- per Mamba-2 layer, its mixer's ``Mamba2State`` (conv + SSM state and the constants a step reads,
+  the type ``HybridCache`` holds);
 - which key columns hold a real token (B, T), the next column to write and each row's next position.
 
 The prefill writes the prompt into them (flash SDPA, causal, when no row is padded); each step writes
@@ -13,8 +14,8 @@ one K/V column per attention layer and attends over the whole buffer with the co
 shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). For a single
 query, the H query heads are viewed as (H_kv, H / H_kv) rows per K/V head, so grouped-query
 attention reads each K/V head once and needs no ``repeat_kv``. The layers use the model's own
-modules and weights (projections, rotary embedding, MLP, Mamba-2 mixers, lm_head; the RMSNorms by
-the same formula in fewer kernels, the mixers' weight-derived constants computed once per prefill):
+modules and weights (projections, rotary embedding, MLP, lm_head; the RMSNorms by the same formula in
+fewer kernels) and the Mamba-2 mixers' own prefill (``forward`` with a state) and ``step``:
 the tokens are those of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
 """
 
@@ -26,10 +27,10 @@ from torch import Tensor, nn
 from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from mambavlm.distill.hybrid import Mamba2AttentionAdapter
-from mambavlm.distill.mamba2_mixer import Mamba2Constants, Mamba2LayerCache
 from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.norm import rms_norm
+from mambavlm.llm.hybrid import Mamba2AttentionAdapter
+from mambavlm.llm.mamba2 import Mamba2State
 
 __all__ = ["CAPACITY_MULTIPLE", "HybridStaticDecoder"]
 
@@ -54,8 +55,7 @@ class HybridStaticDecoder(StaticDecoder):
         }
         self.attention_layers = [i for i in range(len(self.layers)) if i not in self.adapters]
         self._kv: dict[int, tuple[Tensor, Tensor]] = {}
-        self._ssm: dict[int, Mamba2LayerCache] = {}
-        self._consts: dict[int, Mamba2Constants] = {}
+        self._ssm: dict[int, Mamba2State] = {}
         self._key_valid = self._write_index = self._positions = torch.empty(0)
 
     def capacity_for(self, needed: int) -> int:
@@ -70,12 +70,7 @@ class HybridStaticDecoder(StaticDecoder):
         for i in self.attention_layers:
             shape = (batch, self.num_kv_heads, capacity, self.layers[i].self_attn.head_dim)
             self._kv[i] = (torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
-        self._ssm = {
-            i: Mamba2LayerCache.zeros(batch, adapter.mixer.config, device=device, dtype=dtype)
-            for i, adapter in self.adapters.items()
-        }
-        with torch.no_grad():
-            self._consts = {i: adapter.mixer.constants() for i, adapter in self.adapters.items()}
+        self._ssm = {i: adapter.mixer.allocate_state(batch, device, dtype) for i, adapter in self.adapters.items()}
         self._key_valid = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
         self._write_index = torch.zeros(1, dtype=torch.long, device=device)
         self._positions = torch.zeros(batch, dtype=torch.long, device=device)
@@ -122,11 +117,9 @@ class HybridStaticDecoder(StaticDecoder):
         for i, layer in enumerate(self.layers):
             x = rms_norm(layer.input_layernorm, hidden)
             if i in self.adapters:
-                self._consts[i].copy_(self.adapters[i].mixer.constants())
                 state = self._ssm[i]
-                state.conv_state.zero_()
-                state.ssm_state.zero_()
-                mix = self.adapters[i].mix(x, real, state)
+                self.adapters[i].mixer.reset_state(state)
+                mix = self.adapters[i].mixer(x, state, real)
             else:
                 attn = layer.self_attn
                 q, k, v = self._qkv(attn, x, cos, sin)
@@ -150,7 +143,7 @@ class HybridStaticDecoder(StaticDecoder):
         for i, layer in enumerate(self.layers):
             x = rms_norm(layer.input_layernorm, hidden, fused=True)
             if i in self.adapters:
-                mix = self.adapters[i].mixer.step(x, self._ssm[i], self._consts[i])
+                mix = self.adapters[i].mixer.step(x[:, 0], self._ssm[i])[:, None]
             else:
                 attn = layer.self_attn
                 q, k, v = self._qkv(attn, x, cos, sin)

@@ -8,21 +8,39 @@ parameters), using this package's ops: ``causal_conv1d`` + ``selective_scan`` fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from mambavlm.ops.selective_state_update import selective_state_update
-from mambavlm.generation.static_state import MixerState
 from mambavlm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
 from mambavlm.ops.selective_scan import selective_scan
+from mambavlm.ops.selective_state_update import selective_state_update
 
-__all__ = ["StatefulMambaMixer"]
+__all__ = ["MambaState", "StatefulMambaMixer"]
+
+
+@dataclass(frozen=True)
+class MambaState:
+    """What one Mamba-1 mixer's step reads and writes for a batch of B sequences.
+
+    conv: the last W inputs of the causal conv, oldest first, (B, D_inner, W) in the model's dtype.
+    ssm: the SSM state (B, D_inner, N) in float32. A (D_inner, N), dt_bias (D_inner,): float32 copies
+    of the weights (A = -exp(A_log)), refreshed by every prefill. The tensors keep their storage for
+    the decoder's lifetime (a CUDA graph reads their addresses), like mamba_ssm's
+    ``allocate_inference_cache``.
+    """
+
+    conv: Tensor
+    ssm: Tensor
+    A: Tensor
+    dt_bias: Tensor
 
 
 class StatefulMambaMixer:
-    """Prefill and single-token step of one ``MambaMixer`` over a ``MixerState``.
+    """Prefill and single-token step of one ``MambaMixer`` over a ``MambaState``.
 
     State: conv (B, D_inner, W) in the model's dtype, ssm (B, D_inner, N), A (D_inner, N) and
     dt_bias (D_inner,) in float32.
@@ -33,11 +51,11 @@ class StatefulMambaMixer:
             raise TypeError(f"expected a transformers MambaMixer, got {type(mixer).__name__}")
         self.mixer = mixer
 
-    def allocate(self, batch: int) -> MixerState:
+    def allocate(self, batch: int) -> MambaState:
         """Zeroed state for ``batch`` sequences on the mixer's device."""
         m = self.mixer
         weight = m.in_proj.weight
-        return MixerState(
+        return MambaState(
             conv=weight.new_zeros(batch, m.intermediate_size, m.conv_kernel_size),
             ssm=torch.zeros(batch, m.intermediate_size, m.ssm_state_size, device=weight.device),
             A=torch.zeros(m.intermediate_size, m.ssm_state_size, device=weight.device),
@@ -50,7 +68,7 @@ class StatefulMambaMixer:
         dt, B, C = torch.split(m.x_proj(x), [m.time_step_rank, m.ssm_state_size, m.ssm_state_size], dim=-1)
         return F.linear(dt, m.dt_proj.weight), B, C
 
-    def prefill(self, hidden: Tensor, attention_mask: Tensor | None, state: MixerState) -> Tensor:
+    def prefill(self, hidden: Tensor, attention_mask: Tensor | None, state: MambaState) -> Tensor:
         """hidden (B, L, D) (normed), attention_mask (B, L) or None -> (B, L, D); writes ``state``."""
         m = self.mixer
         state.A.copy_(-torch.exp(m.A_log.float()))
@@ -80,7 +98,7 @@ class StatefulMambaMixer:
         state.ssm.copy_(last_state)
         return m.out_proj(y.transpose(1, 2).to(dtype))
 
-    def step(self, hidden: Tensor, state: MixerState) -> Tensor:
+    def step(self, hidden: Tensor, state: MambaState) -> Tensor:
         """hidden (B, D) (normed) -> (B, D) for one new token; updates ``state`` in place."""
         m = self.mixer
         x, z = m.in_proj(hidden).chunk(2, dim=-1)  # (B, D_inner) each

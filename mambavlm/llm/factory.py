@@ -1,8 +1,10 @@
 """Build the language model named by an ``LLMConfig``: random init, architecture only, or pretrained weights.
 
-Families map to transformers classes: ``mamba`` (Mamba-2.8B), ``mamba2`` (Mamba-2 and distilled
-students), ``llama`` (Vicuna-7B and the LLaMA-family teachers). Architecture-only builds work under
-``with torch.device("meta"):`` so the 2.8B / 7B models can be sized without memory.
+Families: ``mamba`` (Mamba-2.8B, transformers' ``MambaForCausalLM``), ``mamba2`` (this package's
+Mamba-2 LM, ``SSDForCausalLM``, on transformers' ``Mamba2Config`` and checkpoint layout), ``llama``
+(Vicuna-7B and the LLaMA-family teachers) and ``hybrid_llama`` (LLaMA with Mamba-2 layers, the
+distilled students). Architecture-only builds work under ``with torch.device("meta"):`` so the 2.8B /
+7B models can be sized without memory.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from transformers import (
     LlamaConfig,
     LlamaForCausalLM,
     Mamba2Config,
-    Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
     PreTrainedConfig,
@@ -23,6 +24,8 @@ from transformers import (
 )
 
 from mambavlm.config import LLMConfig
+from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
+from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.llm.mamba_ssm_format import (
     is_mamba_ssm_checkpoint,
     load_mamba_ssm_checkpoint,
@@ -42,22 +45,16 @@ __all__ = [
 
 LLM_FAMILIES: dict[str, tuple[type[PreTrainedConfig], type[PreTrainedModel]]] = {
     "mamba": (MambaConfig, MambaForCausalLM),
-    "mamba2": (Mamba2Config, Mamba2ForCausalLM),
+    "mamba2": (Mamba2Config, SSDForCausalLM),
     "llama": (LlamaConfig, LlamaForCausalLM),
+    "hybrid_llama": (HybridLlamaConfig, HybridLlamaForCausalLM),
 }
 
 
-
 def family_classes(family: str) -> tuple[type[PreTrainedConfig], type[PreTrainedModel]]:
-    """(config class, model class) of an ``llm.family``.
-
-    ``hybrid_llama`` (a LLaMA whose chosen layers are seeded Mamba-2 mixers) is imported on demand
-    from ``mambavlm.distill.hybrid``, which builds on this module.
-    """
-    if family == "hybrid_llama":
-        from mambavlm.distill.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
-
-        return HybridLlamaConfig, HybridLlamaForCausalLM
+    """(config class, model class) of an ``llm.family``; KeyError names the known ones."""
+    if family not in LLM_FAMILIES:
+        raise KeyError(f"unknown llm.family {family!r}; known: {sorted(LLM_FAMILIES)}")
     return LLM_FAMILIES[family]
 
 

@@ -3,8 +3,9 @@
 mamba_ssm saves ``config.json`` with ``d_model``, ``n_layer``, ``vocab_size``, ``ssm_cfg``, ... and the
 weights of ``MambaLMHeadModel`` in ``pytorch_model.bin`` (or ``model.safetensors``) under keys
 ``backbone.embedding.weight``, ``backbone.layers.N.{norm,mixer.*}``, ``backbone.norm_f.weight`` and
-``lm_head.weight``. transformers' ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` use the same parameter
-layouts and names except ``backbone.embeddings``; the Mamba-2 mixer's gated norm is ``mixer.norm`` in both.
+``lm_head.weight``. transformers' ``MambaForCausalLM`` and this package's Mamba-2 LM (``SSDForCausalLM``,
+transformers' ``Mamba2ForCausalLM`` layout) use the same parameter layouts and names except
+``backbone.embeddings``; the Mamba-2 mixer's gated norm is ``mixer.norm`` in both.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ import torch
 from safetensors.torch import load_file
 from transformers import (
     Mamba2Config,
-    Mamba2ForCausalLM,
     MambaConfig,
     MambaForCausalLM,
     PreTrainedModel,
 )
+
+from mambavlm.llm.mamba2_lm import SSDForCausalLM
 
 __all__ = [
     "MambaSsmCheckpointError",
@@ -80,7 +82,7 @@ MAMBA2_SSM_FIELDS: dict[str, tuple[str, Any]] = {
 }
 # Mamba-2 options that only change initialisation (no HF field, no effect on loaded weights).
 MAMBA2_INIT_ONLY_KEYS = {"A_init_range", "conv_init"}
-# Mamba-2 options transformers' Mamba2Mixer implements only at these values.
+# Mamba-2 options a Mamba2Config cannot express: checkpoints must use these values.
 MAMBA2_FIXED_OPTIONS: dict[str, Any] = {"rmsnorm": True, "norm_before_gate": False, "D_has_hdim": False}
 
 
@@ -165,14 +167,14 @@ def mamba_ssm_config_to_hf(
         for key, supported in MAMBA2_FIXED_OPTIONS.items():
             if key in ssm_cfg and ssm_cfg[key] != supported:
                 raise MambaSsmCheckpointError(
-                    f"mamba_ssm ssm_cfg.{key}={ssm_cfg[key]!r} is not supported by transformers' "
-                    f"Mamba2Mixer (needs {supported!r})"
+                    f"mamba_ssm ssm_cfg.{key}={ssm_cfg[key]!r} cannot be expressed by a Mamba2Config "
+                    f"(needs {supported!r})"
                 )
         d_inner = fields["expand"] * d_model
         if ssm_cfg.get("d_ssm") not in (None, d_inner):
             raise MambaSsmCheckpointError(
                 f"mamba_ssm ssm_cfg.d_ssm={ssm_cfg['d_ssm']} differs from expand * d_model = {d_inner}; "
-                "transformers' Mamba2Mixer runs the SSM on the whole inner width"
+                "a Mamba2Config runs the SSM on the whole inner width"
             )
         if d_inner % fields["head_dim"] != 0:
             raise MambaSsmCheckpointError(
@@ -249,13 +251,13 @@ def check_state_dict(
 def load_mamba_ssm_checkpoint(
     path: str | Path, dtype: torch.dtype = torch.float32, overrides: dict[str, Any] | None = None
 ) -> PreTrainedModel:
-    """Load a mamba_ssm checkpoint directory as ``MambaForCausalLM`` / ``Mamba2ForCausalLM`` (eval mode).
+    """Load a mamba_ssm checkpoint directory as ``MambaForCausalLM`` / ``SSDForCausalLM`` (eval mode).
 
     The model is built on the meta device and takes the checkpoint's tensors (cast to ``dtype``) after a
     strict check of keys and shapes; ``overrides`` are HF config fields.
     """
     config = mamba_ssm_config_to_hf(read_mamba_ssm_config(path), overrides)
-    model_cls = Mamba2ForCausalLM if isinstance(config, Mamba2Config) else MambaForCausalLM
+    model_cls = SSDForCausalLM if isinstance(config, Mamba2Config) else MambaForCausalLM
     sd = convert_mamba_ssm_state_dict(read_mamba_ssm_weights(path), config)
     with torch.device("meta"):
         model = model_cls._from_config(config, dtype=dtype)

@@ -1,7 +1,7 @@
 """Tokenizers and the tokenisation of conversations with image placeholders.
 
 Images enter the token sequence as placeholders: the text carries ``<image>`` and tokenisation
-replaces each one with ``num_image_tokens`` copies of ``IMAGE_TOKEN_INDEX`` (LLaVA's -200 sentinel).
+replaces each one with ``num_visual_tokens`` copies of ``IMAGE_TOKEN_INDEX`` (LLaVA's -200 sentinel).
 The model later writes the visual tokens into exactly those positions, so sequence lengths are known
 before the model runs.
 """
@@ -94,13 +94,13 @@ def build_tokenizer(cfg: LLMConfig) -> PreTrainedTokenizerBase:
 
 
 def _tokenize_text(
-    text: str, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int
+    text: str, tokenizer: PreTrainedTokenizerBase, num_visual_tokens: int
 ) -> list[int]:
-    """Token ids of ``text`` without special tokens; each ``<image>`` -> ``num_image_tokens`` x -200."""
+    """Token ids of ``text`` without special tokens; each ``<image>`` -> ``num_visual_tokens`` x -200."""
     ids: list[int] = []
     for i, part in enumerate(text.split(IMAGE_TOKEN)):
         if i > 0:
-            ids.extend([IMAGE_TOKEN_INDEX] * num_image_tokens)
+            ids.extend([IMAGE_TOKEN_INDEX] * num_visual_tokens)
         if part:
             ids.extend(tokenizer(part, add_special_tokens=False)["input_ids"])
     return ids
@@ -110,15 +110,15 @@ def _leading_bos(tokenizer: PreTrainedTokenizerBase, add_bos: bool) -> list[int]
     return [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
 
 
-def _check_num_image_tokens(num_image_tokens: int) -> None:
-    if num_image_tokens < 1:
-        raise ValueError(f"num_image_tokens must be >= 1, got {num_image_tokens}")
+def _check_num_visual_tokens(num_visual_tokens: int) -> None:
+    if num_visual_tokens < 1:
+        raise ValueError(f"num_visual_tokens must be >= 1, got {num_visual_tokens}")
 
 
 def tokenize_conversation(
     segments: Sequence[tuple[str, bool]],
     tokenizer: PreTrainedTokenizerBase,
-    num_image_tokens: int,
+    num_visual_tokens: int,
     add_bos: bool,
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, labels)`` for rendered segments ``[(text, trainable), ...]``.
@@ -132,11 +132,11 @@ def tokenize_conversation(
     ``<image>``) a subword tokenizer may split differently than it would on the joined text, e.g. a
     SentencePiece tokenizer adds its word-start marker to the first word of every segment.
     """
-    _check_num_image_tokens(num_image_tokens)
+    _check_num_visual_tokens(num_visual_tokens)
     input_ids = _leading_bos(tokenizer, add_bos)
     labels = [IGNORE_INDEX] * len(input_ids)
     for text, trainable in segments:
-        ids = _tokenize_text(text, tokenizer, num_image_tokens)
+        ids = _tokenize_text(text, tokenizer, num_visual_tokens)
         input_ids.extend(ids)
         if trainable:
             labels.extend(IGNORE_INDEX if i == IMAGE_TOKEN_INDEX else i for i in ids)
@@ -146,8 +146,8 @@ def tokenize_conversation(
 
 
 def tokenize_prompt(
-    text: str, tokenizer: PreTrainedTokenizerBase, num_image_tokens: int, add_bos: bool
+    text: str, tokenizer: PreTrainedTokenizerBase, num_visual_tokens: int, add_bos: bool
 ) -> list[int]:
     """Token ids of a generation prompt (see :meth:`ConversationTemplate.prompt`), same rules as training."""
-    _check_num_image_tokens(num_image_tokens)
-    return _leading_bos(tokenizer, add_bos) + _tokenize_text(text, tokenizer, num_image_tokens)
+    _check_num_visual_tokens(num_visual_tokens)
+    return _leading_bos(tokenizer, add_bos) + _tokenize_text(text, tokenizer, num_visual_tokens)

@@ -1,20 +1,36 @@
-"""Training: the config schema, freezing and optimiser, checkpoints, the accelerate loop, evaluation."""
+"""Training: the config schema, the one engine (phases, objectives, trainable policies, checkpoints),
+fine-tuning, evaluation by exact match."""
 
 from __future__ import annotations
 
 from mambavlm.training.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
 from mambavlm.training.config import DataConfig, SyntheticDataConfig, TrainConfig, TrainingConfig, load_train_config
+from mambavlm.training.engine import Objective, Phase, TrainablePolicy, Trainer, TrainerState
 from mambavlm.training.evaluation import BlankImage, exact_match, generate_answers, load_vqa_items, normalize_answer
-from mambavlm.training.loop import METRICS_FILE, Trainer
-from mambavlm.training.optim import apply_freeze_policy, build_optimizer, build_scheduler, parameter_groups
+from mambavlm.training.finetune import FINAL_MODEL_DIR, METRICS_FILE, run_finetune
+from mambavlm.training.objectives import NextTokenObjective
+from mambavlm.training.optim import (
+    FreezePreset,
+    apply_freeze_policy,
+    build_optimizer,
+    build_scheduler,
+    parameter_groups,
+)
 
 __all__ = [
+    "FINAL_MODEL_DIR",
+    "METRICS_FILE",
     "BlankImage",
     "DataConfig",
-    "METRICS_FILE",
+    "FreezePreset",
+    "NextTokenObjective",
+    "Objective",
+    "Phase",
     "SyntheticDataConfig",
     "TrainConfig",
+    "TrainablePolicy",
     "Trainer",
+    "TrainerState",
     "TrainingConfig",
     "apply_freeze_policy",
     "build_optimizer",
@@ -27,5 +43,6 @@ __all__ = [
     "load_vqa_items",
     "normalize_answer",
     "parameter_groups",
+    "run_finetune",
     "save_checkpoint",
 ]

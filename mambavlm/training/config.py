@@ -31,12 +31,17 @@ from mambavlm.config import (
 )
 
 __all__ = [
+    "Tracker",
     "DataConfig",
     "SyntheticDataConfig",
     "TrainConfig",
     "TrainingConfig",
     "load_train_config",
 ]
+
+
+Tracker = Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]
+"""The experiment trackers accelerate can log to."""
 
 
 class SyntheticDataConfig(StrictModel):
@@ -123,7 +128,7 @@ class TrainConfig(StrictModel):
     blind: bool = Field(
         False, description="replace every image by a blank grey one (the ablation: does the model look?)"
     )
-    trackers: list[Literal["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]] = Field(
+    trackers: list[Tracker] = Field(
         default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
     )
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -12,6 +13,7 @@ from transformers import get_cosine_schedule_with_warmup
 
 __all__ = [
     "FREEZE_PRESETS",
+    "FreezePreset",
     "apply_freeze_policy",
     "build_optimizer",
     "build_scheduler",
@@ -36,6 +38,18 @@ def apply_freeze_policy(model: nn.Module, freeze: Literal["align", "finetune"]) 
     trainable = FREEZE_PRESETS[freeze]
     for part in ("projector", "llm"):
         getattr(model, part).requires_grad_(part in trainable)
+
+
+@dataclass(frozen=True)
+class FreezePreset:
+    """The fine-tuning trainable-parameter policy: ``apply_freeze_policy`` with a preset; returns the
+    names of the parameters that train."""
+
+    preset: Literal["align", "finetune"]
+
+    def __call__(self, model: nn.Module) -> set[str]:
+        apply_freeze_policy(model, self.preset)
+        return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
 def _no_decay_names(model: nn.Module) -> set[str]:
@@ -66,9 +80,11 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, An
     return [g for g in (decay_group, plain_group) if g["params"]]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW (betas 0.9, 0.999) over :func:`parameter_groups`."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=(0.9, 0.999))
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+) -> torch.optim.AdamW:
+    """AdamW over :func:`parameter_groups`."""
+    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:

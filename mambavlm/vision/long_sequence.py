@@ -60,7 +60,7 @@ class VisualLongSequence(nn.Module):
         return dims if self.fusion == "sequence" else [sum(dims)]
 
     @property
-    def num_tokens(self) -> int:
+    def num_visual_tokens(self) -> int:
         """Length of the visual sequence: num_maps * h * w."""
         h, w = self._grid_size
         return self.num_maps * h * w

@@ -1,0 +1,255 @@
+"""Distil a Transformer into a hybrid Mamba-2 model: ``run_distillation(config)``, what ``train/distill.py`` runs.
+
+The teacher (a MambaVLM directory whose LLM is LLaMA-family, or an HF Llama directory) is loaded and
+frozen in this process; the student is a converted copy (``mambavlm.distill.convert``) that keeps the
+teacher's vision encoders and projector. The configured stages (mmMamba's stage1 -> stage2 -> stage3,
+or MaTVLM's single ``matvlm`` stage) run in order as phases of the one training engine
+(``mambavlm.training.engine``), each with its objective (``DistillationObjective``), its trainable set
+(``StageTrainable``), AdamW and a warmup-stable-decay schedule; checkpoints, exact resume (mid-stage
+too), bad-record skipping, trackers and logs come from the engine. At the end the student is saved to
+``OUTPUT_DIR/student`` and ``OUTPUT_DIR/metrics.json`` records ``teacher_val_accuracy``,
+``student_val_accuracy``, the skip counts and ``stages`` = [{name, first_loss, last_loss, ...}], where
+first_loss / last_loss average the first / last tenth of the stage's steps (1 to 10 steps).
+
+Validation accuracy is greedy exact match on the val split: generated answers for a MambaVLM (the
+fine-tuning scorer), argmax of the answer tokens given the question for a text-only LM.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+from PIL import Image
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mambavlm.config import ConfigError, LLMConfig
+from mambavlm.data.collate import VLMCollator
+from mambavlm.data.llava import LlavaDataset
+from mambavlm.distill.config import DistillConfig
+from mambavlm.distill.convert import convert_llama, convert_vlm
+from mambavlm.distill.stages import DistillationObjective, StageTrainable, language_model
+from mambavlm.io import atomic_file
+from mambavlm.llm.hybrid import mamba_mixers
+from mambavlm.llm.templates import get_template
+from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
+from mambavlm.model import CONFIG_FILE, MambaVLM
+from mambavlm.training.engine import Phase, Trainer
+from mambavlm.training.evaluation import generate_answers, load_vqa_items
+from mambavlm.training.finetune import prepare_data, skip_metrics
+
+__all__ = ["METRICS_FILE", "STUDENT_DIR", "load_teacher", "run_distillation"]
+
+logger = get_logger(__name__)
+
+METRICS_FILE = "metrics.json"
+STUDENT_DIR = "student"
+CONFIG_COPY = "config.yaml"
+
+
+def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
+    """(teacher, tokenizer, conversation template) from a MambaVLM or an HF Llama directory."""
+    path = Path(path)
+    if (path / CONFIG_FILE).is_file():
+        teacher = MambaVLM.from_pretrained(path)
+        if teacher.config.llm.family != "llama":
+            raise ConfigError(
+                f"teacher {path}: its LLM is {teacher.config.llm.family!r}; distillation needs a LLaMA-family one"
+            )
+        return teacher, teacher.tokenizer, teacher.template
+    if (path / "config.json").is_file():
+        model_type = LlamaConfig.get_config_dict(str(path))[0].get("model_type")
+        if model_type != "llama":
+            raise ConfigError(f"teacher {path} holds a {model_type!r} model; distillation needs a 'llama' one")
+        llm_config = LLMConfig(family="llama", source=str(path), template=template)
+        teacher = LlamaForCausalLM.from_pretrained(path)
+        return teacher, build_tokenizer(llm_config), get_template(template)
+    raise FileNotFoundError(f"teacher {path}: neither a MambaVLM ({CONFIG_FILE}) nor an HF model (config.json)")
+
+
+class TextOnly:
+    """The image transform of a text-only teacher: an image record is an error naming the problem."""
+
+    def __call__(self, image: Image.Image) -> Tensor:
+        raise ValueError("the teacher is a text-only LM, but a record has an image: use a MambaVLM teacher")
+
+
+def build_dataset(
+    teacher: nn.Module, tokenizer: Any, template: Any, records: Path, image_root: Path, max_length: int | None
+) -> LlavaDataset:
+    """LLaVA-format records tokenised as the teacher was trained (its template, BOS, visual tokens)."""
+    if isinstance(teacher, MambaVLM):
+        return LlavaDataset(
+            records,
+            image_root,
+            tokenizer,
+            template,
+            [encoder.preprocess for encoder in teacher.vision.encoders],
+            teacher.num_visual_tokens,
+            max_length or teacher.config.max_length,
+            teacher.add_bos,
+        )
+    return LlavaDataset(
+        records,
+        image_root,
+        tokenizer,
+        template,
+        [TextOnly()],
+        1,
+        max_length or teacher.config.max_position_embeddings,
+        True,
+    )
+
+
+@torch.no_grad()
+def answer_token_accuracy(model: nn.Module, dataset: LlavaDataset, batch_size: int, device: torch.device) -> float | None:
+    """Share of samples whose every answer token is the argmax given the tokens before it."""
+    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=VLMCollator(dataset.tokenizer.pad_token_id))
+    correct = total = 0
+    for batch in loader:
+        if batch["input_ids"] is None:
+            continue
+        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        predicted, labels = logits[:, :-1].argmax(-1).cpu(), batch["labels"][:, 1:]
+        answer = labels != IGNORE_INDEX
+        correct += int(((predicted == labels) | ~answer).all(-1).sum())
+        total += labels.shape[0]
+    return correct / total if total else None
+
+
+def val_accuracy(
+    model: nn.Module, val_json: Path | None, image_root: Path, dataset: LlavaDataset | None, config: DistillConfig
+) -> float | None:
+    """Greedy exact match on the val split (None without one)."""
+    if val_json is None:
+        return None
+    model.eval()
+    if isinstance(model, MambaVLM):
+        rows, _ = generate_answers(
+            model, load_vqa_items(val_json, image_root), config.eval_batch_size, config.eval_max_new_tokens
+        )
+        return sum(r["correct"] for r in rows) / len(rows) if rows else None
+    return answer_token_accuracy(model, dataset, config.eval_batch_size, model.device)
+
+
+def _window(num_steps: int) -> int:
+    return max(1, min(10, num_steps // 10))
+
+
+def stage_summary(name: str, lr: float, losses: list[float | None]) -> dict[str, Any]:
+    """{name, first_loss, last_loss, steps, lr, step_losses}: first / last loss average the first / last
+    tenth of the steps (1 to 10) whose loss is known."""
+    known = [x for x in losses if x is not None]
+    window = _window(len(known))
+    return {
+        "name": name,
+        "first_loss": sum(known[:window]) / window if known else None,
+        "last_loss": sum(known[-window:]) / window if known else None,
+        "steps": len(losses),
+        "lr": lr,
+        "step_losses": losses,
+    }
+
+
+def run_distillation(config: DistillConfig) -> dict[str, Any]:
+    """Convert the teacher, run the stages, save the student and metrics.json; returns the metrics
+    (on the main process; ``{}`` elsewhere)."""
+    started = time.perf_counter()
+    output_dir = Path(config.output_dir)
+    trainer = Trainer(
+        output_dir,
+        seed=config.seed,
+        mixed_precision=config.mixed_precision,
+        trackers=config.trackers,
+        log_every=config.log_every,
+        save_every=config.save_every,
+        keep_last=config.keep_last,
+        resume_from=config.resume_from,
+        num_workers=config.data.num_workers,
+    )
+    acc = trainer.accelerator
+    train_json, val_json, image_root = prepare_data(config.data, output_dir, acc)
+    image_root = image_root if image_root is not None else train_json.parent
+    set_seed(config.seed)
+    teacher, tokenizer, template = load_teacher(config.teacher, config.template)
+    teacher.requires_grad_(False)
+    teacher.eval().to(acc.device)
+    generator = torch.Generator().manual_seed(config.seed)  # CPU draws: the same student on any device
+    if isinstance(teacher, MambaVLM):
+        student = convert_vlm(teacher, config.layout, config.seeding, generator)
+    else:
+        student = convert_llama(teacher, config.layout, config.seeding, generator)
+    if config.gradient_checkpointing:
+        language_model(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    mamba_layers = sorted(mamba_mixers(language_model(student)))
+    num_layers = language_model(teacher).config.num_hidden_layers
+    logger.info(f"student: Mamba-2 in layers {mamba_layers} of {num_layers} ({config.layout}, {config.seeding} seeding)")
+
+    max_length = config.data.max_length
+    train_set = build_dataset(teacher, tokenizer, template, train_json, image_root, max_length)
+    val_set = build_dataset(teacher, tokenizer, template, val_json, image_root, max_length) if val_json else None
+    if acc.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / CONFIG_COPY).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    teacher_accuracy = val_accuracy(teacher, val_json, image_root, val_set, config) if acc.is_main_process else None
+
+    phases = [
+        Phase(
+            name=stage.name,
+            objective=DistillationObjective(student, teacher, stage.name, stage.loss_weights),
+            trainable=StageTrainable(stage.name),
+            lr=stage.lr,
+            global_batch_size=stage.global_batch_size,
+            micro_batch_size=stage.micro_batch_size,
+            max_steps=stage.max_steps,
+            weight_decay=stage.weight_decay,
+            max_grad_norm=stage.max_grad_norm,
+            schedule="wsd",
+            warmup_ratio=stage.warmup_ratio,
+            decay_ratio=stage.decay_ratio,
+        )
+        for stage in config.stages
+    ]
+    state = trainer.run(phases, train_set, VLMCollator(tokenizer.pad_token_id))
+    trained = trainer.gathered_module(lambda: DistillationObjective(copy.deepcopy(student), teacher, config.stages[-1].name))
+    metrics: dict[str, Any] = {}
+    if acc.is_main_process:
+        student = trained.student.eval()
+        student.save_pretrained(output_dir / STUDENT_DIR)
+        if not isinstance(student, MambaVLM):
+            tokenizer.save_pretrained(output_dir / STUDENT_DIR)
+        stages = [stage_summary(s.name, s.lr, losses) for s, losses in zip(config.stages, state.phase_losses)]
+        metrics = {
+            "teacher_val_accuracy": teacher_accuracy,
+            "student_val_accuracy": val_accuracy(student, val_json, image_root, val_set, config),
+            "stages": stages,
+            **skip_metrics(state),
+            "layout": str(config.layout),
+            "seeding": config.seeding,
+            "mamba_layers": mamba_layers,
+            "num_layers": num_layers,
+            "wall_seconds": time.perf_counter() - started,
+            "config": config.model_dump(mode="json"),
+        }
+        with atomic_file(output_dir / METRICS_FILE) as f:
+            json.dump(metrics, f, indent=1)
+        summary = ", ".join(
+            f"{s['name']} {s['first_loss']:.4g} -> {s['last_loss']:.4g}" for s in stages if s["first_loss"] is not None
+        )
+        logger.info(
+            f"done in {metrics['wall_seconds']:.0f} s: {summary}; val accuracy teacher "
+            f"{metrics['teacher_val_accuracy']}, student {metrics['student_val_accuracy']}, "
+            f"{state.num_skipped} skipped records; student in {output_dir / STUDENT_DIR}"
+        )
+    acc.wait_for_everyone()
+    trainer.end()
+    return metrics

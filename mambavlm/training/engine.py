@@ -1,0 +1,490 @@
+"""The one training engine: fine-tuning and every distillation stage run through ``Trainer.run``.
+
+A run is a list of ``Phase``s (fine-tuning is one; mmMamba's distillation three). A phase names an
+``Objective`` (the module to train and the loss of a micro-batch: next-token cross-entropy, or a
+distillation stage's loss against a frozen teacher), a ``TrainablePolicy`` (which parameters train),
+and how to optimise (AdamW groups, a cosine or warmup-stable-decay schedule, batch sizes, steps).
+The engine gives every phase the same machinery, on a CPU, one GPU or many (accelerate: DDP, FSDP,
+DeepSpeed ZeRO-2):
+
+- gradient accumulation to the global batch, clipping, mixed precision;
+- checkpoints ``OUTPUT_DIR/checkpoint-STEP`` (STEP counts optimiser steps over all phases), written
+  atomically, the last K kept, one at the end of every phase; ``resume_from`` continues exactly, in
+  the middle of a phase too;
+- bad records skipped, logged with their reason and counted by kind; a micro-batch whose records were
+  all skipped still runs (with zero weight) so that the processes stay in step;
+- a progress bar, a log line with loss, lr and throughput every ``log_every`` steps, trackers.
+
+Determinism: the shuffle of epoch ``e`` is a function of ``(seed, e)`` only, and a checkpoint stores
+how many micro-batches of the current epoch were consumed, so a resumed run sees exactly the batches
+an uninterrupted run would. Each optimiser step consumes ``global_batch_size`` samples: micro-batches
+``k*n*a ... (k+1)*n*a - 1`` of the epoch's order (``n`` processes, ``a`` accumulation steps), process
+``p`` taking every ``n``-th one, so the processes' batches partition the step's batch whatever ``n`` is.
+The step loss is the mean over the step's micro-batches (all processes) of each micro-batch's loss.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import torch
+from accelerate import Accelerator
+from accelerate.data_loader import SeedableRandomSampler
+from accelerate.logging import get_logger
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    GradientAccumulationPlugin,
+    ProjectConfiguration,
+    gather_object,
+)
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import get_wsd_schedule
+
+from mambavlm.config import ConfigError
+from mambavlm.data.llava import SkippedSample
+from mambavlm.training.checkpoint import (
+    TRAINER_STATE_FILE,
+    load_checkpoint,
+    remove_unfinished_writes,
+    resolve_resume,
+    save_checkpoint,
+)
+from mambavlm.training.optim import build_optimizer, build_scheduler
+
+__all__ = [
+    "Objective",
+    "Phase",
+    "Trainer",
+    "TrainablePolicy",
+    "TrainerState",
+    "gradient_accumulation_steps",
+]
+
+logger = get_logger(__name__)
+
+
+class Objective(Protocol):
+    """What a phase optimises.
+
+    ``module``: the ``nn.Module`` that accelerate prepares, the optimiser steps and checkpoints hold.
+    ``loss(prepared, batch)``: the scalar loss of one collated micro-batch, computed through
+    ``prepared`` (``module`` as accelerate wrapped it: DDP / FSDP need the forward to go through it).
+    """
+
+    module: nn.Module
+
+    def loss(self, prepared: nn.Module, batch: dict[str, Any]) -> Tensor: ...
+
+
+class TrainablePolicy(Protocol):
+    """Sets ``requires_grad`` on ``module``'s parameters for a phase; returns the names that train."""
+
+    def __call__(self, module: nn.Module) -> set[str]: ...
+
+
+@dataclass(frozen=True)
+class Phase:
+    """One run of the optimiser over the data: fine-tuning, or one distillation stage.
+
+    Steps: ``max_steps``, or ``epochs`` passes over the data when None. Schedule: ``cosine`` (linear
+    warmup over ``warmup_ratio`` of the steps, cosine decay to 0) or ``wsd`` (warmup, constant,
+    linear decay over the last ``decay_ratio``). AdamW with ``betas`` and ``weight_decay`` (not on
+    norms, biases, 1-D parameters); gradients clipped to ``max_grad_norm`` (None: no clipping).
+    """
+
+    name: str
+    objective: Objective
+    trainable: TrainablePolicy
+    lr: float
+    global_batch_size: int
+    micro_batch_size: int
+    max_steps: int | None = None
+    epochs: int = 1
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    max_grad_norm: float | None = 1.0
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    warmup_ratio: float = 0.0
+    decay_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.global_batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"phase {self.name}: global_batch_size={self.global_batch_size} is not a multiple of "
+                f"micro_batch_size={self.micro_batch_size}"
+            )
+        if self.schedule not in ("cosine", "wsd"):
+            raise ConfigError(f"phase {self.name}: unknown schedule {self.schedule!r}; expected 'cosine' or 'wsd'")
+
+
+@dataclass
+class TrainerState:
+    """Where a run is; written to ``trainer_state.json`` in every checkpoint.
+
+    phase: index of the phase running. step: its optimiser steps done. epoch / batches_done: the
+    position in its data (micro-batches of the epoch consumed by each process). global_step: steps
+    over all phases (the checkpoint number). phase_losses: per phase, its step losses (None for a step
+    whose every record was skipped). Skips: total, by kind (``SKIP_KINDS``); truncated samples.
+    layout: the current phase's (processes, micro-batch, global batch), which a resume must match.
+    """
+
+    phase: int = 0
+    step: int = 0
+    epoch: int = 0
+    batches_done: int = 0
+    global_step: int = 0
+    phase_losses: list[list[float | None]] = field(default_factory=list)
+    num_skipped: int = 0
+    skipped_by_kind: dict[str, int] = field(default_factory=dict)
+    num_truncated: int = 0
+    layout: dict[str, int] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any], source: Path) -> TrainerState:
+        known = set(cls.__dataclass_fields__)
+        if not isinstance(data, dict) or set(data) - known:
+            unknown = sorted(set(data) - known) if isinstance(data, dict) else data
+            raise ValueError(f"{source}: not a trainer state of this mambavlm (unexpected: {unknown})")
+        return cls(**data)
+
+
+def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, num_processes: int) -> int:
+    """``global / (micro * processes)``; a ConfigError when it does not divide evenly."""
+    per_pass = micro_batch_size * num_processes
+    if global_batch_size % per_pass:
+        raise ConfigError(
+            f"global_batch_size={global_batch_size} is not a multiple of micro_batch_size="
+            f"{micro_batch_size} x {num_processes} processes = {per_pass}"
+        )
+    return global_batch_size // per_pass
+
+
+class Trainer:
+    """Runs phases in order over one dataset, with checkpoints, resume, skips and logs (see module doc).
+
+    output_dir: checkpoints and tracker logs. resume_from: a checkpoint directory, ``"latest"`` (the
+    newest in output_dir; a fresh start when there is none) or None. save_every: optimiser steps
+    between checkpoints (None: only at the end of each phase). keep_last: checkpoints kept.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        seed: int = 0,
+        mixed_precision: Literal["no", "bf16", "fp16"] = "no",
+        trackers: Sequence[str] = (),
+        tracker_config: dict[str, Any] | None = None,
+        log_every: int = 10,
+        save_every: int | None = None,
+        keep_last: int = 2,
+        resume_from: str | None = None,
+        num_workers: int = 0,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.seed = seed
+        self.log_every = log_every
+        self.save_every = save_every
+        self.keep_last = keep_last
+        self.resume_from = resume_from
+        self.num_workers = num_workers
+        self.accelerator = Accelerator(
+            mixed_precision=mixed_precision,
+            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+            step_scheduler_with_optimizer=False,
+            log_with=list(trackers) or None,
+            project_config=ProjectConfiguration(
+                project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")
+            ),
+            # a micro-batch of text-only samples leaves the projector unused
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        )
+        self._trackers = list(trackers)
+        self._tracker_config = tracker_config or {}
+        self._prepared: nn.Module | None = None
+        self._standin: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------------------------- run
+
+    def run(
+        self, phases: Sequence[Phase], dataset: Dataset, collate_fn: Callable[[list[Any]], dict[str, Any]]
+    ) -> TrainerState:
+        """Train through ``phases`` (resuming where a checkpoint left off); returns the final state.
+
+        Raises ConfigError when the data holds fewer records than one global batch, or when a resumed
+        checkpoint was written with another batch layout or another list of phases.
+        """
+        acc = self.accelerator
+        if not phases:
+            raise ValueError("no phases to run")
+        if acc.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_unfinished_writes(self.output_dir)
+        acc.wait_for_everyone()
+        if self._trackers:
+            acc.init_trackers("mambavlm", config=self._tracker_config)
+        self.dataset, self.collate_fn = dataset, collate_fn
+        resume = resolve_resume(self.resume_from, self.output_dir)
+        state = TrainerState(phase_losses=[[] for _ in phases])
+        if resume is not None:
+            state = TrainerState.from_json(json.loads((resume / TRAINER_STATE_FILE).read_text()), resume)
+            if len(state.phase_losses) != len(phases) or state.phase >= len(phases):
+                raise ConfigError(
+                    f"cannot resume from {resume}: it was written by a run of {len(state.phase_losses)} phase(s), "
+                    f"this run has {len(phases)}"
+                )
+            logger.info(f"resuming from {resume}: phase {phases[state.phase].name}, step {state.step}")
+        for index, phase in enumerate(phases):
+            if index < state.phase:
+                continue
+            self._run_phase(phase, state, resume if index == state.phase else None)
+            if index + 1 < len(phases):
+                state.phase, state.step, state.epoch, state.batches_done = index + 1, 0, 0, 0
+        acc.wait_for_everyone()
+        return state
+
+    def end(self) -> None:
+        """Close the trackers (call once, after the run and anything logged after it)."""
+        self.accelerator.end_training()
+
+    def gathered_module(self, fresh: Callable[[], nn.Module]) -> nn.Module | None:
+        """The last phase's trained module, whole, on the main process (None elsewhere).
+
+        With parameters sharded (FSDP, ZeRO-3) the full state dict is gathered into ``fresh()``.
+        """
+        acc = self.accelerator
+        if self._prepared is None:
+            raise RuntimeError("run the trainer first")
+        sharded = acc.distributed_type == DistributedType.FSDP or (
+            acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3
+        )
+        if not sharded:
+            return acc.unwrap_model(self._prepared) if acc.is_main_process else None
+        state_dict = acc.get_state_dict(self._prepared)
+        if not acc.is_main_process:
+            return None
+        module = fresh()
+        module.load_state_dict(state_dict)
+        return module.to(acc.device)
+
+    # ---------------------------------------------------------------------------------- phases
+
+    def _run_phase(self, phase: Phase, state: TrainerState, resume: Path | None) -> None:
+        acc = self.accelerator
+        accumulation = gradient_accumulation_steps(phase.global_batch_size, phase.micro_batch_size, acc.num_processes)
+        acc.gradient_accumulation_steps = accumulation
+        # each process gets every n-th of the epoch's full micro-batches (accelerate's sharding)
+        batches_per_process = len(self.dataset) // phase.micro_batch_size // acc.num_processes
+        steps_per_epoch = batches_per_process // accumulation
+        if steps_per_epoch == 0:
+            raise ConfigError(
+                f"phase {phase.name}: the data has {len(self.dataset)} records, fewer than one global batch "
+                f"(global_batch_size={phase.global_batch_size})"
+            )
+        total_steps = phase.max_steps or phase.epochs * steps_per_epoch
+        layout = {
+            "num_processes": acc.num_processes,
+            "micro_batch_size": phase.micro_batch_size,
+            "global_batch_size": phase.global_batch_size,
+        }
+        if resume is not None and state.layout != layout:
+            changed = [f"{k}: {state.layout.get(k)} -> {v}" for k, v in layout.items() if state.layout.get(k) != v]
+            raise ConfigError(
+                f"cannot resume from {resume}: the batch layout changed ({', '.join(changed)}), so the "
+                "position in the data cannot be restored"
+            )
+        state.layout = layout
+
+        if self._prepared is not None:
+            acc.free_memory()  # drop the previous phase's wrappers, optimiser and loader
+            self._prepared = None
+        module = phase.objective.module
+        names = phase.trainable(module)
+        optimizer = build_optimizer(module, phase.lr, phase.weight_decay, phase.betas)
+        scheduler = self._scheduler(optimizer, phase, total_steps)
+        loader = DataLoader(
+            self.dataset,
+            batch_size=phase.micro_batch_size,
+            sampler=SeedableRandomSampler(self.dataset, data_seed=self.seed),
+            collate_fn=self.collate_fn,
+            num_workers=self.num_workers,
+            drop_last=True,
+        )
+        prepared, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
+        self._prepared = prepared
+        if resume is not None:
+            load_checkpoint(acc, resume)
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        logger.info(
+            f"phase {phase.name}: {len(self.dataset)} records, {acc.num_processes} process(es), {accumulation} "
+            f"accumulation step(s) per optimiser step, {steps_per_epoch} steps per epoch, {total_steps} steps, "
+            f"lr {phase.lr:g}, {trainable:,} trainable parameters in {len(names)} tensors"
+            + (f"; resuming at step {state.step}" if resume is not None else "")
+        )
+        saved_step = state.global_step if resume is not None else None
+        self._train(phase, prepared, optimizer, scheduler, loader, state, total_steps, steps_per_epoch * accumulation)
+        if saved_step != state.global_step:
+            self._save(state)
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer, phase: Phase, total_steps: int) -> Any:
+        if phase.schedule == "cosine":
+            return build_scheduler(optimizer, total_steps, phase.warmup_ratio)
+        warmup = math.ceil(phase.warmup_ratio * total_steps)
+        decay = min(math.ceil(phase.decay_ratio * total_steps), total_steps - warmup)
+        return get_wsd_schedule(optimizer, warmup, decay, num_training_steps=total_steps)
+
+    def _save(self, state: TrainerState) -> None:
+        save_checkpoint(self.accelerator, self.output_dir, state.global_step, state.to_json(), self.keep_last)
+
+    def _train(
+        self,
+        phase: Phase,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any,
+        loader: DataLoader,
+        state: TrainerState,
+        total_steps: int,
+        batches_per_epoch: int,
+    ) -> None:
+        """The loop over one phase's optimiser steps; ``state`` is updated in place."""
+        acc = self.accelerator
+        losses = state.phase_losses[state.phase]
+        progress = tqdm(
+            total=total_steps, initial=state.step, desc=phase.name, disable=not acc.is_local_main_process
+        )
+        window = _Window()
+        totals = torch.zeros(6, dtype=torch.float64, device=acc.device)
+        kinds: list[str] = []
+        model.train()
+        while state.step < total_steps:
+            loader.set_epoch(state.epoch)
+            batches = acc.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
+            for batch in batches:
+                with acc.accumulate(model):
+                    loss, counts = self._micro_step(phase, model, batch)
+                    totals += counts
+                    kinds += [s.kind for s in batch["skipped"]]
+                    acc.backward(loss)
+                    if acc.sync_gradients and phase.max_grad_norm is not None:
+                        acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
+                    lr = optimizer.param_groups[0]["lr"]
+                    optimizer.step()
+                    if acc.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                state.batches_done += 1
+                if not acc.sync_gradients:
+                    continue
+                loss_sum, loss_count, samples, tokens, skipped, truncated = acc.reduce(totals, "sum").tolist()
+                totals.zero_()
+                for kind in gather_object(kinds) if acc.num_processes > 1 else kinds:
+                    state.skipped_by_kind[kind] = state.skipped_by_kind.get(kind, 0) + 1
+                kinds = []
+                step_loss = loss_sum / loss_count if loss_count else None  # None: every record skipped
+                state.step += 1
+                state.global_step += 1
+                losses.append(step_loss)
+                state.num_skipped += int(skipped)
+                state.num_truncated += int(truncated)
+                if state.batches_done == batches_per_epoch:
+                    state.epoch += 1
+                    state.batches_done = 0
+                window.add(samples, tokens)
+                progress.update(1)
+                progress.set_postfix(loss=format_loss(step_loss), lr=f"{lr:.2e}")
+                if state.step % self.log_every == 0 or state.step == total_steps:
+                    self._log(phase, state, total_steps, step_loss, lr, window)
+                if self.save_every and state.global_step % self.save_every == 0 and state.step < total_steps:
+                    self._save(state)
+                if state.step >= total_steps or state.batches_done == 0:
+                    break
+        progress.close()
+
+    def _micro_step(self, phase: Phase, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Loss of one micro-batch and its counts (loss sum, losses, samples, tokens, skipped, truncated)."""
+        acc = self.accelerator
+        skipped: list[SkippedSample] = batch["skipped"]
+        if skipped:
+            ids = ", ".join(f"{s.id} ({s.reason})" for s in skipped)
+            logger.warning(f"skipped {len(skipped)} record(s): {ids}", main_process_only=False)
+        tokens = float(batch["attention_mask"].sum()) if batch["attention_mask"] is not None else 0.0
+        counts = torch.tensor(
+            [0.0, 0.0, len(batch["ids"]), tokens, len(skipped), batch["num_truncated"]],
+            dtype=torch.float64,
+            device=acc.device,
+        )
+        if batch["input_ids"] is None:
+            # every process must run forward and backward; a zero loss on a valid batch keeps them in step
+            return phase.objective.loss(model, self._standin_batch()) * 0.0, counts
+        loss = phase.objective.loss(model, batch)
+        counts[0], counts[1] = loss.detach().double(), 1.0
+        return loss, counts
+
+    def _standin_batch(self) -> dict[str, Any]:
+        """A one-sample batch of the first valid record (for micro-batches whose records were all skipped)."""
+        if self._standin is None:
+            for index in range(len(self.dataset)):
+                sample = self.dataset[index]
+                if not isinstance(sample, SkippedSample):
+                    self._standin = _to_device(self.collate_fn([sample]), self.accelerator.device)
+                    break
+            else:
+                raise ValueError("every record of the training data was skipped: nothing to train on")
+        return self._standin
+
+    def _log(
+        self, phase: Phase, state: TrainerState, total_steps: int, loss: float | None, lr: float, window: _Window
+    ) -> None:
+        samples_per_s, tokens_per_s = window.rates()
+        logger.info(
+            f"{phase.name} step {state.step}/{total_steps} | epoch {state.epoch} | loss {format_loss(loss)} | "
+            f"lr {lr:.3e} | {samples_per_s:.1f} samples/s | {tokens_per_s:.0f} tokens/s"
+        )
+        values = {f"{phase.name}/lr": lr, f"{phase.name}/samples_per_s": samples_per_s, f"{phase.name}/tokens_per_s": tokens_per_s}
+        if loss is not None:
+            values[f"{phase.name}/loss"] = loss
+        self.accelerator.log(values, step=state.global_step)
+
+
+class _Window:
+    """Samples and tokens since the last log line, for throughput."""
+
+    def __init__(self) -> None:
+        self.start, self.samples, self.tokens = time.perf_counter(), 0.0, 0.0
+
+    def add(self, samples: float, tokens: float) -> None:
+        self.samples += samples
+        self.tokens += tokens
+
+    def rates(self) -> tuple[float, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rates = self.samples / elapsed, self.tokens / elapsed
+        self.start, self.samples, self.tokens = time.perf_counter(), 0.0, 0.0
+        return rates
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    out = dict(batch)
+    for key in ("input_ids", "attention_mask", "labels"):
+        out[key] = batch[key].to(device)
+    if batch["pixel_values"] is not None:
+        out["pixel_values"] = [p.to(device) for p in batch["pixel_values"]]
+    return out
+
+
+def format_loss(loss: float | None) -> str:
+    """A loss for a log line (``n/a`` when no record contributed)."""
+    return f"{loss:.4f}" if loss is not None else "n/a"

@@ -1,0 +1,212 @@
+"""Fine-tune a MambaVLM: ``run_finetune(config)``, what ``train/finetune.py`` runs.
+
+Builds the model and data of a ``TrainConfig``, trains with the one engine (``mambavlm.training.engine``:
+one phase, the next-token objective, a freeze preset), saves the final model with
+``save_pretrained``, scores the val split by greedy exact match and writes ``metrics.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import set_seed
+
+from mambavlm.data.collate import VLMCollator
+from mambavlm.data.llava import LlavaDataset
+from mambavlm.data.synthetic import make_shapes_vqa
+from mambavlm.io import atomic_file
+from mambavlm.llm.factory import check_mamba_training_kernels
+from mambavlm.model import MambaVLM, build_model
+from mambavlm.training.config import DataConfig, TrainConfig
+from mambavlm.training.engine import Phase, Trainer, TrainerState, format_loss
+from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
+from mambavlm.training.objectives import NextTokenObjective
+from mambavlm.training.optim import FreezePreset
+
+__all__ = ["FINAL_MODEL_DIR", "METRICS_FILE", "prepare_data", "run_finetune", "skip_metrics"]
+
+logger = get_logger(__name__)
+
+METRICS_FILE = "metrics.json"
+FINAL_MODEL_DIR = "final"
+SYNTHETIC_DIR = "data"
+SYNTHETIC_SPEC_FILE = "synthetic.json"
+VAL_ANSWERS_FILE = "val_answers.jsonl"
+TRAIN_CONFIG_FILE = "train_config.yaml"
+
+
+def run_finetune(config: TrainConfig) -> dict[str, Any]:
+    """Train, save ``final/`` and the last checkpoint, score the val split; returns the metrics.
+
+    The metrics (``OUTPUT_DIR/metrics.json``) are returned on the main process, ``{}`` elsewhere.
+    """
+    started = time.perf_counter()
+    cfg = config
+    output_dir = Path(cfg.output_dir)
+    trainer = Trainer(
+        output_dir,
+        seed=cfg.seed,
+        mixed_precision=cfg.train.mixed_precision,
+        trackers=cfg.trackers,
+        tracker_config=_flat_scalars(cfg.model_dump(mode="json")),
+        log_every=cfg.train.log_every,
+        save_every=cfg.train.save_every,
+        keep_last=cfg.train.keep_last,
+        resume_from=cfg.train.resume_from,
+        num_workers=cfg.data.num_workers,
+    )
+    acc = trainer.accelerator
+    train_json, val_json, image_root = prepare_data(cfg.data, output_dir, acc)
+    set_seed(cfg.seed)
+    model = build_model(cfg.model)
+    check_mamba_training_kernels(model.llm, acc.device)
+    if cfg.train.gradient_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    dataset = training_dataset(model, train_json, image_root, cfg.data.max_length, cfg.blind)
+    if acc.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    train = cfg.train
+    phase = Phase(
+        name="finetune",
+        objective=NextTokenObjective(model),
+        trainable=FreezePreset(train.freeze),
+        lr=train.lr,
+        global_batch_size=train.global_batch_size,
+        micro_batch_size=train.micro_batch_size,
+        max_steps=train.max_steps,
+        epochs=train.epochs,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        schedule="cosine",
+        warmup_ratio=train.warmup_ratio,
+    )
+    state = trainer.run([phase], dataset, VLMCollator(model.tokenizer.pad_token_id))
+
+    def fresh() -> MambaVLM:
+        plain = build_model(cfg.model, load_weights=False, load_tokenizer=False)
+        plain.tokenizer = model.tokenizer
+        return plain
+
+    final_model = trainer.gathered_module(fresh)
+    metrics: dict[str, Any] = {}
+    if acc.is_main_process:
+        final_model.save_pretrained(output_dir / FINAL_MODEL_DIR)
+        metrics = {
+            "step_losses": state.phase_losses[0],
+            **evaluate_val(final_model, cfg, val_json, image_root, output_dir),
+            **skip_metrics(state),
+            "steps": state.step,
+            "num_processes": acc.num_processes,
+            "gradient_accumulation_steps": acc.gradient_accumulation_steps,
+            "wall_seconds": time.perf_counter() - started,
+            "config": cfg.model_dump(mode="json"),
+        }
+        with atomic_file(output_dir / METRICS_FILE) as f:
+            json.dump(metrics, f, indent=1)
+        final_loss = state.phase_losses[0][-1] if state.phase_losses[0] else None
+        logger.info(
+            f"done in {metrics['wall_seconds']:.1f} s: final loss {format_loss(final_loss)}, "
+            f"val accuracy {metrics['val_accuracy']}, {state.num_skipped} skipped records; "
+            f"model in {output_dir / FINAL_MODEL_DIR}"
+        )
+    acc.wait_for_everyone()
+    trainer.end()
+    return metrics
+
+
+def skip_metrics(state: TrainerState) -> dict[str, Any]:
+    """The skip and truncation counts of a run, for metrics.json."""
+    return {
+        "num_skipped": state.num_skipped,
+        "skipped_by_kind": dict(sorted(state.skipped_by_kind.items())),
+        "num_truncated": state.num_truncated,
+    }
+
+
+def training_dataset(
+    model: MambaVLM, train_json: Path, image_root: Path | None, max_length: int | None, blind: bool = False
+) -> LlavaDataset:
+    """LLaVA-format records tokenised for ``model`` (its template, BOS, visual tokens, encoders' transforms)."""
+    transforms = [encoder.preprocess for encoder in model.vision.encoders]
+    if blind:
+        transforms = [BlankImage(t) for t in transforms]
+    return LlavaDataset(
+        train_json,
+        image_root if image_root is not None else train_json.parent,
+        model.tokenizer,
+        model.template,
+        transforms,
+        model.num_visual_tokens,
+        max_length or model.config.max_length,
+        model.add_bos,
+    )
+
+
+def evaluate_val(
+    model: MambaVLM, config: TrainConfig, val_json: Path | None, image_root: Path | None, output_dir: Path
+) -> dict[str, Any]:
+    """Greedy exact match on the val split (main process); answers go to val_answers.jsonl."""
+    if val_json is None:
+        return {"val_accuracy": None, "val_num_items": 0, "val_num_skipped": 0}
+    items = load_vqa_items(val_json, image_root)
+    model.eval()
+    rows, skipped = generate_answers(
+        model, items, config.train.eval_batch_size, config.train.eval_max_new_tokens, blind=config.blind
+    )
+    with atomic_file(output_dir / VAL_ANSWERS_FILE) as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else None
+    return {"val_accuracy": accuracy, "val_num_items": len(rows), "val_num_skipped": len(skipped)}
+
+
+def _flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> {"a.b.c": scalar} (lists as strings), the form trackers accept."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat_scalars(value, f"{name}."))
+        elif isinstance(value, (int, float, str, bool)):
+            flat[name] = value
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def prepare_data(
+    data: DataConfig, output_dir: Path, accelerator: Accelerator
+) -> tuple[Path, Path | None, Path | None]:
+    """(train JSON, val JSON or None, image root or None) of ``data``.
+
+    Named files are checked to exist; otherwise the synthetic Shapes-VQA task is written under
+    ``output_dir/data`` by the main process (once per spec) while the others wait.
+    """
+    if data.train is not None:
+        paths = {"data.train": data.train, "data.val": data.val}
+        for key, value in paths.items():
+            if value is not None and not Path(value).is_file():
+                raise FileNotFoundError(f"{key}: file not found: {value}")
+        if data.image_root is not None and not Path(data.image_root).is_dir():
+            raise FileNotFoundError(f"data.image_root: directory not found: {data.image_root}")
+        root = Path(data.image_root) if data.image_root is not None else None
+        return Path(data.train), Path(data.val) if data.val is not None else None, root
+    synthetic = data.synthetic
+    out_dir = output_dir / SYNTHETIC_DIR
+    spec = synthetic.model_dump()
+    spec_file = out_dir / SYNTHETIC_SPEC_FILE
+    if accelerator.is_main_process:
+        if not spec_file.is_file() or json.loads(spec_file.read_text()) != spec:
+            logger.info(f"writing the synthetic Shapes-VQA task to {out_dir}")
+            make_shapes_vqa(out_dir, synthetic.num_train, synthetic.num_val, synthetic.image_size, synthetic.seed)
+            with atomic_file(spec_file) as f:
+                json.dump(spec, f)
+    accelerator.wait_for_everyone()
+    return out_dir / "train.json", (out_dir / "val.json" if synthetic.num_val else None), out_dir
