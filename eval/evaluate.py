@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mambavlm.io import atomic_file
+from mambavlm.atomic import atomic_file
 from mambavlm.model import CONFIG_FILE, MambaVLM
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
 from mambavlm.training.finetune import FINAL_MODEL_DIR

@@ -23,7 +23,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mambavlm.config import ConfigError, ModelConfig, load_config
 from mambavlm.generation import GenerationSettings, StaticDecoder, build_static_decoder, supports_static_decoding
-from mambavlm.io import atomic_directory
+from mambavlm.atomic import atomic_directory
 from mambavlm.llm.factory import build_llm
 from mambavlm.llm.templates import ConversationTemplate, get_template
 from mambavlm.llm.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_tokenizer, tokenize_prompt

@@ -38,7 +38,7 @@ from mambavlm.data.llava import LlavaDataset
 from mambavlm.distill.config import DistillConfig
 from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.distill.stages import DistillationObjective, StageTrainable, language_model
-from mambavlm.io import atomic_file
+from mambavlm.atomic import atomic_file
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer

@@ -19,7 +19,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from mambavlm.io import atomic_directory
+from mambavlm.atomic import atomic_directory
 
 __all__ = [
     "CHECKPOINT_PREFIX",

@@ -246,10 +246,11 @@ class Trainer:
                     f"this run has {len(phases)}"
                 )
             logger.info(f"resuming from {resume}: phase {phases[state.phase].name}, step {state.step}")
+        resume_phase = state.phase
         for index, phase in enumerate(phases):
-            if index < state.phase:
+            if index < resume_phase:
                 continue
-            self._run_phase(phase, state, resume if index == state.phase else None)
+            self._run_phase(phase, state, resume if index == resume_phase else None)
             if index + 1 < len(phases):
                 state.phase, state.step, state.epoch, state.batches_done = index + 1, 0, 0, 0
         acc.wait_for_everyone()

@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.data.synthetic import make_shapes_vqa
-from mambavlm.io import atomic_file
+from mambavlm.atomic import atomic_file
 from mambavlm.llm.factory import check_mamba_training_kernels
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training.config import DataConfig, TrainConfig

@@ -1,0 +1,131 @@
+"""Distillation on the one training engine: killed mid-stage and resumed it repeats the uninterrupted
+losses; bad records are skipped and counted as fine-tuning counts them, even a first micro-batch
+whose every record is bad."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.data_loader import SeedableRandomSampler
+
+from mambavlm.data.synthetic import make_shapes_vqa
+from mambavlm.model import build_model
+from mambavlm.training import load_train_config, run_finetune
+from mambavlm.training.engine import Trainer
+
+ROOT = Path(__file__).resolve().parents[2]
+LLAMA = (
+    "{vocab_size: 1024, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4, num_attention_heads: 4, "
+    "num_key_value_heads: 2, max_position_embeddings: 256, initializer_range: 0.1}"
+)
+
+
+def distill_main(argv: list[str]) -> dict:
+    spec = importlib.util.spec_from_file_location("distill_script", ROOT / "train/distill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LLaMA VLM (random weights), saved as a MambaVLM directory."""
+    torch.manual_seed(0)
+    model = build_model(ROOT / "configs/model/tiny.yaml", ["llm.family=llama", f"llm.config={LLAMA}"])
+    path = tmp_path_factory.mktemp("teacher") / "model"
+    model.save_pretrained(path)
+    return path
+
+
+def distill_args(teacher: Path, out: Path, *extra: str) -> list[str]:
+    stages = ", ".join(
+        f"{{name: {name}, max_steps: 5, lr: {lr}, global_batch_size: 8, micro_batch_size: 4}}"
+        for name, lr in (("stage1", 1e-2), ("stage2", 5e-3), ("stage3", 3e-3))
+    )
+    return [
+        "--config", str(ROOT / "configs/distill/tiny.yaml"),
+        f"teacher={teacher}", f"output_dir={out}", "layout=head-interleaved:2",
+        "data.synthetic={num_train: 24, num_val: 4, image_size: 24}",
+        f"stages=[{stages}]", "eval_batch_size=4", "eval_max_new_tokens=3", "log_every=1", "save_every=3",
+        *extra,
+    ]
+
+
+def test_distillation_killed_mid_stage_resumes_with_the_uninterrupted_losses(
+    teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = distill_main(distill_args(teacher, tmp_path / "whole"))
+    uninterrupted = [stage["step_losses"] for stage in whole["stages"]]
+    assert all(len(losses) == 5 and None not in losses for losses in uninterrupted)
+
+    # A crash at global step 8 (stage2, step 3): the newest checkpoint is step 6 (stage2, step 1).
+    real_log = Trainer._log
+
+    def crash_at_step_8(self, phase, state, *args):  # noqa: ANN001
+        real_log(self, phase, state, *args)
+        if state.global_step == 8:
+            raise KeyboardInterrupt("killed")
+
+    monkeypatch.setattr(Trainer, "_log", crash_at_step_8)
+    out = tmp_path / "killed"
+    with pytest.raises(KeyboardInterrupt):
+        distill_main(distill_args(teacher, out))
+    # checkpoints at steps 3 and 6 (save_every) and 5 (the end of stage1); the last two are kept
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
+    state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
+    assert (state["phase"], state["step"], state["global_step"]) == (1, 1, 6)
+    assert not (out / "metrics.json").exists()
+
+    monkeypatch.setattr(Trainer, "_log", real_log)
+    resumed = distill_main(distill_args(teacher, out, "resume_from=latest"))
+    losses = [stage["step_losses"] for stage in resumed["stages"]]
+    for stage_losses, expected in zip(losses, uninterrupted):
+        assert stage_losses == pytest.approx(expected, rel=1e-6)
+    assert resumed["student_val_accuracy"] == whole["student_val_accuracy"]
+
+
+def bad_image_data(root: Path) -> tuple[Path, set[int]]:
+    """16 Shapes-VQA records, the images of the last 8 overwritten with bytes no decoder reads."""
+    train, _ = make_shapes_vqa(root, 16, 0, image_size=24)
+    records = json.loads(train.read_text())
+    bad = set(range(8, 16))
+    for index in bad:
+        (root / records[index]["image"]).write_bytes(b"not an image")
+    return train, bad
+
+
+def visited_records(seed: int, num_records: int, micro: int, steps: int) -> list[int]:
+    """The records the engine's first epoch visits in ``steps`` steps of one micro-batch each."""
+    sampler = SeedableRandomSampler(range(num_records), data_seed=seed)
+    sampler.set_epoch(0)
+    return list(sampler)[: micro * steps]
+
+
+def test_bad_records_are_skipped_and_counted_alike_in_distillation_and_finetuning(
+    teacher: Path, tmp_path: Path
+) -> None:
+    train, bad = bad_image_data(tmp_path / "data")
+    micro, steps = 4, 3
+    seed = next(s for s in range(200) if set(visited_records(s, 16, micro, 1)) <= bad)  # first micro-batch all bad
+    expected = sum(index in bad for index in visited_records(seed, 16, micro, steps))
+
+    stage = f"{{name: stage1, max_steps: {steps}, lr: 1.0e-2, global_batch_size: {micro}, micro_batch_size: {micro}}}"
+    distilled = distill_main([
+        "--config", str(ROOT / "configs/distill/tiny.yaml"), f"teacher={teacher}", f"output_dir={tmp_path / 'd'}",
+        f"data={{train: {train}}}", f"stages=[{stage}]", f"seed={seed}", "eval_batch_size=4",
+    ])
+    finetuned = run_finetune(load_train_config(ROOT / "configs/train/tiny.yaml", [
+        f"output_dir={tmp_path / 'f'}", f"data={{train: {train}}}", f"seed={seed}", f"train.max_steps={steps}",
+        f"train.global_batch_size={micro}", f"train.micro_batch_size={micro}",
+    ]))
+    for metrics in (distilled, finetuned):
+        assert metrics["num_skipped"] == expected > micro
+        assert metrics["skipped_by_kind"] == {"unreadable image": expected}
+    assert distilled["stages"][0]["step_losses"][0] is None  # the all-bad first step trained on nothing
+    assert finetuned["step_losses"][0] is None
+    on_disk = json.loads((tmp_path / "d" / "metrics.json").read_text())
+    assert on_disk["skipped_by_kind"] == {"unreadable image": expected}
