@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from mambavlm.config import ConfigError, ModelConfig, apply_overrides, deep_merge, load_config
+from tests.conftest import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
 
 

@@ -14,20 +14,14 @@ from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import WEIGHTS_FILE, MambaVLM, build_model
+from tests.conftest import TINY_MODEL, tiny_vlm
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "model" / "tiny.yaml"
 LLAMA_OVERRIDES = [
     "llm.family=llama",
     "llm.config={hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
     "num_attention_heads: 4, num_key_value_heads: 2, vocab_size: 1024}",
     "llm.template=vicuna_v1",
 ]
-
-
-def tiny_model(*overrides: str, seed: int = 0) -> MambaVLM:
-    torch.manual_seed(seed)
-    return build_model(TINY, list(overrides)).eval()
 
 
 def image(color: tuple[int, int, int], size: int = 32) -> Image.Image:
@@ -76,7 +70,7 @@ def batch_for(model: MambaVLM, tmp_path: Path, with_text_only: bool = True) -> d
 
 
 def test_visual_tokens_are_spliced_at_the_placeholders(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_vlm()
     batch = batch_for(model, tmp_path)
     ids, pixels = batch["input_ids"], batch["pixel_values"]
     embeds = model.embed(ids, pixels)
@@ -90,7 +84,7 @@ def test_visual_tokens_are_spliced_at_the_placeholders(tmp_path: Path) -> None:
 
 
 def test_padded_batch_matches_each_sample_alone(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_vlm()
     batch = batch_for(model, tmp_path)
     logits = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}).logits
     for i in range(3):
@@ -102,7 +96,7 @@ def test_padded_batch_matches_each_sample_alone(tmp_path: Path) -> None:
 
 
 def test_loss_is_cross_entropy_on_answer_tokens_only(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_vlm()
     batch = batch_for(model, tmp_path)
     out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
     logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
@@ -112,16 +106,16 @@ def test_loss_is_cross_entropy_on_answer_tokens_only(tmp_path: Path) -> None:
 
 
 def test_text_only_input_equals_the_plain_hf_language_model(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_vlm()
     model.llm.save_pretrained(tmp_path / "lm")
     plain = MambaForCausalLM.from_pretrained(tmp_path / "lm").eval()
-    vlm = build_model(TINY, [f"llm.source={tmp_path / 'lm'}"]).eval()
+    vlm = build_model(TINY_MODEL, [f"llm.source={tmp_path / 'lm'}"]).eval()
     ids = torch.tensor([model.build_prompt_ids("how many objects are there ?", with_image=False)])
     torch.testing.assert_close(vlm(input_ids=ids).logits, plain(input_ids=ids).logits)
 
 
 def test_tiny_model_trains_and_loss_falls(tmp_path: Path) -> None:
-    model = tiny_model().train()
+    model = tiny_vlm().train()
     batch = batch_for(model, tmp_path, with_text_only=False)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")}
     params = [p for p in model.parameters() if p.requires_grad]
@@ -157,7 +151,7 @@ def _greedy_by_recomputation(model: MambaVLM, ids: list[int], pixels, steps: int
 
 @pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
 def test_cached_generation_equals_recomputation(overrides: list[str]) -> None:
-    model = tiny_model(*overrides, seed=1)
+    model = tiny_vlm(*overrides, seed=1)
     img = image((30, 200, 30))
     ids = model.build_prompt_ids("what shape is the green object ?", with_image=True)
     pixels = model.preprocess_images([img])
@@ -170,7 +164,7 @@ def test_cached_generation_equals_recomputation(overrides: list[str]) -> None:
 
 
 def test_batched_generation_with_left_padding_and_sampling() -> None:
-    model = tiny_model(seed=2)
+    model = tiny_vlm(seed=2)
     imgs = [image((230, 30, 30)), None]
     prompts = ["what color is the square ?", "how many objects are there ?"]
     greedy = model.generate(imgs, prompts, max_new_tokens=4)
@@ -186,7 +180,7 @@ def test_batched_generation_with_left_padding_and_sampling() -> None:
 
 @pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
 def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, overrides: list[str]) -> None:
-    model = tiny_model(*overrides)
+    model = tiny_vlm(*overrides)
     with torch.no_grad():
         for p in model.projector.parameters():
             p.add_(0.01 * torch.randn_like(p))
@@ -202,7 +196,7 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, overrides: 
 
 
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_vlm()
     model.save_pretrained(tmp_path / "saved")
     weights = tmp_path / "saved" / WEIGHTS_FILE
     state = load_file(str(weights))
@@ -216,7 +210,7 @@ def test_load_errors_name_the_problem(tmp_path: Path) -> None:
 
 
 def test_bad_inputs_are_reported(tmp_path: Path) -> None:
-    model = tiny_model()
+    model = tiny_vlm()
     batch = batch_for(model, tmp_path)
     with pytest.raises(ValueError, match="no pixel_values"):
         model(input_ids=batch["input_ids"])

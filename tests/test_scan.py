@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from mambavlm.scan import (
     plot_scan_orders,
     scan_orders,
 )
+from tests.conftest import ROOT
 
 CROSS_CAT_2x3_TWO_MAPS = [
     [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11],
@@ -180,8 +180,7 @@ def test_import_and_plot_leave_matplotlib_state_alone(tmp_path):
         "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
-    repo_root = Path(__file__).resolve().parents[1]
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=repo_root
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT
     )
     assert result.returncode == 0, result.stderr

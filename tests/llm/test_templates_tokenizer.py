@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
@@ -20,8 +19,9 @@ from mambavlm.llm.tokenizer import (
     tokenize_conversation,
     tokenize_prompt,
 )
+from tests.conftest import ROOT
 
-VOCAB_FILE = Path(__file__).parent.parent / "mambavlm" / "llm" / "tiny_vocab.txt"
+VOCAB_FILE = ROOT / "mambavlm" / "llm" / "tiny_vocab.txt"
 VICUNA_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."

@@ -1,41 +1,31 @@
-"""The static-state decoder: same tokens as HF generate and as recomputing everything, sampling,
-settings, the MambaVLM hook, the benchmark scripts' --quick runs, and (on CUDA) the CUDA-graph path."""
+"""The static-state decoder for Mamba and Mamba-2 LMs: same tokens as HF generate and as recomputing
+everything, EOS handling, state reuse, the MambaVLM hook, and (on CUDA) the CUDA-graph path."""
 
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import (
-    GenerationConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Mamba2Config,
-    Mamba2ForCausalLM,
-    MambaConfig,
-    MambaForCausalLM,
-    PreTrainedModel,
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+
+from mambavlm.generation import StaticStateDecoder
+from mambavlm.model import MambaVLM
+from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV, kernels_available
+from tests.conftest import (
+    TINY_LMS,
+    TINY_VOCAB,
+    assert_same_up_to_near_tie,
+    left_padded_prompt,
+    strengthen_mixers,
+    tiny_mamba,
+    tiny_vlm,
 )
 
-from mambavlm.generation import GenerationSettings, StaticStateDecoder
-from mambavlm.generation.sampling import TokenChooser, sample_from_probs
-from mambavlm.ops.selective_state_update import selective_state_update
-from mambavlm.llm.mamba2_lm import SSDForCausalLM
-from mambavlm.model import MambaVLM, build_model
-from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV, kernels_available
-from mambavlm.ops.selective_scan import selective_scan_naive
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "configs" / "model" / "tiny.yaml"
-VOCAB = 97
 
 # transformers routes its Mamba ops to an installed mamba_ssm / causal_conv1d whatever the device,
 # so its CPU reference cannot run where those CUDA kernels are installed; the GPU tests compare there.
@@ -43,65 +33,6 @@ hf_cpu_reference = pytest.mark.skipif(
     any(kernels_available().values()),
     reason="transformers sends CPU tensors to the installed CUDA kernels; compared on CUDA instead",
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """These shapes are tiny: one thread avoids thread-pool stalls on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def strengthen_mixers(model: PreTrainedModel) -> PreTrainedModel:
-    """Scale the mixers' outputs up (so tokens depend on the context, not only on the last token) and
-    give the convs a bias (so padded positions are non-zero unless masked, as transformers does)."""
-    with torch.no_grad():
-        for layer in model.backbone.layers:
-            layer.mixer.out_proj.weight.mul_(10)
-            layer.mixer.conv1d.bias.normal_()
-    return model
-
-
-def tiny_mamba(seed: int = 1) -> MambaForCausalLM:
-    """A 2-layer Mamba-1 LM."""
-    torch.manual_seed(seed)
-    config = MambaConfig(
-        hidden_size=32, num_hidden_layers=2, vocab_size=VOCAB, state_size=8, expand=2, tie_word_embeddings=False
-    )
-    model = MambaForCausalLM(config).eval()
-    return strengthen_mixers(model)
-
-
-def tiny_mamba2(seed: int = 1) -> SSDForCausalLM:
-    """A 2-layer Mamba-2 LM: 8 heads of 16, 2 groups, d_state 16, chunks of 16 (the prompts span two;
-    16 is the smallest size mamba_ssm's Triton SSD kernels take). in_proj's width (328) is a multiple of
-    8, as causal_conv1d's kernel needs for the channel-last view transformers gives it."""
-    torch.manual_seed(seed)
-    config = Mamba2Config(
-        hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=16, expand=2, num_heads=8, head_dim=16,
-        n_groups=2, chunk_size=16, tie_word_embeddings=False,
-    )
-    model = SSDForCausalLM(config).eval()
-    return strengthen_mixers(model)
-
-
-TINY_LMS = {"mamba": tiny_mamba, "mamba2": tiny_mamba2}
-
-
-def left_padded_prompt(model: PreTrainedModel, lengths: tuple[int, ...] = (19, 13)) -> tuple[Tensor, Tensor]:
-    """Random prompts of the given lengths, left-padded: inputs_embeds (B, L, D), attention_mask (B, L)."""
-    generator = torch.Generator().manual_seed(1)
-    width = max(lengths)
-    ids = torch.randint(0, VOCAB, (len(lengths), width), generator=generator)
-    mask = torch.zeros(len(lengths), width, dtype=torch.long)
-    for row, length in enumerate(lengths):
-        mask[row, width - length :] = 1
-    device = model.lm_head.weight.device
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(ids.to(device))
-    return embeds, mask.to(device)
 
 
 def recompute_greedy(model: PreTrainedModel, embeds: Tensor, mask: Tensor, steps: int) -> Tensor:
@@ -122,32 +53,13 @@ def hf_generate(model: PreTrainedModel, embeds: Tensor, mask: Tensor, **kwargs: 
         return model.generate(inputs_embeds=embeds, attention_mask=mask, do_sample=False, **kwargs)
 
 
-def test_selective_state_update_steps_equal_the_scan() -> None:
-    """L one-token updates from a zero state give selective_scan_naive's outputs and last state."""
-    torch.manual_seed(0)
-    batch, dim, n, length = 2, 6, 4, 5
-    u, delta, z = torch.randn(batch, dim, length), torch.randn(batch, dim, length), torch.randn(batch, dim, length)
-    A, B, C = -torch.rand(dim, n) - 0.1, torch.randn(batch, n, length), torch.randn(batch, n, length)
-    D, bias = torch.randn(dim), torch.randn(dim)
-    expected, last = selective_scan_naive(u, delta, A, B, C, D, z, bias, delta_softplus=True, return_last_state=True)
-    state = torch.zeros(batch, dim, n)
-    outputs = [
-        selective_state_update(state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D, z[..., t], bias, True)
-        for t in range(length)
-    ]
-    torch.testing.assert_close(torch.stack(outputs, dim=-1), expected)
-    torch.testing.assert_close(state, last)
-    with pytest.raises(ValueError, match="A must be"):
-        selective_state_update(state, u[..., 0], delta[..., 0], A[:, :2], B[..., 0], C[..., 0])
-
-
 @hf_cpu_reference
 @pytest.mark.parametrize("family", sorted(TINY_LMS))
 def test_prefill_and_steps_give_the_full_forward_logits(family: str) -> None:
     """Prefill on a left-padded prefix, then steps: each logit row equals HF's uncached forward."""
     model = TINY_LMS[family]()
     embeds, mask = left_padded_prompt(model)
-    ids = torch.randint(0, VOCAB, (2, 3), generator=torch.Generator().manual_seed(2))
+    ids = torch.randint(0, TINY_VOCAB, (2, 3), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         full_embeds = torch.cat([embeds, model.get_input_embeddings()(ids)], dim=1)
         full_mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
@@ -214,63 +126,11 @@ def test_eos_stops_and_pads_like_hf_generate() -> None:
     assert (ours[0, hits[0] + 1 :] == pad).all()
 
 
-@pytest.mark.parametrize("family", sorted(TINY_LMS))
-def test_sampling_is_reproducible_with_a_seed(family: str) -> None:
-    model = TINY_LMS[family]()
-    embeds, mask = left_padded_prompt(model)
-    decoder = StaticStateDecoder(model)
-    kwargs = {"max_new_tokens": 12, "do_sample": True, "temperature": 1.5, "top_k": 0, "eos_token_id": None}
-    first = decoder.generate(embeds, mask, torch.Generator().manual_seed(7), **kwargs)
-    again = decoder.generate(embeds, mask, torch.Generator().manual_seed(7), **kwargs)
-    other = decoder.generate(embeds, mask, torch.Generator().manual_seed(8), **kwargs)
-    torch.testing.assert_close(first, again)
-    assert not torch.equal(first, other)
-
-
-def test_sample_from_probs_draws_with_the_given_probabilities() -> None:
-    probs = torch.tensor([0.5, 0.3, 0.15, 0.05, 0.0])
-    draws = sample_from_probs(probs.expand(40_000, -1).contiguous(), torch.Generator().manual_seed(0))
-    frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
-    torch.testing.assert_close(frequencies, probs, atol=0.01, rtol=0)
-
-
-def test_top_k_and_top_p_sample_only_from_the_kept_tokens() -> None:
-    """Hand-worked: top_k=3 keeps logits 3, 2, 1; then top_p=0.8 drops the last (cumulative 0.91)."""
-    logits = torch.tensor([[1.0, 3.0, -2.0, 2.0, 0.0]]).expand(30_000, -1)
-    chooser = TokenChooser(
-        GenerationSettings(max_new_tokens=1, do_sample=True, top_k=3, top_p=0.8), torch.Generator().manual_seed(0)
-    )
-    draws = chooser(logits)
-    kept = torch.softmax(torch.tensor([3.0, 2.0]), dim=0)
-    frequencies = torch.bincount(draws, minlength=5).float() / draws.numel()
-    torch.testing.assert_close(frequencies, torch.tensor([0.0, kept[0], 0.0, kept[1], 0.0]), atol=0.01, rtol=0)
-    greedy = TokenChooser(GenerationSettings(max_new_tokens=1))
-    assert greedy(logits[:2]).tolist() == [1, 1]
-
-
-def test_settings_follow_hf_precedence_and_reject_what_they_cannot_do() -> None:
-    config = GenerationConfig(eos_token_id=3, pad_token_id=4, top_k=7, max_new_tokens=9)
-    settings = GenerationSettings.from_generate_kwargs({"do_sample": True, "temperature": 0.5}, config)
-    assert settings == GenerationSettings(
-        max_new_tokens=9, do_sample=True, temperature=0.5, top_k=7, top_p=1.0, eos_token_ids=(3,), pad_token_id=4
-    )
-    assert GenerationSettings.from_generate_kwargs({"eos_token_id": None}, config).eos_token_ids == ()
-    assert GenerationSettings.from_generate_kwargs({"max_new_tokens": 2}).top_k == 50
-    assert GenerationSettings(max_new_tokens=1, eos_token_ids=(2, 6)).fill_token_id == 2
-    with pytest.raises(ValueError, match="'num_beams'"):
-        GenerationSettings.from_generate_kwargs({"num_beams": 2, "max_new_tokens": 3})
-    with pytest.raises(ValueError, match="repetition_penalty=1.2"):
-        GenerationSettings.from_generate_kwargs({"max_new_tokens": 3}, GenerationConfig(repetition_penalty=1.2))
-    with pytest.raises(ValueError, match="max_new_tokens is required"):
-        GenerationSettings.from_generate_kwargs({})
-    with pytest.raises(ValueError, match="top_p"):
-        GenerationSettings(max_new_tokens=1, top_p=0.0)
-    assert not GenerationSettings.accepts({"num_beams": 2})
-
-
 def test_decoder_rejects_what_it_cannot_run() -> None:
     llama = LlamaForCausalLM(
-        LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=VOCAB)
+        LlamaConfig(
+            hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, vocab_size=TINY_VOCAB
+        )
     )
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         StaticStateDecoder(llama)
@@ -289,10 +149,9 @@ def test_decoder_rejects_what_it_cannot_run() -> None:
         decoder.step(torch.zeros(3, dtype=torch.long))
 
 
-def tiny_vlm() -> MambaVLM:
+def strengthened_vlm() -> MambaVLM:
     """The tiny MambaVLM, its LLM's mixers strengthened so that tokens depend on the image."""
-    torch.manual_seed(0)
-    model = build_model(TINY, load_weights=False).eval()
+    model = tiny_vlm(load_weights=False)
     strengthen_mixers(model.llm)
     return model
 
@@ -301,7 +160,7 @@ def tiny_vlm() -> MambaVLM:
 def test_vlm_fast_path_gives_hf_generate_tokens() -> None:
     """An image prompt and a shorter text-only prompt, left-padded together, through generate_ids and
     generate: fast=True (static state) == fast=False (HF generate); greedy and seeded sampling."""
-    model = tiny_vlm()
+    model = strengthened_vlm()
     image = Image.new("RGB", (32, 32), (200, 40, 40))
     ids = [model.build_prompt_ids("what is it ?", True), model.build_prompt_ids("hello", False)]
     width = max(len(x) for x in ids)
@@ -327,22 +186,6 @@ def test_vlm_fast_path_gives_hf_generate_tokens() -> None:
     torch.testing.assert_close(sample(), sample())
 
 
-@pytest.mark.parametrize("script", ["generation", "projector", "training_throughput", "long_context"])
-def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: Path) -> None:
-    out = tmp_path / f"{script}.md"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-m", f"benchmarks.{script}", "--quick", "--out", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    text = out.read_text()
-    assert text in result.stdout
-    table = [line for line in text.splitlines() if line.startswith("|")]
-    assert len(table) >= 4 and table[1].startswith("|---")
-    assert "- device: CPU" in text
-
-
 # ---------------------------------------------------------------- CUDA: the captured step
 
 
@@ -355,19 +198,6 @@ def greedy_with_logits(decoder: StaticStateDecoder, embeds: Tensor, steps: int) 
         tokens.append(logits.argmax(-1))
         logits = decoder.step(tokens[-1])
     return torch.stack(tokens, 1), torch.stack(all_logits, 1)
-
-
-def assert_same_up_to_near_tie(ours: Tensor, reference: Tensor, ref_logits: Tensor, tol: float) -> None:
-    """Tokens (B, T) equal, or equal until a step where the reference's own logits for the two tokens
-    differ by at most ``tol`` (a near-tie that rounding may flip; after it the sequences continue from
-    different tokens and are not compared)."""
-    for row in range(ours.shape[0]):
-        differ = (ours[row] != reference[row]).nonzero()
-        if differ.numel() == 0:
-            continue
-        t = int(differ[0])
-        gap = ref_logits[row, t, reference[row, t]] - ref_logits[row, t, ours[row, t]]
-        assert gap <= tol, f"row {row} diverges at token {t} with a logit gap of {gap:.4g} > {tol}"
 
 
 def kernel_modes() -> list[object]:

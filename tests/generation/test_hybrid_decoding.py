@@ -12,7 +12,7 @@ from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
 from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE
-from test_hybrid import TINY_LLAMA, perturb_mixers, tiny_llama, tiny_llama_vlm
+from tests.conftest import TINY_LLAMA, assert_same_up_to_near_tie, perturb_mixers, tiny_llama, tiny_llama_vlm
 
 LAYOUTS = ["teacher", "head-interleaved:4", "linear"]  # all attention / attention in layer 0 of 4 / none
 
@@ -109,7 +109,7 @@ def test_linear_student_needs_no_kv_and_has_no_capacity_limit() -> None:
 def test_vlm_with_a_hybrid_llm_fast_path_gives_hf_generate_tokens() -> None:
     from PIL import Image
 
-    student = convert_vlm(tiny_llama_vlm(), "head-interleaved:2", "mmmamba").eval()
+    student = convert_vlm(tiny_llama_vlm(vocab_size=1024), "head-interleaved:2", "mmmamba").eval()
     perturb_mixers(student.llm)
     image = Image.new("RGB", (40, 30), (20, 180, 60))
     prompts = [student.build_prompt_ids("what colour is it", True), student.build_prompt_ids("hi", False)]
@@ -136,8 +136,6 @@ def test_cuda_graph_tokens_equal_eager_and_hf(layout: str, dtype: torch.dtype) -
     """CUDA-graph replay vs the same decoder run eagerly and vs HF generate, on a left-padded batch.
     fp32: equal tokens (a tie within 1e-3 may flip); bf16: equal until a near-tie (2 % of the
     largest logit)."""
-    from test_generation import assert_same_up_to_near_tie
-
     model = model_for(layout).to("cuda", dtype)
     ids, mask = left_padded((70, 41))
     ids, mask = ids.cuda(), mask.cuda()

@@ -1,29 +1,21 @@
-"""SSM ops: chunked selective scan and causal conv1d against independent references, kernel dispatch."""
+"""The chunked selective scan against an independent per-token reference, and the mamba_ssm kernel against it."""
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 import math
-import types
 
 import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from mambavlm.ops import dispatch
-from mambavlm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
-from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV, kernels_available, use_kernels
+from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV, use_kernels
 from mambavlm.ops.selective_scan import CHUNK_SIZE, selective_scan, selective_scan_naive, selective_scan_torch
+from tests.conftest import needs_cuda, needs_mamba_ssm, relative_close
+
 
 SCAN_ARGS = ("u", "delta", "A", "B", "C", "D", "z", "delta_bias")
 BC_LAYOUTS = ("ungrouped", "groups1", "groups2")  # B, C as (Bt, N, L), (Bt, 1, N, L), (Bt, 2, N, L)
-
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-needs_mamba_ssm = pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba_ssm")
-needs_causal_conv1d = pytest.mark.skipif(
-    importlib.util.find_spec("causal_conv1d") is None, reason="needs causal_conv1d"
-)
 
 
 def scan_inputs(
@@ -191,88 +183,6 @@ def test_selective_scan_rejects_bad_inputs_by_name(change, message):
         selective_scan(**args)
 
 
-def conv_by_taps(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, activation: str | None):
-    """Causal depthwise conv written out tap by tap: tap k multiplies the input W - 1 - k steps back."""
-    length, width = x.shape[-1], weight.shape[1]
-    out = torch.zeros_like(x)
-    for k in range(width):
-        lag = width - 1 - k
-        if lag < length:
-            out[..., lag:] += weight[:, k, None] * x[..., : length - lag]
-    if bias is not None:
-        out = out + bias[:, None]
-    return torch.nn.functional.silu(out) if activation == "silu" else out
-
-
-@pytest.mark.parametrize("width", [1, 3, 4, 6])
-@pytest.mark.parametrize("use_bias", [False, True])
-@pytest.mark.parametrize("activation", [None, "silu"])
-def test_causal_conv1d_matches_tap_loop(width, use_bias, activation):
-    gen = torch.Generator().manual_seed(width)
-    x = torch.randn(2, 5, 11, generator=gen, dtype=torch.float64)
-    weight = torch.randn(5, width, generator=gen, dtype=torch.float64)
-    bias = torch.randn(5, generator=gen, dtype=torch.float64) if use_bias else None
-    torch.testing.assert_close(causal_conv1d(x, weight, bias, activation), conv_by_taps(x, weight, bias, activation))
-    short = x[..., :2]  # shorter than the kernel
-    torch.testing.assert_close(
-        causal_conv1d(short, weight, bias, activation), conv_by_taps(short, weight, bias, activation)
-    )
-
-
-@pytest.mark.parametrize("prefix", [0, 2, 7])
-def test_causal_conv1d_update_continues_a_prefill(prefix):
-    gen = torch.Generator().manual_seed(prefix)
-    width, length = 4, 12
-    x = torch.randn(2, 3, length, generator=gen, dtype=torch.float64)
-    weight = torch.randn(3, width, generator=gen, dtype=torch.float64)
-    bias = torch.randn(3, generator=gen, dtype=torch.float64)
-    full = causal_conv1d(x, weight, bias, "silu")
-    state = causal_conv1d_state(x[..., :prefix], width)
-    steps = [causal_conv1d_update(x[..., t], state, weight, bias, "silu") for t in range(prefix, length)]
-    torch.testing.assert_close(torch.stack(steps, dim=-1), full[..., prefix:])
-    torch.testing.assert_close(state, x[..., -width:])  # updated in place to the last W inputs
-
-
-def test_causal_conv1d_state_pads_short_prefill_with_zeros():
-    x = torch.tensor([[[1.0, 2.0]]])
-    torch.testing.assert_close(causal_conv1d_state(x, 4), torch.tensor([[[0.0, 0.0, 1.0, 2.0]]]))
-    torch.testing.assert_close(causal_conv1d_state(torch.arange(6.0).view(1, 1, 6), 3), torch.tensor([[[3.0, 4, 5]]]))
-
-
-def test_causal_conv1d_rejects_bad_inputs_by_name():
-    x = torch.zeros(1, 3, 5)
-    with pytest.raises(ValueError, match="weight must be"):
-        causal_conv1d(x, torch.zeros(4, 2))
-    with pytest.raises(ValueError, match="activation must be"):
-        causal_conv1d(x, torch.zeros(3, 2), activation="gelu")
-    with pytest.raises(ValueError, match="conv_state must be"):
-        causal_conv1d_update(x[..., 0], torch.zeros(1, 3, 3), torch.zeros(3, 2))
-
-
-def test_use_kernels_follows_device_availability_and_env(monkeypatch):
-    available = kernels_available()
-    assert set(available) == {"mamba_ssm", "causal_conv1d"}
-    assert all(isinstance(v, bool) for v in available.values())
-    assert not use_kernels(torch.zeros(1), "mamba_ssm")  # CPU tensors never use kernels
-
-    monkeypatch.setattr(dispatch, "kernels_available", lambda: {"mamba_ssm": True, "causal_conv1d": False})
-    cuda_tensor = types.SimpleNamespace(is_cuda=True)
-    monkeypatch.delenv(DISABLE_KERNELS_ENV, raising=False)
-    assert use_kernels(cuda_tensor, "mamba_ssm")
-    assert not use_kernels(cuda_tensor, "causal_conv1d")
-    monkeypatch.setenv(DISABLE_KERNELS_ENV, "0")
-    assert use_kernels(cuda_tensor, "mamba_ssm")
-    monkeypatch.setenv(DISABLE_KERNELS_ENV, "1")
-    assert not use_kernels(cuda_tensor, "mamba_ssm")
-    with pytest.raises(ValueError, match="unknown kernel package 'triton'"):
-        use_kernels(cuda_tensor, "triton")
-
-
-def relative_close(got: torch.Tensor, want: torch.Tensor, rtol: float, name: str) -> None:
-    """Elementwise closeness with atol = rtol * max|want|, so summed gradients get a fair scale."""
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item(), msg=name)
-
-
 @pytest.mark.gpu
 @needs_cuda
 @needs_mamba_ssm
@@ -298,59 +208,3 @@ def test_mamba_ssm_kernel_matches_torch_scan(monkeypatch):
     relative_close(state, ref_state, 1e-4, "last state")
     for name in SCAN_ARGS:
         relative_close(grads[name], ref_grads[name], 1e-4, f"grad of {name}")
-
-
-@pytest.mark.gpu
-@needs_cuda
-@needs_causal_conv1d
-def test_causal_conv1d_kernels_match_torch(monkeypatch):
-    """Kernel vs F.conv1d path in float32 at (2, 64, 1458), W = 4; rtol 1e-5 fwd/update, 1e-4 grads."""
-    monkeypatch.delenv(DISABLE_KERNELS_ENV, raising=False)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 64, 1458, generator=gen).cuda()
-    weight = torch.randn(64, 4, generator=gen).cuda()
-    bias = torch.randn(64, generator=gen).cuda()
-    out_weight = torch.randn(2, 64, 1458, generator=gen).cuda()
-    assert use_kernels(x, "causal_conv1d")
-
-    def run(conv) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        leaves = [t.clone().requires_grad_(True) for t in (x, weight, bias)]
-        out = conv(*leaves)
-        (out * out_weight).sum().backward()
-        return out.detach(), [t.grad for t in leaves]
-
-    def torch_conv(x, weight, bias):
-        monkeypatch.setenv(DISABLE_KERNELS_ENV, "1")
-        try:
-            return causal_conv1d(x, weight, bias, "silu")
-        finally:
-            monkeypatch.delenv(DISABLE_KERNELS_ENV)
-
-    out, grads = run(lambda *a: causal_conv1d(*a, "silu"))
-    ref_out, ref_grads = run(torch_conv)
-    relative_close(out, ref_out, 1e-5, "output")
-    for name, got, want in zip(("x", "weight", "bias"), grads, ref_grads):
-        relative_close(got, want, 1e-4, f"grad of {name}")
-
-    state = causal_conv1d_state(x[..., :1000], 4)
-    ref_state = state.clone()
-    for t in range(1000, 1010):
-        y = causal_conv1d_update(x[..., t], state, weight, bias, "silu")
-        monkeypatch.setenv(DISABLE_KERNELS_ENV, "1")
-        ref_y = causal_conv1d_update(x[..., t], ref_state, weight, bias, "silu")
-        monkeypatch.delenv(DISABLE_KERNELS_ENV)
-        relative_close(y, ref_y, 1e-5, f"update at {t}")
-        torch.testing.assert_close(state, ref_state, rtol=0, atol=0)
-    relative_close(y, ref_out[..., 1009], 1e-5, "update vs full conv")
-
-
-def test_conv_kernel_layout_copies_only_what_the_kernel_rejects() -> None:
-    from mambavlm.ops.causal_conv1d import _kernel_layout
-
-    contiguous = torch.randn(2, 6, 5)
-    assert _kernel_layout(contiguous) is contiguous
-    aligned = torch.randn(2, 5, 16).transpose(1, 2)  # channel-last, strides 80 and 16
-    assert _kernel_layout(aligned) is aligned
-    odd = torch.randn(2, 5, 196)[..., :6].transpose(1, 2)  # channel-last slice, sequence stride 196
-    fixed = _kernel_layout(odd)
-    assert fixed.stride(2) == 1 and torch.equal(fixed, odd)

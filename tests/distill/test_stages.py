@@ -1,0 +1,136 @@
+"""Distillation stages: the trainable set of each stage, gradients reach exactly it, and the stage
+losses (layer-wise MSE / L2, logit KL) against direct computations."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambavlm.distill.convert import convert_llama, convert_vlm
+from mambavlm.distill.stages import (
+    LossWeights,
+    distill_loss,
+    logit_kl,
+    set_trainable,
+    tap_attention,
+    trainable_parameters,
+)
+from mambavlm.llm.hybrid import mamba_mixers
+from tests.conftest import DISTILL_LLAMA, tiny_llama, tiny_llama_vlm
+
+
+def mixer_names(layers: list[int], attributes: list[str]) -> set[str]:
+    return {f"model.layers.{i}.self_attn.mixer.{a}" for i in layers for a in attributes}
+
+
+NEW = ["in_proj_dt.weight", "dt_bias", "A_log", "conv1d.weight", "conv1d.bias", "in_proj_z.weight", "norm.weight"]
+XBC = ["in_proj_x.weight", "in_proj_B.weight", "in_proj_C.weight"]
+
+
+def test_trainable_sets_per_stage() -> None:
+    # Mamba-2 in layers 1, 3; no D
+    hybrid = convert_llama(tiny_llama(**DISTILL_LLAMA), "head-interleaved:2", "mmmamba")
+    expected = {
+        "stage1": mixer_names([1, 3], NEW),
+        "stage2": mixer_names([1, 3], NEW + XBC),
+        "stage3": mixer_names([1, 3], NEW + XBC + ["out_proj.weight"]),
+        "matvlm": mixer_names([1, 3], NEW + XBC + ["out_proj.weight"]),
+    }
+    for stage, names in expected.items():
+        assert trainable_parameters(hybrid, stage) == names, stage
+    # MaTVLM seeding adds the skip D, a new parameter (trained from stage 1 on).
+    matvlm_seeded = convert_llama(tiny_llama(**DISTILL_LLAMA), "list:0", "matvlm")
+    assert trainable_parameters(matvlm_seeded, "stage1") == mixer_names([0], NEW + ["D"])
+
+
+def test_trainable_sets_of_a_vlm_student() -> None:
+    student = convert_vlm(tiny_llama_vlm(**DISTILL_LLAMA), "list:2", "mmmamba")
+    projector = {f"projector.{n}" for n, _ in student.projector.named_parameters()}
+    llm_mixer = {f"llm.{n}" for n in mixer_names([2], NEW + XBC + ["out_proj.weight"])}
+    assert trainable_parameters(student, "stage3") == llm_mixer
+    assert trainable_parameters(student, "matvlm") == llm_mixer | projector
+    names = set_trainable(student, "matvlm")
+    assert {n for n, p in student.named_parameters() if p.requires_grad} == names
+    with pytest.raises(ValueError, match="unknown distillation stage"):
+        trainable_parameters(student, "stage4")
+    with pytest.raises(ValueError, match="no Mamba-2 mixers"):
+        trainable_parameters(tiny_llama(**DISTILL_LLAMA), "stage1")
+
+
+def batch_of(ids: torch.Tensor, lengths: list[int]) -> dict:
+    mask = (torch.arange(ids.shape[1])[None] < torch.tensor(lengths)[:, None]).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": None}
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2", "stage3", "matvlm"])
+def test_gradients_reach_exactly_the_trainable_set(stage: str) -> None:
+    teacher = tiny_llama(**DISTILL_LLAMA).requires_grad_(False)
+    student = convert_llama(teacher, "list:1,2", "matvlm")
+    names = set_trainable(student, stage)
+    ids = torch.randint(0, 1024, (2, 10), generator=torch.Generator().manual_seed(0))
+    loss, parts = distill_loss(stage, teacher, student, batch_of(ids, [10, 7]), LossWeights(gamma=0.5))
+    loss.backward()
+    with_grad = {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert with_grad == names
+    assert set(parts) == {"stage1": {"layer"}, "stage2": {"layer"}, "stage3": {"kl"}, "matvlm": {"layer", "kl", "ce"}}[stage]
+
+
+def test_matvlm_stage_trains_the_projector_of_a_vlm_student() -> None:
+    """With images in the batch, MaTVLM's loss reaches the student's projector (its own embedding)."""
+    from PIL import Image
+
+    teacher = tiny_llama_vlm(**DISTILL_LLAMA).requires_grad_(False)
+    student = convert_vlm(teacher, "list:0,3", "matvlm")
+    names = set_trainable(student, "matvlm")
+    ids = torch.tensor([student.build_prompt_ids("what color is the circle ?", with_image=True)] * 2)
+    pixels = student.preprocess_images([Image.new("RGB", (24, 24), c) for c in ((200, 0, 0), (0, 0, 200))])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "pixel_values": pixels}
+    loss, _ = distill_loss("matvlm", teacher, student, batch)
+    loss.backward()
+    assert {n for n, p in student.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0} == names
+    assert any(n.startswith("projector.") for n in names)
+
+
+@torch.no_grad()
+def test_layerwise_losses_match_a_direct_computation() -> None:
+    """Stage-1 MSE and MaTVLM's L2 term against the teacher's attention recomputed from its hidden states."""
+    teacher = tiny_llama(**DISTILL_LLAMA)
+    student = convert_llama(teacher, "list:1,3", "mmmamba")
+    for p in mamba_mixers(student)[3].parameters():
+        p.add_(0.05)
+    ids = torch.randint(0, 1024, (2, 9), generator=torch.Generator().manual_seed(1))
+    batch = batch_of(ids, [9, 6])
+    hidden = teacher(input_ids=ids, attention_mask=batch["attention_mask"], output_hidden_states=True).hidden_states
+    rope = teacher.model.rotary_emb(hidden[0], torch.arange(9)[None])
+    mask = batch["attention_mask"].bool()
+    mse = l2 = 0.0
+    for i, mixer in mamba_mixers(student).items():
+        layer = teacher.model.layers[i]
+        x = layer.input_layernorm(hidden[i])
+        diff = mixer(x) - layer.self_attn(x, position_embeddings=rope, attention_mask=None)[0]
+        mse += F.mse_loss(diff[mask], torch.zeros_like(diff[mask]))
+        l2 += torch.linalg.vector_norm(diff[mask], dim=-1).mean()
+    loss, _ = distill_loss("stage1", teacher, student, batch)
+    torch.testing.assert_close(loss, mse, rtol=1e-4, atol=1e-9)
+    _, parts = distill_loss("matvlm", teacher, student, batch)
+    assert parts["layer"] == pytest.approx(float(l2), rel=1e-4)
+    with tap_attention(teacher, [1]) as taps:
+        teacher(input_ids=ids)
+    torch.testing.assert_close(taps.inputs[1], teacher.model.layers[1].input_layernorm(
+        teacher(input_ids=ids, output_hidden_states=True).hidden_states[1]))
+
+
+def test_logit_kl_matches_torch_distributions() -> None:
+    g = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(2, 5, 7, generator=g), torch.randn(2, 5, 7, generator=g)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+    for temperature in (1.0, 2.0):
+        kl = torch.distributions.kl_divergence(
+            torch.distributions.Categorical(logits=teacher / temperature),
+            torch.distributions.Categorical(logits=student / temperature),
+        )
+        expected = temperature**2 * kl[mask.bool()].mean()
+        torch.testing.assert_close(logit_kl(student, teacher, mask, temperature), expected)
+    assert float(logit_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)

@@ -1,0 +1,43 @@
+"""The training config: the model path resolved, overrides applied, unknown keys and bad batch sizes
+named, a missing data file a clear error."""
+
+from __future__ import annotations
+
+import pytest
+
+from mambavlm.config import ConfigError
+from mambavlm.training import load_train_config, run_finetune
+from tests.conftest import TINY_MODEL, TINY_TRAIN
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
+
+def test_config_resolves_model_path_and_applies_model_overrides(tmp_path):
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "m.yaml").write_text(TINY_MODEL.read_text())
+    (tmp_path / "runs").mkdir()
+    path = tmp_path / "runs" / "t.yaml"
+    path.write_text("model: ../models/m.yaml\ndata: {synthetic: {num_train: 8, num_val: 2}}\noutput_dir: out\n")
+    config = load_train_config(path, ["model.projector.d_state=5", "train.max_steps=3"])
+    assert config.model.projector.d_state == 5
+    assert config.model.llm.tokenizer == "builtin:tiny"
+    assert config.train.max_steps == 3
+    assert config.output_dir == "out"
+
+
+def test_config_unknown_key_is_named():
+    with pytest.raises(ConfigError, match=r"train\.learning_rate: unknown key"):
+        load_train_config(TINY_TRAIN, ["train.learning_rate=1e-3"])
+    with pytest.raises(ConfigError, match=r"model\.projector\.d_stat: unknown key"):
+        load_train_config(TINY_TRAIN, ["model.projector.d_stat=4"])
+
+
+def test_config_rejects_batch_sizes_that_do_not_divide():
+    with pytest.raises(ConfigError, match="global_batch_size=10 is not a multiple of train.micro_batch_size=4"):
+        load_train_config(TINY_TRAIN, ["train.global_batch_size=10", "train.micro_batch_size=4"])
+
+
+def test_missing_data_file_is_a_clear_error(tmp_path):
+    config = load_train_config(TINY_TRAIN, [f"output_dir={tmp_path}", f"data.train={tmp_path / 'nope.json'}"])
+    with pytest.raises(FileNotFoundError, match=r"data\.train: file not found: .*nope\.json"):
+        run_finetune(config)
