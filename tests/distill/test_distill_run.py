@@ -9,19 +9,12 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from accelerate.data_loader import SeedableRandomSampler
 
 from mambavlm.data.synthetic import make_shapes_vqa
-from mambavlm.model import build_model
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.engine import Trainer
-
-ROOT = Path(__file__).resolve().parents[2]
-LLAMA = (
-    "{vocab_size: 1024, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 4, num_attention_heads: 4, "
-    "num_key_value_heads: 2, max_position_embeddings: 256, initializer_range: 0.1}"
-)
+from tests.conftest import DISTILL_LLAMA, ROOT, tiny_llama_vlm
 
 
 def distill_main(argv: list[str]) -> dict:
@@ -34,10 +27,8 @@ def distill_main(argv: list[str]) -> dict:
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LLaMA VLM (random weights), saved as a MambaVLM directory."""
-    torch.manual_seed(0)
-    model = build_model(ROOT / "configs/model/tiny.yaml", ["llm.family=llama", f"llm.config={LLAMA}"])
     path = tmp_path_factory.mktemp("teacher") / "model"
-    model.save_pretrained(path)
+    tiny_llama_vlm(**DISTILL_LLAMA).save_pretrained(path)
     return path
 
 

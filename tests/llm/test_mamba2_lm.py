@@ -3,20 +3,27 @@ same logits, gradients, greedy tokens and initialisation, and checkpoints that l
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import math
 
 import pytest
 import torch
 from transformers import Mamba2Config, Mamba2ForCausalLM
+from transformers.models.mamba2.modeling_mamba2 import MambaRMSNormGated
 
 from mambavlm.config import LLMConfig
 from mambavlm.llm.cache import HybridCache
 from mambavlm.llm.factory import build_llm
-from mambavlm.llm.mamba2 import Mamba2Mixer
+from mambavlm.llm.mamba2 import Mamba2Mixer, Mamba2MixerConfig
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.ops.dispatch import kernels_available
 
 VOCAB = 101
+N_GROUPS = 2 if "group_size" in inspect.signature(MambaRMSNormGated.__init__).parameters else 1
+"""transformers up to 5.17 normalises the gated RMSNorm over the whole width whatever n_groups is;
+mamba_ssm (and this package) per group, which later transformers releases do too. Compared with
+groups where transformers normalises per group (the GPU test compares groups with mamba_ssm itself)."""
 
 # transformers routes its Mamba-2 ops to an installed mamba_ssm whatever the device, so its CPU
 # reference cannot run where those CUDA kernels are installed.
@@ -26,10 +33,10 @@ hf_cpu_reference = pytest.mark.skipif(
 
 
 def config(**overrides: object) -> Mamba2Config:
-    """2 layers, 8 heads of 16 in 2 groups, d_state 16, chunks of 8 (prompts span several)."""
+    """2 layers, 8 heads of 16 in N_GROUPS groups, d_state 16, chunks of 8 (prompts span several)."""
     fields = dict(
         hidden_size=64, num_hidden_layers=2, vocab_size=VOCAB, state_size=16, expand=2, num_heads=8, head_dim=16,
-        n_groups=2, chunk_size=8, use_conv_bias=True, tie_word_embeddings=False,
+        n_groups=N_GROUPS, chunk_size=8, use_conv_bias=True, tie_word_embeddings=False,
     )
     return Mamba2Config(**{**fields, **overrides})
 
@@ -161,3 +168,42 @@ def test_inconsistent_config_is_an_error() -> None:
     inconsistent.num_heads = 4  # transformers >= 5.2x refuses this at construction; older ones do not
     with pytest.raises(ValueError, match="expand \\* hidden_size = 128 but num_heads \\* head_dim = 4 \\* 16"):
         SSDForCausalLM(inconsistent)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.skipif(importlib.util.find_spec("mamba_ssm") is None, reason="needs mamba_ssm")
+@pytest.mark.parametrize("kernels", [True, False])
+def test_mixer_equals_mamba_ssms_mamba2_forward_gradients_and_steps(kernels: bool, monkeypatch) -> None:
+    """mamba_ssm's own ``Mamba2`` module (its fused training kernel, its ``step``) with the same weights:
+    our mixer on the kernel path and on the PyTorch path, float32 without TF32."""
+    from mamba_ssm.modules.mamba2 import Mamba2
+
+    from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV
+
+    if not kernels:
+        monkeypatch.setenv(DISABLE_KERNELS_ENV, "1")
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    reference = Mamba2(d_model=64, d_state=16, headdim=16, ngroups=2, chunk_size=16, device="cuda", dtype=torch.float32)
+    config = Mamba2MixerConfig(hidden_size=64, num_heads=8, head_dim=16, d_state=16, n_groups=2, chunk_size=16)
+    ours = Mamba2Mixer(config, device="cuda")
+    ours.load_state_dict(reference.state_dict(), strict=True)
+    u = torch.randn(2, 50, 64, device="cuda")
+    expected, got = reference(u), ours(u)
+    scale = expected.abs().max()
+    assert (got - expected).abs().max() / scale < 1e-4
+    expected.pow(2).sum().backward()
+    got.pow(2).sum().backward()
+    ref_params = dict(reference.named_parameters())
+    for name, param in ours.named_parameters():
+        ref_grad = ref_params[name].grad
+        assert (param.grad - ref_grad).abs().max() / ref_grad.abs().max().clamp(min=1e-6) < 1e-3, name
+    with torch.no_grad():
+        conv_state, ssm_state = reference.allocate_inference_cache(2, 64, dtype=torch.float32)
+        state = ours.allocate_state(2)
+        for t in range(6):
+            ref_out, conv_state, ssm_state = reference.step(u[:, t : t + 1], conv_state, ssm_state)
+            out = ours.step(u[:, t], state)
+            assert (out - ref_out[:, 0]).abs().max() / ref_out.abs().max() < 1e-4, t
