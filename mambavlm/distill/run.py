@@ -45,7 +45,7 @@ from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
 from mambavlm.model import CONFIG_FILE, MambaVLM
 from mambavlm.training.engine import Phase, Trainer
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
-from mambavlm.training.finetune import prepare_data, skip_metrics
+from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
 
 __all__ = ["METRICS_FILE", "STUDENT_DIR", "load_teacher", "run_distillation"]
 
@@ -88,16 +88,7 @@ def build_dataset(
 ) -> LlavaDataset:
     """LLaVA-format records tokenised as the teacher was trained (its template, BOS, visual tokens)."""
     if isinstance(teacher, MambaVLM):
-        return LlavaDataset(
-            records,
-            image_root,
-            tokenizer,
-            template,
-            [encoder.preprocess for encoder in teacher.vision.encoders],
-            teacher.num_visual_tokens,
-            max_length or teacher.config.max_length,
-            teacher.add_bos,
-        )
+        return training_dataset(teacher, records, image_root, max_length)
     return LlavaDataset(
         records,
         image_root,

@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from mambavlm.config import LLMConfig
+from mambavlm.ops import dispatch
 from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.llm.mamba_ssm_format import (
@@ -65,11 +66,9 @@ def check_mamba_training_kernels(llm: torch.nn.Module, device: torch.device) -> 
     mamba_ssm imports, and that op calls the causal_conv1d kernel, asserting deep inside the first
     step when it is missing. Install both (``pip install -e ".[cuda]"``) or neither.
     """
-    from mambavlm.ops.dispatch import kernels_available
-
     if device.type != "cuda" or not isinstance(llm, MambaForCausalLM):
         return
-    available = kernels_available()
+    available = dispatch.kernels_available()
     if available["mamba_ssm"] and not available["causal_conv1d"]:
         raise RuntimeError(
             "training a Mamba LLM on CUDA with mamba_ssm installed needs causal_conv1d too "
