@@ -99,11 +99,14 @@ def ssd_scan_torch(
 
     The sequence is cut into chunks of ``chunk_size``: inside a chunk the output is a masked,
     attention-like product C^T B weighted by the decay between the two positions (a stable
-    segment sum); across chunks only the (H, P, N) states are passed on. Computes in float32 or
-    wider; y comes back in x's dtype, the final state in the compute dtype.
+    segment sum); across chunks only the (H, P, N) states are passed on. A sequence shorter than
+    ``chunk_size`` is one chunk of its own length (the result does not depend on the chunk size; the
+    cost of a chunk grows with its square). Computes in float32 or wider; y comes back in x's dtype,
+    the final state in the compute dtype.
     """
     _check_scan_inputs(x, dt, A, B, C, D, initial_state)
     batch, length, heads, _ = x.shape
+    chunk_size = max(1, min(chunk_size, length))
     groups = B.shape[2]
     dtype = torch.promote_types(x.dtype, torch.float32)
     pad = (-length) % chunk_size
