@@ -16,11 +16,24 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
-from transformers.models.mamba2.modeling_mamba2 import segment_sum
 
 from mambavlm.ops.dispatch import use_kernels
 
-__all__ = ["ssd_scan", "ssd_scan_naive", "ssd_scan_torch", "ssd_step"]
+__all__ = ["segment_sum", "ssd_scan", "ssd_scan_naive", "ssd_scan_torch", "ssd_step"]
+
+
+def segment_sum(x: Tensor) -> Tensor:
+    """x (..., T) -> S (..., T, T) with S[..., i, j] = x[j+1] + ... + x[i] for j <= i, -inf above the diagonal.
+
+    exp(S) is the decay from position j to position i. Computed as a masked cumulative sum (no
+    difference of two long prefix sums, which would lose precision), as the Mamba-2 paper's
+    ``ssd_minimal`` does.
+    """
+    length = x.shape[-1]
+    ones = torch.ones(length, length, dtype=torch.bool, device=x.device)
+    rows = x[..., None].expand(*x.shape, length)  # [..., k, j] = x[k]
+    sums = rows.masked_fill(~ones.tril(-1), 0).cumsum(-2)  # [..., i, j] = sum of x[k] for j < k <= i
+    return sums.masked_fill(~ones.tril(), -torch.inf)
 
 
 def _check_scan_inputs(

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mambavlm.ops.dispatch import use_kernels
-from mambavlm.ops.ssd import ssd_scan, ssd_scan_naive, ssd_scan_torch, ssd_step
+from mambavlm.ops.ssd import segment_sum, ssd_scan, ssd_scan_naive, ssd_scan_torch, ssd_step
 
 
 def make_inputs(
@@ -207,3 +207,10 @@ def test_kernel_step_matches_torch_step(with_D: bool) -> None:
     )
     torch.testing.assert_close(state.cpu().double(), state_ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(y.cpu().double(), y_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_segment_sum_by_hand() -> None:
+    """S[i, j] = x[j+1] + ... + x[i] below the diagonal, 0 on it, -inf above: x = (1, 2, 3)."""
+    inf = float("inf")
+    expected = torch.tensor([[0.0, -inf, -inf], [2.0, 0.0, -inf], [5.0, 3.0, 0.0]])
+    assert torch.equal(segment_sum(torch.tensor([1.0, 2.0, 3.0])), expected)
