@@ -231,6 +231,9 @@ class Mamba2Mixer(nn.Module):
         self.D = nn.Parameter(torch.empty(cfg.num_heads, **factory)) if cfg.use_D else None
         self.norm = _GatedNorm(cfg.d_inner, device, dtype) if cfg.use_gate else None
         self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size, bias=cfg.out_proj_bias, **factory)
+        for param in (self.dt_bias, self.A_log, self.D):
+            if param is not None:
+                param._no_weight_decay = True  # mamba_ssm's convention
         if self.dt_bias.device.type != "meta":
             self.reset_parameters(generator)
 

@@ -86,6 +86,8 @@ class MambaProjectorLayer(nn.Module):
         self.dt_proj_bias = nn.Parameter(torch.empty(p, d_inner))
         self.A_log = nn.Parameter(torch.empty(p, d_inner, d_state))
         self.D = nn.Parameter(torch.empty(p, d_inner))
+        for param in (self.dt_proj_bias, self.A_log, self.D):
+            param._no_weight_decay = True  # mamba_ssm's convention
         self.out_norm = nn.LayerNorm(d_inner)
         self.out_proj = nn.Linear(d_inner, out_dim, bias=False)
         self._dt_range = (dt_min, dt_max)

@@ -17,6 +17,7 @@ __all__ = [
     "apply_freeze_policy",
     "build_optimizer",
     "build_scheduler",
+    "no_decay_names",
     "parameter_groups",
 ]
 
@@ -52,22 +53,39 @@ class FreezePreset:
         return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def _no_decay_names(model: nn.Module) -> set[str]:
-    """Names of parameters exempt from weight decay: 1-D tensors (biases, scales) and norm layers."""
-    names = {name for name, p in model.named_parameters() if p.ndim < 2}
+SSM_NO_DECAY = frozenset({"A_log", "D", "dt_bias", "dt_proj_bias"})
+"""Parameter names mamba_ssm marks ``_no_weight_decay`` (A_log, D, Mamba-2's dt_bias; the projector's
+dt bias is ``dt_proj_bias``), whatever their number of dimensions: transformers' Mamba-1 ``A_log`` is
+(D_inner, N), the projector's are 3-D."""
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of parameters exempt from weight decay, as mamba_ssm and transformers exempt them: any
+    parameter flagged ``_no_weight_decay``, the SSM parameters of ``SSM_NO_DECAY``, biases, norm layers'
+    parameters and every other tensor with fewer than 2 dimensions."""
+    names = set()
     for module_name, module in model.named_modules():
-        if "Norm" in type(module).__name__:
-            prefix = f"{module_name}." if module_name else ""
-            names.update(prefix + name for name, _ in module.named_parameters(recurse=False))
+        prefix = f"{module_name}." if module_name else ""
+        is_norm = "Norm" in type(module).__name__
+        for name, param in module.named_parameters(recurse=False):
+            if (
+                is_norm
+                or param.ndim < 2
+                or name == "bias"
+                or name in SSM_NO_DECAY
+                or getattr(param, "_no_weight_decay", False)
+            ):
+                names.add(prefix + name)
     return names
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Two AdamW groups over the trainable parameters: with ``weight_decay``, and with 0.
+    """Two AdamW groups over the trainable parameters: with ``weight_decay``, and with 0 for
+    :func:`no_decay_names`.
 
     Frozen parameters are in neither group.
     """
-    no_decay = _no_decay_names(model)
+    no_decay = no_decay_names(model)
     decay_group: dict[str, Any] = {"params": [], "weight_decay": weight_decay}
     plain_group: dict[str, Any] = {"params": [], "weight_decay": 0.0}
     for name, param in model.named_parameters():

@@ -11,7 +11,7 @@ from torch import nn
 
 from mambavlm.model import build_model
 from mambavlm.training import apply_freeze_policy, build_scheduler, parameter_groups
-from tests.conftest import TINY_MODEL
+from tests.conftest import ROOT, TINY_MODEL
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -44,8 +44,11 @@ def test_parameter_groups_exempt_norms_and_biases_and_skip_frozen(tiny_model):
     by_id = {id(p): name for name, p in tiny_model.named_parameters()}
     grouped = {g["weight_decay"]: {by_id[id(p)] for p in g["params"]} for g in groups}
     projector = dict(tiny_model.projector.named_parameters(prefix="projector"))
-    # by name: biases, LayerNorm/RMSNorm parameters, and 1-D tensors such as the SSM's D
-    no_decay = {n for n, p in projector.items() if n.endswith(".bias") or "norm" in n or p.ndim == 1}
+    # by name: biases, LayerNorm/RMSNorm parameters, and the SSM's A_log, D and dt bias (2-D and 3-D here)
+    ssm = {n for n in projector if n.rsplit(".", 1)[-1] in ("A_log", "D", "dt_proj_bias")}
+    assert len(ssm) == 3
+    no_decay = {n for n, p in projector.items() if n.endswith(".bias") or "norm" in n or n in ssm}
+    assert all(projector[n].ndim >= 2 for n in ssm)
     assert no_decay, "the projector has norm / bias / 1-D parameters"
     assert grouped[0.0] == no_decay
     assert grouped[0.1] == set(projector) - no_decay
@@ -71,3 +74,23 @@ def test_schedule_is_linear_warmup_then_cosine():
     ]
     assert lrs == pytest.approx(expected, abs=1e-12)
     assert lrs[warmup] == pytest.approx(0.5)
+
+
+def test_weight_decay_exempts_what_mamba_ssm_exempts_in_the_paper_model():
+    """MambaVLM-2.8B on the meta device, fine-tuning preset: the exact names without weight decay."""
+    with torch.device("meta"):
+        model = build_model(ROOT / "configs/model/mambavlm-2.8b.yaml", load_weights=False, load_tokenizer=False)
+    apply_freeze_policy(model, "finetune")
+    groups = parameter_groups(model, weight_decay=0.1)
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    exempt = {by_id[id(p)] for g in groups if g["weight_decay"] == 0.0 for p in g["params"]}
+    expected = {"llm.backbone.norm_f.weight"} | {
+        f"projector.first.{name}"
+        for name in ("A_log", "D", "dt_proj_bias", "conv2d.bias", "out_norm.weight", "out_norm.bias")
+    }
+    for i in range(64):
+        layer = f"llm.backbone.layers.{i}"
+        expected |= {f"{layer}.norm.weight"}
+        expected |= {f"{layer}.mixer.{name}" for name in ("A_log", "D", "conv1d.bias", "dt_proj.bias")}
+    assert exempt == expected
+    assert model.llm.backbone.layers[0].mixer.A_log.ndim == 2 and model.projector.first.A_log.ndim == 3
