@@ -50,6 +50,7 @@ class SkippedSample:
 SKIP_KINDS = (
     "malformed conversations",
     "no assistant turn",
+    "empty answer",
     "image placeholders",
     "truncation",
     "bad image path",
@@ -89,7 +90,8 @@ class LlavaDataset(Dataset):
     in its turns gets ``"<image>\\n"`` prepended to its first human turn (LLaVA's convention); it must
     then hold exactly one ``<image>``, and a text-only record none. Sequences longer than
     ``max_length`` are cut to it (``"truncated": True``) as long as every image token and at least
-    one answer token survive; otherwise the record is skipped.
+    one answer token survive; otherwise the record is skipped. So is a record with an empty (or
+    all-whitespace) assistant turn, or an ``<image>`` in an assistant turn.
     """
 
     def __init__(
@@ -139,6 +141,13 @@ class LlavaDataset(Dataset):
             return _Skip("malformed conversations", "malformed conversations: 'conversations' must be a list of turn dicts")
         if not any(t.get("from") in ASSISTANT_ROLES for t in turns):
             return _Skip("no assistant turn", "no assistant turn")
+        for index, turn in enumerate(turns):
+            if turn.get("from") not in ASSISTANT_ROLES or not isinstance(turn.get("value"), str):
+                continue
+            if not turn["value"].strip():
+                return _Skip("empty answer", f"assistant turn {index} is empty: nothing to train on but EOS")
+            if IMAGE_TOKEN in turn["value"]:
+                return _Skip("image placeholders", f"assistant turn {index} holds {IMAGE_TOKEN}; images belong to human turns")
         has_image = "image" in record
         turns = _with_image_placeholder(turns) if has_image else turns
         num_placeholders = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in turns)

@@ -172,6 +172,11 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     image_root = image_root if image_root is not None else train_json.parent
     set_seed(config.seed)
     teacher, tokenizer, template = load_teacher(config.teacher, config.template)
+    longest = teacher.config.max_length if isinstance(teacher, MambaVLM) else teacher.config.max_position_embeddings
+    if config.data.max_length is not None and config.data.max_length > longest:
+        raise ConfigError(
+            f"data.max_length={config.data.max_length} exceeds what the teacher {config.teacher} takes ({longest} tokens)"
+        )
     teacher.requires_grad_(False)
     teacher.eval().to(acc.device)
     generator = torch.Generator().manual_seed(config.seed)  # CPU draws: the same student on any device

@@ -132,6 +132,15 @@ class TrainConfig(StrictModel):
         default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
     )
 
+    @model_validator(mode="after")
+    def _data_fits_the_model(self) -> TrainConfig:
+        if self.data.max_length is not None and self.data.max_length > self.model.max_length:
+            raise ValueError(
+                f"data.max_length={self.data.max_length} exceeds model.max_length={self.model.max_length}: "
+                "the model would refuse the first longer batch; lower data.max_length or raise model.max_length"
+            )
+        return self
+
 
 def _resolve_model(value: Any, base_dir: Path) -> Any:
     """A model path or a mapping with ``base: path`` -> the model mapping; anything else unchanged."""

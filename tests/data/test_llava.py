@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from mambavlm.data.collate import VLMCollator
-from mambavlm.data.llava import LlavaDataset, SkippedSample
+from mambavlm.data.llava import SKIP_KINDS, LlavaDataset, SkippedSample
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import build_tiny_tokenizer
 from tests.conftest import to_tensor_at
@@ -72,6 +72,10 @@ def dataset(tmp_path) -> LlavaDataset:
             "image": "img/red.png",
             "conversations": qa("<image> <image> what ?", "red"),
         },
+        {"id": "empty_answer", "image": "img/red.png", "conversations": qa("<image>\ncolor ?", "")},
+        {"id": "blank_answer", "conversations": qa("how many ?", " \n\t ")},
+        {"id": "later_blank", "conversations": qa("how many ?", "two") + qa("and now ?", "   ")},
+        {"id": "image_in_answer", "image": "img/red.png", "conversations": qa("color ?", "<image> red")},
     ]
     json_path = tmp_path / "data.json"
     json_path.write_text(json.dumps(records))
@@ -131,6 +135,10 @@ def test_good_samples_load(dataset):
         ("image_cut", "would cut into the image tokens"),
         ("answer_cut", "leaves no answer tokens"),
         ("two_images", "holds 2 <image> placeholders"),
+        ("empty_answer", "assistant turn 1 is empty"),
+        ("blank_answer", "assistant turn 1 is empty"),
+        ("later_blank", "assistant turn 3 is empty"),
+        ("image_in_answer", "assistant turn 1 holds <image>"),
     ],
 )
 def test_bad_records_are_skipped_with_reason(dataset, caplog, record_id, reason):
@@ -140,6 +148,7 @@ def test_bad_records_are_skipped_with_reason(dataset, caplog, record_id, reason)
     assert isinstance(item, SkippedSample)
     assert item.id == record_id
     assert reason in item.reason
+    assert item.kind in SKIP_KINDS
     assert record_id in caplog.text and reason in caplog.text
 
 

@@ -120,3 +120,11 @@ def test_bad_records_are_skipped_and_counted_alike_in_distillation_and_finetunin
     assert finetuned["step_losses"][0] is None
     on_disk = json.loads((tmp_path / "d" / "metrics.json").read_text())
     assert on_disk["skipped_by_kind"] == {"unreadable image": expected}
+
+
+def test_data_longer_than_the_teacher_takes_is_an_error_before_training(teacher: Path, tmp_path: Path) -> None:
+    from mambavlm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.max_length=1000 exceeds what the teacher .* takes \\(256 tokens\\)"):
+        distill_main(distill_args(teacher, tmp_path / "run", "data.max_length=1000"))
+    assert not list((tmp_path / "run").glob("checkpoint-*"))

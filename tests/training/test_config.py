@@ -41,3 +41,9 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
     config = load_train_config(TINY_TRAIN, [f"output_dir={tmp_path}", f"data.train={tmp_path / 'nope.json'}"])
     with pytest.raises(FileNotFoundError, match=r"data\.train: file not found: .*nope\.json"):
         run_finetune(config)
+
+
+def test_data_max_length_beyond_the_models_is_an_error_when_the_config_loads():
+    with pytest.raises(ConfigError, match="data.max_length=300 exceeds model.max_length=256"):
+        load_train_config(TINY_TRAIN, ["output_dir=x", "data.max_length=300"])
+    assert load_train_config(TINY_TRAIN, ["output_dir=x", "data.max_length=256"]).data.max_length == 256
