@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from transformers import LlamaConfig, LlamaForCausalLM, Mamba2Config, MambaConfig, MambaForCausalLM, PreTrainedModel
 
+from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.model import MambaVLM, build_model
@@ -339,3 +340,20 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- token-weighting data
+
+LONG_ANSWER = " ".join(["red", "square"] * 20)  # 40 tokens of the tiny vocabulary
+
+
+def four_records(root: Path) -> Path:
+    """4 image records, one question each: two answered in 1 token, two in 40 (the mean of micro-batch
+    means would differ from the token mean)."""
+    train, _ = make_shapes_vqa(root, 4, 0, image_size=24)
+    records = json.loads(train.read_text())
+    for record, answer in zip(records, ["red", LONG_ANSWER, "blue", LONG_ANSWER]):
+        record["conversations"] = record["conversations"][:2]
+        record["conversations"][1]["value"] = answer
+    train.write_text(json.dumps(records))
+    return train

@@ -18,7 +18,9 @@ student mixer is trained on exactly what the teacher's attention saw; Attn_l(X_l
 output. Embeddings, norms, MLPs, kept attention layers, the LM head and the vision encoders never
 train. For the logit losses student and teacher see the same input: the student embeds it with its
 own (copied) vision + projector, which for stage 3 equal the teacher's, and for MaTVLM let the
-connector learn. Token reductions average over real tokens (attention_mask = 1).
+connector learn. Token reductions average over real tokens (attention_mask = 1) — over the whole
+optimiser step's real tokens under the training engine, so that micro-batching does not change them
+(the CE term likewise over the step's answer tokens).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from transformers import PreTrainedModel
 
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.mamba2 import Mamba2Mixer
+from mambavlm.training.objectives import answer_tokens
 
 __all__ = [
     "STAGES",
@@ -160,12 +163,17 @@ def tap_attention(llm: PreTrainedModel, layers: Sequence[int]) -> Iterator[Teach
             handle.remove()
 
 
-def _masked_token_mean(values: Tensor, mask: Tensor | None) -> Tensor:
-    """values (B, L) -> mean over the positions where mask (B, L) is nonzero (all when None)."""
-    if mask is None:
-        return values.mean()
-    weights = mask.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp(min=1.0)
+def real_tokens(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The number of real (unpadded) tokens of a batch: what the layer and KL losses average over."""
+    return attention_mask.sum() if attention_mask is not None else torch.tensor(input_ids.numel())
+
+
+def _masked_token_mean(values: Tensor, mask: Tensor | None, num_tokens: Tensor | None = None) -> Tensor:
+    """values (B, L) summed over the positions where mask (B, L) is nonzero (all when None), divided by
+    ``num_tokens`` (the step's real tokens), or by this batch's real tokens when None."""
+    weights = torch.ones_like(values) if mask is None else mask.to(values.dtype)
+    total = (values * weights).sum()
+    return total / (weights.sum().clamp(min=1.0) if num_tokens is None else num_tokens)
 
 
 def layerwise_loss(
@@ -173,11 +181,13 @@ def layerwise_loss(
     taps: TeacherAttentionTaps,
     attention_mask: Tensor | None,
     kind: Literal["mse", "l2"],
+    num_tokens: Tensor | None = None,
 ) -> Tensor:
     """Sum over Mamba-2 layers l of the distance between mixer_l(X_l) and the teacher's Attn_l(X_l).
 
     ``mse``: mean squared error over real tokens and channels (mmMamba Eq. 3/4); ``l2``: the L2 norm
-    over channels averaged over real tokens (MaTVLM Eq. 9).
+    over channels averaged over real tokens (MaTVLM Eq. 9). The token average divides by
+    ``num_tokens`` (the optimiser step's real tokens) when given, else by this batch's.
     """
     total = None
     for i, mixer in sorted(mixers.items()):
@@ -186,7 +196,7 @@ def layerwise_loss(
         predicted = mixer(taps.inputs[i]).float()
         diff = predicted - taps.outputs[i].float()
         per_token = diff.pow(2).mean(-1) if kind == "mse" else diff.norm(dim=-1)
-        term = _masked_token_mean(per_token, attention_mask)
+        term = _masked_token_mean(per_token, attention_mask, num_tokens)
         total = term if total is None else total + term
     if total is None:
         raise ValueError("no Mamba-2 layers to distill")
@@ -194,9 +204,14 @@ def layerwise_loss(
 
 
 def logit_kl(
-    student_logits: Tensor, teacher_logits: Tensor, attention_mask: Tensor | None, temperature: float = 1.0
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    attention_mask: Tensor | None,
+    temperature: float = 1.0,
+    num_tokens: Tensor | None = None,
 ) -> Tensor:
-    """T^2 * KL(P_teacher || P_student) with P = softmax(logits / T), averaged over real tokens.
+    """T^2 * KL(P_teacher || P_student) with P = softmax(logits / T), averaged over real tokens (divided
+    by ``num_tokens``, the optimiser step's real tokens, when given).
 
     logits (B, L, V); at T = 1 this is mmMamba's stage-3 loss, otherwise MaTVLM's Eq. 7.
     """
@@ -205,7 +220,7 @@ def logit_kl(
     log_p_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
     log_p_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_token = F.kl_div(log_p_s, log_p_t, log_target=True, reduction="none").sum(-1)
-    return temperature**2 * _masked_token_mean(per_token, attention_mask)
+    return temperature**2 * _masked_token_mean(per_token, attention_mask, num_tokens)
 
 
 @dataclass(frozen=True)
@@ -224,12 +239,15 @@ def distill_loss(
     student: nn.Module,
     batch: dict[str, Any],
     weights: LossWeights = LossWeights(),
+    num_items: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, float]]:
     """One batch's loss for ``stage`` and its unweighted parts ({"layer", "kl", "ce"}, those used).
 
     teacher / student: MambaVLMs or LLaMA-family causal LMs (the student a hybrid); batch: the
     collator's ``input_ids``, ``attention_mask``, ``labels`` (B, L) and ``pixel_values``. The teacher
-    runs without gradients.
+    runs without gradients. ``num_items`` (real tokens, answer tokens) of the whole optimiser step:
+    the layer and KL parts are sums over real tokens divided by the first, the CE part a sum over
+    answer tokens divided by the second; None averages over this batch alone.
     """
     _check_stage(stage)
     teacher_llm, student_llm = language_model(teacher), language_model(student)
@@ -253,15 +271,18 @@ def distill_loss(
             elif use_layer:
                 teacher_llm.model(inputs_embeds=teacher_embeds, attention_mask=mask, use_cache=False)
 
+    num_tokens, num_answers = (None, None) if num_items is None else (num_items[0], num_items[1])
     parts: dict[str, Tensor] = {}
     if use_layer:
-        parts["layer"] = layerwise_loss(mixers, taps, mask, "l2" if matvlm else "mse")
+        parts["layer"] = layerwise_loss(mixers, taps, mask, "l2" if matvlm else "mse", num_tokens)
     if use_kl or use_ce:
         student_embeds = embed_inputs(student, input_ids, pixel_values) if matvlm else teacher_embeds
         labels = batch["labels"] if use_ce else None
-        out = student_llm(inputs_embeds=student_embeds, attention_mask=mask, labels=labels, use_cache=False)
+        extra = {"num_items_in_batch": num_answers} if use_ce and num_answers is not None else {}
+        out = student_llm(inputs_embeds=student_embeds, attention_mask=mask, labels=labels, use_cache=False, **extra)
         if use_kl:
-            parts["kl"] = logit_kl(out.logits, teacher_logits, mask, weights.temperature if matvlm else 1.0)
+            temperature = weights.temperature if matvlm else 1.0
+            parts["kl"] = logit_kl(out.logits, teacher_logits, mask, temperature, num_tokens)
         if use_ce:
             parts["ce"] = out.loss
     scale = {"layer": weights.alpha, "kl": weights.beta, "ce": weights.gamma} if matvlm else {}
@@ -296,11 +317,16 @@ class DistillationObjective(nn.Module):
         self.teacher.eval()
         return self
 
-    def forward(self, batch: dict[str, Any]) -> tuple[Tensor, dict[str, float]]:
-        return distill_loss(self.stage, self.teacher, self.student, batch, self.weights)
+    def forward(self, batch: dict[str, Any], num_items: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
+        return distill_loss(self.stage, self.teacher, self.student, batch, self.weights, num_items)
 
-    def loss(self, prepared: nn.Module, batch: dict[str, Any]) -> Tensor:
-        return prepared(batch)[0]
+    def num_items(self, batch: dict[str, Any]) -> Tensor:
+        """(real tokens, answer tokens) of the batch: what the stage's losses are averaged over."""
+        real = real_tokens(batch["input_ids"], batch.get("attention_mask"))
+        return torch.stack([real, answer_tokens(batch["labels"])]).to(torch.float64)
+
+    def loss(self, prepared: nn.Module, batch: dict[str, Any], num_items: Tensor) -> Tensor:
+        return prepared(batch, num_items)[0]
 
 
 @dataclass(frozen=True)

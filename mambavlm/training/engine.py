@@ -20,7 +20,10 @@ how many micro-batches of the current epoch were consumed, so a resumed run sees
 an uninterrupted run would. Each optimiser step consumes ``global_batch_size`` samples: micro-batches
 ``k*n*a ... (k+1)*n*a - 1`` of the epoch's order (``n`` processes, ``a`` accumulation steps), process
 ``p`` taking every ``n``-th one, so the processes' batches partition the step's batch whatever ``n`` is.
-The step loss is the mean over the step's micro-batches (all processes) of each micro-batch's loss.
+The loss of a step is the sum of its item losses (answer tokens, for next-token prediction) over every
+micro-batch and process, divided by the step's item count (transformers' ``num_items_in_batch``
+convention): micro-batch size, accumulation and the number of processes do not change it, and the
+logged loss is that number.
 """
 
 from __future__ import annotations
@@ -73,16 +76,22 @@ logger = get_logger(__name__)
 
 
 class Objective(Protocol):
-    """What a phase optimises.
+    """What a phase optimises: a sum of per-item losses over the step, divided by the step's item count.
 
     ``module``: the ``nn.Module`` that accelerate prepares, the optimiser steps and checkpoints hold.
-    ``loss(prepared, batch)``: the scalar loss of one collated micro-batch, computed through
-    ``prepared`` (``module`` as accelerate wrapped it: DDP / FSDP need the forward to go through it).
+    ``num_items(batch)``: the micro-batch's item counts, (K,) (answer tokens for next-token loss; real
+    tokens and answer tokens for distillation), one per kind of item the loss normalises by.
+    ``loss(prepared, batch, num_items)``: the sum of the micro-batch's item losses divided by
+    ``num_items``, the counts of the whole optimiser step over every micro-batch and process
+    (transformers' ``num_items_in_batch``), computed through ``prepared`` (``module`` as accelerate
+    wrapped it: DDP / FSDP need the forward to go through it).
     """
 
     module: nn.Module
 
-    def loss(self, prepared: nn.Module, batch: dict[str, Any]) -> Tensor: ...
+    def num_items(self, batch: dict[str, Any]) -> Tensor: ...
+
+    def loss(self, prepared: nn.Module, batch: dict[str, Any], num_items: Tensor) -> Tensor: ...
 
 
 class TrainablePolicy(Protocol):
@@ -334,7 +343,9 @@ class Trainer:
             + (f"; resuming at step {state.step}" if resume is not None else "")
         )
         saved_step = state.global_step if resume is not None else None
-        self._train(phase, prepared, optimizer, scheduler, loader, state, total_steps, steps_per_epoch * accumulation)
+        self._train(
+            phase, prepared, optimizer, scheduler, loader, state, total_steps, accumulation, steps_per_epoch * accumulation
+        )
         if saved_step != state.global_step:
             self._save(state)
 
@@ -357,64 +368,82 @@ class Trainer:
         loader: DataLoader,
         state: TrainerState,
         total_steps: int,
+        accumulation: int,
         batches_per_epoch: int,
     ) -> None:
-        """The loop over one phase's optimiser steps; ``state`` is updated in place."""
+        """The loop over one phase's optimiser steps; ``state`` is updated in place.
+
+        Each step first takes all its micro-batches, counts their loss items (``Objective.num_items``)
+        and sums the counts over the processes, so that every micro-batch's loss is normalised by the
+        whole step's count (transformers' ``num_items_in_batch``). Its backward is scaled by
+        processes x accumulation steps, which DDP's gradient mean and accelerate's division undo: the
+        gradient is that of the step's loss, whatever the micro-batch size or number of processes.
+        """
         acc = self.accelerator
         losses = state.phase_losses[state.phase]
         progress = tqdm(
             total=total_steps, initial=state.step, desc=phase.name, disable=not acc.is_local_main_process
         )
         window = _Window()
-        totals = torch.zeros(6, dtype=torch.float64, device=acc.device)
-        kinds: list[str] = []
         model.train()
+        scale = acc.num_processes * accumulation
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
-            batches = acc.skip_first_batches(loader, state.batches_done) if state.batches_done else loader
-            for batch in batches:
-                with acc.accumulate(model):
-                    loss, counts = self._micro_step(phase, model, batch)
-                    totals += counts
-                    kinds += [s.kind for s in batch["skipped"]]
-                    acc.backward(loss)
-                    if acc.sync_gradients and phase.max_grad_norm is not None:
-                        acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
-                    lr = optimizer.param_groups[0]["lr"]
-                    optimizer.step()
-                    if acc.sync_gradients:
-                        scheduler.step()
-                    optimizer.zero_grad()
-                state.batches_done += 1
-                if not acc.sync_gradients:
-                    continue
-                loss_sum, loss_count, samples, tokens, skipped, truncated = acc.reduce(totals, "sum").tolist()
-                totals.zero_()
+            batches = iter(acc.skip_first_batches(loader, state.batches_done) if state.batches_done else loader)
+            while state.step < total_steps and state.batches_done < batches_per_epoch:
+                micro_batches = [next(batches) for _ in range(accumulation)]
+                num_items = sum(self._num_items(phase, batch) for batch in micro_batches)
+                num_items = acc.reduce(num_items, "sum")
+                totals = torch.zeros(5, dtype=torch.float64, device=acc.device)
+                kinds = [s.kind for batch in micro_batches for s in batch["skipped"]]
+                for batch in micro_batches:
+                    with acc.accumulate(model):
+                        loss, counts = self._micro_step(phase, model, batch, num_items)
+                        totals += counts
+                        acc.backward(loss * scale)
+                        if acc.sync_gradients and phase.max_grad_norm is not None:
+                            acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
+                        lr = optimizer.param_groups[0]["lr"]
+                        optimizer.step()
+                        if acc.sync_gradients:
+                            scheduler.step()
+                        optimizer.zero_grad()
+                    state.batches_done += 1
+                loss_sum, samples, tokens, skipped, truncated = acc.reduce(totals, "sum").tolist()
                 for kind in gather_object(kinds) if acc.num_processes > 1 else kinds:
                     state.skipped_by_kind[kind] = state.skipped_by_kind.get(kind, 0) + 1
-                kinds = []
-                step_loss = loss_sum / loss_count if loss_count else None  # None: every record skipped
+                step_loss = loss_sum if bool(num_items.sum() > 0) else None  # None: every record skipped
                 state.step += 1
                 state.global_step += 1
                 losses.append(step_loss)
                 state.num_skipped += int(skipped)
                 state.num_truncated += int(truncated)
-                if state.batches_done == batches_per_epoch:
-                    state.epoch += 1
-                    state.batches_done = 0
                 window.add(samples, tokens)
                 progress.update(1)
                 progress.set_postfix(loss=format_loss(step_loss), lr=f"{lr:.2e}")
+                if state.batches_done == batches_per_epoch:
+                    state.epoch += 1
+                    state.batches_done = 0
                 if state.step % self.log_every == 0 or state.step == total_steps:
                     self._log(phase, state, total_steps, step_loss, lr, window)
                 if self.save_every and state.global_step % self.save_every == 0 and state.step < total_steps:
                     self._save(state)
-                if state.step >= total_steps or state.batches_done == 0:
+                if state.batches_done == 0:
                     break
         progress.close()
 
-    def _micro_step(self, phase: Phase, model: nn.Module, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
-        """Loss of one micro-batch and its counts (loss sum, losses, samples, tokens, skipped, truncated)."""
+    def _num_items(self, phase: Phase, batch: dict[str, Any]) -> Tensor:
+        """The micro-batch's loss items (``Objective.num_items``; zeros when every record was skipped)."""
+        if batch["input_ids"] is None:
+            return torch.zeros_like(phase.objective.num_items(self._standin_batch()), dtype=torch.float64).to(
+                self.accelerator.device
+            )
+        return phase.objective.num_items(batch).to(device=self.accelerator.device, dtype=torch.float64)
+
+    def _micro_step(
+        self, phase: Phase, model: nn.Module, batch: dict[str, Any], num_items: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """One micro-batch's share of the step's loss and its counts (loss, samples, tokens, skipped, truncated)."""
         acc = self.accelerator
         skipped: list[SkippedSample] = batch["skipped"]
         if skipped:
@@ -422,15 +451,16 @@ class Trainer:
             logger.warning(f"skipped {len(skipped)} record(s): {ids}", main_process_only=False)
         tokens = float(batch["attention_mask"].sum()) if batch["attention_mask"] is not None else 0.0
         counts = torch.tensor(
-            [0.0, 0.0, len(batch["ids"]), tokens, len(skipped), batch["num_truncated"]],
+            [0.0, len(batch["ids"]), tokens, len(skipped), batch["num_truncated"]],
             dtype=torch.float64,
             device=acc.device,
         )
+        normaliser = num_items.clamp(min=1.0)
         if batch["input_ids"] is None:
             # every process must run forward and backward; a zero loss on a valid batch keeps them in step
-            return phase.objective.loss(model, self._standin_batch()) * 0.0, counts
-        loss = phase.objective.loss(model, batch)
-        counts[0], counts[1] = loss.detach().double(), 1.0
+            return phase.objective.loss(model, self._standin_batch(), normaliser) * 0.0, counts
+        loss = phase.objective.loss(model, batch, normaliser)
+        counts[0] = loss.detach().double()
         return loss, counts
 
     def _standin_batch(self) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from accelerate.data_loader import SeedableRandomSampler
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.engine import Trainer
-from tests.conftest import DISTILL_LLAMA, ROOT, tiny_llama_vlm
+from tests.conftest import DISTILL_LLAMA, ROOT, four_records, tiny_llama_vlm
 
 
 def distill_main(argv: list[str]) -> dict:
@@ -128,3 +128,25 @@ def test_data_longer_than_the_teacher_takes_is_an_error_before_training(teacher:
     with pytest.raises(ConfigError, match="data.max_length=1000 exceeds what the teacher .* takes \\(256 tokens\\)"):
         distill_main(distill_args(teacher, tmp_path / "run", "data.max_length=1000"))
     assert not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_micro_batch_size_does_not_change_the_stage_losses(teacher: Path, tmp_path: Path) -> None:
+    """Every objective (mmMamba's layer MSE and KL, MaTVLM's L2 + KL + CE) averages over the whole global
+    batch's real / answer tokens: micro-batches of 4, 2 and 1 give the same step losses."""
+    train = four_records(tmp_path / "data")
+    stages = ", ".join(
+        f"{{name: {name}, max_steps: 3, lr: 5.0e-3, global_batch_size: 4, micro_batch_size: MICRO{extra}}}"
+        for name, extra in (("stage1", ""), ("stage3", ""), ("matvlm", ", gamma: 0.5"))
+    )
+    losses = {}
+    for micro in (4, 2, 1):
+        metrics = distill_main([
+            "--config", str(ROOT / "configs/distill/tiny.yaml"), f"teacher={teacher}",
+            f"output_dir={tmp_path / f'm{micro}'}", f"data={{train: {train}}}",
+            f"stages=[{stages.replace('MICRO', str(micro))}]", "layout=head-interleaved:2",
+        ])
+        losses[micro] = [loss for stage in metrics["stages"] for loss in stage["step_losses"]]
+    assert len(losses[4]) == 9
+    for micro in (2, 1):
+        assert losses[micro][0] == pytest.approx(losses[4][0], rel=1e-6), micro
+        assert losses[micro] == pytest.approx(losses[4], rel=1e-5), micro

@@ -1,0 +1,104 @@
+"""The engine's loss is token-weighted over the whole global batch (transformers' ``num_items_in_batch``):
+micro-batch size and the number of processes change neither the step losses nor the weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from accelerate.utils import set_seed
+
+from mambavlm.data.collate import VLMCollator
+from mambavlm.model import MambaVLM, build_model
+from mambavlm.training import load_train_config, run_finetune
+from mambavlm.training.finetune import training_dataset
+from tests.conftest import ROOT, TINY_TRAIN, four_records
+
+def overrides(out: Path, train: Path, micro: int) -> list[str]:
+    return [
+        f"output_dir={out}", f"data={{train: {train}}}", "train.max_steps=3", "train.global_batch_size=4",
+        f"train.micro_batch_size={micro}", "train.lr=3e-3", "train.warmup_ratio=0", "train.save_every=null",
+        "train.weight_decay=0.1",
+    ]
+
+
+def final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return {k: v.float() for k, v in MambaVLM.from_pretrained(out / "final").state_dict().items()}
+
+
+WEIGHT_RTOL = 1e-4
+"""Per tensor, ||a - b|| <= WEIGHT_RTOL ||a|| after 3 AdamW steps in float32. Float32 rounding differs
+with the batch shapes and Adam's normalised steps carry it into the weights: seen up to 1.2e-5 (micro 1
+vs 4; single elements up to 5e-4 of their tensor's largest). A mean of micro-batch means instead
+moves weights by ~4e-3 absolute, orders above this."""
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = WEIGHT_RTOL) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert (a[name] - b[name]).norm() <= rtol * a[name].norm().clamp(min=1e-12), name
+
+
+def test_micro_batch_size_changes_neither_the_losses_nor_the_weights(tmp_path: Path) -> None:
+    train = four_records(tmp_path / "data")
+    runs = {micro: run_finetune(load_train_config(TINY_TRAIN, overrides(tmp_path / f"m{micro}", train, micro)))
+            for micro in (4, 2, 1)}
+    reference = runs[4]["step_losses"]
+    assert len(reference) == 3 and reference[-1] < reference[0]
+    for micro in (2, 1):
+        # step 1 from the same weights to 1e-6; later steps carry the weights' float32 noise (seen 1.4e-6)
+        assert runs[micro]["step_losses"][0] == pytest.approx(reference[0], rel=1e-6), micro
+        assert runs[micro]["step_losses"] == pytest.approx(reference, rel=1e-5), micro
+        assert_same_weights(final_weights(tmp_path / "m4"), final_weights(tmp_path / f"m{micro}"))
+
+    # Step 1's loss, computed independently: every record alone (no padding), summed token losses over
+    # all answer tokens of the global batch.
+    config = load_train_config(TINY_TRAIN, overrides(tmp_path / "x", train, 4))
+    set_seed(config.seed)
+    model = build_model(config.model).eval()
+    dataset = training_dataset(model, train, train.parent, None)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for index in range(len(dataset)):
+            batch = VLMCollator(model.tokenizer.pad_token_id)([dataset[index]])
+            logits = model(batch["input_ids"], batch["attention_mask"], batch["pixel_values"]).logits
+            labels = batch["labels"][:, 1:]
+            total += F.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum").item()
+            count += int((labels != -100).sum())
+    assert count == 2 * (1 + 1) + 2 * (40 + 1)  # answers and their EOS
+    assert reference[0] == pytest.approx(total / count, rel=1e-5)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_one_process_losses_and_weights(tmp_path: Path) -> None:
+    """Global batch 4: 1 process x micro 4 against 2 processes x micro 1 (2 accumulation steps each),
+    where each process's records hold different numbers of answer tokens."""
+    train = four_records(tmp_path / "data")
+    run_finetune(load_train_config(TINY_TRAIN, overrides(tmp_path / "one", train, 4)))
+    accelerate = Path(sys.executable).with_name("accelerate")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "train" / "finetune.py"), "--config", str(TINY_TRAIN), *overrides(tmp_path / "two", train, 1),
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert (two["num_processes"], two["gradient_accumulation_steps"]) == (2, 2)
+    assert two["step_losses"][0] == pytest.approx(one["step_losses"][0], rel=1e-6)
+    assert two["step_losses"] == pytest.approx(one["step_losses"], rel=1e-5)
+    assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
