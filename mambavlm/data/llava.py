@@ -29,6 +29,7 @@ from mambavlm.llm.tokenizer import (
     IMAGE_TOKEN_INDEX,
     tokenize_conversation,
 )
+from mambavlm.vision.image import open_image
 
 __all__ = ["SKIP_KINDS", "LlavaDataset", "SkippedSample", "load_records"]
 
@@ -186,7 +187,8 @@ class LlavaDataset(Dataset):
         }
 
     def _load_image(self, relative_path: Any) -> Image.Image | _Skip:
-        """The record's image as RGB, fully decoded, or why it cannot be read."""
+        """The record's image, decoded by ``open_image`` (upright, as a viewer shows it), or why it
+        cannot be read."""
         if not isinstance(relative_path, str) or not relative_path:
             return _Skip("bad image path", f"'image' must be a non-empty path string, got {relative_path!r}")
         path = (
@@ -195,9 +197,7 @@ class LlavaDataset(Dataset):
         if not path.is_file():
             return _Skip("image file not found", f"image file not found: {path}")
         try:
-            with Image.open(path) as image:
-                image.load()
-                return image.convert("RGB")
+            return open_image(path)
         except IMAGE_LOAD_ERRORS as err:
             return _Skip("unreadable image", f"unreadable image {path}: {type(err).__name__}: {err}")
 

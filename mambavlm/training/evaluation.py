@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from mambavlm.data.llava import IMAGE_LOAD_ERRORS, load_records
 from mambavlm.llm.templates import ASSISTANT_ROLES, HUMAN_ROLES
+from mambavlm.vision.image import open_image
 
 __all__ = [
     "BLANK_COLOR",
@@ -105,13 +106,12 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
 
 
 def _open_image(path: Path, blind: bool) -> Image.Image | str:
-    """The RGB image (or a blank one of its size), or the reason it cannot be read."""
+    """The image as ``open_image`` decodes it for training (or a blank one of its size), or the reason
+    it cannot be read."""
     if not path.is_file():
         return f"image file not found: {path}"
     try:
-        with Image.open(path) as image:
-            image.load()
-            image = image.convert("RGB")
+        image = open_image(path)
     except IMAGE_LOAD_ERRORS as err:
         return f"unreadable image {path}: {type(err).__name__}: {err}"
     return Image.new("RGB", image.size, BLANK_COLOR) if blind else image

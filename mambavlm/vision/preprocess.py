@@ -16,6 +16,8 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
+from mambavlm.vision.image import to_rgb
+
 __all__ = ["ImagePreprocess"]
 
 ResizeMode = Literal["center", "squash", "border"]
@@ -95,7 +97,9 @@ class ImagePreprocess:
         )
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
-        """PIL image of any mode and size -> float tensor (3, image_size, image_size)."""
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"expected a PIL.Image.Image, got {type(image).__name__}")
-        return self.transform(image.convert("RGB"))
+        """PIL image of any mode and size -> float tensor (3, image_size, image_size).
+
+        The image goes through ``to_rgb`` first (EXIF orientation, transparency over white, any mode),
+        the one decoder training, evaluation and ``generate`` share.
+        """
+        return self.transform(to_rgb(image))
