@@ -64,6 +64,12 @@ class VisionConfig(StrictModel):
     target_grid: Literal["largest", "smallest", "first"] | list[int] = Field(
         "largest", description="grid all encoders are resampled to when their sizes differ"
     )
+    image_resize_strategy: Literal["resize-naive", "letterbox", "resize-crop"] = Field(
+        "resize-naive",
+        description="one geometry for every encoder (Prismatic / Cobra): 'resize-naive' squashes to the "
+        "square input (Cobra's DINOv2 + SigLIP default), 'letterbox' pads to a square first, "
+        "'resize-crop' resizes the shorter side and takes the centre crop",
+    )
 
 
 class ProjectorConfig(StrictModel):

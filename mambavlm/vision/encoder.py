@@ -19,7 +19,7 @@ from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from torch import nn
 
 from mambavlm.config import EncoderConfig
-from mambavlm.vision.preprocess import ImagePreprocess
+from mambavlm.vision.preprocess import ImagePreprocess, ImageResizeStrategy
 
 __all__ = ["LIBRARIES", "VisionEncoder", "create_encoder"]
 
@@ -130,8 +130,11 @@ class VisionEncoder(nn.Module):
         )
 
 
-def create_encoder(cfg: EncoderConfig) -> VisionEncoder:
+def create_encoder(cfg: EncoderConfig, resize_strategy: ImageResizeStrategy | None = None) -> VisionEncoder:
     """Build the encoder named by ``cfg.name`` ('timm:<model>' or 'open_clip:<model>').
+
+    ``resize_strategy``: the model's image geometry (``VisionConfig.image_resize_strategy``); None
+    keeps the library's own rule for this encoder alone.
 
     ``cfg.weights``: None = random init (nothing downloaded; works under ``torch.device("meta")``),
     'pretrained' = the library's default weights, a local file path, an open_clip pretrained tag /
@@ -139,9 +142,9 @@ def create_encoder(cfg: EncoderConfig) -> VisionEncoder:
     """
     library, model_name = _split_name(cfg.name)
     if library == "timm":
-        backbone, preprocess = _create_timm(model_name, cfg)
+        backbone, preprocess = _create_timm(model_name, cfg, resize_strategy)
     else:
-        backbone, preprocess = _create_open_clip(model_name, cfg)
+        backbone, preprocess = _create_open_clip(model_name, cfg, resize_strategy)
     return VisionEncoder(
         backbone,
         name=cfg.name,
@@ -190,7 +193,9 @@ def _local_weights(weights: str) -> Path | None:
     return None
 
 
-def _create_timm(model_name: str, cfg: EncoderConfig) -> tuple[nn.Module, ImagePreprocess]:
+def _create_timm(
+    model_name: str, cfg: EncoderConfig, resize_strategy: ImageResizeStrategy | None
+) -> tuple[nn.Module, ImagePreprocess]:
     if not timm.is_model(model_name):
         raise _unknown_model("timm", model_name, timm.list_models())
     _check_reserved(
@@ -225,10 +230,12 @@ def _create_timm(model_name: str, cfg: EncoderConfig) -> tuple[nn.Module, ImageP
                 f"'hf-hub:' name, or a pretrained tag of {architecture} (tags: {tags})"
             )
         model = timm.create_model(tagged, pretrained=True, **kwargs)
-    return model, ImagePreprocess.from_timm(model, cfg.image_size)
+    return model, ImagePreprocess.from_timm(model, cfg.image_size, resize_strategy)
 
 
-def _create_open_clip(model_name: str, cfg: EncoderConfig) -> tuple[nn.Module, ImagePreprocess]:
+def _create_open_clip(
+    model_name: str, cfg: EncoderConfig, resize_strategy: ImageResizeStrategy | None
+) -> tuple[nn.Module, ImagePreprocess]:
     if model_name not in open_clip.list_models():
         raise _unknown_model("open_clip", model_name, open_clip.list_models())
     _check_reserved(
@@ -267,7 +274,7 @@ def _create_open_clip(model_name: str, cfg: EncoderConfig) -> tuple[nn.Module, I
         **cfg.kwargs,
     )
     visual = model.visual
-    preprocess = ImagePreprocess.from_open_clip(visual.preprocess_cfg, cfg.image_size)
+    preprocess = ImagePreprocess.from_open_clip(visual.preprocess_cfg, cfg.image_size, resize_strategy)
     backbone = visual.trunk if isinstance(visual, TimmModel) else visual
     return backbone, preprocess
 

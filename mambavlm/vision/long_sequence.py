@@ -7,6 +7,8 @@ fusion 'channel' (Cobra's baseline) concatenates the grids along channels: one g
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Sequence
 
 import torch
@@ -39,7 +41,10 @@ class VisualLongSequence(nn.Module):
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.encoders = nn.ModuleList(create_encoder(enc) for enc in cfg.encoders)
+        self.encoders = nn.ModuleList(create_encoder(enc, cfg.image_resize_strategy) for enc in cfg.encoders)
+        fill = self.encoders[0].preprocess.letterbox_fill  # one pad colour: one picture for every encoder
+        for encoder in self.encoders:
+            encoder.preprocess = dataclasses.replace(encoder.preprocess, letterbox_fill=fill)
         self.fusion = cfg.fusion
         self._grid_size = _target_grid(cfg.target_grid, [e.grid_size for e in self.encoders])
 
@@ -66,7 +71,8 @@ class VisualLongSequence(nn.Module):
         return self.num_maps * h * w
 
     def preprocess(self, image: Image.Image) -> list[torch.Tensor]:
-        """One PIL image -> its pixel tensor (3, S_i, S_i) for each encoder."""
+        """One PIL image -> its pixel tensor (3, S_i, S_i) for each encoder, all in the model's one
+        geometry (``image_resize_strategy``): patch (r, c) of every grid covers the same region."""
         return [e.preprocess(image) for e in self.encoders]
 
     def forward(self, pixel_values: Sequence[torch.Tensor]) -> list[torch.Tensor]:

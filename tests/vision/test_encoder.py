@@ -84,7 +84,7 @@ def test_paper_encoders_on_meta_device():
     assert siglip.preprocess.mean == tuple(webli["mean"]) and siglip.preprocess.std == tuple(
         webli["std"]
     )
-    assert siglip.preprocess.resize_mode == "squash"
+    assert siglip.preprocess.resize_strategy == "resize-naive"  # open_clip's own rule for SigLIP: squash
 
 
 def test_timm_grid_matches_blocks_run_by_hand_and_local_weights_load(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from PIL import Image
 
 from mambavlm.config import EncoderConfig, VisionConfig
 from mambavlm.vision.long_sequence import VisualLongSequence
@@ -99,3 +100,46 @@ def test_visual_long_sequence_preprocess_and_input_checks():
         vls(batch[0])
     with pytest.raises(ValueError, match="target_grid"):
         VisualLongSequence(_two_encoder_config(target_grid=[3]))
+
+
+GEOMETRY_ENCODERS = [  # different pixel sizes and patch sizes, the same 4 x 4 grid
+    {"name": "timm:vit_small_patch14_reg4_dinov2", "image_size": 32,
+     "kwargs": {"patch_size": 8, "depth": 2, "embed_dim": 48, "num_heads": 3}},
+    {"name": "timm:vit_base_patch16_siglip_224", "image_size": 48,
+     "kwargs": {"patch_size": 12, "depth": 2, "embed_dim": 48, "num_heads": 3}},
+]
+
+
+def marked_cells(pixels: torch.Tensor, mean: tuple, std: tuple, grid: tuple[int, int]) -> set[tuple[int, int]]:
+    """Patch cells (row, col) more than half covered by the red mark, from a normalised (3, S, S) tensor."""
+    rgb = pixels * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    red = (rgb[0] > 0.7) & (rgb[1] < 0.3) & (rgb[2] < 0.3)
+    rows, cols = grid
+    cells = red.float().unflatten(0, (rows, -1)).unflatten(2, (cols, -1)).mean(dim=(1, 3))
+    return {(r, c) for r in range(rows) for c in range(cols) if cells[r, c] > 0.5}
+
+
+@pytest.mark.parametrize(
+    ("strategy", "expected"),
+    [
+        ("resize-naive", {(0, 2), (1, 2)}),  # x in [1/2, 3/4), y in [0, 1/2) of the squashed square
+        ("resize-crop", {(0, 2), (0, 3), (1, 2), (1, 3)}),  # the centre crop keeps x in [1/4, 3/4)
+        ("letterbox", {(1, 2)}),  # 24 rows of padding above: y in [1/4, 1/2)
+    ],
+)
+def test_every_encoder_sees_the_mark_in_the_same_patch_cells(strategy: str, expected: set) -> None:
+    """A 96 x 48 image with a red mark at x in [48, 72), y in [0, 24): in each strategy the mark lands in
+    the same cells of every encoder's grid, the cells worked out by hand."""
+    image = Image.new("RGB", (96, 48), (128, 128, 128))
+    image.paste((255, 0, 0), (48, 0, 72, 24))
+    vls = VisualLongSequence(VisionConfig(encoders=GEOMETRY_ENCODERS, image_resize_strategy=strategy))
+    assert [e.grid_size for e in vls.encoders] == [(4, 4), (4, 4)]
+    for encoder, pixels in zip(vls.encoders, vls.preprocess(image)):
+        pre = encoder.preprocess
+        assert marked_cells(pixels, pre.mean, pre.std, encoder.grid_size) == expected, pre
+    fills = {e.preprocess.letterbox_fill for e in vls.encoders}
+    assert len(fills) == 1  # one pad colour: the first encoder's mean
+
+
+def test_the_default_geometry_is_cobras_resize_naive() -> None:
+    assert VisionConfig(encoders=GEOMETRY_ENCODERS).image_resize_strategy == "resize-naive"

@@ -20,7 +20,7 @@ def test_preprocess_uses_the_encoders_mean_std_and_resize_rule():
         model=timm.create_model(DINO, pretrained=False, **DINO_KWARGS)
     )
     pre = enc.preprocess
-    assert (pre.mean, pre.std, pre.resize_mode) == (data["mean"], data["std"], "center")
+    assert (pre.mean, pre.std, pre.resize_strategy) == (data["mean"], data["std"], "resize-crop")  # timm's center
 
     colour = (200, 30, 90, 255)
     out = pre(Image.new("RGBA", (40, 20), colour))
@@ -34,13 +34,13 @@ def test_preprocess_uses_the_encoders_mean_std_and_resize_rule():
     green = (torch.tensor([0.0, 1.0, 0.0]) - torch.tensor(data["mean"])) / torch.tensor(data["std"])
     torch.testing.assert_close(centre, green.view(3, 1, 1).expand(3, 28, 28))
 
-    squash = ImagePreprocess(28, pre.mean, pre.std, resize_mode="squash")(three_stripes(84, 28))
+    squash = ImagePreprocess(28, pre.mean, pre.std, resize_strategy="resize-naive")(three_stripes(84, 28))
     assert squash[0, :, 0].min() > squash[0, :, 27].max()  # red on the left edge
     assert squash[2, :, 27].min() > squash[2, :, 0].max()  # blue on the right edge
 
 
 def test_preprocess_is_picklable():
-    pre = ImagePreprocess(28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize_mode="squash")
+    pre = ImagePreprocess(28, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), resize_strategy="letterbox")
     image = three_stripes(60, 33)
     first = pre(image)
     clone = pickle.loads(pickle.dumps(pre))
