@@ -20,13 +20,15 @@ Data paths, ``teacher`` and ``output_dir`` are relative to the working directory
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from mambavlm.config import StrictModel, load_config
 from mambavlm.distill.layouts import HybridLayout
+from mambavlm.distill.seeding import SHAPE_FIELDS
 from mambavlm.distill.stages import LossWeights, StageName
+from mambavlm.llm.mamba2 import Mamba2MixerConfig
 from mambavlm.training.config import DataConfig, Tracker
 
 __all__ = ["DistillConfig", "DistillStageConfig", "load_distill_config"]
@@ -85,6 +87,11 @@ class DistillConfig(StrictModel):
     teacher: str = Field(description="a MambaVLM directory whose LLM is LLaMA-family, or an HF Llama directory")
     layout: HybridLayout = Field(description="which layers become Mamba-2, e.g. 'head-interleaved:4', 'ratio:0.25'")
     seeding: Literal["mmmamba", "matvlm"] = Field("mmmamba", description="how the Mamba-2 mixers are initialised")
+    mixer_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Mamba2MixerConfig fields overriding the seeding mode's, e.g. mmMamba's public code: "
+        "{dt_scales_input: true, conv_activation: silu, d_conv: 2}",
+    )
     template: Literal["plain", "vicuna_v1"] = Field(
         "plain", description="conversation template for an HF Llama teacher (a MambaVLM brings its own)"
     )
@@ -107,6 +114,14 @@ class DistillConfig(StrictModel):
     )
     eval_batch_size: int = Field(32, gt=0, description="prompts per batch on the val split")
     eval_max_new_tokens: int = Field(16, gt=0)
+
+    @model_validator(mode="after")
+    def _known_mixer_options(self) -> DistillConfig:
+        settable = set(Mamba2MixerConfig.__dataclass_fields__) - SHAPE_FIELDS
+        unknown = sorted(set(self.mixer_options) - settable)
+        if unknown:
+            raise ValueError(f"mixer_options {unknown} cannot be set; choose among {sorted(settable)}")
+        return self
 
 
 def load_distill_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:

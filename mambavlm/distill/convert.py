@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import asdict
+from typing import Any
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -45,9 +46,11 @@ def convert_llama(
     layout: HybridLayout | str,
     mode: str = "mmmamba",
     generator: torch.Generator | None = None,
+    mixer_options: dict[str, Any] | None = None,
 ) -> HybridLlamaForCausalLM:
     """A hybrid copy of ``llama``: the layout's layers get Mamba-2 mixers seeded from their attention
-    (``mode`` "mmmamba" or "matvlm"); every other weight is copied. ``llama`` is left unchanged.
+    (``mode`` "mmmamba" or "matvlm", ``mixer_options`` overriding the mode's mixer options); every other
+    weight is copied. ``llama`` is left unchanged.
 
     Converting a hybrid again converts more of its remaining attention layers (already converted
     layers keep their mixers).
@@ -62,7 +65,10 @@ def convert_llama(
     new_layers = [i for i in layout.mamba_layers(num_layers) if i not in existing]
     if not new_layers:
         raise ValueError(f"layout {layout} converts no attention layer of this {num_layers}-layer model")
-    mixers = {i: seed_mamba2_from_attention(llama.model.layers[i].self_attn, mode, generator) for i in new_layers}
+    mixers = {
+        i: seed_mamba2_from_attention(llama.model.layers[i].self_attn, mode, generator, mixer_options)
+        for i in new_layers
+    }
     mixer_configs = {m.config for m in mixers.values()}
     if existing:
         mixer_configs.add(llama.config.mixer_config)
@@ -86,7 +92,11 @@ def convert_llama(
 
 
 def convert_vlm(
-    vlm: MambaVLM, layout: HybridLayout | str, mode: str = "mmmamba", generator: torch.Generator | None = None
+    vlm: MambaVLM,
+    layout: HybridLayout | str,
+    mode: str = "mmmamba",
+    generator: torch.Generator | None = None,
+    mixer_options: dict[str, Any] | None = None,
 ) -> MambaVLM:
     """A ``MambaVLM`` copy whose LLaMA-family LLM is converted by ``convert_llama``; the vision
     encoders, projector and tokenizer are copies of ``vlm``'s (``vlm`` is left unchanged)."""
@@ -94,7 +104,7 @@ def convert_vlm(
         raise TypeError(f"convert_vlm needs a MambaVLM, got {type(vlm).__name__}")
     if vlm.config.llm.family != "llama":
         raise ValueError(f"only a LLaMA-family LLM can be converted; this MambaVLM's llm.family is {vlm.config.llm.family!r}")
-    llm = convert_llama(vlm.llm, layout, mode, generator)
+    llm = convert_llama(vlm.llm, layout, mode, generator, mixer_options)
     config = vlm.config.model_copy(deep=True)
     config.llm.family = "hybrid_llama"
     config.llm.config = {}

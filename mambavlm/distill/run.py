@@ -181,9 +181,9 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     teacher.eval().to(acc.device)
     generator = torch.Generator().manual_seed(config.seed)  # CPU draws: the same student on any device
     if isinstance(teacher, MambaVLM):
-        student = convert_vlm(teacher, config.layout, config.seeding, generator)
+        student = convert_vlm(teacher, config.layout, config.seeding, generator, config.mixer_options)
     else:
-        student = convert_llama(teacher, config.layout, config.seeding, generator)
+        student = convert_llama(teacher, config.layout, config.seeding, generator, config.mixer_options)
     if config.gradient_checkpointing:
         language_model(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mamba_layers = sorted(mamba_mixers(language_model(student)))

@@ -1,22 +1,29 @@
 """Seed a Mamba-2 mixer from a trained attention layer (mmMamba sec. 4.1, MaTVLM sec. 3.2).
 
 Attention without softmax is a linear RNN, S_t = S_{t-1} + v_t k_t^T, y_t = S_t q_t, so the mixer's
-x, B, C projections (``in_proj_x``, ``in_proj_B``, ``in_proj_C`` of the split layout) take W_V, W_K, W_Q
-(key/value heads repeated to the query heads, as transformers' ``repeat_kv`` does for grouped-query
-attention), out_proj takes W_O, heads and head_dim are kept, d_state = head_dim and every head has
-its own B and C (n_groups = heads). The modes differ in what the rest of the layer is:
+x, B, C projections (``in_proj_x``, ``in_proj_B``, ``in_proj_C`` of the split layout) take W_V, W_K, W_Q,
+out_proj takes W_O, heads and head_dim are kept, d_state = head_dim and every head has its own C
+(n_groups = heads). With grouped-query attention x and B stay at key/value width and their
+activations are repeated to the query heads (``num_xb_heads``), as the public mmMamba, MaTVLM and
+MambaInLlama code does: no copied weights that would drift apart once trained, no extra parameters.
+The modes differ in what the rest of the layer is:
 
-- ``"mmmamba"`` (inherit + mimic, mmMamba's public code): decay gamma_t = exp(-softplus(u W_gamma +
-  dt_bias) exp(a)) with W_gamma (``in_proj_dt``) = 0, a = 1, softplus(dt_bias) log-uniform in [1e-3, 1e-1] (gamma near 1);
-  unscaled input S_t = gamma_t S_{t-1} + v_t k_t^T (the paper's Eq. 2); a causal conv initialised to
-  the identity (current-token tap 1, no activation); gate W_G (``in_proj_z``) xavier-uniform with gain
-  2^-2.5; no D.
+- ``"mmmamba"`` (inherit + mimic): decay gamma_t = exp(-softplus(u W_gamma + dt_bias) exp(a)) with
+  W_gamma (``in_proj_dt``) = 0, a = 1, softplus(dt_bias) log-uniform in [1e-3, 1e-1] (gamma near 1);
+  a causal conv initialised to the identity (current-token tap 1); gate W_G (``in_proj_z``)
+  xavier-uniform with gain 2^-2.5; no D; the gated norm as mmMamba's code has it: RMSNorm per head with
+  one weight shared by the heads, before the gate. Departures from mmMamba's public code, on purpose
+  (the paper's Eq. 2 and the identity it starts from): the input is not scaled by dt
+  (S_t = gamma_t S_{t-1} + v_t k_t^T; the code scans x = v with dt), no SiLU after the conv (the code
+  has one), and 4 conv taps (the code has 2). ``mixer_options={"dt_scales_input": True,
+  "conv_activation": "silu", "d_conv": 2}`` gives the code's choices.
 - ``"matvlm"``: x, B, C (and out_proj, as MaTVLM's code does) from V, K, Q (and O); everything else a
-  fresh Mamba-2 layer (mamba_ssm's init: dt log-uniform in [1e-3, 1e-1], A_log = log U[1, 16],
-  default conv with SiLU, D = 1, input scaled by dt).
+  fresh mamba_ssm ``Mamba2`` layer, as MaTVLM's code builds it: dt log-uniform in [1e-3, 1e-1],
+  A_log = log U[1, 16], conv with SiLU, D = 1, input scaled by dt, the gate applied before the RMSNorm
+  (per head: groups of d_inner / n_groups) with one weight per channel.
 
-Both normalise before the gate, y = RMSNorm(y) * SiLU(z) per head. Where the attention has biases
-(W_V, W_K, W_Q), the mixer's input projections have biases and the gate's and dt's start at 0.
+Where the attention has biases (W_V, W_K, W_Q), the mixer's input projections have biases and the
+gate's and dt's start at 0.
 """
 
 from __future__ import annotations
@@ -28,15 +35,24 @@ from torch import Tensor, nn
 
 from mambavlm.llm.mamba2 import Mamba2Mixer, Mamba2MixerConfig
 
-__all__ = ["SEEDING_MODES", "linear_attention_reference", "seed_mamba2_from_attention"]
+__all__ = ["SEEDING_MODES", "linear_attention_reference", "mixer_config_for", "seed_mamba2_from_attention"]
 
 SeedingMode = Literal["mmmamba", "matvlm"]
 
 SEEDING_MODES: dict[str, dict[str, Any]] = {
-    "mmmamba": {"conv_activation": None, "use_D": False, "dt_scales_input": False},
-    "matvlm": {},
+    "mmmamba": {
+        "conv_activation": None,
+        "use_D": False,
+        "dt_scales_input": False,
+        "norm_before_gate": True,
+        "norm_weight_shared": True,
+    },
+    "matvlm": {"norm_before_gate": False},
 }
-"""Mamba2MixerConfig options each mode sets beyond the attention's shape (the rest are defaults)."""
+"""Mamba2MixerConfig options each mode sets beyond the attention's shape (the rest are mamba_ssm's)."""
+SHAPE_FIELDS = frozenset({"hidden_size", "num_heads", "head_dim", "d_state", "n_groups", "num_xb_heads",
+                          "fused_projection", "in_proj_bias", "out_proj_bias"})
+"""What the attention decides; ``mixer_options`` may set any other Mamba2MixerConfig field."""
 
 _MMMAMBA_GATE_GAIN = 2**-2.5
 
@@ -74,15 +90,11 @@ def _attention_shape(attn: nn.Module) -> tuple[int, int, int, int]:
     return hidden, heads, kv_heads, head_dim
 
 
-def _copy_heads(target: nn.Linear, source: nn.Linear, repeats: int, head_dim: int) -> None:
-    """target <- source with each head_dim-row block repeated ``repeats`` times (repeat_kv order)."""
-    weight = source.weight.unflatten(0, (-1, head_dim)).repeat_interleave(repeats, dim=0).flatten(0, 1)
-    target.weight.copy_(weight)
+def _copy_linear(target: nn.Linear, source: nn.Linear) -> None:
+    """target <- source (weight, and bias or zeros where only the target has one)."""
+    target.weight.copy_(source.weight)
     if target.bias is not None:
-        if source.bias is None:
-            target.bias.zero_()
-        else:
-            target.bias.copy_(source.bias.unflatten(0, (-1, head_dim)).repeat_interleave(repeats, dim=0).flatten(0, 1))
+        target.bias.copy_(source.bias) if source.bias is not None else target.bias.zero_()
 
 
 def _mimic_init(mixer: Mamba2Mixer, generator: torch.Generator | None) -> None:
@@ -92,48 +104,64 @@ def _mimic_init(mixer: Mamba2Mixer, generator: torch.Generator | None) -> None:
     """
     mixer.in_proj_dt.weight.zero_()
     mixer.A_log.fill_(1.0)
-    mixer.conv1d.weight.zero_()
-    mixer.conv1d.weight[:, 0, -1] = 1.0
-    mixer.conv1d.bias.zero_()
+    if mixer.conv1d is not None:
+        mixer.conv1d.weight.zero_()
+        mixer.conv1d.weight[:, 0, -1] = 1.0
+        if mixer.conv1d.bias is not None:
+            mixer.conv1d.bias.zero_()
     gate = torch.empty(mixer.in_proj_z.weight.shape, device=generator.device if generator is not None else None)
     nn.init.xavier_uniform_(gate, gain=_MMMAMBA_GATE_GAIN, generator=generator)
     mixer.in_proj_z.weight.copy_(gate)
 
 
-@torch.no_grad()
-def seed_mamba2_from_attention(
-    attn: nn.Module, mode: SeedingMode, generator: torch.Generator | None = None
-) -> Mamba2Mixer:
-    """A ``Mamba2Mixer`` seeded from ``attn`` (a transformers LlamaAttention or any module with
-    q_proj/k_proj/v_proj/o_proj and ``config.num_attention_heads`` / ``num_key_value_heads`` /
-    ``head_dim``), on the attention's device and dtype. ``generator`` drives the random draws.
-
-    The attention is only read; the mixer owns copies. RoPE is not carried over (there are no
-    positions in a recurrence); the attention's 1/sqrt(head_dim) score scale is not either.
-    """
+def mixer_config_for(attn: nn.Module, mode: SeedingMode, mixer_options: dict[str, Any] | None = None) -> Mamba2MixerConfig:
+    """The ``Mamba2MixerConfig`` a seeded mixer of ``attn`` gets in ``mode``, with ``mixer_options``
+    (other Mamba2MixerConfig fields) overriding the mode's. Raises ValueError for an unknown mode or
+    option, or an option the attention's shape decides."""
     if mode not in SEEDING_MODES:
         raise ValueError(f"unknown seeding mode {mode!r}; expected one of {sorted(SEEDING_MODES)}")
+    options = dict(mixer_options or {})
+    known = set(Mamba2MixerConfig.__dataclass_fields__) - SHAPE_FIELDS
+    bad = sorted(set(options) - known)
+    if bad:
+        raise ValueError(f"mixer options {bad} cannot be set: choose among {sorted(known)}")
     hidden, heads, kv_heads, head_dim = _attention_shape(attn)
-    in_proj_bias = any(getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj"))
-    config = Mamba2MixerConfig(
+    return Mamba2MixerConfig(
         hidden_size=hidden,
         num_heads=heads,
         head_dim=head_dim,
         d_state=head_dim,
         n_groups=heads,
-        norm_before_gate=True,
+        num_xb_heads=kv_heads if kv_heads != heads else None,
         fused_projection=False,
-        in_proj_bias=in_proj_bias,
+        in_proj_bias=any(getattr(attn, name).bias is not None for name in ("q_proj", "k_proj", "v_proj")),
         out_proj_bias=attn.o_proj.bias is not None,
-        **SEEDING_MODES[mode],
+        **{**SEEDING_MODES[mode], **options},
     )
+
+
+@torch.no_grad()
+def seed_mamba2_from_attention(
+    attn: nn.Module,
+    mode: SeedingMode,
+    generator: torch.Generator | None = None,
+    mixer_options: dict[str, Any] | None = None,
+) -> Mamba2Mixer:
+    """A ``Mamba2Mixer`` seeded from ``attn`` (a transformers LlamaAttention or any module with
+    q_proj/k_proj/v_proj/o_proj and ``config.num_attention_heads`` / ``num_key_value_heads`` /
+    ``head_dim``), on the attention's device and dtype. ``generator`` drives the random draws;
+    ``mixer_options`` override the mode's mixer options (see ``mixer_config_for``).
+
+    The attention is only read; the mixer owns copies. RoPE is not carried over (there are no
+    positions in a recurrence); the attention's 1/sqrt(head_dim) score scale is not either.
+    """
+    config = mixer_config_for(attn, mode, mixer_options)
     weight = attn.q_proj.weight
     mixer = Mamba2Mixer(config, device=weight.device, dtype=weight.dtype, generator=generator)
-    _copy_heads(mixer.in_proj_x, attn.v_proj, heads // kv_heads, head_dim)
-    _copy_heads(mixer.in_proj_B, attn.k_proj, heads // kv_heads, head_dim)
-    _copy_heads(mixer.in_proj_C, attn.q_proj, 1, head_dim)
-    mixer.out_proj.load_state_dict(attn.o_proj.state_dict())
-    if in_proj_bias:
+    for target, source in ((mixer.in_proj_x, attn.v_proj), (mixer.in_proj_B, attn.k_proj), (mixer.in_proj_C, attn.q_proj)):
+        _copy_linear(target, source)
+    _copy_linear(mixer.out_proj, attn.o_proj)
+    if config.in_proj_bias:
         mixer.in_proj_z.bias.zero_()
         mixer.in_proj_dt.bias.zero_()
     if mode == "mmmamba":

@@ -57,7 +57,14 @@ class Mamba2MixerConfig:
     state per head. n_groups (G): heads sharing B and C (H must be a multiple).
     d_conv: taps of the causal conv over (x, B, C) when ``use_conv``; conv_activation after it;
     conv_bias: the conv has a bias. use_gate: gated RMSNorm before out_proj (needs the split layout
-    when False); norm_before_gate: RMSNorm(y) * SiLU(z) instead of RMSNorm(y * SiLU(z)).
+    when False); norm_before_gate: RMSNorm(y) * SiLU(z) instead of RMSNorm(y * SiLU(z)); the RMS is
+    taken over groups of d_inner / G channels (mamba_ssm's rule: one head when G = H);
+    norm_weight_shared: one weight of P per head shared by all heads (mmMamba's code) instead of
+    mamba_ssm's one per channel (d_inner).
+    num_xb_heads: heads of x and B before they are repeated to the H heads (grouped-query attention
+    seeded as it is: x <- W_V, B <- W_K at key/value width, head h reading KV head h // (H / K), as
+    transformers' ``repeat_kv``, the public MambaInLlama / MaTVLM / mmMamba code); None: H. Needs the
+    split layout and G = H.
     use_D: skip term D x. dt_scales_input: S_t = gamma S + dt x B^T (True) or + x B^T (False).
     dt_limit: (low, high) clamp of dt after the softplus. in_proj_bias / out_proj_bias: biases.
     fused_projection: one in_proj (True) or five (False), see the module docstring.
@@ -83,6 +90,8 @@ class Mamba2MixerConfig:
     fused_projection: bool = True
     chunk_size: int = 256
     rms_eps: float = 1e-5
+    norm_weight_shared: bool = False
+    num_xb_heads: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_heads", "head_dim", "d_state", "n_groups", "d_conv", "chunk_size"):
@@ -103,6 +112,13 @@ class Mamba2MixerConfig:
         if self.fused_projection and not self.use_gate:
             raise ValueError("Mamba2MixerConfig: the fused in_proj always holds the gate z; use_gate=False needs "
                              "fused_projection=False")
+        if self.num_xb_heads is not None:
+            heads, xb = self.num_heads, self.num_xb_heads
+            if self.fused_projection or self.n_groups != heads or xb <= 0 or heads % xb:
+                raise ValueError(
+                    f"Mamba2MixerConfig.num_xb_heads={xb} needs fused_projection=False, n_groups = num_heads "
+                    f"({self.n_groups} vs {heads}) and num_heads a multiple of it"
+                )
         object.__setattr__(self, "dt_limit", (float(low), float(high)))
 
     @property
@@ -111,9 +127,16 @@ class Mamba2MixerConfig:
         return self.num_heads * self.head_dim
 
     @property
+    def xb_heads(self) -> int:
+        """Heads of x and B as projected (K): ``num_xb_heads``, or H."""
+        return self.num_xb_heads or self.num_heads
+
+    @property
     def conv_dim(self) -> int:
-        """Channels of concat(x, B, C), the conv's input: d_inner + 2 * G * N."""
-        return self.d_inner + 2 * self.n_groups * self.d_state
+        """Channels of concat(x, B, C) as projected, the conv's input: K * P + K' * N + G * N, with
+        K' = K when x and B are at key/value width, else G (mamba_ssm: d_inner + 2 * G * N)."""
+        b_groups = self.xb_heads if self.num_xb_heads is not None else self.n_groups
+        return self.xb_heads * self.head_dim + (b_groups + self.n_groups) * self.d_state
 
 
 @dataclass
@@ -184,7 +207,8 @@ def gated_rms_norm(
 
 
 class _GatedNorm(nn.Module):
-    """Holds the gated RMSNorm's weight (d_inner,) as ``norm.weight``, mamba_ssm's parameter name."""
+    """Holds the gated RMSNorm's weight as ``norm.weight``, mamba_ssm's parameter name: (d_inner,), or
+    (P,) shared by the heads."""
 
     def __init__(self, width: int, device: torch.device | str | None, dtype: torch.dtype | None) -> None:
         super().__init__()
@@ -217,8 +241,10 @@ class Mamba2Mixer(nn.Module):
         else:
             group_width = cfg.n_groups * cfg.d_state
             self.in_proj_z = nn.Linear(cfg.hidden_size, cfg.d_inner, bias=bias, **factory) if cfg.use_gate else None
-            self.in_proj_x = nn.Linear(cfg.hidden_size, cfg.d_inner, bias=bias, **factory)
-            self.in_proj_B = nn.Linear(cfg.hidden_size, group_width, bias=bias, **factory)
+            self.in_proj_x = nn.Linear(cfg.hidden_size, cfg.xb_heads * cfg.head_dim, bias=bias, **factory)
+            self.in_proj_B = nn.Linear(
+                cfg.hidden_size, cfg.xb_heads * cfg.d_state if cfg.num_xb_heads else group_width, bias=bias, **factory
+            )
             self.in_proj_C = nn.Linear(cfg.hidden_size, group_width, bias=bias, **factory)
             self.in_proj_dt = nn.Linear(cfg.hidden_size, cfg.num_heads, bias=bias, **factory)
         self.conv1d = (
@@ -229,7 +255,8 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(cfg.num_heads, **factory))
         self.A_log = nn.Parameter(torch.empty(cfg.num_heads, **factory))
         self.D = nn.Parameter(torch.empty(cfg.num_heads, **factory)) if cfg.use_D else None
-        self.norm = _GatedNorm(cfg.d_inner, device, dtype) if cfg.use_gate else None
+        norm_width = cfg.head_dim if cfg.norm_weight_shared else cfg.d_inner
+        self.norm = _GatedNorm(norm_width, device, dtype) if cfg.use_gate else None
         self.out_proj = nn.Linear(cfg.d_inner, cfg.hidden_size, bias=cfg.out_proj_bias, **factory)
         for param in (self.dt_bias, self.A_log, self.D):
             if param is not None:
@@ -318,12 +345,20 @@ class Mamba2Mixer(nn.Module):
         return z, xbc, self.in_proj_dt(u)
 
     def _split_xbc(self, xbc: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """(..., conv_dim) -> x (..., H, P), B (..., G, N), C (..., G, N)."""
+        """(..., conv_dim) -> x (..., H, P), B (..., G, N), C (..., G, N); x and B at key/value width
+        are repeated to the H heads (``repeat_kv`` order: head h reads head h // (H / K))."""
         cfg = self.config
         group_width = cfg.n_groups * cfg.d_state
-        x, B, C = xbc.split([cfg.d_inner, group_width, group_width], dim=-1)
-        groups = (cfg.n_groups, cfg.d_state)
-        return x.unflatten(-1, (cfg.num_heads, cfg.head_dim)), B.unflatten(-1, groups), C.unflatten(-1, groups)
+        if cfg.num_xb_heads is None:
+            x, B, C = xbc.split([cfg.d_inner, group_width, group_width], dim=-1)
+        else:
+            x, B, C = xbc.split([cfg.xb_heads * cfg.head_dim, cfg.xb_heads * cfg.d_state, group_width], dim=-1)
+        x = x.unflatten(-1, (cfg.xb_heads, cfg.head_dim))
+        B = B.unflatten(-1, (-1, cfg.d_state))
+        if cfg.num_xb_heads is not None and cfg.xb_heads != cfg.num_heads:
+            repeats = cfg.num_heads // cfg.xb_heads
+            x, B = x.repeat_interleave(repeats, dim=-2), B.repeat_interleave(repeats, dim=-2)
+        return x, B, C.unflatten(-1, (cfg.n_groups, cfg.d_state))
 
     def _scan_inputs(self, x: Tensor, dt: Tensor, dt_bias: Tensor) -> tuple[Tensor, Tensor]:
         """(x to scan, dt) from x (..., H, P) and dt before bias (..., H); dt in float32.
@@ -345,7 +380,8 @@ class Mamba2Mixer(nn.Module):
         y = y.flatten(-2)
         if self.norm is not None:
             group_size = cfg.d_inner // cfg.n_groups
-            y = gated_rms_norm(y, z, self.norm.weight, cfg.rms_eps, group_size, cfg.norm_before_gate)
+            weight = self.norm.weight.repeat(cfg.num_heads) if cfg.norm_weight_shared else self.norm.weight
+            y = gated_rms_norm(y, z, weight, cfg.rms_eps, group_size, cfg.norm_before_gate)
         return self.out_proj(y.to(self.out_proj.weight.dtype)).to(dtype)
 
     def _check_input(self, hidden_states: Tensor, padding_mask: Tensor | None) -> None:
