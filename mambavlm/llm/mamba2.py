@@ -365,14 +365,15 @@ class Mamba2Mixer(nn.Module):
 
         The scan's update is exp(dt A) S + dt x B^T. Without ``dt_scales_input`` (mmMamba's
         S_t = gamma_t S_{t-1} + x_t B_t^T) x / dt is scanned instead, so that dt * (x / dt) puts x in
-        unscaled while the decay stays gamma; dt is then floored at ``UNSCALED_MIN_DT``.
+        unscaled while the decay stays gamma; dt is then floored at ``UNSCALED_MIN_DT`` and x / dt is
+        kept in float32 (it reaches 1e6 |x|, beyond float16's range: the scan then runs in float32).
         """
         low, high = self.config.dt_limit
         dt = F.softplus(dt.float() + dt_bias).clamp(min=low, max=high)
         if self.config.dt_scales_input:
             return x, dt
         dt = dt.clamp_min(UNSCALED_MIN_DT)
-        return (x / dt[..., None]).to(x.dtype), dt
+        return x.float() / dt[..., None], dt
 
     def _output(self, y: Tensor, z: Tensor | None, dtype: torch.dtype) -> Tensor:
         """Scan output y (..., H, P) (D skip included), gate z -> out_proj(gated_rmsnorm(y, z))."""
@@ -429,6 +430,8 @@ class Mamba2Mixer(nn.Module):
                 xbc = xbc * real[..., None].to(xbc.dtype)
         x, B, C = self._split_xbc(xbc)
         x_scan, dt = self._scan_inputs(x, dt, dt_bias)
+        if not cfg.dt_scales_input:
+            B, C = B.float(), C.float()  # the scan in x / dt's float32
         if real is not None:
             dt = dt * real[..., None]  # dt = 0: no input and no decay, the state passes a pad unchanged
         # The scan adds D x itself when it scans x; x / dt (unscaled input) gets D x added here.
@@ -458,6 +461,8 @@ class Mamba2Mixer(nn.Module):
             xbc = causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, cfg.conv_activation)
         x, B, C = self._split_xbc(xbc)
         x_scan, dt = self._scan_inputs(x, dt, state.dt_bias)
+        if not cfg.dt_scales_input:
+            B, C = B.float(), C.float()  # the step in x / dt's float32
         if cfg.dt_scales_input:
             y = ssd_step(state.ssm, x_scan, dt, state.A, B, C, D=state.D)
         else:

@@ -3,6 +3,7 @@ kernels), the state it allocates, and the bad inputs it names."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib.util
 
@@ -67,3 +68,22 @@ def test_seeded_mixer_on_cuda_matches_cpu_and_decodes_consistently() -> None:
     scale = expected.abs().max()
     assert (full.cpu() - expected).abs().max() / scale < 1e-2
     assert (torch.cat(pieces, dim=1).cpu() - expected).abs().max() / scale < 1e-2
+
+
+def test_unscaled_input_does_not_overflow_in_float16() -> None:
+    """mmMamba's unscaled input scans x / dt with dt floored at 1e-6: 1e6 |x| overflows float16 (max
+    65504), so that division and the scan stay in float32 whatever the weights' dtype."""
+    mixer = seed_mamba2_from_attention(tiny_llama_attention(), "mmmamba", torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mixer.dt_bias[:2] = -30.0  # softplus -> the 1e-6 floor on two heads
+    half = copy.deepcopy(mixer).half()
+    u = torch.randn(2, 9, HIDDEN, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = mixer(u)
+        got = half(u.half())
+        state = half.allocate_state(2)
+        stepped = torch.stack([half.step(u[:, t].half(), state) for t in range(9)], dim=1)
+    assert torch.isfinite(got).all() and torch.isfinite(stepped).all()
+    scale = expected.abs().max()
+    assert (got.float() - expected).abs().max() / scale < 1e-2
+    assert (stepped.float() - expected).abs().max() / scale < 1e-2
