@@ -57,6 +57,12 @@ class DistillStageConfig(StrictModel):
     beta: float = Field(1.0, ge=0, description="matvlm: weight of T^2 * KL")
     gamma: float = Field(0.0, ge=0, description="matvlm: weight of the cross-entropy on the labels")
     temperature: float = Field(1.0, gt=0, description="matvlm: KL temperature T")
+    variant: Literal["paper", "public_code"] = Field(
+        "paper",
+        description="stage3 / matvlm as the paper's equations define them, or as the authors' code runs them "
+        "(stage3: mmMamba's config's trainable set; matvlm: the layer loss at decoder-layer outputs, the "
+        "code's norm / batchmean reductions)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DistillStageConfig:
@@ -72,6 +78,8 @@ class DistillStageConfig(StrictModel):
         misplaced = [k for k, v in _MATVLM_DEFAULTS.items() if getattr(self, k) != v] if self.name != "matvlm" else []
         if misplaced:
             raise ValueError(f"{', '.join(misplaced)} weigh the matvlm loss; stage {self.name!r} does not use them")
+        if self.variant == "public_code" and self.name in ("stage1", "stage2"):
+            raise ValueError(f"stage {self.name!r} has no public_code variant: the paper and the code agree on it")
         if self.name == "matvlm" and self.alpha == self.beta == self.gamma == 0:
             raise ValueError("alpha, beta and gamma are all 0: the matvlm stage would have no loss")
         return self

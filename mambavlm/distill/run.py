@@ -201,8 +201,8 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     phases = [
         Phase(
             name=stage.name,
-            objective=DistillationObjective(student, teacher, stage.name, stage.loss_weights),
-            trainable=StageTrainable(stage.name),
+            objective=DistillationObjective(student, teacher, stage.name, stage.loss_weights, stage.variant),
+            trainable=StageTrainable(stage.name, stage.variant),
             lr=stage.lr,
             global_batch_size=stage.global_batch_size,
             micro_batch_size=stage.micro_batch_size,

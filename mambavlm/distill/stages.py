@@ -45,6 +45,9 @@ __all__ = [
     "LossWeights",
     "StageName",
     "StageTrainable",
+    "Variant",
+    "decoder_layer_loss",
+    "tap_decoder_layers",
     "TeacherAttentionTaps",
     "distill_loss",
     "embed_inputs",
@@ -65,31 +68,47 @@ INHERITED_XBC = frozenset({"in_proj_x", "in_proj_B", "in_proj_C"})
 """The projections seeded from W_V, W_K, W_Q (trained from stage 2 on)."""
 
 
-def _check_stage(stage: str) -> None:
+MMMAMBA_CODE_STAGE3 = frozenset({"in_proj_z", "in_proj_dt", "conv1d", "D", "norm", "in_proj_C", "in_proj_B"})
+"""What mmMamba's public stage-3 config trains (``trainable_weights``: g_proj, in_proj, conv, D, g_norm,
+q_proj, k_proj): not W_V (x), W_O (out_proj), a (A_log) or dt_bias, which its paper's stage 3 trains."""
+
+Variant = Literal["paper", "public_code"]
+"""``paper``: the stage as the paper's equations define it; ``public_code``: as the authors' code runs it
+(stage3: mmMamba's config's trainable set; matvlm: the layer loss at decoder-layer outputs with the
+code's reductions). Stages 1 and 2 have one definition."""
+
+
+def _check_stage(stage: str, variant: str = "paper") -> None:
     if stage not in STAGES:
         raise ValueError(f"unknown distillation stage {stage!r}; expected one of {', '.join(STAGES)}")
+    if variant not in ("paper", "public_code"):
+        raise ValueError(f"unknown stage variant {variant!r}; expected 'paper' or 'public_code'")
+    if variant == "public_code" and stage in ("stage1", "stage2"):
+        raise ValueError(f"{stage} has no public_code variant: the paper and the code agree on it")
 
 
-def _mixer_parameter_trains(stage: str, attribute: str) -> bool:
+def _mixer_parameter_trains(stage: str, attribute: str, variant: str) -> bool:
     if stage == "stage1":
         return attribute in NEW_MIXER_PARAMETERS
     if stage == "stage2":
         return attribute in NEW_MIXER_PARAMETERS | INHERITED_XBC
+    if stage == "stage3" and variant == "public_code":
+        return attribute in MMMAMBA_CODE_STAGE3
     return True
 
 
-def trainable_parameters(model: nn.Module, stage: str) -> set[str]:
+def trainable_parameters(model: nn.Module, stage: str, variant: Variant = "paper") -> set[str]:
     """Names (as in ``model.named_parameters()``) of the parameters ``stage`` trains.
 
     ``model`` is the student: a hybrid LLM, or a MambaVLM holding one (whose ``projector.*``
-    parameters train in the ``matvlm`` stage).
+    parameters train in the ``matvlm`` stage). ``variant``: see ``Variant``.
     """
-    _check_stage(stage)
+    _check_stage(stage, variant)
     names: set[str] = set()
     for prefix, module in model.named_modules():
         if isinstance(module, Mamba2Mixer):
             for name, _ in module.named_parameters():
-                if _mixer_parameter_trains(stage, name.split(".")[0]):
+                if _mixer_parameter_trains(stage, name.split(".")[0], variant):
                     names.add(f"{prefix}.{name}")
     if not names:
         raise ValueError(f"{type(model).__name__} has no Mamba-2 mixers: convert it to a hybrid first")
@@ -98,9 +117,9 @@ def trainable_parameters(model: nn.Module, stage: str) -> set[str]:
     return names
 
 
-def set_trainable(model: nn.Module, stage: str) -> set[str]:
-    """requires_grad = True exactly for ``trainable_parameters(model, stage)``; returns those names."""
-    names = trainable_parameters(model, stage)
+def set_trainable(model: nn.Module, stage: str, variant: Variant = "paper") -> set[str]:
+    """requires_grad = True exactly for ``trainable_parameters(model, stage, variant)``; returns those names."""
+    names = trainable_parameters(model, stage, variant)
     for name, param in model.named_parameters():
         param.requires_grad_(name in names)
     return names
@@ -161,6 +180,47 @@ def tap_attention(llm: PreTrainedModel, layers: Sequence[int]) -> Iterator[Teach
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def tap_decoder_layers(llm: PreTrainedModel, layers: Sequence[int]) -> Iterator[TeacherAttentionTaps]:
+    """As ``tap_attention``, on the whole decoder layers ``llm.model.layers[i]``: what enters the layer
+    and what leaves it (after the MLP and both residual adds)."""
+    decoder = _decoder_layers(llm)
+    taps = TeacherAttentionTaps({}, {})
+    handles = []
+
+    def hook(index: int) -> Any:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            taps.inputs[index] = hidden.detach()
+            taps.outputs[index] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return record
+
+    try:
+        for i in layers:
+            handles.append(decoder[i].register_forward_hook(hook(i), with_kwargs=True))
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def decoder_layer_loss(student_llm: PreTrainedModel, taps: TeacherAttentionTaps, attention_mask: Tensor | None) -> Tensor:
+    """MaTVLM's public code's layer loss: each Mamba-2 decoder layer l of the student, fed the teacher's
+    input to layer l, against the teacher's output of layer l, as ``torch.norm(diff, p=2)`` over the
+    whole micro-batch (batch, tokens and channels, padding included), summed over the layers."""
+    decoder = _decoder_layers(student_llm)
+    total = None
+    for i in sorted(taps.inputs):
+        out = decoder[i](taps.inputs[i], mamba_padding_mask=attention_mask)
+        out = out[0] if isinstance(out, tuple) else out
+        term = torch.norm(out.float() - taps.outputs[i].float(), p=2)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("no Mamba-2 layers to distill")
+    return total
 
 
 def real_tokens(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -240,16 +300,22 @@ def distill_loss(
     batch: dict[str, Any],
     weights: LossWeights = LossWeights(),
     num_items: Tensor | None = None,
+    variant: Variant = "paper",
 ) -> tuple[Tensor, dict[str, float]]:
     """One batch's loss for ``stage`` and its unweighted parts ({"layer", "kl", "ce"}, those used).
 
     teacher / student: MambaVLMs or LLaMA-family causal LMs (the student a hybrid); batch: the
     collator's ``input_ids``, ``attention_mask``, ``labels`` (B, L) and ``pixel_values``. The teacher
-    runs without gradients. ``num_items`` (real tokens, answer tokens) of the whole optimiser step:
-    the layer and KL parts are sums over real tokens divided by the first, the CE part a sum over
-    answer tokens divided by the second; None averages over this batch alone.
+    runs without gradients. ``num_items`` (real tokens, answer tokens, micro-batches) of the whole
+    optimiser step: the layer and KL parts are sums over real tokens divided by the first, the CE part a
+    sum over answer tokens divided by the second; None averages over this batch alone.
+
+    ``variant="public_code"`` (matvlm only) computes MaTVLM's loss as its public code does: the layer
+    term at decoder-layer outputs (``decoder_layer_loss``), the KL with ``reduction="batchmean"``
+    (summed over tokens and vocabulary, divided by the batch size, padding included), the CE the
+    micro-batch's mean; each divided by the step's micro-batches (the code's mean over accumulation).
     """
-    _check_stage(stage)
+    _check_stage(stage, variant)
     teacher_llm, student_llm = language_model(teacher), language_model(student)
     mixers = mamba_mixers(student_llm)
     if not mixers:
@@ -263,28 +329,39 @@ def distill_loss(
     if not (use_layer or use_kl or use_ce):
         raise ValueError("alpha, beta and gamma are all 0: the matvlm loss is empty")
 
+    public = variant == "public_code"
+    tap = tap_decoder_layers if public else tap_attention
     with torch.no_grad():
         teacher_embeds = embed_inputs(teacher, input_ids, pixel_values)
-        with tap_attention(teacher_llm, sorted(mixers) if use_layer else []) as taps:
+        with tap(teacher_llm, sorted(mixers) if use_layer else []) as taps:
             if use_kl:
                 teacher_logits = teacher_llm(inputs_embeds=teacher_embeds, attention_mask=mask, use_cache=False).logits
             elif use_layer:
                 teacher_llm.model(inputs_embeds=teacher_embeds, attention_mask=mask, use_cache=False)
 
     num_tokens, num_answers = (None, None) if num_items is None else (num_items[0], num_items[1])
+    per_micro_batch = 1.0 if num_items is None else num_items[2]
     parts: dict[str, Tensor] = {}
     if use_layer:
-        parts["layer"] = layerwise_loss(mixers, taps, mask, "l2" if matvlm else "mse", num_tokens)
+        if public:
+            parts["layer"] = decoder_layer_loss(student_llm, taps, mask) / per_micro_batch
+        else:
+            parts["layer"] = layerwise_loss(mixers, taps, mask, "l2" if matvlm else "mse", num_tokens)
     if use_kl or use_ce:
         student_embeds = embed_inputs(student, input_ids, pixel_values) if matvlm else teacher_embeds
         labels = batch["labels"] if use_ce else None
-        extra = {"num_items_in_batch": num_answers} if use_ce and num_answers is not None else {}
+        extra = {"num_items_in_batch": num_answers} if use_ce and num_answers is not None and not public else {}
         out = student_llm(inputs_embeds=student_embeds, attention_mask=mask, labels=labels, use_cache=False, **extra)
-        if use_kl:
-            temperature = weights.temperature if matvlm else 1.0
+        temperature = weights.temperature if matvlm else 1.0
+        if use_kl and public:
+            log_p_s = F.log_softmax(out.logits.float() / temperature, dim=-1).flatten(0, 1)
+            p_t = F.softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, 1)
+            batchmean = F.kl_div(log_p_s, p_t, reduction="sum") / out.logits.shape[0]
+            parts["kl"] = temperature**2 * batchmean / per_micro_batch
+        elif use_kl:
             parts["kl"] = logit_kl(out.logits, teacher_logits, mask, temperature, num_tokens)
         if use_ce:
-            parts["ce"] = out.loss
+            parts["ce"] = out.loss / per_micro_batch if public else out.loss
     scale = {"layer": weights.alpha, "kl": weights.beta, "ce": weights.gamma} if matvlm else {}
     loss = sum(scale.get(name, 1.0) * value for name, value in parts.items())
     return loss, {k: float(v.detach()) for k, v in parts.items()}
@@ -300,13 +377,21 @@ class DistillationObjective(nn.Module):
     (the loss must run through the prepared wrapper, as DDP needs) and ``loss`` its forward's loss.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, stage: str, weights: LossWeights = LossWeights()) -> None:
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module,
+        stage: str,
+        weights: LossWeights = LossWeights(),
+        variant: Variant = "paper",
+    ) -> None:
         super().__init__()
-        _check_stage(stage)
+        _check_stage(stage, variant)
         self.student = student
         object.__setattr__(self, "teacher", teacher)
         self.stage = stage
         self.weights = weights
+        self.variant = variant
 
     @property
     def module(self) -> DistillationObjective:
@@ -318,12 +403,13 @@ class DistillationObjective(nn.Module):
         return self
 
     def forward(self, batch: dict[str, Any], num_items: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        return distill_loss(self.stage, self.teacher, self.student, batch, self.weights, num_items)
+        return distill_loss(self.stage, self.teacher, self.student, batch, self.weights, num_items, self.variant)
 
     def num_items(self, batch: dict[str, Any]) -> Tensor:
-        """(real tokens, answer tokens) of the batch: what the stage's losses are averaged over."""
+        """(real tokens, answer tokens, 1 micro-batch) of the batch: what the stage's losses average over."""
         real = real_tokens(batch["input_ids"], batch.get("attention_mask"))
-        return torch.stack([real, answer_tokens(batch["labels"])]).to(torch.float64)
+        one = torch.ones((), dtype=torch.float64)
+        return torch.stack([real.to(torch.float64), answer_tokens(batch["labels"]).to(torch.float64), one])
 
     def loss(self, prepared: nn.Module, batch: dict[str, Any], num_items: Tensor) -> Tensor:
         return prepared(batch, num_items)[0]
@@ -335,7 +421,8 @@ class StageTrainable:
     student; returns the names (relative to the student) that train."""
 
     stage: str
+    variant: Variant = "paper"
 
     def __call__(self, module: nn.Module) -> set[str]:
         student = getattr(module, "student", module)
-        return set_trainable(student, self.stage)
+        return set_trainable(student, self.stage, self.variant)

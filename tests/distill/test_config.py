@@ -30,3 +30,9 @@ def test_stage_and_distill_configs() -> None:
     assert DistillConfig.model_validate(tiny.model_dump(mode="json")) == tiny  # what runs write to config.yaml
     with pytest.raises(ConfigError, match="layout"):
         load_distill_config(ROOT / "configs/distill/tiny.yaml", ["layout=every-other:2"])
+
+
+def test_a_public_code_variant_only_where_the_code_differs() -> None:
+    assert DistillStageConfig(name="stage3", max_steps=1, lr=1e-3, variant="public_code").variant == "public_code"
+    with pytest.raises(ValueError, match="stage 'stage2' has no public_code variant"):
+        DistillStageConfig(name="stage2", max_steps=1, lr=1e-3, variant="public_code")

@@ -20,11 +20,13 @@ def load_distill_script():
     return module
 
 
-def stage_overrides(*stages: tuple[str, float]) -> list[str]:
+def stage_overrides(*stages: tuple[str, float] | tuple[str, float, str]) -> list[str]:
     """Short stages on one fixed micro-batch (num_train = batch size), so each stage's loss curve is
-    that of plain optimisation."""
+    that of plain optimisation; a third item names the stage's variant."""
     listed = ", ".join(
-        f"{{name: {name}, max_steps: 8, lr: {lr}, global_batch_size: 4, micro_batch_size: 4}}" for name, lr in stages
+        f"{{name: {stage[0]}, max_steps: 8, lr: {stage[1]}, global_batch_size: 4, micro_batch_size: 4"
+        + (f", variant: {stage[2]}}}" if len(stage) > 2 else "}")
+        for stage in stages
     )
     return [f"stages=[{listed}]", "eval_batch_size=4", "eval_max_new_tokens=3"]
 
@@ -70,7 +72,7 @@ def test_distill_cli_with_an_hf_llama_teacher(tmp_path: Path) -> None:
     metrics = load_distill_script().main([
         "--config", str(ROOT / "configs/distill/tiny.yaml"),
         f"teacher={tmp_path / 'teacher'}", f"output_dir={out}", "layout=linear",
-        f"data={{train: {train}, val: {val}}}", *stage_overrides(("stage1", 1e-2), ("matvlm", 3e-3)),
+        f"data={{train: {train}, val: {val}}}", *stage_overrides(("stage1", 1e-2), ("matvlm", 3e-3, "public_code")),
     ])
     check_metrics(metrics, out, ["stage1", "matvlm"])
     student = HybridLlamaForCausalLM.from_pretrained(out / "student")

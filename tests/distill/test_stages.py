@@ -134,3 +134,46 @@ def test_logit_kl_matches_torch_distributions() -> None:
         expected = temperature**2 * kl[mask.bool()].mean()
         torch.testing.assert_close(logit_kl(student, teacher, mask, temperature), expected)
     assert float(logit_kl(teacher, teacher, mask)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_stage3_public_code_trains_what_mmmambas_config_lists() -> None:
+    """mmMamba's public stage-3 config: gate, dt projection, conv, D, gate norm, W_Q (C) and W_K (B);
+    not W_V (x), W_O (out_proj), a or dt_bias, which the paper's stage 3 trains."""
+    hybrid = convert_llama(tiny_llama(**DISTILL_LLAMA), "list:1,3", "matvlm")
+    public = ["in_proj_z.weight", "in_proj_dt.weight", "conv1d.weight", "conv1d.bias", "D", "norm.weight",
+              "in_proj_C.weight", "in_proj_B.weight"]
+    assert trainable_parameters(hybrid, "stage3", "public_code") == mixer_names([1, 3], public)
+    paper = trainable_parameters(hybrid, "stage3")
+    assert paper - trainable_parameters(hybrid, "stage3", "public_code") == mixer_names(
+        [1, 3], ["in_proj_x.weight", "out_proj.weight", "A_log", "dt_bias"]
+    )
+    with pytest.raises(ValueError, match="stage1 has no public_code variant"):
+        trainable_parameters(hybrid, "stage1", "public_code")
+
+
+@torch.no_grad()
+def test_matvlm_public_code_loss_matches_a_direct_computation() -> None:
+    """MaTVLM's code: each Mamba-2 decoder layer fed the teacher's layer input, the Frobenius norm of its
+    output minus the teacher's layer output (whole batch, padding included), summed; KL batchmean; CE."""
+    teacher = tiny_llama(**DISTILL_LLAMA)
+    student = convert_llama(teacher, "list:1,2", "matvlm", torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1024, (2, 9), generator=torch.Generator().manual_seed(1))
+    batch = batch_of(ids, [9, 6])
+    weights = LossWeights(alpha=1.0, beta=0.5, gamma=0.25, temperature=2.0)
+    loss, parts = distill_loss("matvlm", teacher, student, batch, weights, variant="public_code")
+
+    mask = batch["attention_mask"]
+    hidden = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    layer = 0.0
+    for i in (1, 2):
+        out = student.model.layers[i](hidden[i], mamba_padding_mask=mask)
+        out = out[0] if isinstance(out, tuple) else out
+        layer += ((out - hidden[i + 1]) ** 2).sum().sqrt().item()
+    student_out = student(input_ids=ids, attention_mask=mask, labels=batch["labels"])
+    teacher_logits = teacher(input_ids=ids, attention_mask=mask).logits
+    p_t = F.softmax(teacher_logits / 2.0, dim=-1)
+    kl = (p_t * (p_t.log() - F.log_softmax(student_out.logits / 2.0, dim=-1))).sum() / 2 * 2.0**2
+    assert parts["layer"] == pytest.approx(layer, rel=1e-5)
+    assert parts["kl"] == pytest.approx(kl.item(), rel=1e-5)
+    assert parts["ce"] == pytest.approx(student_out.loss.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(layer + 0.5 * kl.item() + 0.25 * student_out.loss.item(), rel=1e-5)
