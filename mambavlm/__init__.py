@@ -5,11 +5,15 @@ The public API is small; everything else is importable from its own module
 ``mambavlm.data``, ``mambavlm.distill``).
 """
 
-from mambavlm.config import ConfigError, ModelConfig, load_config
-from mambavlm.model import MambaVLM, build_model
-from mambavlm.projector import build_projector
-from mambavlm.scan import inverse_orders, plot_scan_orders, scan_orders
-from mambavlm.vision.long_sequence import VisualLongSequence
+from mambavlm.versions import check_installed_versions
+
+check_installed_versions()
+
+from mambavlm.config import ConfigError, ModelConfig, load_config  # noqa: E402
+from mambavlm.model import MambaVLM, build_model  # noqa: E402
+from mambavlm.projector import build_projector  # noqa: E402
+from mambavlm.scan import inverse_orders, plot_scan_orders, scan_orders  # noqa: E402
+from mambavlm.vision.long_sequence import VisualLongSequence  # noqa: E402
 
 __version__ = "0.1.0"
 

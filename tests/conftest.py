@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -357,3 +358,10 @@ def four_records(root: Path) -> Path:
         record["conversations"][1]["value"] = answer
     train.write_text(json.dumps(records))
     return train
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a test's subprocess: this one's, with the repository first on PYTHONPATH
+    (kept, not replaced: a machine may hold packages there)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, **extra}

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, subprocess_env
 
 
 @pytest.mark.parametrize("script", ["generation", "projector", "training_throughput", "long_context"])
 def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: Path) -> None:
     out = tmp_path / f"{script}.md"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = subprocess_env()
     result = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{script}", "--quick", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

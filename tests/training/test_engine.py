@@ -4,7 +4,6 @@ micro-batch size and the number of processes change neither the step losses nor 
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,7 @@ from mambavlm.data.collate import VLMCollator
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.finetune import training_dataset
-from tests.conftest import ROOT, TINY_TRAIN, four_records
+from tests.conftest import ROOT, TINY_TRAIN, four_records, subprocess_env
 
 def overrides(out: Path, train: Path, micro: int) -> list[str]:
     return [
@@ -89,7 +88,7 @@ def test_two_processes_give_the_one_process_losses_and_weights(tmp_path: Path) -
     train = four_records(tmp_path / "data")
     run_finetune(load_train_config(TINY_TRAIN, overrides(tmp_path / "one", train, 4)))
     accelerate = Path(sys.executable).with_name("accelerate")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",

@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import os
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.model import MambaVLM
 from mambavlm.training import find_checkpoints, load_train_config, run_finetune
 from mambavlm.training.checkpoint import TRAINER_STATE_FILE
-from tests.conftest import ROOT, TINY_TRAIN
+from tests.conftest import ROOT, TINY_TRAIN, subprocess_env
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
@@ -147,7 +146,7 @@ def test_two_processes_match_one_process(tmp_path):
     accelerate = Path(sys.executable).with_name("accelerate")
     # `accelerate launch --cpu` starts one process unless given an MPI hostfile; the torchrun launcher
     # (--multi_gpu) with ACCELERATE_USE_CPU starts two CPU processes that talk through gloo.
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     cmd = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--main_process_port", str(free_port()),
