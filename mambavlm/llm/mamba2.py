@@ -406,7 +406,7 @@ class Mamba2Mixer(nn.Module):
         Raises ValueError for a wrong hidden width or mask shape.
         """
         self._check_input(hidden_states, padding_mask)
-        batch, length, _ = hidden_states.shape
+        length = hidden_states.shape[1]
         if state is not None and length == 1 and padding_mask is None:
             return self.step(hidden_states[:, 0], state).unsqueeze(1)
         cfg = self.config
@@ -461,12 +461,10 @@ class Mamba2Mixer(nn.Module):
             xbc = causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, cfg.conv_activation)
         x, B, C = self._split_xbc(xbc)
         x_scan, dt = self._scan_inputs(x, dt, state.dt_bias)
-        if not cfg.dt_scales_input:
-            B, C = B.float(), C.float()  # the step in x / dt's float32
         if cfg.dt_scales_input:
             y = ssd_step(state.ssm, x_scan, dt, state.A, B, C, D=state.D)
-        else:
-            y = ssd_step(state.ssm, x_scan, dt, state.A, B, C)
+        else:  # the step in x / dt's float32, D x added here
+            y = ssd_step(state.ssm, x_scan, dt, state.A, B.float(), C.float())
             if cfg.use_D:
                 y = (y.float() + x.float() * state.D[:, None]).to(y.dtype)
         return self._output(y, z, hidden_states.dtype)
