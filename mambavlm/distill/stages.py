@@ -26,7 +26,7 @@ optimiser step's real tokens under the training engine, so that micro-batching d
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -158,53 +158,40 @@ class TeacherAttentionTaps:
 
 
 @contextmanager
-def tap_attention(llm: PreTrainedModel, layers: Sequence[int]) -> Iterator[TeacherAttentionTaps]:
+def _tap(modules: dict[int, nn.Module]) -> Iterator[TeacherAttentionTaps]:
+    """Forward hooks recording each module's input hidden states and output (detached), by layer index."""
+    taps = TeacherAttentionTaps({}, {})
+    handles = []
+
+    def hook(index: int) -> Any:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            taps.inputs[index] = hidden.detach()
+            taps.outputs[index] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        return record
+
+    try:
+        for index, module in modules.items():
+            handles.append(module.register_forward_hook(hook(index), with_kwargs=True))
+        yield taps
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def tap_attention(llm: PreTrainedModel, layers: Sequence[int]) -> AbstractContextManager[TeacherAttentionTaps]:
     """Forward hooks on ``llm.model.layers[i].self_attn`` for i in ``layers`` that record its input
     hidden states and its output (detached) during the forwards run inside the ``with`` block."""
     decoder = _decoder_layers(llm)
-    taps = TeacherAttentionTaps({}, {})
-    handles = []
-
-    def hook(index: int) -> Any:
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            taps.inputs[index] = hidden.detach()
-            taps.outputs[index] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        return record
-
-    try:
-        for i in layers:
-            handles.append(decoder[i].self_attn.register_forward_hook(hook(i), with_kwargs=True))
-        yield taps
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _tap({i: decoder[i].self_attn for i in layers})
 
 
-@contextmanager
-def tap_decoder_layers(llm: PreTrainedModel, layers: Sequence[int]) -> Iterator[TeacherAttentionTaps]:
+def tap_decoder_layers(llm: PreTrainedModel, layers: Sequence[int]) -> AbstractContextManager[TeacherAttentionTaps]:
     """As ``tap_attention``, on the whole decoder layers ``llm.model.layers[i]``: what enters the layer
     and what leaves it (after the MLP and both residual adds)."""
     decoder = _decoder_layers(llm)
-    taps = TeacherAttentionTaps({}, {})
-    handles = []
-
-    def hook(index: int) -> Any:
-        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            taps.inputs[index] = hidden.detach()
-            taps.outputs[index] = (output[0] if isinstance(output, tuple) else output).detach()
-
-        return record
-
-    try:
-        for i in layers:
-            handles.append(decoder[i].register_forward_hook(hook(i), with_kwargs=True))
-        yield taps
-    finally:
-        for handle in handles:
-            handle.remove()
+    return _tap({i: decoder[i] for i in layers})
 
 
 def decoder_layer_loss(student_llm: PreTrainedModel, taps: TeacherAttentionTaps, attention_mask: Tensor | None) -> Tensor:
