@@ -29,7 +29,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mambavlm.model",),
     ("mambavlm.data",),
     ("mambavlm.training",),
-    ("mambavlm.distill",),
+    ("mambavlm.distill", "mambavlm.eval"),
     ("mambavlm.describe", "mambavlm"),
 ]
 """Bottom to top: a module may import from its own layer or a lower one."""

@@ -1,0 +1,1 @@
+"""Benchmark evaluation: the papers' benchmarks scored as their reference scorers score them."""

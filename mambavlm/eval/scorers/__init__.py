@@ -1,0 +1,1 @@
+"""One module per benchmark family, each reproducing its reference scorer (named in its docstring)."""

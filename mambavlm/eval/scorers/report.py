@@ -1,0 +1,34 @@
+"""What every scorer returns: the overall score and its breakdowns, in percent as the reference prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["ScoreReport"]
+
+
+@dataclass
+class ScoreReport:
+    """A benchmark's result.
+
+    overall: the headline number, in percent unless ``unit`` says otherwise (MME reports points),
+    rounded as the reference scorer prints it. breakdowns: named groups -> {group value: score}, e.g.
+    {"answer_type": {"yes/no": 91.2, "number": 60.1, "other": 70.3}}. counts: how many items went in
+    (and, where a scorer skips some, how many it skipped and why). unit: "percent" or "points".
+    """
+
+    benchmark: str
+    overall: float
+    breakdowns: dict[str, dict[str, float]] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    unit: str = "percent"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "benchmark": self.benchmark,
+            "overall": self.overall,
+            "unit": self.unit,
+            "breakdowns": self.breakdowns,
+            "counts": self.counts,
+        }
