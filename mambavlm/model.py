@@ -140,6 +140,25 @@ class MambaVLM(nn.Module):
         text = self.template.prompt(prompt, eos_token=self.tokenizer.eos_token or "")
         return tokenize_prompt(text, self.tokenizer, self.num_visual_tokens, self.add_bos)
 
+    def prompt_problem(self, prompt: object, with_image: bool, max_new_tokens: int = 0) -> str | None:
+        """Why ``prompt`` cannot be answered (None if it can): not a string, ``<image>`` placeholders that
+        do not match the image (more than one, or one without an image), or a prompt that with
+        ``max_new_tokens`` exceeds ``config.max_length`` (the numbers are in the message)."""
+        if not isinstance(prompt, str):
+            return f"the question is a {type(prompt).__name__}, not a string"
+        placeholders = prompt.count(IMAGE_TOKEN)
+        if with_image and placeholders > 1:
+            return f"the question holds {placeholders} {IMAGE_TOKEN} placeholders for one image"
+        if not with_image and placeholders:
+            return f"the question holds {IMAGE_TOKEN} but the record has no image"
+        length = len(self.build_prompt_ids(prompt, with_image))
+        if length + max_new_tokens > self.config.max_length:
+            return (
+                f"the prompt is {length} tokens ({self.num_visual_tokens} of them visual); with "
+                f"{max_new_tokens} new tokens it exceeds max_length={self.config.max_length}"
+            )
+        return None
+
     def static_decoder(self) -> StaticDecoder:
         """The LLM's static-cache decoder, built on first use and kept (with its CUDA graph)."""
         decoder = self._static_decoder

@@ -76,7 +76,8 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
     """The first question/answer pair of every LLaVA-format record.
 
     ``image_root`` None means the JSON file's directory (or the working directory for in-memory
-    records). A record without a human turn followed by an assistant turn is a ValueError naming it.
+    records). A record without a human turn followed by an assistant turn is a ValueError naming it
+    (the question's own type is checked when it is answered: ``generate_answers``).
     """
     if image_root is None and isinstance(records, (str, Path)):
         image_root = Path(records).parent
@@ -88,7 +89,8 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
         if (
             not isinstance(turns, list)
             or len(turns) < 2
-            or not all(isinstance(t, dict) and isinstance(t.get("value"), str) for t in turns[:2])
+            or not all(isinstance(t, dict) for t in turns[:2])
+            or not isinstance(turns[1].get("value"), str)
             or turns[0].get("from") not in HUMAN_ROLES
             or turns[1].get("from") not in ASSISTANT_ROLES
         ):
@@ -127,8 +129,10 @@ def generate_answers(
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
     """Greedy answers of a MambaVLM to ``items``, in batches.
 
-    Returns ``(rows, skipped)``: one row ``{id, question, answer, reference, correct}`` per item
-    whose image could be read, and ``(id, reason)`` for each item that was skipped.
+    Returns ``(rows, skipped)``: one row ``{id, question, answer, reference, correct}`` per item that
+    could be answered, and ``(id, reason)`` for each item that was skipped (an unreadable image, a
+    question that is not a string, placeholders that do not match the image, a prompt too long for the
+    model with ``max_new_tokens``); the others are answered.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -138,9 +142,12 @@ def generate_answers(
         batch, images = [], []
         for item in items[start : start + batch_size]:
             image = _open_image(item.image, blind) if item.image is not None else None
-            if isinstance(image, str):
-                logger.warning("skipping %s: %s", item.id, image)
-                skipped.append((item.id, image))
+            problem = image if isinstance(image, str) else model.prompt_problem(
+                item.question, image is not None, max_new_tokens
+            )
+            if problem is not None:
+                logger.warning("skipping %s: %s", item.id, problem)
+                skipped.append((item.id, problem))
                 continue
             batch.append(item)
             images.append(image)

@@ -154,7 +154,7 @@ def evaluate_val(
 ) -> dict[str, Any]:
     """Greedy exact match on the val split (main process); answers go to val_answers.jsonl."""
     if val_json is None:
-        return {"val_accuracy": None, "val_num_items": 0, "val_num_skipped": 0}
+        return {"val_accuracy": None, "val_num_items": 0, "val_num_skipped": 0, "val_skipped": []}
     items = load_vqa_items(val_json, image_root)
     model.eval()
     rows, skipped = generate_answers(
@@ -164,7 +164,12 @@ def evaluate_val(
         for row in rows:
             f.write(json.dumps(row) + "\n")
     accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else None
-    return {"val_accuracy": accuracy, "val_num_items": len(rows), "val_num_skipped": len(skipped)}
+    return {
+        "val_accuracy": accuracy,
+        "val_num_items": len(rows),
+        "val_num_skipped": len(skipped),
+        "val_skipped": [{"id": record_id, "reason": reason} for record_id, reason in skipped],
+    }
 
 
 def _flat_scalars(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -35,3 +35,42 @@ def test_blind_mode_blanks_the_images(tmp_path, tiny_model):
             assert torch.equal(blind[i]["pixel_values"][k], transform(grey))
             assert not torch.equal(seeing[i]["pixel_values"][k], transform(grey))
         assert torch.equal(blind[i]["input_ids"], seeing[i]["input_ids"])
+
+
+def test_records_that_cannot_be_answered_are_skipped_and_the_rest_answered(tmp_path, tiny_model):
+    """A 300-word question, one that fits only without the new tokens, a question of the wrong type,
+    two placeholders for one image, a placeholder without an image, a missing image: each is named with
+    its reason; the good records are answered exactly as they are alone."""
+    import json
+
+    from mambavlm.training.evaluation import generate_answers, load_vqa_items
+
+    _, val = make_shapes_vqa(tmp_path, num_train=0, num_val=3, image_size=32)
+    records = json.loads(val.read_text())
+    good = list(records)
+    long_question = "<image>\n" + " ".join(["red"] * 300)
+    prompt_tokens = len(tiny_model.build_prompt_ids("<image>\nred", True)) - 1  # all but the one word
+    fits_alone = "<image>\n" + " ".join(["red"] * (256 - prompt_tokens - 4))
+    bad = {
+        "long": {"image": records[2]["image"], "q": long_question},
+        "no_room": {"image": records[2]["image"], "q": fits_alone},
+        "not_text": {"image": records[2]["image"], "q": 7},
+        "two_images": {"image": records[2]["image"], "q": "<image> <image> what ?"},
+        "no_image": {"q": "<image>\nwhat color ?"},
+        "missing": {"image": "nowhere.png", "q": "what color ?"},
+    }
+    for name, spec in bad.items():
+        record = {"id": name, "conversations": [{"from": "human", "value": spec["q"]}, {"from": "gpt", "value": "red"}]}
+        if "image" in spec:
+            record["image"] = spec["image"]
+        records.append(record)
+    items = load_vqa_items(records, tmp_path)
+    rows, skipped = generate_answers(tiny_model, items, batch_size=4, max_new_tokens=8, show_progress=False)
+    alone, _ = generate_answers(tiny_model, load_vqa_items(good, tmp_path), 1, 8, show_progress=False)
+    assert [r["answer"] for r in rows] == [r["answer"] for r in alone]
+    reasons = dict(skipped)
+    assert sorted(reasons) == sorted(bad)
+    assert "exceeds max_length=256" in reasons["long"] and "with 8 new tokens" in reasons["no_room"]
+    assert "is a int, not a string" in reasons["not_text"]
+    assert "holds 2 <image> placeholders" in reasons["two_images"]
+    assert "has no image" in reasons["no_image"] and "image file not found" in reasons["missing"]
