@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import string
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ __all__ = [
     "VQAItem",
     "exact_match",
     "generate_answers",
+    "iter_answers",
     "load_vqa_items",
     "normalize_answer",
 ]
@@ -119,6 +120,39 @@ def _open_image(path: Path, blind: bool) -> Image.Image | str:
     return Image.new("RGB", image.size, BLANK_COLOR) if blind else image
 
 
+def iter_answers(
+    model: Any,
+    items: Sequence[tuple[str, Path | None, object]],
+    batch_size: int,
+    max_new_tokens: int,
+    blind: bool = False,
+    show_progress: bool = True,
+) -> Iterator[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+    """Greedy answers of a MambaVLM to (id, image path or None, prompt) items, one batch at a time.
+
+    Yields ``(answers, skipped)`` per batch: ``(id, answer)`` for each item answered, ``(id, reason)``
+    for each that cannot be (an unreadable image, a prompt that is not a string, placeholders that do
+    not match the image, a prompt too long for the model with ``max_new_tokens``). Raises ValueError
+    for a batch size below 1.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show_progress):
+        ids, prompts, images, skipped = [], [], [], []
+        for item_id, path, prompt in items[start : start + batch_size]:
+            image = _open_image(path, blind) if path is not None else None
+            problem = image if isinstance(image, str) else model.prompt_problem(prompt, image is not None, max_new_tokens)
+            if problem is not None:
+                logger.warning("skipping %s: %s", item_id, problem)
+                skipped.append((item_id, problem))
+                continue
+            ids.append(item_id)
+            prompts.append(prompt)
+            images.append(image)
+        answers = model.generate(images, prompts, max_new_tokens=max_new_tokens, do_sample=False) if ids else []
+        yield list(zip(ids, answers)), skipped
+
+
 def generate_answers(
     model: Any,
     items: Sequence[VQAItem],
@@ -127,36 +161,19 @@ def generate_answers(
     blind: bool = False,
     show_progress: bool = True,
 ) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Greedy answers of a MambaVLM to ``items``, in batches.
+    """Greedy answers of a MambaVLM to ``items``, in batches (``iter_answers``).
 
     Returns ``(rows, skipped)``: one row ``{id, question, answer, reference, correct}`` per item that
-    could be answered, and ``(id, reason)`` for each item that was skipped (an unreadable image, a
-    question that is not a string, placeholders that do not match the image, a prompt too long for the
-    model with ``max_new_tokens``); the others are answered.
+    could be answered, and ``(id, reason)`` for each item that was skipped; the others are answered.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    by_id = {item.id: item for item in items}
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show_progress):
-        batch, images = [], []
-        for item in items[start : start + batch_size]:
-            image = _open_image(item.image, blind) if item.image is not None else None
-            problem = image if isinstance(image, str) else model.prompt_problem(
-                item.question, image is not None, max_new_tokens
-            )
-            if problem is not None:
-                logger.warning("skipping %s: %s", item.id, problem)
-                skipped.append((item.id, problem))
-                continue
-            batch.append(item)
-            images.append(image)
-        if not batch:
-            continue
-        answers = model.generate(
-            images, [item.question for item in batch], max_new_tokens=max_new_tokens, do_sample=False
-        )
-        for item, answer in zip(batch, answers):
+    triples = [(item.id, item.image, item.question) for item in items]
+    for answers, batch_skipped in iter_answers(model, triples, batch_size, max_new_tokens, blind, show_progress):
+        skipped += batch_skipped
+        for item_id, answer in answers:
+            item = by_id[item_id]
             rows.append(
                 {
                     "id": item.id,

@@ -1,0 +1,57 @@
+"""Answer a benchmark with a MambaVLM: ``accelerate launch eval/run.py --model DIR --benchmark NAME --data
+QUESTIONS.jsonl [--image-folder DIR] [--output-dir DIR] [--batch-size N] [--limit N] [--max-new-tokens N]``.
+
+The questions are a LLaVA-style JSONL (``question_id``, ``image``, ``text``; LLaVA-1.5's evaluation
+files). Answers go to ``OUTPUT_DIR/answers.jsonl`` as batches finish (a killed run started again goes on
+from them; several processes split the questions), then ``results.json`` and a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from mambavlm.eval.runner import RunSettings, run_benchmark
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, type=Path, help="a MambaVLM directory (save_pretrained)")
+    parser.add_argument("--benchmark", required=True, help="its name, recorded in results.json (e.g. vqav2, pope)")
+    parser.add_argument("--data", required=True, type=Path, help="question JSONL (LLaVA-1.5 evaluation format)")
+    parser.add_argument("--image-folder", type=Path, help="image paths are relative to it (default: the JSONL's folder)")
+    parser.add_argument("--output-dir", type=Path, help="default: outputs/eval/BENCHMARK")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--limit", type=int, help="answer only the first N questions")
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    args = parser.parse_args(argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    for name, path in (("--model", args.model), ("--data", args.data)):
+        if not path.exists():
+            parser.error(f"{name} {path} does not exist")
+    try:
+        settings = RunSettings(
+            model=args.model,
+            benchmark=args.benchmark,
+            questions=args.data,
+            output_dir=args.output_dir or Path("outputs/eval") / args.benchmark,
+            image_root=args.image_folder,
+            batch_size=args.batch_size,
+            limit=args.limit,
+            max_new_tokens=args.max_new_tokens,
+        )
+    except ValueError as err:
+        parser.error(str(err))
+    results = run_benchmark(settings)
+    if results:
+        json.dump(results, sys.stdout, indent=1)
+        print()
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Benchmark questions as LLaVA-1.5's evaluation files hold them: one JSON object per line.
+
+Each line is ``{"question_id": ..., "image": "relative/path.jpg" (optional), "text": "the prompt", ...}``
+(LLaVA's ``llava_vqav2_mscoco_test-dev2015.jsonl``, ``llava_gqa_testdev_balanced.jsonl``,
+``llava_pope_test.jsonl``, ...): the prompt is used as written, suffix included ("Answer the question
+using a single word or phrase."). A line that is not a JSON object, or whose ``question_id`` is
+missing or repeated, is reported with its line number and counted, not fatal; the fields' types are
+checked when the question is answered.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["EvalQuestion", "read_questions"]
+
+
+@dataclass(frozen=True)
+class EvalQuestion:
+    """One question to answer: ``image`` is a path (None for a text-only question); ``text`` as written
+    in the file (any JSON type: a non-string is reported when it is answered)."""
+
+    question_id: str
+    image: Path | None
+    text: object
+
+
+def read_questions(path: str | Path, image_root: str | Path | None = None) -> tuple[list[EvalQuestion], list[tuple[str, str]]]:
+    """(questions in file order, [(line or id, reason)] for the lines that cannot be questions).
+
+    ``image_root`` None: the file's directory. Raises FileNotFoundError for a missing file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"question file not found: {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    questions: list[EvalQuestion] = []
+    problems: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            problems.append((f"line {number}", f"not JSON: {err.msg}"))
+            continue
+        if not isinstance(record, dict) or "question_id" not in record:
+            problems.append((f"line {number}", "not an object with a question_id"))
+            continue
+        question_id = str(record["question_id"])
+        if question_id in seen:
+            problems.append((question_id, f"question_id repeated on line {number}"))
+            continue
+        seen.add(question_id)
+        image = record.get("image")
+        if image is not None and not (isinstance(image, str) and image):
+            problems.append((question_id, f"'image' must be a non-empty path string, got {image!r}"))
+            continue
+        questions.append(EvalQuestion(question_id, root / image if image else None, record.get("text")))
+    return questions, problems
