@@ -1,0 +1,138 @@
+"""ScienceQA-IMG scored as LLaVA's ``llava/eval/eval_science_qa.py`` scores it (LLaVA-1.5 version).
+
+Reference: haotian-liu/LLaVA ``llava/eval/eval_science_qa.py`` as LLaVA-1.5 runs it
+(``scripts/v1_5/eval/sqa.sh``), with the breakdown groups of lupantech/ScienceQA ``tools/evaluate_acc.py``
+(the paper's table: NAT / SOC / LAN, TXT / IMG / NO, G1-6 / G7-12).
+
+The letter rule of the LLaVA-1.5 scorer, in order: the whole output equals one of "A".."E"; else it is at
+least 3 characters long, starts with one of "A".."E" and then ". "; else the regex ``The answer is ([A-Z]).``
+(unescaped '.', so any one character must follow the letter) matches exactly once. Anything else is
+"FAILED". The letter then counts only if it is among the problem's first ``num_choices`` options; a FAILED
+answer or an out-of-range letter gets index -1 and is always wrong (earlier LLaVA versions drew a random
+option there instead; the LLaVA-1.5 version returns -1, the random draw being unreachable after it).
+
+The image subset ("IMG-Accuracy") is the problems whose prompt holds ``<image>``, i.e. the problems with an
+image. A problem without a prediction is written with the prompt 'Unknown' and so drops out of IMG-Accuracy
+altogether (it only counts as wrong in the all-problem accuracy); that quirk is kept here: image problems
+without a prediction are left out and counted under ``counts["missing"]``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mambavlm.eval.scorers.report import ScoreReport
+
+__all__ = ["SQA_OPTIONS", "SQAProblem", "score_scienceqa", "sqa_letter"]
+
+SQA_OPTIONS: tuple[str, ...] = ("A", "B", "C", "D", "E")
+_ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
+_SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
+_GRADE = re.compile(r"grade(\d+)")
+
+
+@dataclass(frozen=True)
+class SQAProblem:
+    """One ScienceQA problem (fields of ``problems.json``).
+
+    answer: index of the right choice. num_choices: ``len(choices)``. subject: "natural science",
+    "social science" or "language science". has_image: the problem has an image. context: the text context
+    (``hint``), "" if none. grade: "grade1".."grade12".
+    """
+
+    answer: int
+    num_choices: int
+    subject: str
+    has_image: bool
+    context: str
+    grade: str
+
+
+def sqa_letter(text: str, num_choices: int) -> str | None:
+    """The option letter LLaVA-1.5's ``eval_science_qa.py`` reads from ``text``, or None where it scores -1.
+
+    "B" -> "B"; "The answer is C." -> "C"; "C. The answer is B." -> "C" (the letter-period-space start is
+    tried before the sentence); "C." -> None (too short for that rule, no sentence); "B " / "b" -> None; two
+    "The answer is X." sentences -> None; a letter beyond the problem's ``num_choices`` options -> None.
+    """
+    if text in SQA_OPTIONS:
+        letter: str | None = text
+    elif len(text) >= 3 and text[0] in SQA_OPTIONS and text[1:3] == ". ":
+        letter = text[0]
+    else:
+        found = _ANSWER_IS.findall(text)
+        letter = found[0] if len(found) == 1 else None
+    return letter if letter in SQA_OPTIONS[:num_choices] else None
+
+
+def _grade_band(grade: str) -> str:
+    match = _GRADE.fullmatch(grade)
+    if match is None or not 1 <= int(match.group(1)) <= 12:
+        raise ValueError(f"ScienceQA grade must be 'grade1'..'grade12', got {grade!r}")
+    return "G1-6" if int(match.group(1)) <= 6 else "G7-12"
+
+
+def _groups(problem: SQAProblem) -> dict[str, list[str]]:
+    """The paper-table groups a problem falls in (``evaluate_acc.py``: TXT and IMG may both hold)."""
+    if problem.subject not in _SUBJECTS:
+        raise ValueError(f"ScienceQA subject must be one of {sorted(_SUBJECTS)}, got {problem.subject!r}")
+    context = [name for name, present in (("TXT", bool(problem.context)), ("IMG", problem.has_image)) if present]
+    return {
+        "subject": [_SUBJECTS[problem.subject]],
+        "context": context or ["NO"],
+        "grade": [_grade_band(problem.grade)],
+    }
+
+
+def score_scienceqa(predictions: Mapping[str, str], problems: Mapping[str, SQAProblem]) -> ScoreReport:
+    """ScienceQA-IMG accuracy as LLaVA-1.5's ``eval_science_qa.py`` prints it ("IMG-Accuracy").
+
+    predictions: problem id -> generated text. problems: the 'test' split of ``pid_splits.json`` (problem id ->
+    ``SQAProblem``); problems without an image are skipped (``counts["non_image"]``), image problems without
+    a prediction are left out (the reference's quirk, ``counts["missing"]``). ``overall`` and the breakdowns
+    (subject NAT/SOC/LAN, context TXT/IMG/NO, grade G1-6/G7-12, computed over the same scored image problems
+    as ``evaluate_acc.py`` defines the groups) are percents rounded to 2 decimals as both references print
+    them; a group with no scored problem is left out (on the image subset "NO" is always empty).
+    """
+    totals: dict[tuple[str, str], list[int]] = {}  # (group, value) -> [correct, total]
+    correct = scored = missing = unparsed = non_image = 0
+    for pid, problem in problems.items():
+        groups = _groups(problem)
+        if not problem.has_image:
+            non_image += 1
+            continue
+        if pid not in predictions:
+            missing += 1
+            continue
+        letter = sqa_letter(predictions[pid], problem.num_choices)
+        unparsed += letter is None
+        right = letter is not None and SQA_OPTIONS.index(letter) == problem.answer
+        correct += right
+        scored += 1
+        for group, values in groups.items():
+            for value in values:
+                tally = totals.setdefault((group, value), [0, 0])
+                tally[0] += right
+                tally[1] += 1
+
+    order = {"subject": ("NAT", "SOC", "LAN"), "context": ("TXT", "IMG", "NO"), "grade": ("G1-6", "G7-12")}
+    breakdowns = {
+        group: {
+            value: round(totals[group, value][0] / totals[group, value][1] * 100, 2)
+            for value in values
+            if (group, value) in totals
+        }
+        for group, values in order.items()
+    }
+    counts = {
+        "problems": len(problems),
+        "non_image": non_image,
+        "scored": scored,
+        "correct": correct,
+        "missing": missing,
+        "unparsed": unparsed,
+    }
+    overall = round(correct / scored * 100, 2) if scored else 0.0
+    return ScoreReport(benchmark="ScienceQA-IMG", overall=overall, breakdowns=breakdowns, counts=counts)
