@@ -1,0 +1,107 @@
+"""GQA accuracy as LLaVA-1.5 reports it on the balanced test-dev questions.
+
+Two reference files, applied in turn:
+
+1. haotian-liu/LLaVA ``scripts/convert_gqa_for_eval.py``: each model answer becomes
+   ``text.rstrip('.').lower()`` -- every trailing period goes ("yes.." -> "yes"), then lower case.
+   Nothing else: no whitespace strip ("yes. " keeps its period and space and so scores 0), no article
+   or punctuation handling ("the table" does not match "table").
+2. The GQA ``eval.py`` (gqadataset.org, in the variant LLaVA's ``scripts/v1_5/eval/gqa.sh`` runs with
+   ``--tier testdev_balanced``): for each balanced question, ``predicted == gold`` exact string match
+   (the gold answer untouched), scored 1.0 or 0.0; each printed number is
+   ``avg(scores) * 100 = float(sum) / len * 100`` formatted with ``{:.2f}`` (the same number as
+   ``round(..., 2)``). It prints Binary and Open (questions whose ``types.structural`` is "query" are
+   open, all others binary; an empty list averages to 0 there), Accuracy, and accuracy per structural
+   type ("choose", "compare", "logical", "query", "verify") and per semantic type ("attr", "cat",
+   "global", "obj", "rel"; the reference meant to print them as "Attribute", ... but its test looks at
+   a stale loop variable, so the raw keys are what it prints, and what this module reports).
+
+Deliberate departures, both asked for by this package's contract: a question without a prediction is
+scored 0 and counted in ``counts["missing"]`` (``eval.py`` refuses to run without a prediction for every
+balanced question), and predictions for questions not in ``questions`` raise ``ValueError`` naming them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from mambavlm.eval.scorers.report import ScoreReport
+
+__all__ = ["GQAQuestion", "llava_gqa_answer", "score_gqa"]
+
+
+@dataclass(frozen=True)
+class GQAQuestion:
+    """One balanced test-dev question: its gold ``answer``, ``types.structural`` and ``types.semantic``
+    (None where the data has no semantic type; then there is no semantic breakdown)."""
+
+    answer: str
+    structural: str
+    semantic: str | None = None
+
+
+def llava_gqa_answer(text: str) -> str:
+    """LLaVA's ``convert_gqa_for_eval.py``: ``text.rstrip('.').lower()``."""
+    return text.rstrip(".").lower()
+
+
+def _percent(scores: Sequence[float]) -> float:
+    """``eval.py``'s ``avg(l) * 100`` (``avg([])`` is 0), as printed with ``{:.2f}``."""
+    if not scores:
+        return 0.0
+    return round(float(sum(scores)) / len(scores) * 100, 2)
+
+
+def _by_label(labels: Sequence[str], scores: Sequence[float]) -> dict[str, float]:
+    groups: dict[str, list[float]] = {}
+    for label, score in zip(labels, scores, strict=True):
+        groups.setdefault(label, []).append(score)
+    return {label: _percent(groups[label]) for label in sorted(groups)}
+
+
+def score_gqa(predictions: Mapping[str, str], questions: Mapping[str, GQAQuestion]) -> ScoreReport:
+    """Score raw model answers (question id -> text) against the balanced ``questions``, as LLaVA-1.5's
+    ``convert_gqa_for_eval.py`` + GQA ``eval.py`` do (module docstring).
+
+    Breakdowns: "answer_type" ({"binary", "open"}, both always present as the reference prints both),
+    "structural", and "semantic" when every question has a semantic type. Questions are averaged in the
+    order of ``questions``.
+    """
+    if not questions:
+        raise ValueError("no GQA questions to score against")
+    unknown = sorted(set(predictions) - set(questions))
+    if unknown:
+        named = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise ValueError(f"predictions for {len(unknown)} questions not in the GQA questions: {named}")
+    semantic_given = [question.semantic is not None for question in questions.values()]
+    if any(semantic_given) and not all(semantic_given):
+        untyped = semantic_given.count(False)
+        raise ValueError(f"{untyped} of {len(questions)} questions have no semantic type; give it for all or none")
+
+    scores = []
+    missing = 0
+    for question_id, question in questions.items():
+        if question_id in predictions:
+            scores.append(1.0 if llava_gqa_answer(predictions[question_id]) == question.answer else 0.0)
+        else:
+            missing += 1
+            scores.append(0.0)
+
+    structural = [question.structural for question in questions.values()]
+    open_or_binary = ["open" if kind == "query" else "binary" for kind in structural]
+    breakdowns = {
+        "answer_type": {
+            kind: _percent([score for label, score in zip(open_or_binary, scores, strict=True) if label == kind])
+            for kind in ("binary", "open")
+        },
+        "structural": _by_label(structural, scores),
+    }
+    if all(semantic_given):
+        breakdowns["semantic"] = _by_label([str(question.semantic) for question in questions.values()], scores)
+    return ScoreReport(
+        benchmark="gqa",
+        overall=_percent(scores),
+        breakdowns=breakdowns,
+        counts={"questions": len(questions), "missing": missing},
+    )
