@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mambavlm.eval.scorers.report import ScoreReport
+from mambavlm.eval.scorers.report import ScoreReport, reject_unknown_ids
 
 __all__ = ["GQAQuestion", "llava_gqa_answer", "score_gqa"]
 
@@ -70,10 +70,7 @@ def score_gqa(predictions: Mapping[str, str], questions: Mapping[str, GQAQuestio
     """
     if not questions:
         raise ValueError("no GQA questions to score against")
-    unknown = sorted(set(predictions) - set(questions))
-    if unknown:
-        named = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
-        raise ValueError(f"predictions for {len(unknown)} questions not in the GQA questions: {named}")
+    reject_unknown_ids(predictions, questions, "the GQA questions")
     semantic_given = [question.semantic is not None for question in questions.values()]
     if any(semantic_given) and not all(semantic_given):
         untyped = semantic_given.count(False)

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ScoreReport"]
+__all__ = ["ScoreReport", "reject_unknown_ids"]
+
+
+def reject_unknown_ids(predictions: Iterable[str], known: Iterable[str], where: str) -> None:
+    """Raise ValueError naming (up to 20 of) the prediction ids that ``known`` lacks (``where``: what the
+    known ids are, for the message)."""
+    unknown = sorted(set(predictions) - set(known))
+    if unknown:
+        named = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
+        raise ValueError(f"predictions for {len(unknown)} questions not in {where}: {named}")
 
 
 @dataclass

@@ -62,7 +62,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from mambavlm.eval.scorers.report import ScoreReport
+from mambavlm.eval.scorers.report import ScoreReport, reject_unknown_ids
 
 __all__ = ["VQA_BENCHMARKS", "VQAAnnotation", "evalai_process_answer", "score_vqa", "vqa_accuracy"]
 
@@ -269,10 +269,7 @@ def score_vqa(
     _check_benchmark(benchmark)
     if not annotations:
         raise ValueError("no annotations to score against")
-    unknown = sorted(set(predictions) - set(annotations))
-    if unknown:
-        named = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
-        raise ValueError(f"predictions for {len(unknown)} questions not in the annotations: {named}")
+    reject_unknown_ids(predictions, annotations, "the annotations")
     accuracies = []
     missing = 0
     for question_id, annotation in annotations.items():
