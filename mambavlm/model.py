@@ -207,11 +207,16 @@ class MambaVLM(nn.Module):
         prompts: Sequence[str],
         max_new_tokens: int = 64,
         do_sample: bool = False,
+        pixel_values: Sequence[Tensor] | None = None,
         **generate_kwargs: Any,
     ) -> list[str]:
         """Answer ``prompts`` (one per image; None for text-only) -> decoded answers.
 
         Greedy by default; ``do_sample=True`` with temperature / top_p / top_k samples.
+        ``pixel_values``: the images already through ``preprocess_images`` (one (N, 3, H_m, W_m) per
+        encoder, N = the images that are not None, in order), so that a caller can prepare them ahead
+        (the evaluation loop does, in a background thread); ``images`` then only says which prompts
+        have one. ``generate_kwargs`` go to ``generate_ids`` (``fast=...`` included).
         """
         if self.tokenizer is None:
             raise RuntimeError("this model was built without a tokenizer")
@@ -227,9 +232,14 @@ class MambaVLM(nn.Module):
             input_ids[i, width - len(x) :] = torch.tensor(x)
             attention_mask[i, width - len(x) :] = 1
         present = [img for img in images if img is not None]
-        pixel_values = None
-        if present:
-            pixel_values = [p.to(self.device) for p in self.preprocess_images(present)]
+        if pixel_values is None and present:
+            pixel_values = self.preprocess_images(present)
+        if pixel_values is not None:
+            if any(p.shape[0] != len(present) for p in pixel_values):
+                raise ValueError(
+                    f"pixel_values hold {[p.shape[0] for p in pixel_values]} images for {len(present)} images given"
+                )
+            pixel_values = [p.to(self.device) for p in pixel_values] if present else None
         out = self.generate_ids(
             input_ids.to(self.device),
             attention_mask.to(self.device),

@@ -178,6 +178,22 @@ def test_batched_generation_with_left_padding_and_sampling() -> None:
     assert s1 == s2 and all(isinstance(s, str) for s in s1)
 
 
+def test_generate_takes_images_preprocessed_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = tiny_vlm(seed=2)
+    imgs = [image((230, 30, 30)), None, image((30, 60, 230))]
+    prompts = ["what color is the square ?", "how many objects are there ?", "what shape is the blue object ?"]
+    expected = model.generate(imgs, prompts, max_new_tokens=4)
+    pixels = model.preprocess_images([imgs[0], imgs[2]])
+
+    def fail(_images: object) -> None:
+        raise AssertionError("preprocess_images called although pixel_values were given")
+
+    monkeypatch.setattr(model, "preprocess_images", fail)
+    assert model.generate(imgs, prompts, max_new_tokens=4, pixel_values=pixels) == expected
+    with pytest.raises(ValueError, match=r"pixel_values hold \[1, 1\] images for 2 images"):
+        model.generate(imgs, prompts, max_new_tokens=4, pixel_values=[p[:1] for p in pixels])
+
+
 @pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
 def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, overrides: list[str]) -> None:
     model = tiny_vlm(*overrides)

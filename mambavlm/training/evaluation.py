@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import string
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mambavlm.data.llava import IMAGE_LOAD_ERRORS, load_records
@@ -120,6 +123,19 @@ def _open_image(path: Path, blind: bool) -> Image.Image | str:
     return Image.new("RGB", image.size, BLANK_COLOR) if blind else image
 
 
+def _load_batch(
+    model: Any, batch: Sequence[tuple[str, Path | None, object]], blind: bool
+) -> tuple[list[Image.Image | str | None], list[Tensor] | None]:
+    """Open a batch's images and run them through the encoders' preprocessing (CPU work only).
+
+    Returns, per item, its image, the reason it cannot be read, or None (no image); and the
+    preprocessed pixel values of the readable images in item order (``model.preprocess_images``).
+    """
+    images = [_open_image(path, blind) if path is not None else None for _, path, _ in batch]
+    readable = [image for image in images if isinstance(image, Image.Image)]
+    return images, (model.preprocess_images(readable) if readable else None)
+
+
 def iter_answers(
     model: Any,
     items: Sequence[tuple[str, Path | None, object]],
@@ -127,30 +143,53 @@ def iter_answers(
     max_new_tokens: int,
     blind: bool = False,
     show_progress: bool = True,
+    fast: bool | None = None,
 ) -> Iterator[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
     """Greedy answers of a MambaVLM to (id, image path or None, prompt) items, one batch at a time.
 
     Yields ``(answers, skipped)`` per batch: ``(id, answer)`` for each item answered, ``(id, reason)``
     for each that cannot be (an unreadable image, a prompt that is not a string, placeholders that do
-    not match the image, a prompt too long for the model with ``max_new_tokens``). Raises ValueError
-    for a batch size below 1.
+    not match the image, a prompt too long for the model with ``max_new_tokens``). While one batch
+    generates, a background thread opens and preprocesses the next batch's images (decoding and
+    resizing release the GIL), so on a GPU the CPU work hides behind the model's. ``fast``: as in
+    ``MambaVLM.generate_ids`` (None: the static decoder where it applies). Raises ValueError for a
+    batch size below 1.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for start in tqdm(range(0, len(items), batch_size), desc="generate", disable=not show_progress):
-        ids, prompts, images, skipped = [], [], [], []
-        for item_id, path, prompt in items[start : start + batch_size]:
-            image = _open_image(path, blind) if path is not None else None
-            problem = image if isinstance(image, str) else model.prompt_problem(prompt, image is not None, max_new_tokens)
-            if problem is not None:
-                logger.warning("skipping %s: %s", item_id, problem)
-                skipped.append((item_id, problem))
-                continue
-            ids.append(item_id)
-            prompts.append(prompt)
-            images.append(image)
-        answers = model.generate(images, prompts, max_new_tokens=max_new_tokens, do_sample=False) if ids else []
-        yield list(zip(ids, answers)), skipped
+    batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-images") as pool:
+        pending = pool.submit(_load_batch, model, batches[0], blind) if batches else None
+        for index, batch in enumerate(tqdm(batches, desc="generate", disable=not show_progress)):
+            images, pixels = pending.result()
+            if index + 1 < len(batches):
+                pending = pool.submit(_load_batch, model, batches[index + 1], blind)
+            ids, prompts, kept_images, kept_rows, skipped = [], [], [], [], []
+            row = 0
+            for (item_id, _, prompt), image in zip(batch, images):
+                if isinstance(image, Image.Image):
+                    row += 1
+                problem = image if isinstance(image, str) else model.prompt_problem(prompt, image is not None, max_new_tokens)
+                if problem is not None:
+                    logger.warning("skipping %s: %s", item_id, problem)
+                    skipped.append((item_id, problem))
+                    continue
+                ids.append(item_id)
+                prompts.append(prompt)
+                kept_images.append(image)
+                if image is not None:
+                    kept_rows.append(row - 1)
+            answers = []
+            if ids:
+                kept_pixels = None
+                if kept_rows:
+                    index_tensor = torch.tensor(kept_rows)
+                    kept_pixels = [p.index_select(0, index_tensor) for p in pixels]
+                answers = model.generate(
+                    kept_images, prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                    pixel_values=kept_pixels, fast=fast,
+                )
+            yield list(zip(ids, answers)), skipped
 
 
 def generate_answers(
