@@ -15,24 +15,41 @@ way (0.6667 -> 66.7). Its ROC-AUC / PR-AUC numbers are not reproduced.
 ``score_tallyqa_likelihood`` / ``score_vsr_likelihood`` are that mode (argmax over per-option log-likelihoods
 is the argmax over the renormalised probabilities). ``score_tallyqa`` / ``score_vsr`` score generated text
 instead, which the Prismatic harness does not do; their parsing rules are ours and say so.
+
+Files: ``read_tallyqa`` / ``read_vsr`` read the official test files, ``build_tallyqa_questions`` /
+``build_vsr_questions`` write the LLaVA-style question JSONL our run answers (LLaVA-1.5 has no question file for
+either), with the prompts of the harness's Prismatic model wrapper (``vlm_eval/models/prismatic.py``):
+``get_mc_prompt_fn`` for TallyQA (the counts 0..15 as options A..P), ``get_true_false_chat_prompt_fn`` for VSR.
+With the TallyQA prompt a model answers with a letter: score those answers with ``score_tallyqa_likelihood``
+(option log-likelihoods of ``TALLYQA_LETTERS``), not ``score_tallyqa``, which reads a count.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import string
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from mambavlm.atomic import atomic_file
+from mambavlm.eval.scorers.files import field as _field
 from mambavlm.eval.scorers.report import ScoreReport
 
 __all__ = [
     "TALLYQA_LETTERS",
+    "TALLYQA_PROMPT",
     "TALLYQA_SPLITS",
     "VSR_OPTIONS",
+    "VSR_PROMPT",
     "TallyQAItem",
     "argmax_option",
+    "build_tallyqa_questions",
+    "build_vsr_questions",
+    "read_tallyqa",
+    "read_vsr",
     "score_tallyqa",
     "score_tallyqa_likelihood",
     "score_vsr",
@@ -44,6 +61,14 @@ __all__ = [
 TALLYQA_LETTERS: tuple[str, ...] = tuple(chr(ord("A") + count) for count in range(16))  # letter i <-> count i
 TALLYQA_SPLITS: tuple[str, ...] = ("simple", "complex")
 VSR_OPTIONS: tuple[str, ...] = ("True", "False")
+
+TALLYQA_PROMPT = "Answer with the option's letter from the given choices directly."
+"""The last line of the harness's multiple-choice prompt (``get_mc_prompt_fn``), after the question and the
+options "A. 0" .. "P. 15", each on its own line."""
+VSR_PROMPT = 'Respond with "True" or "False" directly.'
+"""The last line of the harness's true/false prompt (``get_true_false_chat_prompt_fn``), after
+'Based on the image, is this statement "True" or "False"? <caption>'."""
+_VSR_STATEMENT = 'Based on the image, is this statement "True" or "False"? '
 
 # The official VQA answer normalisation (VQA eval ``processPunctuation`` / ``processDigitArticle``).
 _VQA_PUNCTUATION = (
@@ -221,3 +246,169 @@ def score_vsr_likelihood(option_logprobs: Mapping[str, Mapping[str, float]], lab
             raise ValueError(f"VSR options for {qid!r} must be 'True' and 'False', got {sorted(logprobs)}")
         predicted[qid] = argmax_option(logprobs) == "True"
     return _score_true_false(predicted, labels, unparsed=0)
+
+
+@dataclass(frozen=True)
+class _TallyQARecord:
+    """One question of TallyQA's ``test.json``, its split already named."""
+
+    question_id: int
+    image: str
+    question: str
+    answer: int
+    split: str
+
+
+@dataclass(frozen=True)
+class _VSRRecord:
+    """One example of VSR's ``test.jsonl``, numbered by its position."""
+
+    example_id: int
+    image: str
+    caption: str
+    label: bool
+
+
+def _tallyqa_records(annotations: Path) -> list[_TallyQARecord]:
+    """The questions of TallyQA's ``test.json`` in file order, checked as ``build_tallyqa_indices`` reads them."""
+    if not annotations.is_file():
+        raise FileNotFoundError(f"TallyQA test file not found: {annotations}")
+    try:
+        examples = json.loads(annotations.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{annotations}: not a JSON file ({err})") from None
+    if not isinstance(examples, list) or not examples:
+        raise ValueError(f"{annotations}: expected a non-empty list of questions")
+    records: list[_TallyQARecord] = []
+    seen: set[int] = set()
+    for number, example in enumerate(examples):
+        where = f"{annotations} [{number}]"
+        if not isinstance(example, dict):
+            raise ValueError(f"{where}: expected an object, got {type(example).__name__}")
+        question_id = _field(example, "question_id", int, where)
+        where = f"{annotations} question {question_id}"
+        if question_id in seen:
+            raise ValueError(f"{where}: question_id repeated")
+        seen.add(question_id)
+        answer = _field(example, "answer", int, where)
+        if answer < 0:
+            raise ValueError(f"{where}: answer {answer} is not a count")
+        split = "simple" if _field(example, "issimple", bool, where) else "complex"
+        image, question = _field(example, "image", str, where), _field(example, "question", str, where)
+        records.append(_TallyQARecord(question_id, image, question, answer, split))
+    return records
+
+
+def read_tallyqa(annotations: Path) -> dict[str, TallyQAItem]:
+    """TallyQA's test questions, keyed by ``question_id`` as text, as the Prismatic harness's ``TallyQAScorer``
+    scores them.
+
+    annotations: TallyQA's ``test.json`` (``tallyqa.zip`` from manoja328/TallyQA_dataset, the file
+    vlm-evaluation's registry downloads), a list of ``{"image", "answer", "data_source", "question", "image_id",
+    "question_id", "issimple"}``. Fields read: ``question_id`` (the key, as the harness's ``int`` id in text),
+    ``answer`` (the count) and ``issimple`` (split "simple" if true, else "complex", as ``build_tallyqa_indices``
+    sets it); ``image`` and ``question`` are checked too (``build_tallyqa_questions`` writes them).
+
+    Raises FileNotFoundError for a missing file; ValueError naming the file and question (its id, or its
+    position before the id is read) for a missing field, a field of the wrong type, a negative answer or a
+    repeated id.
+    """
+    return {str(r.question_id): TallyQAItem(r.answer, r.split) for r in _tallyqa_records(annotations)}
+
+
+def build_tallyqa_questions(annotations: Path, out: Path, prompt: str = TALLYQA_PROMPT) -> Path:
+    """Write TallyQA's test questions as the LLaVA-style question JSONL our run answers; returns ``out``.
+
+    One line per question of ``test.json`` (see ``read_tallyqa``), in file order: ``{"question_id": int,
+    "image", "text"}``. ``image`` is the file's own path (``"VG_100K_2/2410408.jpg"``), relative to the folder
+    holding Visual Genome's ``VG_100K/`` and ``VG_100K_2/`` (and COCO's folders for any COCO path), which is the
+    harness's image root. ``text`` is the harness's ``get_mc_prompt_fn(question, ["0", ..., "15"])`` message
+    without its leading newline (our runner puts the image and a newline first, as LLaVA does): the question,
+    the options "A. 0" .. "P. 15" (``TALLYQA_LETTERS``), and ``prompt``, one per line. (The harness's own
+    ``TallyQAMapDataset`` calls its prompt function with the question alone, which that two-argument function
+    cannot take; the 16 count options are what its module docstring and ``TallyQAScorer``, letter i = count
+    i, describe.)
+
+    Raises as ``read_tallyqa``.
+    """
+    options = "\n".join(f"{letter}. {count}" for count, letter in enumerate(TALLYQA_LETTERS))
+    rows = [
+        {"question_id": r.question_id, "image": r.image, "text": f"{r.question}\n{options}\n{prompt}"}
+        for r in _tallyqa_records(annotations)
+    ]
+    _write_jsonl(out, rows)
+    return out
+
+
+def _vsr_records(annotations: Path) -> list[_VSRRecord]:
+    """The examples of VSR's ``test.jsonl`` in file order, numbered as ``build_vsr_indices`` numbers them."""
+    if not annotations.is_file():
+        raise FileNotFoundError(f"VSR test file not found: {annotations}")
+    try:
+        lines = annotations.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{annotations}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    records: list[_VSRRecord] = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{annotations} line {number}"
+        try:
+            example = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: not JSON ({err.msg})") from None
+        if not isinstance(example, dict):
+            raise ValueError(f"{where}: expected an object, got {type(example).__name__}")
+        label = _field(example, "label", int, where)
+        if label not in (0, 1):
+            raise ValueError(f"{where}: label must be 0 or 1, got {label}")
+        image, caption = _field(example, "image", str, where), _field(example, "caption", str, where)
+        records.append(_VSRRecord(len(records), image, caption, label == 1))
+    if not records:
+        raise ValueError(f"{annotations}: no examples")
+    return records
+
+
+def read_vsr(annotations: Path) -> dict[str, bool]:
+    """VSR's zero-shot test labels, keyed by example id, as the Prismatic harness's ``VSRScorer`` scores them.
+
+    annotations: VSR's zero-shot split ``test.jsonl`` (cambridgeltl/visual-spatial-reasoning; Hugging Face
+    cambridgeltl/vsr_zeroshot, the file vlm-evaluation's registry downloads): one JSON object a line, ``{"image",
+    "image_link", "caption", "label", "relation", ...}``. Fields read: ``label`` (1 -> True, 0 -> False; the
+    harness maps ``label == 1`` to True), ``image`` and ``caption`` (checked; ``build_vsr_questions`` writes them).
+
+    Ids: the example's 0-based position in the file (its line index; blank lines are not counted), as text: the
+    ``example_id`` the harness's ``build_vsr_indices`` gives it (``enumerate`` over the file's objects). The file
+    has no id of its own; the position is stable as long as the published file is.
+
+    Raises FileNotFoundError for a missing file; ValueError naming the file and line for a line that is not a
+    JSON object, a missing or mistyped field, a label other than 0/1, and for a file without examples.
+    """
+    return {str(r.example_id): r.label for r in _vsr_records(annotations)}
+
+
+def build_vsr_questions(annotations: Path, out: Path, prompt: str = VSR_PROMPT) -> Path:
+    """Write VSR's zero-shot test examples as the LLaVA-style question JSONL our run answers; returns ``out``.
+
+    One line per example of ``test.jsonl`` (see ``read_vsr``, whose ids it uses), in file order:
+    ``{"question_id": int, "image", "text"}``. ``image`` is the file's own name (``"000000085637.jpg"``),
+    relative to the folder of VSR's images (``vsr_images.zip``, the COCO 2017 images by file name; the
+    harness's image root). ``text`` is the harness's ``get_true_false_chat_prompt_fn`` message without its
+    leading newline: 'Based on the image, is this statement "True" or "False"? <caption>', a newline, and
+    ``prompt``.
+
+    Raises as ``read_vsr``.
+    """
+    rows = [
+        {"question_id": r.example_id, "image": r.image, "text": f"{_VSR_STATEMENT}{r.caption}\n{prompt}"}
+        for r in _vsr_records(annotations)
+    ]
+    _write_jsonl(out, rows)
+    return out
+
+
+def _write_jsonl(out: Path, rows: list[dict[str, object]]) -> None:
+    """One JSON object a line, written atomically (``out`` appears whole or not at all)."""
+    with atomic_file(out) as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")

@@ -23,12 +23,19 @@ balanced question), and predictions for questions not in ``questions`` raise ``V
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from mambavlm.eval.scorers.files import field as _field
 from mambavlm.eval.scorers.report import ScoreReport, reject_unknown_ids
 
-__all__ = ["GQAQuestion", "llava_gqa_answer", "score_gqa"]
+__all__ = ["GQA_PROMPT", "GQAQuestion", "llava_gqa_answer", "read_gqa_questions", "score_gqa"]
+
+GQA_PROMPT = "Answer the question using a single word or phrase."
+"""What LLaVA-1.5 appends, after a newline, to each GQA question (``llava_gqa_testdev_balanced.jsonl``: "Is it
+overcast?\\nAnswer the question using a single word or phrase.")."""
 
 
 @dataclass(frozen=True)
@@ -102,3 +109,40 @@ def score_gqa(predictions: Mapping[str, str], questions: Mapping[str, GQAQuestio
         breakdowns=breakdowns,
         counts={"questions": len(questions), "missing": missing},
     )
+
+
+def read_gqa_questions(annotations: Path) -> dict[str, GQAQuestion]:
+    """Question id -> :class:`GQAQuestion` for :func:`score_gqa`, from GQA's ``testdev_balanced_questions.json``
+    (``questions1.2.zip`` from https://cs.stanford.edu/people/dorarad/gqa/download.html), in file order.
+
+    The file is ``{question id: {"question", "imageId", "answer": str, "isBalanced": bool, "types":
+    {"structural": str, "semantic": str, "detailed"}, "semantic", "groups", "fullAnswer", ...}}``; the ids
+    are LLaVA's too (``llava_gqa_testdev_balanced.jsonl``: "201307251", ...). As GQA's ``eval.py`` does, only
+    questions whose ``isBalanced`` is true are kept (all of them in the balanced file, so an
+    ``*_all_questions.json`` file also gives the balanced subset), each with its ``answer``,
+    ``types.structural`` and ``types.semantic``.
+
+    Raises FileNotFoundError naming a missing file and ValueError naming the file and the question id of a
+    record that is not an object or lacks one of those fields or has it of the wrong type.
+    """
+    path = Path(annotations)
+    if not path.is_file():
+        raise FileNotFoundError(f"GQA question file not found: {path}")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(records, dict):
+        raise ValueError(f"{path}: expected a JSON object of question id -> question, got {type(records).__name__}")
+    questions: dict[str, GQAQuestion] = {}
+    for question_id, record in records.items():
+        where = f"{path}: question {question_id}"
+        if not _field(record, "isBalanced", bool, where):
+            continue
+        types = _field(record, "types", dict, where)
+        questions[question_id] = GQAQuestion(
+            answer=_field(record, "answer", str, where),
+            structural=_field(types, "structural", str, f"{where}, types"),
+            semantic=_field(types, "semantic", str, f"{where}, types"),
+        )
+    return questions

@@ -18,16 +18,35 @@ Departures: the tool pairs the two questions of an image by consecutive lines; h
 questions raises ValueError where the tool asserts. A question without a prediction is scored as an "other"
 answer (wrong) and counted under ``counts["missing"]``; the tool has no such case (its converter writes only
 answered questions, which would break the line pairing).
+
+Files: ``read_mme`` reads the official release directory (``MME_Benchmark_release_version/``) and
+``build_mme_questions`` writes the question JSONL our run answers. LLaVA-1.5's own ``llava_mme.jsonl`` cannot be
+used as is: it gives both questions of an image the same ``question_id`` (the image path, e.g.
+``"artwork/images/14777.jpg"``) and its ``convert_answer_to_mme.py`` tells them apart by the prompt text, while
+our runner keys answers by ``question_id`` and refuses a repeated one. So the builder writes LLaVA's questions
+and prompt with the ids made unique: LLaVA's id, ``#``, and the question's position (0 or 1) in its txt file.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from mambavlm.atomic import atomic_file
 from mambavlm.eval.scorers.report import ScoreReport
 
-__all__ = ["MME_COGNITION", "MME_PERCEPTION", "MMEQuestion", "mme_answer", "score_mme"]
+__all__ = [
+    "MME_COGNITION",
+    "MME_PERCEPTION",
+    "MME_PROMPT",
+    "MMEQuestion",
+    "build_mme_questions",
+    "mme_answer",
+    "read_mme",
+    "score_mme",
+]
 
 MME_PERCEPTION: tuple[str, ...] = (
     "existence",
@@ -47,6 +66,13 @@ MME_COGNITION: tuple[str, ...] = (
     "text_translation",
     "code_reasoning",
 )
+
+MME_PROMPT = "Answer the question using a single word or phrase."
+"""What LLaVA-1.5's ``llava_mme.jsonl`` puts, after a newline, in place of each MME question's trailing "Please
+answer yes or no." ("Is a python code shown in the picture?\\nAnswer the question using a single word or
+phrase.")."""
+_MME_YES_NO = "Please answer yes or no."
+_MME_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 
 @dataclass(frozen=True)
@@ -143,3 +169,119 @@ def score_mme(predictions: Mapping[str, str], questions: Mapping[str, MMEQuestio
         counts=counts,
         unit="points",
     )
+
+
+@dataclass(frozen=True)
+class _MMERecord:
+    """One line of an MME txt file: our question id, the image path LLaVA uses as its id, and the line's fields."""
+
+    question_id: str
+    image: str
+    category: str
+    question: str
+    answer: str
+
+
+def _mme_questions(txt: Path) -> list[tuple[str, str]]:
+    """The (question, answer) lines of one MME txt file, as ``get_gt`` splits them (``line.strip().split("\\t")``)."""
+    try:
+        lines = txt.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{txt}: not UTF-8 text ({err.reason} at byte {err.start})") from None
+    questions = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        fields = line.strip().split("\t")
+        if len(fields) != 2 or fields[1].lower() not in ("yes", "no"):
+            raise ValueError(f"{txt} line {number}: expected 'question<TAB>Yes' or 'question<TAB>No', got {line!r}")
+        questions.append((fields[0], fields[1]))
+    return questions
+
+
+def _mme_records(annotations: Path) -> list[_MMERecord]:
+    """Every question of the release directory, category by category (``MME_PERCEPTION`` then ``MME_COGNITION``
+    order), txt files by name, lines in file order."""
+    if not annotations.is_dir():
+        raise FileNotFoundError(f"MME release directory not found: {annotations}")
+    records: list[_MMERecord] = []
+    for category in MME_PERCEPTION + MME_COGNITION:
+        category_dir = annotations / category
+        if not category_dir.is_dir():
+            continue
+        image_dir = category_dir / "images"
+        if image_dir.is_dir():
+            qa_dir = category_dir / "questions_answers_YN"
+            if not qa_dir.is_dir():
+                raise FileNotFoundError(f"MME questions not found: {qa_dir} (expected beside {image_dir})")
+        else:
+            image_dir = qa_dir = category_dir
+        images: dict[str, list[Path]] = {}
+        for path in image_dir.iterdir():
+            if path.suffix.lower() in _MME_IMAGE_SUFFIXES:
+                images.setdefault(path.stem, []).append(path)
+        for txt in sorted(qa_dir.glob("*.txt")):
+            found = sorted(images.get(txt.stem, []))
+            if not found:
+                raise FileNotFoundError(f"MME image for {txt} not found: {image_dir / txt.stem}.jpg / .jpeg / .png")
+            if len(found) > 1:
+                raise ValueError(f"MME question file {txt} has {len(found)} images: {', '.join(map(str, found))}")
+            image = found[0].relative_to(annotations).as_posix()
+            questions = _mme_questions(txt)
+            if len(questions) != 2:
+                raise ValueError(f"{txt}: {len(questions)} questions, MME asks 2 per image")
+            for number, (question, answer) in enumerate(questions):
+                records.append(_MMERecord(f"{image}#{number}", image, category, question, answer))
+    if not records:
+        raise FileNotFoundError(f"no MME category folder with questions (e.g. {annotations / 'existence'}) found")
+    return records
+
+
+def read_mme(annotations: Path) -> dict[str, MMEQuestion]:
+    """The MME questions of the official release directory, keyed by the ids ``build_mme_questions`` writes.
+
+    annotations: ``MME_Benchmark_release_version/`` as the MME authors distribute it (download linked from
+    the ``Evaluation`` branch of BradyFU/Awesome-Multimodal-Large-Language-Models; LLaVA's ``docs/Evaluation.md``
+    puts it under ``playground/data/eval/MME``). Per category either ``category/images/<name>.jpg|png`` with
+    ``category/questions_answers_YN/<name>.txt``, or ``category/<name>.jpg|png`` beside ``category/<name>.txt``;
+    each txt holds the image's two lines ``question<TAB>Yes|No``. Read as LLaVA's ``convert_answer_to_mme.py``
+    (``get_gt``) reads them, restricted to the 14 categories ``calculation.py`` scores (other folders are
+    ignored; a category folder that is absent is absent from the result).
+
+    Ids: ``"<LLaVA's question_id>#<n>"``, LLaVA's id being the image path relative to ``annotations``
+    (``"artwork/images/10002.jpg"``, ``"code_reasoning/0020.png"``) and n the question's position (0, 1) among
+    its txt file's non-blank lines (see the module docstring for why LLaVA's ids alone are not enough).
+    ``image_id`` is LLaVA's id, which pairs the two questions.
+
+    Raises FileNotFoundError naming the path for a missing release directory, a missing
+    ``questions_answers_YN/`` folder, or a txt file without an image of its name (no category folder at all
+    included); ValueError naming the file and line for a line that is not ``question<TAB>Yes|No``, or the file
+    for one without exactly 2 questions or with two images of its name.
+    """
+    records = _mme_records(annotations)
+    return {record.question_id: MMEQuestion(record.category, record.image, record.answer) for record in records}
+
+
+def build_mme_questions(annotations: Path, out: Path, prompt: str = MME_PROMPT) -> Path:
+    """Write MME's questions as the LLaVA-style question JSONL our run answers; returns ``out``.
+
+    One line per question, in ``read_mme``'s order and with its ids: ``{"question_id", "image", "text",
+    "category"}``, ``image`` relative to ``annotations`` (answer with ``image_root`` = the release directory).
+    ``text`` is built as LLaVA-1.5's ``llava_mme.jsonl`` holds it: the question with its trailing "Please answer
+    yes or no." (and the space(s) before it) removed, a newline, then ``prompt`` ("Is a python code shown in
+    the picture?\\nAnswer the question using a single word or phrase."), the cut ``convert_answer_to_mme.py``
+    undoes to find the ground truth. Raises as ``read_mme``.
+    """
+    rows = []
+    for record in _mme_records(annotations):
+        question = record.question
+        if question.endswith(_MME_YES_NO):
+            question = question[: -len(_MME_YES_NO)].rstrip()
+        text = f"{question}\n{prompt}"
+        rows.append(
+            {"question_id": record.question_id, "image": record.image, "text": text, "category": record.category}
+        )
+    with atomic_file(out) as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return out

@@ -20,27 +20,50 @@ Departures common to the three scorers: a question with no prediction counts as 
 ``counts["missing"]`` (LLaVA's SEED script does exactly this; the MMBench and MMMU scripts only ever see
 complete prediction files); predictions for ids that are not questions are ignored, as the references
 ignore them.
+
+Files (each reader's docstring names the file, where it comes from and the fields read): ``read_mmbench`` and
+``build_mmbench_questions`` read the MMBench TSV (``build_mmbench_questions`` writes the question JSONL and the
+decoded images; LLaVA has no question file for MMBench, its script reads the TSV itself); ``read_seedbench``
+reads ``SEED-Bench.json`` (the questions are LLaVA's ``llava-seed-bench.jsonl``); ``read_mmmu`` reads MMMU's
+``answer_dict_val.json`` and the multiple-choice options from the Hugging Face MMMU/MMMU parquet files.
 """
 
 from __future__ import annotations
 
+import ast
+import base64
+import binascii
+import csv
+import json
 import random
 import re
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
 
+from PIL import Image
+
+from mambavlm.atomic import atomic_file
+from mambavlm.eval.scorers.files import load_json as _load_json
 from mambavlm.eval.scorers.report import ScoreReport
 
 __all__ = [
+    "MMBENCH_PROMPT",
+    "SEED_PROMPT",
     "MMBenchQuestion",
     "MMMUQuestion",
     "SEEDQuestion",
+    "build_mmbench_questions",
     "mmbench_letter",
     "mmmu_eval_open",
     "mmmu_guess",
     "mmmu_letter",
     "mmmu_parse_open_response",
+    "read_mmbench",
+    "read_mmmu",
+    "read_seedbench",
     "score_mmbench",
     "score_mmmu",
     "score_seedbench",
@@ -210,6 +233,153 @@ def _tsv_index(question_id: str) -> int:
         raise ValueError(f"MMBench question id {question_id!r} is not the TSV's integer index") from None
 
 
+MMBENCH_PROMPT = "Answer with the option's letter from the given choices directly."
+"""What LLaVA-1.5's ``llava/eval/model_vqa_mmbench.py`` appends, after a newline, to the hint, question and
+options with ``--single-pred-prompt`` (as ``scripts/v1_5/eval/mmbench.sh`` runs it)."""
+
+_MMBENCH_OPTION_LETTERS = ("A", "B", "C", "D")  # model_vqa_mmbench.py's all_options
+_MMBENCH_CIRCULAR_STRIDE = 1_000_000  # VLMEvalKit's g_index = index % 1e6
+# What pandas' read_csv/read_table (2.x) read as NaN by default; LLaVA and VLMEvalKit read the TSV with pandas.
+_PANDAS_NA_STRINGS = frozenset(
+    {"", "#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN", "<NA>", "N/A", "NA",
+     "NULL", "NaN", "None", "n/a", "nan", "null"}
+)  # fmt: skip
+_TSV_FIELD_SIZE_LIMIT = 2**31 - 1  # a base64 image is far above the csv module's default 128 KiB field limit
+_IMAGE_SUFFIXES = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png"}  # PIL format -> file suffix; others: format.lower()
+
+
+def _mmbench_missing(cell: str) -> bool:
+    """Whether a TSV cell is absent to the references: a string pandas reads as NaN, or one LLaVA's ``is_none``
+    calls none ("nan" / "none" in any case)."""
+    return cell in _PANDAS_NA_STRINGS or cell.lower() in ("nan", "none")
+
+
+def _mmbench_rows(path: Path, columns: Sequence[str]) -> Iterator[tuple[str, int, dict[str, str]]]:
+    """(where, index, row) for each row of an MMBench TSV, read with ``csv`` as pandas' ``read_table`` reads it
+    (tab-separated, '"' quoting, blank lines skipped); ``where`` names the file and the row's line for messages.
+
+    Raises FileNotFoundError for a missing file; ValueError for a header without ``columns``, a row not as wide
+    as the header, an ``index`` that is not a new integer, or a line the csv module cannot parse.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"MMBench TSV not found: {path}")
+    csv.field_size_limit(max(csv.field_size_limit(), _TSV_FIELD_SIZE_LIMIT))
+    seen: set[int] = set()
+    with path.open(encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        try:
+            header = next(reader, [])
+            missing = [column for column in columns if column not in header]
+            if missing:
+                raise ValueError(f"{path}: no column {', '.join(missing)} in the header {header}")
+            for fields in reader:
+                if not fields:
+                    continue
+                where = f"{path} line {reader.line_num}"
+                if len(fields) != len(header):
+                    raise ValueError(f"{where}: {len(fields)} tab-separated fields, the header has {len(header)}")
+                row = dict(zip(header, fields))
+                try:
+                    index = int(row["index"])
+                except ValueError:
+                    raise ValueError(f"{where}: index {row['index']!r} is not an integer") from None
+                if index in seen:
+                    raise ValueError(f"{where}: index {index} repeated")
+                seen.add(index)
+                yield f"{where} (index {index})", index, row
+        except csv.Error as err:
+            raise ValueError(f"{path} line {reader.line_num}: {err}") from None
+
+
+def read_mmbench(annotations: Path) -> dict[str, MMBenchQuestion]:
+    """The MMBench questions of an official TSV, keyed as ``score_mmbench`` expects: the ``index`` column as text.
+
+    annotations: ``mmbench_dev_20230712.tsv`` (the file LLaVA-1.5's ``scripts/v1_5/eval/mmbench.sh`` scores; the
+    download is linked from LLaVA's ``docs/Evaluation.md`` and the open-compass/MMBench README) or a later
+    ``mmbench_dev_en_*.tsv``: one row per circular pass, the shifted copies of question ``i`` numbered
+    ``i + k * 1_000_000``. Columns read: ``index``, ``A``..``D`` (``A`` and ``B`` required), ``answer``,
+    ``category``, ``l2-category``. The ids are what LLaVA's ``model_vqa_mmbench.py`` writes as ``question_id``
+    (the row's ``index``) and ``convert_mmbench_for_submission.py`` matches back to the row; ``base_index`` is
+    ``index % 1_000_000`` as VLMEvalKit groups the passes. Options are the ``A``..``D`` cells pandas would not
+    read as NaN (VLMEvalKit's ``build_choices``; "nan"/"none" in any case are absent too, as LLaVA's
+    ``is_none`` has them).
+
+    Raises FileNotFoundError for a missing file; ValueError naming the file and line (and index) for a missing
+    column, a malformed row, a repeated or non-integer index, or an answer that is not one of the row's option
+    letters, and for a TSV without rows.
+    """
+    columns = ("index", "answer", "category", "l2-category", "A", "B")
+    questions: dict[str, MMBenchQuestion] = {}
+    for where, index, row in _mmbench_rows(annotations, columns):
+        options = {
+            letter: row[letter] for letter in _MMBENCH_OPTION_LETTERS if not _mmbench_missing(row.get(letter, ""))
+        }
+        if row["answer"] not in options:
+            raise ValueError(f"{where}: answer {row['answer']!r} is not one of the option letters {list(options)}")
+        base_index = index % _MMBENCH_CIRCULAR_STRIDE
+        questions[str(index)] = MMBenchQuestion(base_index, row["answer"], options, row["category"], row["l2-category"])
+    if not questions:
+        raise ValueError(f"{annotations}: no question rows")
+    return questions
+
+
+def _mmbench_prompt(row: Mapping[str, str], prompt: str) -> str:
+    """The text LLaVA's ``model_vqa_mmbench.py`` asks: the hint (if any) and the question on the next line, then
+    ``"\\nA. <option>"`` for each option up to the first absent one (``get_options``), then a newline and
+    ``prompt``."""
+    text = row["question"]
+    if not _mmbench_missing(row["hint"]):
+        text = f"{row['hint']}\n{text}"
+    for letter in _MMBENCH_OPTION_LETTERS:
+        option = row.get(letter, "")
+        if _mmbench_missing(option):
+            break
+        text += f"\n{letter}. {option}"
+    return f"{text}\n{prompt}"
+
+
+def _decoded_image(cell: str, where: str) -> tuple[bytes, str]:
+    """(bytes, file suffix) of a base64 image cell, decoded as LLaVA's ``load_image_from_base64`` decodes it."""
+    try:
+        data = base64.b64decode(cell)
+        with Image.open(BytesIO(data)) as image:
+            image_format = image.format or ""
+    except (binascii.Error, OSError) as err:  # PIL's UnidentifiedImageError is an OSError
+        raise ValueError(f"{where}: the image column is not a base64-encoded image ({err})") from None
+    return data, _IMAGE_SUFFIXES.get(image_format, image_format.lower())
+
+
+def build_mmbench_questions(annotations: Path, out_dir: Path, prompt: str = MMBENCH_PROMPT) -> Path:
+    """Write an MMBench TSV as the LLaVA-style question JSONL our run answers; returns ``out_dir/questions.jsonl``.
+
+    annotations: the TSV ``read_mmbench`` reads (columns read here: ``index``, ``question``, ``hint``,
+    ``A``..``D``, ``image``). Each row's base64 ``image`` is decoded to ``out_dir/images/<index>.<jpg|png|...>``
+    (the decoded bytes as they are, the suffix from their format) and the row becomes the line
+    ``{"question_id": index, "image": "images/<index>.<suffix>", "text": ...}`` (images relative to
+    ``out_dir``, the questions file's default image root). ``text`` is built as LLaVA-1.5's
+    ``model_vqa_mmbench.py`` builds it (``_mmbench_prompt``): "<hint>\\n<question>\\nA. <option A>\\nB. ...\\n<prompt>",
+    the hint left out where absent, the options up to the first absent one. Every row is written, the
+    shifted copies included, as LLaVA answers each row (without ``--all-rounds``).
+
+    Raises as ``read_mmbench``, and ValueError naming the file and row for an image that is not a
+    base64-encoded image. The JSONL is written last and atomically, so it exists only if every row was written.
+    """
+    rows = []
+    for where, index, row in _mmbench_rows(annotations, ("index", "question", "hint", "A", "B", "image")):
+        data, suffix = _decoded_image(row["image"], where)
+        image = f"images/{index}.{suffix}"
+        (out_dir / "images").mkdir(parents=True, exist_ok=True)
+        (out_dir / image).write_bytes(data)
+        rows.append({"question_id": index, "image": image, "text": _mmbench_prompt(row, prompt)})
+    if not rows:
+        raise ValueError(f"{annotations}: no question rows")
+    questions = out_dir / "questions.jsonl"
+    with atomic_file(questions) as f:
+        for line in rows:
+            f.write(json.dumps(line) + "\n")
+    return questions
+
+
 # --------------------------------------------------------------------------------------------------
 # SEED-Bench
 # --------------------------------------------------------------------------------------------------
@@ -264,6 +434,59 @@ def score_seedbench(predictions: Mapping[str, str], questions: Mapping[str, SEED
     per_type = {names[type_id]: round(correct[type_id] / totals[type_id] * 100, 2) for type_id in sorted(totals)}
     overall = round(sum(correct.values()) / sum(totals.values()) * 100, 2)
     return ScoreReport("SEED-Bench-image", overall, {"question_type": per_type}, counts)
+
+
+SEED_PROMPT = "Answer with the option's letter from the given choices directly."
+"""The last line of each prompt in LLaVA-1.5's ``llava-seed-bench.jsonl`` ("How many towels are in the
+image?\\nA. One\\nB. Two\\nC. Three\\nD. Four\\nAnswer with the option's letter from the given choices directly.")."""
+
+_SEED_LETTERS = ("A", "B", "C", "D")
+_SEED_FIELDS = ("question_id", "answer", "question_type_id", "data_type")
+
+
+def read_seedbench(annotations: Path) -> dict[str, SEEDQuestion]:
+    """SEED-Bench's image questions, keyed by ``question_id``, as LLaVA's ``convert_seed_for_submission.py``
+    scores them.
+
+    annotations: the official ``SEED-Bench.json`` (AILab-CVC/SEED-Bench; Hugging Face AILab-CVC/SEED-Bench),
+    ``{"questions": [...], "question_type": {name: id}}``. Fields read per question: ``question_id``,
+    ``answer`` (A-D), ``question_type_id``, ``data_type``; only ``data_type == "image"`` questions are kept (the
+    ones ``eval_single(..., eval_only_type="image")`` counts). ``question_type`` is the dimension's name from the
+    file's map, as the script prints it. Ids: ``question_id`` as text ("101669"). LLaVA's script looks answers up
+    by ``int(question_id)`` because its ``llava-seed-bench.jsonl`` writes the image ids as ints (101669), which
+    our runner reads back as the same digits.
+
+    Raises FileNotFoundError for a missing file; ValueError naming the file and the question (its position, or
+    its id once read) for a missing field, a ``question_type_id`` outside the map, an answer that is not A-D or
+    a repeated id, and for a file without image questions.
+    """
+    data = _load_json(annotations, "SEED-Bench annotation file")
+    if not (
+        isinstance(data, dict)
+        and isinstance(data.get("questions"), list)
+        and isinstance(data.get("question_type"), dict)
+    ):
+        raise ValueError(f"{annotations}: expected an object with a 'questions' list and a 'question_type' map")
+    type_names = {type_id: name for name, type_id in data["question_type"].items()}
+    questions: dict[str, SEEDQuestion] = {}
+    for number, record in enumerate(data["questions"]):
+        if not isinstance(record, dict) or any(field not in record for field in _SEED_FIELDS):
+            raise ValueError(f"{annotations} questions[{number}]: expected an object with fields {_SEED_FIELDS}")
+        if record["data_type"] != "image":
+            continue
+        question_id = str(record["question_id"])
+        where = f"{annotations} question {question_id}"
+        type_id, answer = record["question_type_id"], record["answer"]
+        if type_id not in type_names:
+            raise ValueError(f"{where}: question_type_id {type_id!r} is not in the file's question_type map")
+        if answer not in _SEED_LETTERS:
+            raise ValueError(f"{where}: answer {answer!r} is not one of {_SEED_LETTERS}")
+        if question_id in questions:
+            raise ValueError(f"{where}: question_id repeated")
+        questions[question_id] = SEEDQuestion(answer, type_id, type_names[type_id], "image")
+    if not questions:
+        raise ValueError(f"{annotations}: no image question (data_type 'image')")
+    return questions
 
 
 # --------------------------------------------------------------------------------------------------
@@ -481,3 +704,93 @@ def score_mmmu(predictions: Mapping[str, str], questions: Mapping[str, MMMUQuest
 def _mmmu_percent(fraction: float) -> float:
     """``round(acc, 3)`` as the reference prints it, in percent (one decimal, float noise removed)."""
     return round(round(fraction, 3) * 100, 1)
+
+
+def _mmmu_options(dataset: Path) -> dict[str, tuple[str, ...]]:
+    """id -> option texts from the ``validation-*.parquet`` files under ``dataset`` (columns ``id``, ``options``;
+    ``options`` is a Python list literal, read as MMMU's ``construct_prompt`` reads it, with ``ast.literal_eval``
+    in place of its ``eval``)."""
+    if not dataset.is_dir():
+        raise FileNotFoundError(f"MMMU dataset directory not found: {dataset}")
+    files = sorted(dataset.rglob("validation-*.parquet"))
+    if not files:
+        raise FileNotFoundError(f"no validation-*.parquet under {dataset} (expected <Subject>/validation-*.parquet)")
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise ImportError("reading MMMU's options from its parquet files needs pyarrow: pip install pyarrow") from None
+    options: dict[str, tuple[str, ...]] = {}
+    for path in files:
+        try:
+            rows = pq.read_table(path, columns=["id", "options"]).to_pylist()
+        except (OSError, ValueError, KeyError) as err:  # pyarrow's errors derive from these
+            raise ValueError(f"{path}: not a parquet file with 'id' and 'options' columns ({err})") from None
+        for row in rows:
+            try:
+                parsed = ast.literal_eval(row["options"])
+            except (SyntaxError, TypeError, ValueError):
+                parsed = None
+            if not (isinstance(parsed, list) and all(isinstance(option, str) for option in parsed)):
+                raise ValueError(f"{path} question {row['id']}: options {row['options']!r} is not a list of strings")
+            options[row["id"]] = tuple(parsed)
+    return options
+
+
+def _mmmu_answers(annotations: Path) -> dict[str, tuple[str, str | tuple[str, ...], str]]:
+    """id -> (question_type, ground truth, subject) from ``answer_dict_val.json``, the subject taken from the id
+    as ``main_eval_only.py`` takes it (``"_".join(id.split("_")[1:-1])``)."""
+    answers = _load_json(annotations, "MMMU answer file")
+    if not isinstance(answers, dict) or not answers:
+        raise ValueError(f"{annotations}: expected a non-empty object id -> {{question_type, ground_truth}}")
+    parsed: dict[str, tuple[str, str | tuple[str, ...], str]] = {}
+    for question_id, record in answers.items():
+        where = f"{annotations} question {question_id}"
+        subject = "_".join(question_id.split("_")[1:-1])
+        if not subject:
+            raise ValueError(f"{where}: the id is not '<split>_<Subject>_<number>'")
+        if not isinstance(record, dict) or not isinstance(record.get("question_type"), str):
+            raise ValueError(f"{where}: expected an object with a 'question_type' string")
+        truth = record.get("ground_truth")
+        if isinstance(truth, list) and truth and all(isinstance(answer, str) for answer in truth):
+            truth = tuple(truth)
+        elif not isinstance(truth, str):
+            raise ValueError(f"{where}: ground_truth must be a string or a list of strings, got {truth!r}")
+        parsed[question_id] = (record["question_type"], truth, subject)
+    return parsed
+
+
+def read_mmmu(annotations: Path, dataset: Path) -> dict[str, MMMUQuestion]:
+    """MMMU's validation questions, keyed by MMMU's ids ("validation_Art_Theory_12"), as ``main_eval_only.py``
+    scores them.
+
+    annotations: ``answer_dict_val.json`` from MMMU-Benchmark/MMMU (``eval/``), the answers
+    ``main_eval_only.py`` scores against: id -> ``{"question_type": "multiple-choice" | "short-answer",
+    "ground_truth": letter, text or list of texts}``. The subject is the id between the split and the number.
+
+    dataset: a local copy of the Hugging Face dataset MMMU/MMMU (``<Subject>/validation-00000-of-00001.parquet``,
+    e.g. ``huggingface-cli download MMMU/MMMU --repo-type dataset``), read for the multiple-choice options only
+    (columns ``id`` and ``options``). The answer file has no options, and the reference needs them: they are
+    the letters a response may name and the texts it matches (``parse_multi_choice_response`` gets
+    ``all_choices`` and ``index2ans`` from them). No JSON file of MMMU's holds them, so this needs pyarrow,
+    imported here (ImportError telling to ``pip install pyarrow`` without it).
+
+    Raises FileNotFoundError for a missing file or directory (or no ``validation-*.parquet`` under
+    ``dataset``); ValueError naming the file and question for a malformed record, an options cell that is not a
+    list of strings, a multiple-choice question without options, or a multiple-choice ground truth that is not
+    one of its option letters.
+    """
+    answers = _mmmu_answers(annotations)
+    options = _mmmu_options(dataset)
+    questions: dict[str, MMMUQuestion] = {}
+    for question_id, (question_type, truth, subject) in answers.items():
+        where = f"{annotations} question {question_id}"
+        choices: tuple[str, ...] = ()
+        if question_type == "multiple-choice":
+            choices = options.get(question_id, ())
+            if not choices:
+                raise ValueError(f"{where}: multiple-choice, but no options for it under {dataset}")
+            letters = _mmmu_letters(len(choices))
+            if any(answer not in letters for answer in ([truth] if isinstance(truth, str) else truth)):
+                raise ValueError(f"{where}: ground_truth {truth!r} is not one of the option letters {letters}")
+        questions[question_id] = MMMUQuestion(question_type, truth, subject, choices)
+    return questions

@@ -19,14 +19,37 @@ Departures (each named where it happens):
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from mambavlm.eval.scorers.files import field as _field
 from mambavlm.eval.scorers.report import ScoreReport
 
-__all__ = ["POPE_SPLITS", "POPELabel", "pope_answer", "score_pope"]
+__all__ = [
+    "POPE_PROMPT",
+    "POPE_QUESTION_ID_OFFSETS",
+    "POPE_SPLITS",
+    "POPELabel",
+    "pope_answer",
+    "read_pope_labels",
+    "score_pope",
+]
 
 POPE_SPLITS: tuple[str, ...] = ("random", "popular", "adversarial")
+
+POPE_PROMPT = "Answer the question using a single word or phrase."
+"""What LLaVA-1.5 appends, after a newline, to each POPE question (``llava_pope_test.jsonl``: "Is there a
+snowboard in the image?\\nAnswer the question using a single word or phrase.")."""
+
+POPE_QUESTION_ID_OFFSETS: dict[str, int] = {"adversarial": 0, "random": 10_000_000, "popular": 20_000_000}
+"""What LLaVA's ``llava_pope_test.jsonl`` adds to a label file's ``question_id`` to make it unique over the
+three splits, which each number their questions from 1: its adversarial questions are 1..3000, its random
+ones 10000001, ..., its popular ones 20000001, ..., each with the image and question of the label file's
+line of that number (e.g. random 10000017 and popular 20000011 are lines 17 and 11 of those files)."""
+
+_LABEL_FILE_PREFIX, _LABEL_FILE_SUFFIX = "coco_pope_", ".json"
 _NEGATIVE_WORDS = ("No", "not", "no")
 _METRICS = ("accuracy", "precision", "recall", "f1", "yes_ratio")
 _TP, _FP, _TN, _FN = range(4)  # positions in a split's confusion counts
@@ -119,3 +142,62 @@ def score_pope(predictions: Mapping[str, str], labels: Mapping[str, POPELabel]) 
     }
     counts.update({split: sum(confusion[split]) for split in splits})
     return ScoreReport(benchmark="POPE", overall=_printed_percent(mean_f1), breakdowns=breakdowns, counts=counts)
+
+
+def _label_files(path: Path) -> list[Path]:
+    if path.is_dir():
+        files = sorted(path.glob(f"{_LABEL_FILE_PREFIX}*{_LABEL_FILE_SUFFIX}"))
+        if not files:
+            raise FileNotFoundError(f"no {_LABEL_FILE_PREFIX}*{_LABEL_FILE_SUFFIX} POPE label file in {path}")
+        return files
+    if not path.is_file():
+        raise FileNotFoundError(f"POPE label file or directory not found: {path}")
+    return [path]
+
+
+def read_pope_labels(annotations: Path) -> dict[str, POPELabel]:
+    """Question id -> :class:`POPELabel` for :func:`score_pope`, from POPE's COCO label files.
+
+    ``annotations``: one ``coco_pope_{random,popular,adversarial}.json`` or a directory whose
+    ``coco_pope_*.json`` files are all read (the folder LLaVA's ``docs/Evaluation.md`` points to:
+    https://github.com/AoiDragon/POPE/tree/e3e39262c85a6a83f26cf5094022a782cb0df58d/output/coco). Each
+    file holds one JSON object a line, ``{"question_id": int, "image", "text", "label": "yes" | "no"}``; the
+    split is the file name between "coco_pope_" and ".json", as LLaVA's ``eval_pope.py`` takes it
+    (``file[10:-5]``).
+
+    Ids: every split numbers its questions from 1, so the key is ``str(POPE_QUESTION_ID_OFFSETS[split] +
+    question_id)``, the id LLaVA's ``llava_pope_test.jsonl`` gives the same question ("3", "10000003",
+    "20000003" for question 3 of the adversarial, random and popular files); keys cannot collide, since a
+    label file's ``question_id`` must lie in 1..9999999. (``eval_pope.py`` itself pairs answers with labels
+    by position within a split; the scorer pairs them by these ids.)
+
+    Raises FileNotFoundError naming a missing file or a directory without label files, and ValueError naming
+    the file and the line (and question id) of a record that is not JSON, lacks ``question_id`` or ``label``,
+    has an id out of range or repeated, or a label other than "yes" / "no"; or a file name that names no split.
+    """
+    labels: dict[str, POPELabel] = {}
+    for file in _label_files(Path(annotations)):
+        split = file.name[len(_LABEL_FILE_PREFIX) : -len(_LABEL_FILE_SUFFIX)]
+        named = file.name.startswith(_LABEL_FILE_PREFIX) and file.name.endswith(_LABEL_FILE_SUFFIX)
+        if not named or split not in POPE_SPLITS:
+            raise ValueError(f"{file}: a POPE label file is named coco_pope_<split>.json, <split> one of {POPE_SPLITS}")
+        for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{file}: line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{where}: not JSON ({err.msg})") from err
+            question_id = _field(record, "question_id", int, where)
+            where = f"{where} (question_id {question_id})"
+            if not 1 <= question_id < POPE_QUESTION_ID_OFFSETS["random"]:
+                raise ValueError(f"{where}: question_id must lie in 1..{POPE_QUESTION_ID_OFFSETS['random'] - 1}")
+            label = _field(record, "label", str, where)
+            if label not in ("yes", "no"):
+                raise ValueError(f"{where}: label must be 'yes' or 'no', got {label!r}")
+            key = str(POPE_QUESTION_ID_OFFSETS[split] + question_id)
+            if key in labels:
+                raise ValueError(f"{where}: question_id repeated")
+            labels[key] = POPELabel(label, split)
+    return labels

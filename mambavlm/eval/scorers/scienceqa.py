@@ -22,12 +22,27 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
+from mambavlm.eval.scorers.files import field as _field
+from mambavlm.eval.scorers.files import load_json as _load_json
 from mambavlm.eval.scorers.report import ScoreReport
 
-__all__ = ["SQA_OPTIONS", "SQAProblem", "score_scienceqa", "sqa_letter"]
+__all__ = [
+    "SCIENCEQA_PROMPT",
+    "SQA_OPTIONS",
+    "SQAProblem",
+    "read_scienceqa_problems",
+    "score_scienceqa",
+    "sqa_letter",
+]
 
 SQA_OPTIONS: tuple[str, ...] = ("A", "B", "C", "D", "E")
+
+SCIENCEQA_PROMPT = "Answer with the option's letter from the given choices directly."
+"""What LLaVA-1.5 appends, after a newline, to each ScienceQA question (``model_vqa_science.py
+--single-pred-prompt``, as ``scripts/v1_5/eval/sqa.sh`` runs it on ``llava_test_CQM-A.json``; LLaVA-1.5's
+answers file shows it at the end of every ``prompt``)."""
 _ANSWER_IS = re.compile(r"The answer is ([A-Z]).")
 _SUBJECTS = {"natural science": "NAT", "social science": "SOC", "language science": "LAN"}
 _GRADE = re.compile(r"grade(\d+)")
@@ -136,3 +151,68 @@ def score_scienceqa(predictions: Mapping[str, str], problems: Mapping[str, SQAPr
     }
     overall = round(correct / scored * 100, 2) if scored else 0.0
     return ScoreReport(benchmark="ScienceQA-IMG", overall=overall, breakdowns=breakdowns, counts=counts)
+
+
+def _problem(record: object, where: str) -> SQAProblem:
+    choices = _field(record, "choices", list, where)
+    if not choices or not all(isinstance(choice, str) for choice in choices):
+        raise ValueError(f"{where}: field 'choices' must be a non-empty list of strings")
+    answer = _field(record, "answer", int, where)
+    if not 0 <= answer < len(choices):
+        raise ValueError(f"{where}: answer {answer} is not the index of one of its {len(choices)} choices")
+    if "image" not in record:
+        raise ValueError(f"{where}: missing field 'image'")
+    image = record["image"]
+    if image is not None and not (isinstance(image, str) and image):
+        raise ValueError(f"{where}: field 'image' must be an image file name or null, got {image!r}")
+    return SQAProblem(
+        answer=answer,
+        num_choices=len(choices),
+        subject=_field(record, "subject", str, where),
+        has_image=image is not None,
+        context=_field(record, "hint", str, where),
+        grade=_field(record, "grade", str, where),
+    )
+
+
+def read_scienceqa_problems(annotations: Path, split_file: Path, split: str = "test") -> dict[str, SQAProblem]:
+    """Problem id -> :class:`SQAProblem` for :func:`score_scienceqa`: the problems of ``split`` in
+    ``split_file``'s order, as LLaVA's ``llava/eval/eval_science_qa.py`` selects them
+    (``{pid: problems[pid] for pid in pid_splits[split]}``).
+
+    ``annotations``: ScienceQA's ``problems.json``, ``split_file``: its ``pid_splits.json`` (both in the
+    ``data/scienceqa`` folder of https://github.com/lupantech/ScienceQA, as LLaVA's ``docs/Evaluation.md``
+    says). ``problems.json`` is ``{pid: {"question", "choices": [str, ...], "answer": int, "hint": str,
+    "image": "image.png" | null, "subject": str, "grade": "grade1".."grade12", "task", "topic", "lecture",
+    "solution", "split", ...}}``, ``pid_splits.json`` ``{"train": [pid, ...], "val": [...], "test": [...],
+    ...}``. Read: ``answer`` (the right choice's index), ``len(choices)``, ``subject``, ``hint`` (the text
+    context), ``grade``, and whether ``image`` is not null (LLaVA's ``convert_sqa_to_llava.py`` gives exactly
+    those problems an image and ``<image>`` in the prompt, which is how ``eval_science_qa.py`` picks the IMG
+    subset). The keys are the pids, the ``id`` of LLaVA's ``llava_test_CQM-A.json`` and so the
+    ``question_id`` of its answers ("4", "5", ...).
+
+    Raises FileNotFoundError naming a missing file and ValueError naming the file and the pid for a problem
+    that is missing from ``problems.json``, repeated in the split, not an object, lacks one of those fields or
+    has it of the wrong type, or whose ``answer`` is not an index into ``choices``; and for a ``split`` that
+    ``split_file`` does not have.
+    """
+    problems_path, split_path = Path(annotations), Path(split_file)
+    problems = _load_json(problems_path, "ScienceQA file")
+    if not isinstance(problems, dict):
+        raise ValueError(f"{problems_path}: expected a JSON object of pid -> problem, got {type(problems).__name__}")
+    splits = _load_json(split_path, "ScienceQA file")
+    if not isinstance(splits, dict):
+        raise ValueError(f"{split_path}: expected a JSON object of split -> pids, got {type(splits).__name__}")
+    if split not in splits:
+        raise ValueError(f"{split_path}: no split {split!r}; it has {', '.join(sorted(splits))}")
+    pids = _field(splits, split, list, str(split_path))
+    selected: dict[str, SQAProblem] = {}
+    for index, pid in enumerate(pids):
+        if not isinstance(pid, str):
+            raise ValueError(f"{split_path}: {split}[{index}] must be a pid string, got {type(pid).__name__}")
+        if pid in selected:
+            raise ValueError(f"{split_path}: pid {pid} repeated in split {split!r}")
+        if pid not in problems:
+            raise ValueError(f"{split_path}: pid {pid} of split {split!r} is not in {problems_path}")
+        selected[pid] = _problem(problems[pid], f"{problems_path}: problem {pid}")
+    return selected

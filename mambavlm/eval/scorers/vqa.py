@@ -61,13 +61,45 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from mambavlm.eval.scorers.files import field as _field
+from mambavlm.eval.scorers.files import load_json as _load_json
 from mambavlm.eval.scorers.report import ScoreReport, reject_unknown_ids
 
-__all__ = ["VQA_BENCHMARKS", "VQAAnnotation", "evalai_process_answer", "score_vqa", "vqa_accuracy"]
+__all__ = [
+    "TEXTVQA_PROMPT",
+    "VIZWIZ_PROMPT",
+    "VQAV2_PROMPT",
+    "VQA_BENCHMARKS",
+    "VQAAnnotation",
+    "evalai_process_answer",
+    "llava_textvqa_question",
+    "read_textvqa_llava_index",
+    "read_vqa_annotations",
+    "score_vqa",
+    "vqa_accuracy",
+]
 
 VQA_BENCHMARKS: tuple[str, ...] = ("vqav2", "textvqa", "vizwiz")
 """The benchmark names :func:`score_vqa` and :func:`vqa_accuracy` accept."""
+
+VQAV2_PROMPT = "Answer the question using a single word or phrase."
+"""What LLaVA-1.5 appends, after a newline, to each VQAv2 question (``llava_vqav2_mscoco_test-dev2015.jsonl``:
+"What credit card company is on the banner in the background?\\nAnswer the question using a single word or
+phrase."; ``docs/Evaluation.md``, "Short-answer")."""
+
+TEXTVQA_PROMPT = "Answer the question using a single word or phrase."
+"""The last line of each LLaVA-1.5 TextVQA prompt (``llava_textvqa_val_v051_ocr.jsonl``: the question, then
+"Reference OCR token: ..." with the Rosetta OCR tokens, then this line, joined by newlines)."""
+
+VIZWIZ_PROMPT = (
+    "When the provided information is insufficient, respond with 'Unanswerable'.\n"
+    "Answer the question using a single word or phrase."
+)
+"""What LLaVA-1.5 appends, after a newline, to each VizWiz question (``llava_test.jsonl`` of its eval.zip:
+"What is this?\\nWhen the provided information is insufficient, respond with 'Unanswerable'.\\nAnswer the
+question using a single word or phrase.")."""
 
 _PUNCTUATION: tuple[str, ...] = tuple(";/[]\"{}()=+\\_-><@`,?!")
 """The reference's ``punct`` list (identical in all three evaluators); note "." "'" ":" are not in it."""
@@ -291,3 +323,170 @@ def score_vqa(
         breakdowns=breakdowns,
         counts={"questions": len(annotations), "missing": missing},
     )
+
+
+# ---------------------------------------------------------------- reading the official annotation files
+
+_TEXTVQA_OCR_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
+"""``eval_textvqa.prompt_processor``'s pattern for the "OCR tokens: ..." prompt style."""
+
+
+def _answer_records(record: object, where: str) -> tuple[str, ...]:
+    """The ``answer`` strings of ``record["answers"]`` (VQAv2 and VizWiz: a list of answer objects)."""
+    answers = _field(record, "answers", list, where)
+    if not answers:
+        raise ValueError(f"{where}: no human answers")
+    return tuple(_field(answer, "answer", str, f"{where}, answers[{i}]") for i, answer in enumerate(answers))
+
+
+def _read_vqav2(path: Path) -> dict[str, VQAAnnotation]:
+    records = _field(_load_json(path, "annotation file"), "annotations", list, str(path))
+    annotations: dict[str, VQAAnnotation] = {}
+    for index, record in enumerate(records):
+        where = f"{path}: annotations[{index}]"
+        question_id = str(_field(record, "question_id", int, where))
+        where = f"{where} (question_id {question_id})"
+        if question_id in annotations:
+            raise ValueError(f"{where}: question_id repeated")
+        annotations[question_id] = VQAAnnotation(
+            answers=_answer_records(record, where),
+            answer_type=_field(record, "answer_type", str, where),
+            question_type=_field(record, "question_type", str, where),
+        )
+    return annotations
+
+
+def _check_vqav2_questions(questions: Path, annotations: Mapping[str, VQAAnnotation], source: Path) -> None:
+    """The VQA API's ``loadRes`` / ``VQAEval`` need the question file and the annotations to hold the same ids."""
+    records = _field(_load_json(questions, "annotation file"), "questions", list, str(questions))
+    asked = {
+        str(_field(record, "question_id", int, f"{questions}: questions[{i}]")) for i, record in enumerate(records)
+    }
+    unasked, unannotated = sorted(set(annotations) - asked), sorted(asked - set(annotations))
+    if unasked or unannotated:
+        raise ValueError(
+            f"{questions} and {source} hold different question ids: {len(unasked)} annotated but not asked "
+            f"({', '.join(unasked[:5])}), {len(unannotated)} asked but not annotated ({', '.join(unannotated[:5])})"
+        )
+
+
+def _read_textvqa(path: Path) -> dict[str, VQAAnnotation]:
+    records = _field(_load_json(path, "annotation file"), "data", list, str(path))
+    annotations: dict[str, VQAAnnotation] = {}
+    for index, record in enumerate(records):
+        where = f"{path}: data[{index}]"
+        question_id = str(_field(record, "question_id", int, where))
+        where = f"{where} (question_id {question_id})"
+        answers = _field(record, "answers", list, where)
+        if len(answers) != 10:
+            raise ValueError(f"{where}: TextVQA scores exactly 10 human answers, got {len(answers)}")
+        if not all(isinstance(answer, str) for answer in answers):
+            raise ValueError(f"{where}: field 'answers' must be a list of strings")
+        if question_id in annotations:
+            raise ValueError(f"{where}: question_id repeated")
+        annotations[question_id] = VQAAnnotation(answers=tuple(answers))
+    return annotations
+
+
+def _read_vizwiz(path: Path) -> dict[str, VQAAnnotation]:
+    records = _load_json(path, "annotation file")
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of questions (VizWiz val.json), got {type(records).__name__}")
+    annotations: dict[str, VQAAnnotation] = {}
+    for index, record in enumerate(records):
+        where = f"{path}: [{index}]"
+        annotations[str(index)] = VQAAnnotation(
+            answers=_answer_records(record, where), answer_type=_field(record, "answer_type", str, where)
+        )
+    return annotations
+
+
+def read_vqa_annotations(annotations: Path, benchmark: str, questions: Path | None = None) -> dict[str, VQAAnnotation]:
+    """Question id (a string) -> :class:`VQAAnnotation`, from a benchmark's official annotation file, for
+    :func:`score_vqa`. Questions keep the file's order.
+
+    ``"vqav2"``: ``v2_mscoco_{train,val}2014_annotations.json`` (https://visualqa.org/download.html;
+    test-dev answers are not published). Reads ``{"annotations": [{"question_id": int, "question_type": str,
+    "answer_type": str, "answers": [{"answer": str, "answer_confidence", "answer_id"}, ...]}, ...]}``, the
+    fields GT-Vision-Lab/VQA ``vqaEval.py`` scores with; keyed by ``str(question_id)``, the id LLaVA's
+    ``llava_vqav2_mscoco_test-dev2015.jsonl`` uses (e.g. 262144005). ``questions``, the matching
+    ``v2_OpenEnded_mscoco_*_questions.json`` (``{"questions": [{"question_id", "image_id", "question"}]}``),
+    is optional and only checked to hold the same ids, as the VQA API requires.
+
+    ``"textvqa"``: ``TextVQA_0.5.1_val.json`` (https://dl.fbaipublicfiles.com/textvqa/data/TextVQA_0.5.1_val.json).
+    Reads ``{"data": [{"question_id": int, "answers": [10 strings], ...}]}``; exactly 10 answers, as LLaVA's
+    ``m4c_evaluator.TextVQAAccuracyEvaluator`` asserts. Keyed by ``str(question_id)`` (e.g. "34602"): LLaVA's
+    ``llava_textvqa_val_v051_ocr.jsonl`` cannot supply the key, since its ``question_id`` is the image id,
+    shared by the questions on one image; its ``eval_textvqa.py`` finds an answer's annotation by
+    ``(image_id, question.lower())`` instead, which :func:`read_textvqa_llava_index` and
+    :func:`llava_textvqa_question` reproduce.
+
+    ``"vizwiz"``: the VizWiz-VQA ``val.json`` (``Annotations.zip`` from
+    https://vizwiz.cs.colorado.edu/VizWiz_final/vqa_data/Annotations.zip). Reads a list of ``{"image":
+    "VizWiz_val_00000000.jpg", "question", "answers": [{"answer": str, "answer_confidence"}, ...],
+    "answer_type": str, "answerable"}``, the fields the VizWiz API's ``vqaEval.py`` scores with. VizWiz has no
+    question id (its API keys questions by image name); the key is ``str(position in the file)``: LLaVA's
+    ``llava_test.jsonl`` numbers the questions of ``test.json`` 0, 1, 2, ... in file order (question 0 is
+    ``VizWiz_test_00000000.jpg``) and ``convert_vizwiz_for_submission.py`` maps answers back by that number,
+    so a val question file built the same way has ids "0", "1", ... .
+
+    Raises FileNotFoundError naming a missing file, ValueError naming the file and the record (index and,
+    where there is one, question id) for a malformed one: not an object, a field missing or of the wrong
+    type, no answers (TextVQA: not exactly 10), a repeated question id, or ``questions`` with other ids (or
+    given for another benchmark than VQAv2).
+    """
+    _check_benchmark(benchmark)
+    source = Path(annotations)
+    if benchmark == "vqav2":
+        read = _read_vqav2(source)
+        if questions is not None:
+            _check_vqav2_questions(Path(questions), read, source)
+        return read
+    if questions is not None:
+        raise ValueError(f"a question file is only cross-checked for vqav2, not {benchmark}")
+    return _read_textvqa(source) if benchmark == "textvqa" else _read_vizwiz(source)
+
+
+def llava_textvqa_question(prompt: str) -> str:
+    """The lower-cased question LLaVA's ``eval_textvqa.prompt_processor`` reads back from an answer's
+    ``prompt`` (the question file's ``text``), to find its annotation with :func:`read_textvqa_llava_index`.
+
+    "OCR tokens: ..." prompts: what ``Question: (.*?) Short answer:`` captures; prompts of 3 lines holding
+    "Reference OCR token: " (LLaVA-1.5's): the first line, or the second when the prompt starts with
+    "Reference OCR token:"; prompts of 2 lines: the first. Any other prompt raises ValueError (the reference
+    fails an assert there).
+    """
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        match = _TEXTVQA_OCR_QUESTION.search(prompt)
+        if match is None:
+            raise ValueError(f"TextVQA prompt with 'OCR tokens: ' but no 'Question: ... Short answer:': {prompt!r}")
+        question = match.group(1)
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        raise ValueError(f"not a TextVQA prompt LLaVA's eval_textvqa.py reads a question from: {prompt!r}")
+    return question.lower()
+
+
+def read_textvqa_llava_index(annotations: Path) -> dict[tuple[str, str], str]:
+    """``(image_id, question.lower())`` -> TextVQA question id (a string, the key of
+    :func:`read_vqa_annotations`), from ``TextVQA_0.5.1_val.json``: the lookup LLaVA's ``eval_textvqa.py`` does.
+
+    An answer row of a run on LLaVA's ``llava_textvqa_val_v051_ocr.jsonl`` (whose ``question_id`` is the image
+    id) has the key ``(row["question_id"], llava_textvqa_question(row["prompt"]))``. Where two questions share
+    image and lower-cased question, the later one wins, as in the reference's dict. Reads ``{"data":
+    [{"question_id": int, "image_id": str, "question": str, ...}]}``; errors as :func:`read_vqa_annotations`.
+    """
+    path = Path(annotations)
+    records = _field(_load_json(path, "annotation file"), "data", list, str(path))
+    index: dict[tuple[str, str], str] = {}
+    for position, record in enumerate(records):
+        where = f"{path}: data[{position}]"
+        question_id = str(_field(record, "question_id", int, where))
+        where = f"{where} (question_id {question_id})"
+        key = (_field(record, "image_id", str, where), _field(record, "question", str, where).lower())
+        index[key] = question_id
+    return index
