@@ -1,9 +1,12 @@
 """Answer a benchmark with a MambaVLM: ``accelerate launch eval/run.py --model DIR --benchmark NAME --data
-QUESTIONS.jsonl [--image-folder DIR] [--output-dir DIR] [--batch-size N] [--limit N] [--max-new-tokens N]``.
+QUESTIONS.jsonl [--image-folder DIR] [--output-dir DIR] [--batch-size N] [--limit N] [--max-new-tokens N]
+[--annotations FILE [--annotation-questions FILE] [--split-file FILE]]``.
 
 The questions are a LLaVA-style JSONL (``question_id``, ``image``, ``text``; LLaVA-1.5's evaluation
 files). Answers go to ``OUTPUT_DIR/answers.jsonl`` as batches finish (a killed run started again goes on
-from them; several processes split the questions), then ``results.json`` and a summary.
+from them; several processes split the questions), then ``results.json`` and a summary. With
+``--annotations`` (the benchmark's published files, read first so that a wrong one fails at once) the
+answers are scored as ``eval/score.py`` scores them, into results.json's ``scores``.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles
 from mambavlm.eval.runner import RunSettings, run_benchmark
 
 
@@ -28,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="answer only the first N questions")
     parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--annotations", type=Path,
+                        help="the benchmark's published file to score against (as eval/score.py takes it)")
+    parser.add_argument("--annotation-questions", type=Path, help="eval/score.py's --questions")
+    parser.add_argument("--split-file", type=Path, help="eval/score.py's --split-file (ScienceQA)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for name, path in (("--model", args.model), ("--data", args.data)):
@@ -43,8 +51,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             batch_size=args.batch_size,
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
+            annotations=None if args.annotations is None
+            else AnnotationFiles(args.annotations, args.annotation_questions, args.split_file),
         )
-    except ValueError as err:
+        if settings.annotations is not None:
+            BENCHMARKS[settings.benchmark].read(settings.annotations)  # a wrong file fails before any answer
+    except (FileNotFoundError, ValueError, ImportError) as err:
         parser.error(str(err))
     results = run_benchmark(settings)
     if results:

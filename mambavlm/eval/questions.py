@@ -3,14 +3,19 @@
 Each line is ``{"question_id": ..., "image": "relative/path.jpg" (optional), "text": "the prompt", ...}``
 (LLaVA's ``llava_vqav2_mscoco_test-dev2015.jsonl``, ``llava_gqa_testdev_balanced.jsonl``,
 ``llava_pope_test.jsonl``, ...): the prompt is used as written, suffix included ("Answer the question
-using a single word or phrase."). A line that is not a JSON object, or whose ``question_id`` is
-missing or repeated, is reported with its line number and counted, not fatal; the fields' types are
-checked when the question is answered.
+using a single word or phrase."). A line that is not a JSON object, or has no ``question_id``, is
+reported with its line number and counted, not fatal; the fields' types are checked when the question
+is answered. Some of LLaVA's files give one id to several questions (TextVQA's and MME's use the image
+as the id, one per image for two questions): every occurrence of an id that occurs more than once
+becomes ``ID#n``, n its position among them from 0 (``read_mme``'s ids; ``eval/score.py`` maps TextVQA
+answers back through their prompts, as LLaVA's scorer does), so every question is answered and the
+answers stay apart.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +43,7 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> tu
     root = Path(image_root) if image_root is not None else path.parent
     questions: list[EvalQuestion] = []
     problems: list[tuple[str, str]] = []
-    seen: set[str] = set()
+    records: list[tuple[int, str, dict]] = []
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
             continue
@@ -50,7 +55,14 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> tu
         if not isinstance(record, dict) or "question_id" not in record:
             problems.append((f"line {number}", "not an object with a question_id"))
             continue
-        question_id = str(record["question_id"])
+        records.append((number, str(record["question_id"]), record))
+    occurrences = Counter(question_id for _, question_id, _ in records)
+    position: Counter[str] = Counter()
+    seen: set[str] = set()
+    for number, question_id, record in records:
+        if occurrences[question_id] > 1:
+            position[question_id] += 1
+            question_id = f"{question_id}#{position[question_id] - 1}"
         if question_id in seen:
             problems.append((question_id, f"question_id repeated on line {number}"))
             continue

@@ -25,7 +25,9 @@ from typing import Any
 from accelerate import Accelerator
 
 from mambavlm.atomic import atomic_file
+from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles, score_answers
 from mambavlm.eval.questions import EvalQuestion, read_questions
+from mambavlm.eval.scorers.report import format_report
 from mambavlm.model import MambaVLM
 from mambavlm.training.evaluation import iter_answers
 
@@ -43,7 +45,9 @@ class RunSettings:
     """One evaluation run. model: a MambaVLM directory. benchmark: its name (recorded). questions: a
     LLaVA-style question JSONL; image_root: what its image paths are relative to (None: its
     directory). output_dir: where answers and results go. batch_size: prompts per generate call;
-    limit: answer only the first N questions; max_new_tokens: greedy decoding length."""
+    limit: answer only the first N questions; max_new_tokens: greedy decoding length. annotations:
+    the benchmark's published files (``mambavlm.eval.benchmarks``): read before any question is
+    answered (a wrong file fails at once) and the answers scored into results.json."""
 
     model: Path
     benchmark: str
@@ -53,6 +57,7 @@ class RunSettings:
     batch_size: int = 8
     limit: int | None = None
     max_new_tokens: int = 16
+    annotations: AnnotationFiles | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -61,6 +66,8 @@ class RunSettings:
             raise ValueError(f"--limit must be >= 1, got {self.limit}")
         if self.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        if self.annotations is not None and self.benchmark not in BENCHMARKS:
+            raise ValueError(f"scoring needs a known benchmark ({', '.join(BENCHMARKS)}), got {self.benchmark!r}")
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
@@ -106,6 +113,8 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     question file."""
     acc = accelerator or Accelerator()
     out = settings.output_dir
+    if settings.annotations is not None:
+        BENCHMARKS[settings.benchmark].read(settings.annotations)  # fail now, not after the answers
     questions, problems = read_questions(settings.questions, settings.image_root)
     if settings.limit is not None:
         questions = questions[: settings.limit]
@@ -176,8 +185,14 @@ def _finish(
         "num_missing": len(missing),
         "decoding": {"do_sample": False, "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size},
         "prompt_example": next((answered[qid]["prompt"] for qid in order if qid in answered), None),
+        "baseline_prompt": BENCHMARKS[settings.benchmark].prompt if settings.benchmark in BENCHMARKS else None,
         "commit": _git_commit(),
     }
+    if settings.annotations is not None:
+        report = score_answers(settings.benchmark, out / ANSWERS_FILE, settings.annotations)
+        results["scores"] = report.to_json()
+        results["annotations"] = {k: str(v) for k, v in vars(settings.annotations).items() if v is not None}
+        logger.info("%s scores:\n%s", settings.benchmark, format_report(report))
     with atomic_file(out / RESULTS_FILE) as f:
         json.dump(results, f, indent=1)
     logger.info(

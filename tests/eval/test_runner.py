@@ -38,6 +38,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     lines[3:3] = [
         "{not json",
         json.dumps({"question_id": "q0", "text": "again"}),
+        json.dumps({"question_id": "q0#1", "text": "clash"}),
         json.dumps({"question_id": "long", "image": "missing.png", "text": "what ?"}),
         json.dumps({"question_id": "huge", "text": " ".join(["red"] * 300)}),
         json.dumps({"question_id": "num", "text": 5}),
@@ -60,14 +61,16 @@ def answers(out: Path) -> list[dict]:
 def test_answers_in_order_with_every_bad_record_named(setup, tmp_path: Path) -> None:
     results = run_script()(args(setup, tmp_path / "one"))
     rows = answers(tmp_path / "one")
-    assert [r["question_id"] for r in rows] == [f"q{i}" for i in range(GOOD)]
+    # q0 occurs twice (as TextVQA's and MME's image ids do): both answered, as q0#0 and q0#1; a literal
+    # q0#1 further down is then a repeat
+    assert [r["question_id"] for r in rows] == ["q0#0", "q1", "q2", "q0#1"] + [f"q{i}" for i in range(3, GOOD)]
     assert {r["model_id"] for r in rows} == {"model"} and all(isinstance(r["text"], str) for r in rows)
     skipped = {r["question_id"]: r["reason"] for r in map(json.loads, (tmp_path / "one" / "skipped.jsonl").read_text().splitlines())}
-    assert skipped.keys() == {"line 4", "q0", "long", "huge", "num", "bad_image"}
-    assert "not JSON" in skipped["line 4"] and "repeated on line 5" in skipped["q0"]
+    assert skipped.keys() == {"line 4", "q0#1", "long", "huge", "num", "bad_image"}
+    assert "not JSON" in skipped["line 4"] and "repeated on line 6" in skipped["q0#1"]
     assert "image file not found" in skipped["long"] and "exceeds max_length" in skipped["huge"]
     assert "not a string" in skipped["num"] and "non-empty path string" in skipped["bad_image"]
-    assert (results["num_questions"], results["num_answered"], results["num_skipped"]) == (GOOD + 6, GOOD, 6)
+    assert (results["num_questions"], results["num_answered"], results["num_skipped"]) == (GOOD + 7, GOOD + 1, 6)
     assert json.loads((tmp_path / "one" / "results.json").read_text()) == results
 
 

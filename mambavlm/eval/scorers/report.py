@@ -6,7 +6,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["ScoreReport", "reject_unknown_ids"]
+__all__ = [
+    "ScoreReport",
+    "format_report",
+    "reject_unknown_ids",
+]
 
 
 def reject_unknown_ids(predictions: Iterable[str], known: Iterable[str], where: str) -> None:
@@ -42,3 +46,13 @@ class ScoreReport:
             "breakdowns": self.breakdowns,
             "counts": self.counts,
         }
+
+
+def format_report(report: ScoreReport) -> str:
+    """A ScoreReport as a markdown table a person reads: overall, then each breakdown's groups."""
+    unit = "" if report.unit == "points" else " %"
+    lines = ["| score | value |", "|---|---|", f"| {report.benchmark} overall | {report.overall}{unit} |"]
+    for name, groups in report.breakdowns.items():
+        lines += [f"| {name}: {group} | {value}{unit} |" for group, value in groups.items()]
+    lines += [f"| count: {name} | {value} |" for name, value in report.counts.items()]
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""The benchmarks by name: which published files score them, how they are read, scored, and prompted.
+
+``BENCHMARKS[name]`` ties a benchmark's reader (``mambavlm.eval.scorers.*.read_*``: the official files
+as published -> question id -> item) to its scorer (the reference scorer's rules) and to the prompt
+suffix the papers' baselines used (LLaVA-1.5's, Prismatic's for TallyQA / VSR). ``score_answers`` is
+what ``eval/score.py`` and ``eval/run.py --annotations`` run: an answers JSONL (LLaVA's format, one
+``{"question_id", "prompt", "text", ...}`` per line, ours or LLaVA's) scored against those files.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mambavlm.eval.scorers.closed_set import (
+    TALLYQA_LETTERS,
+    TALLYQA_PROMPT,
+    VSR_PROMPT,
+    read_tallyqa,
+    read_vsr,
+    score_tallyqa,
+    score_vsr,
+)
+from mambavlm.eval.scorers.gqa import GQA_PROMPT, read_gqa_questions, score_gqa
+from mambavlm.eval.scorers.mme import MME_PROMPT, read_mme, score_mme
+from mambavlm.eval.scorers.multiple_choice import (
+    MMBENCH_PROMPT,
+    SEED_PROMPT,
+    read_mmbench,
+    read_mmmu,
+    read_seedbench,
+    score_mmbench,
+    score_mmmu,
+    score_seedbench,
+)
+from mambavlm.eval.scorers.pope import POPE_PROMPT, read_pope_labels, score_pope
+from mambavlm.eval.scorers.report import ScoreReport
+from mambavlm.eval.scorers.scienceqa import SCIENCEQA_PROMPT, read_scienceqa_problems, score_scienceqa
+from mambavlm.eval.scorers.vqa import (
+    TEXTVQA_PROMPT,
+    VIZWIZ_PROMPT,
+    VQAV2_PROMPT,
+    llava_textvqa_question,
+    read_textvqa_llava_index,
+    read_vqa_annotations,
+    score_vqa,
+)
+
+__all__ = ["BENCHMARKS", "AnnotationFiles", "Benchmark", "read_answers", "score_answers"]
+
+
+@dataclass(frozen=True)
+class AnnotationFiles:
+    """The published files a benchmark is scored against. annotations: the main file (or folder);
+    questions: a second file where the benchmark has one (VQAv2's questions file, cross-checked; MMMU's
+    Hugging Face dataset folder, for the options); split_file: ScienceQA's ``pid_splits.json``."""
+
+    annotations: Path
+    questions: Path | None = None
+    split_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """name: the CLI name. prompt: the suffix the papers' baselines appended to each question.
+    annotations: what ``--annotations`` (and ``--questions`` / ``--split-file``) take, as published.
+    read: files -> question id -> item. score: (question id -> answer, items) -> ScoreReport."""
+
+    name: str
+    prompt: str
+    annotations: str
+    read: Callable[[AnnotationFiles], Mapping[str, Any]]
+    score: Callable[[Mapping[str, str], Mapping[str, Any]], ScoreReport]
+
+
+def _required(files: AnnotationFiles, attribute: str, benchmark: str, what: str) -> Path:
+    value = getattr(files, attribute)
+    if value is None:
+        raise ValueError(f"{benchmark} needs --{attribute.replace('_', '-')}: {what}")
+    return value
+
+
+_TALLYQA_LETTER = re.compile(r"^\(?([A-P])\)?(?:[.:)\s]|$)")
+
+
+def _score_tallyqa_generated(predictions: Mapping[str, str], items: Mapping[str, Any]) -> ScoreReport:
+    """TallyQA from generated answers: an answer that starts with one of the prompt's option letters
+    ("C", "C.", "(C)") is that option's count (letter i <-> count i), any other is parsed as a count.
+    Departure: Prismatic scores TallyQA by option likelihood only (``score_tallyqa_likelihood``); this
+    is the generation-mode reading of the same multiple-choice prompt."""
+    counts = {}
+    for question_id, text in predictions.items():
+        match = _TALLYQA_LETTER.match(text.strip())
+        counts[question_id] = str(TALLYQA_LETTERS.index(match.group(1))) if match else text
+    return score_tallyqa(counts, items)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            "vqav2", VQAV2_PROMPT, "v2_mscoco_val2014_annotations.json [--questions v2_OpenEnded_mscoco_val2014_questions.json]",
+            lambda f: read_vqa_annotations(f.annotations, "vqav2", f.questions),
+            lambda p, items: score_vqa(p, items, "vqav2"),
+        ),
+        Benchmark(
+            "textvqa", TEXTVQA_PROMPT, "TextVQA_0.5.1_val.json",
+            lambda f: read_vqa_annotations(f.annotations, "textvqa"),
+            lambda p, items: score_vqa(p, items, "textvqa"),
+        ),
+        Benchmark(
+            "vizwiz", VIZWIZ_PROMPT, "VizWiz val.json (ids: the position in the file)",
+            lambda f: read_vqa_annotations(f.annotations, "vizwiz"),
+            lambda p, items: score_vqa(p, items, "vizwiz"),
+        ),
+        Benchmark("gqa", GQA_PROMPT, "testdev_balanced_questions.json", lambda f: read_gqa_questions(f.annotations), score_gqa),
+        Benchmark("pope", POPE_PROMPT, "coco_pope_{random,popular,adversarial}.json, or their folder",
+                  lambda f: read_pope_labels(f.annotations), score_pope),
+        Benchmark(
+            "scienceqa", SCIENCEQA_PROMPT, "problems.json --split-file pid_splits.json",
+            lambda f: read_scienceqa_problems(
+                f.annotations, _required(f, "split_file", "scienceqa", "ScienceQA's pid_splits.json")
+            ),
+            score_scienceqa,
+        ),
+        Benchmark("mme", MME_PROMPT, "the MME_Benchmark_release_version folder", lambda f: read_mme(f.annotations), score_mme),
+        Benchmark("mmbench", MMBENCH_PROMPT, "mmbench_dev_20230712.tsv", lambda f: read_mmbench(f.annotations), score_mmbench),
+        Benchmark("seedbench", SEED_PROMPT, "SEED-Bench.json", lambda f: read_seedbench(f.annotations), score_seedbench),
+        Benchmark(
+            "mmmu", "", "answer_dict_val.json --questions MMMU_DATASET_FOLDER (the Hugging Face MMMU/MMMU copy)",
+            lambda f: read_mmmu(f.annotations, _required(f, "questions", "mmmu", "the MMMU/MMMU dataset folder")),
+            score_mmmu,
+        ),
+        Benchmark("tallyqa", TALLYQA_PROMPT, "TallyQA test.json", lambda f: read_tallyqa(f.annotations), _score_tallyqa_generated),
+        Benchmark("vsr", VSR_PROMPT, "VSR test.jsonl (ids: the line's position)", lambda f: read_vsr(f.annotations), score_vsr),
+    )
+}
+
+
+def read_answers(path: Path) -> list[dict[str, Any]]:
+    """The rows of an answers JSONL (LLaVA's format: ``question_id``, ``text``, optionally ``prompt``).
+
+    Raises FileNotFoundError for a missing file, ValueError naming the line of a row that is not a JSON
+    object with a ``question_id`` and a string ``text``, or whose question id repeats.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"answers file not found: {path}")
+    rows, seen = [], set()
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: line {number}: not JSON ({err.msg})") from None
+        if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
+            raise ValueError(f"{path}: line {number}: expected an object with a question_id and a string text")
+        row["question_id"] = str(row["question_id"])
+        if row["question_id"] in seen:
+            raise ValueError(f"{path}: line {number}: question_id {row['question_id']} repeated")
+        seen.add(row["question_id"])
+        rows.append(row)
+    return rows
+
+
+def _textvqa_predictions(rows: list[dict[str, Any]], items: Mapping[str, Any], files: AnnotationFiles) -> dict[str, str]:
+    """TextVQA answers keyed by the official question id. Rows already keyed so pass; rows of a run on
+    LLaVA's question file (whose id is the image id, ``ID#n`` when the image has several questions) are
+    found by (image id, lower-cased question read back from the prompt), as LLaVA's ``eval_textvqa.py``
+    does (``read_textvqa_llava_index``)."""
+    if all(row["question_id"] in items for row in rows):
+        return {row["question_id"]: row["text"] for row in rows}
+    index = read_textvqa_llava_index(files.annotations)
+    predictions = {}
+    for row in rows:
+        if not isinstance(row.get("prompt"), str):
+            raise ValueError(f"TextVQA answer {row['question_id']}: not an official question id and no prompt to find it by")
+        image_id = row["question_id"].split("#", 1)[0]
+        key = (image_id, llava_textvqa_question(row["prompt"]))
+        if key not in index:
+            raise ValueError(f"TextVQA answer {row['question_id']}: no question {key[1]!r} on image {image_id}")
+        predictions[index[key]] = row["text"]
+    return predictions
+
+
+def score_answers(benchmark: str, answers: Path, files: AnnotationFiles) -> ScoreReport:
+    """Score an answers JSONL against the benchmark's published files, as its reference scorer does.
+
+    Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
+    FileNotFoundError for a missing file (the readers' and scorers' errors, which name the record).
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+    spec = BENCHMARKS[benchmark]
+    items = spec.read(files)
+    rows = read_answers(answers)
+    if benchmark == "textvqa":
+        predictions = _textvqa_predictions(rows, items, files)
+    else:
+        predictions = {row["question_id"]: row["text"] for row in rows}
+    return spec.score(predictions, items)

@@ -1,0 +1,148 @@
+"""eval/score.py and eval/run.py --annotations: answers JSONL + a benchmark's published files -> the
+reference scorer's numbers, worked out by hand below; LLaVA's TextVQA answers found by their prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mambavlm.data.synthetic import make_shapes_vqa
+from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles, read_answers, score_answers
+from tests.conftest import ROOT, tiny_vlm
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"eval_{name}", ROOT / "eval" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def ten(*groups: tuple[str, int]) -> list[dict[str, Any]]:
+    answers = [a for a, n in groups for _ in range(n)]
+    assert len(answers) == 10
+    return [{"answer": a, "answer_confidence": "yes", "answer_id": i} for i, a in enumerate(answers, 1)]
+
+
+def vqav2_annotations(tmp_path: Path) -> Path:
+    records = [
+        {"question_id": 1000, "image_id": 1, "question_type": "what is", "answer_type": "other",
+         "multiple_choice_answer": "net", "answers": ten(("net", 10))},
+        {"question_id": 1001, "image_id": 1, "question_type": "how many", "answer_type": "number",
+         "multiple_choice_answer": "3", "answers": ten(("2", 3), ("two", 1), ("3", 6))},
+    ]
+    path = tmp_path / "v2_mscoco_val2014_annotations.json"
+    path.write_text(json.dumps({"data_subtype": "val2014", "annotations": records}))
+    return path
+
+
+def test_vqav2_scored_from_the_published_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # 1000: "Net." -> "net" after the official processing: 10 of 10 humans agree -> 1.0.
+    # 1001: "two" -> "2" (number words become digits); 3 humans said "2": leaving out one of them
+    # leaves 2 matches -> 2/3, leaving out any of the other 7 leaves 3 -> 1; (3 * 2/3 + 7) / 10 = 0.9.
+    # Overall (1.0 + 0.9) / 2 = 95.0; by answer type: other 100.0, number 90.0.
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": 1000, "prompt": "What is this?\nAnswer the question using a single word or phrase.", "text": "Net."},
+        {"question_id": 1001, "prompt": "How many?\nAnswer the question using a single word or phrase.", "text": "two"},
+    ])
+    result = script("score")(["vqav2", "--answers", str(answers), "--annotations", str(vqav2_annotations(tmp_path))])
+    assert result["overall"] == 95.0
+    assert result["breakdowns"]["answer_type"] == {"number": 90.0, "other": 100.0}
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_textvqa_answers_of_llavas_question_file_are_found_by_prompt(tmp_path: Path) -> None:
+    # LLaVA's TextVQA question file uses the image id as question_id, so two questions on one image
+    # arrive as "img1#0" and "img1#1" (read_questions); each is found by (image id, question).
+    # 34: "Nike" -> "nike", 10 of 10 -> 1.0. 35: "red", 2 of 10 humans: leaving out a "red" leaves 1
+    # match -> 1/3, leaving out a "blue" leaves 2 -> 2/3; (2/3 + 8 * 2/3) / 10 = 0.6. Overall 80.0.
+    annotations = tmp_path / "TextVQA_0.5.1_val.json"
+    annotations.write_text(json.dumps({"dataset_name": "textvqa", "data": [
+        {"question_id": 34, "image_id": "img1", "question": "What brand is shown?", "answers": ["nike"] * 10},
+        {"question_id": 35, "image_id": "img1", "question": "What color is the sign?",
+         "answers": ["red"] * 2 + ["blue"] * 8},
+    ]}))
+    suffix = "\nReference OCR token: nike, sale\nAnswer the question using a single word or phrase."
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": "img1#0", "prompt": "What brand is shown?" + suffix, "text": "Nike"},
+        {"question_id": "img1#1", "prompt": "What color is the sign?" + suffix, "text": "red"},
+    ])
+    report = score_answers("textvqa", answers, AnnotationFiles(annotations))
+    assert report.overall == 80.0
+    official = write_jsonl(tmp_path / "official.jsonl", [
+        {"question_id": 34, "text": "Nike"}, {"question_id": 35, "text": "red"}])
+    assert score_answers("textvqa", official, AnnotationFiles(annotations)).overall == 80.0
+    stray = write_jsonl(tmp_path / "stray.jsonl", [{"question_id": "img1#2", "prompt": "Who?" + suffix, "text": "x"}])
+    with pytest.raises(ValueError, match="no question 'who\\?' on image img1"):
+        score_answers("textvqa", stray, AnnotationFiles(annotations))
+
+
+def test_tallyqa_letters_are_the_options_counts(tmp_path: Path) -> None:
+    # The multiple-choice prompt lists "A. 0" .. "P. 15": "C" is 2, "(D)" is 3, "1" parses as 1.
+    # q1 (simple, 2): "C" right; q2 (complex, 3): "(D)." right; q3 (simple, 4): "1" wrong -> 2 of 3.
+    annotations = tmp_path / "test.json"
+    annotations.write_text(json.dumps([
+        {"image": "VG_100K/1.jpg", "answer": 2, "data_source": "amt", "question": "How many dogs?",
+         "image_id": 1, "question_id": 1, "issimple": True},
+        {"image": "VG_100K/2.jpg", "answer": 3, "data_source": "amt", "question": "How many red cars?",
+         "image_id": 2, "question_id": 2, "issimple": False},
+        {"image": "VG_100K/3.jpg", "answer": 4, "data_source": "amt", "question": "How many cats?",
+         "image_id": 3, "question_id": 3, "issimple": True},
+    ]))
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": 1, "text": "C"}, {"question_id": 2, "text": "(D)."}, {"question_id": 3, "text": "1"}])
+    report = score_answers("tallyqa", answers, AnnotationFiles(annotations))
+    assert report.overall == 66.7  # printed to one decimal, as the harness does
+    assert report.to_json()["breakdowns"] == {"split": {"complex": 100.0, "simple": 50.0}}
+
+
+def test_errors_name_the_problem(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    annotations = vqav2_annotations(tmp_path)
+    unknown = write_jsonl(tmp_path / "unknown.jsonl", [{"question_id": 999, "text": "net"}])
+    with pytest.raises(SystemExit) as exit_info:
+        script("score")(["vqav2", "--answers", str(unknown), "--annotations", str(annotations)])
+    assert exit_info.value.code == 2 and "999" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="scienceqa needs --split-file"):
+        score_answers("scienceqa", unknown, AnnotationFiles(tmp_path / "problems.json"))
+    (tmp_path / "bad.jsonl").write_text('{"question_id": 1000, "text": "net"}\n{"question_id": 1000, "text": "x"}\n')
+    with pytest.raises(ValueError, match="line 2: question_id 1000 repeated"):
+        read_answers(tmp_path / "bad.jsonl")
+    assert set(BENCHMARKS) == {"vqav2", "textvqa", "vizwiz", "gqa", "pope", "scienceqa", "mme", "mmbench",
+                               "seedbench", "mmmu", "tallyqa", "vsr"}
+
+
+def test_run_with_annotations_writes_scores_and_rejects_a_wrong_file_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A POPE run end to end with the tiny model: questions in LLaVA's layout, labels in POPE's, scored
+    # into results.json equal to eval/score.py on the written answers.
+    tiny_vlm().save_pretrained(tmp_path / "model")
+    _, val = make_shapes_vqa(tmp_path / "data", 0, 4, image_size=32)
+    records = json.loads(val.read_text())
+    labels = tmp_path / "coco_pope_random.json"
+    write_jsonl(labels, [{"question_id": i + 1, "image": r["image"], "text": "Is there a red circle in the image?",
+                          "label": "yes" if i % 2 else "no"} for i, r in enumerate(records)])
+    questions = write_jsonl(tmp_path / "data" / "llava_pope_test.jsonl", [
+        {"question_id": 10_000_000 + i + 1, "image": r["image"],
+         "text": "Is there a red circle in the image?\nAnswer the question using a single word or phrase."}
+        for i, r in enumerate(records)])
+    common = ["--model", str(tmp_path / "model"), "--benchmark", "pope", "--data", str(questions),
+              "--batch-size", "2", "--max-new-tokens", "3"]
+    with pytest.raises(SystemExit) as exit_info:
+        script("run")(common + ["--output-dir", str(tmp_path / "wrong"), "--annotations", str(tmp_path / "nope.json")])
+    assert exit_info.value.code == 2 and "POPE label file or directory not found" in capsys.readouterr().err
+    assert not (tmp_path / "wrong" / "answers.jsonl").exists()
+    results = script("run")(common + ["--output-dir", str(tmp_path / "out"), "--annotations", str(labels)])
+    expected = score_answers("pope", tmp_path / "out" / "answers.jsonl", AnnotationFiles(labels)).to_json()
+    assert results["scores"] == expected and results["scores"]["counts"]["random"] == 4
+    assert results["baseline_prompt"] == "Answer the question using a single word or phrase."
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["scores"] == expected
