@@ -22,6 +22,20 @@ from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles
 from mambavlm.eval.runner import RunSettings, run_benchmark
 
 
+def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The closed set of --mode likelihood: --options, else the benchmark's own; ValueError if neither."""
+    if args.mode == "generate":
+        if args.options:
+            raise ValueError("--options needs --mode likelihood")
+        return None
+    if args.options:
+        return tuple(option.strip() for option in args.options.split(","))
+    spec = BENCHMARKS.get(args.benchmark)
+    if spec is None or not spec.likelihood_options:
+        raise ValueError(f"--mode likelihood needs --options for benchmark {args.benchmark!r}")
+    return spec.likelihood_options
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, type=Path, help="a MambaVLM directory (save_pretrained)")
@@ -36,6 +50,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="the benchmark's published file to score against (as eval/score.py takes it)")
     parser.add_argument("--annotation-questions", type=Path, help="eval/score.py's --questions")
     parser.add_argument("--split-file", type=Path, help="eval/score.py's --split-file (ScienceQA)")
+    parser.add_argument("--mode", choices=("generate", "likelihood"), default="generate",
+                        help="likelihood: pick the option with the highest probability (Prismatic's mode; "
+                             "TallyQA and VSR have their options built in, others take --options)")
+    parser.add_argument("--options", help="comma-separated closed set for --mode likelihood")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for name, path in (("--model", args.model), ("--data", args.data)):
@@ -53,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
             max_new_tokens=args.max_new_tokens,
             annotations=None if args.annotations is None
             else AnnotationFiles(args.annotations, args.annotation_questions, args.split_file),
+            options=_options(args),
         )
         if settings.annotations is not None:
             BENCHMARKS[settings.benchmark].read(settings.annotations)  # a wrong file fails before any answer

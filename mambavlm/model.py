@@ -21,9 +21,9 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from mambavlm.atomic import atomic_directory
 from mambavlm.config import ConfigError, ModelConfig, load_config
 from mambavlm.generation import GenerationSettings, StaticDecoder, build_static_decoder, supports_static_decoding
-from mambavlm.atomic import atomic_directory
 from mambavlm.llm.factory import build_llm
 from mambavlm.llm.templates import ConversationTemplate, get_template
 from mambavlm.llm.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_tokenizer, tokenize_prompt
@@ -218,6 +218,25 @@ class MambaVLM(nn.Module):
         (the evaluation loop does, in a background thread); ``images`` then only says which prompts
         have one. ``generate_kwargs`` go to ``generate_ids`` (``fast=...`` included).
         """
+        input_ids, attention_mask, pixel_values = self._prompt_batch(images, prompts, pixel_values)
+        out = self.generate_ids(
+            input_ids,
+            attention_mask,
+            pixel_values,
+            max_new_tokens=max_new_tokens,
+            do_sample=do_sample,
+            **generate_kwargs,
+        )
+        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def _prompt_batch(
+        self,
+        images: Sequence[Image.Image | None] | None,
+        prompts: Sequence[str],
+        pixel_values: Sequence[Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
+        """Prompts (one per image; None for text-only) -> left-padded input_ids (B, L), attention_mask
+        (B, L) and pixel values on the model's device (``pixel_values`` as ``generate`` takes them)."""
         if self.tokenizer is None:
             raise RuntimeError("this model was built without a tokenizer")
         images = list(images) if images is not None else [None] * len(prompts)
@@ -225,8 +244,7 @@ class MambaVLM(nn.Module):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         ids = [self.build_prompt_ids(p, img is not None) for p, img in zip(prompts, images)]
         width = max(len(x) for x in ids)
-        pad = self.tokenizer.pad_token_id
-        input_ids = torch.full((len(ids), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
         for i, x in enumerate(ids):
             input_ids[i, width - len(x) :] = torch.tensor(x)
@@ -240,15 +258,52 @@ class MambaVLM(nn.Module):
                     f"pixel_values hold {[p.shape[0] for p in pixel_values]} images for {len(present)} images given"
                 )
             pixel_values = [p.to(self.device) for p in pixel_values] if present else None
-        out = self.generate_ids(
-            input_ids.to(self.device),
-            attention_mask.to(self.device),
-            pixel_values,
-            max_new_tokens=max_new_tokens,
-            do_sample=do_sample,
-            **generate_kwargs,
-        )
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return input_ids.to(self.device), attention_mask.to(self.device), pixel_values
+
+    def option_token_ids(self, options: Sequence[str]) -> list[int]:
+        """Each option's one token id (``tokenizer.encode(option, add_special_tokens=False)``).
+
+        Raises ValueError naming an option that is not exactly one token, or options sharing a token.
+        """
+        if self.tokenizer is None:
+            raise RuntimeError("this model was built without a tokenizer")
+        token_ids = []
+        for option in options:
+            encoded = self.tokenizer.encode(option, add_special_tokens=False)
+            if len(encoded) != 1 or encoded[0] == self.tokenizer.unk_token_id:
+                raise ValueError(f"option {option!r} must be one known token of the tokenizer, got ids {encoded}")
+            token_ids.append(encoded[0])
+        if len(set(token_ids)) != len(token_ids):
+            raise ValueError(f"options {list(options)} share tokens: {token_ids}")
+        return token_ids
+
+    @torch.no_grad()
+    def option_logprobs(
+        self,
+        images: Sequence[Image.Image | None] | None,
+        prompts: Sequence[str],
+        options: Sequence[str],
+        pixel_values: Sequence[Tensor] | None = None,
+    ) -> list[dict[str, float]]:
+        """Closed-set answers by likelihood: per prompt, {option: log p(option's token)} at the answer's
+        first position, normalised over the options (log-softmax over them).
+
+        Prismatic's evaluation harness (TRI-ML/vlm-evaluation, ``generate_answer(...,
+        return_string_probabilities=options)``) scores TallyQA, VSR and its other closed-set tasks this
+        way: the softmax over the vocabulary at the first generated position, read at each option's one
+        token, renormalised over the options. Arguments as ``generate``; raises ValueError for an option
+        that is not one token (``option_token_ids``).
+        """
+        token_ids = torch.tensor(self.option_token_ids(options), device=self.device)
+        input_ids, attention_mask, pixel_values = self._prompt_batch(images, prompts, pixel_values)
+        inputs_embeds = self.embed(input_ids, pixel_values)
+        if supports_static_decoding(self.llm):
+            logits = self.static_decoder().prefill(inputs_embeds, attention_mask)
+        else:
+            logits = self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=1).logits[:, -1]
+        chosen = torch.log_softmax(logits.float(), dim=-1)[:, token_ids]
+        chosen = torch.log_softmax(chosen, dim=-1).cpu()
+        return [dict(zip(options, row.tolist())) for row in chosen]
 
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.yaml, the LLM (HF format), the tokenizer and vision+projector safetensors.

@@ -195,6 +195,27 @@ def test_generate_takes_images_preprocessed_ahead(monkeypatch: pytest.MonkeyPatc
 
 
 @pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
+def test_option_logprobs_are_the_first_answer_tokens_probabilities(overrides: list[str]) -> None:
+    # Independent: each prompt alone through forward(); log-softmax over the vocabulary at the last
+    # position, read at each option's token, then renormalised over the options (Prismatic's rule).
+    model = tiny_vlm(*overrides, seed=3)
+    imgs = [image((230, 30, 30)), None, image((30, 60, 230))]
+    prompts = ["what color is the square ?", "is the sky blue ?", "what shape is the blue object ?"]
+    options = ["red", "blue", "yes", "True"]
+    got = model.option_logprobs(imgs, prompts, options)
+    token_ids = [model.tokenizer.convert_tokens_to_ids(o) for o in options]
+    for row, img, prompt in zip(got, imgs, prompts):
+        ids = torch.tensor([model.build_prompt_ids(prompt, img is not None)])
+        pixels = model.preprocess_images([img]) if img is not None else None
+        logits = model(input_ids=ids, pixel_values=pixels).logits[0, -1]
+        expected = torch.log_softmax(torch.log_softmax(logits.float(), -1)[token_ids], -1)
+        assert list(row) == options
+        torch.testing.assert_close(torch.tensor(list(row.values())), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="option 'zebra-crossing' must be one known token"):
+        model.option_logprobs(imgs, prompts, ["red", "zebra-crossing"])
+
+
+@pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
 def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, overrides: list[str]) -> None:
     model = tiny_vlm(*overrides)
     with torch.no_grad():

@@ -19,11 +19,14 @@ from typing import Any
 from mambavlm.eval.scorers.closed_set import (
     TALLYQA_LETTERS,
     TALLYQA_PROMPT,
+    VSR_OPTIONS,
     VSR_PROMPT,
     read_tallyqa,
     read_vsr,
     score_tallyqa,
+    score_tallyqa_likelihood,
     score_vsr,
+    score_vsr_likelihood,
 )
 from mambavlm.eval.scorers.gqa import GQA_PROMPT, read_gqa_questions, score_gqa
 from mambavlm.eval.scorers.mme import MME_PROMPT, read_mme, score_mme
@@ -68,13 +71,17 @@ class AnnotationFiles:
 class Benchmark:
     """name: the CLI name. prompt: the suffix the papers' baselines appended to each question.
     annotations: what ``--annotations`` (and ``--questions`` / ``--split-file``) take, as published.
-    read: files -> question id -> item. score: (question id -> answer, items) -> ScoreReport."""
+    read: files -> question id -> item. score: (question id -> answer, items) -> ScoreReport.
+    likelihood_options / score_likelihood: the closed set answered by likelihood (Prismatic's mode:
+    ``MambaVLM.option_logprobs``) and its scorer, for the benchmarks that have one."""
 
     name: str
     prompt: str
     annotations: str
     read: Callable[[AnnotationFiles], Mapping[str, Any]]
     score: Callable[[Mapping[str, str], Mapping[str, Any]], ScoreReport]
+    likelihood_options: tuple[str, ...] = ()
+    score_likelihood: Callable[[Mapping[str, Mapping[str, float]], Mapping[str, Any]], ScoreReport] | None = None
 
 
 def _required(files: AnnotationFiles, attribute: str, benchmark: str, what: str) -> Path:
@@ -135,8 +142,10 @@ BENCHMARKS: dict[str, Benchmark] = {
             lambda f: read_mmmu(f.annotations, _required(f, "questions", "mmmu", "the MMMU/MMMU dataset folder")),
             score_mmmu,
         ),
-        Benchmark("tallyqa", TALLYQA_PROMPT, "TallyQA test.json", lambda f: read_tallyqa(f.annotations), _score_tallyqa_generated),
-        Benchmark("vsr", VSR_PROMPT, "VSR test.jsonl (ids: the line's position)", lambda f: read_vsr(f.annotations), score_vsr),
+        Benchmark("tallyqa", TALLYQA_PROMPT, "TallyQA test.json", lambda f: read_tallyqa(f.annotations),
+                  _score_tallyqa_generated, TALLYQA_LETTERS, score_tallyqa_likelihood),
+        Benchmark("vsr", VSR_PROMPT, "VSR test.jsonl (ids: the line's position)", lambda f: read_vsr(f.annotations),
+                  score_vsr, VSR_OPTIONS, score_vsr_likelihood),
     )
 }
 
@@ -191,14 +200,22 @@ def _textvqa_predictions(rows: list[dict[str, Any]], items: Mapping[str, Any], f
 def score_answers(benchmark: str, answers: Path, files: AnnotationFiles) -> ScoreReport:
     """Score an answers JSONL against the benchmark's published files, as its reference scorer does.
 
-    Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
+    Rows that carry ``option_logprobs`` (a likelihood-mode run) are scored by the benchmark's likelihood
+    scorer (ValueError for a benchmark without one, or a file mixing both kinds of rows). Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
     FileNotFoundError for a missing file (the readers' and scorers' errors, which name the record).
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     spec = BENCHMARKS[benchmark]
-    items = spec.read(files)
     rows = read_answers(answers)
+    by_likelihood = ["option_logprobs" in row for row in rows]
+    if any(by_likelihood):
+        if not all(by_likelihood):
+            raise ValueError(f"{answers}: some rows have option_logprobs and some do not")
+        if spec.score_likelihood is None:
+            raise ValueError(f"{benchmark} has no likelihood scorer; answer it by generation")
+        return spec.score_likelihood({row["question_id"]: row["option_logprobs"] for row in rows}, spec.read(files))
+    items = spec.read(files)
     if benchmark == "textvqa":
         predictions = _textvqa_predictions(rows, items, files)
     else:

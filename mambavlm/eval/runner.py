@@ -27,6 +27,7 @@ from accelerate import Accelerator
 from mambavlm.atomic import atomic_file
 from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles, score_answers
 from mambavlm.eval.questions import EvalQuestion, read_questions
+from mambavlm.eval.scorers.closed_set import argmax_option
 from mambavlm.eval.scorers.report import format_report
 from mambavlm.model import MambaVLM
 from mambavlm.training.evaluation import iter_answers
@@ -47,7 +48,9 @@ class RunSettings:
     directory). output_dir: where answers and results go. batch_size: prompts per generate call;
     limit: answer only the first N questions; max_new_tokens: greedy decoding length. annotations:
     the benchmark's published files (``mambavlm.eval.benchmarks``): read before any question is
-    answered (a wrong file fails at once) and the answers scored into results.json."""
+    answered (a wrong file fails at once) and the answers scored into results.json. options: answer
+    by likelihood over this closed set (``MambaVLM.option_logprobs``, Prismatic's mode) instead of
+    generating; each answer row then also holds ``option_logprobs`` and ``text`` is the argmax."""
 
     model: Path
     benchmark: str
@@ -58,6 +61,7 @@ class RunSettings:
     limit: int | None = None
     max_new_tokens: int = 16
     annotations: AnnotationFiles | None = None
+    options: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -139,10 +143,14 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     items = [(q.question_id, q.image, q.text) for q in mine]
     with answers_path.open("a") as answers_file, skipped_path.open("a") as skipped_file:
         for answers, skipped in iter_answers(
-            model, items, settings.batch_size, settings.max_new_tokens, show_progress=acc.is_local_main_process
+            model, items, settings.batch_size, settings.max_new_tokens, show_progress=acc.is_local_main_process,
+            options=settings.options,
         ):
-            for question_id, text in answers:
-                row = {"question_id": question_id, "prompt": prompts[question_id], "text": text, "model_id": model_id}
+            for question_id, answer in answers:
+                row = {"question_id": question_id, "prompt": prompts[question_id], "text": answer, "model_id": model_id}
+                if settings.options is not None:
+                    row["text"] = argmax_option(answer)
+                    row["option_logprobs"] = answer
                 answers_file.write(json.dumps(row) + "\n")
             for question_id, reason in skipped:
                 skipped_file.write(json.dumps({"question_id": question_id, "reason": reason}) + "\n")
@@ -183,7 +191,12 @@ def _finish(
         "num_skipped": len(skipped_rows),
         "skipped_by_reason": dict(Counter(row["reason"].split(":")[0] for row in skipped_rows)),
         "num_missing": len(missing),
-        "decoding": {"do_sample": False, "max_new_tokens": settings.max_new_tokens, "batch_size": settings.batch_size},
+        "decoding": (
+            {"mode": "likelihood", "options": list(settings.options), "batch_size": settings.batch_size}
+            if settings.options is not None
+            else {"mode": "generate", "do_sample": False, "max_new_tokens": settings.max_new_tokens,
+                  "batch_size": settings.batch_size}
+        ),
         "prompt_example": next((answered[qid]["prompt"] for qid in order if qid in answered), None),
         "baseline_prompt": BENCHMARKS[settings.benchmark].prompt if settings.benchmark in BENCHMARKS else None,
         "commit": _git_commit(),

@@ -144,7 +144,8 @@ def iter_answers(
     blind: bool = False,
     show_progress: bool = True,
     fast: bool | None = None,
-) -> Iterator[tuple[list[tuple[str, str]], list[tuple[str, str]]]]:
+    options: Sequence[str] | None = None,
+) -> Iterator[tuple[list[tuple[str, Any]], list[tuple[str, str]]]]:
     """Greedy answers of a MambaVLM to (id, image path or None, prompt) items, one batch at a time.
 
     Yields ``(answers, skipped)`` per batch: ``(id, answer)`` for each item answered, ``(id, reason)``
@@ -152,8 +153,9 @@ def iter_answers(
     not match the image, a prompt too long for the model with ``max_new_tokens``). While one batch
     generates, a background thread opens and preprocesses the next batch's images (decoding and
     resizing release the GIL), so on a GPU the CPU work hides behind the model's. ``fast``: as in
-    ``MambaVLM.generate_ids`` (None: the static decoder where it applies). Raises ValueError for a
-    batch size below 1.
+    ``MambaVLM.generate_ids`` (None: the static decoder where it applies). ``options``: answer by
+    likelihood instead (``MambaVLM.option_logprobs``): each answer is then {option: log-probability}.
+    Raises ValueError for a batch size below 1.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -185,10 +187,13 @@ def iter_answers(
                 if kept_rows:
                     index_tensor = torch.tensor(kept_rows)
                     kept_pixels = [p.index_select(0, index_tensor) for p in pixels]
-                answers = model.generate(
-                    kept_images, prompts, max_new_tokens=max_new_tokens, do_sample=False,
-                    pixel_values=kept_pixels, fast=fast,
-                )
+                if options is None:
+                    answers = model.generate(
+                        kept_images, prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                        pixel_values=kept_pixels, fast=fast,
+                    )
+                else:
+                    answers = model.option_logprobs(kept_images, prompts, options, pixel_values=kept_pixels)
             yield list(zip(ids, answers)), skipped
 
 

@@ -146,3 +146,55 @@ def test_run_with_annotations_writes_scores_and_rejects_a_wrong_file_first(
     assert results["scores"] == expected and results["scores"]["counts"]["random"] == 4
     assert results["baseline_prompt"] == "Answer the question using a single word or phrase."
     assert json.loads((tmp_path / "out" / "results.json").read_text())["scores"] == expected
+
+
+def test_likelihood_rows_are_scored_by_the_likelihood_scorer(tmp_path: Path) -> None:
+    # VSR by likelihood (Prismatic's VSRScorer): argmax of {"True", "False"}. Labels: 0 true, 1 false,
+    # 2 true; argmaxes True, True, False -> 1 of 3 right = 33.3; always-true baseline 2 of 3 = 66.7.
+    annotations = tmp_path / "test.jsonl"
+    write_jsonl(annotations, [
+        {"image": f"{i}.jpg", "image_link": "", "caption": "The cat is on the mat.", "label": label, "relation": "on"}
+        for i, label in enumerate([1, 0, 1])])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": "0", "text": "True", "option_logprobs": {"True": -0.1, "False": -2.4}},
+        {"question_id": "1", "text": "True", "option_logprobs": {"True": -0.5, "False": -0.9}},
+        {"question_id": "2", "text": "False", "option_logprobs": {"True": -1.2, "False": -0.4}},
+    ])
+    report = score_answers("vsr", answers, AnnotationFiles(annotations))
+    assert (report.overall, report.breakdowns["baseline"]["always_true"]) == (33.3, 66.7)
+    with pytest.raises(ValueError, match="gqa has no likelihood scorer"):
+        score_answers("gqa", answers, AnnotationFiles(annotations))
+
+
+def test_run_in_likelihood_mode_answers_with_the_options_logprobs(tmp_path: Path) -> None:
+    # TallyQA questions built from the published layout, answered by likelihood over the letters A..P
+    # with the tiny model, scored by Prismatic's rule; each row equals option_logprobs of its question.
+    model = tiny_vlm(seed=4)
+    model.save_pretrained(tmp_path / "model")
+    _, val = make_shapes_vqa(tmp_path / "data", 0, 3, image_size=32)
+    records = json.loads(val.read_text())
+    annotations = tmp_path / "data" / "test.json"
+    annotations.write_text(json.dumps([
+        {"image": r["image"], "answer": i, "data_source": "amt", "question": "How many objects are there?",
+         "image_id": i, "question_id": 100 + i, "issimple": i != 1}
+        for i, r in enumerate(records)]))
+    from mambavlm.eval.scorers.closed_set import build_tallyqa_questions
+
+    questions = build_tallyqa_questions(annotations, tmp_path / "data" / "tallyqa.jsonl")
+    out = tmp_path / "out"
+    results = script("run")(["--model", str(tmp_path / "model"), "--benchmark", "tallyqa", "--data", str(questions),
+                             "--output-dir", str(out), "--batch-size", "2", "--mode", "likelihood",
+                             "--annotations", str(annotations)])
+    rows = read_answers(out / "answers.jsonl")
+    assert [r["question_id"] for r in rows] == ["100", "101", "102"]
+    lines = [json.loads(line) for line in questions.read_text().splitlines()]
+    from PIL import Image
+
+    for row, line in zip(rows, lines):
+        expected = model.option_logprobs([Image.open(questions.parent / line["image"])], [line["text"]],
+                                         list(BENCHMARKS["tallyqa"].likelihood_options))[0]
+        assert list(row["option_logprobs"]) == list(expected)
+        assert row["option_logprobs"] == pytest.approx(expected, abs=1e-5)
+        assert row["text"] == max(expected, key=expected.get)
+    assert results["decoding"]["mode"] == "likelihood" and results["scores"]["counts"]["items"] == 3
+    assert results["scores"] == score_answers("tallyqa", out / "answers.jsonl", AnnotationFiles(annotations)).to_json()
