@@ -305,6 +305,37 @@ class MambaVLM(nn.Module):
         chosen = torch.log_softmax(chosen, dim=-1).cpu()
         return [dict(zip(options, row.tolist())) for row in chosen]
 
+    @torch.no_grad()
+    def continuation_logprobs(
+        self,
+        images: Sequence[Image.Image | None] | None,
+        prompts: Sequence[str],
+        continuations: Sequence[str],
+    ) -> list[tuple[float, bool]]:
+        """Per prompt: (log p(continuation | prompt), whether greedy decoding would produce it).
+
+        The continuation is tokenised on its own (``add_special_tokens=False``) and appended to the
+        template's generation prompt, as LLaVA's lmms-eval model appends the answer to the assistant
+        turn; the log-probability is the sum over its tokens in float32. One forward per prompt (B = 1,
+        no padding). Raises ValueError for an empty continuation or lengths that do not match.
+        """
+        images = list(images) if images is not None else [None] * len(prompts)
+        if not len(images) == len(prompts) == len(continuations):
+            raise ValueError(f"{len(images)} images, {len(prompts)} prompts, {len(continuations)} continuations")
+        results = []
+        for image, prompt, continuation in zip(images, prompts, continuations):
+            target = self.tokenizer.encode(continuation, add_special_tokens=False)
+            if not target:
+                raise ValueError(f"continuation {continuation!r} has no tokens")
+            context = self.build_prompt_ids(prompt, image is not None)
+            ids = torch.tensor([context + target], device=self.device)
+            pixels = None if image is None else [p.to(self.device) for p in self.preprocess_images([image])]
+            logits = self(input_ids=ids, pixel_values=pixels).logits[0, len(context) - 1 : -1].float()
+            target_ids = torch.tensor(target, device=self.device)
+            logprob = torch.log_softmax(logits, dim=-1).gather(-1, target_ids[:, None]).sum()
+            results.append((float(logprob), bool((logits.argmax(-1) == target_ids).all())))
+        return results
+
     def save_pretrained(self, path: str | Path) -> Path:
         """Write config.yaml, the LLM (HF format), the tokenizer and vision+projector safetensors.
 
