@@ -198,3 +198,52 @@ def test_run_in_likelihood_mode_answers_with_the_options_logprobs(tmp_path: Path
         assert row["text"] == max(expected, key=expected.get)
     assert results["decoding"]["mode"] == "likelihood" and results["scores"]["counts"]["items"] == 3
     assert results["scores"] == score_answers("tallyqa", out / "answers.jsonl", AnnotationFiles(annotations)).to_json()
+
+
+def test_scienceqa_questions_from_llavas_file_then_scored_against_problems_json(tmp_path: Path) -> None:
+    # LLaVA's llava_test_CQM-A.json -> our question JSONL (model_vqa_science.py's prompt), then answers
+    # scored against problems.json + pid_splits.json. Image problems 5 (answer B) and 7 (answer A); 6 has
+    # no image. Answers: 5 "B" right, 7 "The answer is C." wrong, 6 "A" (not an image problem, not
+    # counted) -> IMG accuracy 1 of 2 = 50.0.
+    from mambavlm.eval.questions import read_questions
+    from mambavlm.eval.scorers.scienceqa import SCIENCEQA_PROMPT, build_scienceqa_questions
+
+    llava = tmp_path / "llava_test_CQM-A.json"
+    llava.write_text(json.dumps([
+        {"id": "5", "image": "5/image.png", "conversations": [
+            {"from": "human", "value": "<image>\nContext: A bar magnet.\nWhich pole is north?\nA. left\nB. right"},
+            {"from": "gpt", "value": "B"}]},
+        {"id": "6", "conversations": [{"from": "human", "value": "Which word is a noun?\nA. run\nB. dog"},
+                                      {"from": "gpt", "value": "B"}]},
+        {"id": "7", "image": "7/image.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat is shown?\nA. a cell\nB. a rock\nC. a leaf"}]},
+    ]))
+    questions_path = build_scienceqa_questions(llava, tmp_path / "sqa.jsonl")
+    questions, problems = read_questions(questions_path, image_root=tmp_path)
+    assert problems == []
+    assert [(q.question_id, q.image, q.text) for q in questions] == [
+        ("5", tmp_path / "5/image.png",
+         f"Context: A bar magnet.\nWhich pole is north?\nA. left\nB. right\n{SCIENCEQA_PROMPT}"),
+        ("6", None, f"Which word is a noun?\nA. run\nB. dog\n{SCIENCEQA_PROMPT}"),
+        ("7", tmp_path / "7/image.png", f"What is shown?\nA. a cell\nB. a rock\nC. a leaf\n{SCIENCEQA_PROMPT}"),
+    ]
+
+    def problem(choices: list[str], answer: int, image: str | None, subject: str) -> dict[str, Any]:
+        return {"question": "q", "choices": choices, "answer": answer, "hint": "", "image": image,
+                "task": "closed choice", "grade": "grade4", "subject": subject, "topic": "t", "category": "c",
+                "skill": "s", "lecture": "", "solution": "", "split": "test"}
+
+    (tmp_path / "problems.json").write_text(json.dumps({
+        "5": problem(["left", "right"], 1, "image.png", "natural science"),
+        "6": problem(["run", "dog"], 1, None, "language science"),
+        "7": problem(["a cell", "a rock", "a leaf"], 0, "image.png", "natural science"),
+    }))
+    (tmp_path / "pid_splits.json").write_text(json.dumps({"test": ["5", "6", "7"], "train": []}))
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": "5", "text": "B"}, {"question_id": "6", "text": "A"},
+        {"question_id": "7", "text": "The answer is C."}])
+    files = AnnotationFiles(tmp_path / "problems.json", split_file=tmp_path / "pid_splits.json")
+    assert score_answers("scienceqa", answers, files).overall == 50.0
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": "9", "conversations": [{"from": "gpt", "value": "x"}]}]))
+    with pytest.raises(ValueError, match=r"record 0 \(id 9\): the first turn must be the human's"):
+        build_scienceqa_questions(tmp_path / "bad.json", tmp_path / "bad.jsonl")

@@ -19,11 +19,13 @@ without a prediction are left out and counted under ``counts["missing"]``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from mambavlm.atomic import atomic_file
 from mambavlm.eval.scorers.files import field as _field
 from mambavlm.eval.scorers.files import load_json as _load_json
 from mambavlm.eval.scorers.report import ScoreReport
@@ -32,6 +34,7 @@ __all__ = [
     "SCIENCEQA_PROMPT",
     "SQA_OPTIONS",
     "SQAProblem",
+    "build_scienceqa_questions",
     "read_scienceqa_problems",
     "score_scienceqa",
     "sqa_letter",
@@ -216,3 +219,38 @@ def read_scienceqa_problems(annotations: Path, split_file: Path, split: str = "t
             raise ValueError(f"{split_path}: pid {pid} of split {split!r} is not in {problems_path}")
         selected[pid] = _problem(problems[pid], f"{problems_path}: problem {pid}")
     return selected
+
+
+def build_scienceqa_questions(llava_questions: Path, out: Path, prompt: str = SCIENCEQA_PROMPT) -> Path:
+    """LLaVA's ScienceQA test file (``llava_test_CQM-A.json``: a JSON list of ``{"id", "image"?,
+    "conversations": [{"from": "human", "value"}, ...]}``) -> ``out``, a question JSONL for ``eval/run.py``.
+
+    Each line is ``{"question_id": id, "image"?: image, "text": prompt}`` with the prompt LLaVA-1.5's
+    ``model_vqa_science.py --single-pred-prompt`` builds: the first human turn without ``<image>``,
+    stripped, then "\\n" and ``prompt`` (``<image>\\n`` goes in front when the question is answered with its
+    image, as ``eval/run.py`` does for every question with one). Written atomically. Raises
+    FileNotFoundError for a missing file, ValueError naming the record (its position and id) that is not
+    an object with an ``id`` and a first human turn.
+    """
+    records = _load_json(Path(llava_questions), "LLaVA ScienceQA question file")
+    if not isinstance(records, list):
+        raise ValueError(f"{llava_questions}: expected a JSON list of questions, got {type(records).__name__}")
+    lines = []
+    for position, record in enumerate(records):
+        where = f"{llava_questions}: record {position}"
+        question_id = _field(record, "id", str, where)
+        turns = _field(record, "conversations", list, f"{where} (id {question_id})")
+        first = turns[0] if turns else None
+        value = _field(first, "value", str, f"{where} (id {question_id}) turn 0")
+        if first.get("from") != "human":
+            raise ValueError(f"{where} (id {question_id}): the first turn must be the human's")
+        line = {"question_id": question_id, "text": f"{value.replace('<image>', '').strip()}\n{prompt}"}
+        if record.get("image"):
+            line["image"] = _field(record, "image", str, f"{where} (id {question_id})")
+        lines.append(line)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    return out
