@@ -120,6 +120,13 @@ class DistillConfig(StrictModel):
     trackers: list[Tracker] = Field(
         default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
     )
+    cpu_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads per process when training on the CPU; None = the cores this process may "
+        "use divided by the processes (accelerate launch otherwise gives each CPU process 1 thread unless "
+        "started with --cpu)",
+    )
     eval_batch_size: int = Field(32, gt=0, description="prompts per batch on the val split")
     eval_max_new_tokens: int = Field(16, gt=0)
 

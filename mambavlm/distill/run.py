@@ -166,6 +166,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         keep_last=config.keep_last,
         resume_from=config.resume_from,
         num_workers=config.data.num_workers,
+        cpu_threads=config.cpu_threads,
     )
     acc = trainer.accelerator
     train_json, val_json, image_root = prepare_data(config.data, output_dir, acc)

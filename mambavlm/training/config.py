@@ -131,6 +131,13 @@ class TrainConfig(StrictModel):
     trackers: list[Tracker] = Field(
         default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
     )
+    cpu_threads: int | None = Field(
+        None,
+        gt=0,
+        description="torch threads per process when training on the CPU; None = the cores this process may "
+        "use divided by the processes (accelerate launch otherwise gives each CPU process 1 thread unless "
+        "started with --cpu)",
+    )
 
     @model_validator(mode="after")
     def _data_fits_the_model(self) -> TrainConfig:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -180,12 +181,24 @@ def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, n
     return global_batch_size // per_pass
 
 
+def cpu_thread_count(requested: int | None, num_processes: int) -> int:
+    """Torch threads per CPU training process: ``requested``, else the cores this process may run on
+    (its CPU affinity) divided by the processes, at least 1. ``accelerate launch`` sets
+    OMP_NUM_THREADS=1 for every CPU process unless started with ``--cpu``, which on a 2-core machine
+    trains the offline default 1.6x slower than 2 threads (measured: 201 vs 125 ms per step)."""
+    if requested is not None:
+        return requested
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, num_processes))
+
+
 class Trainer:
     """Runs phases in order over one dataset, with checkpoints, resume, skips and logs (see module doc).
 
     output_dir: checkpoints and tracker logs. resume_from: a checkpoint directory, ``"latest"`` (the
     newest in output_dir; a fresh start when there is none) or None. save_every: optimiser steps
     between checkpoints (None: only at the end of each phase). keep_last: checkpoints kept.
+    cpu_threads: torch threads per process on the CPU (``cpu_thread_count``); ignored on accelerators.
     """
 
     def __init__(
@@ -200,6 +213,7 @@ class Trainer:
         keep_last: int = 2,
         resume_from: str | None = None,
         num_workers: int = 0,
+        cpu_threads: int | None = None,
     ) -> None:
         self.output_dir = Path(output_dir)
         self.seed = seed
@@ -219,6 +233,11 @@ class Trainer:
             # a micro-batch of text-only samples leaves the projector unused
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        if self.accelerator.device.type == "cpu":
+            threads = cpu_thread_count(cpu_threads, self.accelerator.num_processes)
+            if threads != torch.get_num_threads():
+                logger.info("training on the CPU with %d threads per process", threads)
+                torch.set_num_threads(threads)
         self._trackers = list(trackers)
         self._tracker_config = tracker_config or {}
         self._prepared: nn.Module | None = None

@@ -60,6 +60,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         keep_last=cfg.train.keep_last,
         resume_from=cfg.train.resume_from,
         num_workers=cfg.data.num_workers,
+        cpu_threads=cfg.cpu_threads,
     )
     acc = trainer.accelerator
     train_json, val_json, image_root = prepare_data(cfg.data, output_dir, acc)

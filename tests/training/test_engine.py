@@ -101,3 +101,24 @@ def test_two_processes_give_the_one_process_losses_and_weights(tmp_path: Path) -
     assert two["step_losses"][0] == pytest.approx(one["step_losses"][0], rel=1e-6)
     assert two["step_losses"] == pytest.approx(one["step_losses"], rel=1e-5)
     assert_same_weights(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"))
+
+
+def test_cpu_threads_default_to_the_cores_each_process_may_use(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # accelerate launch leaves each CPU process OMP_NUM_THREADS=1 unless started with --cpu; the trainer
+    # gives it the cores its affinity allows, shared among the processes, unless cpu_threads says otherwise.
+    from mambavlm.training.engine import Trainer, cpu_thread_count
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3, 4})
+    assert [cpu_thread_count(None, n) for n in (1, 2, 3, 8)] == [5, 2, 1, 1]
+    assert cpu_thread_count(3, 2) == 3
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        Trainer(tmp_path / "a", cpu_threads=None)
+        assert torch.get_num_threads() == 5
+        Trainer(tmp_path / "b", cpu_threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="cpu_threads"):
+        load_train_config(TINY_TRAIN, ["output_dir=x", "cpu_threads=0"])
