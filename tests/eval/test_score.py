@@ -247,3 +247,23 @@ def test_scienceqa_questions_from_llavas_file_then_scored_against_problems_json(
     (tmp_path / "bad.json").write_text(json.dumps([{"id": "9", "conversations": [{"from": "gpt", "value": "x"}]}]))
     with pytest.raises(ValueError, match=r"record 0 \(id 9\): the first turn must be the human's"):
         build_scienceqa_questions(tmp_path / "bad.json", tmp_path / "bad.jsonl")
+
+
+def test_submission_files_for_the_test_servers(tmp_path: Path) -> None:
+    # LLaVA's convert_vqav2_for_submission.py: every test2015 question, "" where test-dev has no answer,
+    # answers through the EvalAI processor ("Two dogs." -> "2 dogs"); VizWiz: image + answer, all required.
+    questions = write_jsonl(tmp_path / "test2015.jsonl", [
+        {"question_id": 7, "image": "a.jpg", "text": "How many?"}, {"question_id": 8, "image": "b.jpg", "text": "?"}])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 7, "text": "Two dogs."}])
+    out = script("submission")(["vqav2", "--answers", str(answers), "--questions", str(questions),
+                                "--out", str(tmp_path / "up.json")])
+    assert json.loads(out.read_text()) == [{"question_id": 7, "answer": "2 dogs"}, {"question_id": 8, "answer": ""}]
+    with pytest.raises(SystemExit):
+        script("submission")(["vizwiz", "--answers", str(answers), "--questions", str(questions),
+                              "--out", str(tmp_path / "vw.json")])
+    full = write_jsonl(tmp_path / "full.jsonl", [{"question_id": 7, "text": "Unanswerable"},
+                                                 {"question_id": 8, "text": "It's red, I think."}])
+    out = script("submission")(["vizwiz", "--answers", str(full), "--questions", str(questions),
+                                "--out", str(tmp_path / "vw.json")])
+    assert json.loads(out.read_text()) == [{"image": "a.jpg", "answer": "unanswerable"},
+                                           {"image": "b.jpg", "answer": "it 's red i think"}]  # mmf's word_tokenize splits "'s"

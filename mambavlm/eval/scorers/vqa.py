@@ -62,6 +62,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mambavlm.eval.scorers.files import field as _field
 from mambavlm.eval.scorers.files import load_json as _load_json
@@ -78,6 +79,7 @@ __all__ = [
     "read_textvqa_llava_index",
     "read_vqa_annotations",
     "score_vqa",
+    "vqa_submission",
     "vqa_accuracy",
 ]
 
@@ -490,3 +492,31 @@ def read_textvqa_llava_index(annotations: Path) -> dict[tuple[str, str], str]:
         key = (_field(record, "image_id", str, where), _field(record, "question", str, where).lower())
         index[key] = question_id
     return index
+
+
+def vqa_submission(
+    benchmark: str, predictions: Mapping[str, str], questions: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """The file the benchmark's evaluation server takes, as LLaVA-1.5's submission scripts write it.
+
+    ``questions``: the lines of the question file the run answered, in order (LLaVA's
+    ``llava_vqav2_mscoco_test2015.jsonl`` / VizWiz ``llava_test.jsonl``); ``predictions``: question id ->
+    raw answer. Every answer goes through ``evalai_process_answer`` first.
+    vqav2 (``scripts/convert_vqav2_for_submission.py``): ``[{"question_id": int, "answer"}]`` over every
+    question of the file, "" where the run has no answer (test-dev runs cover part of test2015).
+    vizwiz (``scripts/convert_vizwiz_for_submission.py``): ``[{"image", "answer"}]``; every question must
+    have an answer (ValueError naming the first missing one, as the script's assert stops there).
+    """
+    if benchmark not in ("vqav2", "vizwiz"):
+        raise ValueError(f"submission files are written for vqav2 and vizwiz, not {benchmark!r}")
+    rows = []
+    for line in questions:
+        question_id = str(line["question_id"])
+        if benchmark == "vqav2":
+            answer = evalai_process_answer(predictions[question_id]) if question_id in predictions else ""
+            rows.append({"question_id": int(line["question_id"]), "answer": answer})
+        else:
+            if question_id not in predictions:
+                raise ValueError(f"VizWiz question {question_id} has no answer; the server needs all of them")
+            rows.append({"image": line["image"], "answer": evalai_process_answer(predictions[question_id])})
+    return rows

@@ -1,0 +1,44 @@
+"""Write the file VQAv2's or VizWiz's evaluation server takes, as LLaVA-1.5's submission scripts do.
+
+    python eval/submission.py vqav2 --answers answers.jsonl --questions llava_vqav2_mscoco_test2015.jsonl --out vqav2.json
+    python eval/submission.py vizwiz --answers answers.jsonl --questions llava_test.jsonl --out vizwiz.json
+
+The test splits' answers are not published, so these two benchmarks are scored by uploading this file
+(EvalAI); every answer is normalised by the EvalAI answer processor first, as LLaVA does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from mambavlm.atomic import atomic_file
+from mambavlm.eval.benchmarks import read_answers
+from mambavlm.eval.scorers.vqa import vqa_submission
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("benchmark", choices=("vqav2", "vizwiz"))
+    parser.add_argument("--answers", required=True, type=Path, help="answers JSONL (question_id, text)")
+    parser.add_argument("--questions", required=True, type=Path, help="the question JSONL of the test split")
+    parser.add_argument("--out", required=True, type=Path, help="the JSON file to upload")
+    args = parser.parse_args(argv)
+    try:
+        predictions = {row["question_id"]: row["text"] for row in read_answers(args.answers)}
+        if not args.questions.is_file():
+            raise FileNotFoundError(f"question file not found: {args.questions}")
+        lines = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
+        rows = vqa_submission(args.benchmark, predictions, lines)
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
+    with atomic_file(args.out) as f:
+        json.dump(rows, f)
+    print(f"wrote {len(rows)} answers to {args.out}")
+    return args.out
+
+
+if __name__ == "__main__":
+    main()
