@@ -29,7 +29,7 @@ from mambavlm.distill.layouts import HybridLayout
 from mambavlm.distill.seeding import SHAPE_FIELDS
 from mambavlm.distill.stages import LossWeights, StageName
 from mambavlm.llm.mamba2 import Mamba2MixerConfig
-from mambavlm.training.config import DataConfig, Tracker
+from mambavlm.training.config import CpuThreads, DataConfig, Tracker
 
 __all__ = ["DistillConfig", "DistillStageConfig", "load_distill_config"]
 
@@ -120,13 +120,7 @@ class DistillConfig(StrictModel):
     trackers: list[Tracker] = Field(
         default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
     )
-    cpu_threads: int | None = Field(
-        None,
-        gt=0,
-        description="torch threads per process when training on the CPU; None = the cores this process may "
-        "use divided by the processes (accelerate launch otherwise gives each CPU process 1 thread unless "
-        "started with --cpu)",
-    )
+    cpu_threads: CpuThreads = None
     eval_batch_size: int = Field(32, gt=0, description="prompts per batch on the val split")
     eval_max_new_tokens: int = Field(16, gt=0)
 

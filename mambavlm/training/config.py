@@ -16,7 +16,7 @@ working directory.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -51,6 +51,18 @@ class SyntheticDataConfig(StrictModel):
     num_val: int = Field(ge=0)
     image_size: int = Field(32, gt=0)
     seed: int = 0
+
+
+CpuThreads = Annotated[
+    int | None,
+    Field(
+        gt=0,
+        description="torch threads per process when training on the CPU; None = the cores this process may "
+        "use divided by the processes (accelerate launch otherwise gives each CPU process 1 thread unless "
+        "started with --cpu)",
+    ),
+]
+"""The ``cpu_threads`` setting of every training run (fine-tuning and distillation)."""
 
 
 class DataConfig(StrictModel):
@@ -131,13 +143,7 @@ class TrainConfig(StrictModel):
     trackers: list[Tracker] = Field(
         default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
     )
-    cpu_threads: int | None = Field(
-        None,
-        gt=0,
-        description="torch threads per process when training on the CPU; None = the cores this process may "
-        "use divided by the processes (accelerate launch otherwise gives each CPU process 1 thread unless "
-        "started with --cpu)",
-    )
+    cpu_threads: CpuThreads = None
 
     @model_validator(mode="after")
     def _data_fits_the_model(self) -> TrainConfig:
