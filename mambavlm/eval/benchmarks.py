@@ -32,6 +32,7 @@ from mambavlm.eval.scorers.gqa import GQA_PROMPT, read_gqa_questions, score_gqa
 from mambavlm.eval.scorers.mme import MME_PROMPT, read_mme, score_mme
 from mambavlm.eval.scorers.multiple_choice import (
     MMBENCH_PROMPT,
+    MMMU_PROMPT,
     SEED_PROMPT,
     read_mmbench,
     read_mmmu,
@@ -138,7 +139,7 @@ BENCHMARKS: dict[str, Benchmark] = {
         Benchmark("mmbench", MMBENCH_PROMPT, "mmbench_dev_20230712.tsv", lambda f: read_mmbench(f.annotations), score_mmbench),
         Benchmark("seedbench", SEED_PROMPT, "SEED-Bench.json", lambda f: read_seedbench(f.annotations), score_seedbench),
         Benchmark(
-            "mmmu", "", "answer_dict_val.json --questions MMMU_DATASET_FOLDER (the Hugging Face MMMU/MMMU copy)",
+            "mmmu", MMMU_PROMPT, "answer_dict_val.json --questions MMMU_DATASET_FOLDER (the Hugging Face MMMU/MMMU copy)",
             lambda f: read_mmmu(f.annotations, _required(f, "questions", "mmmu", "the MMMU/MMMU dataset folder")),
             score_mmmu,
         ),

@@ -456,3 +456,40 @@ def test_read_mmmu_file_errors(tmp_path: Path) -> None:
     bad.write_text("{")
     with pytest.raises(ValueError, match=re.escape(f"{bad}: not a JSON file")):
         read_mmmu(bad, dataset)
+
+
+def test_build_mmmu_questions_as_lmms_eval_prompts_them(tmp_path: Path) -> None:
+    # lmms-eval's mmmu_val construct_prompt: question, "A. .." lines, blank line, instruction; open questions:
+    # question, blank line, short-answer instruction. One image per question: the first the prompt names.
+    pyarrow = pytest.importorskip("pyarrow")
+    parquet = pytest.importorskip("pyarrow.parquet")
+    from mambavlm.eval.scorers.multiple_choice import MMMU_OPEN_PROMPT, MMMU_PROMPT, build_mmmu_questions
+
+    def png(color: tuple[int, int, int]) -> bytes:
+        buffer = BytesIO()
+        Image.new("RGB", (4, 3), color).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    red, blue = png((255, 0, 0)), png((0, 0, 255))
+    table = pyarrow.table({
+        "id": ["validation_Art_1", "validation_Art_2", "validation_Art_3"],
+        "question": ["Which style is <image 2>?", "How many sides?", "Compare <image 1> and <image 2>."],
+        "options": ["['Baroque', 'Gothic']", "[]", "['same', 'different']"],
+        "question_type": ["multiple-choice", "open", "multiple-choice"],
+        "image_1": [None, None, {"bytes": red, "path": "a.png"}],
+        "image_2": [{"bytes": blue, "path": "b.png"}, None, {"bytes": blue, "path": "b.png"}],
+    })
+    (tmp_path / "MMMU" / "Art").mkdir(parents=True)
+    parquet.write_table(table, tmp_path / "MMMU" / "Art" / "validation-00000-of-00001.parquet")
+    out = build_mmmu_questions(tmp_path / "MMMU", tmp_path / "built")
+    lines = [json.loads(line) for line in out.read_text().splitlines()]
+    assert lines == [
+        {"question_id": "validation_Art_1", "text": f"Which style is <image 2>?\nA. Baroque\nB. Gothic\n\n{MMMU_PROMPT}",
+         "image": "images/validation_Art_1.png"},
+        {"question_id": "validation_Art_2", "text": f"How many sides?\n\n{MMMU_OPEN_PROMPT}"},
+        {"question_id": "validation_Art_3",
+         "text": f"Compare <image 1> and <image 2>.\nA. same\nB. different\n\n{MMMU_PROMPT}",
+         "image": "images/validation_Art_3.png"},
+    ]
+    assert (tmp_path / "built" / "images/validation_Art_1.png").read_bytes() == blue
+    assert (tmp_path / "built" / "images/validation_Art_3.png").read_bytes() == red

@@ -42,10 +42,12 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
 from mambavlm.atomic import atomic_file
+from mambavlm.eval.scorers.files import field as _field
 from mambavlm.eval.scorers.files import load_json as _load_json
 from mambavlm.eval.scorers.report import ScoreReport
 
@@ -53,7 +55,10 @@ __all__ = [
     "MMBENCH_PROMPT",
     "SEED_PROMPT",
     "MMBenchQuestion",
+    "MMMU_OPEN_PROMPT",
+    "MMMU_PROMPT",
     "MMMUQuestion",
+    "build_mmmu_questions",
     "SEEDQuestion",
     "build_mmbench_questions",
     "mmbench_letter",
@@ -706,19 +711,37 @@ def _mmmu_percent(fraction: float) -> float:
     return round(round(fraction, 3) * 100, 1)
 
 
-def _mmmu_options(dataset: Path) -> dict[str, tuple[str, ...]]:
-    """id -> option texts from the ``validation-*.parquet`` files under ``dataset`` (columns ``id``, ``options``;
-    ``options`` is a Python list literal, read as MMMU's ``construct_prompt`` reads it, with ``ast.literal_eval``
-    in place of its ``eval``)."""
+def _mmmu_parquet_files(dataset: Path) -> list[Path]:
+    """The ``validation-*.parquet`` files under ``dataset`` (pyarrow importable, or ImportError)."""
     if not dataset.is_dir():
         raise FileNotFoundError(f"MMMU dataset directory not found: {dataset}")
     files = sorted(dataset.rglob("validation-*.parquet"))
     if not files:
         raise FileNotFoundError(f"no validation-*.parquet under {dataset} (expected <Subject>/validation-*.parquet)")
     try:
-        import pyarrow.parquet as pq
+        import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise ImportError("reading MMMU's options from its parquet files needs pyarrow: pip install pyarrow") from None
+        raise ImportError("reading MMMU's parquet files needs pyarrow: pip install pyarrow") from None
+    return files
+
+
+def _mmmu_option_list(cell: object, where: str) -> tuple[str, ...]:
+    """An ``options`` cell (a Python list literal) as MMMU's ``construct_prompt`` reads it, with
+    ``ast.literal_eval`` in place of its ``eval``."""
+    try:
+        parsed = ast.literal_eval(cell) if isinstance(cell, str) else None
+    except (SyntaxError, TypeError, ValueError):
+        parsed = None
+    if not (isinstance(parsed, list) and all(isinstance(option, str) for option in parsed)):
+        raise ValueError(f"{where}: options {cell!r} is not a list of strings")
+    return tuple(parsed)
+
+
+def _mmmu_options(dataset: Path) -> dict[str, tuple[str, ...]]:
+    """id -> option texts from the ``validation-*.parquet`` files under ``dataset`` (columns ``id``, ``options``)."""
+    files = _mmmu_parquet_files(dataset)
+    import pyarrow.parquet as pq
+
     options: dict[str, tuple[str, ...]] = {}
     for path in files:
         try:
@@ -726,13 +749,7 @@ def _mmmu_options(dataset: Path) -> dict[str, tuple[str, ...]]:
         except (OSError, ValueError, KeyError) as err:  # pyarrow's errors derive from these
             raise ValueError(f"{path}: not a parquet file with 'id' and 'options' columns ({err})") from None
         for row in rows:
-            try:
-                parsed = ast.literal_eval(row["options"])
-            except (SyntaxError, TypeError, ValueError):
-                parsed = None
-            if not (isinstance(parsed, list) and all(isinstance(option, str) for option in parsed)):
-                raise ValueError(f"{path} question {row['id']}: options {row['options']!r} is not a list of strings")
-            options[row["id"]] = tuple(parsed)
+            options[row["id"]] = _mmmu_option_list(row["options"], f"{path} question {row['id']}")
     return options
 
 
@@ -794,3 +811,65 @@ def read_mmmu(annotations: Path, dataset: Path) -> dict[str, MMMUQuestion]:
                 raise ValueError(f"{where}: ground_truth {truth!r} is not one of the option letters {letters}")
         questions[question_id] = MMMUQuestion(question_type, truth, subject, choices)
     return questions
+
+
+MMMU_PROMPT = "Answer with the option's letter from the given choices directly."
+"""lmms-eval's ``mmmu_val`` task's multiple-choice instruction (``lmms_eval_specific_kwargs.default``)."""
+MMMU_OPEN_PROMPT = "Answer the question using a single word or phrase."
+"""lmms-eval's ``mmmu_val`` instruction for the open (short-answer) questions."""
+_MMMU_IMAGE_TAG = re.compile(r"<image (\d+)>")
+
+
+def build_mmmu_questions(
+    dataset: Path, out_dir: Path, prompt: str = MMMU_PROMPT, open_prompt: str = MMMU_OPEN_PROMPT
+) -> Path:
+    """MMMU's validation split (a local copy of the Hugging Face dataset MMMU/MMMU, ``<Subject>/validation-
+    *.parquet``) -> ``out_dir/questions.jsonl`` for ``eval/run.py`` and the images under ``out_dir/images``.
+
+    The prompt is built as lmms-eval's ``mmmu_val`` task builds it (``construct_prompt``): multiple-choice:
+    the question, "\\n", the options as "A. text" lines, "\\n\\n", ``prompt``; open: the question, "\\n\\n",
+    ``open_prompt``; the ``<image i>`` tags stay in the text. Ids are MMMU's ("validation_Art_Theory_1"),
+    the keys of ``answer_dict_val.json`` (``read_mmmu``). Departure: lmms-eval hands the model every image
+    the prompt names; a MambaVLM takes one, the first the prompt names by number (``image_1`` for most
+    questions), written as ``images/<id>.<ext>`` from the parquet's bytes; a question that names none is
+    text-only. Needs pyarrow. Raises FileNotFoundError for a missing directory or no parquet files,
+    ValueError naming the file and question for a missing column, bad options or a named image that is
+    not there.
+    """
+    files = _mmmu_parquet_files(Path(dataset))
+    import pyarrow.parquet as pq
+
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for path in files:
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a parquet file ({err})") from None
+        for row in rows:
+            where = f"{path} question {row.get('id')}"
+            question_id, question = _field(row, "id", str, where), _field(row, "question", str, where)
+            question_type = _field(row, "question_type", str, where)
+            if question_type == "multiple-choice":
+                options = _mmmu_option_list(row.get("options"), where)
+                listed = "\n".join(f"{letter}. {option}" for letter, option in zip(_mmmu_letters(len(options)), options))
+                text = f"{question}\n{listed}\n\n{prompt}"
+            else:
+                text = f"{question}\n\n{open_prompt}"
+            line: dict[str, Any] = {"question_id": question_id, "text": text}
+            numbers = sorted({int(n) for n in _MMMU_IMAGE_TAG.findall(text)})
+            if numbers:
+                image = row.get(f"image_{numbers[0]}")
+                if not isinstance(image, dict) or not image.get("bytes"):
+                    raise ValueError(f"{where}: the prompt names <image {numbers[0]}> but image_{numbers[0]} is empty")
+                suffix = Path(image.get("path") or "x.png").suffix or ".png"
+                name = f"images/{question_id}{suffix}"
+                (out_dir / name).write_bytes(image["bytes"])
+                line["image"] = name
+            lines.append(line)
+    out = out_dir / "questions.jsonl"
+    with atomic_file(out) as f:
+        for line in lines:
+            f.write(json.dumps(line) + "\n")
+    return out
