@@ -30,9 +30,15 @@ def main(argv: Sequence[str] | None = None) -> Path:
         predictions = {row["question_id"]: row["text"] for row in read_answers(args.answers)}
         if not args.questions.is_file():
             raise FileNotFoundError(f"question file not found: {args.questions}")
-        lines = [json.loads(line) for line in args.questions.read_text().splitlines() if line.strip()]
+        lines = []
+        for number, line in enumerate(args.questions.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    lines.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{args.questions}: line {number}: not JSON ({err.msg})") from None
         rows = vqa_submission(args.benchmark, predictions, lines)
-    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError) as err:
+    except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     with atomic_file(args.out) as f:
         json.dump(rows, f)

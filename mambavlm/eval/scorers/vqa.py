@@ -505,18 +505,22 @@ def vqa_submission(
     vqav2 (``scripts/convert_vqav2_for_submission.py``): ``[{"question_id": int, "answer"}]`` over every
     question of the file, "" where the run has no answer (test-dev runs cover part of test2015).
     vizwiz (``scripts/convert_vizwiz_for_submission.py``): ``[{"image", "answer"}]``; every question must
-    have an answer (ValueError naming the first missing one, as the script's assert stops there).
+    have an answer (ValueError naming the first missing one, as the script's assert stops there). A question
+    line without ``question_id`` (an int for VQAv2) or, for VizWiz, ``image`` is a ValueError naming the line.
     """
     if benchmark not in ("vqav2", "vizwiz"):
         raise ValueError(f"submission files are written for vqav2 and vizwiz, not {benchmark!r}")
     rows = []
-    for line in questions:
-        question_id = str(line["question_id"])
+    for number, line in enumerate(questions, start=1):
+        where = f"question line {number}"
         if benchmark == "vqav2":
-            answer = evalai_process_answer(predictions[question_id]) if question_id in predictions else ""
-            rows.append({"question_id": int(line["question_id"]), "answer": answer})
+            question_id = _field(line, "question_id", int, where)
+            text = predictions.get(str(question_id))
+            rows.append({"question_id": question_id, "answer": "" if text is None else evalai_process_answer(text)})
         else:
+            question_id = str(_field(line, "question_id", object, where))
             if question_id not in predictions:
                 raise ValueError(f"VizWiz question {question_id} has no answer; the server needs all of them")
-            rows.append({"image": line["image"], "answer": evalai_process_answer(predictions[question_id])})
+            image = _field(line, "image", str, f"{where} (question_id {question_id})")
+            rows.append({"image": image, "answer": evalai_process_answer(predictions[question_id])})
     return rows
