@@ -14,8 +14,8 @@ one K/V column per attention layer and attends over the whole buffer with the co
 shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). For a single
 query, the H query heads are viewed as (H_kv, H / H_kv) rows per K/V head, so grouped-query
 attention reads each K/V head once and needs no ``repeat_kv``. The layers use the model's own
-modules and weights (projections, rotary embedding, MLP, lm_head; the RMSNorms by the same formula in
-fewer kernels) and the Mamba-2 mixers' own prefill (``forward`` with a state) and ``step``:
+modules and weights (projections, rotary embedding, MLP, lm_head; each residual add + RMSNorm one
+fused kernel on CUDA, ``add_rms_norm``) and the Mamba-2 mixers' own prefill (``forward`` with a state) and ``step``:
 the tokens are those of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
 """
 
@@ -28,7 +28,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mambavlm.generation.decoder import StaticDecoder
-from mambavlm.generation.norm import rms_norm
+from mambavlm.generation.norm import add_rms_norm, rms_norm
 from mambavlm.llm.hybrid import Mamba2AttentionAdapter
 from mambavlm.llm.mamba2 import Mamba2State
 
@@ -75,11 +75,12 @@ class HybridStaticDecoder(StaticDecoder):
         self._write_index = torch.zeros(1, dtype=torch.long, device=device)
         self._positions = torch.zeros(batch, dtype=torch.long, device=device)
 
-    def _layer(self, index: int, hidden: Tensor, mix: Tensor, fused: bool) -> Tensor:
-        """The rest of decoder layer ``index`` after token mixing: residual, MLP, residual."""
+    def _mlp(self, index: int, mix: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]:
+        """The rest of decoder layer ``index`` after token mixing: + residual, norm, MLP. Returns the
+        MLP's output and the residual stream it is to be added to (at the next layer's norm)."""
         layer = self.layers[index]
-        hidden = hidden + mix
-        return hidden + layer.mlp(rms_norm(layer.post_attention_layernorm, hidden, fused))
+        normed, residual = add_rms_norm(layer.post_attention_layernorm, mix, residual, False, fused=True)
+        return layer.mlp(normed), residual
 
     def _logits(self, hidden: Tensor, fused: bool) -> Tensor:
         """Last hidden state (B, D) -> float32 logits (B, V)."""
@@ -113,9 +114,9 @@ class HybridStaticDecoder(StaticDecoder):
             mask = (causal & real[:, None, :]) | torch.eye(length, dtype=torch.bool, device=real.device)
             mask = mask[:, None]
         cos, sin = self.model.model.rotary_emb(inputs_embeds, positions)
-        hidden = inputs_embeds
+        hidden, residual = inputs_embeds, None
         for i, layer in enumerate(self.layers):
-            x = rms_norm(layer.input_layernorm, hidden)
+            x, residual = add_rms_norm(layer.input_layernorm, hidden, residual, False, fused=True)
             if i in self.adapters:
                 state = self._ssm[i]
                 self.adapters[i].mixer.reset_state(state)
@@ -130,8 +131,8 @@ class HybridStaticDecoder(StaticDecoder):
                     q, k, v, attn_mask=mask, is_causal=mask is None, scale=attn.scaling, enable_gqa=True
                 )
                 mix = attn.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
-            hidden = self._layer(i, hidden, mix, fused=False)
-        return self._logits(hidden[:, -1], fused=False)
+            hidden, residual = self._mlp(i, mix, residual)
+        return self._logits(residual[:, -1] + hidden[:, -1], fused=False)
 
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)[:, None]  # (B, 1, D)
@@ -140,8 +141,9 @@ class HybridStaticDecoder(StaticDecoder):
         if self.attention_layers:
             self._key_valid.index_fill_(1, self._write_index, True)
         mask = self._key_valid[:, None, None, :]
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = rms_norm(layer.input_layernorm, hidden, fused=True)
+            x, residual = add_rms_norm(layer.input_layernorm, hidden, residual, False, fused=True)
             if i in self.adapters:
                 mix = self.adapters[i].mixer.step(x[:, 0], self._ssm[i])[:, None]
             else:
@@ -153,7 +155,7 @@ class HybridStaticDecoder(StaticDecoder):
                 q = q.reshape(batch, self.num_kv_heads, -1, attn.head_dim)  # (B, H_kv, H / H_kv, Dh)
                 out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
                 mix = attn.o_proj(out.reshape(batch, 1, -1))
-            hidden = self._layer(i, hidden, mix, fused=True)
+            hidden, residual = self._mlp(i, mix, residual)
         self._write_index.add_(1)
         self._positions.add_(1)
-        return self._logits(hidden[:, 0], fused=True)
+        return self._logits(residual[:, 0] + hidden[:, 0], fused=True)
