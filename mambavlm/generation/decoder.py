@@ -125,6 +125,12 @@ class StaticDecoder(ABC):
                 )
             if not bool(attention_mask[:, -1].all()):
                 raise ValueError("prompts must be left-padded: attention_mask[:, -1] has zeros")
+            holes = (attention_mask[:, 1:] < attention_mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+            if holes:
+                raise ValueError(
+                    f"prompts must be left-padded: attention_mask rows {holes} have a 0 after a 1 "
+                    "(padding only before a prompt)"
+                )
         self._prepare(inputs_embeds.shape[0], inputs_embeds.shape[1] + max_new_tokens)
         self._length = inputs_embeds.shape[1]
         return self._prefill(inputs_embeds, attention_mask)

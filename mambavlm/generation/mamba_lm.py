@@ -7,8 +7,9 @@ time in place (the loop and the CUDA graph: ``StaticDecoder``).
 Mamba-1 layers run ``StatefulMambaMixer`` over transformers' mixer weights (``in_proj``, ``conv1d``,
 its ``x_proj`` to (dt, B, C), its ``dt_proj``, ``out_proj``); Mamba-2 layers run their own mixer's
 prefill (``forward`` with a ``Mamba2State``) and ``step``, the same code training and transformers-style
-generation run. The RMSNorms are computed with ``F.rms_norm`` (same formula, fewer kernels per token)
-and the residual stream is float32 when ``config.residual_in_fp32``.
+generation run. Each block boundary's residual add + RMSNorm is one fused kernel on CUDA (mamba_ssm's,
+as its ``Block`` runs them), ``F.rms_norm`` with transformers' rounding elsewhere; the residual stream
+is float32 when ``config.residual_in_fp32``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from transformers import MambaForCausalLM, PreTrainedModel
 
 from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
-from mambavlm.generation.norm import rms_norm
+from mambavlm.generation.norm import add_rms_norm, rms_norm
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 
@@ -38,6 +39,9 @@ class StaticStateDecoder(StaticDecoder):
         self.mamba1 = isinstance(model, MambaForCausalLM)
         layers = model.backbone.layers
         self.mamba1_mixers = [StatefulMambaMixer(layer.mixer) for layer in layers] if self.mamba1 else []
+        self.mamba1_bias_free = all(
+            mixer.mixer.in_proj.bias is None and mixer.mixer.out_proj.bias is None for mixer in self.mamba1_mixers
+        )
         self._states: list[MambaState] | list[Mamba2State] = []
 
     def _allocate(self, batch: int, capacity: int) -> None:
@@ -49,16 +53,18 @@ class StaticStateDecoder(StaticDecoder):
                 layer.mixer.allocate_state(batch, weight.device, weight.dtype) for layer in self.model.backbone.layers
             ]
 
-    def _blocks(self, hidden: Tensor, mixer_fn: Callable[[int, Tensor], Tensor], fused: bool = False) -> Tensor:
-        """The residual blocks: hidden -> norm -> mixer_fn(layer index, normed) -> + residual."""
+    def _blocks(self, hidden: Tensor, mixer_fn: Callable[[int, Tensor], Tensor], last_only: bool) -> Tensor:
+        """The residual blocks: hidden -> norm -> mixer_fn(layer index, normed) -> + residual, each
+        boundary's add + norm in one fused kernel on CUDA (``add_rms_norm``). Returns the final residual
+        stream (B, L, D), or its last position (B, D) with ``last_only`` (the one the logits need)."""
         residual_in_fp32 = self.model.config.residual_in_fp32
+        residual = None
         for index, layer in enumerate(self.model.backbone.layers):
-            residual = hidden
-            normed = rms_norm(layer.norm, hidden.to(layer.norm.weight.dtype), fused)
-            if residual_in_fp32:
-                residual = residual.to(torch.float32)
-            hidden = residual + mixer_fn(index, normed)
-        return hidden
+            normed, residual = add_rms_norm(layer.norm, hidden, residual, residual_in_fp32, fused=True)
+            hidden = mixer_fn(index, normed)
+        if last_only:
+            return residual[:, -1] + hidden[:, -1]
+        return residual + hidden
 
     def _logits(self, hidden: Tensor) -> Tensor:
         """Last hidden state (B, D) -> float32 logits (B, V), through the final norm and lm_head."""
@@ -72,20 +78,53 @@ class StaticStateDecoder(StaticDecoder):
         else:
             layers = self.model.backbone.layers
             step = lambda i, x: layers[i].mixer.step(x, self._states[i])  # noqa: E731
-        return self._logits(self._blocks(hidden, step, fused=True))
+        return self._logits(self._blocks(hidden, step, last_only=False))
 
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
+        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
         if self.mamba1:
+            # Bias-free blocks keep a zero residual stream zero (see StatefulMambaMixer.prefill): more
+            # left padding changes nothing, and the padding is zeroed once here, not in every layer.
+            # (With an in_proj bias a padded position feeds the bias to the conv, as in transformers.)
+            if self.mamba1_bias_free:
+                inputs_embeds, padding = _align_length(inputs_embeds, padding)
+            zeroed = padding is not None and self.mamba1_bias_free
+            if zeroed:
+                inputs_embeds = inputs_embeds * padding[:, :, None].to(inputs_embeds.dtype)
             hidden = self._blocks(
-                inputs_embeds, lambda i, x: self.mamba1_mixers[i].prefill(x, attention_mask, self._states[i])
+                inputs_embeds,
+                lambda i, x: self.mamba1_mixers[i].prefill(x, padding, self._states[i], hidden_zeroed=zeroed),
+                last_only=True,
             )
         else:
-            padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
             layers = self.model.backbone.layers
 
             def prefill(i: int, x: Tensor) -> Tensor:
                 layers[i].mixer.reset_state(self._states[i])
                 return layers[i].mixer(x, self._states[i], padding)
 
-            hidden = self._blocks(inputs_embeds, prefill)
-        return self._logits(hidden[:, -1])
+            hidden = self._blocks(inputs_embeds, prefill, last_only=True)
+        return self._logits(hidden)
+
+
+LENGTH_MULTIPLE = 8
+"""The Mamba-1 prefill pads the prompts on the left until batch x length is a multiple of this."""
+
+
+def _align_length(inputs_embeds: Tensor, padding: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """Left-pad (B, L, D) embeddings and their (B, L) mask so that B L is a multiple of
+    ``LENGTH_MULTIPLE``; unchanged when it already is.
+
+    The Mamba-1 prefill multiplies (D_out, D_in) weights with (D_in, B L) activations; with B L not
+    a multiple of 8 their bf16 rows are not 16-byte aligned, which cuBLAS serves with slower
+    kernels. For bias-free blocks (Mamba's), masked positions before a prompt leave its state and
+    outputs unchanged.
+    """
+    batch, length, _ = inputs_embeds.shape
+    if batch * length % LENGTH_MULTIPLE == 0:
+        return inputs_embeds, padding
+    extra = -length % LENGTH_MULTIPLE
+    if padding is None:
+        padding = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
+    inputs_embeds = torch.cat([inputs_embeds.new_zeros(batch, extra, inputs_embeds.shape[-1]), inputs_embeds], dim=1)
+    return inputs_embeds, torch.cat([padding.new_zeros(batch, extra), padding], dim=1)

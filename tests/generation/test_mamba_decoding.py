@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from torch import Tensor
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, MambaForCausalLM, PreTrainedModel
 
 from mambavlm.generation import StaticStateDecoder
 from mambavlm.model import MambaVLM
@@ -21,6 +21,7 @@ from tests.conftest import (
     left_padded_prompt,
     strengthen_mixers,
     tiny_mamba,
+    tiny_mamba_config,
     tiny_vlm,
 )
 
@@ -144,6 +145,10 @@ def test_decoder_rejects_what_it_cannot_run() -> None:
     embeds, mask = left_padded_prompt(model)
     with pytest.raises(ValueError, match="left-padded"):
         decoder.prefill(embeds, mask.flip(1))
+    holed = mask.clone()
+    holed[1, -3] = 0
+    with pytest.raises(ValueError, match=r"rows \[1\] have a 0 after a 1"):
+        decoder.prefill(embeds, holed)
     decoder.prefill(embeds, mask)
     with pytest.raises(ValueError, match=r"input_ids must be \(2,\)"):
         decoder.step(torch.zeros(3, dtype=torch.long))
@@ -249,3 +254,28 @@ def test_state_and_graph_are_kept_across_generations_of_one_batch_size(family: s
     assert decoder._states[0].conv is conv and decoder._prepared_for is prepared
     decoder.generate(embeds[:1], mask[:1], max_new_tokens=3, eos_token_id=None)
     assert decoder._states[0].conv is not conv and decoder.batch_size == 1
+
+
+@hf_cpu_reference
+@pytest.mark.parametrize("use_bias", [False, True], ids=["bias-free", "biased-projections"])
+def test_mamba1_prefill_masks_padding_as_hf_with_and_without_projection_biases(use_bias: bool) -> None:
+    """The Mamba-1 prefill masks left padding its own way (the input once for bias-free blocks, the
+    scan's B instead of the conv output): a batch with 0, 5 and 11 pads, whose length is not a multiple
+    of 8 (so the prefill pads further), gives HF's uncached last logits row by row, with in_proj /
+    out_proj biases too (where the input is masked in every layer)."""
+    torch.manual_seed(3)
+    config = tiny_mamba_config()
+    config.use_bias = use_bias
+    model = strengthen_mixers(MambaForCausalLM(config).eval())
+    if use_bias:
+        with torch.no_grad():
+            for layer in model.backbone.layers:
+                layer.mixer.in_proj.bias.normal_(std=0.5)
+                layer.mixer.out_proj.bias.normal_(std=0.5)
+    embeds, mask = left_padded_prompt(model, (21, 16, 10))
+    decoder = StaticStateDecoder(model)
+    assert decoder.mamba1_bias_free is not use_bias
+    with torch.no_grad():
+        expected = model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).logits[:, -1]
+        got = decoder.prefill(embeds, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
