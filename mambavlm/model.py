@@ -257,7 +257,7 @@ class MambaVLM(nn.Module):
                 raise ValueError(
                     f"pixel_values hold {[p.shape[0] for p in pixel_values]} images for {len(present)} images given"
                 )
-            pixel_values = [p.to(self.device) for p in pixel_values] if present else None
+            pixel_values = [p.to(self.device, non_blocking=p.is_pinned()) for p in pixel_values] if present else None
         return input_ids.to(self.device), attention_mask.to(self.device), pixel_values
 
     def option_token_ids(self, options: Sequence[str]) -> list[int]:

@@ -8,9 +8,10 @@ after :func:`normalize_answer` (lowercase, punctuation removed, whitespace colla
 from __future__ import annotations
 
 import logging
+import os
 import string
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+MAX_IMAGE_WORKERS = 8
+"""At most this many threads open and preprocess evaluation images (``image_workers``)."""
 
 BLANK_COLOR: tuple[int, int, int] = (128, 128, 128)
 """The mid-grey every image becomes in a blind run."""
@@ -123,17 +127,41 @@ def _open_image(path: Path, blind: bool) -> Image.Image | str:
     return Image.new("RGB", image.size, BLANK_COLOR) if blind else image
 
 
-def _load_batch(
-    model: Any, batch: Sequence[tuple[str, Path | None, object]], blind: bool
-) -> tuple[list[Image.Image | str | None], list[Tensor] | None]:
-    """Open a batch's images and run them through the encoders' preprocessing (CPU work only).
+def _load_item(model: Any, path: Path | None, blind: bool) -> tuple[Image.Image | str | None, list[Tensor] | None]:
+    """Open one item's image and run it through the encoders' preprocessing (CPU work only).
 
-    Returns, per item, its image, the reason it cannot be read, or None (no image); and the
-    preprocessed pixel values of the readable images in item order (``model.preprocess_images``).
+    Returns its image, the reason it cannot be read, or None (no image); and its pixel values, one
+    (1, 3, H_m, W_m) tensor per encoder (``model.preprocess_images``), or None.
     """
-    images = [_open_image(path, blind) if path is not None else None for _, path, _ in batch]
-    readable = [image for image in images if isinstance(image, Image.Image)]
-    return images, (model.preprocess_images(readable) if readable else None)
+    image = _open_image(path, blind) if path is not None else None
+    return image, (model.preprocess_images([image]) if isinstance(image, Image.Image) else None)
+
+
+def _load_batch(
+    pool: ThreadPoolExecutor, model: Any, batch: Sequence[tuple[str, Path | None, object]], blind: bool
+) -> Future[tuple[list[Image.Image | str | None], list[Tensor] | None]]:
+    """Start opening and preprocessing a batch's images on ``pool``, one task per item, and one that
+    gathers them: (per item its image, the reason it cannot be read, or None; the readable images'
+    pixel values in item order, one (N, 3, H_m, W_m) tensor per encoder, or None). For a model on
+    CUDA the pixels are gathered into pinned memory, so that their copy to the GPU is asynchronous."""
+    futures = [pool.submit(_load_item, model, path, blind) for _, path, _ in batch]
+    pin = torch.device(model.device).type == "cuda"
+
+    def gather() -> tuple[list[Image.Image | str | None], list[Tensor] | None]:
+        loaded = [future.result() for future in futures]
+        pixels = [item_pixels for _, item_pixels in loaded if item_pixels is not None]
+        gathered = [torch.cat(column) for column in zip(*pixels)] if pixels else None
+        if gathered is not None and pin:
+            gathered = [column.pin_memory() for column in gathered]
+        return [image for image, _ in loaded], gathered
+
+    return pool.submit(gather)  # queued after its items, so it never waits on a task not yet started
+
+
+def image_workers() -> int:
+    """Threads that open and preprocess images during evaluation: the CPUs this process may use, at
+    most ``MAX_IMAGE_WORKERS`` (decoding and resizing release the GIL, so they run in parallel)."""
+    return max(1, min(MAX_IMAGE_WORKERS, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
 
 
 def iter_answers(
@@ -151,8 +179,8 @@ def iter_answers(
     Yields ``(answers, skipped)`` per batch: ``(id, answer)`` for each item answered, ``(id, reason)``
     for each that cannot be (an unreadable image, a prompt that is not a string, placeholders that do
     not match the image, a prompt too long for the model with ``max_new_tokens``). While one batch
-    generates, a background thread opens and preprocesses the next batch's images (decoding and
-    resizing release the GIL), so on a GPU the CPU work hides behind the model's. ``fast``: as in
+    generates, ``image_workers()`` threads open and preprocess the next batch's images, one item per
+    task (decoding and resizing release the GIL), so on a GPU the CPU work hides behind the model's. ``fast``: as in
     ``MambaVLM.generate_ids`` (None: the static decoder where it applies). ``options``: answer by
     likelihood instead (``MambaVLM.option_logprobs``): each answer is then {option: log-probability}.
     Raises ValueError for a batch size below 1.
@@ -160,12 +188,12 @@ def iter_answers(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="eval-images") as pool:
-        pending = pool.submit(_load_batch, model, batches[0], blind) if batches else None
+    with ThreadPoolExecutor(max_workers=image_workers(), thread_name_prefix="eval-images") as pool:
+        pending = _load_batch(pool, model, batches[0], blind) if batches else None
         for index, batch in enumerate(tqdm(batches, desc="generate", disable=not show_progress)):
             images, pixels = pending.result()
             if index + 1 < len(batches):
-                pending = pool.submit(_load_batch, model, batches[index + 1], blind)
+                pending = _load_batch(pool, model, batches[index + 1], blind)
             ids, prompts, kept_images, kept_rows, skipped = [], [], [], [], []
             row = 0
             for (item_id, _, prompt), image in zip(batch, images):
@@ -184,7 +212,9 @@ def iter_answers(
             answers = []
             if ids:
                 kept_pixels = None
-                if kept_rows:
+                if kept_rows == list(range(row)):
+                    kept_pixels = pixels
+                elif kept_rows:
                     index_tensor = torch.tensor(kept_rows)
                     kept_pixels = [p.index_select(0, index_tensor) for p in pixels]
                 if options is None:
