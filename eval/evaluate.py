@@ -18,14 +18,14 @@ from pathlib import Path
 import torch
 
 from mambavlm.atomic import atomic_file
-from mambavlm.model import CONFIG_FILE, MambaVLM
+from mambavlm.model import MambaVLM, is_mambavlm_directory
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
 from mambavlm.training.finetune import FINAL_MODEL_DIR
 
 
 def resolve_model_dir(path: Path) -> Path:
     """A saved model directory, or a training output directory holding one under ``final/``."""
-    if not (path / CONFIG_FILE).is_file() and (path / FINAL_MODEL_DIR / CONFIG_FILE).is_file():
+    if not is_mambavlm_directory(path) and is_mambavlm_directory(path / FINAL_MODEL_DIR):
         return path / FINAL_MODEL_DIR
     return path
 
@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> float | None:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
 
-    model = MambaVLM.from_pretrained(resolve_model_dir(args.model), device=args.device).eval()
+    model = MambaVLM.from_pretrained(resolve_model_dir(args.model)).to(args.device).eval()
     items = load_vqa_items(args.data, args.image_root)
     rows, skipped = generate_answers(model, items, args.batch_size, args.max_new_tokens, blind=args.blind)
     with atomic_file(args.out) as f:

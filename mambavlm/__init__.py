@@ -1,6 +1,7 @@
 """mambavlm: build, train and distill Mamba-based vision-language models.
 
-The public API is small; everything else is importable from its own module
+Importing it registers ``MambaVLMConfig`` / ``MambaVLM`` with transformers' ``AutoConfig`` and
+``AutoModelForImageTextToText``. The public API is small; everything else is importable from its own module
 (``mambavlm.vision``, ``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``,
 ``mambavlm.data``, ``mambavlm.distill``).
 """
@@ -9,17 +10,24 @@ from mambavlm.versions import check_installed_versions
 
 check_installed_versions()
 
+from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
+
 from mambavlm.config import ConfigError, ModelConfig, load_config  # noqa: E402
+from mambavlm.configuration import MambaVLMConfig  # noqa: E402
 from mambavlm.model import MambaVLM, build_model  # noqa: E402
 from mambavlm.projector import build_projector  # noqa: E402
 from mambavlm.scan import inverse_orders, plot_scan_orders, scan_orders  # noqa: E402
 from mambavlm.vision.long_sequence import VisualLongSequence  # noqa: E402
+
+AutoConfig.register(MambaVLMConfig.model_type, MambaVLMConfig, exist_ok=True)
+AutoModelForImageTextToText.register(MambaVLMConfig, MambaVLM, exist_ok=True)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConfigError",
     "MambaVLM",
+    "MambaVLMConfig",
     "ModelConfig",
     "VisualLongSequence",
     "build_model",

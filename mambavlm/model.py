@@ -1,5 +1,13 @@
 """The MambaVLM model: vision -> projector -> LLM, with loss, cached generation and save/load.
 
+A transformers model: ``MambaVLM`` is a ``PreTrainedModel`` + ``GenerationMixin`` configured by a
+``MambaVLMConfig``, registered with ``AutoConfig`` / ``AutoModelForImageTextToText`` when
+``mambavlm`` is imported. ``save_pretrained`` writes transformers' layout (``config.json``, sharded
+``model*.safetensors``, ``generation_config.json``) plus the tokenizer; ``from_pretrained`` reads it
+(``dtype``, ``device_map``), and reads mambavlm's first layout too (``config.yaml``, ``llm/``,
+``tokenizer/``, ``vision_projector.safetensors``) too: ``save_pretrained`` of such a model writes the
+new layout.
+
 Images enter the token sequence as placeholders: each ``<image>`` in a prompt becomes
 ``num_visual_tokens`` copies of ``IMAGE_TOKEN_INDEX`` when tokenised, and ``embed`` replaces exactly
 those positions with the projector's output (one ``masked_scatter``). Sequence lengths are therefore
@@ -13,18 +21,22 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import copy
+import json
+
 import torch
-import yaml
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation.utils import GenerateOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mambavlm.atomic import atomic_directory
-from mambavlm.config import ConfigError, ModelConfig, load_config
+from mambavlm.config import ConfigError, ModelConfig, VisionConfig, load_config
+from mambavlm.configuration import MambaVLMConfig
 from mambavlm.generation import GenerationSettings, StaticDecoder, build_static_decoder, supports_static_decoding
-from mambavlm.llm.factory import build_llm
+from mambavlm.llm.factory import build_llm, family_classes
 from mambavlm.llm.templates import ConversationTemplate, get_template
 from mambavlm.llm.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_tokenizer, tokenize_prompt
 from mambavlm.projector import build_projector
@@ -32,33 +44,98 @@ from mambavlm.vision.long_sequence import VisualLongSequence
 
 __all__ = ["MambaVLM", "build_model"]
 
-CONFIG_FILE = "config.yaml"
-WEIGHTS_FILE = "vision_projector.safetensors"
-LLM_DIR = "llm"
-TOKENIZER_DIR = "tokenizer"
+LEGACY_CONFIG_FILE = "config.yaml"
+"""The files of the layout mambavlm wrote before it was a transformers model (still loaded)."""
+LEGACY_WEIGHTS_FILE = "vision_projector.safetensors"
+LEGACY_LLM_DIR = "llm"
+LEGACY_TOKENIZER_DIR = "tokenizer"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
+"""Files that say a directory holds a saved tokenizer."""
 
 
-class MambaVLM(nn.Module):
-    """A vision-language model: ``forward`` for training, ``generate`` for answers."""
+def is_mambavlm_directory(path: str | Path) -> bool:
+    """Whether ``path`` holds a saved MambaVLM (either layout)."""
+    path = Path(path)
+    if (path / LEGACY_CONFIG_FILE).is_file() and (path / LEGACY_WEIGHTS_FILE).is_file():
+        return True
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        return False
+    try:
+        return json.loads(config_file.read_text()).get("model_type") == MambaVLMConfig.model_type
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _architecture_only(vision: VisionConfig) -> VisionConfig:
+    """``vision`` with no encoder weights to fetch (a saved model's come from its checkpoint)."""
+    vision = vision.model_copy(deep=True)
+    for encoder in vision.encoders:
+        encoder.weights = None
+    return vision
+
+
+class MambaVLM(PreTrainedModel, GenerationMixin):
+    """A vision-language model: ``forward`` for training, ``generate`` (transformers') for token ids,
+    ``answer`` for strings.
+
+    ``MambaVLM(config)`` builds every part from ``config`` with random weights (what
+    ``from_pretrained`` fills); ``build_model`` builds from the YAML schema, fetching the encoders' and
+    the LLM's pretrained weights, and passes the parts in.
+    """
+
+    config_class = MambaVLMConfig
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
 
     def __init__(
         self,
-        config: ModelConfig,
-        vision: VisualLongSequence,
-        projector: nn.Module,
-        llm: PreTrainedModel,
+        config: MambaVLMConfig,
+        vision: VisualLongSequence | None = None,
+        projector: nn.Module | None = None,
+        llm: PreTrainedModel | None = None,
         tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
-        super().__init__()
-        self.config = config
-        self.vision = vision
-        self.projector = projector
-        self.llm = llm
+        super().__init__(config)
+        if config.vision is None or config.llm is None or config.text_config is None:
+            raise ValueError("MambaVLM needs a MambaVLMConfig with vision, llm and text_config")
+        self.vision = vision if vision is not None else VisualLongSequence(_architecture_only(config.vision))
+        self.llm = llm if llm is not None else family_classes(config.llm.family)[1]._from_config(
+            config.text_config, dtype=torch.get_default_dtype()  # transformers sets it for from_pretrained(dtype=...)
+        )
+        self.projector = projector if projector is not None else build_projector(
+            config.projector,
+            in_dims=self.vision.out_dims,
+            out_dim=self.llm.config.hidden_size,
+            grid_size=self.vision.grid_size,
+            num_maps=self.vision.num_maps,
+        )
         self.tokenizer = tokenizer
         self.template: ConversationTemplate = get_template(config.llm.template)
         # FSDP auto-wrap (configs/accelerate/fsdp.yaml) wraps the LLM's own decoder blocks
-        self._no_split_modules = list(getattr(llm, "_no_split_modules", None) or [])
+        self._no_split_modules = list(getattr(self.llm, "_no_split_modules", None) or [])
         self._static_decoder: StaticDecoder | None = None
+        self.post_init()
+        self.generation_config = GenerationConfig.from_dict(self.llm.generation_config.to_dict())
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Weights: nothing, every part initialises its own when built (timm / open_clip, the
+        projector's Mamba initialisation, the LLM's ``post_init``) and ``from_pretrained`` fills them
+        all. Buffers that are not saved (the projector's scan orders) are recomputed."""
+        if hasattr(module, "reset_index_buffers"):
+            with torch.no_grad():
+                module.reset_index_buffers()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.llm.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.llm.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.llm.get_output_embeddings()
 
     @property
     def num_visual_tokens(self) -> int:
@@ -100,29 +177,35 @@ class MambaVLM(nn.Module):
         return embeds.masked_scatter(image_mask.unsqueeze(-1), features.to(embeds.dtype))
 
     def _check_length(self, length: int) -> None:
-        if length > self.config.max_length:
+        if length > self.config.max_sequence_length:
             raise ValueError(
-                f"sequence too long: {length} tokens > max_length={self.config.max_length} "
+                f"sequence too long: {length} tokens > max_length={self.config.max_sequence_length} "
                 f"({self.num_visual_tokens} of them per image)"
             )
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None = None,
         attention_mask: Tensor | None = None,
         pixel_values: Sequence[Tensor] | None = None,
         labels: Tensor | None = None,
+        inputs_embeds: Tensor | None = None,
         **llm_kwargs: Any,
     ) -> CausalLMOutputWithPast:
-        """input_ids, attention_mask, labels (B, L); pixel_values: per encoder (N_img, 3, H, W).
+        """input_ids, attention_mask, labels (B, L); pixel_values: per encoder (N_img, 3, H, W); or
+        inputs_embeds (B, L, D) in place of input_ids and pixel_values.
 
-        Returns the LLM's output: ``logits`` (B, L, V) and, given labels (-100 = ignored), ``loss``.
+        Returns the LLM's output: ``logits`` (B, L, V) and, given labels (-100 = ignored), ``loss``
+        (transformers' normalisation: ``num_items_in_batch`` among ``llm_kwargs``). Raises ValueError
+        for a sequence longer than ``config.max_sequence_length`` and for placeholders that do not
+        match the images.
         """
-        self._check_length(input_ids.shape[1])
-        inputs_embeds = self.embed(input_ids, pixel_values)
-        return self.llm(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs
-        )
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            self._check_length(input_ids.shape[1])
+            inputs_embeds = self.embed(input_ids, pixel_values)
+        return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
         """PIL images -> one (N, 3, H_m, W_m) tensor per encoder, each with its own preprocessing."""
@@ -143,7 +226,7 @@ class MambaVLM(nn.Module):
     def prompt_problem(self, prompt: object, with_image: bool, max_new_tokens: int = 0) -> str | None:
         """Why ``prompt`` cannot be answered (None if it can): not a string, ``<image>`` placeholders that
         do not match the image (more than one, or one without an image), or a prompt that with
-        ``max_new_tokens`` exceeds ``config.max_length`` (the numbers are in the message)."""
+        ``max_new_tokens`` exceeds ``config.max_sequence_length`` (the numbers are in the message)."""
         if not isinstance(prompt, str):
             return f"the question is a {type(prompt).__name__}, not a string"
         placeholders = prompt.count(IMAGE_TOKEN)
@@ -152,10 +235,10 @@ class MambaVLM(nn.Module):
         if not with_image and placeholders:
             return f"the question holds {IMAGE_TOKEN} but the record has no image"
         length = len(self.build_prompt_ids(prompt, with_image))
-        if length + max_new_tokens > self.config.max_length:
+        if length + max_new_tokens > self.config.max_sequence_length:
             return (
                 f"the prompt is {length} tokens ({self.num_visual_tokens} of them visual); with "
-                f"{max_new_tokens} new tokens it exceeds max_length={self.config.max_length}"
+                f"{max_new_tokens} new tokens it exceeds max_length={self.config.max_sequence_length}"
             )
         return None
 
@@ -202,6 +285,47 @@ class MambaVLM(nn.Module):
 
     @torch.no_grad()
     def generate(
+        self,
+        input_ids: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        pixel_values: Sequence[Tensor] | None = None,
+        generation_config: GenerationConfig | None = None,
+        **kwargs: Any,
+    ) -> Tensor | GenerateOutput:
+        """transformers' ``generate``: left-padded input_ids (B, L) with image placeholders, their
+        attention_mask and pixel_values (per encoder (N_img, 3, H, W), as the processor gives them)
+        -> the prompt followed by the new tokens, (B, L + T), the image placeholders shown as the
+        pad token (so that the whole sequence decodes), or transformers' output object with
+        ``return_dict_in_generate=True`` (its ``sequences`` likewise).
+
+        The images are embedded once and the LLM's own ``generate`` continues from the embeddings, so
+        every transformers argument applies (``max_new_tokens``, ``do_sample``, ``temperature``,
+        ``top_p``, ``num_beams``, ``streamer``, logits processors, ...) with this model's
+        ``generation_config`` under them. Raises ValueError without input_ids, for a prompt plus
+        ``max_new_tokens`` beyond ``config.max_sequence_length``, and for placeholders that do not
+        match the images.
+        """
+        if input_ids is None:
+            raise ValueError("MambaVLM.generate needs input_ids (the processor's output)")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
+        kwargs = config.update(**kwargs)
+        self._check_length(input_ids.shape[1] + (config.max_new_tokens or 0))
+        out = self.llm.generate(
+            inputs_embeds=self.embed(input_ids, pixel_values),
+            attention_mask=attention_mask,
+            generation_config=config,
+            **kwargs,
+        )
+        prompt = input_ids.masked_fill(input_ids == self.config.image_token_index, config.pad_token_id or 0)
+        if isinstance(out, Tensor):
+            return torch.cat([prompt, out], dim=1)
+        out.sequences = torch.cat([prompt, out.sequences], dim=1)
+        return out
+
+    @torch.no_grad()
+    def answer(
         self,
         images: Sequence[Image.Image | None] | None,
         prompts: Sequence[str],
@@ -336,44 +460,89 @@ class MambaVLM(nn.Module):
             results.append((float(logprob), bool((logits.argmax(-1) == target_ids).all())))
         return results
 
-    def save_pretrained(self, path: str | Path) -> Path:
-        """Write config.yaml, the LLM (HF format), the tokenizer and vision+projector safetensors.
+    def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
+        """Use ``tokenizer`` for prompts and answers; its EOS and PAD become the generation defaults
+        where the generation config has none."""
+        self.tokenizer = tokenizer
+        if tokenizer is None:
+            return
+        for config in (self.generation_config, self.llm.generation_config):
+            if config.eos_token_id is None:
+                config.eos_token_id = tokenizer.eos_token_id
+            if config.pad_token_id is None:
+                config.pad_token_id = tokenizer.pad_token_id
 
-        The directory is written atomically: it appears complete or not at all.
-        """
-        path = Path(path)
+    def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
+        """transformers' ``save_pretrained`` (``config.json``, ``model*.safetensors`` shards of at most
+        ``max_shard_size``, ``generation_config.json``) plus the tokenizer, written atomically: the
+        directory appears complete or not at all. ``kwargs`` go to transformers."""
+        path = Path(save_directory)
         with atomic_directory(path) as tmp:
-            (tmp / CONFIG_FILE).write_text(
-                yaml.safe_dump(self.config.model_dump(mode="json"), sort_keys=False)
-            )
-            self.llm.save_pretrained(tmp / LLM_DIR)
+            super().save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp / TOKENIZER_DIR)
-            own = {
-                k: v.detach().contiguous().cpu()
-                for k, v in self.state_dict().items()
-                if not k.startswith("llm.")
-            }
-            save_file(own, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+                self.tokenizer.save_pretrained(tmp)
         return path
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str | torch.device | None = None) -> MambaVLM:
-        """Load a directory written by ``save_pretrained`` (no download: everything is local)."""
-        path = Path(path)
-        if not (path / CONFIG_FILE).is_file():
-            raise FileNotFoundError(f"{path} is not a MambaVLM directory (no {CONFIG_FILE})")
-        config = load_config(ModelConfig, path / CONFIG_FILE)
-        local = config.model_copy(deep=True)
-        for enc in local.vision.encoders:
-            enc.weights = None
-        local.llm.source = str(path / LLM_DIR)
-        local.llm.config = {}
-        local.llm.tokenizer = str(path / TOKENIZER_DIR) if (path / TOKENIZER_DIR).is_dir() else None
-        model = build_model(local, load_tokenizer=local.llm.tokenizer is not None)
-        model.config = config
-        load_into(model, load_file(str(path / WEIGHTS_FILE)), source=str(path / WEIGHTS_FILE))
-        return model.to(device) if device is not None else model
+    def from_pretrained(cls, pretrained_model_name_or_path: str | Path, *args: Any, **kwargs: Any) -> MambaVLM:
+        """transformers' ``from_pretrained`` (``dtype``, ``device_map``, ...) of a saved MambaVLM,
+        with its tokenizer when one was saved; nothing is downloaded for a local directory, and no
+        remote code runs. A directory in the layout mambavlm wrote before (``config.yaml``, ``llm/``,
+        ``vision_projector.safetensors``) loads too (``dtype`` and ``device_map`` as one device):
+        ``save_pretrained`` it once to convert it. Raises FileNotFoundError for a local path that
+        holds neither layout, ValueError naming every weight the checkpoint lacks, has in excess or
+        holds in another shape (``ignore_mismatched_sizes=True``: transformers' leniency instead)."""
+        path = Path(pretrained_model_name_or_path)
+        if (path / LEGACY_CONFIG_FILE).is_file() and not (path / "config.json").is_file():
+            return _from_legacy_directory(path, **kwargs)
+        if path.exists() and not is_mambavlm_directory(path):
+            raise FileNotFoundError(
+                f"{path} is not a MambaVLM directory (no config.json of model_type "
+                f"{MambaVLMConfig.model_type!r}, no {LEGACY_CONFIG_FILE})"
+            )
+        want_info = kwargs.pop("output_loading_info", False)
+        lenient = kwargs.pop("ignore_mismatched_sizes", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path, *args, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+        problems = [
+            f"{key}: checkpoint has shape {tuple(stored)}, model expects {tuple(expected)}"
+            for key, stored, expected in info.get("mismatched_keys", ())
+        ]
+        problems += [f"{key}: missing from checkpoint" for key in sorted(info.get("missing_keys", ()))]
+        problems += [f"{key}: unexpected in checkpoint" for key in sorted(info.get("unexpected_keys", ()))]
+        if problems and not lenient:
+            raise ValueError(f"cannot load {pretrained_model_name_or_path}:\n  " + "\n  ".join(problems))
+        if path.is_dir() and any((path / name).is_file() for name in TOKENIZER_FILES):
+            llm_section = model.config.llm.model_copy(update={"tokenizer": str(path)})
+            model.attach_tokenizer(build_tokenizer(llm_section))
+        return (model, info) if want_info else model
+
+
+def _from_legacy_directory(
+    path: Path, dtype: torch.dtype | str | None = None, device_map: str | torch.device | None = None, **kwargs: Any
+) -> MambaVLM:
+    """A model saved in mambavlm's first layout: config.yaml (the YAML schema), llm/ (the LLM's
+    transformers directory), tokenizer/, vision_projector.safetensors."""
+    if kwargs:
+        raise TypeError(
+            f"{path} is in mambavlm's first checkpoint layout, which loads with dtype and device_map only "
+            f"(got {sorted(kwargs)}); load it once and save_pretrained it to convert it"
+        )
+    if not (path / LEGACY_WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"{path} has {LEGACY_CONFIG_FILE} but no {LEGACY_WEIGHTS_FILE}")
+    config = load_config(ModelConfig, path / LEGACY_CONFIG_FILE)
+    local = config.model_copy(deep=True)
+    local.llm.source = str(path / LEGACY_LLM_DIR)
+    local.llm.config = {}
+    tokenizer_dir = path / LEGACY_TOKENIZER_DIR
+    local.llm.tokenizer = str(tokenizer_dir) if tokenizer_dir.is_dir() else None
+    model = build_model(local, load_tokenizer=local.llm.tokenizer is not None, fetch_encoders=False)
+    model.config.vision, model.config.llm = config.vision, config.llm
+    load_into(model, load_file(str(path / LEGACY_WEIGHTS_FILE)), source=str(path / LEGACY_WEIGHTS_FILE))
+    if isinstance(dtype, str) and dtype != "auto":
+        dtype = getattr(torch, dtype)
+    return model.to(device=device_map, dtype=dtype if isinstance(dtype, torch.dtype) else None)
 
 
 def load_into(module: nn.Module, state: dict[str, Tensor], source: str) -> None:
@@ -396,33 +565,31 @@ def build_model(
     overrides: Sequence[str] = (),
     load_weights: bool = True,
     load_tokenizer: bool = True,
+    fetch_encoders: bool | None = None,
 ) -> MambaVLM:
-    """Assemble a MambaVLM from a config (object or YAML path, plus ``key=value`` overrides).
+    """Assemble a MambaVLM from the YAML schema (object or YAML path, plus ``key=value`` overrides).
 
     ``load_weights=False`` builds the architecture only (random init, nothing read or downloaded);
-    wrap the call in ``with torch.device("meta"):`` to build without memory.
+    wrap the call in ``with torch.device("meta"):`` to build without memory. ``fetch_encoders``
+    (default: ``load_weights``) loads the encoders' ``weights``; the LLM's come from ``llm.source``.
     """
     if not isinstance(config, ModelConfig):
         config = load_config(ModelConfig, config, overrides)
     elif overrides:
         raise ConfigError("pass overrides with a config path, or apply them to the config first")
-    cfg = config
-    if not load_weights:
-        cfg = config.model_copy(deep=True)
-        for enc in cfg.vision.encoders:
-            enc.weights = None
-    vision = VisualLongSequence(cfg.vision)
-    llm = build_llm(cfg.llm, load_weights=load_weights)
-    hidden = llm.config.hidden_size
+    fetch = load_weights if fetch_encoders is None else fetch_encoders
+    vision = VisualLongSequence(config.vision if fetch else _architecture_only(config.vision))
+    llm = build_llm(config.llm, load_weights=load_weights)
     projector = build_projector(
-        cfg.projector,
+        config.projector,
         in_dims=vision.out_dims,
-        out_dim=hidden,
+        out_dim=llm.config.hidden_size,
         grid_size=vision.grid_size,
         num_maps=vision.num_maps,
     )
-    tokenizer = build_tokenizer(cfg.llm) if load_tokenizer else None
-    return MambaVLM(config, vision, projector, llm, tokenizer)
+    model = MambaVLM(MambaVLMConfig.from_spec(config, llm.config), vision, projector, llm)
+    model.attach_tokenizer(build_tokenizer(config.llm) if load_tokenizer else None)
+    return model
 
 
 def parameter_table(model: MambaVLM) -> list[dict[str, Any]]:

@@ -6,14 +6,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from transformers import LlamaForCausalLM, MambaForCausalLM
+from transformers import AutoModelForImageTextToText, LlamaForCausalLM, MambaForCausalLM
 
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
-from mambavlm.model import WEIGHTS_FILE, MambaVLM, build_model
+from mambavlm.model import (
+    LEGACY_CONFIG_FILE,
+    LEGACY_LLM_DIR,
+    LEGACY_TOKENIZER_DIR,
+    LEGACY_WEIGHTS_FILE,
+    MambaVLM,
+    build_model,
+)
 from tests.conftest import TINY_MODEL, tiny_vlm
 
 LLAMA_OVERRIDES = [
@@ -63,7 +71,7 @@ def batch_for(model: MambaVLM, tmp_path: Path, with_text_only: bool = True) -> d
         model.template,
         [enc.preprocess for enc in model.vision.encoders],
         model.num_visual_tokens,
-        model.config.max_length,
+        model.config.max_sequence_length,
         model.add_bos,
     )
     return VLMCollator(model.tokenizer.pad_token_id)([ds[i] for i in range(len(ds))])
@@ -130,7 +138,7 @@ def test_tiny_model_trains_and_loss_falls(tmp_path: Path) -> None:
         losses.append(loss.item())
     assert losses[-1] < 0.2 * losses[0], losses
     model.eval()
-    answers = model.generate([image((230, 30, 30)), image((30, 30, 230))],
+    answers = model.answer([image((230, 30, 30)), image((30, 30, 230))],
                              ["what color is the square ?"] * 2, max_new_tokens=3)
     assert answers == ["red", "blue"]
 
@@ -167,14 +175,14 @@ def test_batched_generation_with_left_padding_and_sampling() -> None:
     model = tiny_vlm(seed=2)
     imgs = [image((230, 30, 30)), None]
     prompts = ["what color is the square ?", "how many objects are there ?"]
-    greedy = model.generate(imgs, prompts, max_new_tokens=4)
-    alone = [model.generate([imgs[0]], prompts[:1], max_new_tokens=4)[0],
-             model.generate(None, prompts[1:], max_new_tokens=4)[0]]
+    greedy = model.answer(imgs, prompts, max_new_tokens=4)
+    alone = [model.answer([imgs[0]], prompts[:1], max_new_tokens=4)[0],
+             model.answer(None, prompts[1:], max_new_tokens=4)[0]]
     assert greedy == alone
     torch.manual_seed(0)
-    s1 = model.generate(imgs, prompts, max_new_tokens=4, do_sample=True, temperature=1.5)
+    s1 = model.answer(imgs, prompts, max_new_tokens=4, do_sample=True, temperature=1.5)
     torch.manual_seed(0)
-    s2 = model.generate(imgs, prompts, max_new_tokens=4, do_sample=True, temperature=1.5)
+    s2 = model.answer(imgs, prompts, max_new_tokens=4, do_sample=True, temperature=1.5)
     assert s1 == s2 and all(isinstance(s, str) for s in s1)
 
 
@@ -182,16 +190,16 @@ def test_generate_takes_images_preprocessed_ahead(monkeypatch: pytest.MonkeyPatc
     model = tiny_vlm(seed=2)
     imgs = [image((230, 30, 30)), None, image((30, 60, 230))]
     prompts = ["what color is the square ?", "how many objects are there ?", "what shape is the blue object ?"]
-    expected = model.generate(imgs, prompts, max_new_tokens=4)
+    expected = model.answer(imgs, prompts, max_new_tokens=4)
     pixels = model.preprocess_images([imgs[0], imgs[2]])
 
     def fail(_images: object) -> None:
         raise AssertionError("preprocess_images called although pixel_values were given")
 
     monkeypatch.setattr(model, "preprocess_images", fail)
-    assert model.generate(imgs, prompts, max_new_tokens=4, pixel_values=pixels) == expected
+    assert model.answer(imgs, prompts, max_new_tokens=4, pixel_values=pixels) == expected
     with pytest.raises(ValueError, match=r"pixel_values hold \[1, 1\] images for 2 images"):
-        model.generate(imgs, prompts, max_new_tokens=4, pixel_values=[p[:1] for p in pixels])
+        model.answer(imgs, prompts, max_new_tokens=4, pixel_values=[p[:1] for p in pixels])
 
 
 @pytest.mark.parametrize("overrides", [[], LLAMA_OVERRIDES], ids=["mamba", "llama"])
@@ -225,7 +233,8 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, overrides: 
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
     model.save_pretrained(tmp_path / "saved")
     loaded = MambaVLM.from_pretrained(tmp_path / "saved").eval()
-    assert loaded.config == model.config
+    assert loaded.config.spec == model.config.spec
+    assert loaded.config.text_config.to_diff_dict() | {"dtype": None} == model.config.text_config.to_diff_dict() | {"dtype": None}
     assert type(loaded.llm) is (LlamaForCausalLM if overrides else MambaForCausalLM)
     torch.testing.assert_close(loaded(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
     assert loaded.tokenizer.get_vocab() == model.tokenizer.get_vocab()
@@ -235,15 +244,46 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path: Path, overrides: 
 def test_load_errors_name_the_problem(tmp_path: Path) -> None:
     model = tiny_vlm()
     model.save_pretrained(tmp_path / "saved")
-    weights = tmp_path / "saved" / WEIGHTS_FILE
-    state = load_file(str(weights))
     key = "projector.first.out_proj.weight"
+    (shard,) = [f for f in (tmp_path / "saved").glob("model*.safetensors") if key in load_file(str(f))]
+    state = load_file(str(shard))
     state[key] = torch.zeros(3, 3)
-    save_file(state, str(weights))
+    save_file(state, str(shard), metadata={"format": "pt"})
     with pytest.raises(ValueError, match=rf"{key}: checkpoint has shape \(3, 3\), model expects \(64, 64\)"):
         MambaVLM.from_pretrained(tmp_path / "saved")
     with pytest.raises(FileNotFoundError, match="not a MambaVLM directory"):
         MambaVLM.from_pretrained(tmp_path)
+
+
+def save_first_layout(model: MambaVLM, path: Path) -> None:
+    """What mambavlm's save_pretrained wrote before it was a transformers model."""
+    path.mkdir()
+    (path / LEGACY_CONFIG_FILE).write_text(yaml.safe_dump(model.config.spec.model_dump(mode="json")))
+    model.llm.save_pretrained(path / LEGACY_LLM_DIR)
+    model.tokenizer.save_pretrained(path / LEGACY_TOKENIZER_DIR)
+    own = {k: v.contiguous() for k, v in model.state_dict().items() if not k.startswith("llm.")}
+    save_file(own, str(path / LEGACY_WEIGHTS_FILE), metadata={"format": "pt"})
+
+
+def test_first_layout_checkpoints_load_and_convert(tmp_path: Path) -> None:
+    """A directory in the first layout loads with the same logits (also through the Auto class, with
+    dtype), refuses loading options it cannot honour with a message saying how to convert, and its
+    save_pretrained is the transformers layout."""
+    model = tiny_vlm()
+    batch = batch_for(model, tmp_path)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+    save_first_layout(model, tmp_path / "old")
+    old = MambaVLM.from_pretrained(tmp_path / "old").eval()
+    torch.testing.assert_close(old(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
+    assert old.config.spec == model.config.spec
+    assert MambaVLM.from_pretrained(tmp_path / "old", dtype=torch.bfloat16).llm.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="save_pretrained it to convert it"):
+        MambaVLM.from_pretrained(tmp_path / "old", low_cpu_mem_usage=True)
+    old.save_pretrained(tmp_path / "new")
+    assert (tmp_path / "new" / "config.json").is_file() and not (tmp_path / "new" / LEGACY_CONFIG_FILE).exists()
+    new = AutoModelForImageTextToText.from_pretrained(tmp_path / "new").eval()
+    assert type(new) is MambaVLM
+    torch.testing.assert_close(new(**inputs).logits, model(**inputs).logits, rtol=0, atol=0)
 
 
 def test_bad_inputs_are_reported(tmp_path: Path) -> None:
@@ -256,4 +296,4 @@ def test_bad_inputs_are_reported(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sequence too long: 300 tokens > max_length=256"):
         model(input_ids=torch.zeros(1, 300, dtype=torch.long))
     with pytest.raises(ValueError, match="contains <image> but no image"):
-        model.generate(None, ["<image> what ?"])
+        model.answer(None, ["<image> what ?"])

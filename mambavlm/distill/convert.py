@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mambavlm.configuration import MambaVLMConfig
 from mambavlm.distill.layouts import HybridLayout
 from mambavlm.distill.seeding import SEEDING_MODES, seed_mamba2_from_attention
 from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
@@ -105,13 +106,11 @@ def convert_vlm(
     if vlm.config.llm.family != "llama":
         raise ValueError(f"only a LLaMA-family LLM can be converted; this MambaVLM's llm.family is {vlm.config.llm.family!r}")
     llm = convert_llama(vlm.llm, layout, mode, generator, mixer_options)
-    config = vlm.config.model_copy(deep=True)
-    config.llm.family = "hybrid_llama"
-    config.llm.config = {}
-    return MambaVLM(
-        config,
-        copy.deepcopy(vlm.vision),
-        copy.deepcopy(vlm.projector),
-        llm,
-        vlm.tokenizer,
+    spec = vlm.config.spec
+    spec.llm.family = "hybrid_llama"
+    spec.llm.config = {}
+    student = MambaVLM(
+        MambaVLMConfig.from_spec(spec, llm.config), copy.deepcopy(vlm.vision), copy.deepcopy(vlm.projector), llm
     )
+    student.attach_tokenizer(vlm.tokenizer)
+    return student

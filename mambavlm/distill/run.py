@@ -42,7 +42,7 @@ from mambavlm.atomic import atomic_file
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
-from mambavlm.model import CONFIG_FILE, MambaVLM
+from mambavlm.model import MambaVLM, is_mambavlm_directory
 from mambavlm.training.engine import Phase, Trainer
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
 from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
@@ -59,7 +59,7 @@ CONFIG_COPY = "config.yaml"
 def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
     """(teacher, tokenizer, conversation template) from a MambaVLM or an HF Llama directory."""
     path = Path(path)
-    if (path / CONFIG_FILE).is_file():
+    if is_mambavlm_directory(path):
         teacher = MambaVLM.from_pretrained(path)
         if teacher.config.llm.family != "llama":
             raise ConfigError(
@@ -73,7 +73,7 @@ def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
         llm_config = LLMConfig(family="llama", source=str(path), template=template)
         teacher = LlamaForCausalLM.from_pretrained(path)
         return teacher, build_tokenizer(llm_config), get_template(template)
-    raise FileNotFoundError(f"teacher {path}: neither a MambaVLM ({CONFIG_FILE}) nor an HF model (config.json)")
+    raise FileNotFoundError(f"teacher {path}: neither a MambaVLM nor an HF model (config.json)")
 
 
 class TextOnly:
@@ -173,7 +173,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     image_root = image_root if image_root is not None else train_json.parent
     set_seed(config.seed)
     teacher, tokenizer, template = load_teacher(config.teacher, config.template)
-    longest = teacher.config.max_length if isinstance(teacher, MambaVLM) else teacher.config.max_position_embeddings
+    longest = teacher.config.max_sequence_length if isinstance(teacher, MambaVLM) else teacher.config.max_position_embeddings
     if config.data.max_length is not None and config.data.max_length > longest:
         raise ConfigError(
             f"data.max_length={config.data.max_length} exceeds what the teacher {config.teacher} takes ({longest} tokens)"

@@ -78,7 +78,7 @@ class MambaVLMLmms(lmms):
             raise ValueError(f"mambavlm needs a fixed batch size >= 1, got batch_size={batch_size!r}")
         accelerator = Accelerator()
         self._rank, self._world_size = accelerator.process_index, accelerator.num_processes
-        self.model = MambaVLM.from_pretrained(pretrained, device=device or accelerator.device).eval()
+        self.model = MambaVLM.from_pretrained(pretrained).to(device or accelerator.device).eval()
         self.batch_size = int(batch_size)
         self.max_new_tokens = int(max_new_tokens)
 
@@ -116,7 +116,7 @@ class MambaVLMLmms(lmms):
                     context, _, doc_to_visual, doc_id, task, split = requests[index].args
                     contexts.append(context)
                     images.append(self._visual(doc_to_visual, doc_id, task, split))
-                texts = self.model.generate(images, contexts, max_new_tokens=max_new_tokens, **sample)
+                texts = self.model.answer(images, contexts, max_new_tokens=max_new_tokens, **sample)
                 for index, text in zip(batch, texts):
                     answers[index] = _cut(text, until)
                 progress.update(len(batch))

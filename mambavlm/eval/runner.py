@@ -133,7 +133,7 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     acc.wait_for_everyone()
     done = {row["question_id"] for kind in ("answers", "skipped") for p in _shard_files(out, kind) for row in _read_lines(p)}
     mine = [q for q in questions[rank::world] if q.question_id not in done]
-    model = MambaVLM.from_pretrained(settings.model, device=acc.device).eval()
+    model = MambaVLM.from_pretrained(settings.model).to(acc.device).eval()
     model_id = settings.model.resolve().name
     logger.info(
         f"process {rank}/{world}: {len(mine)} of {len(questions[rank::world])} questions to answer "

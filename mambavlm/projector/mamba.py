@@ -64,11 +64,10 @@ class MambaProjectorLayer(nn.Module):
         self.dt_rank = dt_rank or math.ceil(d_inner / 16)
         h, w = self.grid_size
 
+        self.scan_mode = scan_mode
         target = torch.empty(0).device  # the device a surrounding `with torch.device(...)` sets
-        with torch.device("cpu"):  # index buffers stay real when the model is built on meta
-            orders = scan_orders(h, w, num_maps, scan_mode)
-            inverse = inverse_orders(orders)
-        if target.type != "meta":
+        orders, inverse = self._index_tensors()
+        if target.type != "meta":  # index buffers stay real when the model is built on meta
             orders, inverse = orders.to(target), inverse.to(target)
         self.register_buffer("orders", orders, persistent=False)
         self.register_buffer("inverse", inverse, persistent=False)
@@ -124,6 +123,20 @@ class MambaProjectorLayer(nn.Module):
         a = -torch.exp(self.A_log.float()).expand(k, -1, -1).reshape(k * self.d_inner, -1)
         d = self.D.float().expand(k, -1).reshape(-1)
         return x_w, dt_w, dt_b, a, d
+
+    def _index_tensors(self) -> tuple[Tensor, Tensor]:
+        """The scan orders (K, L) and their inverses, computed on the CPU."""
+        with torch.device("cpu"):
+            orders = scan_orders(*self.grid_size, self.num_maps, self.scan_mode)
+            return orders, inverse_orders(orders)
+
+    def reset_index_buffers(self) -> None:
+        """Recompute ``orders`` and ``inverse`` in place: they are not saved (they follow from the
+        config), so a model materialised from meta tensors (transformers' ``from_pretrained``) holds
+        uninitialised memory in them until this runs (``MambaVLM._init_weights`` calls it)."""
+        orders, inverse = self._index_tensors()
+        self.orders.copy_(orders)
+        self.inverse.copy_(inverse)
 
     def forward(self, segments: Sequence[Tensor]) -> Tensor:
         """segments: one (B, L_s, C_s) tensor per ``in_dims`` entry, together (B, L, *) -> (B, L, out_dim)."""

@@ -218,7 +218,7 @@ def iter_answers(
                     index_tensor = torch.tensor(kept_rows)
                     kept_pixels = [p.index_select(0, index_tensor) for p in pixels]
                 if options is None:
-                    answers = model.generate(
+                    answers = model.answer(
                         kept_images, prompts, max_new_tokens=max_new_tokens, do_sample=False,
                         pixel_values=kept_pixels, fast=fast,
                     )

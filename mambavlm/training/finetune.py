@@ -145,7 +145,7 @@ def training_dataset(
         model.template,
         transforms,
         model.num_visual_tokens,
-        max_length or model.config.max_length,
+        max_length or model.config.max_sequence_length,
         model.add_bos,
     )
 

@@ -94,7 +94,7 @@ def test_convert_vlm_keeps_vision_and_projector(tmp_path: Path) -> None:
         logits = student(ids, pixel_values=pixels).logits
         expected = reference_forward(teacher.llm, mamba_mixers(student), embeds)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-6)
-    answers = student.generate([image, None], ["what colour", "say hello"], max_new_tokens=4)
+    answers = student.answer([image, None], ["what colour", "say hello"], max_new_tokens=4)
     assert len(answers) == 2 and all(isinstance(a, str) for a in answers)
 
     student.save_pretrained(tmp_path / "student")

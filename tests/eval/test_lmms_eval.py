@@ -95,7 +95,7 @@ def test_lmms_eval_runs_mambavlm_offline(tmp_path: Path) -> None:
     samples = [json.loads(line) for line in path.read_text().splitlines()]
     loaded = MambaVLM.from_pretrained(tmp_path / "model").eval()
     images = [Image.open(tasks / d["image"]).convert("RGB") for d in docs]
-    expected = loaded.generate(images, [d["question"] for d in docs], max_new_tokens=3)
+    expected = loaded.answer(images, [d["question"] for d in docs], max_new_tokens=3)
     generated = {s["doc_id"]: s["filtered_resps"] for s in samples}
     assert [generated[i] for i in range(len(docs))] == expected and len(set(expected)) > 1
 

@@ -178,7 +178,7 @@ def test_vlm_fast_path_gives_hf_generate_tokens() -> None:
     kwargs = {"max_new_tokens": 8, "eos_token_id": None}
     fast = model.generate_ids(input_ids, mask, pixels, fast=True, **kwargs)
     torch.testing.assert_close(fast, model.generate_ids(input_ids, mask, pixels, fast=False, **kwargs))
-    assert model.generate([image], ["what is it ?"], fast=True) == model.generate([image], ["what is it ?"], fast=False)
+    assert model.answer([image], ["what is it ?"], fast=True) == model.answer([image], ["what is it ?"], fast=False)
     assert model.static_decoder() is model.static_decoder()
     copied = copy.deepcopy(model)
     assert copied.static_decoder().model is copied.llm
