@@ -461,11 +461,14 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         return results
 
     def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
-        """Use ``tokenizer`` for prompts and answers; its EOS and PAD become the generation defaults
-        where the generation config has none."""
+        """Use ``tokenizer`` for prompts and answers. Its chat template becomes the model's conversation
+        format (``ConversationTemplate.chat_template``: ``tokenizer.apply_chat_template`` gives the text
+        ``answer`` prompts with), and its EOS and PAD the generation defaults where the generation
+        config has none."""
         self.tokenizer = tokenizer
         if tokenizer is None:
             return
+        tokenizer.chat_template = self.template.chat_template
         for config in (self.generation_config, self.llm.generation_config):
             if config.eos_token_id is None:
                 config.eos_token_id = tokenizer.eos_token_id

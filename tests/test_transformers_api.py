@@ -67,6 +67,10 @@ def test_sharded_save_loads_through_the_auto_class_with_dtype_and_device_map(tmp
     assert set(index["weight_map"]) == expected
     loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved", dtype=torch.bfloat16, device_map="cpu")
     assert type(loaded) is MambaVLM and loaded.tokenizer is not None
+    assert loaded.tokenizer.chat_template == model.template.chat_template
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is it ?"}]}]
+    text = loaded.tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert text == model.template.prompt("<image>\nwhat is it ?", model.tokenizer.eos_token)
     assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
     assert loaded.llm.lm_head.weight is loaded.llm.get_input_embeddings().weight
     for key, value in model.state_dict().items():

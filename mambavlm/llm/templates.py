@@ -17,6 +17,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mambavlm.llm.tokenizer import IMAGE_TOKEN
+
 __all__ = ["TEMPLATES", "ConversationTemplate", "get_template"]
 
 HUMAN_ROLES = frozenset({"human", "user"})
@@ -58,11 +60,49 @@ class ConversationTemplate:
             text += self._user_turn(question) + answer.strip() + eos_token
         return text + self._user_turn(message)
 
+    @property
+    def chat_template(self) -> str:
+        """This format as a transformers chat template (Jinja), for ``tokenizer.apply_chat_template``.
+
+        ``messages`` are ``{"role": "system" | "user" | "assistant", "content": ...}``; a content is a
+        string or transformers' list of parts (``{"type": "image"}`` becomes ``<image>`` + newline, as
+        a prompt with an image but no placeholder gets; ``{"type": "text", "text": ...}`` its text).
+        A system message replaces the template's system prompt. With ``add_generation_prompt=True``
+        the text after the last user turn equals :meth:`prompt`'s; without, a conversation's text
+        equals the concatenation of :meth:`render`'s segments (``eos_token`` after each answer).
+        """
+        return (
+            "{%- set ns = namespace(system=" + _jinja_string(self.system) + ") -%}"
+            "{%- if messages and messages[0]['role'] == 'system' -%}"
+            "{%- set ns.system = messages[0]['content'] -%}{%- set messages = messages[1:] -%}"
+            "{%- endif -%}"
+            "{%- if ns.system -%}{{ ns.system + " + _jinja_string(self.sep) + " }}{%- endif -%}"
+            "{%- for message in messages -%}"
+            "{%- if message['content'] is string -%}{%- set text = message['content'] -%}"
+            "{%- else -%}{%- set text = namespace(value='') -%}"
+            "{%- for part in message['content'] -%}"
+            "{%- if part['type'] == 'image' -%}{%- set text.value = text.value + '" + IMAGE_TOKEN + "\n' -%}"
+            "{%- elif part['type'] == 'text' -%}{%- set text.value = text.value + part['text'] -%}{%- endif -%}"
+            "{%- endfor -%}{%- set text = text.value -%}{%- endif -%}"
+            "{%- if message['role'] == 'user' -%}"
+            "{{ " + _jinja_string(self.user_role) + " + (text | trim) + " + _jinja_string(self.sep) + " }}"
+            "{%- elif message['role'] == 'assistant' -%}"
+            "{{ " + _jinja_string(self.assistant_role) + " + (text | trim) + eos_token }}"
+            "{%- endif -%}"
+            "{%- endfor -%}"
+            "{%- if add_generation_prompt -%}{{ " + _jinja_string(self.assistant_role) + " }}{%- endif -%}"
+        )
+
     def _prefix(self) -> str:
         return self.system + self.sep if self.system else ""
 
     def _user_turn(self, message: str) -> str:
         return self.user_role + message.strip() + self.sep + self.assistant_role
+
+
+def _jinja_string(text: str) -> str:
+    """``text`` as a Jinja string literal."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
 
 
 def _turn_pairs(conversations: Sequence[dict]) -> list[tuple[str, str]]:

@@ -10,7 +10,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from mambavlm.config import LLMConfig
 from mambavlm.data.synthetic import ANSWERS, make_shapes_vqa
-from mambavlm.llm.templates import get_template
+from mambavlm.llm.templates import TEMPLATES, get_template
 from mambavlm.llm.tokenizer import (
     IMAGE_TOKEN,
     IMAGE_TOKEN_INDEX,
@@ -269,3 +269,29 @@ def test_tokenize_prompt_is_prefix_of_training_ids(tiny):
     assert prompt_ids.count(IMAGE_TOKEN_INDEX) == 4
     with pytest.raises(ValueError, match="num_visual_tokens"):
         tokenize_prompt(prompt, tiny, num_visual_tokens=0, add_bos=True)
+
+
+@pytest.mark.parametrize("name", sorted(TEMPLATES))
+def test_chat_template_renders_what_prompt_and_render_give(name: str) -> None:
+    """The Jinja chat template (what ``apply_chat_template`` runs) against the Python template: the
+    generation prompt after a history, a whole conversation, an image part, and a system message."""
+    template = TEMPLATES[name]
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = template.chat_template
+    eos = tokenizer.eos_token
+    image_turn = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " what is it? "}]}
+    messages = [image_turn, {"role": "assistant", "content": " a cat "}, {"role": "user", "content": "and now?"}]
+    got = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert got == template.prompt("and now?", eos, history=[("<image>\n what is it? ", " a cat ")])
+    whole = messages + [{"role": "assistant", "content": "a dog"}]
+    segments = template.render(
+        [{"from": "human", "value": "<image>\n what is it? "}, {"from": "gpt", "value": " a cat "},
+         {"from": "human", "value": "and now?"}, {"from": "gpt", "value": "a dog"}],
+        eos,
+    )
+    assert tokenizer.apply_chat_template(whole, tokenize=False) == "".join(text for text, _ in segments)
+    system = tokenizer.apply_chat_template(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        tokenize=False, add_generation_prompt=True,
+    )
+    assert system == f"Be brief.{template.sep}{template.user_role}hi{template.sep}{template.assistant_role}"
