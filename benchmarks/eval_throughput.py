@@ -33,6 +33,7 @@ from benchmarks.timing import benchmark_device, free_memory, peak_memory_gib, re
 from mambavlm.generation.settings import GenerationSettings
 from mambavlm.llm.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER
 from mambavlm.model import MambaVLM, build_model
+from mambavlm.processing import left_pad
 from mambavlm.training.evaluation import iter_answers
 from mambavlm.vision.image import open_image
 
@@ -110,12 +111,7 @@ def stage_seconds(model: MambaVLM, items: list[tuple[str, Path, str]], batch_siz
         batch = items[start:start + batch_size]
         marks = [time.perf_counter()]
         ids = [model.build_prompt_ids(prompt, True) for _, _, prompt in batch]
-        width = max(len(x) for x in ids)
-        input_ids = torch.zeros((len(ids), width), dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x):] = torch.tensor(x)
-            attention_mask[i, width - len(x):] = 1
+        input_ids, attention_mask = left_pad(ids, model.tokenizer.pad_token_id)
         pixels = [p.to(device) for p in model.preprocess_images([open_image(path) for _, path, _ in batch])]
         synchronize(device)
         marks.append(time.perf_counter())

@@ -1,8 +1,8 @@
 """mambavlm: build, train and distill Mamba-based vision-language models.
 
-Importing it registers ``MambaVLMConfig`` / ``MambaVLM`` with transformers' ``AutoConfig`` and
-``AutoModelForImageTextToText``. The public API is small; everything else is importable from its own module
-(``mambavlm.vision``, ``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``,
+Importing it registers ``MambaVLMConfig``, ``MambaVLM`` and its processors with transformers'
+``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoImageProcessor`` and ``AutoProcessor``. The
+public API is small; everything else is importable from its own module , ``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``,
 ``mambavlm.data``, ``mambavlm.distill``).
 """
 
@@ -10,17 +10,24 @@ from mambavlm.versions import check_installed_versions
 
 check_installed_versions()
 
-from transformers import AutoConfig, AutoModelForImageTextToText  # noqa: E402
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
 
 from mambavlm.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from mambavlm.configuration import MambaVLMConfig  # noqa: E402
 from mambavlm.model import MambaVLM, build_model  # noqa: E402
+from mambavlm.processing import MambaVLMImageProcessor, MambaVLMProcessor  # noqa: E402
 from mambavlm.projector import build_projector  # noqa: E402
 from mambavlm.scan import inverse_orders, plot_scan_orders, scan_orders  # noqa: E402
 from mambavlm.vision.long_sequence import VisualLongSequence  # noqa: E402
 
 AutoConfig.register(MambaVLMConfig.model_type, MambaVLMConfig, exist_ok=True)
 AutoModelForImageTextToText.register(MambaVLMConfig, MambaVLM, exist_ok=True)
+AutoImageProcessor.register(
+    MambaVLMConfig,
+    image_processor_classes={"pil": MambaVLMImageProcessor, "torchvision": MambaVLMImageProcessor},
+    exist_ok=True,
+)
+AutoProcessor.register(MambaVLMConfig, MambaVLMProcessor, exist_ok=True)
 
 __version__ = "0.1.0"
 
@@ -28,6 +35,8 @@ __all__ = [
     "ConfigError",
     "MambaVLM",
     "MambaVLMConfig",
+    "MambaVLMImageProcessor",
+    "MambaVLMProcessor",
     "ModelConfig",
     "VisualLongSequence",
     "build_model",

@@ -39,6 +39,7 @@ from mambavlm.generation import GenerationSettings, StaticDecoder, build_static_
 from mambavlm.llm.factory import build_llm, family_classes
 from mambavlm.llm.templates import ConversationTemplate, get_template
 from mambavlm.llm.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_tokenizer, tokenize_prompt
+from mambavlm.processing import MambaVLMImageProcessor, MambaVLMProcessor, left_pad
 from mambavlm.projector import build_projector
 from mambavlm.vision.long_sequence import VisualLongSequence
 
@@ -49,6 +50,8 @@ LEGACY_CONFIG_FILE = "config.yaml"
 LEGACY_WEIGHTS_FILE = "vision_projector.safetensors"
 LEGACY_LLM_DIR = "llm"
 LEGACY_TOKENIZER_DIR = "tokenizer"
+STATIC_CACHE = "static"
+"""``generation_config.cache_implementation`` that selects the static-state (CUDA-graph) decoder."""
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
 """Files that say a directory holds a saved tokenizer."""
 
@@ -301,7 +304,10 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         The images are embedded once and the LLM's own ``generate`` continues from the embeddings, so
         every transformers argument applies (``max_new_tokens``, ``do_sample``, ``temperature``,
         ``top_p``, ``num_beams``, ``streamer``, logits processors, ...) with this model's
-        ``generation_config`` under them. Raises ValueError without input_ids, for a prompt plus
+        ``generation_config`` under them. ``cache_implementation="static"`` (an argument or in the
+        generation config) decodes with the static-state decoder instead (its step a CUDA graph on
+        CUDA; greedy tokens equal the default path's): greedy or sampled (temperature, top-k, top-p),
+        EOS and padding, returning the tensor; other options are a ValueError naming them. Raises ValueError without input_ids, for a prompt plus
         ``max_new_tokens`` beyond ``config.max_sequence_length``, and for placeholders that do not
         match the images.
         """
@@ -312,13 +318,28 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = config.update(**kwargs)
         self._check_length(input_ids.shape[1] + (config.max_new_tokens or 0))
-        out = self.llm.generate(
-            inputs_embeds=self.embed(input_ids, pixel_values),
-            attention_mask=attention_mask,
-            generation_config=config,
-            **kwargs,
-        )
+        inputs_embeds = self.embed(input_ids, pixel_values)
         prompt = input_ids.masked_fill(input_ids == self.config.image_token_index, config.pad_token_id or 0)
+        if config.cache_implementation == STATIC_CACHE:
+            problems = [f"argument {key!r}" for key in kwargs] + [
+                f"generation_config.{name}={getattr(config, name)!r}"
+                for name in ("return_dict_in_generate", "output_scores", "output_logits")
+                if getattr(config, name, False)
+            ]
+            problems += GenerationSettings.unsupported({}, config)
+            if problems or not supports_static_decoding(self.llm):
+                raise ValueError(
+                    f"cache_implementation={STATIC_CACHE!r} (the static-state decoder) does not implement "
+                    + (", ".join(problems) or f"a {type(self.llm).__name__}")
+                    + "; leave cache_implementation unset for transformers' generate"
+                )
+            settings = {name: getattr(config, name) for name in ("max_new_tokens", "do_sample", "temperature",
+                                                                  "top_k", "top_p", "eos_token_id", "pad_token_id")}
+            new = self.static_decoder().generate(inputs_embeds, attention_mask, **settings)
+            return torch.cat([prompt, new], dim=1)
+        out = self.llm.generate(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, generation_config=config, **kwargs
+        )
         if isinstance(out, Tensor):
             return torch.cat([prompt, out], dim=1)
         out.sequences = torch.cat([prompt, out.sequences], dim=1)
@@ -367,12 +388,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
         ids = [self.build_prompt_ids(p, img is not None) for p, img in zip(prompts, images)]
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for i, x in enumerate(ids):
-            input_ids[i, width - len(x) :] = torch.tensor(x)
-            attention_mask[i, width - len(x) :] = 1
+        input_ids, attention_mask = left_pad(ids, self.tokenizer.pad_token_id)
         present = [img for img in images if img is not None]
         if pixel_values is None and present:
             pixel_values = self.preprocess_images(present)
@@ -475,15 +491,30 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
             if config.pad_token_id is None:
                 config.pad_token_id = tokenizer.pad_token_id
 
+    def processor(self) -> MambaVLMProcessor:
+        """This model's processor: its encoders' image preprocessing, its tokenizer and its conversation
+        format as the chat template (``AutoProcessor.from_pretrained`` of a saved model gives the same).
+        Raises RuntimeError for a model built without a tokenizer."""
+        if self.tokenizer is None:
+            raise RuntimeError("this model was built without a tokenizer")
+        return MambaVLMProcessor(
+            MambaVLMImageProcessor([encoder.preprocess for encoder in self.vision.encoders]),
+            self.tokenizer,
+            chat_template=self.template.chat_template,
+            num_visual_tokens=self.num_visual_tokens,
+            add_bos=self.add_bos,
+        )
+
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> Path:
         """transformers' ``save_pretrained`` (``config.json``, ``model*.safetensors`` shards of at most
-        ``max_shard_size``, ``generation_config.json``) plus the tokenizer, written atomically: the
-        directory appears complete or not at all. ``kwargs`` go to transformers."""
+        ``max_shard_size``, ``generation_config.json``) plus the processor (tokenizer, image
+        processor, chat template), written atomically: the directory appears complete or not at all.
+        ``kwargs`` go to transformers."""
         path = Path(save_directory)
         with atomic_directory(path) as tmp:
             super().save_pretrained(tmp, **kwargs)
             if self.tokenizer is not None:
-                self.tokenizer.save_pretrained(tmp)
+                self.processor().save_pretrained(tmp)
         return path
 
     @classmethod

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mambavlm.projector",),
     ("mambavlm.llm",),
     ("mambavlm.generation",),
-    ("mambavlm.model", "mambavlm.configuration"),
+    ("mambavlm.model", "mambavlm.configuration", "mambavlm.processing"),
     ("mambavlm.data",),
     ("mambavlm.training",),
     ("mambavlm.distill", "mambavlm.eval"),

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, MambaConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, MambaConfig
 from transformers.generation.streamers import BaseStreamer
 
 import mambavlm  # noqa: F401  (registers the Auto classes)
@@ -18,6 +18,7 @@ from mambavlm.config import ConfigError, ModelConfig, load_config
 from mambavlm.configuration import MambaVLMConfig
 from mambavlm.llm.factory import family_classes
 from mambavlm.model import MambaVLM
+from mambavlm.processing import MambaVLMImageProcessor, MambaVLMProcessor
 from tests.conftest import TINY_MODEL, tiny_vlm
 
 
@@ -137,3 +138,72 @@ def test_generate_reports_bad_inputs() -> None:
     with pytest.raises(ValueError, match=r"sequence too long: \d+ tokens > max_length=256"):
         model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                        max_new_tokens=1000)
+
+
+def test_processor_round_trips_and_prepares_what_the_model_prepares_itself(tmp_path: Path) -> None:
+    """AutoProcessor of a saved model gives its image preprocessing, tokenizer and chat template; its
+    output for chat-formatted prompts equals the model's own prompt batch (ids, mask, pixels), and
+    ``generate(**processor(...))`` answers what ``answer`` does."""
+    model = tiny_vlm()
+    model.save_pretrained(tmp_path / "saved")
+    processor = AutoProcessor.from_pretrained(tmp_path / "saved")
+    assert type(processor) is MambaVLMProcessor and type(processor.image_processor) is MambaVLMImageProcessor
+    assert processor.num_visual_tokens == model.num_visual_tokens and processor.add_bos == model.add_bos
+    images, prompts = prompts_and_images()
+    chats = [
+        [{"role": "user", "content": ([{"type": "image"}] if image is not None else []) + [{"type": "text", "text": p}]}]
+        for image, p in zip(images, prompts)
+    ]
+    texts = [processor.apply_chat_template(chat, add_generation_prompt=True) for chat in chats]
+    inputs = processor(images=[i for i in images if i is not None], text=texts)
+    input_ids, attention_mask, pixel_values = model._prompt_batch(images, prompts)
+    assert torch.equal(inputs["input_ids"], input_ids) and torch.equal(inputs["attention_mask"], attention_mask)
+    assert len(inputs["pixel_values"]) == len(pixel_values) == len(model.vision.encoders)
+    for got, want in zip(inputs["pixel_values"], pixel_values, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    answers = processor.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)
+    assert [a.strip() for a in answers] == model.answer(images, prompts, max_new_tokens=4, fast=False)
+    with pytest.raises(ValueError, match="2 <image> placeholders for 1 images"):
+        processor(images=images[:1], text=[texts[0], texts[2]])
+    with pytest.raises(TypeError, match="image 0 is a str"):
+        processor.image_processor(["not an image"])
+
+
+@pytest.mark.parametrize("family", ["mamba", "llama"])
+def test_static_cache_implementation_decodes_with_the_static_decoder_to_the_same_tokens(family: str) -> None:
+    """``cache_implementation="static"`` (argument or generation config) gives the default path's greedy
+    tokens through the static-state decoder, and names what that decoder does not implement."""
+    model = tiny_vlm() if family == "mamba" else tiny_vlm(*LLAMA_OVERRIDES)
+    images, prompts = prompts_and_images()
+    input_ids, attention_mask, pixel_values = model._prompt_batch(images, prompts)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    default = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+    calls = []
+    decoder = model.static_decoder()
+    original = decoder.generate
+    decoder.generate = lambda *a, **k: calls.append(k) or original(*a, **k)
+    static = model.generate(**inputs, max_new_tokens=6, do_sample=False, cache_implementation="static")
+    assert len(calls) == 1 and calls[0]["max_new_tokens"] == 6
+    torch.testing.assert_close(static, default, rtol=0, atol=0)
+    model.generation_config.cache_implementation = "static"
+    torch.testing.assert_close(model.generate(**inputs, max_new_tokens=6, do_sample=False), default, rtol=0, atol=0)
+    assert len(calls) == 2
+    with pytest.raises(ValueError, match=r"does not implement generation_config.num_beams=2"):
+        model.generate(**inputs, max_new_tokens=6, num_beams=2)
+    with pytest.raises(ValueError, match=r"argument 'streamer'"):
+        model.generate(**inputs, max_new_tokens=6, streamer=object())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_static_cache_implementation_on_cuda_replays_the_cuda_graph_to_the_default_tokens() -> None:
+    """On CUDA the static path's step is a CUDA graph; float32 greedy tokens equal transformers'."""
+    model = tiny_vlm().to("cuda")
+    images, prompts = prompts_and_images()
+    input_ids, attention_mask, pixel_values = model._prompt_batch(images, prompts)
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+    default = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)
+    static = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, cache_implementation="static")
+    assert model.static_decoder().cuda_graph
+    torch.testing.assert_close(static, default, rtol=0, atol=0)
