@@ -33,6 +33,7 @@ from mambavlm.config import (
 __all__ = [
     "Tracker",
     "DataConfig",
+    "LoraSettings",
     "SyntheticDataConfig",
     "TrainConfig",
     "TrainingConfig",
@@ -129,6 +130,22 @@ class TrainingConfig(StrictModel):
         return self
 
 
+class LoraSettings(StrictModel):
+    """The ``lora:`` section: train LoRA adapters on the LLM through peft instead of all its weights."""
+
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: float = Field(32.0, gt=0, description="scaling numerator: the update is (alpha / r) B A x")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: str | list[str] | None = Field(
+        None, description="peft's target_modules: None = the LLM family's default ([in_proj] for Mamba and "
+        "Mamba-2, 'all-linear' for LLaMA and hybrids), 'all-linear', or module names"
+    )
+    projector: Literal["full", "lora", "frozen"] = Field(
+        "full", description="the projector trains fully, by its own adapters, or not at all"
+    )
+    qlora: bool = Field(False, description="load the LLM in 4-bit NF4 (bitsandbytes, CUDA only): QLoRA")
+
+
 class TrainConfig(StrictModel):
     """A whole training run."""
 
@@ -144,6 +161,9 @@ class TrainConfig(StrictModel):
         default_factory=list, description="accelerate trackers; logs go under <output_dir>/logs"
     )
     cpu_threads: CpuThreads = None
+    lora: LoraSettings | None = Field(
+        None, description="LoRA / QLoRA adapters on the LLM (train.freeze then does not apply)"
+    )
 
     @model_validator(mode="after")
     def _data_fits_the_model(self) -> TrainConfig:

@@ -1,8 +1,9 @@
 """Fine-tune a MambaVLM: ``run_finetune(config)``, what ``train/finetune.py`` runs.
 
 Builds the model and data of a ``TrainConfig``, trains with the one engine (``mambavlm.training.engine``:
-one phase, the next-token objective, a freeze preset), saves the final model with
-``save_pretrained``, scores the val split by greedy exact match and writes ``metrics.json``.
+one phase, the next-token objective, a freeze preset or, with a ``lora:`` section, LoRA adapters),
+saves the final model with ``save_pretrained`` (the adapters with ``save_adapter``), scores the val
+split by greedy exact match and writes ``metrics.json``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mambavlm.training.config import DataConfig, TrainConfig
 from mambavlm.training.engine import Phase, Trainer, TrainerState, format_loss
 from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
 from mambavlm.training.objectives import NextTokenObjective
+from mambavlm.training.lora import LoraTrainable, apply_lora, save_adapter
 from mambavlm.training.optim import FreezePreset
 
 __all__ = ["FINAL_MODEL_DIR", "METRICS_FILE", "prepare_data", "run_finetune", "skip_metrics"]
@@ -39,6 +41,8 @@ SYNTHETIC_DIR = "data"
 SYNTHETIC_SPEC_FILE = "synthetic.json"
 VAL_ANSWERS_FILE = "val_answers.jsonl"
 TRAIN_CONFIG_FILE = "train_config.yaml"
+FINAL_ADAPTER_DIR = "final_adapter"
+"""Where a LoRA run writes its adapters (``python train/merge_lora.py`` makes a full model of them)."""
 
 
 def run_finetune(config: TrainConfig) -> dict[str, Any]:
@@ -67,6 +71,8 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     model = build_model(cfg.model)
     check_mamba_training_kernels(model.llm, acc.device)
+    if cfg.lora is not None:
+        apply_lora(model, cfg.lora)
     if cfg.train.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     dataset = training_dataset(model, train_json, image_root, cfg.data.max_length, cfg.blind)
@@ -77,7 +83,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     phase = Phase(
         name="finetune",
         objective=NextTokenObjective(model),
-        trainable=FreezePreset(train.freeze),
+        trainable=FreezePreset(train.freeze) if cfg.lora is None else LoraTrainable(cfg.lora),
         lr=train.lr,
         global_batch_size=train.global_batch_size,
         micro_batch_size=train.micro_batch_size,
@@ -93,12 +99,17 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     def fresh() -> MambaVLM:
         plain = build_model(cfg.model, load_weights=False, load_tokenizer=False)
         plain.tokenizer = model.tokenizer
+        if cfg.lora is not None:
+            apply_lora(plain, cfg.lora)
         return plain
 
     final_model = trainer.gathered_module(fresh)
     metrics: dict[str, Any] = {}
     if acc.is_main_process:
-        final_model.save_pretrained(output_dir / FINAL_MODEL_DIR)
+        if cfg.lora is None:
+            final_model.save_pretrained(output_dir / FINAL_MODEL_DIR)
+        else:
+            save_adapter(final_model, cfg.lora, output_dir / FINAL_ADAPTER_DIR)
         metrics = {
             "step_losses": state.phase_losses[0],
             **evaluate_val(final_model, cfg, val_json, image_root, output_dir),
@@ -115,7 +126,8 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         logger.info(
             f"done in {metrics['wall_seconds']:.1f} s: final loss {format_loss(final_loss)}, "
             f"val accuracy {metrics['val_accuracy']}, {state.num_skipped} skipped records; "
-            f"model in {output_dir / FINAL_MODEL_DIR}"
+            f"{'model' if cfg.lora is None else 'adapters'} in "
+            f"{output_dir / (FINAL_MODEL_DIR if cfg.lora is None else FINAL_ADAPTER_DIR)}"
         )
     acc.wait_for_everyone()
     trainer.end()

@@ -1,0 +1,235 @@
+"""LoRA and QLoRA fine-tuning of a MambaVLM through peft: adapters on the LLM, the projector trained
+fully (or by adapter, or frozen), adapters saved on their own and merged into a full model.
+
+``apply_lora(model, settings)`` replaces ``model.llm`` by peft's ``PeftModel`` around it (the
+adapter's weights are the only LLM parameters that train) and, with ``projector: lora``, injects
+adapters into the projector's linear layers. ``LoraTrainable`` is the trainer's policy for it.
+``save_adapter`` writes peft's ``adapter_config.json`` + ``adapter_model.safetensors`` for the LLM,
+the projector's trained weights, and the model config the base is rebuilt from; ``merge_adapter``
+folds the adapters into the base weights (peft's ``merge_and_unload``), giving a plain MambaVLM that
+``save_pretrained`` writes whole. QLoRA (``qlora: true``) loads the LLM's linear layers in 4-bit
+NF4 with bitsandbytes, on CUDA only, as QLoRA does (Dettmers et al., 2023).
+
+peft is an optional dependency (``pip install -e ".[lora]"``); it is imported when used.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from mambavlm.atomic import atomic_directory
+from mambavlm.model import MambaVLM
+from mambavlm.training.config import LoraSettings
+
+__all__ = [
+    "ADAPTER_DIR",
+    "BASE_DIR",
+    "MODEL_CONFIG_FILE",
+    "LoraTrainable",
+    "FAMILY_TARGETS",
+    "apply_lora",
+    "load_adapter",
+    "merge_adapter",
+    "save_adapter",
+    "target_modules",
+]
+
+ADAPTER_DIR = "llm_adapter"
+"""peft's adapter directory of the LLM inside a saved adapter."""
+PROJECTOR_FILE = "projector.safetensors"
+MODEL_CONFIG_FILE = "model_config.yaml"
+SETTINGS_FILE = "lora.json"
+BASE_DIR = "base"
+"""The base model inside a saved adapter, when its config does not pin its weights."""
+
+
+def _peft() -> Any:
+    try:
+        import peft
+    except ImportError as error:
+        raise ImportError('LoRA needs peft: pip install -e ".[lora]"') from error
+    return peft
+
+
+def _lora_config(settings: LoraSettings, target_modules: str | list[str]) -> Any:
+    peft = _peft()
+    return peft.LoraConfig(
+        r=settings.r,
+        lora_alpha=settings.alpha,
+        lora_dropout=settings.dropout,
+        target_modules=target_modules,
+        bias="none",
+    )
+
+
+def _quantized_llm(model: nn.Module) -> nn.Module:
+    """The LLM reloaded with its linear layers in 4-bit NF4 (bitsandbytes, double quantisation,
+    compute in bf16) on the current CUDA device, prepared for k-bit training by peft. The weights
+    go through a temporary directory: transformers quantises while loading."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("qlora: true loads the LLM in 4 bit with bitsandbytes, which needs CUDA")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError('qlora: true needs bitsandbytes: pip install -e ".[qlora]"') from error
+    from transformers import BitsAndBytesConfig
+
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
+        bnb_4bit_use_double_quant=True,
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        model.llm.save_pretrained(tmp)
+        quantized = type(model.llm).from_pretrained(
+            tmp, quantization_config=quantization, device_map={"": torch.cuda.current_device()}, dtype=torch.bfloat16
+        )
+    return _peft().prepare_model_for_kbit_training(quantized, use_gradient_checkpointing=False)
+
+
+FAMILY_TARGETS: dict[str, str | list[str]] = {
+    "mamba": ["in_proj"],
+    "mamba2": ["in_proj"],
+    "llama": "all-linear",
+    "hybrid_llama": "all-linear",
+}
+"""Default ``target_modules`` per ``llm.family``. Mamba-1 trains on CUDA through mamba_ssm's fused
+``mamba_inner_fn``, which reads ``x_proj``, ``dt_proj`` and ``out_proj`` weights directly, so adapters
+there would be skipped; peft refuses ``out_proj`` and ``conv1d`` for the Mamba model types."""
+
+BYPASSED_BY_FUSED_KERNEL = frozenset({"x_proj", "dt_proj", "out_proj", "conv1d"})
+
+
+def target_modules(settings: LoraSettings, family: str) -> str | list[str]:
+    """The adapters' target modules: ``settings.target_modules``, or the family's default. Raises
+    ValueError for a Mamba-1 target the fused training kernel bypasses."""
+    targets = settings.target_modules if settings.target_modules is not None else FAMILY_TARGETS[family]
+    if family == "mamba":
+        named = {targets} if isinstance(targets, str) else set(targets)
+        bypassed = sorted(named & BYPASSED_BY_FUSED_KERNEL) or (["x_proj", "dt_proj", "out_proj"] if targets == "all-linear" else [])
+        if bypassed:
+            raise ValueError(
+                f"lora.target_modules {targets!r}: {bypassed} of a Mamba-1 LLM are read as raw weights by "
+                "mamba_ssm's fused training kernel on CUDA, so adapters there would not train; use [in_proj]"
+            )
+    return targets
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings) -> None:
+    """Wrap ``model.llm`` in a peft LoRA model (4-bit base with ``settings.qlora``) and, with
+    ``settings.projector == "lora"``, add adapters to the projector's linear layers. In place.
+
+    Raises ImportError without peft (or bitsandbytes for QLoRA), RuntimeError for QLoRA without
+    CUDA, and ValueError for target modules the LLM cannot train through (``target_modules``).
+    """
+    peft = _peft()
+    llm = _quantized_llm(model) if settings.qlora else model.llm
+    targets = target_modules(settings, model.config.llm.family)
+    model.llm = peft.get_peft_model(llm, _lora_config(settings, targets))
+    if settings.projector == "lora":
+        peft.inject_adapter_in_model(_lora_config(settings, "all-linear"), model.projector)
+
+
+@dataclass(frozen=True)
+class LoraTrainable:
+    """The trainer's policy under LoRA: the adapters train, and the projector too with
+    ``projector: full``; everything else is frozen. Returns the names of the parameters that train."""
+
+    settings: LoraSettings
+
+    def __call__(self, model: nn.Module) -> set[str]:
+        for name, param in model.named_parameters():
+            adapter = "lora_" in name
+            full_projector = self.settings.projector == "full" and name.startswith("projector.")
+            param.requires_grad_(adapter or full_projector)
+        return {name for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _projector_state(model: nn.Module, settings: LoraSettings) -> dict[str, torch.Tensor]:
+    """What of the projector trains: all of it (``full``), its adapters (``lora``), nothing (``frozen``)."""
+    if settings.projector == "frozen":
+        return {}
+    state = model.projector.state_dict()
+    if settings.projector == "lora":
+        state = {k: v for k, v in state.items() if "lora_" in k}
+    return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def base_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of the model under the adapters, in the plain MambaVLM's names (peft's
+    ``base_model.model.`` and ``.base_layer`` removed, adapter tensors dropped)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace("llm.base_model.model.", "llm.").replace(".base_layer.", ".")
+        state[key] = value
+    return state
+
+
+def reproducible(model: nn.Module) -> bool:
+    """Whether the base model can be rebuilt from its YAML config alone: pretrained LLM and encoders."""
+    spec = model.config.spec
+    return spec.llm.source is not None and all(encoder.weights is not None for encoder in spec.vision.encoders)
+
+
+def save_adapter(model: nn.Module, settings: LoraSettings, path: str | Path) -> Path:
+    """Write the adapters of a LoRA-trained MambaVLM, atomically: ``llm_adapter/`` (peft's files),
+    ``projector.safetensors`` (the projector's trained weights), ``lora.json`` (the settings),
+    ``model_config.yaml`` (the base model's YAML config) and, when that config does not pin the base
+    (a random-init LLM or encoder), ``base/``: the base model itself (``save_pretrained``)."""
+    path = Path(path)
+    with atomic_directory(path) as tmp:
+        model.llm.save_pretrained(tmp / ADAPTER_DIR)
+        save_file(_projector_state(model, settings), str(tmp / PROJECTOR_FILE), metadata={"format": "pt"})
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(mode="json"), indent=1))
+        (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model.config.spec.model_dump(mode="json"), sort_keys=False))
+        if not reproducible(model):
+            with torch.device("meta"):  # the index buffers are built real (MambaProjectorLayer)
+                base = MambaVLM(copy.deepcopy(model.config))
+            base.load_state_dict(base_state_dict(model), assign=True)
+            base.attach_tokenizer(model.tokenizer)
+            base.save_pretrained(tmp / BASE_DIR)
+    return path
+
+
+def load_adapter(model: nn.Module, path: str | Path) -> LoraSettings:
+    """Put the adapters saved at ``path`` on a base MambaVLM (in place); returns their settings."""
+    peft = _peft()
+    path = Path(path)
+    settings = LoraSettings.model_validate_json((path / SETTINGS_FILE).read_text())
+    model.llm = peft.PeftModel.from_pretrained(model.llm, path / ADAPTER_DIR)
+    if settings.projector == "lora":
+        peft.inject_adapter_in_model(_lora_config(settings, "all-linear"), model.projector)
+    state = load_file(str(path / PROJECTOR_FILE))
+    own = model.projector.state_dict()
+    problems = [f"projector.{k}: not in the model" for k in state if k not in own]
+    problems += [f"projector.{k}: shape {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
+                 if k in own and own[k].shape != v.shape]
+    if problems:
+        raise ValueError(f"cannot load the adapter {path}:\n  " + "\n  ".join(problems))
+    model.projector.load_state_dict(state, strict=False)
+    return settings
+
+
+def merge_adapter(model: nn.Module, settings: LoraSettings) -> None:
+    """Fold the adapters into the base weights (peft's ``merge_and_unload``), in place: ``model.llm``
+    becomes the plain transformers LM again and the projector's linear layers plain ``nn.Linear``."""
+    peft = _peft()
+    model.llm = model.llm.merge_and_unload()
+    if settings.projector == "lora":
+        for name, module in list(model.projector.named_modules()):
+            if isinstance(module, peft.tuners.lora.LoraLayer):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                parent = model.projector.get_submodule(parent_name) if parent_name else model.projector
+                setattr(parent, child, module.get_base_layer())
