@@ -1,0 +1,64 @@
+"""The chat: a conversation's turns give what the model answers to the same text built another way
+(the Python conversation template + ``generate_ids``), streamed; the command line drives it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from mambavlm.chat import ChatSession
+from mambavlm.llm.tokenizer import tokenize_prompt
+from tests.conftest import ROOT, subprocess_env, tiny_vlm
+
+pytestmark = pytest.mark.usefixtures("on_cpu")
+
+
+def greedy(model, text: str, image: Image.Image | None, new: int) -> str:
+    """What the model answers to prompt text ``text``: tokenised by hand, decoded greedily."""
+    ids = torch.tensor([tokenize_prompt(text, model.tokenizer, model.num_visual_tokens, model.add_bos)])
+    pixels = None if image is None else model.preprocess_images([image])
+    out = model.generate_ids(ids, torch.ones_like(ids), pixels, fast=False, max_new_tokens=new, do_sample=False)
+    return model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+
+
+def test_turns_follow_the_conversation_template_and_stream_the_greedy_answer() -> None:
+    model = tiny_vlm()
+    image = Image.new("RGB", (40, 30), (230, 30, 30))
+    session = ChatSession(model, image, max_new_tokens=5)
+    first = list(session.ask("what colour is it ?"))
+    assert len(first) >= 1
+    answer1 = "".join(first).strip()
+    assert [answer1] == model.answer([image], ["what colour is it ?"], max_new_tokens=5, fast=False)
+    eos = model.tokenizer.eos_token
+    expected_prompt = model.template.prompt("and now ?", eos, history=[("<image>\nwhat colour is it ?", answer1)])
+    assert session.prompt("and now ?") == expected_prompt
+    answer2 = "".join(session.ask("and now ?")).strip()
+    assert answer2 == greedy(model, expected_prompt, image, 5)
+    assert [m["role"] for m in session.messages] == ["user", "assistant", "user", "assistant"]
+    session.reset(None)
+    assert session.prompt("hello") == model.template.prompt("hello", eos)
+    with pytest.raises(ValueError, match="empty"):
+        list(session.ask("  "))
+
+
+def test_command_line_chat_answers_each_line_and_resets(tmp_path: Path) -> None:
+    model = tiny_vlm()
+    model.save_pretrained(tmp_path / "model")
+    image = Image.new("RGB", (40, 30), (30, 30, 230))
+    image.save(tmp_path / "blue.png")
+    lines = "what colour is it ?\nand now ?\n/reset\nwhat colour is it ?\n/image missing.png\n/quit\n"
+    result = subprocess.run(
+        [sys.executable, "-m", "mambavlm.chat", "--model", str(tmp_path / "model"), "--image",
+         str(tmp_path / "blue.png"), "--max-new-tokens", "5", "--device", "cpu"],
+        input=lines, capture_output=True, text=True, cwd=ROOT, env=subprocess_env(), timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    answers = [line.removeprefix("model> ").strip() for line in result.stdout.splitlines() if line.startswith("model> ")]
+    expected = model.answer([image], ["what colour is it ?"], max_new_tokens=5, fast=False)[0]
+    assert len(answers) == 3 and answers[0] == expected and answers[2] == expected  # /reset forgot turn 1
+    assert "(new conversation)" in result.stdout and "error: cannot open missing.png" in result.stdout
