@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mambavlm.data",),
     ("mambavlm.training",),
     ("mambavlm.distill", "mambavlm.eval"),
-    ("mambavlm.describe", "mambavlm.chat", "mambavlm"),
+    ("mambavlm.describe", "mambavlm.chat", "mambavlm.demo", "mambavlm"),
 ]
 """Bottom to top: a module may import from its own layer or a lower one."""
 
