@@ -87,6 +87,7 @@ def _quantized_llm(model: nn.Module) -> nn.Module:
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16,
         bnb_4bit_use_double_quant=True,
+        llm_int8_skip_modules=QUANTIZATION_SKIPS.get(model.config.llm.family, ["lm_head"]),
     )
     with tempfile.TemporaryDirectory() as tmp:
         model.llm.save_pretrained(tmp)
@@ -107,6 +108,10 @@ FAMILY_TARGETS: dict[str, str | list[str]] = {
 there would be skipped; peft refuses ``out_proj`` and ``conv1d`` for the Mamba model types."""
 
 BYPASSED_BY_FUSED_KERNEL = frozenset({"x_proj", "dt_proj", "out_proj", "conv1d"})
+
+QUANTIZATION_SKIPS: dict[str, list[str]] = {"mamba": ["x_proj", "dt_proj", "out_proj", "lm_head"]}
+"""Linear layers QLoRA keeps in bf16, per family: the Mamba-1 weights the fused training kernel reads
+raw (a 4-bit packed weight there would be garbage), and the LM head (as QLoRA keeps it)."""
 
 
 def target_modules(settings: LoraSettings, family: str) -> str | list[str]:
