@@ -5,7 +5,7 @@ Registered through lmms-eval's entry-point group ``lmms_eval.models`` (``pyproje
 "mambavlm[lmms-eval]"``) is all it takes; nothing is loaded with ``trust_remote_code``. This module
 needs lmms-eval (imported at the top, as lmms-eval's own model modules do); the rest of mambavlm does not.
 
-``generate_until``: greedy (or sampled, with ``temperature`` > 0) answers through ``MambaVLM.generate``,
+``generate_until``: greedy (or sampled, with ``temperature`` > 0) answers through ``MambaVLM.answer``,
 in batches of ``batch_size`` requests sharing their generation arguments, cut at the first ``until``
 string as lmms-eval's models do. ``loglikelihood``: ``MambaVLM.continuation_logprobs`` as the mean negative
 log-likelihood per token, lmms-eval's LLaVA convention (see the method). A request with
