@@ -381,7 +381,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         pixel_values: Sequence[Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, list[Tensor] | None]:
         """Prompts (one per image; None for text-only) -> left-padded input_ids (B, L), attention_mask
-        (B, L) and pixel values on the model's device (``pixel_values`` as ``generate`` takes them)."""
+        (B, L) and pixel values on the model's device (``pixel_values`` as ``answer`` takes them)."""
         if self.tokenizer is None:
             raise RuntimeError("this model was built without a tokenizer")
         images = list(images) if images is not None else [None] * len(prompts)
@@ -431,7 +431,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         Prismatic's evaluation harness (TRI-ML/vlm-evaluation, ``generate_answer(...,
         return_string_probabilities=options)``) scores TallyQA, VSR and its other closed-set tasks this
         way: the softmax over the vocabulary at the first generated position, read at each option's one
-        token, renormalised over the options. Arguments as ``generate``; raises ValueError for an option
+        token, renormalised over the options. Arguments as ``answer``; raises ValueError for an option
         that is not one token (``option_token_ids``).
         """
         token_ids = torch.tensor(self.option_token_ids(options), device=self.device)
