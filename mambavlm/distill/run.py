@@ -234,6 +234,8 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
             "seeding": config.seeding,
             "mamba_layers": mamba_layers,
             "num_layers": num_layers,
+            "num_processes": acc.num_processes,
+            "gradient_accumulation_steps": acc.gradient_accumulation_steps,
             "wall_seconds": time.perf_counter() - started,
             "config": config.model_dump(mode="json"),
         }

@@ -150,3 +150,48 @@ def test_micro_batch_size_does_not_change_the_stage_losses(teacher: Path, tmp_pa
     for micro in (2, 1):
         assert losses[micro][0] == pytest.approx(losses[4][0], rel=1e-6), micro
         assert losses[micro] == pytest.approx(losses[4], rel=1e-5), micro
+
+
+def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Path, tmp_path: Path) -> None:
+    """mmMamba's three stages and MaTVLM's single stage with a global batch of 4: 1 process x 2
+    accumulation steps and 2 CPU processes (gloo) x 1 give the same step losses, and the student each
+    saves (gathered on the main process, one model) holds the same weights."""
+    import socket
+    import subprocess
+    import sys
+
+    import torch
+
+    from mambavlm.model import MambaVLM
+    from tests.conftest import subprocess_env
+
+    train = four_records(tmp_path / "data")
+    stages = ", ".join(
+        f"{{name: {name}, max_steps: 2, lr: 5.0e-3, global_batch_size: 4, micro_batch_size: 2{extra}}}"
+        for name, extra in (("stage1", ""), ("stage2", ""), ("stage3", ""), ("matvlm", ", gamma: 0.5"))
+    )
+    args = ["--config", str(ROOT / "configs/distill/tiny.yaml"), f"teacher={teacher}", f"data={{train: {train}}}",
+            f"stages=[{stages}]", "layout=head-interleaved:2"]
+    one = distill_main([*args, f"output_dir={tmp_path / 'one'}"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "train" / "distill.py"), *args, f"output_dir={tmp_path / 'two'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert (one["num_processes"], one["gradient_accumulation_steps"]) == (1, 2)
+    assert (two["num_processes"], two["gradient_accumulation_steps"]) == (2, 1)
+    losses = {name: [s["step_losses"] for s in metrics["stages"]] for name, metrics in (("one", one), ("two", two))}
+    assert [len(stage) for stage in losses["one"]] == [2, 2, 2, 2]
+    for stage_one, stage_two in zip(losses["one"], losses["two"], strict=True):
+        assert stage_two == pytest.approx(stage_one, rel=1e-5)
+    student_one = MambaVLM.from_pretrained(tmp_path / "one" / "student").state_dict()
+    student_two = MambaVLM.from_pretrained(tmp_path / "two" / "student").state_dict()
+    assert student_one.keys() == student_two.keys()
+    for key, value in student_one.items():
+        torch.testing.assert_close(student_two[key], value, rtol=1e-4, atol=1e-6, msg=key)
