@@ -115,13 +115,14 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
             grid_size=self.vision.grid_size,
             num_maps=self.vision.num_maps,
         )
-        self.tokenizer = tokenizer
+        self.tokenizer: PreTrainedTokenizerBase | None = None
         self.template: ConversationTemplate = get_template(config.llm.template)
         # FSDP auto-wrap (configs/accelerate/fsdp.yaml) wraps the LLM's own decoder blocks
         self._no_split_modules = list(getattr(self.llm, "_no_split_modules", None) or [])
         self._static_decoder: StaticDecoder | None = None
         self.post_init()
         self.generation_config = GenerationConfig.from_dict(self.llm.generation_config.to_dict())
+        self.attach_tokenizer(tokenizer)
 
     def _init_weights(self, module: nn.Module) -> None:
         """Weights: nothing, every part initialises its own when built (timm / open_clip, the
