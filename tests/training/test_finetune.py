@@ -13,8 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import transformers
 
+from mambavlm.config import ConfigError
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.model import MambaVLM
 from mambavlm.training import find_checkpoints, load_train_config, run_finetune
@@ -143,22 +145,47 @@ def test_two_processes_match_one_process(tmp_path):
     one = tmp_path / "one"
     run_finetune(load_train_config(TINY_TRAIN, [f"output_dir={one}", *common]))
     two = tmp_path / "two"
-    accelerate = Path(sys.executable).with_name("accelerate")
     # `accelerate launch --cpu` starts one process unless given an MPI hostfile; the torchrun launcher
     # (--multi_gpu) with ACCELERATE_USE_CPU starts two CPU processes that talk through gloo.
-    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
-    cmd = [
-        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--main_process_port", str(free_port()),
-        "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "train" / "finetune.py"), "--config", str(TINY_TRAIN), f"output_dir={two}", *common,
-    ]
-    result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = launch_two_processes(f"output_dir={two}", *common)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     m1, m2 = read_metrics(one), read_metrics(two)
     assert (m1["num_processes"], m1["gradient_accumulation_steps"]) == (1, 2)
     assert (m2["num_processes"], m2["gradient_accumulation_steps"]) == (2, 1)
     assert m2["step_losses"] == pytest.approx(m1["step_losses"], rel=1e-5)  # seen: <= 6e-8
+
+
+def launch_two_processes(*overrides: str) -> subprocess.CompletedProcess:
+    """train/finetune.py on 2 CPU processes (gloo) with the tiny train config and ``overrides``."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [
+        str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
+        str(ROOT / "train" / "finetune.py"), "--config", str(TINY_TRAIN), *overrides,
+    ]
+    env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_process_run_resumes_exactly_and_refuses_another_layout(tmp_path):
+    """2 processes, checkpoints at steps 3 and 6; resumed from step 3 on 2 processes, steps 4-6 repeat
+    the uninterrupted losses and final weights; resuming it on 1 process is refused, naming the change."""
+    common = [*MICRO_RUN, "data.synthetic.num_val=0"]
+    whole = tmp_path / "whole"
+    result = launch_two_processes(f"output_dir={whole}", *common)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert (whole / "checkpoint-3").is_dir()
+    resumed = tmp_path / "resumed"
+    result = launch_two_processes(f"output_dir={resumed}", *common, f"train.resume_from={whole / 'checkpoint-3'}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert read_metrics(resumed)["step_losses"] == pytest.approx(read_metrics(whole)["step_losses"], rel=1e-6)
+    final_whole = MambaVLM.from_pretrained(whole / "final").state_dict()
+    final_resumed = MambaVLM.from_pretrained(resumed / "final").state_dict()
+    for key, value in final_whole.items():
+        assert torch.allclose(final_resumed[key], value, rtol=1e-5, atol=1e-7), key
+    with pytest.raises(ConfigError, match=r"batch layout changed \(num_processes: 2 -> 1\)"):
+        run_finetune(micro_config(tmp_path / "one", "data.synthetic.num_val=0",
+                                  f"train.resume_from={whole / 'checkpoint-3'}"))
 
 
 # --- eval/evaluate.py -----------------------------------------------------------------------------
