@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +44,8 @@ __all__ = [
     "save_adapter",
     "target_modules",
 ]
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_DIR = "llm_adapter"
 """peft's adapter directory of the LLM inside a saved adapter."""
@@ -191,14 +194,20 @@ def save_adapter(model: nn.Module, settings: LoraSettings, path: str | Path) -> 
     """Write the adapters of a LoRA-trained MambaVLM, atomically: ``llm_adapter/`` (peft's files),
     ``projector.safetensors`` (the projector's trained weights), ``lora.json`` (the settings),
     ``model_config.yaml`` (the base model's YAML config) and, when that config does not pin the base
-    (a random-init LLM or encoder), ``base/``: the base model itself (``save_pretrained``)."""
+    (a random-init LLM or encoder), ``base/``: the base model itself (``save_pretrained``; not under
+    QLoRA, whose LLM is 4-bit: a warning says to merge with ``--base``)."""
     path = Path(path)
     with atomic_directory(path) as tmp:
         model.llm.save_pretrained(tmp / ADAPTER_DIR)
         save_file(_projector_state(model, settings), str(tmp / PROJECTOR_FILE), metadata={"format": "pt"})
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(mode="json"), indent=1))
         (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model.config.spec.model_dump(mode="json"), sort_keys=False))
-        if not reproducible(model):
+        if not reproducible(model) and settings.qlora:
+            logger.warning(
+                "%s: the base model is not pinned by its config and its LLM is 4-bit here, so it is not saved; "
+                "merge with train/merge_lora.py --base (the model the run started from)", path
+            )
+        elif not reproducible(model):
             with torch.device("meta"):  # the index buffers are built real (MambaProjectorLayer)
                 base = MambaVLM(copy.deepcopy(model.config))
             base.load_state_dict(base_state_dict(model), assign=True)
