@@ -2,6 +2,7 @@
 
     python -m benchmarks.eval_throughput            # CUDA: MambaVLM-2.8B, bf16, batch 1 / 8 / 32 / 64
     python -m benchmarks.eval_throughput --quick    # CPU: the tiny config (CI)
+    python -m benchmarks.eval_throughput --profile  # + where the GPU idles in the loop (largest batch)
 
 What ``eval/run.py`` does per batch, timed end to end through the same function
 (``mambavlm.training.evaluation.iter_answers``), with random weights and nothing downloaded: each
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,7 +101,8 @@ STAGES = ("open + preprocess (CPU)", "vision + projector", "LLM prefill", "decod
 
 def stage_seconds(model: MambaVLM, items: list[tuple[str, Path, str]], batch_size: int,
                   new_tokens: int) -> dict[str, float]:
-    """The fast path's batches split into stages run one after another, each synchronised: seconds."""
+    """The fast path's batches split into stages run one after another, each synchronised: seconds,
+    after an untimed first batch (it allocates the decoder's state and captures its CUDA graph)."""
     device = model.device
     decoder = model.static_decoder()
     settings = GenerationSettings.from_generate_kwargs(
@@ -107,7 +110,8 @@ def stage_seconds(model: MambaVLM, items: list[tuple[str, Path, str]], batch_siz
         model.llm.generation_config,
     )
     totals = dict.fromkeys(STAGES, 0.0)
-    for start in range(0, len(items), batch_size):
+    starts = list(range(0, len(items), batch_size))
+    for warm_up, start in zip([True] + [False] * len(starts), [0] + starts):  # the first batch captures the graph
         batch = items[start:start + batch_size]
         marks = [time.perf_counter()]
         ids = [model.build_prompt_ids(prompt, True) for _, _, prompt in batch]
@@ -124,8 +128,48 @@ def stage_seconds(model: MambaVLM, items: list[tuple[str, Path, str]], batch_siz
         decoder.decode(logits, settings).cpu()
         marks.append(time.perf_counter())
         for stage, begin, end in zip(STAGES, marks, marks[1:]):
-            totals[stage] += end - begin
+            totals[stage] += 0.0 if warm_up else end - begin
     return totals
+
+
+def gpu_idle_profile(fn: Callable[[], object], gaps: int) -> str:
+    """Run ``fn`` under torch.profiler and report how much of the span from its first CUDA kernel to
+    its last the GPU ran none (the union of kernel intervals, CUDA-graph kernels included), and the
+    ``gaps`` longest idle gaps with the kernels either side: the time the loop loses between stages."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    kernels = sorted(
+        (e.time_range.start, e.time_range.end, e.name)
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
+    )
+    if not kernels:
+        return "no CUDA kernels were recorded"
+    busy, idle = 0.0, []
+    start, end, name = kernels[0]
+    for k_start, k_end, k_name in kernels[1:]:
+        if k_start > end:
+            busy += end - start
+            idle.append((k_start - end, name, k_name))
+            start = k_start
+        if k_end > end:
+            end, name = k_end, k_name
+    busy += end - start
+    span = kernels[-1][1] - kernels[0][0]
+    idle.sort(reverse=True)
+    over = [gap for gap in idle if gap[0] >= 500]
+    lines = [
+        f"- span {span / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({100 * busy / span:.1f} %), idle "
+        f"{(span - busy) / 1e3:.1f} ms in {len(idle)} gaps; {len(over)} gaps >= 0.5 ms total "
+        f"{sum(g for g, _, _ in over) / 1e3:.1f} ms",
+        "",
+        markdown_table(["idle ms", "after kernel", "before kernel"],
+                       [[f"{g / 1e3:.2f}", a[:70], b[:70]] for g, a, b in idle[:gaps]]),
+    ]
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> str:
@@ -169,6 +213,12 @@ def run(args: argparse.Namespace) -> str:
                               + [f"{1e3 * totals[s] / hf_samples:.1f} ({100 * totals[s] / whole:.0f} %)" for s in STAGES]
                               + [f"{hf_samples / whole:.2f}"])
             free_memory(device)
+        profile_text = ""
+        if args.profile and device.type == "cuda":
+            batch_size = batch_sizes[-1]
+            profile_text = gpu_idle_profile(
+                lambda: answer_all(model, items, batch_size, args.new_tokens, fast=True), gaps=12
+            )
     fast_vs_hf = sum(_first_word(reference[True][k]) == _first_word(reference[False][k]) for k in reference[False])
     best = max((r for r in rows if r.path.startswith("ours")), key=lambda r: r.samples_per_s)
     lines = [
@@ -192,13 +242,17 @@ def run(args: argparse.Namespace) -> str:
         "nothing hides (the later batches' are prefetched)"
     )
     stage_table = markdown_table(["batch"] + [f"{s}: ms / sample" for s in STAGES] + ["samples/s"], stage_rows)
+    sections = [setup, markdown_table(HEADERS, [r.cells() for r in rows]), "\n".join(lines),
+                f"The fast path's stages one after another (synchronised, no overlap, one thread preprocessing; "
+                f"{hf_samples} samples):", stage_table]
+    if profile_text:
+        sections += [f"Where the GPU idles in the loop (fast path, batch {batch_sizes[-1]}, {num_samples} samples, "
+                     "torch.profiler):", profile_text]
     return write_report(
         args.out or default_out("eval_throughput", args.quick),
         "Evaluation throughput: the evaluation loop, fast path vs HF generate",
         device,
-        [setup, markdown_table(HEADERS, [r.cells() for r in rows]), "\n".join(lines),
-         f"The fast path's stages one after another (synchronised, no overlap, one thread preprocessing; "
-         f"{hf_samples} samples):", stage_table],
+        sections,
     )
 
 
@@ -213,6 +267,7 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 32 64 (1 4 with --quick)")
     parser.add_argument("--samples", type=int, help="questions per row of ours (default 256; 8 with --quick)")
     parser.add_argument("--hf-samples", type=int, help="questions per HF generate row (default 64; 8 with --quick)")
+    parser.add_argument("--profile", action="store_true", help="+ where the GPU idles in the loop (CUDA only)")
     parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
     run(parser.parse_args())
 

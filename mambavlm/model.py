@@ -227,23 +227,34 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         text = self.template.prompt(prompt, eos_token=self.tokenizer.eos_token or "")
         return tokenize_prompt(text, self.tokenizer, self.num_visual_tokens, self.add_bos)
 
-    def prompt_problem(self, prompt: object, with_image: bool, max_new_tokens: int = 0) -> str | None:
-        """Why ``prompt`` cannot be answered (None if it can): not a string, ``<image>`` placeholders that
-        do not match the image (more than one, or one without an image), or a prompt that with
-        ``max_new_tokens`` exceeds ``config.max_sequence_length`` (the numbers are in the message)."""
+    def checked_prompt_ids(self, prompt: object, with_image: bool, max_new_tokens: int = 0) -> list[int]:
+        """``build_prompt_ids`` for a prompt that can be answered with ``max_new_tokens`` new tokens.
+
+        Raises ValueError saying why it cannot: not a string, ``<image>`` placeholders that do not
+        match the image (more than one, or one without an image), or a prompt that with
+        ``max_new_tokens`` exceeds ``config.max_sequence_length`` (the numbers are in the message).
+        """
         if not isinstance(prompt, str):
-            return f"the question is a {type(prompt).__name__}, not a string"
+            raise ValueError(f"the question is a {type(prompt).__name__}, not a string")
         placeholders = prompt.count(IMAGE_TOKEN)
         if with_image and placeholders > 1:
-            return f"the question holds {placeholders} {IMAGE_TOKEN} placeholders for one image"
+            raise ValueError(f"the question holds {placeholders} {IMAGE_TOKEN} placeholders for one image")
         if not with_image and placeholders:
-            return f"the question holds {IMAGE_TOKEN} but the record has no image"
-        length = len(self.build_prompt_ids(prompt, with_image))
-        if length + max_new_tokens > self.config.max_sequence_length:
-            return (
-                f"the prompt is {length} tokens ({self.num_visual_tokens} of them visual); with "
+            raise ValueError(f"the question holds {IMAGE_TOKEN} but the record has no image")
+        ids = self.build_prompt_ids(prompt, with_image)
+        if len(ids) + max_new_tokens > self.config.max_sequence_length:
+            raise ValueError(
+                f"the prompt is {len(ids)} tokens ({self.num_visual_tokens} of them visual); with "
                 f"{max_new_tokens} new tokens it exceeds max_length={self.config.max_sequence_length}"
             )
+        return ids
+
+    def prompt_problem(self, prompt: object, with_image: bool, max_new_tokens: int = 0) -> str | None:
+        """Why ``prompt`` cannot be answered (``checked_prompt_ids``' message), or None if it can."""
+        try:
+            self.checked_prompt_ids(prompt, with_image, max_new_tokens)
+        except ValueError as err:
+            return str(err)
         return None
 
     def static_decoder(self) -> StaticDecoder:
@@ -373,7 +384,11 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
             do_sample=do_sample,
             **generate_kwargs,
         )
-        return [s.strip() for s in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return self.decode_answers(out)
+
+    def decode_answers(self, new_ids: Tensor) -> list[str]:
+        """New token ids (B, T) -> B answers: decoded without special tokens, stripped."""
+        return [s.strip() for s in self.tokenizer.batch_decode(new_ids, skip_special_tokens=True)]
 
     def _prompt_batch(
         self,

@@ -79,7 +79,8 @@ class StaticDecoder(ABC):
 
     @abstractmethod
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
-        """Prompt (B, L, D) -> next-token logits (B, V) in float32; writes the buffers."""
+        """Prompt (B, L, D) -> next-token logits (B, V) in float32; writes the buffers. attention_mask:
+        a left-padding mask with at least one zero (``prefill`` passes None for a batch without padding)."""
 
     @abstractmethod
     def _step_eager(self, input_ids: Tensor) -> Tensor:
@@ -123,14 +124,17 @@ class StaticDecoder(ABC):
                 raise ValueError(
                     f"attention_mask must be {tuple(inputs_embeds.shape[:2])}, got {tuple(attention_mask.shape)}"
                 )
-            if not bool(attention_mask[:, -1].all()):
+            mask = attention_mask.cpu()  # one sync, then every check on the host
+            if not bool(mask[:, -1].all()):
                 raise ValueError("prompts must be left-padded: attention_mask[:, -1] has zeros")
-            holes = (attention_mask[:, 1:] < attention_mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+            holes = (mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
             if holes:
                 raise ValueError(
                     f"prompts must be left-padded: attention_mask rows {holes} have a 0 after a 1 "
                     "(padding only before a prompt)"
                 )
+            if bool(mask.all()):
+                attention_mask = None
         self._prepare(inputs_embeds.shape[0], inputs_embeds.shape[1] + max_new_tokens)
         self._length = inputs_embeds.shape[1]
         return self._prefill(inputs_embeds, attention_mask)

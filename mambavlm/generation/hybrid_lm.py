@@ -97,7 +97,7 @@ class HybridStaticDecoder(StaticDecoder):
 
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
         batch, length, _ = inputs_embeds.shape
-        real = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
+        real = None if attention_mask is None else attention_mask.bool()
         if real is None:
             positions = torch.arange(length, device=inputs_embeds.device).expand(batch, length)
         else:

@@ -81,7 +81,7 @@ class StaticStateDecoder(StaticDecoder):
         return self._logits(self._blocks(hidden, step, last_only=False))
 
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
-        padding = None if attention_mask is None or bool(attention_mask.all()) else attention_mask
+        padding = attention_mask
         if self.mamba1:
             # Bias-free blocks keep a zero residual stream zero (see StatefulMambaMixer.prefill): more
             # left padding changes nothing, and the padding is zeroed once here, not in every layer.

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from mambavlm.data.llava import IMAGE_LOAD_ERRORS, load_records
 from mambavlm.llm.templates import ASSISTANT_ROLES, HUMAN_ROLES
+from mambavlm.processing import left_pad
 from mambavlm.vision.image import open_image
 
 __all__ = [
@@ -127,35 +128,79 @@ def _open_image(path: Path, blind: bool) -> Image.Image | str:
     return Image.new("RGB", image.size, BLANK_COLOR) if blind else image
 
 
-def _load_item(model: Any, path: Path | None, blind: bool) -> tuple[Image.Image | str | None, list[Tensor] | None]:
-    """Open one item's image and run it through the encoders' preprocessing (CPU work only).
+@dataclass
+class _PreparedBatch:
+    """One evaluation batch with all its CPU work done: what ``iter_answers`` hands the model.
 
-    Returns its image, the reason it cannot be read, or None (no image); and its pixel values, one
-    (1, 3, H_m, W_m) tensor per encoder (``model.preprocess_images``), or None.
+    ids / prompts / images: the items that can be answered, in order (images: None for text-only).
+    skipped: (id, reason) of the others. input_ids, attention_mask: their prompts left-padded, (B, L),
+    pixels: their images, one (N, 3, H_m, W_m) tensor per encoder or None; on CPU, pinned when the
+    model is on CUDA (so the copy to the device is asynchronous). All None when nothing is answerable.
     """
+
+    ids: list[str]
+    prompts: list[str]
+    images: list[Image.Image | None]
+    skipped: list[tuple[str, str]]
+    input_ids: Tensor | None
+    attention_mask: Tensor | None
+    pixels: list[Tensor] | None
+
+
+def _prepare_item(
+    model: Any, path: Path | None, prompt: object, blind: bool, max_new_tokens: int
+) -> tuple[Image.Image | None, list[int], list[Tensor] | None] | str:
+    """One item's CPU work: open its image and run every encoder's preprocessing, check and tokenise
+    its prompt. Returns (image or None, prompt ids, pixel values: one (1, 3, H_m, W_m) per encoder, or
+    None), or the reason it cannot be answered (an unreadable image first, then ``checked_prompt_ids``)."""
     image = _open_image(path, blind) if path is not None else None
-    return image, (model.preprocess_images([image]) if isinstance(image, Image.Image) else None)
+    if isinstance(image, str):
+        return image
+    try:
+        ids = model.checked_prompt_ids(prompt, image is not None, max_new_tokens)
+    except ValueError as err:
+        return str(err)
+    return image, ids, (model.preprocess_images([image]) if image is not None else None)
 
 
-def _load_batch(
-    pool: ThreadPoolExecutor, model: Any, batch: Sequence[tuple[str, Path | None, object]], blind: bool
-) -> Future[tuple[list[Image.Image | str | None], list[Tensor] | None]]:
-    """Start opening and preprocessing a batch's images on ``pool``, one task per item, and one that
-    gathers them: (per item its image, the reason it cannot be read, or None; the readable images'
-    pixel values in item order, one (N, 3, H_m, W_m) tensor per encoder, or None). For a model on
-    CUDA the pixels are gathered into pinned memory, so that their copy to the GPU is asynchronous."""
-    futures = [pool.submit(_load_item, model, path, blind) for _, path, _ in batch]
+def _prepare_batch(
+    pool: ThreadPoolExecutor,
+    model: Any,
+    batch: Sequence[tuple[str, Path | None, object]],
+    blind: bool,
+    max_new_tokens: int,
+) -> Future[_PreparedBatch]:
+    """Start a batch's CPU work on ``pool``: one task per item (``_prepare_item``), and one that
+    gathers them into a ``_PreparedBatch`` (queued after its items, so it never waits on a task not
+    yet started)."""
+    futures = [pool.submit(_prepare_item, model, path, prompt, blind, max_new_tokens) for _, path, prompt in batch]
     pin = torch.device(model.device).type == "cuda"
 
-    def gather() -> tuple[list[Image.Image | str | None], list[Tensor] | None]:
-        loaded = [future.result() for future in futures]
-        pixels = [item_pixels for _, item_pixels in loaded if item_pixels is not None]
+    def gather() -> _PreparedBatch:
+        ids, prompts, images, token_ids, pixels, skipped = [], [], [], [], [], []
+        for (item_id, _, prompt), future in zip(batch, futures):
+            result = future.result()
+            if isinstance(result, str):
+                logger.warning("skipping %s: %s", item_id, result)
+                skipped.append((item_id, result))
+                continue
+            image, item_ids, item_pixels = result
+            ids.append(item_id)
+            prompts.append(prompt)
+            images.append(image)
+            token_ids.append(item_ids)
+            if item_pixels is not None:
+                pixels.append(item_pixels)
+        if not ids:
+            return _PreparedBatch(ids, prompts, images, skipped, None, None, None)
+        input_ids, attention_mask = left_pad(token_ids, model.tokenizer.pad_token_id)
         gathered = [torch.cat(column) for column in zip(*pixels)] if pixels else None
-        if gathered is not None and pin:
-            gathered = [column.pin_memory() for column in gathered]
-        return [image for image, _ in loaded], gathered
+        if pin:
+            input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
+            gathered = [column.pin_memory() for column in gathered] if gathered is not None else None
+        return _PreparedBatch(ids, prompts, images, skipped, input_ids, attention_mask, gathered)
 
-    return pool.submit(gather)  # queued after its items, so it never waits on a task not yet started
+    return pool.submit(gather)
 
 
 def image_workers() -> int:
@@ -178,53 +223,47 @@ def iter_answers(
 
     Yields ``(answers, skipped)`` per batch: ``(id, answer)`` for each item answered, ``(id, reason)``
     for each that cannot be (an unreadable image, a prompt that is not a string, placeholders that do
-    not match the image, a prompt too long for the model with ``max_new_tokens``). While one batch
-    generates, ``image_workers()`` threads open and preprocess the next batch's images, one item per
-    task (decoding and resizing release the GIL), so on a GPU the CPU work hides behind the model's. ``fast``: as in
-    ``MambaVLM.generate_ids`` (None: the static decoder where it applies). ``options``: answer by
-    likelihood instead (``MambaVLM.option_logprobs``): each answer is then {option: log-probability}.
+    not match the image, a prompt too long for the model with ``max_new_tokens``). All of a batch's CPU
+    work (opening and preprocessing its images, checking and tokenising its prompts, padding, pinning)
+    runs on ``image_workers()`` threads while the batch before it generates, one item per task
+    (decoding and resizing release the GIL): on a GPU the loop's main thread only copies a prepared
+    batch over and launches the model, so the GPU does not wait for the CPU between batches (measured
+    in ``benchmarks/eval_throughput.py --profile``). ``fast``: as in ``MambaVLM.generate_ids`` (None:
+    the static decoder where it applies). ``options``: answer by likelihood instead
+    (``MambaVLM.option_logprobs``): each answer is then {option: log-probability}.
     Raises ValueError for a batch size below 1.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(max_workers=image_workers(), thread_name_prefix="eval-images") as pool:
-        pending = _load_batch(pool, model, batches[0], blind) if batches else None
-        for index, batch in enumerate(tqdm(batches, desc="generate", disable=not show_progress)):
-            images, pixels = pending.result()
+    device = torch.device(model.device)
+    with ThreadPoolExecutor(max_workers=image_workers(), thread_name_prefix="eval-batches") as pool:
+        pending = _prepare_batch(pool, model, batches[0], blind, max_new_tokens) if batches else None
+        for index in tqdm(range(len(batches)), desc="generate", disable=not show_progress):
+            prepared = pending.result()
             if index + 1 < len(batches):
-                pending = _load_batch(pool, model, batches[index + 1], blind)
-            ids, prompts, kept_images, kept_rows, skipped = [], [], [], [], []
-            row = 0
-            for (item_id, _, prompt), image in zip(batch, images):
-                if isinstance(image, Image.Image):
-                    row += 1
-                problem = image if isinstance(image, str) else model.prompt_problem(prompt, image is not None, max_new_tokens)
-                if problem is not None:
-                    logger.warning("skipping %s: %s", item_id, problem)
-                    skipped.append((item_id, problem))
-                    continue
-                ids.append(item_id)
-                prompts.append(prompt)
-                kept_images.append(image)
-                if image is not None:
-                    kept_rows.append(row - 1)
-            answers = []
-            if ids:
-                kept_pixels = None
-                if kept_rows == list(range(row)):
-                    kept_pixels = pixels
-                elif kept_rows:
-                    index_tensor = torch.tensor(kept_rows)
-                    kept_pixels = [p.index_select(0, index_tensor) for p in pixels]
+                pending = _prepare_batch(pool, model, batches[index + 1], blind, max_new_tokens)
+            answers: list[Any] = []
+            if prepared.ids:
+                pixels = [_to_device(p, device) for p in prepared.pixels] if prepared.pixels is not None else None
                 if options is None:
-                    answers = model.answer(
-                        kept_images, prompts, max_new_tokens=max_new_tokens, do_sample=False,
-                        pixel_values=kept_pixels, fast=fast,
+                    new_ids = model.generate_ids(
+                        _to_device(prepared.input_ids, device),
+                        _to_device(prepared.attention_mask, device),
+                        pixels,
+                        fast=fast,
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
                     )
+                    answers = model.decode_answers(new_ids)
                 else:
-                    answers = model.option_logprobs(kept_images, prompts, options, pixel_values=kept_pixels)
-            yield list(zip(ids, answers)), skipped
+                    answers = model.option_logprobs(prepared.images, prepared.prompts, options, pixel_values=pixels)
+            yield list(zip(prepared.ids, answers)), prepared.skipped
+
+
+def _to_device(tensor: Tensor, device: torch.device) -> Tensor:
+    """A copy on ``device``, asynchronous from pinned memory."""
+    return tensor.to(device, non_blocking=tensor.is_pinned())
 
 
 def generate_answers(
