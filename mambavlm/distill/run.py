@@ -43,7 +43,7 @@ from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
 from mambavlm.model import MambaVLM, is_mambavlm_directory
-from mambavlm.training.engine import Phase, Trainer
+from mambavlm.training.engine import Phase, Trainer, throughput_summary
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
 from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
 
@@ -229,6 +229,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
             "teacher_val_accuracy": teacher_accuracy,
             "student_val_accuracy": val_accuracy(student, val_json, image_root, val_set, config),
             "stages": stages,
+            "throughput": throughput_summary(state, [stage.name for stage in config.stages]),
             **skip_metrics(state),
             "layout": str(config.layout),
             "seeding": config.seeding,

@@ -71,6 +71,8 @@ __all__ = [
     "TrainablePolicy",
     "TrainerState",
     "gradient_accumulation_steps",
+    "new_throughput",
+    "throughput_summary",
 ]
 
 logger = get_logger(__name__)
@@ -145,6 +147,10 @@ class TrainerState:
     over all phases (the checkpoint number). phase_losses: per phase, its step losses (None for a step
     whose every record was skipped). Skips: total, by kind (``SKIP_KINDS``); truncated samples.
     layout: the current phase's (processes, micro-batch, global batch), which a resume must match.
+    phase_throughput: per phase, what its timed steps took (``new_throughput``): every step but the
+    first of each start of the phase (its warm-up: kernel compilation, allocator growth), checkpoint
+    writes excluded; samples and tokens (attention-mask tokens, visual included) over all processes;
+    the peak device memory of any one process (GiB; None on the CPU).
     """
 
     phase: int = 0
@@ -157,6 +163,7 @@ class TrainerState:
     skipped_by_kind: dict[str, int] = field(default_factory=dict)
     num_truncated: int = 0
     layout: dict[str, int] = field(default_factory=dict)
+    phase_throughput: list[dict[str, float | None]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +175,31 @@ class TrainerState:
             unknown = sorted(set(data) - known) if isinstance(data, dict) else data
             raise ValueError(f"{source}: not a trainer state of this mambavlm (unexpected: {unknown})")
         return cls(**data)
+
+
+def new_throughput() -> dict[str, float | None]:
+    """An empty ``TrainerState.phase_throughput`` entry."""
+    return {"timed_steps": 0, "seconds": 0.0, "samples": 0.0, "tokens": 0.0, "peak_memory_gib": None}
+
+
+def throughput_summary(state: TrainerState, phase_names: Sequence[str]) -> list[dict[str, Any]]:
+    """Per phase, for metrics.json: its name, timed steps, their seconds, samples and tokens, samples/s
+    and tokens/s over all processes (None when no step was timed), and the peak memory of one process
+    in GiB (None on the CPU)."""
+    summary = []
+    for name, entry in zip(phase_names, state.phase_throughput):
+        seconds = entry["seconds"]
+        summary.append({
+            "phase": name,
+            "timed_steps": entry["timed_steps"],
+            "seconds": seconds,
+            "samples": entry["samples"],
+            "tokens": entry["tokens"],
+            "samples_per_s": entry["samples"] / seconds if seconds else None,
+            "tokens_per_s": entry["tokens"] / seconds if seconds else None,
+            "peak_memory_gib": entry["peak_memory_gib"],
+        })
+    return summary
 
 
 def gradient_accumulation_steps(global_batch_size: int, micro_batch_size: int, num_processes: int) -> int:
@@ -273,6 +305,7 @@ class Trainer:
                     f"this run has {len(phases)}"
                 )
             logger.info(f"resuming from {resume}: phase {phases[state.phase].name}, step {state.step}")
+        state.phase_throughput += [new_throughput() for _ in range(len(phases) - len(state.phase_throughput))]
         resume_phase = state.phase
         for index, phase in enumerate(phases):
             if index < resume_phase:
@@ -404,6 +437,10 @@ class Trainer:
             total=total_steps, initial=state.step, desc=phase.name, disable=not acc.is_local_main_process
         )
         window = _Window()
+        throughput = state.phase_throughput[state.phase]
+        if acc.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(acc.device)
+        step_start: float | None = None  # None: the step running is this start's first, not timed
         model.train()
         scale = acc.num_processes * accumulation
         while state.step < total_steps:
@@ -429,6 +466,13 @@ class Trainer:
                         optimizer.zero_grad()
                     state.batches_done += 1
                 loss_sum, samples, tokens, skipped, truncated = acc.reduce(totals, "sum").tolist()
+                now = time.perf_counter()
+                if step_start is not None:
+                    throughput["timed_steps"] += 1
+                    throughput["seconds"] += now - step_start
+                    throughput["samples"] += samples
+                    throughput["tokens"] += tokens
+                step_start = now
                 for kind in gather_object(kinds) if acc.num_processes > 1 else kinds:
                     state.skipped_by_kind[kind] = state.skipped_by_kind.get(kind, 0) + 1
                 step_loss = loss_sum if bool(num_items.sum() > 0) else None  # None: every record skipped
@@ -447,9 +491,20 @@ class Trainer:
                     self._log(phase, state, total_steps, step_loss, lr, window)
                 if self.save_every and state.global_step % self.save_every == 0 and state.step < total_steps:
                     self._save(state)
+                    step_start = time.perf_counter()
                 if state.batches_done == 0:
                     break
         progress.close()
+        if acc.device.type == "cuda":
+            peak = acc.gather(torch.tensor([torch.cuda.max_memory_allocated(acc.device) / 2**30], device=acc.device))
+            throughput["peak_memory_gib"] = max(float(peak.max()), throughput["peak_memory_gib"] or 0.0)
+        if throughput["seconds"]:
+            logger.info(
+                f"phase {phase.name}: {throughput['tokens'] / throughput['seconds']:,.0f} tokens/s, "
+                f"{throughput['samples'] / throughput['seconds']:.2f} samples/s over {throughput['timed_steps']} "
+                f"timed steps" + (f", peak {throughput['peak_memory_gib']:.2f} GiB per process"
+                                  if throughput["peak_memory_gib"] is not None else "")
+            )
 
     def _num_items(self, phase: Phase, batch: dict[str, Any]) -> Tensor:
         """The micro-batch's loss items (``Objective.num_items``; zeros when every record was skipped)."""

@@ -25,7 +25,7 @@ from mambavlm.atomic import atomic_file
 from mambavlm.llm.factory import check_mamba_training_kernels
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training.config import DataConfig, TrainConfig
-from mambavlm.training.engine import Phase, Trainer, TrainerState, format_loss
+from mambavlm.training.engine import Phase, Trainer, TrainerState, format_loss, throughput_summary
 from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
 from mambavlm.training.objectives import NextTokenObjective
 from mambavlm.training.lora import LoraTrainable, apply_lora, save_adapter
@@ -114,6 +114,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
             "step_losses": state.phase_losses[0],
             **evaluate_val(final_model, cfg, val_json, image_root, output_dir),
             **skip_metrics(state),
+            "throughput": throughput_summary(state, [phase.name])[0],
             "steps": state.step,
             "num_processes": acc.num_processes,
             "gradient_accumulation_steps": acc.gradient_accumulation_steps,

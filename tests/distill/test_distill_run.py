@@ -190,6 +190,12 @@ def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Pa
     assert [len(stage) for stage in losses["one"]] == [2, 2, 2, 2]
     for stage_one, stage_two in zip(losses["one"], losses["two"], strict=True):
         assert stage_two == pytest.approx(stage_one, rel=1e-5)
+    # each stage's second step is timed (its first warms up), 4 samples, counted over both processes
+    for metrics in (one, two):
+        assert [(t["phase"], t["timed_steps"], t["samples"]) for t in metrics["throughput"]] == [
+            (name, 1, 4) for name in ("stage1", "stage2", "stage3", "matvlm")
+        ]
+    assert [t["tokens"] for t in two["throughput"]] == [t["tokens"] for t in one["throughput"]]
     student_one = MambaVLM.from_pretrained(tmp_path / "one" / "student").state_dict()
     student_two = MambaVLM.from_pretrained(tmp_path / "two" / "student").state_dict()
     assert student_one.keys() == student_two.keys()

@@ -72,6 +72,10 @@ def test_short_run_learns_and_writes_its_outputs(micro_run):
     assert metrics["num_skipped"] == 0 and metrics["steps"] == 6
     assert metrics["val_num_items"] == 12 and 0.0 <= metrics["val_accuracy"] <= 1.0
     assert metrics["config"]["train"]["max_steps"] == 6
+    throughput = metrics["throughput"]  # steps 2-6 timed (the first is the warm-up), 8 samples each
+    assert (throughput["phase"], throughput["timed_steps"], throughput["samples"]) == ("finetune", 5, 40)
+    assert throughput["tokens_per_s"] == pytest.approx(throughput["tokens"] / throughput["seconds"])
+    assert throughput["tokens"] > 40 * 8 and throughput["peak_memory_gib"] is None  # no CUDA here
     assert [p.name for p in find_checkpoints(micro_run)] == ["checkpoint-3", "checkpoint-6"]
     state = json.loads((micro_run / "checkpoint-3" / TRAINER_STATE_FILE).read_text())
     assert (state["step"], state["global_step"], state["phase_losses"]) == (3, 3, [losses[:3]])
@@ -85,6 +89,8 @@ def test_resume_repeats_the_uninterrupted_losses(micro_run, tmp_path):
     run_finetune(config)
     resumed, uninterrupted = read_metrics(tmp_path)["step_losses"], read_metrics(micro_run)["step_losses"]
     assert resumed == uninterrupted  # bit-exact on CPU
+    # steps 2-3 timed before the checkpoint, 5-6 after the resume (step 4 warms the new start up)
+    assert read_metrics(tmp_path)["throughput"]["timed_steps"] == 4
 
 
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, monkeypatch):
@@ -153,6 +159,9 @@ def test_two_processes_match_one_process(tmp_path):
     assert (m1["num_processes"], m1["gradient_accumulation_steps"]) == (1, 2)
     assert (m2["num_processes"], m2["gradient_accumulation_steps"]) == (2, 1)
     assert m2["step_losses"] == pytest.approx(m1["step_losses"], rel=1e-5)  # seen: <= 6e-8
+    # the timed steps' samples and tokens are counted over both processes: the same global batches
+    for key in ("timed_steps", "samples", "tokens"):
+        assert m2["throughput"][key] == m1["throughput"][key], key
 
 
 def launch_two_processes(*overrides: str) -> subprocess.CompletedProcess:
