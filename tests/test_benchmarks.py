@@ -25,3 +25,23 @@ def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: P
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) >= 4 and table[1].startswith("|---")
     assert "- device: CPU" in text
+
+
+def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> None:
+    """DDP on 1 and 2 gloo processes through accelerate launch: the report's two rows hold the
+    same step losses (the same global batches), and its ratio line is the rows' tokens/s ratio."""
+    out = tmp_path / "multi_gpu.md"
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.multi_gpu", "--quick", "--steps", "3", "--out", str(out)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    text = out.read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ddp")]
+    assert [(r[1], r[2]) for r in rows] == [("1", "4"), ("2", "2")]  # processes, accumulation steps
+    losses = [[float(x) for x in r[6].rstrip(" |").split()] for r in rows]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    tokens = [float(r[3].replace(",", "")) for r in rows]
+    ratio = float(text.split("2 / 1 = ")[1].split("x")[0])
+    assert ratio == pytest.approx(tokens[1] / tokens[0], abs=0.01)
+    assert "within 0.02" in text

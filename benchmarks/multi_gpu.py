@@ -1,0 +1,212 @@
+"""Fine-tuning on 1 and 2 GPUs under each accelerate strategy: step losses, tokens/s, peak memory.
+
+    python -m benchmarks.multi_gpu                    # CUDA, >= 2 GPUs: the paper-shaped model
+    python -m benchmarks.multi_gpu --strategies ddp fsdp --steps 6
+    python -m benchmarks.multi_gpu --quick            # CPU: the tiny config, DDP on 1 and 2 gloo processes
+
+Each run is what a user runs, ``accelerate launch --config_file configs/accelerate/STRATEGY.yaml
+--num_processes N train/finetune.py --config ...``, on the synthetic Shapes-VQA records (nothing
+downloaded): with the paper-shaped model, MambaVLM-2.8B with random weights (DINOv2-L + SigLIP-SO400M
+at 384 px, 1458 visual tokens, Mamba-2.8B in float32 master weights, bf16 autocast, gradient
+checkpointing, as ``configs/train/mambavlm-2.8b.yaml``), and the same global batch on every number of
+GPUs (more accumulation steps on fewer). The trainer's own ``metrics.json`` gives the step losses and
+the throughput of every step but the first (``TrainerState.phase_throughput``): tokens/s over all
+GPUs and the peak memory of one. The 1-GPU runs of different strategies run at once, one per GPU
+(``--concurrent-single``, the default with enough GPUs); each 2-GPU run has the machine to itself.
+
+Reported per strategy: tokens/s on 1 and 2 GPUs and their ratio (issue 13's target: >= 1.85x), peak
+GiB per GPU, and the largest relative difference between the 2-GPU and the 1-GPU step losses
+(the same batches in another reduction order: bf16 rounding, ``LOSS_RTOL``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from benchmarks.report import default_out, markdown_table, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2")
+TARGET_SPEEDUP = 1.85
+"""Issue 13: 2 GPUs at least this many times one GPU's tokens/s."""
+LOSS_RTOL = 2e-2
+"""2-GPU vs 1-GPU step losses under bf16 autocast: the same sums in another order and another
+micro-batch grouping per accumulation step; float32 on the CPU agrees to ~1e-7 (tests)."""
+
+PAPER_OVERRIDES = [
+    "model.llm.source=null",
+    "model.llm.tokenizer=builtin:tiny",
+    "model.vision.encoders=[{name: 'timm:vit_large_patch14_reg4_dinov2', image_size: 384, weights: null},"
+    " {name: 'open_clip:ViT-SO400M-14-SigLIP-384', image_size: 384, weights: null}]",
+    "train.warmup_ratio=0",
+    "train.save_every=null",
+    "train.log_every=1",
+    "data.num_workers=4",
+]
+"""configs/train/mambavlm-2.8b.yaml with random weights and the project's tokenizer (no downloads)."""
+
+
+@dataclass
+class Run:
+    strategy: str
+    gpus: int
+    metrics: dict
+    seconds: float
+
+    @property
+    def throughput(self) -> dict:
+        return self.metrics["throughput"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(strategy: str, gpus: int, args: argparse.Namespace, output_dir: Path,
+           visible: str | None) -> subprocess.Popen:
+    """Start one ``accelerate launch`` of train/finetune.py; its log goes to output_dir/launch.log."""
+    accelerate = Path(sys.executable).with_name("accelerate")
+    records = args.global_batch * args.steps
+    overrides = [
+        f"output_dir={output_dir}",
+        "data.train=null",
+        f"data.synthetic={{num_train: {records}, num_val: 0}}",
+        f"train.max_steps={args.steps}",
+        f"train.global_batch_size={args.global_batch}",
+        f"train.micro_batch_size={args.micro_batch}",
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+    if args.quick:
+        # the torchrun launcher with ACCELERATE_USE_CPU starts CPU processes that talk through gloo
+        cmd = [str(accelerate), "launch", "--multi_gpu" if gpus > 1 else "--cpu", "--num_processes", str(gpus),
+               "--num_machines", "1", "--main_process_port", str(free_port()), "--mixed_precision", "no",
+               "--dynamo_backend", "no"]
+        env.update(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
+        config = ROOT / "configs" / "train" / "tiny.yaml"
+    else:
+        cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{strategy}.yaml"),
+               "--num_processes", str(gpus), "--main_process_port", str(free_port())]
+        if strategy == "fsdp":
+            cmd += ["--fsdp_transformer_layer_cls_to_wrap", "MambaBlock"]
+        config = ROOT / "configs" / "train" / "mambavlm-2.8b.yaml"
+        overrides = PAPER_OVERRIDES + overrides
+        if visible is not None:
+            env["CUDA_VISIBLE_DEVICES"] = visible
+    cmd += [str(ROOT / "train" / "finetune.py"), "--config", str(config), *overrides]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = (output_dir.parent / f"{output_dir.name}.log").open("w")
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, work: Path) -> list[Run]:
+    """Start ``jobs`` (strategy, GPUs, CUDA_VISIBLE_DEVICES) at once, wait, read their metrics."""
+    started = time.perf_counter()
+    procs = [(strategy, gpus, launch(strategy, gpus, args, work / f"{strategy}-{gpus}", visible))
+             for strategy, gpus, visible in jobs]
+    runs = []
+    for strategy, gpus, proc in procs:
+        code = proc.wait()
+        log = work / f"{strategy}-{gpus}.log"
+        if code != 0:
+            tail = log.read_text()[-4000:]
+            raise SystemExit(f"{strategy} on {gpus} process(es) failed (exit {code}); the end of {log}:\n{tail}")
+        metrics = json.loads((work / f"{strategy}-{gpus}" / "metrics.json").read_text())
+        runs.append(Run(strategy, gpus, metrics, time.perf_counter() - started))
+        print(f"{strategy} x {gpus}: {metrics['throughput']['tokens_per_s']:,.0f} tokens/s, "
+              f"losses {['%.4f' % x for x in metrics['step_losses']]}", flush=True)
+    return runs
+
+
+def max_relative_difference(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
+
+
+def versions() -> str:
+    names = ["torch", "accelerate", "transformers", "deepspeed", "mamba-ssm", "causal-conv1d"]
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    if torch.cuda.is_available():
+        found.append("NCCL " + ".".join(map(str, torch.cuda.nccl.version())))
+    return ", ".join(found)
+
+
+def run(args: argparse.Namespace) -> str:
+    device = torch.device("cpu" if args.quick else "cuda")
+    strategies = ["ddp"] if args.quick else args.strategies
+    gpus = 1 if args.quick else torch.cuda.device_count()
+    if not args.quick and gpus < 2:
+        raise SystemExit(f"the multi-GPU benchmark needs 2 GPUs, this machine has {gpus}; --quick runs on the CPU")
+    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+        work = Path(tmp)
+        runs: list[Run] = []
+        singles = [(s, 1, None) for s in strategies]
+        if not args.quick and args.concurrent_single:
+            for start in range(0, len(singles), gpus):
+                runs += run_all([(s, 1, str(i)) for i, (s, _, _) in enumerate(singles[start:start + gpus])], args, work)
+        else:
+            for job in singles:
+                runs += run_all([job], args, work)
+        for strategy in strategies:
+            runs += run_all([(strategy, 2, None)], args, work)
+
+    rows, lines = [], []
+    for strategy in strategies:
+        one = next(r for r in runs if r.strategy == strategy and r.gpus == 1)
+        two = next(r for r in runs if r.strategy == strategy and r.gpus == 2)
+        speedup = two.throughput["tokens_per_s"] / one.throughput["tokens_per_s"]
+        difference = max_relative_difference(two.metrics["step_losses"], one.metrics["step_losses"])
+        for r in (one, two):
+            peak = r.throughput["peak_memory_gib"]
+            rows.append([strategy, str(r.gpus), str(r.metrics["gradient_accumulation_steps"]),
+                         f"{r.throughput['tokens_per_s']:,.0f}", f"{r.throughput['samples_per_s']:.2f}",
+                         "n/a" if peak is None else f"{peak:.1f}",
+                         " ".join(f"{x:.4f}" for x in r.metrics["step_losses"])])
+        verdict = "" if args.quick else (" (target >= 1.85x: " + ("met" if speedup >= TARGET_SPEEDUP else "NOT met") + ")")
+        lines.append(f"- {strategy}: 2 / 1 = {speedup:.2f}x tokens/s{verdict}; step losses, 2 vs 1: largest relative "
+                     f"difference {difference:.1e} ({'within' if difference <= LOSS_RTOL else 'OUTSIDE'} {LOSS_RTOL:g})")
+    model = "tiny config (float32, CPU, gloo)" if args.quick else (
+        "MambaVLM-2.8B, random weights: LLM float32 master weights + bf16 autocast, gradient checkpointing")
+    setup = (f"{model}; synthetic Shapes-VQA records; global batch {args.global_batch}, micro-batch "
+             f"{args.micro_batch} per process, {args.steps} steps (the first untimed); {versions()}")
+    table = markdown_table(
+        ["strategy", "processes", "accumulation", "tokens/s", "samples/s", "peak GiB per process", "step losses"], rows
+    )
+    return write_report(args.out or default_out("multi_gpu", args.quick),
+                        "Fine-tuning on 1 and 2 processes per accelerate strategy", device,
+                        [setup, table, "\n".join(lines)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config, DDP on 1 and 2 CPU processes (CI)")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--steps", type=int, default=6, help="optimiser steps per run (default 6)")
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
+                        help="run the 1-GPU runs one after another instead of one per GPU at once")
+    parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/multi_gpu[-quick].md)")
+    run(parser.parse_args())
+
+
+if __name__ == "__main__":
+    main()
