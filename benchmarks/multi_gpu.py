@@ -49,8 +49,10 @@ micro-batch grouping per accumulation step; float32 on the CPU agrees to ~1e-7 (
 PAPER_OVERRIDES = [
     "model.llm.source=null",
     "model.llm.tokenizer=builtin:tiny",
-    "model.vision.encoders=[{name: 'timm:vit_large_patch14_reg4_dinov2', image_size: 384, weights: null},"
-    " {name: 'open_clip:ViT-SO400M-14-SigLIP-384', image_size: 384, weights: null}]",
+    (
+        "model.vision.encoders=[{name: 'timm:vit_large_patch14_reg4_dinov2', image_size: 384, weights: null},"
+        " {name: 'open_clip:ViT-SO400M-14-SigLIP-384', image_size: 384, weights: null}]"
+    ),
     "train.warmup_ratio=0",
     "train.save_every=null",
     "train.log_every=1",

@@ -67,8 +67,8 @@ from mambavlm.training.optim import build_optimizer, build_scheduler
 __all__ = [
     "Objective",
     "Phase",
-    "Trainer",
     "TrainablePolicy",
+    "Trainer",
     "TrainerState",
     "gradient_accumulation_steps",
     "new_throughput",
