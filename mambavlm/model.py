@@ -17,28 +17,44 @@ plain text for the LLM.
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-import copy
-import json
 
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 from torch import Tensor, nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    GenerationConfig,
+    GenerationMixin,
+    MambaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.generation.utils import GenerateOutput
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from mambavlm.atomic import atomic_directory
 from mambavlm.config import ConfigError, ModelConfig, VisionConfig, load_config
 from mambavlm.configuration import MambaVLMConfig
-from mambavlm.generation import GenerationSettings, StaticDecoder, build_static_decoder, supports_static_decoding
+from mambavlm.generation import (
+    GenerationSettings,
+    StaticDecoder,
+    build_static_decoder,
+    supports_static_decoding,
+)
 from mambavlm.llm.factory import build_llm, family_classes
+from mambavlm.llm.mamba_training import answer_token_loss, mamba_lm_hidden_states
 from mambavlm.llm.templates import ConversationTemplate, get_template
-from mambavlm.llm.tokenizer import IMAGE_TOKEN, IMAGE_TOKEN_INDEX, build_tokenizer, tokenize_prompt
+from mambavlm.llm.tokenizer import (
+    IMAGE_TOKEN,
+    IMAGE_TOKEN_INDEX,
+    build_tokenizer,
+    tokenize_prompt,
+)
 from mambavlm.processing import MambaVLMImageProcessor, MambaVLMProcessor, left_pad
 from mambavlm.projector import build_projector
 from mambavlm.vision.long_sequence import VisualLongSequence
@@ -203,13 +219,30 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         (transformers' normalisation: ``num_items_in_batch`` among ``llm_kwargs``). Raises ValueError
         for a sequence longer than ``config.max_sequence_length`` and for placeholders that do not
         match the images.
+
+        Training a Mamba-1 LLM (train mode, labels given, no other LLM arguments) runs mamba_ssm's
+        layout instead (``mambavlm.llm.mamba_training``): fused residual add + RMSNorm at each block
+        boundary, and the LM head at the scored positions only; the output then holds the ``loss``
+        and no ``logits``, as Liger-Kernel's fused-loss forwards return in training. The same loss and
+        gradients as the LLM's own forward (float32; bf16 within rounding).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             self._check_length(input_ids.shape[1])
             inputs_embeds = self.embed(input_ids, pixel_values)
+        mamba_lm = self._mamba_lm()
+        if labels is not None and self.training and mamba_lm is not None and set(llm_kwargs) <= {"num_items_in_batch"}:
+            hidden = mamba_lm_hidden_states(mamba_lm, inputs_embeds, attention_mask)
+            return CausalLMOutputWithPast(
+                loss=answer_token_loss(mamba_lm, hidden, labels, llm_kwargs.get("num_items_in_batch"))
+            )
         return self.llm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+    def _mamba_lm(self) -> MambaForCausalLM | None:
+        """The Mamba-1 LM under ``self.llm`` (under peft's wrapper, with its adapters), or None."""
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        return llm if isinstance(llm, MambaForCausalLM) else None
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
         """PIL images -> one (N, 3, H_m, W_m) tensor per encoder, each with its own preprocessing."""

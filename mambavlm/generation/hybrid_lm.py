@@ -28,7 +28,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mambavlm.generation.decoder import StaticDecoder
-from mambavlm.generation.norm import add_rms_norm, rms_norm
+from mambavlm.ops.norm import add_rms_norm, rms_norm
 from mambavlm.llm.hybrid import Mamba2AttentionAdapter
 from mambavlm.llm.mamba2 import Mamba2State
 

@@ -22,7 +22,7 @@ from transformers import MambaForCausalLM, PreTrainedModel
 
 from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
-from mambavlm.generation.norm import add_rms_norm, rms_norm
+from mambavlm.ops.norm import add_rms_norm, rms_norm
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 

@@ -45,11 +45,19 @@ def add_rms_norm(
     prenorm=True, is_rms_norm=True)``, the kernel behind mamba_ssm's ``Block``: one read of x and the
     residual and one write of each output, where the unfused path makes five passes. It normalises
     the float32 residual without rounding it first and rounds once after the weight (mamba_ssm's
-    numerics: equal to transformers' in float32, within rounding in bf16).
+    numerics: equal to transformers' in float32, within rounding in bf16). It has its own backward
+    (training), and under autocast (float32 weights, bf16 compute) it takes x in the compute dtype
+    and returns ``normed`` in it.
     """
     dtype = norm.weight.dtype
     residual_dtype = torch.float32 if residual_in_fp32 else (x.dtype if residual is None else residual.dtype)
-    if fused and use_kernels(x, "mamba_ssm") and x.dtype == dtype and residual_dtype in (dtype, torch.float32):
+    autocast = torch.is_autocast_enabled(x.device.type)
+    if (
+        fused
+        and use_kernels(x, "mamba_ssm")
+        and (x.dtype == dtype or autocast)
+        and residual_dtype in (x.dtype, dtype, torch.float32)
+    ):
         from mamba_ssm.ops.triton.layer_norm import layer_norm_fn
 
         if residual is not None and residual.dtype != residual_dtype:

@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from transformers import MambaConfig
 from transformers.models.mamba.modeling_mamba import MambaBlock
 
-from mambavlm.generation.norm import add_rms_norm
 from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV
+from mambavlm.ops.norm import add_rms_norm
 from tests.conftest import needs_cuda, needs_mamba_ssm
 
 

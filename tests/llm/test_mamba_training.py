@@ -1,0 +1,100 @@
+"""MambaVLM's Mamba-1 training forward (mamba_ssm's block layout, LM head at scored positions only)
+against transformers' ``MambaForCausalLM`` forward on the same weights: the same loss and the same
+gradient for every parameter, with and without gradient checkpointing and ``num_items_in_batch``;
+on CUDA, mamba_ssm's fused add + RMSNorm kernel against the PyTorch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mambavlm.model import MambaVLM
+from tests.conftest import needs_cuda, needs_mamba_ssm, tiny_vlm
+from tests.training.test_lora import fixed_batch
+
+
+def padded_batch(model: MambaVLM) -> dict:
+    """Two prompts + answers, right-padded as the collator pads: the second row is 3 tokens shorter,
+    its last 3 positions masked and unlabelled."""
+    batch = fixed_batch(model)
+    batch["attention_mask"][1, -3:] = 0
+    batch["labels"][1, -3:] = -100
+    batch["labels"][0, -4:] = batch["input_ids"][0, -4:]  # more scored tokens in row 0
+    return batch
+
+
+def loss_and_grads(model: MambaVLM, batch: dict, fused_layout: bool, **kwargs) -> tuple[torch.Tensor, dict]:
+    model.zero_grad(set_to_none=True)
+    if fused_layout:
+        loss = model(**batch, **kwargs).loss
+    else:  # transformers' own forward on the same embeddings
+        embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+        loss = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         **kwargs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("num_items", [None, 7.0])
+def test_training_forward_equals_transformers_loss_and_gradients(checkpointing: bool, num_items: float | None) -> None:
+    model = tiny_vlm(train=True)
+    assert model.training
+    if checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    batch = padded_batch(model)
+    kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
+    output = model(**batch, **kwargs)
+    assert output.logits is None  # the fused-loss layout returns the loss only
+    ours, our_grads = loss_and_grads(model, batch, True, **kwargs)
+    theirs, their_grads = loss_and_grads(model, batch, False, **kwargs)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert our_grads.keys() == their_grads.keys() and any(".mixer.in_proj." in n for n in our_grads)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_eval_mode_and_other_arguments_keep_transformers_forward_with_logits() -> None:
+    model = tiny_vlm()
+    batch = padded_batch(model)
+    output = model(**batch)
+    assert output.logits is not None and output.logits.shape[:2] == batch["input_ids"].shape
+    model.train()
+    output = model(**batch, output_hidden_states=True)
+    assert output.logits is not None and output.hidden_states is not None
+
+
+@needs_cuda
+@needs_mamba_ssm
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_kernel_path_matches_the_pytorch_path_on_cuda(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 parameters, or float32 master weights under bf16 autocast (the paper recipe): the fused
+    add + RMSNorm kernel against the same layout with PyTorch norms, loss and gradients."""
+    import mamba_ssm.ops.triton.layer_norm as triton_norm
+
+    calls = []
+    kernel = triton_norm.layer_norm_fn
+    monkeypatch.setattr(triton_norm, "layer_norm_fn", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    model = tiny_vlm(train=True)
+    batch = padded_batch(model)
+    dtype = torch.float32 if autocast else torch.bfloat16
+    model = model.to("cuda", dtype)
+    batch = {k: (v.to("cuda") if torch.is_tensor(v) else [p.to("cuda", dtype) for p in v]) for k, v in batch.items()}
+
+    def run() -> tuple[torch.Tensor, dict]:
+        with torch.autocast("cuda", torch.bfloat16, enabled=autocast):
+            return loss_and_grads(model, batch, True, num_items_in_batch=torch.tensor(7.0))
+
+    fused_loss, fused_grads = run()
+    assert len(calls) == model.llm.config.num_hidden_layers  # every block boundary ran the kernel
+    import mambavlm.llm.mamba_training as training
+
+    real = training.add_rms_norm
+    monkeypatch.setattr(training, "add_rms_norm", lambda *a, **k: real(*a, **{**k, "fused": False}))
+    plain_loss, plain_grads = run()
+    assert fused_loss.isfinite()
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=2e-2, atol=1e-2)
+    for name, grad in plain_grads.items():
+        cosine = torch.nn.functional.cosine_similarity(fused_grads[name].flatten().float(), grad.flatten().float(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
