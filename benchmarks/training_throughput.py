@@ -1,13 +1,24 @@
-"""Training throughput: MambaVLM-2.8B beside a Transformer VLM of the same size, same token count.
+"""Training throughput: MambaVLM-2.8B beside mamba_ssm's bare Mamba-2.8B and a Transformer VLM.
 
-    python -m benchmarks.training_throughput            # CUDA: paper config vs a 2.8B LLaMA (SDPA), bf16
-    python -m benchmarks.training_throughput --quick    # CPU: the tiny config vs a tiny LLaMA (CI)
+    python -m benchmarks.training_throughput            # CUDA: paper config, bf16, 1522 and ~4x tokens
+    python -m benchmarks.training_throughput --quick    # CPU: the tiny configs (CI)
 
-Both VLMs share the vision encoders (frozen) and the Mamba projector; only the LLM differs. A step is
-forward + backward + AdamW (fused on CUDA) over the trainable parameters (projector + LLM), on
-samples of one image (the visual tokens) + ``--text-tokens`` text tokens with labels on the text.
-Parameters are bf16 (float32 with --quick). The micro-batch starts at ``--micro-batch`` and is
-halved until a step fits in memory.
+Rows, measured one after another in one run, at each length (``--text-tokens``: 64, then enough for
+about 4x the tokens, the visual tokens staying 1458):
+
+- ours: MambaVLM's training forward (``MambaVLM.forward`` in train mode: mamba_ssm's block layout
+  with the fused residual add + RMSNorm, the LM head at the scored positions only);
+- ours, transformers' layout: the same model through transformers' ``MambaForCausalLM`` forward
+  (separate norm / add ops, float32 logits at every position): the path before issue 15;
+- mamba_ssm: its own ``MambaLMHeadModel`` on the same LLM weights over the same number of tokens of
+  text, loss on every position (the anchor, CUDA only);
+- the Transformer VLM: the same vision encoders (frozen) and projector with a 2.8B LLaMA (SDPA).
+
+A step is forward + backward + AdamW (fused on CUDA) over the trainable parameters (projector + LLM),
+on samples of one image (the visual tokens) + text tokens with labels on the text. Parameters are
+bf16 (float32 with --quick). The micro-batch starts at ``--micro-batch`` and is halved until a step
+fits in memory. ``--loss-steps`` steps of AdamW from one initialisation on the same batches through
+both of our layouts give the loss curves compared at the end (largest relative difference).
 
 Model FLOPs per step = 6 * N * tokens, N = trainable parameters (projector + LLM); the frozen
 encoders' forward and attention's sequence-length term are left out, so the MFU is conservative.
@@ -17,6 +28,7 @@ MFU = model FLOPs/s over the GPU's dense bf16 peak (H100 and H200 SXM: 989 TFLOP
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,8 +36,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks.prefill import mamba_ssm_copy
 from benchmarks.report import default_out, device_name, markdown_table, write_report
-from benchmarks.timing import benchmark_device, free_memory, median_seconds, peak_memory_gib, reset_peak_memory
+from benchmarks.timing import (
+    benchmark_device,
+    free_memory,
+    median_seconds,
+    peak_memory_gib,
+    reset_peak_memory,
+)
 from mambavlm.config import LLMConfig, ModelConfig, load_config
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import MambaVLM, build_model
@@ -84,8 +103,12 @@ class Result:
     tokens_per_sample: int
     peak_gib: float | None
 
+    @property
+    def tokens_per_s(self) -> float:
+        return self.micro_batch * self.tokens_per_sample / self.step_s
+
     def cells(self, peak: float | None) -> list[str]:
-        tokens_per_s = self.micro_batch * self.tokens_per_sample / self.step_s
+        tokens_per_s = self.tokens_per_s
         flops = 6 * self.trainable_params * tokens_per_s
         mfu = "n/a" if peak is None else f"{100 * flops / peak:.1f} %"
         memory = "n/a" if self.peak_gib is None else f"{self.peak_gib:.1f}"
@@ -136,32 +159,49 @@ def make_batch(model: MambaVLM, micro_batch: int, text_tokens: int, device: torc
     }
 
 
-def measure(
-    cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype
-) -> Result:
-    """Build the VLM, find a micro-batch that fits, and time training steps."""
+LAYOUTS = ("ours", "transformers")
+LONG_TEXT_TOKENS = 4630
+"""Text tokens that take a paper sample (1458 visual + 64 text = 1522) to 4x its length (6088)."""
+
+
+def vlm_loss(model: MambaVLM, batch: dict[str, Any], layout: str) -> Tensor:
+    """The step loss through our training forward, or through transformers' LLM forward."""
+    if layout == "ours":
+        return model(**batch).loss
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+    return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+def build(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> MambaVLM:
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(cfg, load_weights=False, load_tokenizer=False)
     model = model.to(dtype=dtype).train()
     if args.gradient_checkpointing:
         model.llm.gradient_checkpointing_enable()
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    return model
+
+
+def timed(name: str, module: torch.nn.Module, loss_fn: Callable[[int], tuple[Tensor, int]],
+          args: argparse.Namespace, device: torch.device) -> Result:
+    """Time AdamW steps of ``module`` on ``loss_fn(micro_batch)`` -> (loss, tokens per sample), the
+    micro-batch halved until a step fits."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
     micro_batch = args.micro_batch
+    tokens = 0
 
-    def step(batch: dict[str, Any]) -> Tensor:
-        loss = model(**batch).loss
+    def step() -> None:
+        nonlocal tokens
+        loss, tokens = loss_fn(micro_batch)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return loss
 
     while True:
-        batch = make_batch(model, micro_batch, args.text_tokens, device)
         try:
             reset_peak_memory(device)
-            seconds = median_seconds(lambda: step(batch), device, args.steps, warmup=2)
+            seconds = median_seconds(step, device, args.steps, warmup=2)
             break
         except torch.cuda.OutOfMemoryError:
             if micro_batch == 1:
@@ -169,47 +209,123 @@ def measure(
             optimizer.zero_grad(set_to_none=True)
             micro_batch //= 2
         free_memory(device)  # out of the except block, the failed step's tensors are unreferenced
-    result = Result(
-        name=f"{cfg.name} ({type(model.llm).__name__}{attention_note(model)})",
-        trainable_params=sum(p.numel() for p in trainable),
-        micro_batch=micro_batch,
-        step_s=seconds,
-        tokens_per_sample=batch["input_ids"].shape[1],
-        peak_gib=peak_memory_gib(device),
-    )
-    return result
+    return Result(name, sum(p.numel() for p in trainable), micro_batch, seconds, tokens, peak_memory_gib(device))
+
+
+def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+            text_tokens: int, layout: str) -> Result:
+    """Build the VLM and time its training steps through ``layout``."""
+    model = build(cfg, args, device, dtype)
+    batches: dict[int, dict[str, Any]] = {}
+
+    def loss_fn(micro_batch: int) -> tuple[Tensor, int]:
+        batch = batches.setdefault(micro_batch, make_batch(model, micro_batch, text_tokens, device))
+        return vlm_loss(model, batch, layout), batch["input_ids"].shape[1]
+
+    if cfg.llm.family == "mamba":
+        name = f"ours: {cfg.name}" + (", transformers' layout (before)" if layout == "transformers" else "")
+    else:
+        name = f"Transformer VLM: {cfg.name} ({type(model.llm).__name__}{attention_note(model)})"
+    return timed(name, model, loss_fn, args, device)
+
+
+def measure_mamba_ssm(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+                      tokens: int) -> Result | str:
+    """mamba_ssm's ``MambaLMHeadModel`` on the VLM's LLM weights, ``tokens`` of text per sample, the
+    loss on every position; or why it cannot run here."""
+    llm = build(cfg, args, device, dtype).llm
+    model = mamba_ssm_copy(llm)
+    del llm
+    if isinstance(model, str):
+        return model
+    model.train()
+    if args.gradient_checkpointing:
+        return "mamba_ssm: skipped (its MambaLMHeadModel has no gradient checkpointing)"
+    vocab = cfg.llm.config["vocab_size"]
+    batches: dict[int, Tensor] = {}
+
+    def loss_fn(micro_batch: int) -> tuple[Tensor, int]:
+        ids = batches.setdefault(micro_batch, torch.randint(1, vocab, (micro_batch, tokens), device=device))
+        logits = model(ids).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+        return loss, tokens
+
+    return timed(f"mamba_ssm MambaLMHeadModel ({cfg.llm.config['num_hidden_layers']} layers, text only)", model,
+                 loss_fn, args, device)
+
+
+def loss_curves(cfg: ModelConfig, args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype) -> dict[str, list[float]]:
+    """``--loss-steps`` AdamW steps from one initialisation on the same batches, per layout."""
+    curves = {}
+    for layout in LAYOUTS:
+        model = build(cfg, args, device, dtype)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.loss_lr)
+        generator = torch.Generator(device="cpu").manual_seed(1)
+        losses = []
+        for _ in range(args.loss_steps):
+            torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=generator)))
+            batch = make_batch(model, 2, args.text_tokens, device)
+            loss = vlm_loss(model, batch, layout)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        curves[layout] = losses
+        del model, optimizer
+        free_memory(device)
+    return curves
 
 
 def run(args: argparse.Namespace) -> str:
     device = benchmark_device(args.quick)
     args.micro_batch = args.micro_batch or (2 if args.quick else 8)
     args.steps = args.steps or (2 if args.quick else 5)
+    args.loss_steps = args.loss_steps or (4 if args.quick else 20)
     dtype = torch.float32 if args.quick else torch.bfloat16
     config_path = TINY_CONFIG if args.quick else PAPER_CONFIG
     mamba_cfg = load_config(ModelConfig, config_path)
     transformer_cfg = transformer_variant(mamba_cfg, TRANSFORMER_TINY if args.quick else TRANSFORMER_2_8B)
-    results = []
-    for cfg in (mamba_cfg, transformer_cfg):
-        results.append(measure(cfg, args, device, dtype))
-        free_memory(device)
     peak = peak_flops(device)
-    mamba, transformer = results
-    mamba_tps = mamba.micro_batch * mamba.tokens_per_sample / mamba.step_s
-    transformer_tps = transformer.micro_batch * transformer.tokens_per_sample / transformer.step_s
-    visual = mamba.tokens_per_sample - args.text_tokens
+    sections, notes = [], []
+    lengths = args.text_tokens_list or ([args.text_tokens] if args.quick else [args.text_tokens, LONG_TEXT_TOKENS])
+    for text_tokens in lengths:
+        rows = [measure(mamba_cfg, args, device, dtype, text_tokens, layout) for layout in LAYOUTS]
+        anchor = measure_mamba_ssm(mamba_cfg, args, device, dtype, rows[0].tokens_per_sample)
+        free_memory(device)
+        rows.append(measure(transformer_cfg, args, device, dtype, text_tokens, "ours"))
+        free_memory(device)
+        ours, before, transformer = rows[0], rows[1], rows[-1]
+        if isinstance(anchor, Result):
+            rows.insert(2, anchor)
+        table = markdown_table(HEADERS, [r.cells(peak) for r in rows])
+        visual = ours.tokens_per_sample - text_tokens
+        lines = [f"- ours / transformers' layout: {ours.tokens_per_s / before.tokens_per_s:.2f}x tokens/s"]
+        if isinstance(anchor, Result):
+            lines.append(f"- ours / mamba_ssm LM: {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tokens/s (target >= 1.0x)")
+        else:
+            lines.append(f"- {anchor}")
+        lines.append(f"- ours / Transformer VLM: {ours.tokens_per_s / transformer.tokens_per_s:.2f}x tokens/s")
+        sections += [f"{ours.tokens_per_sample} tokens per sample ({visual} visual + {text_tokens} text):", table,
+                     "\n".join(lines)]
+    curves = loss_curves(mamba_cfg, args, device, dtype)
+    difference = max(abs(a - b) / abs(b) for a, b in zip(curves["ours"], curves["transformers"], strict=True))
+    notes.append(
+        f"Loss curves, {args.loss_steps} AdamW steps (lr {args.loss_lr:g}, micro-batch 2, one initialisation, the "
+        f"same batches): largest relative difference ours vs transformers' layout {difference:.1e}\n\n"
+        + markdown_table(["layout", "losses"], [[k, " ".join(f"{x:.4f}" for x in v)] for k, v in curves.items()])
+    )
     peak_text = "n/a" if peak is None else f"{peak / 1e12:.0f} TFLOP/s"
     setup = (
-        f"{config_path.name}: {mamba.tokens_per_sample} tokens per sample ({visual} visual + {args.text_tokens} "
-        f"text), {str(dtype).removeprefix('torch.')} parameters, AdamW, gradient checkpointing "
-        f"{'on' if args.gradient_checkpointing else 'off'}; median step time over {args.steps} steps; "
-        f"dense bf16 peak {peak_text}"
+        f"{config_path.name}, {str(dtype).removeprefix('torch.')} parameters, AdamW, gradient checkpointing "
+        f"{'on' if args.gradient_checkpointing else 'off'}; median step time over {args.steps} steps after 2 warm-up "
+        f"steps; dense bf16 peak {peak_text}"
     )
-    summary = f"- Mamba VLM vs Transformer VLM, tokens/s: {mamba_tps / transformer_tps:.2f}x"
     return write_report(
         args.out or default_out("training_throughput", args.quick),
-        "Training throughput: Mamba VLM vs Transformer VLM",
+        "Training throughput: MambaVLM vs mamba_ssm's LM vs a Transformer VLM",
         device,
-        [setup, markdown_table(HEADERS, [r.cells(peak) for r in results]), summary],
+        [setup, *sections, *notes],
     )
 
 
@@ -220,7 +336,11 @@ def main() -> None:
         "--out", type=Path, help="results file (default benchmarks/results/training_throughput[-quick].md)"
     )
     parser.add_argument("--micro-batch", type=int, help="first micro-batch tried (default 8; 2 with --quick)")
-    parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample (default 64)")
+    parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample of the loss curves (default 64)")
+    parser.add_argument("--text-tokens-list", type=int, nargs="+",
+                        help="text tokens per sample of each timed length (default: 64 and 4630, 4x the tokens; 64 with --quick)")
+    parser.add_argument("--loss-steps", type=int, help="steps of the loss curves (default 20; 4 with --quick)")
+    parser.add_argument("--loss-lr", type=float, default=1e-4, help="learning rate of the loss curves")
     parser.add_argument("--steps", type=int, help="timed steps (default 5; 2 with --quick)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations")
     run(parser.parse_args())
