@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import ROOT, subprocess_env
 
 
-@pytest.mark.parametrize("script", ["generation", "projector", "training_throughput", "long_context", "eval_throughput", "prefill", "lora_step"])
+@pytest.mark.parametrize("script", ["generation", "projector", "training_throughput", "long_context", "eval_throughput", "prefill", "lora_step", "data_loader"])
 def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: Path) -> None:
     out = tmp_path / f"{script}.md"
     env = subprocess_env()
