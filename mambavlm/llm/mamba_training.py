@@ -26,7 +26,19 @@ from transformers import MambaForCausalLM
 from mambavlm.llm.tokenizer import IGNORE_INDEX
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["answer_token_loss", "mamba_lm_hidden_states"]
+__all__ = ["answer_token_loss", "mamba_lm_hidden_states", "shards_parameters"]
+
+
+def shards_parameters(lm: MambaForCausalLM) -> bool:
+    """Whether ``lm``'s blocks hold sharded parameters that only their own forward gathers: FSDP
+    (either API) units, or DeepSpeed ZeRO-3 partitions. ``mamba_lm_hidden_states`` reads each block's
+    norm and mixer directly, around the block's forward, so such an LM must train through its own
+    forward (transformers' layout) instead."""
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in lm.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in lm.parameters())
 
 
 def mamba_lm_hidden_states(

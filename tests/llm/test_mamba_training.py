@@ -54,7 +54,7 @@ def test_training_forward_equals_transformers_loss_and_gradients(checkpointing: 
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_eval_mode_and_other_arguments_keep_transformers_forward_with_logits() -> None:
+def test_eval_mode_other_arguments_and_sharded_parameters_keep_transformers_forward() -> None:
     model = tiny_vlm()
     batch = padded_batch(model)
     output = model(**batch)
@@ -62,6 +62,9 @@ def test_eval_mode_and_other_arguments_keep_transformers_forward_with_logits() -
     model.train()
     output = model(**batch, output_hidden_states=True)
     assert output.logits is not None and output.hidden_states is not None
+    # a ZeRO-3 partitioned parameter (DeepSpeed marks each with ds_id): the blocks must run their own forward
+    model.llm.backbone.layers[0].mixer.in_proj.weight.ds_id = 0
+    assert model(**batch).logits is not None
 
 
 @needs_cuda
