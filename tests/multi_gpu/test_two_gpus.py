@@ -1,5 +1,5 @@
 """Training, distillation and evaluation on 2 GPUs through ``accelerate launch`` with the project's
-accelerate configs (DDP, FSDP, DeepSpeed ZeRO-2) equal one GPU, on the tiny configs in float32.
+accelerate configs (DDP, FSDP, DeepSpeed ZeRO-2 and ZeRO-3) equal one GPU, on the tiny configs in float32.
 
 - fine-tuning: the step losses of 2 GPUs equal those of 1 GPU with the same global batch; the model
   the 2-GPU run saves (gathered from its shards) reloads on one GPU and answers the validation
@@ -84,7 +84,7 @@ def finetune(processes: int, output_dir: Path, strategy: str, *extra: str) -> di
     return metrics(output_dir)
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3"])
 def test_two_gpus_equal_one_reload_on_one_and_resume_exactly(strategy: str, tmp_path: Path) -> None:
     if strategy.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
