@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, subprocess_env
 
@@ -45,3 +46,17 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     ratio = float(text.split("2 / 1 = ")[1].split("x")[0])
     assert ratio == pytest.approx(tokens[1] / tokens[0], abs=0.01)
     assert "within 0.02" in text
+
+
+def test_long_context_bandwidth_floor_counts_weights_kv_and_states() -> None:
+    """The tiny teacher (4 attention layers, 2 K/V heads of 16, float32) at 128 tokens reads its weights
+    and 4 x 2 (K, V) x 2 heads x 128 x 16 x 4 bytes; the linear student its weights and its states."""
+    from benchmarks.long_context import build_models, step_bytes
+
+    models = build_models("tiny", torch.device("cpu"), torch.float32, 256)
+    teacher = models["teacher"]
+    weights = sum(p.numel() * 4 for p in teacher.parameters())
+    assert step_bytes(teacher, 128) == weights + 4 * 2 * 2 * 128 * 16 * 4
+    linear = models["linear (0 % attention)"]
+    states = step_bytes(linear, 128) - sum(p.numel() * 4 for p in linear.parameters())
+    assert states == step_bytes(linear, 4096) - sum(p.numel() * 4 for p in linear.parameters()) > 0  # no K/V

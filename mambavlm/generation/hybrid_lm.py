@@ -11,15 +11,19 @@ rounded up to ``CAPACITY_MULTIPLE``):
 
 The prefill writes the prompt into them (flash SDPA, causal, when no row is padded); each step writes
 one K/V column per attention layer and attends over the whole buffer with the column mask, so its
-shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). For a single
-query, the H query heads are viewed as (H_kv, H / H_kv) rows per K/V head, so grouped-query
-attention reads each K/V head once and needs no ``repeat_kv``. The layers use the model's own
+shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). The step's
+attention (``mambavlm.ops.decode_attention``) reads each K/V head once for its group of query heads
+(no ``repeat_kv``): SDPA for short caches, split-KV FlexAttention (flash-decoding) for long ones on
+CUDA (``attention``). The layers use the model's own
 modules and weights (projections, rotary embedding, MLP, lm_head; each residual add + RMSNorm one
 fused kernel on CUDA, ``add_rms_norm``) and the Mamba-2 mixers' own prefill (``forward`` with a state) and ``step``:
 the tokens are those of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
 """
 
 from __future__ import annotations
+
+import copy
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -28,24 +32,41 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from mambavlm.generation.decoder import StaticDecoder
-from mambavlm.ops.norm import add_rms_norm, rms_norm
 from mambavlm.llm.hybrid import Mamba2AttentionAdapter
 from mambavlm.llm.mamba2 import Mamba2State
+from mambavlm.ops.decode_attention import decode_attention
+from mambavlm.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["CAPACITY_MULTIPLE", "HybridStaticDecoder"]
+__all__ = ["CAPACITY_MULTIPLE", "SPLIT_KV_MIN_CAPACITY", "HybridStaticDecoder"]
 
 CAPACITY_MULTIPLE = 256
 """The K/V buffers' length is a multiple of this (aligned for the attention kernels, reused across
 calls of similar length)."""
 
+SPLIT_KV_MIN_CAPACITY = 8192
+"""With ``attention="auto"`` a step attends with split-KV FlexAttention on CUDA from this cache length
+on, with SDPA below it (short caches: SDPA's kernel is not starved of parallelism, and no compile)."""
+
+AttentionMode = Literal["auto", "sdpa", "split_kv"]
+
 
 class HybridStaticDecoder(StaticDecoder):
-    """Prefill + per-token step of a LLaMA or LLaMA/Mamba-2 hybrid on a static KV + SSM cache."""
+    """Prefill + per-token step of a LLaMA or LLaMA/Mamba-2 hybrid on a static KV + SSM cache.
+
+    attention: how a step attends over the K/V cache (``decode_attention``): ``"sdpa"``, ``"split_kv"``
+    (FlexAttention's flash-decoding kernel, compiled on CUDA), or ``"auto"``: split-KV on CUDA for
+    caches of ``SPLIT_KV_MIN_CAPACITY`` tokens or more, SDPA otherwise. Raises ValueError for another.
+    """
 
     supported_models = (LlamaForCausalLM,)
 
-    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, attention: AttentionMode = "auto") -> None:
+        if attention not in ("auto", "sdpa", "split_kv"):
+            raise ValueError(f"attention must be 'auto', 'sdpa' or 'split_kv', got {attention!r}")
         super().__init__(model, cuda_graph)
+        self.attention = attention
+        self.split_kv = False
+        """Whether the current buffers' steps attend with split-KV (set per allocation)."""
         config = model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
@@ -63,9 +84,15 @@ class HybridStaticDecoder(StaticDecoder):
             return 0
         return -(-needed // CAPACITY_MULTIPLE) * CAPACITY_MULTIPLE
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> HybridStaticDecoder:
+        return type(self)(copy.deepcopy(self.model, memo), self.cuda_graph, self.attention)
+
     def _allocate(self, batch: int, capacity: int) -> None:
         weight = self.model.get_input_embeddings().weight
         device, dtype = weight.device, weight.dtype
+        self.split_kv = self.attention == "split_kv" or (
+            self.attention == "auto" and device.type == "cuda" and capacity >= SPLIT_KV_MIN_CAPACITY
+        )
         self._kv = {}
         for i in self.attention_layers:
             shape = (batch, self.num_kv_heads, capacity, self.layers[i].self_attn.head_dim)
@@ -140,7 +167,6 @@ class HybridStaticDecoder(StaticDecoder):
         cos, sin = self.model.model.rotary_emb(hidden, self._positions[:, None])
         if self.attention_layers:
             self._key_valid.index_fill_(1, self._write_index, True)
-        mask = self._key_valid[:, None, None, :]
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = add_rms_norm(layer.input_layernorm, hidden, residual, False, fused=True)
@@ -152,8 +178,7 @@ class HybridStaticDecoder(StaticDecoder):
                 keys, values = self._kv[i]
                 keys.index_copy_(2, self._write_index, k)
                 values.index_copy_(2, self._write_index, v)
-                q = q.reshape(batch, self.num_kv_heads, -1, attn.head_dim)  # (B, H_kv, H / H_kv, Dh)
-                out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scaling)
+                out = decode_attention(q, keys, values, self._key_valid, attn.scaling, self.split_kv)  # (B, H, 1, Dh)
                 mix = attn.o_proj(out.reshape(batch, 1, -1))
             hidden, residual = self._mlp(i, mix, residual)
         self._write_index.add_(1)

@@ -3,16 +3,24 @@ students: the same logits as the uncached forward and the same tokens as HF ``ge
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import Tensor
 from transformers import LlamaForCausalLM
 
 from mambavlm.distill.convert import convert_llama, convert_vlm
-from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
-from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE
-from tests.conftest import TINY_LLAMA, assert_same_up_to_near_tie, perturb_mixers, tiny_llama, tiny_llama_vlm
+from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE, SPLIT_KV_MIN_CAPACITY
+from mambavlm.llm.hybrid import mamba_mixers
+from tests.conftest import (
+    TINY_LLAMA,
+    assert_same_up_to_near_tie,
+    perturb_mixers,
+    tiny_llama,
+    tiny_llama_vlm,
+)
 
 LAYOUTS = ["teacher", "head-interleaved:4", "linear"]  # all attention / attention in layer 0 of 4 / none
 
@@ -43,8 +51,9 @@ def hf_tokens(model: LlamaForCausalLM, ids: Tensor, mask: Tensor, new: int) -> T
     return out[:, ids.shape[1] :]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "split_kv"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_prefill_and_steps_give_the_uncached_forward_logits(layout: str) -> None:
+def test_prefill_and_steps_give_the_uncached_forward_logits(layout: str, attention: str) -> None:
     model = model_for(layout)
     ids, mask = left_padded((11, 6))
     more = torch.randint(3, TINY_LLAMA["vocab_size"], (2, 4), generator=torch.Generator().manual_seed(9))
@@ -52,9 +61,10 @@ def test_prefill_and_steps_give_the_uncached_forward_logits(layout: str) -> None
         full_ids = torch.cat([ids, more], 1)
         full_mask = torch.cat([mask, torch.ones_like(more)], 1)
         expected = model(input_ids=full_ids, attention_mask=full_mask, use_cache=False).logits
-        decoder = HybridStaticDecoder(model)
+        decoder = HybridStaticDecoder(model, attention=attention)
         embeds = model.get_input_embeddings()(ids)
         got = [decoder.prefill(embeds, mask, max_new_tokens=4)]
+        assert decoder.split_kv == (attention == "split_kv")
         got += [decoder.step(more[:, t]).clone() for t in range(more.shape[1])]
     for t, logits in enumerate(got):
         torch.testing.assert_close(logits, expected[:, ids.shape[1] - 1 + t], rtol=1e-4, atol=1e-4)
@@ -72,6 +82,18 @@ def test_greedy_tokens_equal_hf_generate(layout: str) -> None:
             ours = decoder.generate(model.get_input_embeddings()(ids), mask, max_new_tokens=10, eos_token_id=None)
         assert len(set(ours.flatten().tolist())) > 4, "a degenerate model would make this test weak"
         torch.testing.assert_close(ours, hf_tokens(model, ids, mask, 10))
+
+
+def test_attention_mode_is_checked_and_auto_keeps_sdpa_off_cuda_and_for_short_caches() -> None:
+    model = model_for("teacher")
+    with pytest.raises(ValueError, match="attention must be 'auto', 'sdpa' or 'split_kv', got 'flash'"):
+        HybridStaticDecoder(model, attention="flash")
+    decoder = HybridStaticDecoder(model)
+    ids, mask = left_padded((5,))
+    with torch.no_grad():
+        decoder.prefill(model.get_input_embeddings()(ids), mask, max_new_tokens=2)
+    assert decoder.attention == "auto" and not decoder.split_kv
+    assert copy.deepcopy(HybridStaticDecoder(model, attention="split_kv")).attention == "split_kv"
 
 
 def test_cache_capacity_is_reused_grown_and_enforced() -> None:
@@ -181,3 +203,28 @@ def test_weights_changed_in_place_reach_the_next_generation() -> None:
         after = decoder.generate(embeds, mask, max_new_tokens=10, eos_token_id=None)
     assert not torch.equal(before, after)
     torch.testing.assert_close(after, hf_tokens(model, ids, mask, 10))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("layout", ["teacher", "head-interleaved:4"])
+def test_split_kv_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> None:
+    """A cache of SPLIT_KV_MIN_CAPACITY tokens or more selects split-KV under "auto"; its CUDA-graph
+    steps (compiled FlexAttention inside the graph) give SDPA's logits (float32) on a padded batch."""
+    model = model_for(layout).to("cuda")
+    ids, mask = left_padded((300, 251))
+    ids, mask = ids.cuda(), mask.cuda()
+    embeds = model.get_input_embeddings()(ids)
+    new = SPLIT_KV_MIN_CAPACITY  # room to decode: the capacity passes the threshold
+    runs = {}
+    for attention in ("auto", "sdpa"):
+        decoder = HybridStaticDecoder(model, attention=attention)
+        with torch.no_grad():
+            logits = decoder.prefill(embeds, mask, max_new_tokens=new)
+            seen = []
+            for _ in range(12):
+                seen.append(logits.clone())
+                logits = decoder.step(logits.argmax(-1))
+        assert decoder.split_kv == (attention == "auto")
+        runs[attention] = torch.stack(seen, 1)
+    torch.testing.assert_close(runs["auto"], runs["sdpa"], rtol=1e-3, atol=1e-3)
