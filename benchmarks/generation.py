@@ -12,7 +12,13 @@ Rows, all measured in this one run, batch 1, greedy, EOS off, random weights (no
 
 Per row: the prefill (prompt -> first logits) timed on its own, the whole generation, and from them
 ms per decoded token = (total - prefill) / (new tokens - 1); tok/s = new tokens / total; peak memory
-of the generation. Medians over ``--repeats`` runs after a warm-up run.
+of the generation. Medians over ``--repeats`` runs after a warm-up run. Each decode figure stands beside
+its bandwidth floor on CUDA: the bytes one step must move (every weight once, each sequence's conv + SSM
+state read and written) over the GPU's HBM bandwidth.
+
+A second table decodes batches (``--batch-sizes``, default 1 / 4 / 16 / 64): our fast path on B images
++ prompts, and mamba_ssm's ``generate(cg=True)`` on B text prompts of the same length; ms per decoding
+step, tok/s = B x new tokens / total, peak memory.
 """
 
 from __future__ import annotations
@@ -44,6 +50,10 @@ TEXT_TOKENS = 20
 """Text tokens of the prompt around the image: 10 before, 10 after (1478 = 1458 + 20 for the paper)."""
 
 
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
+"""HBM bandwidth by GPU name (SXM parts), for the bandwidth floor."""
+
+
 @dataclass
 class Row:
     """One measured way of generating."""
@@ -55,10 +65,12 @@ class Row:
     total_s: float
     peak_gib: float | None
     note: str = ""
+    batch: int = 1
+    floor_ms: float | None = None
 
     @property
     def tokens_per_s(self) -> float:
-        return self.new_tokens / self.total_s
+        return self.batch * self.new_tokens / self.total_s
 
     @property
     def ms_per_decoded_token(self) -> float:
@@ -68,33 +80,59 @@ class Row:
         peak = "n/a" if self.peak_gib is None else f"{self.peak_gib:.2f}"
         return [
             self.name,
+            str(self.batch),
             str(self.prompt_tokens),
             str(self.new_tokens),
             f"{1e3 * self.prefill_s:.1f}",
             f"{self.ms_per_decoded_token:.2f}",
+            "n/a" if self.floor_ms is None else f"{self.floor_ms:.2f}",
             f"{self.tokens_per_s:.1f}",
             peak,
             self.note,
         ]
 
 
-HEADERS = ["path", "prompt tokens", "new tokens", "prefill ms", "ms / decoded token", "tok/s", "peak GiB", "note"]
+HEADERS = ["path", "batch", "prompt tokens", "new tokens", "prefill ms", "ms / decoding step", "floor ms", "tok/s",
+           "peak GiB", "note"]
 
 
-def vlm_prompt(model: MambaVLM, device: torch.device, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """input_ids (1, L): 10 random text tokens, the image's placeholders, 10 more; attention_mask."""
+def hbm_bytes_per_s(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((rate for key, rate in HBM_BYTES_PER_S.items() if key in name), None)
+
+
+def decode_floor_ms(model: MambaVLM, batch: int, bandwidth: float | None) -> float | None:
+    """ms a decoding step of the LLM takes at least: every LLM weight read once, each sequence's state
+    (conv: D_inner x d_conv in the weights' dtype, SSM: D_inner x N float32, per layer) read and written."""
+    if bandwidth is None:
+        return None
+    cfg = model.llm.config
+    weights = sum(p.numel() * p.element_size() for p in model.llm.parameters())
+    size = next(model.llm.parameters()).element_size()
+    state = cfg.num_hidden_layers * cfg.intermediate_size * (cfg.conv_kernel * size + cfg.state_size * 4)
+    return 1e3 * (weights + 2 * batch * state) / bandwidth
+
+
+def vlm_prompt(
+    model: MambaVLM, device: torch.device, generator: torch.Generator, batch: int = 1
+) -> tuple[Tensor, Tensor]:
+    """input_ids (B, L): per row 10 random text tokens, the image's placeholders, 10 more; attention_mask."""
     vocab = model.llm.config.vocab_size
     half = TEXT_TOKENS // 2
-    text = torch.randint(1, vocab, (TEXT_TOKENS,), generator=generator)
-    image = torch.full((model.num_visual_tokens,), IMAGE_TOKEN_INDEX)
-    ids = torch.cat([text[:half], image, text[half:]])[None].to(device)
+    text = torch.randint(1, vocab, (batch, TEXT_TOKENS), generator=generator)
+    image = torch.full((batch, model.num_visual_tokens), IMAGE_TOKEN_INDEX)
+    ids = torch.cat([text[:, :half], image, text[:, half:]], dim=1).to(device)
     return ids, torch.ones_like(ids)
 
 
-def pixel_values(model: MambaVLM, device: torch.device, dtype: torch.dtype, generator: torch.Generator) -> list[Tensor]:
-    """One random image per encoder at its resolution: [(1, 3, S_m, S_m)]."""
+def pixel_values(
+    model: MambaVLM, device: torch.device, dtype: torch.dtype, generator: torch.Generator, batch: int = 1
+) -> list[Tensor]:
+    """B random images per encoder at its resolution: [(B, 3, S_m, S_m)]."""
     return [
-        torch.randn(1, 3, enc.image_size, enc.image_size, generator=generator).to(device, dtype)
+        torch.randn(batch, 3, enc.image_size, enc.image_size, generator=generator).to(device, dtype)
         for enc in model.config.vision.encoders
     ]
 
@@ -125,10 +163,8 @@ def matching_prefix(a: Tensor, b: Tensor) -> int:
     return a.numel() if differ.numel() == 0 else int(differ[0])
 
 
-def mamba_ssm_row(
-    model: MambaVLM, device: torch.device, dtype: torch.dtype, length: int, new_tokens: int, repeats: int
-) -> Row | str:
-    """mamba_ssm's MambaLMHeadModel of the LLM's shapes, generate(cg=True); a note when unavailable."""
+def mamba_ssm_model(model: MambaVLM, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | str:
+    """mamba_ssm's MambaLMHeadModel of the LLM's shapes (random weights), or why it cannot be built."""
     if device.type != "cuda":
         return "mamba_ssm generate(cg=True): skipped (needs CUDA)"
     try:
@@ -137,7 +173,7 @@ def mamba_ssm_row(
     except ImportError as error:
         return f"mamba_ssm generate(cg=True): skipped (mamba_ssm not importable: {error})"
     cfg = model.llm.config
-    ssm_model = MambaLMHeadModel(
+    return MambaLMHeadModel(
         SSMConfig(
             d_model=cfg.hidden_size,
             n_layer=cfg.num_hidden_layers,
@@ -150,7 +186,13 @@ def mamba_ssm_row(
         device=device,
         dtype=dtype,
     ).eval()
-    ids = torch.randint(1, cfg.vocab_size, (1, length), device=device)
+
+
+def mamba_ssm_row(
+    ssm_model: torch.nn.Module, device: torch.device, length: int, new_tokens: int, repeats: int, batch: int = 1
+) -> Row:
+    """mamba_ssm's generate(cg=True) on ``batch`` random text prompts of ``length`` tokens."""
+    ids = torch.randint(1, ssm_model.config.vocab_size, (batch, length), device=device)
 
     def generate() -> Tensor:
         out = ssm_model.generate(ids, max_length=length + new_tokens, cg=True, top_k=1)
@@ -167,7 +209,41 @@ def mamba_ssm_row(
             repeats,
             "anchor",
         )
+    row.batch = batch
     return row
+
+
+def batched_rows(
+    model: MambaVLM, ssm_model: torch.nn.Module | str, device: torch.device, dtype: torch.dtype, new_tokens: int,
+    repeats: int, batch_sizes: list[int], bandwidth: float | None,
+) -> list[Row]:
+    """Our fast path and mamba_ssm's at each batch size (B images + prompts; B text prompts)."""
+    rows = []
+    generator = torch.Generator().manual_seed(1)
+    gen_kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
+    decoder = model.static_decoder()
+    for batch in batch_sizes:
+        input_ids, attention_mask = vlm_prompt(model, device, generator, batch)
+        pixels = pixel_values(model, device, dtype, generator, batch)
+        with torch.no_grad():
+            row, _ = measure(
+                f"{model.config.name} static state{' + CUDA graph' if decoder.cuda_graph else ''}",
+                device, input_ids.shape[1], new_tokens,
+                lambda ids=input_ids, mask=attention_mask, px=pixels: decoder.prefill(model.embed(ids, px), mask),
+                lambda ids=input_ids, mask=attention_mask, px=pixels: model.generate_ids(
+                    ids, mask, px, fast=True, **gen_kwargs
+                ),
+                repeats, "ours",
+            )
+        row.batch, row.floor_ms = batch, decode_floor_ms(model, batch, bandwidth)
+        rows.append(row)
+        free_memory(device)
+        if not isinstance(ssm_model, str):
+            anchor = mamba_ssm_row(ssm_model, device, input_ids.shape[1], new_tokens, repeats, batch)
+            anchor.floor_ms = row.floor_ms
+            rows.append(anchor)
+            free_memory(device)
+    return rows
 
 
 def run(args: argparse.Namespace) -> str:
@@ -218,7 +294,11 @@ def run(args: argparse.Namespace) -> str:
         )
         rows.append(lm_row)
 
-    ssm = mamba_ssm_row(model, device, dtype, length, new_tokens, repeats)
+    bandwidth = hbm_bytes_per_s(device)
+    ssm_model = mamba_ssm_model(model, device, dtype)
+    ssm: Row | str = ssm_model if isinstance(ssm_model, str) else mamba_ssm_row(
+        ssm_model, device, length, new_tokens, repeats
+    )
     free_memory(device)
     if isinstance(ssm, Row):
         rows.append(ssm)
@@ -238,6 +318,16 @@ def run(args: argparse.Namespace) -> str:
         )
         rows.append(hf_row)
     synchronize(device)
+    for row in rows:
+        row.floor_ms = decode_floor_ms(model, 1, bandwidth)
+    batch_sizes = args.batch_sizes or ([1, 2] if args.quick else [1, 4, 16, 64])
+    batched = batched_rows(model, ssm_model, device, dtype, new_tokens, repeats, batch_sizes, bandwidth)
+    batch_lines = []
+    for batch in batch_sizes:
+        ours = next(r for r in batched if r.batch == batch and r.note == "ours")
+        anchor = next((r for r in batched if r.batch == batch and r.note == "anchor"), None)
+        if anchor is not None:
+            batch_lines.append(f"- batch {batch}: ours / mamba_ssm = {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tok/s")
     notes.append(
         f"fast path vs HF generate: first {matching_prefix(vlm_tokens, hf_tokens)} of {new_tokens} greedy tokens "
         "identical (random weights; in bf16 a near-tie can flip one token and the rest follows)"
@@ -260,7 +350,9 @@ def run(args: argparse.Namespace) -> str:
         args.out or default_out("generation", args.quick),
         "Generation: MambaVLM fast path vs anchors",
         device,
-        [setup, markdown_table(HEADERS, [r.cells() for r in rows]), "\n".join(ratios + [f"- {n}" for n in notes])],
+        [setup, markdown_table(HEADERS, [r.cells() for r in rows]), "\n".join(ratios + [f"- {n}" for n in notes]),
+         f"Batched decoding ({new_tokens} new tokens per sequence):", markdown_table(HEADERS, [r.cells() for r in batched]),
+         "\n".join(batch_lines)],
     )
 
 
@@ -270,6 +362,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/generation[-quick].md)")
     parser.add_argument("--new-tokens", type=int, help="tokens to generate (default 256; 8 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed runs per row (default 3; 2 with --quick)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="batched table (default 1 4 16 64; 1 2 with --quick)")
     run(parser.parse_args())
 
 

@@ -60,3 +60,18 @@ def test_long_context_bandwidth_floor_counts_weights_kv_and_states() -> None:
     linear = models["linear (0 % attention)"]
     states = step_bytes(linear, 128) - sum(p.numel() * 4 for p in linear.parameters())
     assert states == step_bytes(linear, 4096) - sum(p.numel() * 4 for p in linear.parameters()) > 0  # no K/V
+
+
+def test_generation_bandwidth_floor_counts_weights_and_each_sequences_state_twice() -> None:
+    """The floor's state bytes equal the decoder's own allocated state (conv + SSM per layer), read and
+    written once per step per sequence: 4.8e12 B/s makes ms = bytes / 4.8e9."""
+    from benchmarks.generation import decode_floor_ms
+    from mambavlm.generation.mamba1 import StatefulMambaMixer
+    from tests.conftest import tiny_vlm
+
+    model = tiny_vlm()
+    weights = sum(p.numel() * p.element_size() for p in model.llm.parameters())
+    states = [StatefulMambaMixer(layer.mixer).allocate(3) for layer in model.llm.backbone.layers]
+    state_bytes = sum(s.conv.nbytes + s.ssm.nbytes for s in states)
+    assert decode_floor_ms(model, 3, 4.8e12) == pytest.approx((weights + 2 * state_bytes) / 4.8e9)
+    assert decode_floor_ms(model, 3, None) is None
