@@ -47,7 +47,7 @@ from mambavlm.generation import (
     supports_static_decoding,
 )
 from mambavlm.llm.factory import build_llm, family_classes
-from mambavlm.llm.mamba_training import answer_token_loss, mamba_lm_hidden_states, shards_parameters
+from mambavlm.llm.mamba_training import answer_token_loss, mamba_lm_hidden_states, zero3_partitioned
 from mambavlm.llm.templates import ConversationTemplate, get_template
 from mambavlm.llm.tokenizer import (
     IMAGE_TOKEN,
@@ -224,8 +224,8 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         layout instead (``mambavlm.llm.mamba_training``): fused residual add + RMSNorm at each block
         boundary, and the LM head at the scored positions only; the output then holds the ``loss``
         and no ``logits``, as Liger-Kernel's fused-loss forwards return in training. The same loss and
-        gradients as the LLM's own forward (float32; bf16 within rounding). Under FSDP or ZeRO-3 the
-        LLM's own forward runs (their hooks gather each block's parameters in that forward).
+        gradients as the LLM's own forward (float32; bf16 within rounding). Under DeepSpeed ZeRO-3 the
+        LLM's own forward runs (ZeRO-3 gathers each submodule's parameters in that submodule's forward).
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
@@ -242,10 +242,10 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
 
     def _mamba_lm(self) -> MambaForCausalLM | None:
         """The Mamba-1 LM under ``self.llm`` (under peft's wrapper, with its adapters) that can train in
-        mamba_ssm's layout, or None (another family, or parameters sharded by FSDP / ZeRO-3, which
-        only the blocks' own forward gathers: ``shards_parameters``)."""
+        mamba_ssm's layout, or None (another family, or parameters partitioned by ZeRO-3:
+        ``zero3_partitioned``)."""
         llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
-        return llm if isinstance(llm, MambaForCausalLM) and not shards_parameters(llm) else None
+        return llm if isinstance(llm, MambaForCausalLM) and not zero3_partitioned(llm) else None
 
     def preprocess_images(self, images: Sequence[Image.Image]) -> list[Tensor]:
         """PIL images -> one (N, 3, H_m, W_m) tensor per encoder, each with its own preprocessing."""

@@ -311,6 +311,18 @@ def tiny_vlm(*overrides: str, seed: int = 0, load_weights: bool = True, train: b
     return model if train else model.eval()
 
 
+def fixed_batch(model: MambaVLM) -> dict:
+    """Two images (red, blue) with a question each and the answer " red" as the only labels."""
+    images = [Image.new("RGB", (40, 30), (230, 30, 30)), Image.new("RGB", (30, 40), (30, 30, 230))]
+    input_ids, attention_mask, pixel_values = model._prompt_batch(images, ["what colour ?", "and this ?"])
+    answer = torch.tensor(model.tokenizer.encode(" red", add_special_tokens=False))
+    input_ids = torch.cat([input_ids, answer.expand(2, -1)], dim=1)
+    attention_mask = torch.cat([attention_mask, torch.ones(2, answer.numel(), dtype=torch.long)], dim=1)
+    labels = torch.full_like(input_ids, -100)
+    labels[:, -answer.numel():] = answer
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
+
+
 def tiny_llama_vlm(seed: int = 0, **changes: object) -> MambaVLM:
     """The tiny MambaVLM on TINY_LLAMA (with ``changes``) as its LLM, in eval mode."""
     llm = "{" + ", ".join(f"{k}: {v}" for k, v in {**TINY_LLAMA, **changes}.items()) + "}"

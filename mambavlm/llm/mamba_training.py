@@ -17,60 +17,93 @@ mamba_ssm's numerics differ from transformers' (the residual is normalised befor
 
 from __future__ import annotations
 
+import types
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import MambaForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.mamba.modeling_mamba import MambaBlock
 
 from mambavlm.llm.tokenizer import IGNORE_INDEX
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["answer_token_loss", "mamba_lm_hidden_states", "shards_parameters"]
+__all__ = ["answer_token_loss", "install_fused_blocks", "mamba_lm_hidden_states", "zero3_partitioned"]
+
+_CHECKPOINTS_AT_CALL = "__call__" in GradientCheckpointingLayer.__dict__
+"""transformers up to 5.17 checkpoints a layer in ``__call__`` (around whatever ``forward`` runs), later
+releases wrap the class's ``forward``, which an instance's own ``forward`` replaces."""
 
 
-def shards_parameters(lm: MambaForCausalLM) -> bool:
-    """Whether ``lm``'s blocks hold sharded parameters that only their own forward gathers: FSDP
-    (either API) units, or DeepSpeed ZeRO-3 partitions. ``mamba_lm_hidden_states`` reads each block's
-    norm and mixer directly, around the block's forward, so such an LM must train through its own
-    forward (transformers' layout) instead."""
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    if any(isinstance(m, (FullyShardedDataParallel, FSDPModule)) for m in lm.modules()):
-        return True
+def zero3_partitioned(lm: MambaForCausalLM) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions ``lm``'s parameters (it marks each with ``ds_id``). ZeRO-3
+    gathers a module's own parameters when that module's forward is called, and the fused block reads
+    its norm's weight without calling the norm, so such an LM trains through transformers' forward."""
     return any(hasattr(p, "ds_id") for p in lm.parameters())
 
 
-def mamba_lm_hidden_states(
-    lm: MambaForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor | None, fused: bool = True
-) -> Tensor:
+def _fused_block(
+    block: MambaBlock, hidden: Tensor, residual: Tensor | None, attention_mask: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    normed, residual = add_rms_norm(block.norm, hidden, residual, block.residual_in_fp32, fused=True)
+    return block.mixer(normed, attention_mask=attention_mask), residual
+
+
+def _block_forward(
+    self: MambaBlock,
+    hidden_states: Tensor,
+    residual: Tensor | None = None,
+    *,
+    fused_add_norm: bool = False,
+    attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """A ``MambaBlock``'s forward in two modes. Called as transformers' ``MambaModel`` calls it: the
+    class's own forward (``residual + mixer(norm(residual))``). With ``fused_add_norm=True``:
+    mamba_ssm's block, ``(mixer(normed), residual)`` for the block output and residual stream before
+    it (``add_rms_norm``), the residual passed positionally (reentrant checkpointing gives it its
+    gradient) and the block checkpointed as transformers would checkpoint it."""
+    if not fused_add_norm:
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    if self.gradient_checkpointing and self.training and torch.is_grad_enabled() and not _CHECKPOINTS_AT_CALL:
+        return checkpoint(_fused_block, self, hidden_states, residual, attention_mask, use_reentrant=False)
+    return _fused_block(self, hidden_states, residual, attention_mask)
+
+
+def install_fused_blocks(lm: MambaForCausalLM) -> None:
+    """Give every ``MambaBlock`` of ``lm`` the two-mode forward (``_block_forward``), once; in place.
+
+    The block stays the module that FSDP wraps and checkpointing replays (its parameters are gathered
+    in its own forward, as FSDP gathers them), while transformers' own forward is unchanged. The same
+    per-instance binding Liger-Kernel applies to transformers' modules.
+    """
+    for module in lm.modules():
+        if isinstance(module, MambaBlock) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(_block_forward, module)
+
+
+def mamba_lm_hidden_states(lm: MambaForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
     """inputs_embeds (B, L, D) -> the final hidden states (B, L, D) after ``norm_f``, as
     ``lm.backbone`` computes them, in ``norm_f``'s dtype (float32 with ``residual_in_fp32``).
 
-    Each block boundary is ``add_rms_norm`` (mamba_ssm's fused kernel on CUDA with ``fused``), each
-    mixer is the block's own ``MambaMixer`` (mamba_ssm's fused ``mamba_inner_fn`` in training), given
-    ``attention_mask`` as transformers' block gives it. With the backbone's gradient checkpointing on
-    (``gradient_checkpointing_enable``) in training, each block's add + norm + mixer is recomputed in
-    the backward pass (non-reentrant), as transformers checkpoints each ``MambaBlock``.
+    Each block runs in mamba_ssm's layout (``install_fused_blocks``): the boundary's residual add +
+    RMSNorm is ``add_rms_norm`` (mamba_ssm's fused kernel on CUDA), the mixer the block's own
+    ``MambaMixer`` (mamba_ssm's fused ``mamba_inner_fn`` in training), given ``attention_mask`` as
+    transformers' block gives it; with gradient checkpointing on, each block is recomputed in the
+    backward pass as transformers recomputes it. Each block is called as a module, so FSDP gathers its
+    parameters around it.
     """
-    backbone = lm.backbone
-    residual_in_fp32 = lm.config.residual_in_fp32
-    checkpointed = backbone.gradient_checkpointing and backbone.training and torch.is_grad_enabled()
-
-    def block(layer: torch.nn.Module, hidden: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor]:
-        normed, residual = add_rms_norm(layer.norm, hidden, residual, residual_in_fp32, fused=fused)
-        return layer.mixer(normed, attention_mask=attention_mask), residual
-
+    install_fused_blocks(lm)
     hidden, residual = inputs_embeds, None
-    for layer in backbone.layers:
-        if checkpointed:
-            hidden, residual = checkpoint(block, layer, hidden, residual, use_reentrant=False)
-        else:
-            hidden, residual = block(layer, hidden, residual)
+    for layer in lm.backbone.layers:
+        hidden, residual = layer(hidden, residual, fused_add_norm=True, attention_mask=attention_mask)
     stream = residual + hidden
-    if residual_in_fp32:
+    if lm.config.residual_in_fp32:
         stream = stream.to(torch.float32)
-    return rms_norm(backbone.norm_f, stream)
+    return rms_norm(lm.backbone.norm_f, stream)
 
 
 def answer_token_loss(

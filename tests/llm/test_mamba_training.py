@@ -5,12 +5,13 @@ on CUDA, mamba_ssm's fused add + RMSNorm kernel against the PyTorch path."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from mambavlm.model import MambaVLM
-from tests.conftest import needs_cuda, needs_mamba_ssm, tiny_vlm
-from tests.training.test_lora import fixed_batch
+from tests.conftest import fixed_batch, needs_cuda, needs_mamba_ssm, tiny_vlm
 
 
 def padded_batch(model: MambaVLM) -> dict:
@@ -35,26 +36,45 @@ def loss_and_grads(model: MambaVLM, batch: dict, fused_layout: bool, **kwargs) -
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+@pytest.mark.parametrize("reentrant", [None, False, True], ids=["no-checkpointing", "non-reentrant", "reentrant"])
 @pytest.mark.parametrize("num_items", [None, 7.0])
-def test_training_forward_equals_transformers_loss_and_gradients(checkpointing: bool, num_items: float | None) -> None:
+def test_training_forward_equals_transformers_loss_and_gradients(reentrant: bool | None, num_items: float | None) -> None:
+    """Against a copy whose blocks never got the two-mode forward: transformers' forward as shipped."""
     model = tiny_vlm(train=True)
+    reference = copy.deepcopy(model)
     assert model.training
-    if checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    for m in (model, reference):
+        if reentrant is not None:
+            m.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     batch = padded_batch(model)
     kwargs = {} if num_items is None else {"num_items_in_batch": torch.tensor(num_items)}
     output = model(**batch, **kwargs)
     assert output.logits is None  # the fused-loss layout returns the loss only
+    assert all("forward" in block.__dict__ for block in model.llm.backbone.layers)
+    assert not any("forward" in block.__dict__ for block in reference.llm.backbone.layers)
     ours, our_grads = loss_and_grads(model, batch, True, **kwargs)
-    theirs, their_grads = loss_and_grads(model, batch, False, **kwargs)
+    theirs, their_grads = loss_and_grads(reference, batch, False, **kwargs)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert our_grads.keys() == their_grads.keys() and any(".mixer.in_proj." in n for n in our_grads)
     for name, grad in their_grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_eval_mode_other_arguments_and_sharded_parameters_keep_transformers_forward() -> None:
+def test_blocks_with_the_two_mode_forward_keep_transformers_forward_bit_for_bit() -> None:
+    from mambavlm.llm.mamba_training import install_fused_blocks
+
+    model = tiny_vlm()
+    batch = padded_batch(model)
+    embeds = model.embed(batch["input_ids"], batch["pixel_values"])
+    before = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    install_fused_blocks(model.llm)
+    after = model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"]).logits
+    assert torch.equal(before, after)
+    clone = copy.deepcopy(model)  # the bound forward follows the copy, not the original
+    assert clone.llm.backbone.layers[0].forward.__self__ is clone.llm.backbone.layers[0]
+
+
+def test_eval_mode_other_arguments_and_zero3_parameters_keep_transformers_forward() -> None:
     model = tiny_vlm()
     batch = padded_batch(model)
     output = model(**batch)

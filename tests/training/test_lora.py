@@ -25,23 +25,10 @@ from mambavlm.training.lora import (  # noqa: E402
     save_adapter,
     target_modules,
 )
-from tests.conftest import ROOT, TINY_TRAIN, tiny_vlm  # noqa: E402
+from tests.conftest import ROOT, TINY_TRAIN, fixed_batch, tiny_vlm  # noqa: E402
 from tests.training.test_finetune import MICRO_RUN  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
-
-
-def fixed_batch(model: MambaVLM) -> dict:
-    from PIL import Image
-
-    images = [Image.new("RGB", (40, 30), (230, 30, 30)), Image.new("RGB", (30, 40), (30, 30, 230))]
-    input_ids, attention_mask, pixel_values = model._prompt_batch(images, ["what colour ?", "and this ?"])
-    answer = torch.tensor(model.tokenizer.encode(" red", add_special_tokens=False))
-    input_ids = torch.cat([input_ids, answer.expand(2, -1)], dim=1)
-    attention_mask = torch.cat([attention_mask, torch.ones(2, answer.numel(), dtype=torch.long)], dim=1)
-    labels = torch.full_like(input_ids, -100)
-    labels[:, -answer.numel():] = answer
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
 
 
 @pytest.mark.parametrize("projector", ["full", "lora", "frozen"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mambavlm.training.config import LoraSettings
-from tests.conftest import tiny_vlm
+from tests.conftest import fixed_batch, tiny_vlm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -23,8 +23,7 @@ def test_qlora_trains_through_the_fused_kernel_on_a_4_bit_llm(monkeypatch: pytes
     from transformers.models.mamba import modeling_mamba
 
     from mambavlm.training.lora import LoraTrainable, apply_lora
-    from tests.training.test_lora import fixed_batch
-
+    
     model = tiny_vlm(train=True)
     batch = {k: (v.to("cuda") if torch.is_tensor(v) else [p.to("cuda", torch.bfloat16) for p in v])
              for k, v in fixed_batch(model).items()}
