@@ -6,6 +6,7 @@
 Rows, all measured in this one run, batch 1, greedy, EOS off, random weights (nothing downloaded):
 - MambaVLM (fast path): one image + a short prompt (1478 tokens for the paper config, 1458 of them
   visual) through ``MambaVLM.generate_ids(fast=True)``: vision, projector, prefill, decoding;
+- the same with the fused Mamba step (``StaticStateDecoder(fused_step=True)``; CUDA);
 - the plain Mamba LM on a text prompt of the same length, through the same decoder;
 - mamba_ssm's ``MambaLMHeadModel.generate(cg=True)`` with the same shapes (skipped without mamba_ssm);
 - HF ``generate`` (the eager path) of the same MambaVLM and prompt.
@@ -40,8 +41,10 @@ from benchmarks.timing import (
     reset_peak_memory,
     synchronize,
 )
+from mambavlm.generation import StaticStateDecoder
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import MambaVLM, build_model
+from mambavlm.ops.mamba_step import triton_available
 
 ROOT = Path(__file__).resolve().parents[1]
 PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
@@ -278,6 +281,21 @@ def run(args: argparse.Namespace) -> str:
             "ours, image + prompt",
         )
         rows.append(vlm_row)
+        fused_row = None
+        if device.type == "cuda" and triton_available():
+            fused = StaticStateDecoder(model.llm, fused_step=True)
+            fused_row, _ = measure(
+                f"{model.config.name} static state + CUDA graph, fused step",
+                device,
+                length,
+                new_tokens,
+                lambda: fused.prefill(model.embed(input_ids, pixels), attention_mask),
+                lambda: fused.generate(model.embed(input_ids, pixels), attention_mask, **gen_kwargs),
+                repeats,
+                "ours, two Triton kernels between the projections",
+            )
+            rows.append(fused_row)
+            del fused
 
         text_ids = torch.randint(1, model.llm.config.vocab_size, (1, length), generator=generator).to(device)
         embed_tokens = model.llm.get_input_embeddings()
@@ -337,6 +355,9 @@ def run(args: argparse.Namespace) -> str:
         f"- VLM fast path vs plain LM fast path (tok/s): {vlm_row.tokens_per_s / lm_row.tokens_per_s:.3f}x",
         f"- VLM fast path vs HF generate (tok/s): {vlm_row.tokens_per_s / hf_row.tokens_per_s:.2f}x",
     ]
+    if isinstance(ssm, Row) and fused_row is not None:
+        ratios.insert(0, f"- fused step: mamba_ssm ms / ours ms per decoded token: "
+                         f"{ssm.ms_per_decoded_token / fused_row.ms_per_decoded_token:.2f}x (issue 14's target: >= 2.0x)")
     if isinstance(ssm, Row):
         ratios.insert(0, f"- VLM fast path vs mamba_ssm generate(cg=True) (tok/s): "
                          f"{vlm_row.tokens_per_s / ssm.tokens_per_s:.3f}x")

@@ -15,7 +15,12 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
-from mambavlm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
+from mambavlm.ops.causal_conv1d import (
+    causal_conv1d,
+    causal_conv1d_state,
+    causal_conv1d_update,
+)
+from mambavlm.ops.mamba_step import conv_x_proj, dt_state_update
 from mambavlm.ops.selective_scan import selective_scan
 from mambavlm.ops.selective_state_update import selective_state_update
 
@@ -132,6 +137,20 @@ class StatefulMambaMixer:
         state.ssm.copy_(last_state)
         out = F.linear(_flat_view(y.to(dtype)).mT, m.out_proj.weight, m.out_proj.bias)  # (B L, D)
         return out.view(batch, length, -1)
+
+    def step_fused(self, hidden: Tensor, state: MambaState) -> Tensor:
+        """``step`` with everything between ``in_proj`` and ``out_proj`` in two Triton kernels
+        (``mambavlm.ops.mamba_step``): dt, B and C stay float32 between them. Raises ValueError for
+        an ``x_proj`` with a bias or an activation other than SiLU or none (not Mamba's)."""
+        m = self.mixer
+        if m.x_proj.bias is not None or m.activation not in ("silu", None):
+            raise ValueError("the fused step supports Mamba's mixer: x_proj without bias, SiLU or no conv activation")
+        xz = m.in_proj(hidden)  # (B, 2 D_inner)
+        x, z = xz.chunk(2, dim=-1)
+        x, xdbl = conv_x_proj(x, state.conv, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.x_proj.weight,
+                              silu=m.activation == "silu")
+        y = dt_state_update(xdbl, x, z, m.dt_proj.weight, state.dt_bias, state.A, m.D, state.ssm)
+        return m.out_proj(y)
 
     def step(self, hidden: Tensor, state: MambaState) -> Tensor:
         """hidden (B, D) (normed) -> (B, D) for one new token; updates ``state`` in place."""

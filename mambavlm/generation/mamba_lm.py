@@ -14,7 +14,10 @@ is float32 when ``config.residual_in_fp32``.
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,20 +25,32 @@ from transformers import MambaForCausalLM, PreTrainedModel
 
 from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
-from mambavlm.ops.norm import add_rms_norm, rms_norm
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
+from mambavlm.ops.mamba_step import triton_available
+from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["StaticStateDecoder"]
 
 
 class StaticStateDecoder(StaticDecoder):
-    """Prefill + per-token step of a ``MambaForCausalLM`` / ``SSDForCausalLM`` on static state."""
+    """Prefill + per-token step of a ``MambaForCausalLM`` / ``SSDForCausalLM`` on static state.
+
+    fused_step: Mamba-1 steps through ``StatefulMambaMixer.step_fused`` (two Triton kernels between
+    the projections; ``mambavlm.ops.mamba_step``). Raises ValueError for it with another model, or
+    without CUDA (Triton's interpreter, ``TRITON_INTERPRET=1``, runs it anywhere, slowly).
+    """
 
     supported_models = (MambaForCausalLM, SSDForCausalLM)
 
-    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None) -> None:
+    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, fused_step: bool = False) -> None:
         super().__init__(model, cuda_graph)
+        if fused_step and not isinstance(model, MambaForCausalLM):
+            raise ValueError(f"fused_step runs Mamba-1 mixers; {type(model).__name__} has none")
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        if fused_step and not (triton_available() and (self.device.type == "cuda" or interpreted)):
+            raise ValueError("fused_step needs Triton on CUDA (or TRITON_INTERPRET=1 to interpret its kernels)")
+        self.fused_step = fused_step
         self.mamba1 = isinstance(model, MambaForCausalLM)
         layers = model.backbone.layers
         self.mamba1_mixers = [StatefulMambaMixer(layer.mixer) for layer in layers] if self.mamba1 else []
@@ -43,6 +58,9 @@ class StaticStateDecoder(StaticDecoder):
             mixer.mixer.in_proj.bias is None and mixer.mixer.out_proj.bias is None for mixer in self.mamba1_mixers
         )
         self._states: list[MambaState] | list[Mamba2State] = []
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> StaticStateDecoder:
+        return type(self)(copy.deepcopy(self.model, memo), self.cuda_graph, self.fused_step)
 
     def _allocate(self, batch: int, capacity: int) -> None:
         if self.mamba1:
@@ -73,11 +91,13 @@ class StaticStateDecoder(StaticDecoder):
 
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)
-        if self.mamba1:
-            step = lambda i, x: self.mamba1_mixers[i].step(x, self._states[i])  # noqa: E731
+        if self.mamba1 and self.fused_step:
+            step = lambda i, x: self.mamba1_mixers[i].step_fused(x, self._states[i])
+        elif self.mamba1:
+            step = lambda i, x: self.mamba1_mixers[i].step(x, self._states[i])
         else:
             layers = self.model.backbone.layers
-            step = lambda i, x: layers[i].mixer.step(x, self._states[i])  # noqa: E731
+            step = lambda i, x: layers[i].mixer.step(x, self._states[i])
         return self._logits(self._blocks(hidden, step, last_only=False))
 
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:

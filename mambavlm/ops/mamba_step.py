@@ -1,0 +1,158 @@
+"""A Mamba-1 mixer's one-token step between its two large projections in two Triton kernels.
+
+mamba_ssm's ``Mamba.step`` (and ``StatefulMambaMixer.step``) runs five kernels between ``in_proj`` and
+``out_proj``: the conv update, ``x_proj``, ``dt_proj``, the selective state update, and a copy or two.
+At batch 1 each moves a few kilobytes to a few megabytes and costs mostly its launch and its tail, 64
+times per token. Here:
+
+- ``conv_x_proj``: the causal conv's state shift, its output (+ bias, SiLU) for a block of channels,
+  and that block's share of ``x_proj`` (dt's low rank, B, C), summed across blocks into one float32
+  buffer with atomic adds (split-K): one kernel, the ``x_proj`` weight read once for the whole batch;
+- ``dt_state_update``: ``dt_proj`` (rank R dot per channel) + bias + softplus, the selective state
+  update ``h = exp(dt A) h + dt B x``, ``y = C h + D x`` gated by ``silu(z)``: one kernel, the
+  ``dt_proj`` weight read once for the whole batch.
+
+Both compute in float32 and keep dt, B and C in float32 (the unfused path rounds them to the model's
+dtype after ``x_proj``), so in float32 they equal the unfused step up to summation order. They run on
+CUDA, and anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+
+__all__ = ["conv_x_proj", "dt_state_update", "triton_available"]
+
+
+def triton_available() -> bool:
+    return triton is not None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _conv_x_proj_kernel(
+        x_ptr, stride_x_b,  # (B, Di) conv input (the x half of in_proj's output)
+        state_ptr,  # (B, Di, W) conv state, oldest first; shifted in place
+        conv_w_ptr, conv_b_ptr,  # (Di, W), (Di,)
+        x_proj_ptr,  # (R2, Di) x_proj weight
+        out_ptr,  # (B, Di) conv output, the model's dtype
+        xdbl_ptr,  # (B, R2) float32, zeroed: receives dt_low | B | C
+        batch, channels, rows,
+        W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < channels
+        k = tl.arange(0, W_POW2)
+        k_ok = k < W
+        w = tl.load(conv_w_ptr + d[:, None] * W + k[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(conv_b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        r = tl.arange(0, BLOCK_R)
+        r_ok = r < rows
+        proj = tl.load(x_proj_ptr + r[:, None] * channels + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        proj = proj.to(tl.float32)
+        for b in range(batch):
+            x = tl.load(x_ptr + b * stride_x_b + d, mask=d_ok, other=0.0)
+            state_row = state_ptr + b * channels * W + d[:, None] * W
+            older = tl.load(state_row + k[None, :] + 1, mask=d_ok[:, None] & (k[None, :] + 1 < W), other=0.0)
+            window = tl.where(k[None, :] == W - 1, x[:, None].to(older.dtype), older)
+            tl.store(state_row + k[None, :], window, mask=d_ok[:, None] & k_ok[None, :])
+            out = tl.sum(window.to(tl.float32) * w, axis=1)
+            if HAS_BIAS:
+                out += bias
+            if SILU:
+                out = out * tl.sigmoid(out)
+            out = tl.where(d_ok, out, 0.0)
+            tl.store(out_ptr + b * channels + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+            share = tl.sum(proj * out[None, :], axis=1)
+            tl.atomic_add(xdbl_ptr + b * rows + r, share, mask=r_ok)
+
+    @triton.jit
+    def _dt_state_update_kernel(
+        xdbl_ptr,  # (B, R2) float32: dt_low | B | C
+        x_ptr,  # (B, Di) conv output
+        z_ptr, stride_z_b,  # (B, Di) gate (the z half of in_proj's output)
+        dt_w_ptr, dt_bias_ptr,  # (Di, R), (Di,) float32
+        a_ptr, d_skip_ptr,  # (Di, N) float32 (A = -exp(A_log)), (Di,)
+        state_ptr,  # (B, Di, N) float32, updated in place
+        y_ptr,  # (B, Di), the model's dtype
+        batch, channels, rank,
+        N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr,
+    ):
+        d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < channels
+        j = tl.arange(0, BLOCK_RANK)
+        j_ok = j < rank
+        dt_w = tl.load(dt_w_ptr + d[:, None] * rank + j[None, :], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
+        dt_w = dt_w.to(tl.float32)
+        dt_bias = tl.load(dt_bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        n = tl.arange(0, N_POW2)
+        n_ok = n < N
+        dn_ok = d_ok[:, None] & n_ok[None, :]
+        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
+        d_skip = tl.load(d_skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        row_width = rank + 2 * N
+        for b in range(batch):
+            low = tl.load(xdbl_ptr + b * row_width + j, mask=j_ok, other=0.0)
+            b_in = tl.load(xdbl_ptr + b * row_width + rank + n, mask=n_ok, other=0.0)
+            c_out = tl.load(xdbl_ptr + b * row_width + rank + N + n, mask=n_ok, other=0.0)
+            dt = tl.sum(dt_w * low[None, :], axis=1) + dt_bias
+            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, as mamba_ssm's threshold
+            x = tl.load(x_ptr + b * channels + d, mask=d_ok, other=0.0).to(tl.float32)
+            z = tl.load(z_ptr + b * stride_z_b + d, mask=d_ok, other=0.0).to(tl.float32)
+            state_row = state_ptr + b * channels * N + d[:, None] * N + n[None, :]
+            h = tl.load(state_row, mask=dn_ok, other=0.0)
+            h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * b_in[None, :]
+            tl.store(state_row, h, mask=dn_ok)
+            y = tl.sum(h * c_out[None, :], axis=1) + d_skip * x
+            y = y * z * tl.sigmoid(z)
+            tl.store(y_ptr + b * channels + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+
+
+def conv_x_proj(
+    x: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool
+) -> tuple[Tensor, Tensor]:
+    """x (B, Di) (rows may be strided), conv_state (B, Di, W) contiguous, updated in place; conv_weight
+    (Di, W), conv_bias (Di,) or None; x_proj_weight (R + 2N, Di). Returns the conv output (B, Di) in x's
+    dtype and x_proj of it, (B, R + 2N) in float32."""
+    batch, channels = x.shape
+    rows = x_proj_weight.shape[0]
+    width = conv_weight.shape[1]
+    out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
+    xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
+    block_d = 32
+    _conv_x_proj_kernel[(triton.cdiv(channels, block_d),)](
+        x, x.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
+        x_proj_weight, out, xdbl, batch, channels, rows,
+        W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
+        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rows),
+    )
+    return out, xdbl
+
+
+def dt_state_update(
+    xdbl: Tensor, x: Tensor, z: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
+) -> Tensor:
+    """xdbl (B, R + 2N) float32 (dt's low rank, B, C); x (B, Di) the conv output; z (B, Di) (rows may be
+    strided); dt_weight (Di, R), dt_bias (Di,) float32; A (Di, N) float32, D (Di,); ssm_state
+    (B, Di, N) float32, updated in place. Returns y (B, Di) in x's dtype."""
+    batch, channels = x.shape
+    rank = dt_weight.shape[1]
+    d_state = A.shape[1]
+    y = torch.empty_like(x)
+    block_d = 16
+    _dt_state_update_kernel[(triton.cdiv(channels, block_d),)](
+        xdbl, x, z, z.stride(0), dt_weight, dt_bias, A, D, ssm_state, y, batch, channels, rank,
+        N=d_state, N_POW2=triton.next_power_of_2(d_state), BLOCK_D=block_d,
+        BLOCK_RANK=triton.next_power_of_2(rank),
+    )
+    return y
