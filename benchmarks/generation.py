@@ -8,7 +8,7 @@ Rows, all measured in this one run, batch 1, greedy, EOS off, random weights (no
   visual) through ``MambaVLM.generate_ids(fast=True)``: vision, projector, prefill, decoding;
 - the same with the fused Mamba step (``StaticStateDecoder(fused_step=True)``; CUDA);
 - the plain Mamba LM on a text prompt of the same length, through the same decoder;
-- mamba_ssm's ``MambaLMHeadModel.generate(cg=True)`` with the same shapes (skipped without mamba_ssm);
+- mamba_ssm's ``MambaLMHeadModel.generate(cg=True)`` on the same LLM weights (skipped without mamba_ssm);
 - HF ``generate`` (the eager path) of the same MambaVLM and prompt.
 
 Per row: the prefill (prompt -> first logits) timed on its own, the whole generation, and from them
@@ -32,7 +32,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from benchmarks.report import default_out, markdown_table, write_report
+from benchmarks.prefill import mamba_ssm_copy
+from benchmarks.report import default_out, hbm_bytes_per_s, markdown_table, write_report
 from benchmarks.timing import (
     benchmark_device,
     free_memory,
@@ -51,10 +52,6 @@ PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
 TINY_CONFIG = ROOT / "configs" / "model" / "tiny.yaml"
 TEXT_TOKENS = 20
 """Text tokens of the prompt around the image: 10 before, 10 after (1478 = 1458 + 20 for the paper)."""
-
-
-HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
-"""HBM bandwidth by GPU name (SXM parts), for the bandwidth floor."""
 
 
 @dataclass
@@ -97,13 +94,6 @@ class Row:
 
 HEADERS = ["path", "batch", "prompt tokens", "new tokens", "prefill ms", "ms / decoding step", "floor ms", "tok/s",
            "peak GiB", "note"]
-
-
-def hbm_bytes_per_s(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((rate for key, rate in HBM_BYTES_PER_S.items() if key in name), None)
 
 
 def decode_floor_ms(model: MambaVLM, batch: int, bandwidth: float | None) -> float | None:
@@ -166,29 +156,11 @@ def matching_prefix(a: Tensor, b: Tensor) -> int:
     return a.numel() if differ.numel() == 0 else int(differ[0])
 
 
-def mamba_ssm_model(model: MambaVLM, device: torch.device, dtype: torch.dtype) -> torch.nn.Module | str:
-    """mamba_ssm's MambaLMHeadModel of the LLM's shapes (random weights), or why it cannot be built."""
-    if device.type != "cuda":
-        return "mamba_ssm generate(cg=True): skipped (needs CUDA)"
-    try:
-        from mamba_ssm.models.config_mamba import MambaConfig as SSMConfig
-        from mamba_ssm.models.mixer_seq_simple import MambaLMHeadModel
-    except ImportError as error:
-        return f"mamba_ssm generate(cg=True): skipped (mamba_ssm not importable: {error})"
-    cfg = model.llm.config
-    return MambaLMHeadModel(
-        SSMConfig(
-            d_model=cfg.hidden_size,
-            n_layer=cfg.num_hidden_layers,
-            vocab_size=cfg.vocab_size,
-            ssm_cfg={"d_state": cfg.state_size, "d_conv": cfg.conv_kernel, "expand": cfg.expand},
-            rms_norm=True,
-            residual_in_fp32=cfg.residual_in_fp32,
-            fused_add_norm=True,
-        ),
-        device=device,
-        dtype=dtype,
-    ).eval()
+def mamba_ssm_model(model: MambaVLM) -> torch.nn.Module | str:
+    """mamba_ssm's MambaLMHeadModel holding the VLM's LLM weights (``benchmarks.prefill.mamba_ssm_copy``),
+    or why it cannot be built here."""
+    copy = mamba_ssm_copy(model.llm)
+    return copy if isinstance(copy, str) else copy.eval()
 
 
 def mamba_ssm_row(
@@ -313,7 +285,7 @@ def run(args: argparse.Namespace) -> str:
         rows.append(lm_row)
 
     bandwidth = hbm_bytes_per_s(device)
-    ssm_model = mamba_ssm_model(model, device, dtype)
+    ssm_model = mamba_ssm_model(model)
     ssm: Row | str = ssm_model if isinstance(ssm_model, str) else mamba_ssm_row(
         ssm_model, device, length, new_tokens, repeats
     )

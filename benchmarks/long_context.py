@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.report import RESULTS_DIR, default_out, markdown_table, write_report
+from benchmarks.report import RESULTS_DIR, default_out, hbm_bytes_per_s, markdown_table, write_report
 from benchmarks.timing import (
     benchmark_device,
     free_memory,
@@ -73,10 +73,6 @@ TARGETS = {"hybrid (25 % attention)": 3.0, "linear (0 % attention)": 15.0}
 HYBRID_TARGET_MS = 6.0
 """Issue 14: the 25 %-attention hybrid decodes at <= this many ms per token at TARGET_CONTEXT (split-KV)."""
 ATTENTION_LABELS = {"sdpa": "SDPA", "split_kv": "split-KV"}
-HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
-"""HBM bandwidth by GPU name (SXM parts), for the bandwidth floor."""
-
-
 @dataclass
 class Point:
     """One model, attending one way, at one context length; the numbers are None when it ran out of memory."""
@@ -111,13 +107,6 @@ def step_bytes(model: LlamaForCausalLM, context: int) -> int:
         state = adapter.mixer.allocate_state(1, torch.device("meta"), next(model.parameters()).dtype)
         states += state.conv.nbytes + state.ssm.nbytes
     return weights + kv + states
-
-
-def hbm_bytes_per_s(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((rate for key, rate in HBM_BYTES_PER_S.items() if key in name), None)
 
 
 def build_models(shape: str, device: torch.device, dtype: torch.dtype, max_context: int) -> dict[str, LlamaForCausalLM]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 import transformers
 
-__all__ = ["default_out", "environment_lines", "markdown_table", "write_report"]
+__all__ = ["HBM_BYTES_PER_S", "default_out", "environment_lines", "hbm_bytes_per_s", "markdown_table", "write_report"]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -32,6 +32,18 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
+"""HBM bandwidth by GPU name (SXM parts), for the decode benchmarks' bandwidth floors."""
+
+
+def hbm_bytes_per_s(device: torch.device) -> float | None:
+    """The device's HBM bandwidth in bytes/s, looked up by name; None on the CPU or an unknown GPU."""
+    if device.type != "cuda":
+        return None
+    name = device_name(device)
+    return next((rate for key, rate in HBM_BYTES_PER_S.items() if key in name), None)
 
 
 def environment_lines(device: torch.device) -> list[str]:
