@@ -486,8 +486,16 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         token, renormalised over the options. Arguments as ``answer``; raises ValueError for an option
         that is not one token (``option_token_ids``).
         """
-        token_ids = torch.tensor(self.option_token_ids(options), device=self.device)
         input_ids, attention_mask, pixel_values = self._prompt_batch(images, prompts, pixel_values)
+        return self.option_logprobs_ids(input_ids, attention_mask, pixel_values, options)
+
+    @torch.no_grad()
+    def option_logprobs_ids(
+        self, input_ids: Tensor, attention_mask: Tensor, pixel_values: Sequence[Tensor] | None, options: Sequence[str]
+    ) -> list[dict[str, float]]:
+        """``option_logprobs`` of prompts already tokenised and left-padded: input_ids, attention_mask
+        (B, L) and pixel values on the model's device (``generate_ids``' inputs)."""
+        token_ids = torch.tensor(self.option_token_ids(options), device=self.device)
         inputs_embeds = self.embed(input_ids, pixel_values)
         if supports_static_decoding(self.llm):
             logits = self.static_decoder().prefill(inputs_embeds, attention_mask)

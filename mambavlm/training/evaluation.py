@@ -132,15 +132,13 @@ def _open_image(path: Path, blind: bool) -> Image.Image | str:
 class _PreparedBatch:
     """One evaluation batch with all its CPU work done: what ``iter_answers`` hands the model.
 
-    ids / prompts / images: the items that can be answered, in order (images: None for text-only).
-    skipped: (id, reason) of the others. input_ids, attention_mask: their prompts left-padded, (B, L),
-    pixels: their images, one (N, 3, H_m, W_m) tensor per encoder or None; on CPU, pinned when the
-    model is on CUDA (so the copy to the device is asynchronous). All None when nothing is answerable.
+    ids: the items that can be answered, in order; skipped: (id, reason) of the others. input_ids,
+    attention_mask: their prompts left-padded, (B, L), pixels: their images, one (N, 3, H_m, W_m)
+    tensor per encoder or None (no item has an image); on CPU, pinned when the model is on CUDA (so the
+    copy to the device is asynchronous). All None when nothing is answerable.
     """
 
     ids: list[str]
-    prompts: list[str]
-    images: list[Image.Image | None]
     skipped: list[tuple[str, str]]
     input_ids: Tensor | None
     attention_mask: Tensor | None
@@ -149,10 +147,10 @@ class _PreparedBatch:
 
 def _prepare_item(
     model: Any, path: Path | None, prompt: object, blind: bool, max_new_tokens: int
-) -> tuple[Image.Image | None, list[int], list[Tensor] | None] | str:
+) -> tuple[list[int], list[Tensor] | None] | str:
     """One item's CPU work: open its image and run every encoder's preprocessing, check and tokenise
-    its prompt. Returns (image or None, prompt ids, pixel values: one (1, 3, H_m, W_m) per encoder, or
-    None), or the reason it cannot be answered (an unreadable image first, then ``checked_prompt_ids``)."""
+    its prompt. Returns (prompt ids, pixel values: one (1, 3, H_m, W_m) per encoder, or None without an
+    image), or the reason it cannot be answered (an unreadable image first, then ``checked_prompt_ids``)."""
     image = _open_image(path, blind) if path is not None else None
     if isinstance(image, str):
         return image
@@ -160,7 +158,7 @@ def _prepare_item(
         ids = model.checked_prompt_ids(prompt, image is not None, max_new_tokens)
     except ValueError as err:
         return str(err)
-    return image, ids, (model.preprocess_images([image]) if image is not None else None)
+    return ids, (model.preprocess_images([image]) if image is not None else None)
 
 
 def _prepare_batch(
@@ -177,28 +175,26 @@ def _prepare_batch(
     pin = torch.device(model.device).type == "cuda"
 
     def gather() -> _PreparedBatch:
-        ids, prompts, images, token_ids, pixels, skipped = [], [], [], [], [], []
-        for (item_id, _, prompt), future in zip(batch, futures):
+        ids, token_ids, pixels, skipped = [], [], [], []
+        for (item_id, _, _), future in zip(batch, futures):
             result = future.result()
             if isinstance(result, str):
                 logger.warning("skipping %s: %s", item_id, result)
                 skipped.append((item_id, result))
                 continue
-            image, item_ids, item_pixels = result
+            item_ids, item_pixels = result
             ids.append(item_id)
-            prompts.append(prompt)
-            images.append(image)
             token_ids.append(item_ids)
             if item_pixels is not None:
                 pixels.append(item_pixels)
         if not ids:
-            return _PreparedBatch(ids, prompts, images, skipped, None, None, None)
+            return _PreparedBatch(ids, skipped, None, None, None)
         input_ids, attention_mask = left_pad(token_ids, model.tokenizer.pad_token_id)
         gathered = [torch.cat(column) for column in zip(*pixels)] if pixels else None
         if pin:
             input_ids, attention_mask = input_ids.pin_memory(), attention_mask.pin_memory()
             gathered = [column.pin_memory() for column in gathered] if gathered is not None else None
-        return _PreparedBatch(ids, prompts, images, skipped, input_ids, attention_mask, gathered)
+        return _PreparedBatch(ids, skipped, input_ids, attention_mask, gathered)
 
     return pool.submit(gather)
 
@@ -246,18 +242,15 @@ def iter_answers(
             answers: list[Any] = []
             if prepared.ids:
                 pixels = [_to_device(p, device) for p in prepared.pixels] if prepared.pixels is not None else None
+                input_ids = _to_device(prepared.input_ids, device)
+                attention_mask = _to_device(prepared.attention_mask, device)
                 if options is None:
                     new_ids = model.generate_ids(
-                        _to_device(prepared.input_ids, device),
-                        _to_device(prepared.attention_mask, device),
-                        pixels,
-                        fast=fast,
-                        max_new_tokens=max_new_tokens,
-                        do_sample=False,
+                        input_ids, attention_mask, pixels, fast=fast, max_new_tokens=max_new_tokens, do_sample=False
                     )
                     answers = model.decode_answers(new_ids)
                 else:
-                    answers = model.option_logprobs(prepared.images, prepared.prompts, options, pixel_values=pixels)
+                    answers = model.option_logprobs_ids(input_ids, attention_mask, pixels, options)
             yield list(zip(prepared.ids, answers)), prepared.skipped
 
 
