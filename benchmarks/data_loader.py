@@ -28,14 +28,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from benchmarks import PAPER_CONFIG
 from benchmarks.report import default_out, markdown_table, write_report
 from mambavlm.data.collate import VLMCollator
 from mambavlm.llm.tokenizer import TINY_TOKENIZER
 from mambavlm.model import build_model
 from mambavlm.training.finetune import training_dataset
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
 IMAGE_SIZE = (640, 480)
 GPU_SAMPLES_PER_S = 5.79
 """MambaVLM-2.8B training on one H200 before issue 15 (8,812 tokens/s at 1522 tokens per sample)."""

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.report import default_out, markdown_table, write_report
 from benchmarks.timing import benchmark_device, free_memory, peak_memory_gib, reset_peak_memory, synchronize
 from mambavlm.generation.settings import GenerationSettings
@@ -39,9 +40,6 @@ from mambavlm.processing import left_pad
 from mambavlm.training.evaluation import iter_answers
 from mambavlm.vision.image import open_image
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
-TINY_CONFIG = ROOT / "configs" / "model" / "tiny.yaml"
 IMAGE_SIZE = (640, 480)
 TARGET_SAMPLES_PER_S = 25.0
 """Issue 11's target for MambaVLM-2.8B on one H200."""

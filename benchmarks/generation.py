@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.prefill import mamba_ssm_copy
 from benchmarks.report import default_out, hbm_bytes_per_s, markdown_table, write_report
 from benchmarks.timing import (
@@ -47,9 +48,6 @@ from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.ops.mamba_step import triton_available
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
-TINY_CONFIG = ROOT / "configs" / "model" / "tiny.yaml"
 TEXT_TOKENS = 20
 """Text tokens of the prompt around the image: 10 before, 10 after (1478 = 1458 + 20 for the paper)."""
 

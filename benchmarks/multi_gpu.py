@@ -37,9 +37,9 @@ from pathlib import Path
 
 import torch
 
+from benchmarks import ROOT
 from benchmarks.report import default_out, markdown_table, write_report
 
-ROOT = Path(__file__).resolve().parents[1]
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 TARGET_SPEEDUP = 1.85
 """Issue 13: 2 GPUs at least this many times one GPU's tokens/s."""

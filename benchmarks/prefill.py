@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel
 
+from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.report import default_out, markdown_table, write_report
 from benchmarks.timing import (
     benchmark_device,
@@ -45,9 +46,6 @@ from mambavlm.config import ModelConfig, load_config
 from mambavlm.generation import StaticStateDecoder
 from mambavlm.llm.factory import build_llm
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
-TINY_CONFIG = ROOT / "configs" / "model" / "tiny.yaml"
 HEADERS = ["path", "batch", "ms / batch", "ms / sample", "prompt tok/s", "peak GiB"]
 
 

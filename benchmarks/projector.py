@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.report import default_out, markdown_table, write_report
 from benchmarks.timing import benchmark_device, median_seconds
 from mambavlm.config import ModelConfig, ProjectorConfig, load_config
@@ -27,9 +28,6 @@ from mambavlm.llm.factory import build_llm
 from mambavlm.projector import build_projector
 from mambavlm.vision.long_sequence import VisualLongSequence
 
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
-TINY_CONFIG = ROOT / "configs" / "model" / "tiny.yaml"
 TARGET_SHARE = 0.03
 """The issue's target: the projector at most 3 % of the projector + LLM step."""
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.prefill import mamba_ssm_copy
 from benchmarks.report import default_out, device_name, markdown_table, write_report
 from benchmarks.timing import (
@@ -48,10 +49,6 @@ from benchmarks.timing import (
 from mambavlm.config import LLMConfig, ModelConfig, load_config
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import MambaVLM, build_model
-
-ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIG = ROOT / "configs" / "model" / "mambavlm-2.8b.yaml"
-TINY_CONFIG = ROOT / "configs" / "model" / "tiny.yaml"
 
 TRANSFORMER_2_8B = {
     "hidden_size": 2560,
