@@ -10,7 +10,16 @@ from pathlib import Path
 import torch
 import transformers
 
-__all__ = ["HBM_BYTES_PER_S", "default_out", "environment_lines", "hbm_bytes_per_s", "markdown_table", "write_report"]
+__all__ = [
+    "HBM_BYTES_PER_S",
+    "PEAK_BF16_DENSE_FLOPS",
+    "default_out",
+    "environment_lines",
+    "hbm_bytes_per_s",
+    "markdown_table",
+    "peak_flops",
+    "write_report",
+]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -36,14 +45,26 @@ def device_name(device: torch.device) -> str:
 
 HBM_BYTES_PER_S = {"H200": 4.8e12, "H100": 3.35e12}
 """HBM bandwidth by GPU name (SXM parts), for the decode benchmarks' bandwidth floors."""
+PEAK_BF16_DENSE_FLOPS = {"H100": 989e12, "H200": 989e12}
+"""Dense bf16 tensor-core peak by GPU name (SXM parts), for MFU."""
 
 
-def hbm_bytes_per_s(device: torch.device) -> float | None:
-    """The device's HBM bandwidth in bytes/s, looked up by name; None on the CPU or an unknown GPU."""
+def _by_gpu_name(device: torch.device, table: dict[str, float]) -> float | None:
+    """``table``'s value for the device's GPU, matched by name; None on the CPU or an unknown GPU."""
     if device.type != "cuda":
         return None
     name = device_name(device)
-    return next((rate for key, rate in HBM_BYTES_PER_S.items() if key in name), None)
+    return next((value for key, value in table.items() if key in name), None)
+
+
+def hbm_bytes_per_s(device: torch.device) -> float | None:
+    """The device's HBM bandwidth in bytes/s (None on the CPU or an unknown GPU)."""
+    return _by_gpu_name(device, HBM_BYTES_PER_S)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The device's dense bf16 peak in FLOP/s (None on the CPU or an unknown GPU)."""
+    return _by_gpu_name(device, PEAK_BF16_DENSE_FLOPS)
 
 
 def environment_lines(device: torch.device) -> list[str]:

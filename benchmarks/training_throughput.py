@@ -38,7 +38,7 @@ from torch import Tensor
 
 from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.prefill import mamba_ssm_copy
-from benchmarks.report import default_out, device_name, markdown_table, write_report
+from benchmarks.report import default_out, markdown_table, peak_flops, write_report
 from benchmarks.timing import (
     benchmark_device,
     free_memory,
@@ -67,18 +67,6 @@ TRANSFORMER_TINY = {
     "num_attention_heads": 4,
     "num_key_value_heads": 4,
 }
-
-PEAK_BF16_DENSE_FLOPS = {"H100": 989e12, "H200": 989e12}
-"""Dense bf16 tensor-core peak by GPU name (SXM parts)."""
-
-
-def peak_flops(device: torch.device) -> float | None:
-    """The device's dense bf16 peak, looked up by name; None when unknown (or the CPU)."""
-    if device.type != "cuda":
-        return None
-    name = device_name(device)
-    return next((flops for key, flops in PEAK_BF16_DENSE_FLOPS.items() if key in name), None)
-
 
 def transformer_variant(cfg: ModelConfig, llama_fields: dict[str, Any]) -> ModelConfig:
     """The same VLM config with a LLaMA (SDPA attention) of the given shape as its LLM."""
