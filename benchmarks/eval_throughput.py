@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import torch
 from PIL import Image
 
 from benchmarks import PAPER_CONFIG, TINY_CONFIG
+from benchmarks.profiling import gpu_idle_profile
 from benchmarks.report import default_out, markdown_table, write_report
 from benchmarks.timing import benchmark_device, free_memory, peak_memory_gib, reset_peak_memory, synchronize
 from mambavlm.generation.settings import GenerationSettings
@@ -128,46 +128,6 @@ def stage_seconds(model: MambaVLM, items: list[tuple[str, Path, str]], batch_siz
         for stage, begin, end in zip(STAGES, marks, marks[1:]):
             totals[stage] += 0.0 if warm_up else end - begin
     return totals
-
-
-def gpu_idle_profile(fn: Callable[[], object], gaps: int) -> str:
-    """Run ``fn`` under torch.profiler and report how much of the span from its first CUDA kernel to
-    its last the GPU ran none (the union of kernel intervals, CUDA-graph kernels included), and the
-    ``gaps`` longest idle gaps with the kernels either side: the time the loop loses between stages."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    kernels = sorted(
-        (e.time_range.start, e.time_range.end, e.name)
-        for e in prof.events()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start
-    )
-    if not kernels:
-        return "no CUDA kernels were recorded"
-    busy, idle = 0.0, []
-    start, end, name = kernels[0]
-    for k_start, k_end, k_name in kernels[1:]:
-        if k_start > end:
-            busy += end - start
-            idle.append((k_start - end, name, k_name))
-            start = k_start
-        if k_end > end:
-            end, name = k_end, k_name
-    busy += end - start
-    span = kernels[-1][1] - kernels[0][0]
-    idle.sort(reverse=True)
-    over = [gap for gap in idle if gap[0] >= 500]
-    lines = [
-        f"- span {span / 1e3:.1f} ms, GPU busy {busy / 1e3:.1f} ms ({100 * busy / span:.1f} %), idle "
-        f"{(span - busy) / 1e3:.1f} ms in {len(idle)} gaps; {len(over)} gaps >= 0.5 ms total "
-        f"{sum(g for g, _, _ in over) / 1e3:.1f} ms",
-        "",
-        markdown_table(["idle ms", "after kernel", "before kernel"],
-                       [[f"{g / 1e3:.2f}", a[:70], b[:70]] for g, a, b in idle[:gaps]]),
-    ]
-    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> str:

@@ -20,6 +20,10 @@ state read and written) over the GPU's HBM bandwidth.
 A second table decodes batches (``--batch-sizes``, default 1 / 4 / 16 / 64): our fast path on B images
 + prompts, and mamba_ssm's ``generate(cg=True)`` on B text prompts of the same length; ms per decoding
 step, tok/s = B x new tokens / total, peak memory.
+
+``--profile`` (CUDA) adds the kernels of one decoding step at batch 1 for our step, the fused step and
+mamba_ssm's: GPU busy time vs the step's span, launches, the longest-running kernels
+(``benchmarks.profiling.step_kernel_profile``: generating 1 + N tokens minus generating 1).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import Tensor
 
 from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.prefill import mamba_ssm_copy
+from benchmarks.profiling import step_kernel_profile
 from benchmarks.report import default_out, hbm_bytes_per_s, markdown_table, write_report
 from benchmarks.timing import (
     benchmark_device,
@@ -137,6 +142,7 @@ def measure(
     generate: Callable[[], Tensor],
     repeats: int,
     note: str = "",
+    batch: int = 1,
 ) -> tuple[Row, Tensor]:
     """Time ``prefill`` and ``generate`` (after one warm-up each); returns the row and the tokens."""
     prefill_s = median_seconds(prefill, device, repeats, warmup=1)
@@ -145,7 +151,9 @@ def measure(
         raise RuntimeError(f"{name}: generated {tokens.shape[-1]} tokens, expected {new_tokens}")
     reset_peak_memory(device)
     total_s = median_seconds(generate, device, repeats, warmup=0)
-    return Row(name, prompt_tokens, new_tokens, prefill_s, total_s, peak_memory_gib(device), note), tokens
+    row = Row(name, prompt_tokens, new_tokens, prefill_s, total_s, peak_memory_gib(device), note, batch)
+    print(f"{name}, batch {batch}: {row.ms_per_decoded_token:.3f} ms / decoded token, {row.tokens_per_s:.1f} tok/s", flush=True)
+    return row, tokens
 
 
 def matching_prefix(a: Tensor, b: Tensor) -> int:
@@ -161,11 +169,19 @@ def mamba_ssm_model(model: MambaVLM) -> torch.nn.Module | str:
     return copy if isinstance(copy, str) else copy.eval()
 
 
+def drop_graph_cache(ssm_model: torch.nn.Module) -> None:
+    """Forget mamba_ssm's CUDA-graph cache (``model._decoding_cache``). It keeps one per model, sized
+    by the largest batch seen, and captures a smaller batch's graph against the larger states, which
+    causal_conv1d_update refuses; each of our measurements therefore starts from none."""
+    ssm_model._decoding_cache = None
+
+
 def mamba_ssm_row(
     ssm_model: torch.nn.Module, device: torch.device, length: int, new_tokens: int, repeats: int, batch: int = 1
 ) -> Row:
     """mamba_ssm's generate(cg=True) on ``batch`` random text prompts of ``length`` tokens."""
     ids = torch.randint(1, ssm_model.config.vocab_size, (batch, length), device=device)
+    drop_graph_cache(ssm_model)
 
     def generate() -> Tensor:
         out = ssm_model.generate(ids, max_length=length + new_tokens, cg=True, top_k=1)
@@ -181,8 +197,8 @@ def mamba_ssm_row(
             generate,
             repeats,
             "anchor",
+            batch,
         )
-    row.batch = batch
     return row
 
 
@@ -206,9 +222,9 @@ def batched_rows(
                 lambda ids=input_ids, mask=attention_mask, px=pixels: model.generate_ids(
                     ids, mask, px, fast=True, **gen_kwargs
                 ),
-                repeats, "ours",
+                repeats, "ours", batch,
             )
-        row.batch, row.floor_ms = batch, decode_floor_ms(model, batch, bandwidth)
+        row.floor_ms = decode_floor_ms(model, batch, bandwidth)
         rows.append(row)
         free_memory(device)
         if not isinstance(ssm_model, str):
@@ -217,6 +233,42 @@ def batched_rows(
             rows.append(anchor)
             free_memory(device)
     return rows
+
+
+PROFILE_STEPS = 32
+"""Decoding steps profiled per path (``--profile``)."""
+
+
+def step_profiles(
+    model: MambaVLM, ssm_model: torch.nn.Module | str, input_ids: Tensor, attention_mask: Tensor, pixels: Tensor
+) -> list[str]:
+    """``--profile``: the kernels of one batch-1 decoding step of each fast path (markdown sections):
+    generating 1 + PROFILE_STEPS tokens minus the prefill alone (mamba_ssm's prefill timed without its
+    inference cache: the same kernels less the state copies)."""
+    embeds = model.embed(input_ids, pixels)
+    length = input_ids.shape[1]
+    steps = PROFILE_STEPS
+    paths: list[tuple[str, Callable[[], object], Callable[[], object]]] = []
+    for name, decoder in [("ours, static state + CUDA graph", model.static_decoder()),
+                          *([("ours, fused step", StaticStateDecoder(model.llm, fused_step=True))]
+                            if triton_available() else [])]:
+        paths.append((name, lambda d=decoder: d.prefill(embeds, attention_mask),
+                      lambda d=decoder: d.generate(embeds, attention_mask, max_new_tokens=steps + 1,
+                                                   do_sample=False, eos_token_id=None)))
+    if not isinstance(ssm_model, str):
+        ids = torch.randint(1, ssm_model.config.vocab_size, (1, length), device=input_ids.device)
+        drop_graph_cache(ssm_model)
+        paths.append(("mamba_ssm generate(cg=True)", lambda: ssm_model(ids, num_last_tokens=1),
+                      lambda: ssm_model.generate(ids, max_length=length + steps + 1, cg=True, top_k=1)))
+    sections = []
+    with torch.no_grad():
+        for name, prefill, generate in paths:
+            prefill()
+            generate()  # warm-up: compile, capture
+            profile = step_kernel_profile(prefill, generate, steps, top=15)
+            sections.append(f"Kernels of one decoding step, {name} (batch 1, {steps} steps profiled):\n\n{profile}")
+            print(sections[-1], flush=True)
+    return sections
 
 
 def run(args: argparse.Namespace) -> str:
@@ -337,13 +389,15 @@ def run(args: argparse.Namespace) -> str:
         f"{config.name}, {str(dtype).removeprefix('torch.')}, batch 1, greedy, {length}-token prompt "
         f"({model.num_visual_tokens} visual), {new_tokens} new tokens, median of {repeats}"
     )
+    profiles = step_profiles(model, ssm_model, input_ids, attention_mask, pixels) if (
+        args.profile and device.type == "cuda") else []
     return write_report(
         args.out or default_out("generation", args.quick),
         "Generation: MambaVLM fast path vs anchors",
         device,
         [setup, markdown_table(HEADERS, [r.cells() for r in rows]), "\n".join(ratios + [f"- {n}" for n in notes]),
          f"Batched decoding ({new_tokens} new tokens per sequence):", markdown_table(HEADERS, [r.cells() for r in batched]),
-         "\n".join(batch_lines)],
+         "\n".join(batch_lines), *profiles],
     )
 
 
@@ -354,6 +408,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, help="tokens to generate (default 256; 8 with --quick)")
     parser.add_argument("--repeats", type=int, help="timed runs per row (default 3; 2 with --quick)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", help="batched table (default 1 4 16 64; 1 2 with --quick)")
+    parser.add_argument("--profile", action="store_true",
+                        help="+ the kernels of one decoding step per fast path (CUDA)")
     run(parser.parse_args())
 
 

@@ -194,7 +194,10 @@ def timed(name: str, module: torch.nn.Module, loss_fn: Callable[[int], tuple[Ten
             optimizer.zero_grad(set_to_none=True)
             micro_batch //= 2
         free_memory(device)  # out of the except block, the failed step's tensors are unreferenced
-    return Result(name, sum(p.numel() for p in trainable), micro_batch, seconds, tokens, peak_memory_gib(device))
+    result = Result(name, sum(p.numel() for p in trainable), micro_batch, seconds, tokens, peak_memory_gib(device))
+    print(f"{name}: micro-batch {micro_batch} x {tokens} tokens, {result.tokens_per_s:,.0f} tokens/s, "
+          f"peak {result.peak_gib} GiB", flush=True)
+    return result
 
 
 def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,

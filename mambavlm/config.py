@@ -7,8 +7,9 @@ Command-line overrides use dotted paths: ``projector.d_state=32 llm.source=/ckpt
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import IO, Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +23,7 @@ __all__ = [
     "ModelConfig",
     "apply_overrides",
     "deep_merge",
+    "parse_yaml",
     "load_config",
     "load_yaml",
 ]
@@ -117,6 +119,27 @@ class ModelConfig(StrictModel):
 M = TypeVar("M", bound=BaseModel)
 
 
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false`` (any case of those
+    two) are booleans. PyYAML follows YAML 1.1, where ``no``, ``yes``, ``on`` and ``off`` are booleans
+    too, so ``mixed_precision: no`` or the override ``train.mixed_precision=no`` would reach the
+    schema as ``False`` instead of accelerate's ``"no"``; here they stay strings."""
+
+
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str | IO[str]) -> Any:
+    """A YAML document (a string or an open file) read with ``ConfigLoader``."""
+    return yaml.load(text, Loader=ConfigLoader)
+
+
 def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or non-mapping document is a ConfigError.
 
@@ -129,7 +152,7 @@ def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     with path.open() as f:
-        data = yaml.safe_load(f) or {}
+        data = parse_yaml(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     base = data.pop("base", None)
@@ -164,7 +187,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         if not all(parts):
             raise ConfigError(f"override {item!r} has an empty key")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else None
+            value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
             raise ConfigError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
         node: Any = data

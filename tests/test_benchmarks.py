@@ -75,3 +75,16 @@ def test_generation_bandwidth_floor_counts_weights_and_each_sequences_state_twic
     state_bytes = sum(s.conv.nbytes + s.ssm.nbytes for s in states)
     assert decode_floor_ms(model, 3, 4.8e12) == pytest.approx((weights + 2 * state_bytes) / 4.8e9)
     assert decode_floor_ms(model, 3, None) is None
+
+
+def test_kernel_trace_busy_time_gaps_and_totals_by_hand() -> None:
+    """Kernels [0, 10] a, [5, 12] b (overlapping a), [20, 25] a, [30, 31] c: busy = 12 + 5 + 1,
+    gaps 8 (b -> a) and 5 (a -> c); a ran 15 us in 2 launches."""
+    from benchmarks.profiling import KernelTrace
+
+    trace = KernelTrace([(0.0, 10.0, "a"), (5.0, 12.0, "b"), (20.0, 25.0, "a"), (30.0, 31.0, "c")])
+    busy, gaps = trace.busy_and_gaps()
+    assert busy == 18.0 and trace.span_us == 31.0
+    assert gaps == [(8.0, "b", "a"), (5.0, "a", "c")]
+    assert trace.by_name() == {"a": (15.0, 2), "b": (7.0, 1), "c": (1.0, 1)}
+    assert KernelTrace([]).busy_and_gaps() == (0.0, []) and KernelTrace([]).span_us == 0.0

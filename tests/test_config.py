@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from mambavlm.config import ConfigError, ModelConfig, apply_overrides, deep_merge, load_config
+from mambavlm.config import ConfigError, ModelConfig, apply_overrides, deep_merge, load_config, parse_yaml
 from tests.conftest import ROOT
 
 MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
@@ -100,3 +100,23 @@ def test_base_inheritance_merges_and_detects_loops(tmp_path: Path) -> None:
         "a": {"b": 3, "c": 2},
         "l": [2],
     }
+
+
+def test_yaml_booleans_are_only_true_and_false() -> None:
+    """YAML 1.2 booleans: PyYAML's 1.1 rules would read accelerate's ``no`` as False."""
+    assert parse_yaml("[true, False, TRUE, no, yes, on, off, 'no', y]") == [
+        True, False, True, "no", "yes", "on", "off", "no", "y"
+    ]
+    assert parse_yaml("a: {b: no, c: 1.5e-3, d: null, e: 3}") == {"a": {"b": "no", "c": 1.5e-3, "d": None, "e": 3}}
+
+
+def test_mixed_precision_no_reads_as_a_string_from_file_and_command_line(tmp_path: Path) -> None:
+    from mambavlm.distill.config import load_distill_config
+    from mambavlm.training import load_train_config
+
+    train = load_train_config(ROOT / "configs" / "train" / "tiny.yaml", ["train.mixed_precision=no"])
+    assert train.train.mixed_precision == "no"
+    distill_yaml = tmp_path / "d.yaml"
+    distill_yaml.write_text(f"base: {ROOT / 'configs' / 'distill' / 'tiny.yaml'}\nmixed_precision: no\n")
+    assert load_distill_config(distill_yaml, []).mixed_precision == "no"
+    assert load_distill_config(ROOT / "configs" / "distill" / "tiny.yaml", ["mixed_precision=bf16"]).mixed_precision == "bf16"

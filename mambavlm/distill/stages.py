@@ -212,7 +212,9 @@ def decoder_layer_loss(student_llm: PreTrainedModel, taps: TeacherAttentionTaps,
 
 def real_tokens(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
     """The number of real (unpadded) tokens of a batch: what the layer and KL losses average over."""
-    return attention_mask.sum() if attention_mask is not None else torch.tensor(input_ids.numel())
+    if attention_mask is not None:
+        return attention_mask.sum()
+    return torch.tensor(input_ids.numel(), device=input_ids.device)
 
 
 def _masked_token_mean(values: Tensor, mask: Tensor | None, num_tokens: Tensor | None = None) -> Tensor:
@@ -395,7 +397,7 @@ class DistillationObjective(nn.Module):
     def num_items(self, batch: dict[str, Any]) -> Tensor:
         """(real tokens, answer tokens, 1 micro-batch) of the batch: what the stage's losses average over."""
         real = real_tokens(batch["input_ids"], batch.get("attention_mask"))
-        one = torch.ones((), dtype=torch.float64)
+        one = torch.ones((), dtype=torch.float64, device=real.device)
         return torch.stack([real.to(torch.float64), answer_tokens(batch["labels"]).to(torch.float64), one])
 
     def loss(self, prepared: nn.Module, batch: dict[str, Any], num_items: Tensor) -> Tensor:

@@ -34,7 +34,11 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.llm.hybrid import Mamba2AttentionAdapter
 from mambavlm.llm.mamba2 import Mamba2State
-from mambavlm.ops.decode_attention import decode_attention
+from mambavlm.ops.decode_attention import (
+    SPLIT_KV_MIN_HEAD_DIM,
+    decode_attention,
+    split_kv_supported,
+)
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["CAPACITY_MULTIPLE", "SPLIT_KV_MIN_CAPACITY", "HybridStaticDecoder"]
@@ -55,7 +59,9 @@ class HybridStaticDecoder(StaticDecoder):
 
     attention: how a step attends over the K/V cache (``decode_attention``): ``"sdpa"``, ``"split_kv"``
     (FlexAttention's flash-decoding kernel, compiled on CUDA), or ``"auto"``: split-KV on CUDA for
-    caches of ``SPLIT_KV_MIN_CAPACITY`` tokens or more, SDPA otherwise. Raises ValueError for another.
+    caches of ``SPLIT_KV_MIN_CAPACITY`` tokens or more where the kernel takes the head dimension
+    (``split_kv_supported``), SDPA otherwise. Raises ValueError for another mode, and at allocation
+    for ``"split_kv"`` where the kernel cannot run.
     """
 
     supported_models = (LlamaForCausalLM,)
@@ -90,8 +96,13 @@ class HybridStaticDecoder(StaticDecoder):
     def _allocate(self, batch: int, capacity: int) -> None:
         weight = self.model.get_input_embeddings().weight
         device, dtype = weight.device, weight.dtype
+        head_dims = {self.layers[i].self_attn.head_dim for i in self.attention_layers}
+        supported = all(split_kv_supported(device, head_dim) for head_dim in head_dims)
+        if self.attention == "split_kv" and not supported:
+            raise ValueError(f"attention='split_kv': FlexAttention on {device.type} cannot take head dimension "
+                             f"{min(head_dims)} (at least {SPLIT_KV_MIN_HEAD_DIM}); use 'sdpa' or 'auto'")
         self.split_kv = self.attention == "split_kv" or (
-            self.attention == "auto" and device.type == "cuda" and capacity >= SPLIT_KV_MIN_CAPACITY
+            self.attention == "auto" and device.type == "cuda" and capacity >= SPLIT_KV_MIN_CAPACITY and supported
         )
         self._kv = {}
         for i in self.attention_layers:

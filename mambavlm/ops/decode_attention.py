@@ -19,7 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["decode_attention"]
+__all__ = ["SPLIT_KV_MIN_HEAD_DIM", "decode_attention", "split_kv_supported"]
+
+SPLIT_KV_MIN_HEAD_DIM = 16
+"""The smallest head dimension FlexAttention's compiled CUDA kernels accept (Inductor's flex_attention
+lowering raises NotImplementedError below it)."""
+
+
+def split_kv_supported(device: torch.device, head_dim: int) -> bool:
+    """Whether split-KV attention can run for heads of ``head_dim`` on ``device``: off CUDA always
+    (eager FlexAttention), on CUDA from ``SPLIT_KV_MIN_HEAD_DIM``."""
+    return device.type != "cuda" or head_dim >= SPLIT_KV_MIN_HEAD_DIM
 
 
 @functools.cache
@@ -37,12 +47,16 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, sca
     Grouped-query attention: query head h reads K/V head h // (H / H_kv). ``split_kv=False``: SDPA on
     the (B, H_kv, H / H_kv, Dh) view of q with the column mask, no K/V repeated. ``split_kv=True``:
     FlexAttention, compiled on CUDA (eager elsewhere: the reference semantics, slow). Raises
-    ValueError when H is not a multiple of H_kv.
+    ValueError when H is not a multiple of H_kv, or for split-KV on CUDA with Dh below
+    ``SPLIT_KV_MIN_HEAD_DIM``.
     """
     batch, heads, _, head_dim = q.shape
     kv_heads = keys.shape[1]
     if heads % kv_heads:
         raise ValueError(f"{heads} query heads are not a multiple of {kv_heads} key/value heads")
+    if split_kv and not split_kv_supported(q.device, head_dim):
+        raise ValueError(f"split-KV attention on CUDA needs a head dimension of at least {SPLIT_KV_MIN_HEAD_DIM}, "
+                         f"got {head_dim}")
     if not split_kv:
         grouped = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
         out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=valid[:, None, None, :], scale=scale)

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.distill.stages import (
+    DistillationObjective,
     LossWeights,
     distill_loss,
     logit_kl,
@@ -177,3 +178,20 @@ def test_matvlm_public_code_loss_matches_a_direct_computation() -> None:
     assert parts["kl"] == pytest.approx(kl.item(), rel=1e-5)
     assert parts["ce"] == pytest.approx(student_out.loss.item(), rel=1e-5)
     assert loss.item() == pytest.approx(layer + 0.5 * kl.item() + 0.25 * student_out.loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("masked", [True, False])
+def test_num_items_are_counted_on_the_batchs_device(masked: bool) -> None:
+    """(real tokens, answer tokens, 1) by hand, on the device the batch is on: the meta device stands
+    in for CUDA here (a count made on the CPU cannot be stacked with it; this failed on the GPUs)."""
+    teacher = tiny_llama(**DISTILL_LLAMA).requires_grad_(False)
+    objective = DistillationObjective(convert_llama(teacher, "list:1", "matvlm"), teacher, "stage1")
+    ids = torch.arange(20).reshape(2, 10)
+    batch = batch_of(ids, [10, 7])
+    batch["labels"][:, :4] = -100
+    if not masked:
+        batch["attention_mask"] = None
+    expected = [17.0 if masked else 20.0, 6.0 + 3.0, 1.0]  # answers: positions 4..9 of row 0, 4..6 of row 1
+    assert objective.num_items(batch).tolist() == expected
+    meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+    assert objective.num_items(meta).device.type == "meta"

@@ -14,6 +14,7 @@ from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
 from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE, SPLIT_KV_MIN_CAPACITY
 from mambavlm.llm.hybrid import mamba_mixers
+from mambavlm.ops.decode_attention import SPLIT_KV_MIN_HEAD_DIM, split_kv_supported
 from tests.conftest import (
     TINY_LLAMA,
     assert_same_up_to_near_tie,
@@ -25,8 +26,8 @@ from tests.conftest import (
 LAYOUTS = ["teacher", "head-interleaved:4", "linear"]  # all attention / attention in layer 0 of 4 / none
 
 
-def model_for(layout: str) -> LlamaForCausalLM:
-    teacher = tiny_llama()
+def model_for(layout: str, **changes: object) -> LlamaForCausalLM:
+    teacher = tiny_llama(**changes)
     if layout == "teacher":
         return teacher
     hybrid = convert_llama(teacher, layout, "matvlm").eval()
@@ -210,8 +211,9 @@ def test_weights_changed_in_place_reach_the_next_generation() -> None:
 @pytest.mark.parametrize("layout", ["teacher", "head-interleaved:4"])
 def test_split_kv_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> None:
     """A cache of SPLIT_KV_MIN_CAPACITY tokens or more selects split-KV under "auto"; its CUDA-graph
-    steps (compiled FlexAttention inside the graph) give SDPA's logits (float32) on a padded batch."""
-    model = model_for(layout).to("cuda")
+    steps (compiled FlexAttention inside the graph) give SDPA's logits (float32) on a padded batch.
+    Heads of 16 (width 64): FlexAttention's CUDA kernels take no fewer."""
+    model = model_for(layout, hidden_size=64).to("cuda")
     ids, mask = left_padded((300, 251))
     ids, mask = ids.cuda(), mask.cuda()
     embeds = model.get_input_embeddings()(ids)
@@ -228,3 +230,27 @@ def test_split_kv_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> No
         assert decoder.split_kv == (attention == "auto")
         runs[attention] = torch.stack(seen, 1)
     torch.testing.assert_close(runs["auto"], runs["sdpa"], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_heads_too_small_for_split_kv_keep_sdpa_under_auto_and_refuse_split_kv_on_cuda() -> None:
+    """The tiny model's heads of 8 are below FlexAttention's CUDA minimum: "auto" stays on SDPA even
+    for a long cache, "split_kv" says why it cannot run."""
+    model = model_for("teacher").to("cuda")
+    assert model.model.layers[0].self_attn.head_dim < SPLIT_KV_MIN_HEAD_DIM
+    ids, mask = left_padded((5, 3))
+    embeds = model.get_input_embeddings()(ids.cuda())
+    decoder = HybridStaticDecoder(model, attention="auto")
+    with torch.no_grad():
+        decoder.prefill(embeds, mask.cuda(), max_new_tokens=SPLIT_KV_MIN_CAPACITY)
+    assert not decoder.split_kv
+    with pytest.raises(ValueError, match="head dimension 8"):
+        HybridStaticDecoder(model, attention="split_kv").prefill(embeds, mask.cuda(), max_new_tokens=4)
+
+
+def test_split_kv_is_supported_off_cuda_always_and_on_cuda_from_heads_of_16() -> None:
+    assert split_kv_supported(torch.device("cpu"), 8)
+    assert not split_kv_supported(torch.device("cuda"), 8)
+    assert split_kv_supported(torch.device("cuda"), SPLIT_KV_MIN_HEAD_DIM)
+    assert SPLIT_KV_MIN_HEAD_DIM == 16

@@ -44,7 +44,6 @@ LOSS_RTOL = 1e-4
 """float32 on the GPU: the same sums in another order (cuBLAS, NCCL all-reduce, mamba_ssm's backward
 atomics), measured well inside this."""
 
-WRAP = {"fsdp": ["--fsdp_transformer_layer_cls_to_wrap", "MambaBlock"]}
 
 RUN = [
     "data.synthetic.num_train=48",
@@ -67,7 +66,7 @@ def launch(script: str, processes: int, *args: str, strategy: str = "ddp", wrap:
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "configs" / "accelerate" / f"{strategy}.yaml"),
            "--num_processes", str(processes), "--main_process_port", "0",
-           *(WRAP.get(strategy, []) if wrap is None else wrap), str(ROOT / script), *args]
+           *(wrap or []), str(ROOT / script), *args]
     extra = {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {}
     result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**extra), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
@@ -154,6 +153,7 @@ def test_evaluation_sharded_on_two_gpus_equals_one(tmp_path: Path) -> None:
     from tests.eval.test_benchmarks_end_to_end import _pope
 
     tiny_vlm().save_pretrained(tmp_path / "model")
+    (tmp_path / "pope").mkdir()
     mini = _pope(tmp_path / "pope")
     results = {}
     for processes in (1, 2):
