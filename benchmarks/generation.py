@@ -206,11 +206,13 @@ def batched_rows(
     model: MambaVLM, ssm_model: torch.nn.Module | str, device: torch.device, dtype: torch.dtype, new_tokens: int,
     repeats: int, batch_sizes: list[int], bandwidth: float | None,
 ) -> list[Row]:
-    """Our fast path and mamba_ssm's at each batch size (B images + prompts; B text prompts)."""
+    """Our fast path (and its fused step on CUDA) and mamba_ssm's at each batch size (B images +
+    prompts; B text prompts)."""
     rows = []
     generator = torch.Generator().manual_seed(1)
     gen_kwargs = {"max_new_tokens": new_tokens, "do_sample": False, "eos_token_id": None}
     decoder = model.static_decoder()
+    fused = StaticStateDecoder(model.llm, fused_step=True) if device.type == "cuda" and triton_available() else None
     for batch in batch_sizes:
         input_ids, attention_mask = vlm_prompt(model, device, generator, batch)
         pixels = pixel_values(model, device, dtype, generator, batch)
@@ -227,6 +229,20 @@ def batched_rows(
         row.floor_ms = decode_floor_ms(model, batch, bandwidth)
         rows.append(row)
         free_memory(device)
+        if fused is not None:
+            with torch.no_grad():
+                fused_row, _ = measure(
+                    f"{model.config.name} static state + CUDA graph, fused step", device, input_ids.shape[1],
+                    new_tokens,
+                    lambda ids=input_ids, mask=attention_mask, px=pixels: fused.prefill(model.embed(ids, px), mask),
+                    lambda ids=input_ids, mask=attention_mask, px=pixels: fused.generate(
+                        model.embed(ids, px), mask, **gen_kwargs
+                    ),
+                    repeats, "ours, fused step", batch,
+                )
+            fused_row.floor_ms = row.floor_ms
+            rows.append(fused_row)
+            free_memory(device)
         if not isinstance(ssm_model, str):
             anchor = mamba_ssm_row(ssm_model, device, input_ids.shape[1], new_tokens, repeats, batch)
             anchor.floor_ms = row.floor_ms
@@ -365,9 +381,13 @@ def run(args: argparse.Namespace) -> str:
     batch_lines = []
     for batch in batch_sizes:
         ours = next(r for r in batched if r.batch == batch and r.note == "ours")
+        fused_at = next((r for r in batched if r.batch == batch and r.note == "ours, fused step"), None)
         anchor = next((r for r in batched if r.batch == batch and r.note == "anchor"), None)
         if anchor is not None:
-            batch_lines.append(f"- batch {batch}: ours / mamba_ssm = {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tok/s")
+            batch_lines.append(
+                f"- batch {batch}: ours / mamba_ssm = {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tok/s"
+                + ("" if fused_at is None else f", fused step / mamba_ssm = {fused_at.tokens_per_s / anchor.tokens_per_s:.2f}x")
+            )
     notes.append(
         f"fast path vs HF generate: first {matching_prefix(vlm_tokens, hf_tokens)} of {new_tokens} greedy tokens "
         "identical (random weights; in bf16 a near-tie can flip one token and the rest follows)"

@@ -86,11 +86,38 @@ def gpu_idle_profile(fn: Callable[[], object], gaps: int) -> str:
     return "\n".join(lines)
 
 
+def _kernel_table(per_call: dict[str, tuple[float, float]], busy_us: float, span_us: float, unit: str,
+                  top: int) -> str:
+    """Markdown: busy vs span per ``unit``, then the ``top`` kernels by time (us, share, launches)."""
+    rows = sorted(((t, n, name) for name, (t, n) in per_call.items() if n > 0), reverse=True)
+    launches = sum(n for _, n, _ in rows)
+    table = markdown_table(
+        [f"us / {unit}", "share of busy", f"launches / {unit}", "us / launch", "kernel"],
+        [[f"{t:.1f}", f"{100 * t / busy_us:.1f} %", f"{n:.0f}", f"{t / n:.2f}", name[:90]] for t, n, name in rows[:top]],
+    )
+    return "\n".join([
+        f"- per {unit}: span {span_us / 1e3:.3f} ms, GPU busy {busy_us / 1e3:.3f} ms "
+        f"({100 * busy_us / span_us:.1f} %), {launches:.0f} kernel launches",
+        "",
+        table,
+    ])
+
+
+def kernel_profile(fn: Callable[[], object], top: int, unit: str = "call") -> str:
+    """The kernels of one call of ``fn`` (run it once before, to warm up): busy vs span, and the
+    ``top`` kernels by time (markdown)."""
+    trace = trace_cuda_kernels(fn)
+    if not trace.kernels:
+        return "no CUDA kernels were recorded"
+    per_call = {name: (t, float(n)) for name, (t, n) in trace.by_name().items()}
+    return _kernel_table(per_call, trace.busy_and_gaps()[0], trace.span_us, unit, top)
+
+
 def step_kernel_profile(short: Callable[[], object], long: Callable[[], object], steps: int, top: int) -> str:
     """The kernels of one decoding step, by difference: ``long`` must do the same work as ``short``
     plus ``steps`` more decoding steps (for example the prefill, and generating 1 + steps tokens), so
-    the prefill cancels. Reports per step: GPU busy time and the span (busy + idle), and the
-    ``top`` kernels by time with launches and mean duration (markdown)."""
+    the prefill cancels. Reports per step: GPU busy time and the span (busy + idle), and the ``top``
+    kernels by time with launches and mean duration (markdown)."""
     first, second = trace_cuda_kernels(short), trace_cuda_kernels(long)
     if not second.kernels:
         return "no CUDA kernels were recorded"
@@ -101,15 +128,4 @@ def step_kernel_profile(short: Callable[[], object], long: Callable[[], object],
         name: ((t - a.get(name, (0.0, 0))[0]) / steps, (n - a.get(name, (0.0, 0))[1]) / steps)
         for name, (t, n) in b.items()
     }
-    rows = sorted(((t, n, name) for name, (t, n) in per_step.items() if n > 0), reverse=True)
-    launches = sum(n for _, n, _ in rows)
-    table = markdown_table(
-        ["us / step", "share of busy", "launches / step", "us / launch", "kernel"],
-        [[f"{t:.1f}", f"{100 * t / busy:.1f} %", f"{n:.0f}", f"{t / n:.2f}", name[:90]] for t, n, name in rows[:top]],
-    )
-    return "\n".join([
-        f"- per step: span {span / 1e3:.3f} ms, GPU busy {busy / 1e3:.3f} ms ({100 * busy / span:.1f} %), "
-        f"{launches:.0f} kernel launches",
-        "",
-        table,
-    ])
+    return _kernel_table(per_step, busy, span, "step", top)

@@ -18,7 +18,14 @@ A step is forward + backward + AdamW (fused on CUDA) over the trainable paramete
 on samples of one image (the visual tokens) + text tokens with labels on the text. Parameters are
 bf16 (float32 with --quick). The micro-batch starts at ``--micro-batch`` and is halved until a step
 fits in memory. ``--loss-steps`` steps of AdamW from one initialisation on the same batches through
-both of our layouts give the loss curves compared at the end (largest relative difference).
+both of our layouts give the loss curves compared at the end (largest relative difference), in
+float32 (``--loss-dtype``): there the two layouts differ only in summation order, so the curves agree
+to ~1e-5; in bf16 the layouts round the residual stream differently (mamba_ssm's keeps it in float32)
+and random-weight losses near 22 drift apart by a few percent within 20 steps.
+
+At the first length, ``--larger-micro-batch`` (default 16 on CUDA) adds ours and mamba_ssm at that
+micro-batch: what the memory ours saves (no vocabulary logits) buys. ``--profile`` (CUDA) adds the
+kernels of one step of ours and of mamba_ssm at the first length (``benchmarks.profiling``).
 
 Model FLOPs per step = 6 * N * tokens, N = trainable parameters (projector + LLM); the frozen
 encoders' forward and attention's sequence-length term are left out, so the MFU is conservative.
@@ -38,6 +45,7 @@ from torch import Tensor
 
 from benchmarks import PAPER_CONFIG, TINY_CONFIG
 from benchmarks.prefill import mamba_ssm_copy
+from benchmarks.profiling import kernel_profile
 from benchmarks.report import default_out, markdown_table, peak_flops, write_report
 from benchmarks.timing import (
     benchmark_device,
@@ -87,6 +95,8 @@ class Result:
     step_s: float
     tokens_per_sample: int
     peak_gib: float | None
+    profile: str = ""
+    """The kernels of one step (``--profile``), markdown."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -168,12 +178,11 @@ def build(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtyp
 
 
 def timed(name: str, module: torch.nn.Module, loss_fn: Callable[[int], tuple[Tensor, int]],
-          args: argparse.Namespace, device: torch.device) -> Result:
+          args: argparse.Namespace, device: torch.device, micro_batch: int, profile: bool = False) -> Result:
     """Time AdamW steps of ``module`` on ``loss_fn(micro_batch)`` -> (loss, tokens per sample), the
-    micro-batch halved until a step fits."""
+    micro-batch halved until a step fits; ``profile``: + the kernels of one more step (CUDA)."""
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5, fused=device.type == "cuda")
-    micro_batch = args.micro_batch
     tokens = 0
 
     def step() -> None:
@@ -195,13 +204,15 @@ def timed(name: str, module: torch.nn.Module, loss_fn: Callable[[int], tuple[Ten
             micro_batch //= 2
         free_memory(device)  # out of the except block, the failed step's tensors are unreferenced
     result = Result(name, sum(p.numel() for p in trainable), micro_batch, seconds, tokens, peak_memory_gib(device))
+    if profile and device.type == "cuda":
+        result.profile = kernel_profile(step, top=25, unit="step")
     print(f"{name}: micro-batch {micro_batch} x {tokens} tokens, {result.tokens_per_s:,.0f} tokens/s, "
           f"peak {result.peak_gib} GiB", flush=True)
     return result
 
 
 def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-            text_tokens: int, layout: str) -> Result:
+            text_tokens: int, layout: str, micro_batch: int | None = None, profile: bool = False) -> Result:
     """Build the VLM and time its training steps through ``layout``."""
     model = build(cfg, args, device, dtype)
     batches: dict[int, dict[str, Any]] = {}
@@ -214,11 +225,11 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dt
         name = f"ours: {cfg.name}" + (", transformers' layout (before)" if layout == "transformers" else "")
     else:
         name = f"Transformer VLM: {cfg.name} ({type(model.llm).__name__}{attention_note(model)})"
-    return timed(name, model, loss_fn, args, device)
+    return timed(name, model, loss_fn, args, device, micro_batch or args.micro_batch, profile)
 
 
 def measure_mamba_ssm(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-                      tokens: int) -> Result | str:
+                      tokens: int, micro_batch: int | None = None, profile: bool = False) -> Result | str:
     """mamba_ssm's ``MambaLMHeadModel`` on the VLM's LLM weights, ``tokens`` of text per sample, the
     loss on every position; or why it cannot run here."""
     llm = build(cfg, args, device, dtype).llm
@@ -239,13 +250,13 @@ def measure_mamba_ssm(cfg: ModelConfig, args: argparse.Namespace, device: torch.
         return loss, tokens
 
     return timed(f"mamba_ssm MambaLMHeadModel ({cfg.llm.config['num_hidden_layers']} layers, text only)", model,
-                 loss_fn, args, device)
+                 loss_fn, args, device, micro_batch or args.micro_batch, profile)
 
 
-def loss_curves(cfg: ModelConfig, args: argparse.Namespace, device: torch.device,
-                dtype: torch.dtype) -> dict[str, list[float]]:
+def loss_curves(cfg: ModelConfig, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
     """``--loss-steps`` AdamW steps from one initialisation on the same batches, per layout."""
     curves = {}
+    dtype = getattr(torch, args.loss_dtype)
     for layout in LAYOUTS:
         model = build(cfg, args, device, dtype)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.loss_lr)
@@ -277,32 +288,51 @@ def run(args: argparse.Namespace) -> str:
     peak = peak_flops(device)
     sections, notes = [], []
     lengths = args.text_tokens_list or ([args.text_tokens] if args.quick else [args.text_tokens, LONG_TEXT_TOKENS])
-    for text_tokens in lengths:
+    larger = None if args.quick or device.type != "cuda" else args.larger_micro_batch
+    profiles = []
+    for index, text_tokens in enumerate(lengths):
         # room for the longer samples: max_length is the visual tokens' bound + the text
         ours_cfg, other_cfg = (c.model_copy(update={"max_length": c.max_length + text_tokens})
                                for c in (mamba_cfg, transformer_cfg))
-        rows = [measure(ours_cfg, args, device, dtype, text_tokens, layout) for layout in LAYOUTS]
-        anchor = measure_mamba_ssm(ours_cfg, args, device, dtype, rows[0].tokens_per_sample)
+        profile = args.profile and index == 0
+        rows = [measure(ours_cfg, args, device, dtype, text_tokens, layout, profile=profile and layout == "ours")
+                for layout in LAYOUTS]
+        anchor = measure_mamba_ssm(ours_cfg, args, device, dtype, rows[0].tokens_per_sample, profile=profile)
         free_memory(device)
         rows.append(measure(other_cfg, args, device, dtype, text_tokens, "ours"))
         free_memory(device)
         ours, before, transformer = rows[0], rows[1], rows[-1]
         if isinstance(anchor, Result):
             rows.insert(2, anchor)
-        table = markdown_table(HEADERS, [r.cells(peak) for r in rows])
-        visual = ours.tokens_per_sample - text_tokens
         lines = [f"- ours / transformers' layout: {ours.tokens_per_s / before.tokens_per_s:.2f}x tokens/s"]
         if isinstance(anchor, Result):
             lines.append(f"- ours / mamba_ssm LM: {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tokens/s (target >= 1.0x)")
         else:
             lines.append(f"- {anchor}")
+        if index == 0 and larger:
+            ours_larger = measure(ours_cfg, args, device, dtype, text_tokens, "ours", micro_batch=larger)
+            free_memory(device)
+            rows.append(ours_larger)
+            anchor_larger = measure_mamba_ssm(ours_cfg, args, device, dtype, rows[0].tokens_per_sample, larger)
+            free_memory(device)
+            if isinstance(anchor_larger, Result):
+                rows.append(anchor_larger)
+                lines.append(f"- at micro-batch {larger} (halved where it did not fit): ours / mamba_ssm LM "
+                             f"{ours_larger.tokens_per_s / anchor_larger.tokens_per_s:.2f}x tokens/s; ours at "
+                             f"{ours_larger.micro_batch} / mamba_ssm at {rows[2].micro_batch}: "
+                             f"{ours_larger.tokens_per_s / rows[2].tokens_per_s:.2f}x")
+        profiles += [f"Kernels of one training step at {r.tokens_per_sample} tokens, {r.name} (micro-batch "
+                     f"{r.micro_batch}):\n\n{r.profile}" for r in rows if r.profile]
+        table = markdown_table(HEADERS, [r.cells(peak) for r in rows])
+        visual = ours.tokens_per_sample - text_tokens
         lines.append(f"- ours / Transformer VLM: {ours.tokens_per_s / transformer.tokens_per_s:.2f}x tokens/s")
         sections += [f"{ours.tokens_per_sample} tokens per sample ({visual} visual + {text_tokens} text):", table,
                      "\n".join(lines)]
-    curves = loss_curves(mamba_cfg, args, device, dtype)
+    curves = loss_curves(mamba_cfg, args, device)
     difference = max(abs(a - b) / abs(b) for a, b in zip(curves["ours"], curves["transformers"], strict=True))
     notes.append(
-        f"Loss curves, {args.loss_steps} AdamW steps (lr {args.loss_lr:g}, micro-batch 2, one initialisation, the "
+        f"Loss curves, {args.loss_dtype}, {args.loss_steps} AdamW steps (lr {args.loss_lr:g}, micro-batch 2, one "
+        "initialisation, the "
         f"same batches): largest relative difference ours vs transformers' layout {difference:.1e}\n\n"
         + markdown_table(["layout", "losses"], [[k, " ".join(f"{x:.4f}" for x in v)] for k, v in curves.items()])
     )
@@ -316,7 +346,7 @@ def run(args: argparse.Namespace) -> str:
         args.out or default_out("training_throughput", args.quick),
         "Training throughput: MambaVLM vs mamba_ssm's LM vs a Transformer VLM",
         device,
-        [setup, *sections, *notes],
+        [setup, *sections, *notes, *profiles],
     )
 
 
@@ -334,6 +364,11 @@ def main() -> None:
     parser.add_argument("--loss-lr", type=float, default=1e-4, help="learning rate of the loss curves")
     parser.add_argument("--steps", type=int, help="timed steps (default 5; 2 with --quick)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations")
+    parser.add_argument("--loss-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="parameter dtype of the loss curves (default float32)")
+    parser.add_argument("--larger-micro-batch", type=int, default=16,
+                        help="ours and mamba_ssm again at this micro-batch, first length (CUDA; default 16)")
+    parser.add_argument("--profile", action="store_true", help="+ the kernels of one step of ours and mamba_ssm (CUDA)")
     run(parser.parse_args())
 
 

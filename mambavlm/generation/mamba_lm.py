@@ -27,7 +27,7 @@ from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
-from mambavlm.ops.mamba_step import triton_available
+from mambavlm.ops.mamba_step import FUSED_GEMV_MAX_BATCH, triton_available
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["StaticStateDecoder"]
@@ -36,9 +36,13 @@ __all__ = ["StaticStateDecoder"]
 class StaticStateDecoder(StaticDecoder):
     """Prefill + per-token step of a ``MambaForCausalLM`` / ``SSDForCausalLM`` on static state.
 
-    fused_step: Mamba-1 steps through ``StatefulMambaMixer.step_fused`` (two Triton kernels between
-    the projections; ``mambavlm.ops.mamba_step``). Raises ValueError for it with another model, or
-    without CUDA (Triton's interpreter, ``TRITON_INTERPRET=1``, runs it anywhere, slowly).
+    fused_step: Mamba-1 steps through Triton kernels (``mambavlm.ops.mamba_step``): up to
+    ``FUSED_GEMV_MAX_BATCH`` sequences, each block in four (``StatefulMambaMixer.step_block``: norm +
+    in_proj, conv + x_proj, dt + state update + gate, out_proj + residual add), the residual stream in
+    float32 throughout (so with a ``residual_in_fp32`` model, or in float32, and bias-free
+    projections); otherwise two kernels between cuBLAS's projections (``step_fused``). Raises
+    ValueError for it with another model, or without CUDA (Triton's interpreter,
+    ``TRITON_INTERPRET=1``, runs it anywhere, slowly).
     """
 
     supported_models = (MambaForCausalLM, SSDForCausalLM)
@@ -89,8 +93,20 @@ class StaticStateDecoder(StaticDecoder):
         hidden = rms_norm(self.model.backbone.norm_f, hidden)
         return self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype)).float()
 
+    def _whole_block_steps(self, batch: int) -> bool:
+        """Whether the fused step runs each block in four kernels (``step_block``) at this batch."""
+        config = self.model.config
+        fp32_residual = config.residual_in_fp32 or self.model.get_input_embeddings().weight.dtype == torch.float32
+        return (self.mamba1 and self.fused_step and self.mamba1_bias_free and fp32_residual
+                and batch <= FUSED_GEMV_MAX_BATCH)
+
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)
+        if self._whole_block_steps(input_ids.shape[0]):
+            residual = hidden.float()
+            for i, layer in enumerate(self.model.backbone.layers):
+                self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i])
+            return self._logits(residual)
         if self.mamba1 and self.fused_step:
             step = lambda i, x: self.mamba1_mixers[i].step_fused(x, self._states[i])
         elif self.mamba1:

@@ -1,4 +1,4 @@
-"""A Mamba-1 mixer's one-token step between its two large projections in two Triton kernels.
+"""A Mamba-1 block's one-token step in four Triton kernels (batch <= ``FUSED_GEMV_MAX_BATCH``).
 
 mamba_ssm's ``Mamba.step`` (and ``StatefulMambaMixer.step``) runs five kernels between ``in_proj`` and
 ``out_proj``: the conv update, ``x_proj``, ``dt_proj``, the selective state update, and a copy or two.
@@ -13,8 +13,21 @@ times per token. Here:
   ``dt_proj`` weight read once for the whole batch.
 
 Both compute in float32 and keep dt, B and C in float32 (the unfused path rounds them to the model's
-dtype after ``x_proj``), so in float32 they equal the unfused step up to summation order. They run on
-CUDA, and anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
+dtype after ``x_proj``), so in float32 they equal the unfused step up to summation order.
+
+Around them, for small batches (where a step is a matrix-vector product per projection and launches
+and tails dominate), the block boundary and both projections:
+
+- ``norm_in_proj``: RMSNorm of the float32 residual stream (recomputed by every program from the
+  whole row: a few kilobytes against its slice of the weight) rounded to the weight's dtype as
+  mamba_ssm's fused norm rounds it, then ``in_proj``; it also zeroes the ``x_proj`` accumulator
+  ``conv_x_proj`` adds into, so no memset kernel runs;
+- ``out_proj_residual``: ``out_proj`` with the residual add as its epilogue (``residual += W y``),
+  each program owning its output rows: deterministic, no split-K reduction kernel.
+
+So a block is four launches instead of seven (norm, in_proj, memset, the two above, out_proj's
+split-K GEMV and its reduction). They run on CUDA, and anywhere under Triton's interpreter
+(``TRITON_INTERPRET=1``), which the CPU tests use.
 """
 
 from __future__ import annotations
@@ -28,7 +41,24 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
-__all__ = ["conv_x_proj", "dt_state_update", "triton_available"]
+__all__ = [
+    "FUSED_GEMV_MAX_BATCH",
+    "conv_x_proj",
+    "dt_state_update",
+    "norm_in_proj",
+    "out_proj_residual",
+    "triton_available",
+]
+
+FUSED_GEMV_MAX_BATCH = 4
+"""The largest batch ``norm_in_proj`` / ``out_proj_residual`` take: each program reads its weight slice
+once per sequence (from L2 after the first), a matrix-vector product per row; larger batches are
+matrix products, cuBLAS's work."""
+
+IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K = 32, 512
+OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K = 8, 512
+"""Output rows per program and the reduction chunk of the two projection kernels (Mamba-2.8B:
+in_proj 10240 x 2560 -> 320 programs, out_proj 2560 x 5120 -> 320 programs)."""
 
 
 def triton_available() -> bool:
@@ -118,17 +148,113 @@ if triton is not None:
             tl.store(y_ptr + b * channels + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
+    @triton.jit
+    def _norm_in_proj_kernel(
+        residual_ptr,  # (B, D) float32 residual stream
+        norm_w_ptr,  # (D,) RMSNorm weight
+        w_ptr,  # (N_out, D) in_proj weight
+        out_ptr,  # (B, N_out), the weight's dtype
+        zero_ptr, zero_count,  # a float32 buffer zeroed by program 0 (the x_proj accumulator)
+        batch, d_model, n_out, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr,
+    ):
+        pid = tl.program_id(0)
+        if pid == 0:
+            zi = tl.arange(0, BLOCK_Z)
+            tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_ok = rows < n_out
+        k = tl.arange(0, BLOCK_K)
+        for b in range(batch):
+            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, d_model, BLOCK_K):
+                r = tl.load(residual_ptr + b * d_model + k0 + k, mask=k0 + k < d_model, other=0.0)
+                squares += r * r
+            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / d_model + eps)
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, d_model, BLOCK_K):
+                k_ok = k0 + k < d_model
+                r = tl.load(residual_ptr + b * d_model + k0 + k, mask=k_ok, other=0.0)
+                g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
+                x = (r * rstd * g).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's output rounding
+                w = tl.load(w_ptr + rows[:, None] * d_model + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+            tl.store(out_ptr + b * n_out + rows, acc.to(out_ptr.dtype.element_ty), mask=rows_ok)
+
+    @triton.jit
+    def _out_proj_residual_kernel(
+        y_ptr,  # (B, D_in)
+        w_ptr,  # (D_out, D_in) out_proj weight
+        residual_ptr,  # (B, D_out) float32, += W y in place
+        batch, d_in, d_out,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_ok = rows < d_out
+        k = tl.arange(0, BLOCK_K)
+        for b in range(batch):
+            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, d_in, BLOCK_K):
+                k_ok = k0 + k < d_in
+                y = tl.load(y_ptr + b * d_in + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
+                w = tl.load(w_ptr + rows[:, None] * d_in + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
+                            other=0.0)
+                acc += tl.sum(w.to(tl.float32) * y[None, :], axis=1)
+            out = residual_ptr + b * d_out + rows
+            # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
+            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+            tl.store(out, tl.load(out, mask=rows_ok, other=0.0) + acc, mask=rows_ok)
+
+
+def _check_small_batch(name: str, x: Tensor) -> None:
+    if x.shape[0] > FUSED_GEMV_MAX_BATCH:
+        raise ValueError(f"{name} takes at most {FUSED_GEMV_MAX_BATCH} sequences, got {x.shape[0]}")
+
+
+def norm_in_proj(residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor) -> Tensor:
+    """residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (N_out, D)
+    without bias. Returns ``in_proj(rms_norm(residual))`` (B, N_out) in the weight's dtype, the norm's
+    output rounded to that dtype first (mamba_ssm's fused norm). Zeroes ``zero`` (float32, contiguous)
+    on the way. Raises ValueError for a larger batch."""
+    _check_small_batch("norm_in_proj", residual)
+    batch, d_model = residual.shape
+    n_out = in_proj_weight.shape[0]
+    out = torch.empty(batch, n_out, device=residual.device, dtype=in_proj_weight.dtype)
+    _norm_in_proj_kernel[(triton.cdiv(n_out, IN_PROJ_BLOCK_N),)](
+        residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, d_model, n_out, eps,
+        BLOCK_N=IN_PROJ_BLOCK_N, BLOCK_K=IN_PROJ_BLOCK_K, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
+    )
+    return out
+
+
+def out_proj_residual(y: Tensor, out_proj_weight: Tensor, residual: Tensor) -> None:
+    """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
+    (D_out, D_in) without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
+    the weight's dtype before the add, as the unfused block rounds it. Raises ValueError for a larger
+    batch."""
+    _check_small_batch("out_proj_residual", y)
+    batch, d_in = y.shape
+    d_out = out_proj_weight.shape[0]
+    _out_proj_residual_kernel[(triton.cdiv(d_out, OUT_PROJ_BLOCK_N),)](
+        y, out_proj_weight, residual, batch, d_in, d_out, BLOCK_N=OUT_PROJ_BLOCK_N, BLOCK_K=OUT_PROJ_BLOCK_K,
+    )
+
+
 def conv_x_proj(
-    x: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool
+    x: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool,
+    xdbl: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """x (B, Di) (rows may be strided), conv_state (B, Di, W) contiguous, updated in place; conv_weight
     (Di, W), conv_bias (Di,) or None; x_proj_weight (R + 2N, Di). Returns the conv output (B, Di) in x's
-    dtype and x_proj of it, (B, R + 2N) in float32."""
+    dtype and x_proj of it, (B, R + 2N) in float32: into ``xdbl`` when given (contiguous, zeroed by the
+    caller: ``norm_in_proj`` zeroes it), else a new zeroed buffer."""
     batch, channels = x.shape
     rows = x_proj_weight.shape[0]
     width = conv_weight.shape[1]
     out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
-    xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
+    if xdbl is None:
+        xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
     block_d = 32
     _conv_x_proj_kernel[(triton.cdiv(channels, block_d),)](
         x, x.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,

@@ -46,12 +46,50 @@ CHECKS = textwrap.dedent(
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(state.ssm, expected.ssm, rtol=1e-5, atol=1e-5)
                 assert torch.equal(state.conv, expected.conv)
+    # the projection kernels alone, on sizes that are not multiples of their blocks
+    import torch.nn.functional as F
+    from mambavlm.ops.mamba_step import norm_in_proj, out_proj_residual
+    g = torch.Generator().manual_seed(0)
+    residual, gain, w_in = torch.randn(3, 600, generator=g), torch.rand(600, generator=g) + 0.5, torch.randn(70, 600, generator=g)
+    zero = torch.ones(7)
+    got = norm_in_proj(residual, gain, 1e-5, w_in, zero)
+    torch.testing.assert_close(got, F.linear(F.rms_norm(residual, (600,), gain, eps=1e-5), w_in), rtol=1e-5, atol=1e-4)
+    assert torch.equal(zero, torch.zeros(7))
+    y, w_out, stream = torch.randn(2, 1100, generator=g), torch.randn(50, 1100, generator=g), torch.randn(2, 50, generator=g)
+    expected = stream + F.linear(y, w_out)
+    out_proj_residual(y, w_out, stream)
+    torch.testing.assert_close(stream, expected, rtol=1e-5, atol=1e-4)
+    try:
+        norm_in_proj(torch.zeros(5, 600), gain, 1e-5, w_in, zero)
+        raise AssertionError("a batch of 5 was taken")
+    except ValueError as err:
+        assert "at most 4 sequences" in str(err)
+
+    # the whole block (norm, mixer, residual add) against the unfused block, float32
     lm = tiny_mamba()  # mixers strengthened: greedy decoding does not collapse to one token
-    embeds = lm.get_input_embeddings()(torch.randint(3, lm.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0)))
-    tokens = [StaticStateDecoder(lm, fused_step=fused).generate(embeds, max_new_tokens=12, eos_token_id=None)
-              for fused in (False, True)]
-    assert len(set(tokens[0].flatten().tolist())) > 3
-    assert torch.equal(tokens[0], tokens[1]), tokens
+    layer = lm.backbone.layers[1]
+    mixer = StatefulMambaMixer(layer.mixer)
+    for batch in (1, 3):
+        state = mixer.allocate(batch)
+        state.A.copy_(-torch.exp(layer.mixer.A_log.float()))
+        state.dt_bias.copy_(layer.mixer.dt_proj.bias)
+        state.ssm.normal_(generator=g)
+        expected_state = copy.deepcopy(state)
+        residual = torch.randn(batch, lm.config.hidden_size, generator=g)
+        want = residual + mixer.step(layer.norm(residual), expected_state)
+        mixer.step_block(residual, layer.norm, state)
+        torch.testing.assert_close(residual, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state.ssm, expected_state.ssm, rtol=1e-5, atol=1e-5)
+
+    # greedy decoding: 2 sequences (whole-block kernels), 5 (two kernels between cuBLAS projections)
+    for batch in (2, 5):
+        ids = torch.randint(3, lm.config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(batch))
+        embeds = lm.get_input_embeddings()(ids)
+        decoders = [StaticStateDecoder(lm, fused_step=fused) for fused in (False, True)]
+        tokens = [d.generate(embeds, max_new_tokens=12, eos_token_id=None) for d in decoders]
+        assert decoders[1]._whole_block_steps(batch) == (batch <= 4)
+        assert len(set(tokens[0].flatten().tolist())) > 3
+        assert torch.equal(tokens[0], tokens[1]), (batch, tokens)
     print("fused step: equal")
     """
 )
@@ -75,11 +113,13 @@ def test_fused_step_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPat
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_step_on_cuda_replays_in_the_cuda_graph_to_the_unfused_tokens(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("batch", [1, 4, 6])
+def test_fused_step_on_cuda_replays_in_the_cuda_graph_to_the_unfused_tokens(dtype: torch.dtype, batch: int) -> None:
+    """Batches 1 and 4 run the whole-block kernels, 6 the two kernels between cuBLAS's projections."""
     from tests.conftest import assert_same_up_to_near_tie
 
     lm = tiny_mamba().to("cuda", dtype)
-    embeds = lm.get_input_embeddings()(torch.randint(3, lm.config.vocab_size, (4, 33), device="cuda"))
+    embeds = lm.get_input_embeddings()(torch.randint(3, lm.config.vocab_size, (batch, 33), device="cuda"))
     runs = []
     for fused in (False, True):
         decoder = StaticStateDecoder(lm, fused_step=fused)
