@@ -138,7 +138,8 @@ def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, w
         runs.append(Run(strategy, gpus, metrics, time.perf_counter() - started))
         throughput = metrics["throughput"]
         print(f"{strategy} x {gpus}: {throughput['tokens_per_s']:,.0f} tokens/s, peak {throughput['peak_memory_gib']} "
-              f"GiB, losses {[round(x, 5) for x in metrics['step_losses']]}", flush=True)
+              f"GiB, losses {[round(x, 5) for x in metrics['step_losses']]}; done {runs[-1].seconds:.0f} s after its "
+              f"start (training {throughput['seconds']:.0f} s timed)", flush=True)
     return runs
 
 
