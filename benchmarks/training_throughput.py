@@ -8,6 +8,10 @@ about 4x the tokens, the visual tokens staying 1458):
 
 - ours: MambaVLM's training forward (``MambaVLM.forward`` in train mode: mamba_ssm's block layout
   with the fused residual add + RMSNorm, the LM head at the scored positions only);
+- ours with transformers' mixer call (first length only): ours, but each ``MambaMixer`` called as
+  transformers calls it (``in_proj(h).transpose(1, 2)`` into ``mamba_inner_fn``) instead of in
+  mamba_ssm's layout: what that lever pays (without gradient checkpointing: the recomputation would
+  not see the switch);
 - ours, transformers' layout: the same model through transformers' ``MambaForCausalLM`` forward
   (separate norm / add ops, float32 logits at every position): the path before issue 15;
 - mamba_ssm: its own ``MambaLMHeadModel`` on the same LLM weights over the same number of tokens of
@@ -39,6 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 from torch import Tensor
@@ -55,6 +60,7 @@ from benchmarks.timing import (
     reset_peak_memory,
 )
 from mambavlm.config import LLMConfig, ModelConfig, load_config
+from mambavlm.llm import mamba_training
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import MambaVLM, build_model
 
@@ -160,9 +166,13 @@ LONG_TEXT_TOKENS = 4630
 
 
 def vlm_loss(model: MambaVLM, batch: dict[str, Any], layout: str) -> Tensor:
-    """The step loss through our training forward, or through transformers' LLM forward."""
+    """The step loss through our training forward (``"ours"``; ``"ours-hf-mixer"``: with transformers'
+    mixer call), or through transformers' LLM forward (``"transformers"``)."""
     if layout == "ours":
         return model(**batch).loss
+    if layout == "ours-hf-mixer":
+        with mock.patch.object(mamba_training, "use_kernels", lambda tensor, name: False):
+            return model(**batch).loss
     embeds = model.embed(batch["input_ids"], batch["pixel_values"])
     return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
 
@@ -222,7 +232,8 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dt
         return vlm_loss(model, batch, layout), batch["input_ids"].shape[1]
 
     if cfg.llm.family == "mamba":
-        name = f"ours: {cfg.name}" + (", transformers' layout (before)" if layout == "transformers" else "")
+        name = f"ours: {cfg.name}" + {"ours": "", "ours-hf-mixer": ", transformers' mixer call",
+                                      "transformers": ", transformers' layout (before)"}[layout]
     else:
         name = f"Transformer VLM: {cfg.name} ({type(model.llm).__name__}{attention_note(model)})"
     return timed(name, model, loss_fn, args, device, micro_batch or args.micro_batch, profile)
@@ -295,16 +306,22 @@ def run(args: argparse.Namespace) -> str:
         ours_cfg, other_cfg = (c.model_copy(update={"max_length": c.max_length + text_tokens})
                                for c in (mamba_cfg, transformer_cfg))
         profile = args.profile and index == 0
+        layouts = ["ours", "transformers"]
+        if index == 0 and not args.gradient_checkpointing:
+            layouts.insert(1, "ours-hf-mixer")
         rows = [measure(ours_cfg, args, device, dtype, text_tokens, layout, profile=profile and layout == "ours")
-                for layout in LAYOUTS]
+                for layout in layouts]
         anchor = measure_mamba_ssm(ours_cfg, args, device, dtype, rows[0].tokens_per_sample, profile=profile)
         free_memory(device)
         rows.append(measure(other_cfg, args, device, dtype, text_tokens, "ours"))
         free_memory(device)
-        ours, before, transformer = rows[0], rows[1], rows[-1]
+        ours, before, transformer = rows[0], rows[len(layouts) - 1], rows[-1]
         if isinstance(anchor, Result):
-            rows.insert(2, anchor)
+            rows.insert(len(layouts), anchor)
         lines = [f"- ours / transformers' layout: {ours.tokens_per_s / before.tokens_per_s:.2f}x tokens/s"]
+        if "ours-hf-mixer" in layouts:
+            lines.append(f"- the mixer in mamba_ssm's layout: {ours.tokens_per_s / rows[1].tokens_per_s:.3f}x tokens/s "
+                         "against transformers' mixer call")
         if isinstance(anchor, Result):
             lines.append(f"- ours / mamba_ssm LM: {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tokens/s (target >= 1.0x)")
         else:
@@ -319,8 +336,8 @@ def run(args: argparse.Namespace) -> str:
                 rows.append(anchor_larger)
                 lines.append(f"- at micro-batch {larger} (halved where it did not fit): ours / mamba_ssm LM "
                              f"{ours_larger.tokens_per_s / anchor_larger.tokens_per_s:.2f}x tokens/s; ours at "
-                             f"{ours_larger.micro_batch} / mamba_ssm at {rows[2].micro_batch}: "
-                             f"{ours_larger.tokens_per_s / rows[2].tokens_per_s:.2f}x")
+                             f"{ours_larger.micro_batch} / mamba_ssm at {anchor.micro_batch}: "
+                             f"{ours_larger.tokens_per_s / anchor.tokens_per_s:.2f}x")
         profiles += [f"Kernels of one training step at {r.tokens_per_sample} tokens, {r.name} (micro-batch "
                      f"{r.micro_batch}):\n\n{r.profile}" for r in rows if r.profile]
         table = markdown_table(HEADERS, [r.cells(peak) for r in rows])

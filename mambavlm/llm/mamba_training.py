@@ -13,6 +13,13 @@ LM head to the positions with a label only (in a VLM batch the 1458 visual posit
 one) and reduces as transformers does (``num_items_in_batch``). The loss and gradients equal
 transformers' forward in float32 (tests); with the fused kernel on CUDA they differ by rounding, as
 mamba_ssm's numerics differ from transformers' (the residual is normalised before it is rounded).
+
+The mixer, on CUDA with mamba_ssm, is called as mamba_ssm's ``Mamba.forward`` calls its fused
+``mamba_inner_fn``: ``in_proj`` as one 2-D GEMM ``W @ h^T`` -> (2 D_inner, B L), viewed as
+(B, 2 D_inner, L) with unit stride along L, the layout the kernel reads. transformers' mixer passes
+``in_proj(h).transpose(1, 2)`` instead, which ``mamba_inner_fn`` first copies to that layout (one
+(B, 2 D_inner, L) copy per layer, and another for its gradient). Same weights, same kernel; the padded
+positions' input is zeroed first, as transformers' mixer zeroes it.
 """
 
 from __future__ import annotations
@@ -26,9 +33,10 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 from transformers import MambaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.models.mamba.modeling_mamba import MambaBlock
+from transformers.models.mamba.modeling_mamba import MambaBlock, MambaMixer
 
 from mambavlm.llm.tokenizer import IGNORE_INDEX
+from mambavlm.ops.dispatch import use_kernels
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["answer_token_loss", "install_fused_blocks", "mamba_lm_hidden_states", "zero3_partitioned"]
@@ -45,11 +53,46 @@ def zero3_partitioned(lm: MambaForCausalLM) -> bool:
     return any(hasattr(p, "ds_id") for p in lm.parameters())
 
 
+def _mixer_forward(
+    self: MambaMixer, hidden_states: Tensor, *, mamba_ssm_layout: bool = False, attention_mask: Tensor | None = None,
+    **kwargs: Any,
+) -> Tensor:
+    """A ``MambaMixer``'s forward in two modes: transformers' own, or with ``mamba_ssm_layout=True``
+    in training on CUDA with mamba_ssm, ``mamba_inner_fn`` on ``in_proj`` computed as mamba_ssm's
+    ``Mamba.forward`` computes it (see the module docstring). hidden_states (B, L, D) -> (B, L, D)."""
+    if not (mamba_ssm_layout and self.training and use_kernels(hidden_states, "mamba_ssm")):
+        return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
+
+    if attention_mask is not None:
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    batch, length, _ = hidden_states.shape
+    xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).mT  # (2 D_inner, B L)
+    if self.in_proj.bias is not None:
+        xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+    xz = xz.view(xz.shape[0], batch, length).transpose(0, 1)  # (B, 2 D_inner, L), unit stride along L
+    return mamba_inner_fn(
+        xz,
+        self.conv1d.weight,
+        self.conv1d.bias if self.use_conv_bias else None,
+        self.x_proj.weight,
+        self.dt_proj.weight,
+        self.out_proj.weight,
+        self.out_proj.bias.float() if self.use_bias else None,
+        -torch.exp(self.A_log.float()),
+        None,
+        None,
+        self.D.float(),
+        delta_bias=self.dt_proj.bias.float(),
+        delta_softplus=True,
+    )
+
+
 def _fused_block(
     block: MambaBlock, hidden: Tensor, residual: Tensor | None, attention_mask: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     normed, residual = add_rms_norm(block.norm, hidden, residual, block.residual_in_fp32, fused=True)
-    return block.mixer(normed, attention_mask=attention_mask), residual
+    return block.mixer(normed, mamba_ssm_layout=True, attention_mask=attention_mask), residual
 
 
 def _block_forward(
@@ -74,15 +117,19 @@ def _block_forward(
 
 
 def install_fused_blocks(lm: MambaForCausalLM) -> None:
-    """Give every ``MambaBlock`` of ``lm`` the two-mode forward (``_block_forward``), once; in place.
+    """Give every ``MambaBlock`` and ``MambaMixer`` of ``lm`` its two-mode forward (``_block_forward``,
+    ``_mixer_forward``), once; in place.
 
-    The block stays the module that FSDP wraps and checkpointing replays (its parameters are gathered
-    in its own forward, as FSDP gathers them), while transformers' own forward is unchanged. The same
-    per-instance binding Liger-Kernel applies to transformers' modules.
+    Each stays the module that FSDP wraps and checkpointing replays (its parameters are gathered in
+    its own forward, as FSDP gathers them; accelerate wraps both classes by default), while
+    transformers' own forward is unchanged. The same per-instance binding Liger-Kernel applies to
+    transformers' modules.
     """
     for module in lm.modules():
         if isinstance(module, MambaBlock) and "forward" not in module.__dict__:
             module.forward = types.MethodType(_block_forward, module)
+        elif isinstance(module, MambaMixer) and "forward" not in module.__dict__:
+            module.forward = types.MethodType(_mixer_forward, module)
 
 
 def mamba_lm_hidden_states(lm: MambaForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -91,8 +138,8 @@ def mamba_lm_hidden_states(lm: MambaForCausalLM, inputs_embeds: Tensor, attentio
 
     Each block runs in mamba_ssm's layout (``install_fused_blocks``): the boundary's residual add +
     RMSNorm is ``add_rms_norm`` (mamba_ssm's fused kernel on CUDA), the mixer the block's own
-    ``MambaMixer`` (mamba_ssm's fused ``mamba_inner_fn`` in training), given ``attention_mask`` as
-    transformers' block gives it; with gradient checkpointing on, each block is recomputed in the
+    ``MambaMixer`` (mamba_ssm's fused ``mamba_inner_fn`` in training, on mamba_ssm's layout:
+    ``_mixer_forward``), given ``attention_mask`` as transformers' block gives it; with gradient checkpointing on, each block is recomputed in the
     backward pass as transformers recomputes it. Each block is called as a module, so FSDP gathers its
     parameters around it.
     """

@@ -72,6 +72,7 @@ def test_blocks_with_the_two_mode_forward_keep_transformers_forward_bit_for_bit(
     assert torch.equal(before, after)
     clone = copy.deepcopy(model)  # the bound forward follows the copy, not the original
     assert clone.llm.backbone.layers[0].forward.__self__ is clone.llm.backbone.layers[0]
+    assert clone.llm.backbone.layers[0].mixer.forward.__self__ is clone.llm.backbone.layers[0].mixer
 
 
 def test_eval_mode_other_arguments_and_zero3_parameters_keep_transformers_forward() -> None:
@@ -121,3 +122,30 @@ def test_fused_kernel_path_matches_the_pytorch_path_on_cuda(autocast: bool, monk
     for name, grad in plain_grads.items():
         cosine = torch.nn.functional.cosine_similarity(fused_grads[name].flatten().float(), grad.flatten().float(), dim=0)
         assert cosine > 0.99, (name, float(cosine))
+
+
+@needs_cuda
+@needs_mamba_ssm
+@pytest.mark.gpu
+def test_mixer_in_mamba_ssm_layout_equals_transformers_mixer_call_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """float32, a padded batch: ``mamba_inner_fn`` on ``W @ h^T`` (mamba_ssm's layout) against
+    transformers' mixer call (``in_proj(h).transpose(1, 2)``), loss and every gradient; the same
+    kernel, so they agree to summation order."""
+    import mambavlm.llm.mamba_training as training
+
+    calls = []
+    real = training._mixer_forward
+    monkeypatch.setattr(training, "_mixer_forward",
+                        lambda self, *a, **k: calls.append(k.get("mamba_ssm_layout")) or real(self, *a, **k))
+    model = tiny_vlm(train=True).to("cuda")
+    reference = copy.deepcopy(model)
+    batch = {k: (v.to("cuda") if torch.is_tensor(v) else [p.to("cuda") for p in v])
+             for k, v in padded_batch(model).items()}
+    ours, our_grads = loss_and_grads(model, batch, True)
+    assert calls and all(calls)  # every mixer ran in mamba_ssm's layout
+    monkeypatch.setattr(training, "_mixer_forward",
+                        lambda self, *a, **k: real(self, *a, **{**k, "mamba_ssm_layout": False}))
+    theirs, their_grads = loss_and_grads(reference, batch, True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
