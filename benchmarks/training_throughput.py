@@ -264,6 +264,33 @@ def measure_mamba_ssm(cfg: ModelConfig, args: argparse.Namespace, device: torch.
                  loss_fn, args, device, micro_batch or args.micro_batch, profile)
 
 
+def crossover_tokens(short: tuple[Result, Result], long: tuple[Result, Result]) -> float | None:
+    """Where ours would overtake the Transformer VLM: each model's seconds per token fitted as
+    ``a + b L`` through its two measured lengths (attention's cost per token grows with L, Mamba's
+    does not), the L at which the two lines meet; None when the Transformer's line does not climb
+    faster than ours (no crossover ahead)."""
+    lines = []
+    for ours_or_transformer in (0, 1):
+        first, second = short[ours_or_transformer], long[ours_or_transformer]
+        x1, x2 = first.tokens_per_sample, second.tokens_per_sample
+        y1, y2 = 1 / first.tokens_per_s, 1 / second.tokens_per_s
+        slope = (y2 - y1) / (x2 - x1)
+        lines.append((y1 - slope * x1, slope))
+    (a_ours, b_ours), (a_t, b_t) = lines
+    if b_t <= b_ours:
+        return None
+    return (a_ours - a_t) / (b_t - b_ours)
+
+
+def crossover_note(short: tuple[Result, Result], long: tuple[Result, Result]) -> str:
+    tokens = crossover_tokens(short, long)
+    if tokens is None:
+        return "- Crossover: none ahead (the Transformer VLM's time per token does not grow faster than ours)"
+    return (f"- Crossover (extrapolated): ours would reach the Transformer VLM's tokens/s at about {tokens:,.0f} "
+            f"tokens per sample (time per token fitted as a + b x length through {short[0].tokens_per_sample} and "
+            f"{long[0].tokens_per_sample} tokens, per model)")
+
+
 def loss_curves(cfg: ModelConfig, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
     """``--loss-steps`` AdamW steps from one initialisation on the same batches, per layout."""
     curves = {}
@@ -300,6 +327,7 @@ def run(args: argparse.Namespace) -> str:
     sections, notes = [], []
     lengths = args.text_tokens_list or ([args.text_tokens] if args.quick else [args.text_tokens, LONG_TEXT_TOKENS])
     larger = None if args.quick or device.type != "cuda" else args.larger_micro_batch
+    pairs: list[tuple[Result, Result]] = []
     profiles = []
     for index, text_tokens in enumerate(lengths):
         # room for the longer samples: max_length is the visual tokens' bound + the text
@@ -345,6 +373,9 @@ def run(args: argparse.Namespace) -> str:
         lines.append(f"- ours / Transformer VLM: {ours.tokens_per_s / transformer.tokens_per_s:.2f}x tokens/s")
         sections += [f"{ours.tokens_per_sample} tokens per sample ({visual} visual + {text_tokens} text):", table,
                      "\n".join(lines)]
+        pairs.append((ours, transformer))
+    if len(pairs) >= 2:
+        notes.append(crossover_note(pairs[0], pairs[-1]))
     curves = loss_curves(mamba_cfg, args, device)
     difference = max(abs(a - b) / abs(b) for a, b in zip(curves["ours"], curves["transformers"], strict=True))
     notes.append(

@@ -88,3 +88,17 @@ def test_kernel_trace_busy_time_gaps_and_totals_by_hand() -> None:
     assert gaps == [(8.0, "b", "a"), (5.0, "a", "c")]
     assert trace.by_name() == {"a": (15.0, 2), "b": (7.0, 1), "c": (1.0, 1)}
     assert KernelTrace([]).busy_and_gaps() == (0.0, []) and KernelTrace([]).span_us == 0.0
+
+
+def test_training_crossover_by_hand() -> None:
+    """Transformer: 1/20000 s per token at 1000 tokens, 1/10000 at 3000 -> a + b L with b = 2.5e-8,
+    a = 2.5e-5; ours flat at 1e-4 s per token: they meet at L = (1e-4 - 2.5e-5) / 2.5e-8 = 3000."""
+    from benchmarks.training_throughput import Result, crossover_tokens
+
+    def result(tokens_per_s: float, tokens: int) -> Result:
+        return Result("x", 1, 1, tokens / tokens_per_s, tokens, None)
+
+    short = (result(10_000, 1000), result(20_000, 1000))
+    long = (result(10_000, 3000), result(10_000, 3000))
+    assert crossover_tokens(short, long) == pytest.approx(3000)
+    assert crossover_tokens(short, (result(10_000, 3000), result(30_000, 3000))) is None
