@@ -25,12 +25,19 @@ and tails dominate), the block boundary and both projections:
 - ``out_proj_residual``: ``out_proj`` with the residual add as its epilogue (``residual += W y``),
   each program owning its output rows: deterministic, no split-K reduction kernel.
 
+On Hopper and later each of the four is launched with programmatic dependent launch (``launch_pdl``):
+the next kernel is scheduled while the previous one runs and loads what no kernel of the step writes
+(its weights) before ``gdc_wait``, which returns once the previous kernel has finished and its writes
+are visible; each kernel releases its successor only after its own wait, so at most two overlap.
+
 So a block is four launches instead of seven (norm, in_proj, memset, the two above, out_proj's
 split-K GEMV and its reduction). They run on CUDA, and anywhere under Triton's interpreter
 (``TRITON_INTERPRET=1``), which the CPU tests use.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import Tensor
@@ -40,6 +47,13 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
+try:
+    from triton.backends.nvidia.compiler import CUDAOptions
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+    _TRITON_HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
+except ImportError:  # pragma: no cover - an older Triton
+    _TRITON_HAS_PDL = False
 
 __all__ = [
     "FUSED_GEMV_MAX_BATCH",
@@ -78,7 +92,7 @@ if triton is not None:
         xdbl_ptr,  # (B, R2) float32, zeroed: receives dt_low | B | C
         batch, channels, rows,
         W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
@@ -91,6 +105,9 @@ if triton is not None:
         r_ok = r < rows
         proj = tl.load(x_proj_ptr + r[:, None] * channels + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
         proj = proj.to(tl.float32)
+        if PDL:  # the weights above are the step's constants; what follows reads in_proj's output
+            gdc_wait()
+            gdc_launch_dependents()
         for b in range(batch):
             x = tl.load(x_ptr + b * stride_x_b + d, mask=d_ok, other=0.0)
             state_row = state_ptr + b * channels * W + d[:, None] * W
@@ -118,6 +135,7 @@ if triton is not None:
         y_ptr,  # (B, Di), the model's dtype
         batch, channels, rank,
         N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
@@ -131,6 +149,9 @@ if triton is not None:
         dn_ok = d_ok[:, None] & n_ok[None, :]
         a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
         d_skip = tl.load(d_skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        if PDL:  # dt_proj, A, D: constants of the step; xdbl and x come from conv_x_proj
+            gdc_wait()
+            gdc_launch_dependents()
         row_width = rank + 2 * N
         for b in range(batch):
             low = tl.load(xdbl_ptr + b * row_width + j, mask=j_ok, other=0.0)
@@ -157,9 +178,12 @@ if triton is not None:
         out_ptr,  # (B, N_out), the weight's dtype
         zero_ptr, zero_count,  # a float32 buffer zeroed by program 0 (the x_proj accumulator)
         batch, d_model, n_out, eps,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         if pid == 0:
             zi = tl.arange(0, BLOCK_Z)
             tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
@@ -189,8 +213,11 @@ if triton is not None:
         w_ptr,  # (D_out, D_in) out_proj weight
         residual_ptr,  # (B, D_out) float32, += W y in place
         batch, d_in, d_out,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_ok = rows < d_out
         k = tl.arange(0, BLOCK_K)
@@ -206,6 +233,18 @@ if triton is not None:
             # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
             acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
             tl.store(out, tl.load(out, mask=rows_ok, other=0.0) + acc, mask=rows_ok)
+
+
+@functools.cache
+def _device_has_pdl(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def _pdl(t: Tensor) -> dict[str, bool]:
+    """The launch arguments for programmatic dependent launch: on for a CUDA tensor of a Hopper or
+    later GPU with a Triton that has it (off under Triton's interpreter)."""
+    on = _TRITON_HAS_PDL and t.is_cuda and _device_has_pdl(t.device.index or 0)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def _check_small_batch(name: str, x: Tensor) -> None:
@@ -225,6 +264,7 @@ def norm_in_proj(residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weig
     _norm_in_proj_kernel[(triton.cdiv(n_out, IN_PROJ_BLOCK_N),)](
         residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, d_model, n_out, eps,
         BLOCK_N=IN_PROJ_BLOCK_N, BLOCK_K=IN_PROJ_BLOCK_K, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
+        **_pdl(residual),
     )
     return out
 
@@ -239,6 +279,7 @@ def out_proj_residual(y: Tensor, out_proj_weight: Tensor, residual: Tensor) -> N
     d_out = out_proj_weight.shape[0]
     _out_proj_residual_kernel[(triton.cdiv(d_out, OUT_PROJ_BLOCK_N),)](
         y, out_proj_weight, residual, batch, d_in, d_out, BLOCK_N=OUT_PROJ_BLOCK_N, BLOCK_K=OUT_PROJ_BLOCK_K,
+        **_pdl(y),
     )
 
 
@@ -261,7 +302,7 @@ def conv_x_proj(
         x, x.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
         x_proj_weight, out, xdbl, batch, channels, rows,
         W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
-        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rows),
+        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rows), **_pdl(x),
     )
     return out, xdbl
 
@@ -280,6 +321,6 @@ def dt_state_update(
     _dt_state_update_kernel[(triton.cdiv(channels, block_d),)](
         xdbl, x, z, z.stride(0), dt_weight, dt_bias, A, D, ssm_state, y, batch, channels, rank,
         N=d_state, N_POW2=triton.next_power_of_2(d_state), BLOCK_D=block_d,
-        BLOCK_RANK=triton.next_power_of_2(rank),
+        BLOCK_RANK=triton.next_power_of_2(rank), **_pdl(x),
     )
     return y
