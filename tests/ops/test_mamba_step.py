@@ -141,3 +141,31 @@ def test_fused_step_needs_a_mamba_1_model() -> None:
 
     with pytest.raises(TypeError):
         StaticStateDecoder(tiny_llama(), fused_step=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_projection_kernels_on_cuda_equal_pytorch(dtype: torch.dtype) -> None:
+    """norm_in_proj and out_proj_residual on sizes that are not multiples of their blocks, against
+    RMSNorm (rounded to the weight's dtype) + F.linear, and residual + F.linear(...) rounded first."""
+    import torch.nn.functional as F
+
+    from mambavlm.ops.mamba_step import norm_in_proj, out_proj_residual
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for batch in (1, 3):
+        residual = torch.randn(batch, 600, device="cuda", generator=g)
+        gain = (torch.rand(600, device="cuda", generator=g) + 0.5).to(dtype)
+        w_in = (torch.randn(70, 600, device="cuda", generator=g) / 25).to(dtype)
+        zero = torch.ones(batch * 7, device="cuda")
+        normed = (F.rms_norm(residual, (600,), eps=1e-5) * gain.float()).to(dtype)
+        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(norm_in_proj(residual, gain, 1e-5, w_in, zero), F.linear(normed, w_in), **tol)
+        assert not zero.any()
+        y = torch.randn(batch, 1100, device="cuda", generator=g).to(dtype)
+        w_out = (torch.randn(50, 1100, device="cuda", generator=g) / 33).to(dtype)
+        stream = torch.randn(batch, 50, device="cuda", generator=g)
+        expected = stream + F.linear(y, w_out).float()
+        out_proj_residual(y, w_out, stream)
+        torch.testing.assert_close(stream, expected, **tol)
