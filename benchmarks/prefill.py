@@ -34,6 +34,7 @@ from torch import Tensor
 from transformers import PreTrainedModel
 
 from benchmarks import PAPER_CONFIG, TINY_CONFIG
+from benchmarks.profiling import kernel_profile
 from benchmarks.report import default_out, markdown_table, write_report
 from benchmarks.timing import (
     benchmark_device,
@@ -102,17 +103,6 @@ def left_padding_mask(ids: Tensor) -> Tensor:
     return (torch.arange(ids.shape[1], device=ids.device)[None] >= pads).long()
 
 
-def kernel_profile(fn: Callable[[], object], rows: int) -> str:
-    """torch.profiler's table of the CUDA kernels of one call of ``fn``, by total CUDA time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        fn()
-        torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=80)
-    return "```\n" + table.strip() + "\n```"
-
-
 def run(args: argparse.Namespace) -> str:
     device = benchmark_device(args.quick)
     dtype = torch.float32 if args.quick else torch.bfloat16
@@ -152,7 +142,7 @@ def run(args: argparse.Namespace) -> str:
                 rows.append(cells)
                 ms[name.split()[0].rstrip(":")] = float(cells[2])
             if args.profile and batch == batch_sizes[-1] and device.type == "cuda":
-                profile_text = kernel_profile(calls["ours, left-padded batch"], rows=20)
+                profile_text = kernel_profile(calls["ours, left-padded batch"], top=20)
         for other in ("mamba_ssm", "transformers"):
             if other in ms:
                 ratios.append(f"- batch {batch}: {other} ms / ours ms = {ms[other] / ms['ours']:.2f}x")
@@ -165,7 +155,7 @@ def run(args: argparse.Namespace) -> str:
     )
     sections = [setup, markdown_table(HEADERS, rows), "\n".join(notes + ratios)]
     if profile_text:
-        sections += [f"Our left-padded prefill's CUDA kernels at batch {batch_sizes[-1]} (torch.profiler):",
+        sections += [f"Our left-padded prefill's CUDA kernels at batch {batch_sizes[-1]} (benchmarks.profiling):",
                      profile_text]
     return write_report(args.out or default_out("prefill", args.quick), "LLM prefill: ours vs mamba_ssm vs transformers",
                         device, sections)
