@@ -140,27 +140,46 @@ def parse_yaml(text: str | IO[str]) -> Any:
     return yaml.load(text, Loader=ConfigLoader)
 
 
-def load_yaml(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+def load_yaml(
+    path: str | Path, _seen: tuple[Path, ...] = (), path_keys: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """Read a YAML mapping; a missing file or non-mapping document is a ConfigError.
 
     A top-level ``base: other.yaml`` (relative to this file) is loaded first and this file's keys
-    are merged over it (mappings merged recursively, other values replaced).
+    are merged over it (mappings merged recursively, other values replaced). File references are
+    relative to the file that writes them, whichever file inherits it: a ``base`` inside a section
+    (``model: {base: ../model/tiny.yaml}``) and the top-level keys named in ``path_keys`` whose value
+    is a string (``model: ../model/tiny.yaml``) are made absolute as each file is read.
     """
     path = Path(path).resolve()
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        referrer = f" (the base of {_seen[-1]})" if _seen else ""
+        raise ConfigError(f"config file not found: {path}{referrer}")
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
     with path.open() as f:
         data = parse_yaml(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    _absolute_references(data, path.parent, path_keys)
     base = data.pop("base", None)
     if base is None:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
-    return deep_merge(load_yaml(path.parent / base, _seen + (path,)), data)
+    return deep_merge(load_yaml(path.parent / base, _seen + (path,), path_keys), data)
+
+
+def _absolute_references(data: dict[str, Any], directory: Path, path_keys: tuple[str, ...]) -> None:
+    """In place: section-level ``base`` strings and the top-level ``path_keys`` strings -> absolute."""
+    for key, value in data.items():
+        if key in path_keys and isinstance(value, str) and value:
+            data[key] = str(directory / Path(value).expanduser())
+        if isinstance(value, dict):
+            nested = value.get("base")
+            if isinstance(nested, str) and nested:
+                value["base"] = str(directory / Path(nested).expanduser())
+            _absolute_references(value, directory, ())
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
@@ -177,8 +196,12 @@ def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """Apply ``a.b.c=value`` overrides (values parsed as YAML) to a nested dict, in place.
 
-    ``vision.encoders.0.image_size=224`` indexes into lists.
+    ``vision.encoders.0.image_size=224`` indexes into lists. Raises TypeError for a single string
+    (a common slip: it would be read one character at a time).
     """
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of 'key=value' strings, got the string {overrides!r}: "
+                        f"pass [{overrides!r}]")
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -227,14 +250,25 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
 
 
 def format_validation_error(err: ValidationError, source: str) -> str:
-    """One line per problem: ``source: dotted.key: message``."""
+    """One line per problem: ``source: dotted.key: message (got value)``, the value shown for a wrong
+    value (not for an unknown or missing key); a string "None" gets a hint that YAML's null is ``null``.
+
+    A top-level section that only a train config has (``model``, ``train``, ``data``) under another
+    schema adds a line saying so."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict | list):
+            msg += f" (got {e['input']!r}"
+            msg += "; YAML's null is written null)" if e["input"] in ("None", "none") else ")"
         lines.append(f"{source}: {loc}: {msg}")
+    sections = {e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1}
+    if {"model", "train"} <= sections:
+        lines.append(f"{source}: this looks like a train config (model: + train:); pass its model section or "
+                     "a model config, or load it with load_train_config / train/finetune.py")
     return "\n".join(lines)
 
 
@@ -251,5 +285,5 @@ def load_config(
 ) -> M:
     """Load YAML ``path`` (if given), apply ``key=value`` overrides, validate against ``schema``."""
     data = load_yaml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides))
+    data = apply_overrides(data, overrides)
     return validate(schema, data, source=str(path) if path is not None else "config")

@@ -120,3 +120,15 @@ def test_mixed_precision_no_reads_as_a_string_from_file_and_command_line(tmp_pat
     distill_yaml.write_text(f"base: {ROOT / 'configs' / 'distill' / 'tiny.yaml'}\nmixed_precision: no\n")
     assert load_distill_config(distill_yaml, []).mixed_precision == "no"
     assert load_distill_config(ROOT / "configs" / "distill" / "tiny.yaml", ["mixed_precision=bf16"]).mixed_precision == "bf16"
+
+
+def test_errors_show_the_wrong_value_hint_null_and_spot_a_train_config(tmp_path: Path) -> None:
+    tiny = ROOT / "configs" / "model" / "tiny.yaml"
+    with pytest.raises(ConfigError, match=r"projector\.d_state: .* \(got '=3'\)"):
+        load_config(ModelConfig, tiny, ["projector.d_state==3"])
+    with pytest.raises(ConfigError, match=r"\(got 'None'; YAML's null is written null\)"):
+        load_config(ModelConfig, tiny, ["projector.d_state=None"])
+    with pytest.raises(ConfigError, match="this looks like a train config"):
+        load_config(ModelConfig, ROOT / "configs" / "train" / "tiny.yaml")
+    with pytest.raises(TypeError, match=r"pass \['projector.type=mlp'\]"):
+        load_config(ModelConfig, tiny, "projector.type=mlp")

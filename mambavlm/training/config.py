@@ -190,10 +190,10 @@ def _resolve_model(value: Any, base_dir: Path) -> Any:
 def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Load a train YAML, resolve its model section, apply ``key=value`` overrides, validate."""
     path = Path(path)
-    data = load_yaml(path)
+    data = load_yaml(path, path_keys=("model",))
     if "model" in data:
         data["model"] = _resolve_model(data["model"], path.resolve().parent)
-    data = apply_overrides(data, list(overrides))
+    data = apply_overrides(data, overrides)
     if "model" in data:
         data["model"] = _resolve_model(data["model"], Path.cwd())
     return validate(TrainConfig, data, source=str(path))

@@ -47,3 +47,24 @@ def test_data_max_length_beyond_the_models_is_an_error_when_the_config_loads():
     with pytest.raises(ConfigError, match="data.max_length=300 exceeds model.max_length=256"):
         load_train_config(TINY_TRAIN, ["output_dir=x", "data.max_length=300"])
     assert load_train_config(TINY_TRAIN, ["output_dir=x", "data.max_length=256"]).data.max_length == 256
+
+
+def test_a_config_elsewhere_inheriting_a_train_config_keeps_its_model_base(tmp_path):
+    """configs/train/tiny.yaml writes ``model: {base: ../model/tiny.yaml}``: relative to itself, also
+    when a file in another directory inherits it (it was resolved against the inheriting file's
+    directory: "config file not found: <tmp>/../model/tiny.yaml")."""
+    mine = tmp_path / "cfg" / "mytrain.yaml"
+    mine.parent.mkdir()
+    mine.write_text(f"base: {TINY_TRAIN}\ntrain: {{max_steps: 3}}\n")
+    config = load_train_config(mine, [f"output_dir={tmp_path / 'out'}"])
+    assert config.train.max_steps == 3
+    assert config.model == load_train_config(TINY_TRAIN, [f"output_dir={tmp_path / 'out'}"]).model
+    # a string model path in an inherited file, relative to that file too
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "m.yaml").write_text(TINY_MODEL.read_text())
+    (tmp_path / "a" / "parent.yaml").write_text(f"base: {TINY_TRAIN}\nmodel: m.yaml\n")
+    (tmp_path / "child.yaml").write_text("base: a/parent.yaml\n")
+    assert load_train_config(tmp_path / "child.yaml", []).model.name == "tiny"
+    (tmp_path / "broken.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere.yaml \(the base of .*broken.yaml\)"):
+        load_train_config(tmp_path / "broken.yaml", [])
