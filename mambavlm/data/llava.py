@@ -49,6 +49,7 @@ class SkippedSample:
 
 
 SKIP_KINDS = (
+    "not a record",
     "malformed conversations",
     "no assistant turn",
     "empty answer",
@@ -68,18 +69,24 @@ class _Skip:
 
 
 def load_records(records: Sequence[dict] | str | Path) -> list[dict]:
-    """The records themselves, or those of a JSON file holding a list of records."""
+    """The records themselves, or those of a JSON file holding a list of records. Raises
+    FileNotFoundError for a missing file and ValueError naming the file for one that is not JSON or
+    not a list; an entry that is not a record (not a mapping) stays, to be skipped and counted by
+    ``LlavaDataset`` as ``"not a record"``."""
     if isinstance(records, (str, Path)):
         path = Path(records)
         if not path.is_file():
             raise FileNotFoundError(f"LLaVA data file not found: {path}")
-        with path.open() as f:
-            records = json.load(f)
+        try:
+            with path.open() as f:
+                records = json.load(f)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{path}: not a JSON file of LLaVA records ({err})") from None
         source = str(path)
     else:
         source = "records"
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise ValueError(f"{source}: expected a list of record dicts")
+    if not isinstance(records, list):
+        raise ValueError(f"{source}: expected a list of record dicts, got a JSON {type(records).__name__}")
     return records
 
 
@@ -128,6 +135,10 @@ class LlavaDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any] | SkippedSample:
         record = self.records[index]
+        if not isinstance(record, dict):
+            reason = f"entry {index} is a {type(record).__name__}, not a record (a mapping with 'conversations')"
+            logger.warning("skipping record %s: %s", index, reason)
+            return SkippedSample(str(index), reason, "not a record")
         record_id = str(record.get("id", index))
         result = self._build(record)
         if isinstance(result, _Skip):

@@ -221,3 +221,24 @@ def test_collator_text_only_and_all_skipped(dataset):
     empty = collate([items["missing"], items["corrupt"]])
     assert empty["input_ids"] is None
     assert [(s.id, s.kind) for s in empty["skipped"]] == [("missing", "image file not found"), ("corrupt", "unreadable image")]
+
+
+def test_an_entry_that_is_not_a_record_is_skipped_and_a_bad_file_is_named(tmp_path, caplog):
+    """One stray list entry (a string, a list) no longer aborts the data: it is skipped, counted as
+    "not a record" and named by its index; a file that is not JSON names the file."""
+    (tmp_path / "x.png").write_bytes(png_bytes((0, 0, 0)))
+    good = {"id": "a", "image": "x.png", "conversations": qa("<image>\nwhat ?", "dog")}
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps([good, "oops", [1, 2]]))
+    ds = LlavaDataset(data, tmp_path, build_tiny_tokenizer(), get_template("plain"), [to_tensor_at(4)], 2, 64, add_bos=False)
+    assert not isinstance(ds[0], SkippedSample)
+    with caplog.at_level(logging.WARNING, logger="mambavlm.data.llava"):
+        skipped = [ds[1], ds[2]]
+    assert [(s.id, s.kind) for s in skipped] == [("1", "not a record"), ("2", "not a record")]
+    assert "entry 1 is a str" in caplog.text and "entry 2 is a list" in caplog.text
+    png = tmp_path / "x.png"
+    with pytest.raises(ValueError, match=r"x\.png: not a JSON file of LLaVA records"):
+        LlavaDataset(png, tmp_path, build_tiny_tokenizer(), get_template("plain"), [to_tensor_at(4)], 2, 64, add_bos=False)
+    data.write_text(json.dumps({"id": "a"}))
+    with pytest.raises(ValueError, match="expected a list of record dicts, got a JSON dict"):
+        LlavaDataset(data, tmp_path, build_tiny_tokenizer(), get_template("plain"), [to_tensor_at(4)], 2, 64, add_bos=False)
