@@ -33,7 +33,8 @@ class ChatSession:
     Args:
         model: the model (its tokenizer attached).
         image: the picture the conversation is about, or None for text only.
-        max_new_tokens, do_sample, temperature, top_p: passed to ``generate`` for every answer.
+        max_new_tokens, do_sample, temperature, top_p: passed to ``generate`` for every answer; an
+            answer is also cut where the conversation reaches the model's ``max_length``.
     """
 
     def __init__(
@@ -69,21 +70,30 @@ class ChatSession:
 
     def ask(self, text: str) -> Iterator[str]:
         """Ask ``text``: yields the answer's text as it is generated; the turn and the whole answer
-        join the conversation when the answer ends. Raises ValueError for an empty question and
-        re-raises any error of the generation."""
+        join the conversation when the answer ends. Raises ValueError for an empty question, and for
+        a conversation that leaves no room below the model's ``max_length`` (start a new one); re-raises
+        any error of the generation."""
         if not text.strip():
             raise ValueError("the question is empty")
         messages = self._with_turn(text)
         prompt = self.processor.apply_chat_template(messages, add_generation_prompt=True)
         images = [self.image] if self.image is not None else None
         inputs = self.processor(images=images, text=prompt).to(self.model.device)
+        prompt_tokens = inputs["input_ids"].shape[1]  # visual tokens included
+        room = self.model.config.max_sequence_length - prompt_tokens
+        if room < 1:
+            raise ValueError(
+                f"the conversation is {prompt_tokens} tokens, the model takes {self.model.config.max_sequence_length}: "
+                "start a new one"
+            )
+        generate_kwargs = {**self.generate_kwargs, "max_new_tokens": min(self.generate_kwargs["max_new_tokens"], room)}
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
         def run() -> None:
             try:
                 with torch.no_grad():
-                    self.model.generate(**inputs, streamer=streamer, **self.generate_kwargs)
+                    self.model.generate(**inputs, streamer=streamer, **generate_kwargs)
             except BaseException as error:  # reported in the caller's thread below
                 failure.append(error)
                 streamer.end()

@@ -62,3 +62,22 @@ def test_command_line_chat_answers_each_line_and_resets(tmp_path: Path) -> None:
     expected = model.answer([image], ["what colour is it ?"], max_new_tokens=5, fast=False)[0]
     assert len(answers) == 3 and answers[0] == expected and answers[2] == expected  # /reset forgot turn 1
     assert "(new conversation)" in result.stdout and "error: cannot open missing.png" in result.stdout
+
+
+def test_answers_are_cut_at_the_models_max_length_and_a_full_conversation_is_refused() -> None:
+    """The default max_new_tokens (256) is the tiny model's whole max_length: every turn failed with
+    "sequence too long". An answer now takes the room left: prompt + answer <= max_length."""
+    model = tiny_vlm("max_length=64", "llm.config.vocab_size=1024")
+    image = Image.new("RGB", (40, 30), (230, 30, 30))
+    session = ChatSession(model, image)  # max_new_tokens 256 > max_length
+    prompt = session.prompt("what colour is it ?")
+    prompt_tokens = len(tokenize_prompt(prompt, model.tokenizer, model.num_visual_tokens, model.add_bos))
+    session.generate_kwargs["eos_token_id"] = None  # nothing ends the answer early: it stops at the room left
+    answer = "".join(session.ask("what colour is it ?")).strip()
+    ids = torch.tensor([tokenize_prompt(prompt, model.tokenizer, model.num_visual_tokens, model.add_bos)])
+    out = model.generate_ids(ids, torch.ones_like(ids), model.preprocess_images([image]), fast=False,
+                             max_new_tokens=64 - prompt_tokens, do_sample=False, eos_token_id=None)
+    assert out.shape[1] == 64 - prompt_tokens > 0
+    assert answer == model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
+    with pytest.raises(ValueError, match="start a new one"):
+        list(session.ask("and now ?"))
