@@ -55,6 +55,7 @@ from transformers import get_wsd_schedule
 
 from mambavlm.config import ConfigError
 from mambavlm.data.llava import SkippedSample
+from mambavlm.processes import check_process_group
 from mambavlm.training.checkpoint import (
     TRAINER_STATE_FILE,
     load_checkpoint,
@@ -265,6 +266,7 @@ class Trainer:
             # a micro-batch of text-only samples leaves the projector unused
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        check_process_group(self.accelerator)
         if self.accelerator.device.type == "cpu":
             threads = cpu_thread_count(cpu_threads, self.accelerator.num_processes)
             if threads != torch.get_num_threads():

@@ -122,3 +122,15 @@ def test_cpu_threads_default_to_the_cores_each_process_may_use(monkeypatch: pyte
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="cpu_threads"):
         load_train_config(TINY_TRAIN, ["output_dir=x", "cpu_threads=0"])
+
+
+def test_processes_that_did_not_join_one_group_refuse_to_train(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """configs/accelerate/ddp.yaml on a machine without GPUs: the launcher set WORLD_SIZE=8, but each
+    process ran alone and repeated the whole run into the same output_dir."""
+    from mambavlm.training.engine import Trainer
+
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    with pytest.raises(RuntimeError, match="started 8 processes, but they did not join one process group"):
+        Trainer(tmp_path / "a")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    Trainer(tmp_path / "b")
