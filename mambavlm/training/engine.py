@@ -58,6 +58,7 @@ from mambavlm.data.llava import SkippedSample
 from mambavlm.processes import check_process_group
 from mambavlm.training.checkpoint import (
     TRAINER_STATE_FILE,
+    find_checkpoints,
     load_checkpoint,
     remove_unfinished_writes,
     resolve_resume,
@@ -102,6 +103,18 @@ class TrainablePolicy(Protocol):
     """Sets ``requires_grad`` on ``module``'s parameters for a phase; returns the names that train."""
 
     def __call__(self, module: nn.Module) -> set[str]: ...
+
+
+def fresh_start_note(resume_from: str | None, output_dir: Path) -> str | None:
+    """What to tell the user when a run starts from the beginning although they may expect otherwise:
+    ``resume_from="latest"`` found no checkpoint, or ``output_dir`` holds an earlier run's checkpoints
+    (which this run's own replace as it writes them). None otherwise."""
+    if resume_from == "latest":
+        return f"resume_from=latest: no checkpoint in {output_dir}, starting from the beginning"
+    if find_checkpoints(output_dir):
+        return (f"{output_dir} holds checkpoints of an earlier run; starting from the beginning (its checkpoints "
+                "are replaced as this run writes its own; resume_from=latest continues it instead)")
+    return None
 
 
 @dataclass(frozen=True)
@@ -298,6 +311,8 @@ class Trainer:
             acc.init_trackers("mambavlm", config=self._tracker_config)
         self.dataset, self.collate_fn = dataset, collate_fn
         resume = resolve_resume(self.resume_from, self.output_dir)
+        if resume is None and (note := fresh_start_note(self.resume_from, self.output_dir)):
+            logger.warning(note)
         state = TrainerState(phase_losses=[[] for _ in phases])
         if resume is not None:
             state = TrainerState.from_json(json.loads((resume / TRAINER_STATE_FILE).read_text()), resume)

@@ -134,3 +134,15 @@ def test_processes_that_did_not_join_one_group_refuse_to_train(monkeypatch: pyte
         Trainer(tmp_path / "a")
     monkeypatch.setenv("WORLD_SIZE", "1")
     Trainer(tmp_path / "b")
+
+
+def test_a_fresh_start_says_so_when_there_was_a_run_or_nothing_to_resume(tmp_path: Path) -> None:
+    """Silent before: resume_from=latest finding no checkpoint, and a new run over an earlier run's
+    checkpoints."""
+    from mambavlm.training.engine import fresh_start_note
+
+    assert fresh_start_note(None, tmp_path) is None
+    assert "no checkpoint in" in fresh_start_note("latest", tmp_path)
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    assert "holds checkpoints of an earlier run" in fresh_start_note(None, tmp_path)
