@@ -7,6 +7,12 @@ files). Answers go to ``OUTPUT_DIR/answers.jsonl`` as batches finish (a killed r
 from them; several processes split the questions), then ``results.json`` and a summary. With
 ``--annotations`` (the benchmark's published files, read first so that a wrong one fails at once) the
 answers are scored as ``eval/score.py`` scores them, into results.json's ``scores``.
+
+NAME is one of the known benchmarks (an unknown name is an error), or, with ``--custom-benchmark``, a
+name of your own for a question file answered without scoring. The settings that decide the answers
+(model, benchmark, question file, image folder, --max-new-tokens, --mode/--options) are recorded in
+``OUTPUT_DIR/run_settings.json``; a run into a folder whose answers were made with other settings stops
+and names the differences: pass another --output-dir, or delete the old one.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles
-from mambavlm.eval.runner import RunSettings, run_benchmark
+from mambavlm.eval.runner import (
+    RunSettings,
+    SettingsMismatchError,
+    check_benchmark_name,
+    run_benchmark,
+)
 
 
 def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -37,9 +48,14 @@ def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path, help="a MambaVLM directory (save_pretrained)")
-    parser.add_argument("--benchmark", required=True, help="its name, recorded in results.json (e.g. vqav2, pope)")
+    parser.add_argument("--benchmark", required=True,
+                        help=f"its name, recorded in results.json: one of {', '.join(BENCHMARKS)} "
+                             "(or your own with --custom-benchmark)")
+    parser.add_argument("--custom-benchmark", action="store_true",
+                        help="--benchmark is deliberately a name of your own, not a known benchmark: "
+                             "answer the questions without a baseline prompt or scoring")
     parser.add_argument("--data", required=True, type=Path, help="question JSONL (LLaVA-1.5 evaluation format)")
     parser.add_argument("--image-folder", type=Path, help="image paths are relative to it (default: the JSONL's folder)")
     parser.add_argument("--output-dir", type=Path, help="default: outputs/eval/BENCHMARK")
@@ -60,9 +76,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if not path.exists():
             parser.error(f"{name} {path} does not exist")
     try:
+        check_benchmark_name(args.benchmark, args.custom_benchmark)  # before the options, which it names
         settings = RunSettings(
             model=args.model,
             benchmark=args.benchmark,
+            custom_benchmark=args.custom_benchmark,
             questions=args.data,
             output_dir=args.output_dir or Path("outputs/eval") / args.benchmark,
             image_root=args.image_folder,
@@ -77,7 +95,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
             BENCHMARKS[settings.benchmark].read(settings.annotations)  # a wrong file fails before any answer
     except (FileNotFoundError, ValueError, ImportError) as err:
         parser.error(str(err))
-    results = run_benchmark(settings)
+    try:
+        results = run_benchmark(settings)
+    except SettingsMismatchError as err:
+        parser.error(str(err))
     if results:
         json.dump(results, sys.stdout, indent=1)
         print()

@@ -18,7 +18,7 @@ from mambavlm.distill.run import run_distillation
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="distill YAML (configs/distill/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (teacher=DIR layout=ratio:0.25 ...)")
     args = parser.parse_args(argv)

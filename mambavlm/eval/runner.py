@@ -6,13 +6,20 @@ batches finish, flushed to disk; a run started again reads every shard file alre
 the number of processes was) and answers only what is missing. When all processes are done the main
 process writes ``answers.jsonl`` (LLaVA's format: ``question_id``, ``prompt``, ``text``, ``model_id``, in
 question order), ``skipped.jsonl`` (``question_id``, ``reason``) and ``results.json``, each atomically,
-and prints a summary. A question that cannot be answered (an unreadable image, a prompt that is not a
+and prints a summary. The settings that decide the answers (``answer_settings``: the model, the benchmark,
+the question file and its content, the image folder, the decoding) are written to ``run_settings.json``
+when a run starts; a run started again in a folder whose answers were made with other settings stops
+with ``SettingsMismatchError`` naming each difference, instead of passing the old answers off as its own
+(the batch size, ``limit`` and the number of processes may change between runs: they do not change an
+answer). A question that cannot be answered (an unreadable image, a prompt that is not a
 string, placeholders that do not match the image, a prompt too long for the model) is reported by its
 id and counted; every other question is answered.
 """
 
 from __future__ import annotations
 
+import difflib
+import hashlib
 import json
 import logging
 import os
@@ -30,15 +37,47 @@ from mambavlm.eval.questions import EvalQuestion, read_questions
 from mambavlm.eval.scorers.closed_set import argmax_option
 from mambavlm.eval.scorers.report import format_report
 from mambavlm.model import MambaVLM
+from mambavlm.processes import check_process_group
 from mambavlm.training.evaluation import iter_answers
 
-__all__ = ["ANSWERS_FILE", "RESULTS_FILE", "SKIPPED_FILE", "RunSettings", "run_benchmark"]
+__all__ = [
+    "ANSWERS_FILE",
+    "RESULTS_FILE",
+    "SETTINGS_FILE",
+    "SKIPPED_FILE",
+    "RunSettings",
+    "SettingsMismatchError",
+    "answer_settings",
+    "check_benchmark_name",
+    "run_benchmark",
+]
 
 logger = logging.getLogger(__name__)
 
 ANSWERS_FILE = "answers.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 RESULTS_FILE = "results.json"
+SETTINGS_FILE = "run_settings.json"
+
+
+class SettingsMismatchError(ValueError):
+    """An output folder holds answers made with other settings than this run's."""
+
+
+def check_benchmark_name(benchmark: str, custom: bool = False) -> None:
+    """ValueError unless ``benchmark`` is one of ``BENCHMARKS`` (listing them, and the nearest name), or
+    ``custom`` says that it is deliberately a benchmark of one's own (then it must not be a known one)."""
+    if custom:
+        if benchmark in BENCHMARKS:
+            raise ValueError(f"{benchmark!r} is a known benchmark; drop --custom-benchmark")
+        return
+    if benchmark not in BENCHMARKS:
+        close = difflib.get_close_matches(benchmark, list(BENCHMARKS), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(
+            f"unknown benchmark {benchmark!r}{hint}; expected one of {', '.join(BENCHMARKS)} "
+            "(or pass --custom-benchmark to answer a question file of your own, unscored)"
+        )
 
 
 @dataclass(frozen=True)
@@ -50,7 +89,9 @@ class RunSettings:
     the benchmark's published files (``mambavlm.eval.benchmarks``): read before any question is
     answered (a wrong file fails at once) and the answers scored into results.json. options: answer
     by likelihood over this closed set (``MambaVLM.option_logprobs``, Prismatic's mode) instead of
-    generating; each answer row then also holds ``option_logprobs`` and ``text`` is the argmax."""
+    generating; each answer row then also holds ``option_logprobs`` and ``text`` is the argmax.
+    custom_benchmark: ``benchmark`` is deliberately not one of ``BENCHMARKS`` (answered, not scored);
+    otherwise an unknown name (a typo) is a ValueError."""
 
     model: Path
     benchmark: str
@@ -62,8 +103,10 @@ class RunSettings:
     max_new_tokens: int = 16
     annotations: AnnotationFiles | None = None
     options: tuple[str, ...] | None = None
+    custom_benchmark: bool = False
 
     def __post_init__(self) -> None:
+        check_benchmark_name(self.benchmark, self.custom_benchmark)
         if self.batch_size < 1:
             raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.limit is not None and self.limit < 1:
@@ -100,6 +143,70 @@ def _rewrite_whole_lines(path: Path) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def answer_settings(settings: RunSettings) -> dict[str, Any]:
+    """What decides the answers of a run, as ``run_settings.json`` records it: the model folder, the
+    benchmark, the question file (path and SHA-256 of its content: the prompts are in it), the image
+    folder (paths resolved), the decoding mode, ``max_new_tokens`` (it also decides which prompts are
+    too long) and the likelihood options."""
+    return {
+        "model": str(settings.model.resolve()),
+        "benchmark": settings.benchmark,
+        "questions": str(settings.questions.resolve()),
+        "questions_sha256": _sha256(settings.questions),
+        "image_folder": str((settings.image_root or settings.questions.parent).resolve()),
+        "mode": "generate" if settings.options is None else "likelihood",
+        "max_new_tokens": settings.max_new_tokens,
+        "options": None if settings.options is None else list(settings.options),
+    }
+
+
+def _check_earlier_settings(out: Path, current: dict[str, Any], model_id: str) -> bool:
+    """Raise SettingsMismatchError if ``out`` holds answers (or skips) made with other settings than
+    ``current``; returns whether ``run_settings.json`` should be (re)written. A folder without answers
+    takes the new settings whatever it recorded; one with answers but no settings file (written before
+    settings were recorded) is only checked for the model's name in its rows, with a warning."""
+    earlier = [row for kind in ("answers", "skipped") for p in _shard_files(out, kind) for row in _read_lines(p)]
+    recorded_path = out / SETTINGS_FILE
+    if not earlier:
+        return True
+    if not recorded_path.is_file():
+        names = sorted({row["model_id"] for row in earlier if isinstance(row.get("model_id"), str)} - {model_id})
+        if names:
+            raise SettingsMismatchError(
+                f"{out} holds answers of another model ({', '.join(names)}, not {model_id}); "
+                f"pass another --output-dir, or delete {out} to answer again"
+            )
+        logger.warning(f"{out} holds answers but no {SETTINGS_FILE}: going on from them as they are")
+        return True
+    try:
+        recorded = json.loads(recorded_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SettingsMismatchError(
+            f"{recorded_path} is not valid JSON ({err.msg}): cannot tell what settings the answers in {out} "
+            f"were made with; pass another --output-dir, or delete {out} to answer again"
+        ) from None
+    differences = [
+        f"  {key}: {recorded.get(key)!r} before, {value!r} now"
+        for key, value in current.items()
+        if recorded.get(key) != value
+    ]
+    if differences:
+        raise SettingsMismatchError(
+            f"{out} holds {len(earlier)} questions answered or skipped with other settings ({recorded_path}):\n"
+            + "\n".join(differences)
+            + f"\nPass another --output-dir, or delete {out} to answer again with these settings."
+        )
+    return False
+
+
 def _git_commit() -> str | None:
     """The commit of the checkout mambavlm runs from, or None outside one."""
     try:
@@ -114,16 +221,26 @@ def _git_commit() -> str | None:
 def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Answer ``settings.questions`` (sharded, resumable) and write the outputs; returns results.json's
     content on the main process (``{}`` elsewhere). Raises FileNotFoundError for a missing model or
-    question file."""
+    question file, SettingsMismatchError where ``output_dir`` holds answers made with other settings."""
     acc = accelerator or Accelerator()
+    check_process_group(acc)
     out = settings.output_dir
     if settings.annotations is not None:
         BENCHMARKS[settings.benchmark].read(settings.annotations)  # fail now, not after the answers
     questions, problems = read_questions(settings.questions, settings.image_root)
     if settings.limit is not None:
         questions = questions[: settings.limit]
+    current = answer_settings(settings)
+    model_id = settings.model.resolve().name
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+    acc.wait_for_everyone()
+    # every process checks the folder as it was before this run (the main process rewrites the settings
+    # file only where it matches, or where there are no answers to go on from), so all stop or none
+    write_settings = _check_earlier_settings(out, current, model_id)
+    if acc.is_main_process and write_settings:
+        with atomic_file(out / SETTINGS_FILE) as f:
+            json.dump(current, f, indent=1)
     acc.wait_for_everyone()
     rank, world = acc.process_index, acc.num_processes
     answers_path = out / f"answers.{rank}-of-{world}.jsonl"
@@ -134,7 +251,6 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     done = {row["question_id"] for kind in ("answers", "skipped") for p in _shard_files(out, kind) for row in _read_lines(p)}
     mine = [q for q in questions[rank::world] if q.question_id not in done]
     model = MambaVLM.from_pretrained(settings.model).to(acc.device).eval()
-    model_id = settings.model.resolve().name
     logger.info(
         f"process {rank}/{world}: {len(mine)} of {len(questions[rank::world])} questions to answer "
         f"({len(done)} answered or skipped before)"

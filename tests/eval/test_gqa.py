@@ -66,13 +66,13 @@ def test_score_gqa_overall_and_breakdowns() -> None:
     assert report.counts == {"questions": 7, "missing": 1}
 
 
-def test_score_gqa_empty_open_list_prints_zero_and_no_semantic() -> None:
-    # Only binary questions: the reference's avg([]) is 0, so "open" is 0.0, not absent.
+def test_score_gqa_empty_open_list_is_absent_and_no_semantic() -> None:
+    # Only binary questions: no open question, so no "open" (the reference's avg([]) = 0 would read as 0 %).
     questions = {"a": GQAQuestion("yes", "verify"), "b": GQAQuestion("no", "verify")}
     report = score_gqa({"a": "yes", "b": "yes"}, questions)
     # 1 of 2 -> 50.0
     assert report.overall == 50.0
-    assert report.breakdowns == {"answer_type": {"binary": 50.0, "open": 0.0}, "structural": {"verify": 50.0}}
+    assert report.breakdowns == {"answer_type": {"binary": 50.0}, "structural": {"verify": 50.0}}
 
 
 def test_score_gqa_rounds_as_python_round() -> None:
@@ -93,3 +93,35 @@ def test_score_gqa_errors() -> None:
     mixed = {"a": GQAQuestion("yes", "verify", "attr"), "b": GQAQuestion("no", "verify")}
     with pytest.raises(ValueError, match="1 of 2 questions have no semantic type"):
         score_gqa({"a": "yes"}, mixed)
+
+
+def test_score_gqa_no_binary_question_has_no_binary_entry_in_report_or_table() -> None:
+    # Only "query" questions, so all open: a: "Table." -> "table" right; b: "blue" != "red" wrong; c: missing
+    # (0, counted). Open and overall: 1 of 3 -> 33.33; obj: a, c -> 1 of 2 -> 50.0; attr: b -> 0 of 1 -> 0.0.
+    # No binary question: "binary" is absent, not 0.0 (which the reader would take for a score of 0).
+    from mambavlm.eval.scorers.report import format_report
+
+    questions = {
+        "a": GQAQuestion("table", "query", "obj"),
+        "b": GQAQuestion("red", "query", "attr"),
+        "c": GQAQuestion("cup", "query", "obj"),
+    }
+    report = score_gqa({"a": "Table.", "b": "blue"}, questions)
+    assert report.overall == 33.33
+    assert report.breakdowns == {
+        "answer_type": {"open": 33.33},
+        "structural": {"query": 33.33},
+        "semantic": {"attr": 0.0, "obj": 50.0},
+    }
+    assert report.counts == {"questions": 3, "missing": 1}
+    assert format_report(report) == "\n".join([
+        "| score | value |",
+        "|---|---|",
+        "| gqa overall | 33.33 % |",
+        "| answer_type: open | 33.33 % |",
+        "| structural: query | 33.33 % |",
+        "| semantic: attr | 0.0 % |",
+        "| semantic: obj | 50.0 % |",
+        "| count: questions | 3 |",
+        "| count: missing | 1 |",
+    ])

@@ -3,6 +3,8 @@ without repeats, two processes giving the one-process answers."""
 
 from __future__ import annotations
 
+import ast
+import hashlib
 import importlib.util
 import json
 import subprocess
@@ -50,8 +52,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def args(setup: tuple[Path, Path], out: Path, *extra: str) -> list[str]:
     model, questions = setup
-    return ["--model", str(model), "--benchmark", "shapes", "--data", str(questions), "--output-dir", str(out),
-            "--batch-size", "3", "--max-new-tokens", "4", *extra]
+    return ["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(questions),
+            "--output-dir", str(out), "--batch-size", "3", "--max-new-tokens", "4", *extra]
 
 
 def answers(out: Path) -> list[dict]:
@@ -112,3 +114,144 @@ def test_two_processes_give_the_one_process_answers(setup, tmp_path: Path) -> No
     assert sorted(p.name for p in (tmp_path / "two").glob("answers.*-of-2.jsonl")) == [
         "answers.0-of-2.jsonl", "answers.1-of-2.jsonl"]
     assert answers(tmp_path / "two") == answers(tmp_path / "one")
+
+
+def _settings_args(model: Path, questions: Path, out: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(questions),
+            "--output-dir", str(out), *extra]
+
+
+def test_the_settings_of_a_run_are_recorded_next_to_its_answers(setup, tmp_path: Path) -> None:
+    model, questions = setup
+    run_script()(args(setup, tmp_path / "out"))
+    recorded = json.loads((tmp_path / "out" / "run_settings.json").read_text())
+    assert recorded == {
+        "model": str(model.resolve()),
+        "benchmark": "shapes",
+        "questions": str(questions.resolve()),
+        "questions_sha256": hashlib.sha256(questions.read_bytes()).hexdigest(),
+        "image_folder": str(questions.parent.resolve()),  # no --image-folder: the JSONL's folder
+        "mode": "generate",
+        "max_new_tokens": 4,
+        "options": None,
+    }
+    assert not list((tmp_path / "out").glob(".tmp-*"))  # written atomically: no temporary file left
+
+
+def test_a_resume_with_other_settings_is_refused_naming_each_difference(setup, tmp_path: Path, capsys) -> None:
+    model, questions = setup
+    other = tmp_path / "other-model"
+    tiny_vlm().save_pretrained(other)
+    out = tmp_path / "out"
+    first = run_script()(_settings_args(model, questions, out, "--max-new-tokens", "4"))
+    answered = (out / "answers.jsonl").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()(_settings_args(other, questions, out, "--max-new-tokens", "8"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    # 8 answered + 3 skipped while answering (long, huge, num: test_answers_in_order_with_every_bad_record_named;
+    # the other 3 bad lines are reported when read, not in the shard files); the two settings that
+    # differ, old value then new, in the order of run_settings.json, and nothing else
+    assert f"{out} holds 11 questions answered or skipped with other settings ({out / 'run_settings.json'}):" in err
+    differences = [line for line in err.splitlines() if line.startswith("  ") and line.endswith(" now")]
+    assert differences == [
+        f"  model: '{model.resolve()}' before, '{other.resolve()}' now",
+        "  max_new_tokens: 4 before, 8 now",
+    ]
+    assert f"Pass another --output-dir, or delete {out} to answer again with these settings." in err
+    # nothing was answered or written in the old run's name
+    assert (out / "answers.jsonl").read_text() == answered
+    assert json.loads((out / "results.json").read_text()) == first
+    assert json.loads((out / "run_settings.json").read_text())["max_new_tokens"] == 4
+
+
+def test_a_resume_with_an_edited_question_file_is_refused(setup, tmp_path: Path, capsys) -> None:
+    model, questions = setup
+    edited = tmp_path / "questions.jsonl"
+    edited.write_text(questions.read_text())
+    out = tmp_path / "out"
+    run_script()(_settings_args(model, edited, out, "--image-folder", str(questions.parent), "--limit", "2"))
+    before = hashlib.sha256(edited.read_bytes()).hexdigest()
+    edited.write_text(questions.read_text().replace("?", " ?", 1))  # one prompt changed in place
+    after = hashlib.sha256(edited.read_bytes()).hexdigest()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_script()(_settings_args(model, edited, out, "--image-folder", str(questions.parent)))
+    err = capsys.readouterr().err
+    assert f"  questions_sha256: '{before}' before, '{after}' now\n" in err and "model:" not in err
+
+
+def test_a_resume_with_the_same_settings_may_change_batch_size_and_limit(setup, tmp_path: Path, caplog) -> None:
+    model, questions = setup
+    out = tmp_path / "out"
+    run_script()(_settings_args(model, questions, out, "--max-new-tokens", "4", "--batch-size", "3", "--limit", "2"))
+    whole = tmp_path / "whole"
+    run_script()(_settings_args(model, questions, whole, "--max-new-tokens", "4", "--batch-size", "3"))
+    with caplog.at_level("INFO"):
+        run_script()(_settings_args(model, questions, out, "--max-new-tokens", "4", "--batch-size", "2"))
+    # 11 questions are read (8 answerable + long, huge, num, skipped when answered; the other 3 bad lines
+    # are reported when read); --limit 2 answered q0#0 and q1, so 11 - 2 = 9 are left for this run
+    assert "9 of 11 questions to answer (2 answered or skipped before)" in caplog.text
+    assert answers(out) == answers(whole)
+
+
+def test_an_output_folder_without_recorded_settings_is_checked_by_model_name(setup, tmp_path: Path, capsys) -> None:
+    # A folder written before the settings were recorded: the same model goes on (with a warning),
+    # another model (its folder's name is the rows' model_id) is refused.
+    model, questions = setup
+    other = tmp_path / "other-model"
+    tiny_vlm().save_pretrained(other)
+    out = tmp_path / "out"
+    run_script()(_settings_args(model, questions, out, "--limit", "2"))
+    (out / "run_settings.json").unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run_script()(_settings_args(other, questions, out))
+    assert f"{out} holds answers of another model (model, not other-model)" in capsys.readouterr().err
+    results = run_script()(_settings_args(model, questions, out))
+    assert results["num_answered"] == GOOD + 1
+    assert json.loads((out / "run_settings.json").read_text())["model"] == str(model.resolve())
+
+
+@pytest.mark.parametrize(
+    ("benchmark", "extra", "message"),
+    [
+        ("popee", [], "unknown benchmark 'popee' (did you mean 'pope'?); expected one of vqav2, textvqa, vizwiz, "
+                     "gqa, pope, scienceqa, mme, mmbench, seedbench, mmmu, tallyqa, vsr (or pass --custom-benchmark"),
+        ("shapes", [], "unknown benchmark 'shapes'; expected one of vqav2, "),
+        ("popee", ["--mode", "likelihood"], "unknown benchmark 'popee' (did you mean 'pope'?)"),
+        ("pope", ["--custom-benchmark"], "'pope' is a known benchmark; drop --custom-benchmark"),
+    ],
+)
+def test_an_unknown_benchmark_is_an_error_listing_the_known_names(
+    setup, tmp_path: Path, capsys, benchmark: str, extra: list[str], message: str
+) -> None:
+    model, questions = setup
+    argv = ["--model", str(model), "--benchmark", benchmark, "--data", str(questions),
+            "--output-dir", str(tmp_path / "out"), *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything was answered or written
+
+
+def test_a_custom_benchmark_is_answered_unscored(setup, tmp_path: Path) -> None:
+    results = run_script()(args(setup, tmp_path / "out"))
+    assert results["benchmark"] == "shapes" and results["baseline_prompt"] is None and "scores" not in results
+    assert results["num_answered"] == GOOD + 1
+
+
+def test_help_shows_the_whole_description() -> None:
+    for script in ("eval/run.py", "train/distill.py"):
+        result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=subprocess_env(),
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        # the module docstring, line for line (RawDescriptionHelpFormatter): its last sentence included
+        module_doc = ast.get_docstring(ast.parse((ROOT / script).read_text()), clean=False)
+        assert module_doc.strip() in result.stdout
+    run_help = subprocess.run([sys.executable, str(ROOT / "eval/run.py"), "--help"], cwd=ROOT, env=subprocess_env(),
+                              capture_output=True, text=True, timeout=120).stdout
+    assert "[--annotations FILE [--annotation-questions FILE] [--split-file FILE]]``.\n" in run_help
+    assert "pass another --output-dir, or delete the old one.\n" in run_help

@@ -16,9 +16,13 @@ Two reference files, applied in turn:
    "global", "obj", "rel"; the reference meant to print them as "Attribute", ... but its test looks at
    a stale loop variable, so the raw keys are what it prints, and what this module reports).
 
-Deliberate departures, both asked for by this package's contract: a question without a prediction is
+Deliberate departures, asked for by this package's contract: a question without a prediction is
 scored 0 and counted in ``counts["missing"]`` (``eval.py`` refuses to run without a prediction for every
-balanced question), and predictions for questions not in ``questions`` raise ``ValueError`` naming them.
+balanced question), predictions for questions not in ``questions`` raise ``ValueError`` naming them, and
+an answer type without questions (no binary, or no open question among those scored) is absent from the
+"answer_type" breakdown, as an empty structural or semantic type is absent from the reference's output,
+rather than the reference's ``avg([]) = 0`` "0.00%" (which reads as a score of 0). Every number that is
+reported equals the reference's.
 """
 
 from __future__ import annotations
@@ -71,9 +75,9 @@ def score_gqa(predictions: Mapping[str, str], questions: Mapping[str, GQAQuestio
     """Score raw model answers (question id -> text) against the balanced ``questions``, as LLaVA-1.5's
     ``convert_gqa_for_eval.py`` + GQA ``eval.py`` do (module docstring).
 
-    Breakdowns: "answer_type" ({"binary", "open"}, both always present as the reference prints both),
-    "structural", and "semantic" when every question has a semantic type. Questions are averaged in the
-    order of ``questions``.
+    Breakdowns: "answer_type" ("binary", "open": each where there is at least one question of that type;
+    an empty one is absent, not 0.0), "structural", and "semantic" when every question has a semantic
+    type. Questions are averaged in the order of ``questions``.
     """
     if not questions:
         raise ValueError("no GQA questions to score against")
@@ -98,6 +102,7 @@ def score_gqa(predictions: Mapping[str, str], questions: Mapping[str, GQAQuestio
         "answer_type": {
             kind: _percent([score for label, score in zip(open_or_binary, scores, strict=True) if label == kind])
             for kind in ("binary", "open")
+            if kind in open_or_binary
         },
         "structural": _by_label(structural, scores),
     }
