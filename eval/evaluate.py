@@ -1,10 +1,16 @@
 """Score a trained MambaVLM by greedy exact match on a LLaVA-format JSON.
 
-    python eval/evaluate.py --model OUTPUT_DIR/final --data VAL.json [--image-root DIR]
-                            [--out answers.jsonl] [--batch-size N]
+    python eval/evaluate.py --model OUTPUT_DIR --data VAL.json [--image-root DIR]
+                            [--output-dir DIR | --out ANSWERS.jsonl] [--batch-size N]
 
-Each record's first question is answered greedily; the answers are written as JSONL rows
-``{id, question, answer, reference, correct}`` and the exact-match accuracy is printed.
+``--model`` is a saved model directory, a Hub id, or a run's output_dir (fine-tuning's model is in
+its ``final/``, distillation's in its ``student/``). Each record's first question is answered
+greedily; the answers are written as JSONL rows ``{id, question, answer, reference, correct}`` to
+``OUTPUT_DIR/answers.jsonl`` (default ``outputs/eval/<data file's stem>``, as ``eval/run.py`` does)
+and the exact-match accuracy is printed. A record that cannot be answered (no human turn then
+assistant turn, a missing or unreadable image, a prompt too long for the model) is named in a warning,
+skipped, and listed as ``{id, reason}`` in ``skipped.jsonl`` beside the answers (``--out FILE``:
+``FILE``'s stem + ``.skipped.jsonl``).
 """
 
 from __future__ import annotations
@@ -18,42 +24,126 @@ from pathlib import Path
 import torch
 
 from mambavlm.atomic import atomic_file
-from mambavlm.model import MambaVLM, is_mambavlm_directory
-from mambavlm.training.evaluation import generate_answers, load_vqa_items
-from mambavlm.training.finetune import FINAL_MODEL_DIR
+from mambavlm.data.llava import load_records
+from mambavlm.distill.run import STUDENT_DIR
+from mambavlm.model import (
+    LEGACY_CONFIG_FILE,
+    LEGACY_LLM_DIR,
+    MambaVLM,
+    is_mambavlm_directory,
+    missing_local_path,
+)
+from mambavlm.training.evaluation import VQAItem, generate_answers, load_vqa_items
+from mambavlm.training.finetune import FINAL_ADAPTER_DIR, FINAL_MODEL_DIR
+
+logger = logging.getLogger("evaluate")
+
+RUN_MODEL_DIRS = (FINAL_MODEL_DIR, STUDENT_DIR)
+"""Where a run's output_dir holds its model: fine-tuning's ``final/``, distillation's ``student/``."""
+ANSWERS_FILE = "answers.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+DEFAULT_OUTPUT_ROOT = Path("outputs/eval")
 
 
-def resolve_model_dir(path: Path) -> Path:
-    """A saved model directory, or a training output directory holding one under ``final/``."""
-    if not is_mambavlm_directory(path) and is_mambavlm_directory(path / FINAL_MODEL_DIR):
-        return path / FINAL_MODEL_DIR
-    return path
+def resolve_model_dir(model: str | Path) -> Path:
+    """A saved model directory (or Hub id) as given, or a run's output directory's model: fine-tuning's
+    ``final/``, distillation's ``student/``. FileNotFoundError for a local path that does not exist
+    and for a run directory that holds no model."""
+    path = Path(model).expanduser()
+    if not path.exists():
+        if missing_local_path(model):
+            raise FileNotFoundError(f"--model {model}: no such directory")
+        return path  # a Hub id
+    if is_mambavlm_directory(path):
+        return path
+    for name in RUN_MODEL_DIRS:
+        if is_mambavlm_directory(path / name):
+            return path / name
+    if not path.is_dir() or (path / LEGACY_LLM_DIR).is_dir() or (path / "config.json").is_file():
+        return path  # not a run directory: from_pretrained says what is wrong with it
+    found = [name for name in (*RUN_MODEL_DIRS, FINAL_ADAPTER_DIR) if (path / name).is_dir()]
+    if FINAL_ADAPTER_DIR in found:
+        detail = f"it holds a LoRA adapter ({FINAL_ADAPTER_DIR}/): merge it first with train/merge_lora.py"
+    elif found:
+        detail = f"its {found[0]}/ is not a saved MambaVLM (a text-only distillation's student?)"
+    else:
+        detail = (
+            f"it holds neither a model of its own nor a run's {FINAL_MODEL_DIR}/ (fine-tuning) or "
+            f"{STUDENT_DIR}/ (distillation)"
+            + (" (did the run finish?)" if (path / LEGACY_CONFIG_FILE).is_file() else "")
+        )
+    raise FileNotFoundError(f"--model {model} is not a MambaVLM directory: {detail}")
+
+
+def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list[tuple[str, str]]]:
+    """The records' questions, and ``(id, reason)`` for each record without a human turn then an
+    assistant turn (each named in a warning; training skips them too)."""
+    root = image_root if image_root is not None else data.parent
+    items: list[VQAItem] = []
+    skipped: list[tuple[str, str]] = []
+    for index, record in enumerate(load_records(data)):
+        record_id = str(record.get("id", index))
+        try:
+            items += load_vqa_items([{**record, "id": record_id}], root)
+        except ValueError as err:
+            reason = str(err).removeprefix(f"record {record_id}: ")
+            logger.warning("skipping %s: %s", record_id, reason)
+            skipped.append((record_id, reason))
+    return items, skipped
+
+
+def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
+    """(answers file, skipped file) of the command line."""
+    if args.out is not None:
+        return args.out, args.out.with_name(f"{args.out.stem}.skipped.jsonl")
+    out_dir = args.output_dir if args.output_dir is not None else DEFAULT_OUTPUT_ROOT / args.data.stem
+    return out_dir / ANSWERS_FILE, out_dir / SKIPPED_FILE
 
 
 def main(argv: Sequence[str] | None = None) -> float | None:
     """Run the evaluation; returns the accuracy (None when nothing could be scored)."""
     parser = argparse.ArgumentParser(description="Greedy exact-match evaluation of a trained MambaVLM.")
-    parser.add_argument("--model", type=Path, required=True, help="save_pretrained directory (or a run's output_dir)")
+    parser.add_argument("--model", required=True,
+                        help="save_pretrained directory, Hub id, or a run's output_dir "
+                             f"(its {FINAL_MODEL_DIR}/ after fine-tuning, its {STUDENT_DIR}/ after distillation)")
     parser.add_argument("--data", type=Path, required=True, help="LLaVA-format JSON")
     parser.add_argument("--image-root", type=Path, default=None, help="default: the JSON's directory")
-    parser.add_argument("--out", type=Path, default=Path("answers.jsonl"), help="JSONL of answers")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help=f"{ANSWERS_FILE} and {SKIPPED_FILE} go there (default: "
+                             f"{DEFAULT_OUTPUT_ROOT}/<the data file's stem>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSONL of answers instead (skipped records: its stem + .skipped.jsonl)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--blind", action="store_true", help="replace every image by a blank grey one")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-
-    model = MambaVLM.from_pretrained(resolve_model_dir(args.model)).to(args.device).eval()
-    items = load_vqa_items(args.data, args.image_root)
-    rows, skipped = generate_answers(model, items, args.batch_size, args.max_new_tokens, blind=args.blind)
-    with atomic_file(args.out) as f:
+    if args.out is not None and args.output_dir is not None:
+        parser.error("give --out or --output-dir, not both")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data} does not exist")
+    try:
+        model = MambaVLM.from_pretrained(resolve_model_dir(args.model))
+    except FileNotFoundError as err:
+        parser.error(str(err))
+    model = model.to(args.device).eval()
+    answers_path, skipped_path = output_paths(args)
+    items, skipped = load_items(args.data, args.image_root)
+    rows, not_answered = generate_answers(model, items, args.batch_size, args.max_new_tokens, blind=args.blind)
+    skipped += not_answered  # each named in a warning as it was skipped
+    with atomic_file(answers_path) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    with atomic_file(skipped_path) as f:
+        for record_id, reason in skipped:
+            f.write(json.dumps({"id": record_id, "reason": reason}) + "\n")
     accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else None
     shown = f"{accuracy:.4f}" if accuracy is not None else "n/a"
     print(f"exact match: {shown} ({sum(r['correct'] for r in rows)}/{len(rows)}; {len(skipped)} skipped)")
-    print(f"answers written to {args.out}")
+    print(f"answers written to {answers_path}")
+    if skipped:
+        print(f"skipped records listed in {skipped_path}")
     return accuracy
 
 

@@ -47,7 +47,11 @@ from mambavlm.generation import (
     supports_static_decoding,
 )
 from mambavlm.llm.factory import build_llm, family_classes
-from mambavlm.llm.mamba_training import answer_token_loss, mamba_lm_hidden_states, zero3_partitioned
+from mambavlm.llm.mamba_training import (
+    answer_token_loss,
+    mamba_lm_hidden_states,
+    zero3_partitioned,
+)
 from mambavlm.llm.templates import ConversationTemplate, get_template
 from mambavlm.llm.tokenizer import (
     IMAGE_TOKEN,
@@ -84,6 +88,19 @@ def is_mambavlm_directory(path: str | Path) -> bool:
         return json.loads(config_file.read_text()).get("model_type") == MambaVLMConfig.model_type
     except (json.JSONDecodeError, AttributeError):
         return False
+
+
+def missing_local_path(name: str | Path) -> bool:
+    """Whether ``name`` does not exist yet is meant as a local path, not a Hub id (``name`` or
+    ``org/name``): it starts with ``/``, ``~``, ``.``, has more than one ``/`` (or an empty part,
+    or a backslash), or its first part is a directory here (``outputs/nope`` with ``outputs/``)."""
+    if Path(name).exists():
+        return False
+    text = str(name)
+    if text.startswith(("/", "~", ".")) or "\\" in text:
+        return True
+    parts = text.split("/")
+    return len(parts) > 2 or "" in parts or (len(parts) == 2 and Path(parts[0]).is_dir())
 
 
 def _architecture_only(vision: VisionConfig) -> VisionConfig:
@@ -587,6 +604,8 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         holds neither layout, ValueError naming every weight the checkpoint lacks, has in excess or
         holds in another shape (``ignore_mismatched_sizes=True``: transformers' leniency instead)."""
         path = Path(pretrained_model_name_or_path)
+        if missing_local_path(pretrained_model_name_or_path):
+            raise FileNotFoundError(f"{pretrained_model_name_or_path}: no such directory")
         if (path / LEGACY_CONFIG_FILE).is_file() and not (path / "config.json").is_file():
             return _from_legacy_directory(path, **kwargs)
         if path.exists() and not is_mambavlm_directory(path):
@@ -624,7 +643,9 @@ def _from_legacy_directory(
             f"(got {sorted(kwargs)}); load it once and save_pretrained it to convert it"
         )
     if not (path / LEGACY_WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"{path} has {LEGACY_CONFIG_FILE} but no {LEGACY_WEIGHTS_FILE}")
+        saved = [sub for sub in ("final", "student") if is_mambavlm_directory(path / sub)]
+        hint = f" (a training run's output directory? its model is {path / saved[0]})" if saved else ""
+        raise FileNotFoundError(f"{path} has {LEGACY_CONFIG_FILE} but no {LEGACY_WEIGHTS_FILE}{hint}")
     config = load_config(ModelConfig, path / LEGACY_CONFIG_FILE)
     local = config.model_copy(deep=True)
     local.llm.source = str(path / LEGACY_LLM_DIR)

@@ -85,14 +85,17 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
     """The first question/answer pair of every LLaVA-format record.
 
     ``image_root`` None means the JSON file's directory (or the working directory for in-memory
-    records). A record without a human turn followed by an assistant turn is a ValueError naming it
-    (the question's own type is checked when it is answered: ``generate_answers``).
+    records). An entry that is not a record, or a record without a human turn followed by an
+    assistant turn, is a ValueError naming it (the question's own type is checked when it is answered:
+    ``generate_answers``).
     """
     if image_root is None and isinstance(records, (str, Path)):
         image_root = Path(records).parent
     root = Path(image_root) if image_root is not None else Path()
     items = []
     for index, record in enumerate(load_records(records)):
+        if not isinstance(record, dict):
+            raise ValueError(f"record {index}: a {type(record).__name__}, not a record (a mapping with 'conversations')")
         record_id = str(record.get("id", index))
         turns = record.get("conversations")
         if (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from PIL import Image
 
@@ -74,3 +75,11 @@ def test_records_that_cannot_be_answered_are_skipped_and_the_rest_answered(tmp_p
     assert "is a int, not a string" in reasons["not_text"]
     assert "holds 2 <image> placeholders" in reasons["two_images"]
     assert "has no image" in reasons["no_image"] and "image file not found" in reasons["missing"]
+
+
+def test_an_entry_that_is_not_a_record_is_named_by_its_index() -> None:
+    from mambavlm.training.evaluation import load_vqa_items
+
+    good = {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}]}
+    with pytest.raises(ValueError, match="record 1: a str, not a record"):
+        load_vqa_items([good, "oops"], None)

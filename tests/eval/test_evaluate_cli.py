@@ -1,0 +1,178 @@
+"""eval/evaluate.py as a new user meets it: a distillation run's output_dir as --model, a local path
+that does not exist, malformed and unanswerable records named, skipped and listed, and where the
+answers go by default."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+from mambavlm.data.synthetic import make_shapes_vqa
+from mambavlm.model import MambaVLM, missing_local_path
+from tests.conftest import ROOT, tiny_vlm
+
+GOOD = 3
+BAD = {
+    "no_answer": "expected a human turn then an assistant turn",
+    "missing_image": "image file not found",
+    "too_long": "exceeds max_length",
+}
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("evaluate_script", ROOT / "eval" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def evaluate():
+    return load_script()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
+    """(a distillation run's output_dir: config.yaml + student/; the val JSON of 3 good records; the
+    same with a missing image and an over-long prompt among them; and with a record without an answer
+    too)."""
+    root = tmp_path_factory.mktemp("evaluate_cli")
+    run = root / "distill-tiny"
+    tiny_vlm().save_pretrained(run / "student")
+    (run / "config.yaml").write_text("output_dir: distill-tiny\n")  # what train/distill.py copies there
+    _, val = make_shapes_vqa(root / "data", 0, GOOD, image_size=32)
+    records = json.loads(val.read_text())
+    unanswerable = [
+        {"id": "missing_image", "image": "images/nope.png",
+         "conversations": [{"from": "human", "value": "<image>\nwhat ?"}, {"from": "gpt", "value": "red"}]},
+        {"id": "too_long",
+         "conversations": [{"from": "human", "value": " ".join(["red"] * 300)}, {"from": "gpt", "value": "red"}]},
+    ]
+    malformed = {"id": "no_answer", "image": records[0]["image"],
+                 "conversations": [{"from": "human", "value": "<image>\nwhat color is it ?"}]}
+    some_bad = root / "data" / "some_bad.json"
+    some_bad.write_text(json.dumps(records[:1] + unanswerable + records[1:]))
+    all_bad = root / "data" / "all_bad.json"
+    all_bad.write_text(json.dumps(records[:1] + [malformed] + unanswerable + records[1:]))
+    return run, val, some_bad, all_bad
+
+
+def run_args(model: Path | str, data: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--data", str(data), "--batch-size", "4", "--max-new-tokens", "2",
+            "--device", "cpu", *extra]
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+# --- 1: a distillation run's output_dir ---------------------------------------------------------------
+
+
+def test_a_distillation_output_dir_resolves_to_its_student(evaluate, setup, tmp_path):
+    run, val, _, _ = setup
+    assert evaluate.resolve_model_dir(run) == run / "student"
+    assert evaluate.resolve_model_dir(str(run / "student")) == run / "student"
+    finetune = tmp_path / "finetune"  # a fine-tuning run: its model under final/, as before
+    finetune.mkdir()
+    (finetune / "final").symlink_to(run / "student", target_is_directory=True)
+    assert evaluate.resolve_model_dir(finetune) == finetune / "final"
+
+    out = tmp_path / "answers.jsonl"
+    accuracy = evaluate.main(run_args(run, val, "--out", str(out)))
+    assert accuracy is not None and len(read_jsonl(out)) == GOOD
+
+
+def test_a_run_dir_without_a_model_is_a_clear_error(evaluate, setup, tmp_path, capsys):
+    _, val, _, _ = setup
+    unfinished = tmp_path / "distill-unfinished"
+    unfinished.mkdir()
+    (unfinished / "config.yaml").write_text("output_dir: x\n")
+    with pytest.raises(FileNotFoundError, match=r"distill-unfinished .*final/.*student/"):
+        evaluate.resolve_model_dir(unfinished)
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(unfinished, val))
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "distill-unfinished" in error and "student/" in error and "vision_projector" not in error
+    # from_pretrained itself, given the run dir, points at the model inside it
+    with pytest.raises(FileNotFoundError, match=r"its model is .*student"):
+        MambaVLM.from_pretrained(setup[0])
+
+
+# --- 2: a local path that does not exist ----------------------------------------------------------------
+
+
+def test_a_missing_local_path_is_file_not_found_not_a_hub_lookup(evaluate, setup, tmp_path, monkeypatch, capsys):
+    _, val, _, _ = setup
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "outputs").mkdir()
+    for name in ("outputs/nope", "./nope", "../nope", str(tmp_path / "nope"), "~/surely-not-here-xyz", "a/b/c"):
+        assert missing_local_path(name), name
+        with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
+            evaluate.resolve_model_dir(name)
+        with pytest.raises(FileNotFoundError, match=name.replace(".", r"\.")):
+            MambaVLM.from_pretrained(name)
+    with pytest.raises(SystemExit):
+        evaluate.main(run_args("outputs/nope", val))
+    assert "outputs/nope" in capsys.readouterr().err
+    # Hub ids are left to the Hub (nothing fetched here: resolution only)
+    for hub_id in ("org/name", "name"):
+        assert not missing_local_path(hub_id)
+        assert evaluate.resolve_model_dir(hub_id) == Path(hub_id)
+
+
+# --- 3, 4: records that cannot be answered ------------------------------------------------------------
+
+
+def test_a_malformed_record_is_named_and_skipped_and_the_rest_answered(evaluate, setup, tmp_path, caplog):
+    run, _, _, all_bad = setup
+    out = tmp_path / "answers.jsonl"
+    with caplog.at_level(logging.WARNING):
+        accuracy = evaluate.main(run_args(run / "student", all_bad, "--out", str(out)))
+    assert accuracy is not None
+    assert [row["id"] for row in read_jsonl(out)] == [f"val_{i:06d}" for i in range(GOOD)]
+    warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
+    for record_id, reason in BAD.items():
+        assert any(record_id in message and reason in message for message in warnings), (record_id, warnings)
+    skipped = read_jsonl(tmp_path / "answers.skipped.jsonl")
+    assert [row["id"] for row in skipped] == ["no_answer", "missing_image", "too_long"]
+
+
+def test_skipped_records_are_listed_with_their_reasons(evaluate, setup, tmp_path, capsys):
+    run, _, some_bad, _ = setup
+    out = tmp_path / "preds.jsonl"
+    evaluate.main(run_args(run / "student", some_bad, "--out", str(out)))
+    assert len(read_jsonl(out)) == GOOD
+    skipped_file = tmp_path / "preds.skipped.jsonl"
+    skipped = read_jsonl(skipped_file)
+    assert [row["id"] for row in skipped] == ["missing_image", "too_long"]
+    for row in skipped:
+        assert set(row) == {"id", "reason"} and BAD[row["id"]] in row["reason"]
+    assert f"skipped records listed in {skipped_file}" in capsys.readouterr().out
+    # --output-dir: answers.jsonl and skipped.jsonl in it, as eval/run.py writes them
+    evaluate.main(run_args(run / "student", some_bad, "--output-dir", str(tmp_path / "eval")))
+    assert read_jsonl(tmp_path / "eval" / "answers.jsonl") == read_jsonl(out)
+    assert read_jsonl(tmp_path / "eval" / "skipped.jsonl") == skipped
+
+
+# --- 5: where the answers go by default ---------------------------------------------------------------
+
+
+def test_default_output_goes_under_outputs_eval_and_is_printed(evaluate, setup, tmp_path, monkeypatch, capsys):
+    run, val, _, _ = setup
+    monkeypatch.chdir(tmp_path)
+    evaluate.main(run_args(run, val))
+    expected = Path("outputs") / "eval" / val.stem / "answers.jsonl"
+    assert len(read_jsonl(tmp_path / expected)) == GOOD
+    assert (tmp_path / expected).with_name("skipped.jsonl").read_text() == ""
+    assert not (tmp_path / "answers.jsonl").exists()
+    assert f"answers written to {expected}" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        evaluate.main(run_args(run, val, "--out", "a.jsonl", "--output-dir", "b"))
+    assert sorted(os.listdir(tmp_path)) == ["outputs"]
