@@ -274,15 +274,21 @@ def generate_answers(
 
     Returns ``(rows, skipped)``: one row ``{id, question, answer, reference, correct}`` per item that
     could be answered, and ``(id, reason)`` for each item that was skipped; the others are answered.
+    Items sharing an id are kept apart (each answered against its own question and reference; logged
+    as ``ID#n``).
     """
-    by_id = {item.id: item for item in items}
+    keyed: dict[str, VQAItem] = {}
+    seen: dict[str, int] = {}
+    for item in items:
+        seen[item.id] = seen.get(item.id, 0) + 1
+        keyed[item.id if seen[item.id] == 1 else f"{item.id}#{seen[item.id]}"] = item
     rows: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
-    triples = [(item.id, item.image, item.question) for item in items]
+    triples = [(key, item.image, item.question) for key, item in keyed.items()]
     for answers, batch_skipped in iter_answers(model, triples, batch_size, max_new_tokens, blind, show_progress):
-        skipped += batch_skipped
-        for item_id, answer in answers:
-            item = by_id[item_id]
+        skipped += [(keyed[key].id, reason) for key, reason in batch_skipped]
+        for key, answer in answers:
+            item = keyed[key]
             rows.append(
                 {
                     "id": item.id,

@@ -83,3 +83,20 @@ def test_an_entry_that_is_not_a_record_is_named_by_its_index() -> None:
     good = {"id": "a", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "x"}]}
     with pytest.raises(ValueError, match="record 1: a str, not a record"):
         load_vqa_items([good, "oops"], None)
+
+
+def test_records_sharing_an_id_are_each_answered_against_their_own_question(tmp_path, tiny_model) -> None:
+    """Two val records with one id: both rows had taken the later record's question and reference."""
+    import json
+
+    from mambavlm.training.evaluation import generate_answers, load_vqa_items
+
+    _, val = make_shapes_vqa(tmp_path, num_train=0, num_val=2, image_size=32)
+    records = json.loads(val.read_text())
+    records[1]["id"] = records[0]["id"]
+    records[0]["conversations"][1]["value"] = "first reference"
+    rows, skipped = generate_answers(tiny_model, load_vqa_items(records, tmp_path), 2, 4, show_progress=False)
+    assert skipped == []
+    assert [r["id"] for r in rows] == [records[0]["id"]] * 2
+    assert [r["question"] for r in rows] == [r["conversations"][0]["value"] for r in records]
+    assert [r["reference"] for r in rows] == ["first reference", records[1]["conversations"][1]["value"].strip()]
