@@ -13,6 +13,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
+from mambavlm.config import ConfigError
 from mambavlm.distill.config import load_distill_config
 from mambavlm.distill.run import run_distillation
 
@@ -23,7 +24,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("overrides", nargs="*", help="key=value overrides (teacher=DIR layout=ratio:0.25 ...)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return run_distillation(load_distill_config(args.config, args.overrides))
+    try:
+        config = load_distill_config(args.config, args.overrides)
+    except (ConfigError, TypeError) as err:  # a config error is the user's to fix: the message, no traceback
+        parser.exit(2, f"error: {err}\n")
+    return run_distillation(config)
 
 
 if __name__ == "__main__":

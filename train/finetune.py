@@ -11,6 +11,7 @@ import argparse
 import logging
 from collections.abc import Sequence
 
+from mambavlm.config import ConfigError
 from mambavlm.training import load_train_config, run_finetune
 
 
@@ -20,7 +21,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the train config")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    config = load_train_config(args.config, args.overrides)
+    try:
+        config = load_train_config(args.config, args.overrides)
+    except (ConfigError, TypeError) as err:  # a config error is the user's to fix: the message, no traceback
+        parser.exit(2, f"error: {err}\n")
     run_finetune(config)
 
 

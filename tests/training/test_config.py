@@ -68,3 +68,20 @@ def test_a_config_elsewhere_inheriting_a_train_config_keeps_its_model_base(tmp_p
     (tmp_path / "broken.yaml").write_text("base: nowhere.yaml\n")
     with pytest.raises(ConfigError, match=r"nowhere.yaml \(the base of .*broken.yaml\)"):
         load_train_config(tmp_path / "broken.yaml", [])
+
+
+@pytest.mark.parametrize("script", ["finetune", "distill"])
+def test_the_scripts_report_a_config_error_without_a_traceback(script, capsys):
+    import importlib.util
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"{script}_script", ROOT / "train" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = ROOT / "configs" / ("train" if script == "finetune" else "distill") / "tiny.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--config", str(config), "lrr_typo=1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "lrr_typo: unknown key" in err and "Traceback" not in err
