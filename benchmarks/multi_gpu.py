@@ -160,13 +160,32 @@ def versions() -> str:
     return ", ".join(found)
 
 
+RUN_BYTES = 60 * 2**30
+"""Disk one paper-shaped run's output directory takes at its end (a ~36 GB checkpoint + a 14 GB model)."""
+
+
+def default_work_dir(concurrent_runs: int, shm: Path = Path("/dev/shm")) -> Path | None:
+    """Where the runs write when ``--work-dir`` is not given: shared memory when it holds
+    ``concurrent_runs`` runs' outputs (writing ~50 GB per run to it takes seconds, to a disk a minute
+    or more), else None (the system's temporary directory)."""
+    try:
+        free = shutil.disk_usage(shm).free
+    except OSError:
+        return None
+    return shm if free >= concurrent_runs * RUN_BYTES else None
+
+
 def run(args: argparse.Namespace) -> str:
     device = torch.device("cpu" if args.quick else "cuda")
     strategies = ["ddp"] if args.quick else args.strategies
     gpus = 1 if args.quick else torch.cuda.device_count()
     if not args.quick and gpus < 2:
         raise SystemExit(f"the multi-GPU benchmark needs 2 GPUs, this machine has {gpus}; --quick runs on the CPU")
-    with tempfile.TemporaryDirectory(dir=args.work_dir) as tmp:
+    work_dir = args.work_dir
+    if work_dir is None and not args.quick:
+        work_dir = default_work_dir(gpus if args.concurrent_single else 1)
+    print(f"runs write under {work_dir or tempfile.gettempdir()}", flush=True)
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
         runs: list[Run] = []
         singles = [(s, 1, None) for s in strategies]
@@ -219,7 +238,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
                         help="run the 1-GPU runs one after another instead of one per GPU at once")
-    parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it)")
+    parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it; "
+                        "default /dev/shm when it holds them, else the system's temporary directory)")
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/multi_gpu[-quick].md)")
     run(parser.parse_args())
 

@@ -102,3 +102,21 @@ def test_training_crossover_by_hand() -> None:
     long = (result(10_000, 3000), result(10_000, 3000))
     assert crossover_tokens(short, long) == pytest.approx(3000)
     assert crossover_tokens(short, (result(10_000, 3000), result(30_000, 3000))) is None
+
+
+def test_multi_gpu_runs_write_to_shared_memory_only_when_it_holds_them(monkeypatch, tmp_path) -> None:
+    import shutil
+    from collections import namedtuple
+
+    from benchmarks.multi_gpu import RUN_BYTES, default_work_dir
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(0, 0, 2 * RUN_BYTES))
+    assert default_work_dir(2, tmp_path) == tmp_path
+    assert default_work_dir(3, tmp_path) is None
+
+    def missing(path):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", missing)
+    assert default_work_dir(1, tmp_path / "absent") is None
