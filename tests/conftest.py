@@ -44,7 +44,7 @@ needs_causal_conv1d = pytest.mark.skipif(
 
 def relative_close(got: Tensor, want: Tensor, rtol: float, name: str) -> None:
     """Elementwise closeness with atol = rtol * max|want|, so summed gradients get a fair scale."""
-    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item(), msg=name)
+    torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
 
 
 # ---------------------------------------------------------------- vision: tiny timm ViTs

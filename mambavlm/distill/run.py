@@ -17,7 +17,6 @@ fine-tuning scorer), argmax of the answer tokens given the question for a text-o
 
 from __future__ import annotations
 
-import copy
 import json
 import time
 from pathlib import Path
@@ -37,13 +36,13 @@ from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.distill.config import DistillConfig
 from mambavlm.distill.convert import convert_llama, convert_vlm
-from mambavlm.distill.stages import DistillationObjective, StageTrainable, language_model
+from mambavlm.distill.stages import DistillationModule, DistillationObjective, StageTrainable, language_model
 from mambavlm.atomic import atomic_file
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
 from mambavlm.model import MambaVLM, is_mambavlm_directory
-from mambavlm.training.engine import Phase, Trainer, throughput_summary
+from mambavlm.training.engine import Phase, Trainer, structure_copy, throughput_summary
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
 from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
 
@@ -172,7 +171,8 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     train_json, val_json, image_root = prepare_data(config.data, output_dir, acc)
     image_root = image_root if image_root is not None else train_json.parent
     set_seed(config.seed)
-    teacher, tokenizer, template = load_teacher(config.teacher, config.template)
+    with trainer.building_models():
+        teacher, tokenizer, template = load_teacher(config.teacher, config.template)
     longest = teacher.config.max_sequence_length if isinstance(teacher, MambaVLM) else teacher.config.max_position_embeddings
     if config.data.max_length is not None and config.data.max_length > longest:
         raise ConfigError(
@@ -181,10 +181,11 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     teacher.requires_grad_(False)
     teacher.eval().to(acc.device)
     generator = torch.Generator().manual_seed(config.seed)  # CPU draws: the same student on any device
-    if isinstance(teacher, MambaVLM):
-        student = convert_vlm(teacher, config.layout, config.seeding, generator, config.mixer_options)
-    else:
-        student = convert_llama(teacher, config.layout, config.seeding, generator, config.mixer_options)
+    with trainer.building_models():
+        if isinstance(teacher, MambaVLM):
+            student = convert_vlm(teacher, config.layout, config.seeding, generator, config.mixer_options)
+        else:
+            student = convert_llama(teacher, config.layout, config.seeding, generator, config.mixer_options)
     if config.gradient_checkpointing:
         language_model(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     mamba_layers = sorted(mamba_mixers(language_model(student)))
@@ -199,10 +200,13 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         (output_dir / CONFIG_COPY).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     teacher_accuracy = val_accuracy(teacher, val_json, image_root, val_set, config) if acc.is_main_process else None
 
+    module = DistillationModule(student, teacher)
+    skeleton = DistillationModule(structure_copy(student), teacher)  # what the gathered student fills (FSDP
+    # wraps `module` in place)
     phases = [
         Phase(
             name=stage.name,
-            objective=DistillationObjective(student, teacher, stage.name, stage.loss_weights, stage.variant),
+            objective=DistillationObjective(module, stage.name, stage.loss_weights, stage.variant),
             trainable=StageTrainable(stage.name, stage.variant),
             lr=stage.lr,
             global_batch_size=stage.global_batch_size,
@@ -217,7 +221,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         for stage in config.stages
     ]
     state = trainer.run(phases, train_set, VLMCollator(tokenizer.pad_token_id))
-    trained = trainer.gathered_module(lambda: DistillationObjective(copy.deepcopy(student), teacher, config.stages[-1].name))
+    trained = trainer.gathered_module(lambda: skeleton)
     metrics: dict[str, Any] = {}
     if acc.is_main_process:
         student = trained.student.eval()

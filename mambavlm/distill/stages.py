@@ -41,6 +41,7 @@ from mambavlm.training.objectives import answer_tokens
 
 __all__ = [
     "STAGES",
+    "DistillationModule",
     "DistillationObjective",
     "LossWeights",
     "StageName",
@@ -356,43 +357,50 @@ def distill_loss(
     return loss, {k: float(v.detach()) for k, v in parts.items()}
 
 
-class DistillationObjective(nn.Module):
-    """One stage's objective for the training engine: the trainable student with the frozen teacher
-    beside it, ``forward(batch) -> (loss, parts)``.
+class DistillationModule(nn.Module):
+    """The trainable student with the frozen teacher beside it; ``forward(batch, num_items, stage,
+    weights, variant) -> (loss, parts)`` (``distill_loss``).
 
     Only the student is a submodule, so optimisers, ``accelerate.prepare`` (DDP, FSDP) and
     checkpoints see the student's parameters alone (``student.*``); the teacher is a plain attribute
-    and stays in eval mode. As a ``mambavlm.training.Objective``, ``module`` is the objective itself
-    (the loss must run through the prepared wrapper, as DDP needs) and ``loss`` its forward's loss.
+    and stays in eval mode. The stage is an argument of the forward, not of the module, so every stage
+    of a run trains one module: under FSDP it is wrapped once and each stage keeps that wrapping.
     """
 
-    def __init__(
-        self,
-        student: nn.Module,
-        teacher: nn.Module,
-        stage: str,
-        weights: LossWeights = LossWeights(),
-        variant: Variant = "paper",
-    ) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
-        _check_stage(stage, variant)
         self.student = student
         object.__setattr__(self, "teacher", teacher)
-        self.stage = stage
-        self.weights = weights
-        self.variant = variant
 
-    @property
-    def module(self) -> DistillationObjective:
-        return self
-
-    def train(self, mode: bool = True) -> DistillationObjective:
+    def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
         self.teacher.eval()
         return self
 
-    def forward(self, batch: dict[str, Any], num_items: Tensor | None = None) -> tuple[Tensor, dict[str, float]]:
-        return distill_loss(self.stage, self.teacher, self.student, batch, self.weights, num_items, self.variant)
+    def forward(
+        self,
+        batch: dict[str, Any],
+        num_items: Tensor | None = None,
+        stage: str = "stage1",
+        weights: LossWeights = LossWeights(),
+        variant: Variant = "paper",
+    ) -> tuple[Tensor, dict[str, float]]:
+        return distill_loss(stage, self.teacher, self.student, batch, weights, num_items, variant)
+
+
+@dataclass(frozen=True)
+class DistillationObjective:
+    """One stage's objective for the training engine (``mambavlm.training.Objective``): the stage's loss
+    of ``module`` (a ``DistillationModule`` that every stage of the run shares), computed through the
+    prepared wrapper (DDP / FSDP need the forward to go through it)."""
+
+    module: DistillationModule
+    stage: str
+    weights: LossWeights = LossWeights()
+    variant: Variant = "paper"
+
+    def __post_init__(self) -> None:
+        _check_stage(self.stage, self.variant)
 
     def num_items(self, batch: dict[str, Any]) -> Tensor:
         """(real tokens, answer tokens, 1 micro-batch) of the batch: what the stage's losses average over."""
@@ -401,7 +409,7 @@ class DistillationObjective(nn.Module):
         return torch.stack([real.to(torch.float64), answer_tokens(batch["labels"]).to(torch.float64), one])
 
     def loss(self, prepared: nn.Module, batch: dict[str, Any], num_items: Tensor) -> Tensor:
-        return prepared(batch, num_items)[0]
+        return prepared(batch, num_items, stage=self.stage, weights=self.weights, variant=self.variant)[0]
 
 
 @dataclass(frozen=True)

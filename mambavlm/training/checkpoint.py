@@ -16,8 +16,9 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import DistributedType, broadcast_object_list
 
 from mambavlm.atomic import atomic_directory
 
@@ -25,6 +26,7 @@ __all__ = [
     "CHECKPOINT_PREFIX",
     "TRAINER_STATE_FILE",
     "find_checkpoints",
+    "initialize_optimizer_state",
     "load_checkpoint",
     "prune_checkpoints",
     "remove_unfinished_writes",
@@ -93,11 +95,45 @@ def save_checkpoint(
     return target
 
 
-def load_checkpoint(accelerator: Accelerator, path: str | Path) -> dict[str, Any]:
-    """Restore accelerate's state from ``path`` (every process) and return its trainer state."""
+def load_checkpoint(
+    accelerator: Accelerator, path: str | Path, optimizer: torch.optim.Optimizer | None = None
+) -> dict[str, Any]:
+    """Restore accelerate's state from ``path`` (every process) and return its trainer state.
+
+    Under FSDP, ``optimizer`` (the phase's, as prepared) is given its state first
+    (:func:`initialize_optimizer_state`), so that its moments are loaded too.
+    """
     path = Path(path)
+    if optimizer is not None and accelerator.distributed_type == DistributedType.FSDP:
+        initialize_optimizer_state(optimizer)
     accelerator.load_state(str(path))
     return json.loads((path / TRAINER_STATE_FILE).read_text())
+
+
+def initialize_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """Give a fresh optimiser its per-parameter state (AdamW: ``step``, ``exp_avg``, ``exp_avg_sq``)
+    without changing any parameter: one step at learning rate 0 over zero gradients. Does nothing
+    when it has state already. Gradients are left unset.
+
+    accelerate loads an FSDP optimiser checkpoint (sharded state dict, ``load_fsdp_optimizer``) into
+    the template ``FSDP.optim_state_dict(model, optimizer)`` of the optimiser as it is: for a fresh
+    optimiser that template holds no moments, so only the hyper-parameters were loaded and a resumed
+    run diverged from its second step (seen on 2 H200s). ``torch.distributed.checkpoint.state_dict``
+    fills the template the same way (its private ``_init_optim_state``).
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
+    if inner.state:
+        return
+    lrs = [group["lr"] for group in inner.param_groups]
+    for group in inner.param_groups:
+        group["lr"] = 0.0
+        for param in group["params"]:
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
+    inner.step()
+    for group, lr in zip(inner.param_groups, lrs, strict=True):
+        group["lr"] = lr
+    inner.zero_grad(set_to_none=True)
 
 
 def prune_checkpoints(output_dir: str | Path, keep_last: int) -> list[Path]:

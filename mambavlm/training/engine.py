@@ -28,11 +28,13 @@ logged loss is that number.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -51,7 +53,7 @@ from accelerate.utils import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import get_wsd_schedule
+from transformers import PreTrainedModel, get_wsd_schedule
 
 from mambavlm.config import ConfigError
 from mambavlm.data.llava import SkippedSample
@@ -64,7 +66,7 @@ from mambavlm.training.checkpoint import (
     resolve_resume,
     save_checkpoint,
 )
-from mambavlm.training.optim import build_optimizer, build_scheduler
+from mambavlm.training.optim import build_optimizer, build_scheduler, no_decay_names
 
 __all__ = [
     "Objective",
@@ -73,11 +75,38 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "gradient_accumulation_steps",
+    "load_whole",
     "new_throughput",
+    "structure_copy",
     "throughput_summary",
 ]
 
 logger = get_logger(__name__)
+
+
+def structure_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that takes no parameter memory: its parameters on the meta device (their
+    ``requires_grad`` kept, tied parameters still one), its buffers copied. Made before accelerate
+    wraps ``module`` in place (FSDP turns its blocks into FSDP units), it is what
+    ``Trainer.gathered_module`` fills with the gathered weights."""
+    memo: dict[int, Any] = {
+        id(p): nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
+        for p in module.parameters()
+    }
+    return copy.deepcopy(module, memo)
+
+
+def load_whole(module: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
+    """``module`` (real, or a ``structure_copy``) with every tensor of ``state_dict`` (strict): copied
+    into real parameters, or assigned to meta ones, after which the transformers models in it tie
+    their tied weights again (assigning unties them). Returns ``module``."""
+    empty = any(p.is_meta for p in module.parameters())
+    module.load_state_dict(state_dict, assign=empty)
+    if empty:
+        for submodule in module.modules():
+            if isinstance(submodule, PreTrainedModel):
+                submodule.tie_weights()
+    return module
 
 
 class Objective(Protocol):
@@ -280,6 +309,13 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         check_process_group(self.accelerator)
+        plugin = self._deepspeed_plugin()
+        if plugin is not None and plugin.zero3_init_flag:
+            raise ConfigError(
+                "the accelerate config sets zero3_init_flag: true (or ACCELERATE_DEEPSPEED_ZERO3_INIT=true): "
+                "mambavlm builds each model whole and ZeRO-3 partitions it in accelerator.prepare; set "
+                "zero3_init_flag: false (configs/accelerate/deepspeed_zero3.yaml)"
+            )
         if self.accelerator.device.type == "cpu":
             threads = cpu_thread_count(cpu_threads, self.accelerator.num_processes)
             if threads != torch.get_num_threads():
@@ -288,7 +324,38 @@ class Trainer:
         self._trackers = list(trackers)
         self._tracker_config = tracker_config or {}
         self._prepared: nn.Module | None = None
+        self._source: nn.Module | None = None  # the module self._prepared wraps
+        self._no_decay: set[int] = set()  # ids of its parameters AdamW does not decay
         self._standin: dict[str, Any] | None = None
+
+    def _deepspeed_plugin(self) -> Any:
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            return None
+        return self.accelerator.state.deepspeed_plugin
+
+    @contextmanager
+    def building_models(self) -> Iterator[None]:
+        """Build (or load) every model of the run inside this context.
+
+        Under DeepSpeed, accelerate registers its config with transformers whatever the config's
+        ``zero3_init_flag`` says, and with ZeRO-3 transformers then constructs every ``PreTrainedModel``
+        under ``deepspeed.zero.Init``, which partitions each submodule's parameters as soon as that
+        submodule is built. A MambaVLM is vision encoders + projector + LLM assembled and initialised
+        after construction (and a Mamba-2 mixer initialises its projections from their shapes), so here
+        models are built whole, as ``zero3_init_flag: false`` asks, and ZeRO-3 partitions them in
+        ``accelerator.prepare``. Elsewhere this does nothing.
+        """
+        plugin = self._deepspeed_plugin()
+        if plugin is None:
+            yield
+            return
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            plugin.set_deepspeed_weakref()
 
     # ------------------------------------------------------------------------------------- run
 
@@ -340,7 +407,8 @@ class Trainer:
     def gathered_module(self, fresh: Callable[[], nn.Module]) -> nn.Module | None:
         """The last phase's trained module, whole, on the main process (None elsewhere).
 
-        With parameters sharded (FSDP, ZeRO-3) the full state dict is gathered into ``fresh()``.
+        With parameters sharded (FSDP, ZeRO-3) the full state dict is gathered into ``fresh()``: a
+        module of the same structure, real or a ``structure_copy`` (``load_whole``).
         """
         acc = self.accelerator
         if self._prepared is None:
@@ -353,9 +421,7 @@ class Trainer:
         state_dict = acc.get_state_dict(self._prepared)
         if not acc.is_main_process:
             return None
-        module = fresh()
-        module.load_state_dict(state_dict)
-        return module.to(acc.device)
+        return load_whole(fresh(), state_dict).to(acc.device)
 
     # ---------------------------------------------------------------------------------- phases
 
@@ -385,12 +451,23 @@ class Trainer:
             )
         state.layout = layout
 
-        if self._prepared is not None:
-            acc.free_memory()  # drop the previous phase's wrappers, optimiser and loader
-            self._prepared = None
         module = phase.objective.module
+        # FSDP wraps a module in place (its blocks become FSDP units, its parameters views of flat
+        # shards): a later phase of the same module keeps that wrapping, with a new optimiser over the
+        # parameters that now train (use_orig_params lets the trainable set change). DDP and DeepSpeed
+        # wrap it anew each phase (DDP fixes its gradient buckets to the parameters training when it
+        # wraps).
+        keep = self._prepared is not None and self._source is module and acc.distributed_type == DistributedType.FSDP
+        if self._prepared is not None:
+            if not keep:
+                self._check_rewrap(module)
+                acc.unwrap_model(self._prepared, keep_fp32_wrapper=False)  # undo accelerate's forward patch
+            acc.free_memory()  # drop the previous phase's optimiser, scheduler, loader (and wrapper)
+        if not keep:
+            self._source, self._prepared = module, None
+            self._no_decay = {id(p) for n, p in module.named_parameters() if n in no_decay_names(module)}
         names = phase.trainable(module)
-        optimizer = build_optimizer(module, phase.lr, phase.weight_decay, phase.betas)
+        optimizer = build_optimizer(module, phase.lr, phase.weight_decay, phase.betas, no_decay=self._no_decay)
         scheduler = self._scheduler(optimizer, phase, total_steps)
         loader = DataLoader(
             self.dataset,
@@ -400,10 +477,12 @@ class Trainer:
             num_workers=self.num_workers,
             drop_last=True,
         )
-        prepared, optimizer, loader, scheduler = acc.prepare(module, optimizer, loader, scheduler)
+        prepared, optimizer, loader, scheduler = acc.prepare(
+            self._prepared if keep else module, optimizer, loader, scheduler
+        )
         self._prepared = prepared
         if resume is not None:
-            load_checkpoint(acc, resume)
+            load_checkpoint(acc, resume, optimizer)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         logger.info(
             f"phase {phase.name}: {len(self.dataset)} records, {acc.num_processes} process(es), {accumulation} "
@@ -417,6 +496,20 @@ class Trainer:
         )
         if saved_step != state.global_step:
             self._save(state)
+
+    def _check_rewrap(self, module: nn.Module) -> None:
+        """ZeRO-3 partitions a module's parameters in place: a second phase over a module already
+        prepared cannot wrap it again."""
+        plugin = self._deepspeed_plugin()
+        if plugin is None or plugin.zero_stage != 3:
+            return
+        prepared = {id(p) for p in self._source.parameters()} if self._source is not None else set()
+        if any(id(p) in prepared for p in module.parameters()):
+            raise ConfigError(
+                "a run of several phases (distillation stages) over one model cannot use DeepSpeed ZeRO-3, "
+                "which partitions the model in place when its first phase starts; use FSDP "
+                "(configs/accelerate/fsdp.yaml) or ZeRO-2"
+            )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, phase: Phase, total_steps: int) -> Any:
         if phase.schedule == "cosine":

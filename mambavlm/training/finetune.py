@@ -69,7 +69,8 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     acc = trainer.accelerator
     train_json, val_json, image_root = prepare_data(cfg.data, output_dir, acc)
     set_seed(cfg.seed)
-    model = build_model(cfg.model)
+    with trainer.building_models():
+        model = build_model(cfg.model)
     check_mamba_training_kernels(model.llm, acc.device)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,30 +80,37 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def parameter_groups(
+    model: nn.Module, weight_decay: float, no_decay: Collection[int] | None = None
+) -> list[dict[str, Any]]:
     """Two AdamW groups over the trainable parameters: with ``weight_decay``, and with 0 for
-    :func:`no_decay_names`.
+    :func:`no_decay_names` (or for the parameters whose ``id`` is in ``no_decay``: what a trainer
+    computed before FSDP turned every parameter into a 1-D shard view).
 
-    Frozen parameters are in neither group.
+    Frozen parameters are in neither group. Raises ValueError when nothing trains.
     """
-    no_decay = no_decay_names(model)
+    exempt = no_decay_names(model) if no_decay is None else None
     decay_group: dict[str, Any] = {"params": [], "weight_decay": weight_decay}
     plain_group: dict[str, Any] = {"params": [], "weight_decay": 0.0}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        group = plain_group if name in no_decay else decay_group
-        group["params"].append(param)
+        free = name in exempt if exempt is not None else id(param) in no_decay
+        (plain_group if free else decay_group)["params"].append(param)
     if not decay_group["params"] and not plain_group["params"]:
         raise ValueError("the model has no trainable parameters: check the freeze preset")
     return [g for g in (decay_group, plain_group) if g["params"]]
 
 
 def build_optimizer(
-    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float] = (0.9, 0.999)
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.999),
+    no_decay: Collection[int] | None = None,
 ) -> torch.optim.AdamW:
     """AdamW over :func:`parameter_groups`."""
-    return torch.optim.AdamW(parameter_groups(model, weight_decay), lr=lr, betas=betas)
+    return torch.optim.AdamW(parameter_groups(model, weight_decay, no_decay), lr=lr, betas=betas)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:

@@ -200,4 +200,4 @@ def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Pa
     student_two = MambaVLM.from_pretrained(tmp_path / "two" / "student").state_dict()
     assert student_one.keys() == student_two.keys()
     for key, value in student_one.items():
-        torch.testing.assert_close(student_two[key], value, rtol=1e-4, atol=1e-6, msg=key)
+        torch.testing.assert_close(student_two[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.distill.stages import (
+    DistillationModule,
     DistillationObjective,
     LossWeights,
     distill_loss,
@@ -185,7 +186,7 @@ def test_num_items_are_counted_on_the_batchs_device(masked: bool) -> None:
     """(real tokens, answer tokens, 1) by hand, on the device the batch is on: the meta device stands
     in for CUDA here (a count made on the CPU cannot be stacked with it; this failed on the GPUs)."""
     teacher = tiny_llama(**DISTILL_LLAMA).requires_grad_(False)
-    objective = DistillationObjective(convert_llama(teacher, "list:1", "matvlm"), teacher, "stage1")
+    objective = DistillationObjective(DistillationModule(convert_llama(teacher, "list:1", "matvlm"), teacher), "stage1")
     ids = torch.arange(20).reshape(2, 10)
     batch = batch_of(ids, [10, 7])
     batch["labels"][:, :4] = -100

@@ -154,7 +154,7 @@ def test_initialisation_follows_transformers() -> None:
     for name, ref in reference.items():
         mine = ours[name]
         if name.endswith(("A_log", "D", "norm.weight", "norm_f.weight", "conv1d.bias")):
-            torch.testing.assert_close(mine, ref, rtol=0, atol=0, msg=name)
+            torch.testing.assert_close(mine, ref, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
         elif name.endswith("dt_bias"):
             dt = torch.nn.functional.softplus(mine)
             assert dt.min() >= 1e-4 - 1e-7 and dt.max() <= 0.1 + 1e-6, name

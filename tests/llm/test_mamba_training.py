@@ -57,7 +57,7 @@ def test_training_forward_equals_transformers_loss_and_gradients(reentrant: bool
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert our_grads.keys() == their_grads.keys() and any(".mixer.in_proj." in n for n in our_grads)
     for name, grad in their_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def test_blocks_with_the_two_mode_forward_keep_transformers_forward_bit_for_bit() -> None:
@@ -137,10 +137,11 @@ def test_mixer_in_mamba_ssm_layout_equals_transformers_mixer_call_on_cuda(monkey
     real = training._mixer_forward
     monkeypatch.setattr(training, "_mixer_forward",
                         lambda self, *a, **k: calls.append(k.get("mamba_ssm_layout")) or real(self, *a, **k))
-    model = tiny_vlm(train=True).to("cuda")
-    reference = copy.deepcopy(model)
+    model = tiny_vlm(train=True)
     batch = {k: (v.to("cuda") if torch.is_tensor(v) else [p.to("cuda") for p in v])
-             for k, v in padded_batch(model).items()}
+             for k, v in padded_batch(model).items()}  # made on the CPU, as the collator makes it
+    model.to("cuda")
+    reference = copy.deepcopy(model)
     ours, our_grads = loss_and_grads(model, batch, True)
     assert calls and all(calls)  # every mixer ran in mamba_ssm's layout
     monkeypatch.setattr(training, "_mixer_forward",
@@ -148,4 +149,4 @@ def test_mixer_in_mamba_ssm_layout_equals_transformers_mixer_call_on_cuda(monkey
     theirs, their_grads = loss_and_grads(reference, batch, True)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for name, grad in their_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")

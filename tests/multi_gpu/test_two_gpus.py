@@ -69,8 +69,15 @@ def launch(script: str, processes: int, *args: str, strategy: str = "ddp", wrap:
            *(wrap or []), str(ROOT / script), *args]
     extra = {"CUDA_VISIBLE_DEVICES": devices} if devices is not None else {}
     result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(**extra), capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert result.returncode == 0, failure_report(result.stdout + result.stderr)
     return result
+
+
+def failure_report(log: str) -> str:
+    """The first traceback of a failed launch (the failing rank's own) and the log's end."""
+    first = log.find("Traceback (most recent call last)")
+    head = log[first:first + 6000] if first >= 0 else ""
+    return f"{head}\n...\n{log[-3000:]}"
 
 
 def metrics(output_dir: Path) -> dict:
@@ -143,8 +150,19 @@ def test_distillation_on_two_gpus_equals_one_and_saves_one_student(strategy: str
     one = MambaVLM.from_pretrained(tmp_path / "run1" / "student").state_dict()
     two = MambaVLM.from_pretrained(tmp_path / "run2" / "student").state_dict()
     assert one.keys() == two.keys()
+    # AdamW's first updates are lr * g / (|g| + eps): where a gradient is ~0, the other summation
+    # order of 2 GPUs can flip its sign and move that element by up to 2 lr per step. Such elements
+    # must be rare; a parameter whose gradient is not synchronised would differ everywhere.
+    total_lr = 5.0e-3 * 2 * 4
+    report, off = [], 0
     for key, value in one.items():
-        torch.testing.assert_close(two[key], value, rtol=1e-3, atol=1e-5, msg=key)
+        close = torch.isclose(two[key], value, rtol=1e-3, atol=1e-5)
+        if not close.all():
+            gap = (two[key] - value).abs().max().item()
+            report.append(f"{key}: {int((~close).sum())} / {close.numel()} elements differ, by up to {gap:.2e}")
+            off += int((~close).sum())
+            assert gap <= 2 * total_lr, report[-1]
+    assert off <= 1e-3 * sum(v.numel() for v in one.values()), "\n".join(report)
 
 
 def test_evaluation_sharded_on_two_gpus_equals_one(tmp_path: Path) -> None:

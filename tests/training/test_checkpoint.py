@@ -11,7 +11,11 @@ from accelerate import Accelerator
 from torch import nn
 
 from mambavlm.training import find_checkpoints, save_checkpoint
-from mambavlm.training.checkpoint import TRAINER_STATE_FILE, remove_unfinished_writes, resolve_resume
+from mambavlm.training.checkpoint import (
+    TRAINER_STATE_FILE,
+    remove_unfinished_writes,
+    resolve_resume,
+)
 
 pytestmark = pytest.mark.usefixtures("on_cpu")
 
@@ -65,3 +69,78 @@ def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-x"]
     with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
         resolve_resume(str(tmp_path / "checkpoint-x"), tmp_path)
+
+
+def _fsdp_optimizer_round_trip(rank: int, world: int, init_file: str, out_dir: str, initialize: bool) -> None:
+    """Rank ``rank`` of a 2-process gloo group: FSDP (use_orig_params, each Linear its own unit, sharded
+    state dicts: configs/accelerate/fsdp.yaml's choices) on the CPU, three AdamW steps, the optimiser
+    saved and loaded into a fresh one through accelerate's own FSDP functions; writes both states."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import load_fsdp_optimizer, save_fsdp_optimizer
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import (
+        ShardedOptimStateDictConfig,
+        ShardedStateDictConfig,
+        StateDictType,
+    )
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from mambavlm.training.checkpoint import initialize_optimizer_state
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    PartialState()  # accelerate's logging needs its state
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+    model[0].bias.requires_grad_(False)  # frozen and trainable parameters in one unit
+    model = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({nn.Linear}), use_orig_params=True,
+                 device_id=torch.device("cpu"))
+    plugin = SimpleNamespace(fsdp_version=1, state_dict_type=StateDictType.SHARDED_STATE_DICT,
+                             state_dict_config=ShardedStateDictConfig(),
+                             optim_state_dict_config=ShardedOptimStateDictConfig())
+    accelerator = SimpleNamespace(process_index=rank, wait_for_everyone=dist.barrier)
+
+    def adamw() -> torch.optim.AdamW:
+        return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05, weight_decay=0.1)
+
+    trained = adamw()
+    for step in range(3):
+        model(torch.randn(4, 5, generator=torch.Generator().manual_seed(10 * rank + step))).square().sum().backward()
+        trained.step()
+        trained.zero_grad()
+    save_fsdp_optimizer(plugin, accelerator, trained, model, out_dir)
+    weights = [p.detach().clone() for p in model.parameters()]
+    fresh = adamw()
+    if initialize:
+        initialize_optimizer_state(fresh)
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights, strict=True))
+        assert all(p.grad is None for p in model.parameters())
+    load_fsdp_optimizer(plugin, accelerator, fresh, model, out_dir)
+    torch.save({"trained": trained.state_dict(), "loaded": fresh.state_dict()}, f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("initialize", [True, False], ids=["initialized", "fresh"])
+def test_fsdp_sharded_optimizer_checkpoint_restores_the_moments(tmp_path, initialize: bool) -> None:
+    """accelerate loads an FSDP optimiser checkpoint into the optimiser's own state as template: a fresh
+    AdamW gets only its hyper-parameters back (the resumed 2-GPU FSDP run diverged from its second
+    step); ``initialize_optimizer_state`` first (as ``load_checkpoint`` does under FSDP) restores
+    every step count and moment exactly. 2 CPU processes (gloo)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_fsdp_optimizer_round_trip, args=(2, str(tmp_path / "init"), str(tmp_path), initialize), nprocs=2)
+    for rank in range(2):
+        states = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        trained, loaded = states["trained"]["state"], states["loaded"]["state"]
+        assert trained  # each rank holds the moments of its shards
+        if not initialize:
+            assert loaded == {}
+            continue
+        assert loaded.keys() == trained.keys()
+        for index, state in trained.items():
+            assert float(loaded[index]["step"]) == float(state["step"]) == 3.0
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert state[key].abs().sum() > 0 or state[key].numel() == 0
+                torch.testing.assert_close(loaded[index][key], state[key], rtol=0, atol=0)

@@ -146,3 +146,33 @@ def test_a_fresh_start_says_so_when_there_was_a_run_or_nothing_to_resume(tmp_pat
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
     assert "holds checkpoints of an earlier run" in fresh_start_note(None, tmp_path)
+
+
+def test_structure_copy_takes_no_parameter_memory_and_load_whole_restores_the_module() -> None:
+    """What a distillation run gathers its FSDP-sharded student into: a copy with its parameters on the
+    meta device (requires_grad and the tied embedding kept, buffers real, the teacher left out),
+    filled from the trained module's state dict: then equal to it tensor by tensor, the output
+    embedding tied to the input one again, and the same logits."""
+    from mambavlm.distill.convert import convert_llama
+    from mambavlm.distill.stages import DistillationModule, set_trainable
+    from mambavlm.training.engine import load_whole, structure_copy
+    from tests.conftest import DISTILL_LLAMA, tiny_llama
+
+    teacher = tiny_llama(**{**DISTILL_LLAMA, "tie_word_embeddings": True}).requires_grad_(False)
+    student = convert_llama(teacher, "list:1", "matvlm", torch.Generator().manual_seed(0))
+    set_trainable(student, "stage2")
+    skeleton = DistillationModule(structure_copy(student), teacher)
+    assert all(p.is_meta for p in skeleton.parameters())
+    assert skeleton.teacher is teacher
+    assert skeleton.student.lm_head.weight is skeleton.student.model.embed_tokens.weight
+    assert [p.requires_grad for p in skeleton.parameters()] == [p.requires_grad for p in student.parameters()]
+    assert all(not b.is_meta for b in skeleton.buffers())
+    with torch.no_grad():
+        for param in student.parameters():
+            param.add_(torch.randn_like(param) * 0.01)  # "trained"
+    whole = load_whole(skeleton, DistillationModule(student, teacher).state_dict()).student
+    assert whole.lm_head.weight is whole.model.embed_tokens.weight
+    for (name, got), want in zip(whole.state_dict().items(), student.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
+    ids = torch.arange(12).reshape(2, 6)
+    torch.testing.assert_close(whole(ids).logits, student(ids).logits, rtol=0, atol=0)
