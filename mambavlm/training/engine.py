@@ -421,7 +421,9 @@ class Trainer:
         state_dict = acc.get_state_dict(self._prepared)
         if not acc.is_main_process:
             return None
-        return load_whole(fresh(), state_dict).to(acc.device)
+        with self.building_models():
+            module = fresh()
+        return load_whole(module, state_dict).to(acc.device)
 
     # ---------------------------------------------------------------------------------- phases
 
