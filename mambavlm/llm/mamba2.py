@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -223,6 +223,10 @@ class Mamba2Mixer(nn.Module):
     ``dt_bias``, ``A_log``, ``D`` (H,), ``norm.weight`` (d_inner,), ``out_proj``. Freshly built it carries
     mamba_ssm's ``Mamba2`` initialisation; ``generator`` makes the draws reproducible.
     """
+
+    zero3_leaf: ClassVar[bool] = True
+    """The forward hands ``conv1d.weight`` and ``norm.weight`` to the conv and gated-norm functions
+    without calling those submodules: DeepSpeed ZeRO-3 gathers the whole mixer in its forward."""
 
     def __init__(
         self,

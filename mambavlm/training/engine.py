@@ -479,6 +479,8 @@ class Trainer:
             num_workers=self.num_workers,
             drop_last=True,
         )
+        if not keep:
+            self._mark_zero3_leaves(module)
         prepared, optimizer, loader, scheduler = acc.prepare(
             self._prepared if keep else module, optimizer, loader, scheduler
         )
@@ -498,6 +500,19 @@ class Trainer:
         )
         if saved_step != state.global_step:
             self._save(state)
+
+    def _mark_zero3_leaves(self, module: nn.Module) -> None:
+        """Under ZeRO-3, the modules whose class sets ``zero3_leaf = True`` (their forward reads their
+        submodules' weights directly, as kernels' arguments) become DeepSpeed leaf modules: their
+        whole parameter set is gathered in their own forward (``deepspeed.utils.set_z3_leaf_modules``)."""
+        plugin = self._deepspeed_plugin()
+        if plugin is None or plugin.zero_stage != 3:
+            return
+        leaves = sorted({type(m) for m in module.modules() if getattr(type(m), "zero3_leaf", False)}, key=str)
+        if leaves:
+            from deepspeed.utils import set_z3_leaf_modules
+
+            set_z3_leaf_modules(module, leaves)
 
     def _check_rewrap(self, module: nn.Module) -> None:
         """ZeRO-3 partitions a module's parameters in place: a second phase over a module already
