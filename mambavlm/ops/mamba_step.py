@@ -69,11 +69,13 @@ FUSED_GEMV_MAX_BATCH = 4
 once per sequence (from L2 after the first), a matrix-vector product per row; larger batches are
 matrix products, cuBLAS's work."""
 
-IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K = 32, 256
-OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K = 8, 512
+IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K = 8, 256
+OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K = 4, 512
 """Output rows per program and the reduction chunk of the two projection kernels (Mamba-2.8B:
-in_proj 10240 x 2560 -> 320 programs, out_proj 2560 x 5120 -> 320 programs; a weight tile of 8K or 4K
-elements, 64 or 32 float32 registers per thread at 4 warps). Chosen, not yet tuned on the GPU."""
+in_proj 10240 x 2560 -> 1280 programs, out_proj 2560 x 5120 -> 640 programs, 2K-element weight
+tiles). The first version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read
+for each sequence) ran the step at 3.57 ms per token against cuBLAS's 2.94 on an H200;
+``python -m benchmarks.decode_projections`` times these and other launch shapes against cuBLAS."""
 
 
 def triton_available() -> bool:
@@ -177,7 +179,8 @@ if triton is not None:
         w_ptr,  # (N_out, D) in_proj weight
         out_ptr,  # (B, N_out), the weight's dtype
         zero_ptr, zero_count,  # a float32 buffer zeroed by program 0 (the x_proj accumulator)
-        batch, d_model, n_out, eps,
+        batch, n_out, eps,
+        D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -189,50 +192,55 @@ if triton is not None:
             tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_ok = rows < n_out
+        bi = tl.arange(0, B_POW2)
+        b_ok = bi < batch
+        d = tl.arange(0, D_POW2)
+        whole = tl.load(residual_ptr + bi[:, None] * D + d[None, :], mask=b_ok[:, None] & (d[None, :] < D), other=0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / D + eps)  # (B_POW2,): every row at once
         k = tl.arange(0, BLOCK_K)
-        for b in range(batch):
-            squares = tl.zeros([BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, d_model, BLOCK_K):
-                r = tl.load(residual_ptr + b * d_model + k0 + k, mask=k0 + k < d_model, other=0.0)
-                squares += r * r
-            rstd = 1.0 / tl.sqrt(tl.sum(squares, axis=0) / d_model + eps)
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, d_model, BLOCK_K):
-                k_ok = k0 + k < d_model
-                r = tl.load(residual_ptr + b * d_model + k0 + k, mask=k_ok, other=0.0)
-                g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
-                x = (r * rstd * g).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's output rounding
-                w = tl.load(w_ptr + rows[:, None] * d_model + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-                acc += tl.sum(w.to(tl.float32) * x[None, :], axis=1)
-            tl.store(out_ptr + b * n_out + rows, acc.to(out_ptr.dtype.element_ty), mask=rows_ok)
+        acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):  # each weight tile read once for the whole batch
+            k_ok = k0 + k < D
+            w = tl.load(w_ptr + rows[:, None] * D + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
+            r = tl.load(residual_ptr + bi[:, None] * D + k0 + k[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's rounding
+            acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
+        tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=rows_ok[:, None] & b_ok[None, :])
 
     @triton.jit
     def _out_proj_residual_kernel(
         y_ptr,  # (B, D_in)
         w_ptr,  # (D_out, D_in) out_proj weight
         residual_ptr,  # (B, D_out) float32, += W y in place
-        batch, d_in, d_out,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        batch, d_out,
+        D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_ok = rows < d_out
+        bi = tl.arange(0, B_POW2)
+        b_ok = bi < batch
         k = tl.arange(0, BLOCK_K)
-        for b in range(batch):
-            acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-            for k0 in range(0, d_in, BLOCK_K):
-                k_ok = k0 + k < d_in
-                y = tl.load(y_ptr + b * d_in + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
-                w = tl.load(w_ptr + rows[:, None] * d_in + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
-                            other=0.0)
-                acc += tl.sum(w.to(tl.float32) * y[None, :], axis=1)
-            out = residual_ptr + b * d_out + rows
-            # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
-            acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-            tl.store(out, tl.load(out, mask=rows_ok, other=0.0) + acc, mask=rows_ok)
+        acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
+        for k0 in range(0, D_IN, BLOCK_K):  # each weight tile read once for the whole batch
+            k_ok = k0 + k < D_IN
+            w = tl.load(w_ptr + rows[:, None] * D_IN + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + bi[:, None] * D_IN + k0 + k[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(w[:, None, :] * y[None, :, :], axis=2)
+        # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
+        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        out = residual_ptr + bi[None, :] * d_out + rows[:, None]
+        ok = rows_ok[:, None] & b_ok[None, :]
+        tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
 
 
 @functools.cache
@@ -252,34 +260,43 @@ def _check_small_batch(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} takes at most {FUSED_GEMV_MAX_BATCH} sequences, got {x.shape[0]}")
 
 
-def norm_in_proj(residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor) -> Tensor:
+def norm_in_proj(
+    residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor,
+    block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = 4,
+) -> Tensor:
     """residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (N_out, D)
     without bias. Returns ``in_proj(rms_norm(residual))`` (B, N_out) in the weight's dtype, the norm's
     output rounded to that dtype first (mamba_ssm's fused norm). Zeroes ``zero`` (float32, contiguous)
-    on the way. Raises ValueError for a larger batch."""
+    on the way. ``block_n`` output rows per program, ``block_k`` the reduction chunk, ``num_warps``:
+    launch shape (powers of 2; ``benchmarks/decode_projections.py`` compares them). Raises ValueError
+    for a larger batch."""
     _check_small_batch("norm_in_proj", residual)
     batch, d_model = residual.shape
     n_out = in_proj_weight.shape[0]
     out = torch.empty(batch, n_out, device=residual.device, dtype=in_proj_weight.dtype)
-    _norm_in_proj_kernel[(triton.cdiv(n_out, IN_PROJ_BLOCK_N),)](
-        residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, d_model, n_out, eps,
-        BLOCK_N=IN_PROJ_BLOCK_N, BLOCK_K=IN_PROJ_BLOCK_K, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
-        **_pdl(residual),
+    _norm_in_proj_kernel[(triton.cdiv(n_out, block_n),)](
+        residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, n_out, eps,
+        D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
+        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
+        num_warps=num_warps, **_pdl(residual),
     )
     return out
 
 
-def out_proj_residual(y: Tensor, out_proj_weight: Tensor, residual: Tensor) -> None:
+def out_proj_residual(
+    y: Tensor, out_proj_weight: Tensor, residual: Tensor,
+    block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = 4,
+) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
     (D_out, D_in) without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
-    the weight's dtype before the add, as the unfused block rounds it. Raises ValueError for a larger
-    batch."""
+    the weight's dtype before the add, as the unfused block rounds it. Launch shape as
+    ``norm_in_proj``'s. Raises ValueError for a larger batch."""
     _check_small_batch("out_proj_residual", y)
     batch, d_in = y.shape
     d_out = out_proj_weight.shape[0]
-    _out_proj_residual_kernel[(triton.cdiv(d_out, OUT_PROJ_BLOCK_N),)](
-        y, out_proj_weight, residual, batch, d_in, d_out, BLOCK_N=OUT_PROJ_BLOCK_N, BLOCK_K=OUT_PROJ_BLOCK_K,
-        **_pdl(y),
+    _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
+        y, out_proj_weight, residual, batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **_pdl(y),
     )
 
 

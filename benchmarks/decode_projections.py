@@ -1,0 +1,154 @@
+"""The two projections of a Mamba-1 decode step: our fused Triton kernels against cuBLAS, per launch shape.
+
+    python -m benchmarks.decode_projections            # CUDA: Mamba-2.8B's shapes, bf16, batch 1 and 4
+    python -m benchmarks.decode_projections --quick    # CPU: small shapes through Triton's interpreter (CI)
+
+A decode step of Mamba-2.8B reads 5.5 GB of weights, 95 % of them in each block's ``in_proj`` (2560 ->
+10240) and ``out_proj`` (5120 -> 2560), each a matrix-vector product per sequence. The fused step
+(``mambavlm.ops.mamba_step``) does them as ``norm_in_proj`` (RMSNorm of the float32 residual + in_proj)
+and ``out_proj_residual`` (out_proj + the residual add); cuBLAS does what the unfused step runs:
+RMSNorm then ``F.linear``, and ``F.linear`` then the add. Each row runs the projection of 64 layers
+(64 distinct weight copies, so that nothing is served from the 50 MB L2) inside one CUDA graph, as the
+decoder replays them; the table gives us per layer, the weight bytes read per second against the HBM
+bandwidth, and the launch shape (``block_n`` rows per program, ``block_k`` reduction chunk, warps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from benchmarks.report import default_out, hbm_bytes_per_s, markdown_table, write_report
+from benchmarks.timing import benchmark_device, median_seconds, synchronize
+from mambavlm.ops.mamba_step import (
+    IN_PROJ_BLOCK_K,
+    IN_PROJ_BLOCK_N,
+    OUT_PROJ_BLOCK_K,
+    OUT_PROJ_BLOCK_N,
+    norm_in_proj,
+    out_proj_residual,
+    triton_available,
+)
+
+HEADERS = ["projection", "batch", "path", "block_n", "block_k", "warps", "us / layer", "TB/s", "of HBM"]
+SHAPES = {"paper": (2560, 5120), "quick": (96, 192)}  # (d_model, d_inner): Mamba-2.8B, a tiny stand-in
+LAUNCH_SHAPES = [(n, k, w) for n in (4, 8, 16, 32) for k in (256, 512) for w in (4, 8)]
+QUICK_LAUNCH_SHAPES = [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, 4), (4, 64, 2)]
+
+
+def replay_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median seconds of ``fn`` captured in a CUDA graph (on the CPU: called directly)."""
+    if device.type != "cuda":
+        return median_seconds(fn, device, repeats, warmup=1)
+    fn()  # compile and warm up outside the graph
+    synchronize(device)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return median_seconds(graph.replay, device, repeats, warmup=2)
+
+
+def layers_of(shape: tuple[int, int], count: int, device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    generator = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(*shape, device=device, generator=generator) / shape[1] ** 0.5).to(dtype) for _ in range(count)]
+
+
+def run(quick: bool, batches: list[int], layers: int, repeats: int, sweep: bool) -> list[list[object]]:
+    device = benchmark_device(quick)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    d_model, d_inner = SHAPES["quick" if quick else "paper"]
+    bandwidth = hbm_bytes_per_s(device)
+    in_weights = layers_of((2 * d_inner, d_model), layers, device, dtype)
+    out_weights = layers_of((d_model, d_inner), layers, device, dtype)
+    gain = torch.ones(d_model, device=device, dtype=dtype)
+    shapes = (LAUNCH_SHAPES if sweep else [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, 4), (OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, 4)]
+              ) if not quick else QUICK_LAUNCH_SHAPES
+    rows: list[list[object]] = []
+
+    def row(name: str, batch: int, path: str, launch: tuple[int, int, int] | None, seconds: float, weight: Tensor) -> None:
+        per_layer = seconds / layers
+        rate = weight.numel() * weight.element_size() / per_layer
+        share = f"{rate / bandwidth:.0%}" if bandwidth else "n/a"
+        n, k, w = launch if launch else ("", "", "")
+        rows.append([name, batch, path, n, k, w, f"{per_layer * 1e6:.2f}", f"{rate / 1e12:.2f}", share])
+
+    for batch in batches:
+        residual = torch.randn(batch, d_model, device=device)
+        zero = torch.empty(batch, 48, device=device)
+        y = torch.randn(batch, d_inner, device=device).to(dtype)
+        stream = torch.randn(batch, d_model, device=device)
+
+        def cublas_in() -> None:
+            for w in in_weights:
+                F.linear(F.rms_norm(residual, (d_model,), gain.float(), 1e-5).to(dtype), w)
+
+        def cublas_out() -> None:
+            for w in out_weights:
+                stream.add_(F.linear(y, w))
+
+        row("in_proj (+ RMSNorm)", batch, "cuBLAS (norm, F.linear)", None, replay_seconds(cublas_in, device, repeats),
+            in_weights[0])
+        for n, k, warps in shapes:
+            def ours_in(n: int = n, k: int = k, warps: int = warps) -> None:
+                for w in in_weights:
+                    norm_in_proj(residual, gain, 1e-5, w, zero, block_n=n, block_k=k, num_warps=warps)
+
+            row("in_proj (+ RMSNorm)", batch, "norm_in_proj", (n, k, warps), replay_seconds(ours_in, device, repeats),
+                in_weights[0])
+        row("out_proj (+ residual)", batch, "cuBLAS (F.linear, add)", None,
+            replay_seconds(cublas_out, device, repeats), out_weights[0])
+        for n, k, warps in shapes:
+            def ours_out(n: int = n, k: int = k, warps: int = warps) -> None:
+                for w in out_weights:
+                    out_proj_residual(y, w, stream, block_n=n, block_k=k, num_warps=warps)
+
+            row("out_proj (+ residual)", batch, "out_proj_residual", (n, k, warps),
+                replay_seconds(ours_out, device, repeats), out_weights[0])
+    return rows
+
+
+def best_lines(rows: list[list[object]]) -> list[str]:
+    """Per projection and batch: cuBLAS against our fastest launch shape."""
+    lines = []
+    for name in dict.fromkeys(r[0] for r in rows):
+        for batch in dict.fromkeys(r[1] for r in rows if r[0] == name):
+            group = [r for r in rows if r[0] == name and r[1] == batch]
+            cublas = next(float(r[6]) for r in group if r[2].startswith("cuBLAS"))
+            ours = min((r for r in group if not r[2].startswith("cuBLAS")), key=lambda r: float(r[6]))
+            lines.append(f"- {name}, batch {batch}: cuBLAS {cublas:.2f} us per layer, ours at best {ours[6]} us "
+                         f"(block_n {ours[3]}, block_k {ours[4]}, {ours[5]} warps): {cublas / float(ours[6]):.2f}x")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes on the CPU (Triton's interpreter)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--layers", type=int, default=64, help="distinct weight copies per replay")
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--no-sweep", action="store_true", help="only the default launch shapes")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if not triton_available():
+        raise SystemExit("needs triton")
+    if args.quick and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--quick runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
+    device = benchmark_device(args.quick)
+    layers = 2 if args.quick else args.layers
+    rows = run(args.quick, args.batches, layers, 3 if args.quick else args.repeats, sweep=not args.no_sweep)
+    intro = (f"{'tiny stand-in' if args.quick else 'Mamba-2.8B'} projections, "
+             f"{'float32' if device.type == 'cpu' else 'bfloat16'}, {layers} layers per CUDA-graph replay, "
+             f"median of {3 if args.quick else args.repeats}")
+    sections = [intro, markdown_table(HEADERS, rows), "\n".join(best_lines(rows))]
+    out = args.out or default_out("decode_projections", args.quick)
+    write_report(out, "Decode-step projections: fused Triton kernels vs cuBLAS", device, sections)
+
+
+if __name__ == "__main__":
+    main()
