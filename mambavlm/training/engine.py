@@ -76,6 +76,7 @@ __all__ = [
     "TrainerState",
     "gradient_accumulation_steps",
     "load_whole",
+    "root_unit_trains",
     "new_throughput",
     "structure_copy",
     "throughput_summary",
@@ -94,6 +95,23 @@ def structure_copy(module: nn.Module) -> nn.Module:
         for p in module.parameters()
     }
     return copy.deepcopy(module, memo)
+
+
+def root_unit_trains(prepared: nn.Module) -> bool:
+    """Whether a parameter of the root FSDP unit of ``prepared`` (one held by no nested FSDP unit) trains.
+
+    PyTorch's FSDP (version 1, ``use_orig_params``) with one process (NO_SHARD) never restores the
+    parameters of a root unit that holds no trainable parameter after its backward: they stay plain
+    tensors, the flat parameter's record of them is overwritten, and the next ``state_dict()`` (a
+    checkpoint) fails, naming the first of them (seen on an H200; with 2 processes the sharded
+    strategies restore them). True for a module that is not FSDP-wrapped.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(prepared, FSDP):
+        return True
+    nested = {id(p) for unit in FSDP.fsdp_modules(prepared) if unit is not prepared for p in unit.parameters()}
+    return any(p.requires_grad for p in prepared.parameters() if id(p) not in nested)
 
 
 def load_whole(module: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
@@ -485,6 +503,13 @@ class Trainer:
             self._prepared if keep else module, optimizer, loader, scheduler
         )
         self._prepared = prepared
+        if acc.distributed_type == DistributedType.FSDP and acc.num_processes == 1 and not root_unit_trains(prepared):
+            raise ConfigError(
+                f"phase {phase.name}: FSDP on one process runs unsharded (NO_SHARD), and there PyTorch's FSDP "
+                "loses the parameters of a root unit none of whose parameters train (here the frozen ones outside "
+                "the wrapped blocks: vision encoders, embeddings, ...) before the first checkpoint; on one GPU "
+                "run without FSDP (configs/accelerate/ddp.yaml, or python train/...)"
+            )
         if resume is not None:
             load_checkpoint(acc, resume, optimizer)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -176,3 +176,40 @@ def test_structure_copy_takes_no_parameter_memory_and_load_whole_restores_the_mo
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=lambda m, n=name: f"{n}: {m}")
     ids = torch.arange(12).reshape(2, 6)
     torch.testing.assert_close(whole(ids).logits, student(ids).logits, rtol=0, atol=0)
+
+
+def _root_unit_checks(rank: int, init_file: str, results: str) -> None:
+    """One gloo process: FSDP (use_orig_params, each block its own unit) over a model whose root holds
+    an embedding and a head outside the blocks; ``root_unit_trains`` as the trainable set changes."""
+    import torch.distributed as dist
+    from torch import nn
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+    from mambavlm.training.engine import root_unit_trains
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=1)
+
+    class Block(nn.Sequential):
+        pass
+
+    model = nn.Sequential(nn.Linear(4, 4), Block(nn.Linear(4, 4)), Block(nn.Linear(4, 4)), nn.Linear(4, 2))
+    model.requires_grad_(False)
+    model[1].requires_grad_(True)
+    wrapped = FSDP(model, auto_wrap_policy=ModuleWrapPolicy({Block}), use_orig_params=True, device_id=torch.device("cpu"))
+    checks = [root_unit_trains(wrapped)]  # only a block trains
+    model[3].bias.requires_grad_(True)
+    checks.append(root_unit_trains(wrapped))  # the head's bias, held by the root unit
+    checks.append(root_unit_trains(nn.Linear(2, 2).requires_grad_(False)))  # not FSDP
+    Path(results).write_text(json.dumps(checks))
+    dist.destroy_process_group()
+
+
+def test_root_unit_trains_tells_a_frozen_fsdp_root_apart(tmp_path: Path) -> None:
+    """The engine refuses FSDP on one process when the root unit trains nothing (PyTorch's FSDP loses
+    such a root's parameters before the first checkpoint, seen on an H200): the check itself."""
+    import torch.multiprocessing as mp
+
+    results = tmp_path / "checks.json"
+    mp.spawn(_root_unit_checks, args=(str(tmp_path / "init"), str(results)), nprocs=1)
+    assert json.loads(results.read_text()) == [False, True, True]
