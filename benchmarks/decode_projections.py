@@ -38,7 +38,7 @@ from mambavlm.ops.mamba_step import (
 
 HEADERS = ["projection", "batch", "path", "block_n", "block_k", "warps", "us / layer", "TB/s", "of HBM"]
 SHAPES = {"paper": (2560, 5120), "quick": (96, 192)}  # (d_model, d_inner): Mamba-2.8B, a tiny stand-in
-LAUNCH_SHAPES = [(n, k, w) for n in (4, 8, 16, 32) for k in (256, 512) for w in (4, 8)]
+LAUNCH_SHAPES = [(n, k, w) for n in (4, 8, 16, 32) for k in (512, 1024, 2048) for w in (2, 4)]
 QUICK_LAUNCH_SHAPES = [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, 4), (4, 64, 2)]
 
 

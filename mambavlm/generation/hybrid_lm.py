@@ -41,37 +41,33 @@ from mambavlm.ops.decode_attention import (
 )
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["CAPACITY_MULTIPLE", "SPLIT_KV_MIN_CAPACITY", "HybridStaticDecoder"]
+__all__ = ["CAPACITY_MULTIPLE", "HybridStaticDecoder"]
 
 CAPACITY_MULTIPLE = 256
 """The K/V buffers' length is a multiple of this (aligned for the attention kernels, reused across
 calls of similar length)."""
 
-SPLIT_KV_MIN_CAPACITY = 8192
-"""With ``attention="auto"`` a step attends with split-KV FlexAttention on CUDA from this cache length
-on, with SDPA below it (short caches: SDPA's kernel is not starved of parallelism, and no compile)."""
-
-AttentionMode = Literal["auto", "sdpa", "split_kv"]
+AttentionMode = Literal["sdpa", "split_kv"]
 
 
 class HybridStaticDecoder(StaticDecoder):
     """Prefill + per-token step of a LLaMA or LLaMA/Mamba-2 hybrid on a static KV + SSM cache.
 
-    attention: how a step attends over the K/V cache (``decode_attention``): ``"sdpa"``, ``"split_kv"``
-    (FlexAttention's flash-decoding kernel, compiled on CUDA), or ``"auto"``: split-KV on CUDA for
-    caches of ``SPLIT_KV_MIN_CAPACITY`` tokens or more where the kernel takes the head dimension
-    (``split_kv_supported``), SDPA otherwise. Raises ValueError for another mode, and at allocation
-    for ``"split_kv"`` where the kernel cannot run.
+    attention: how a step attends over the K/V cache (``decode_attention``): ``"sdpa"`` (the default),
+    or ``"split_kv"``: FlexAttention's flash-decoding kernel, compiled on CUDA. On an H200 split-KV
+    took 2-3x SDPA's time per token from 8K to 100K tokens of context (``benchmarks/results/
+    long_context.md``, 2026-11-30), so it is opt-in. Raises ValueError for another mode, and at
+    allocation for ``"split_kv"`` where the kernel cannot run (``split_kv_supported``).
     """
 
     supported_models = (LlamaForCausalLM,)
 
-    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, attention: AttentionMode = "auto") -> None:
-        if attention not in ("auto", "sdpa", "split_kv"):
-            raise ValueError(f"attention must be 'auto', 'sdpa' or 'split_kv', got {attention!r}")
+    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, attention: AttentionMode = "sdpa") -> None:
+        if attention not in ("sdpa", "split_kv"):
+            raise ValueError(f"attention must be 'sdpa' or 'split_kv', got {attention!r}")
         super().__init__(model, cuda_graph)
         self.attention = attention
-        self.split_kv = False
+        self.split_kv = attention == "split_kv"
         """Whether the current buffers' steps attend with split-KV (set per allocation)."""
         config = model.config
         self.num_heads = config.num_attention_heads
@@ -100,10 +96,7 @@ class HybridStaticDecoder(StaticDecoder):
         supported = all(split_kv_supported(device, head_dim) for head_dim in head_dims)
         if self.attention == "split_kv" and not supported:
             raise ValueError(f"attention='split_kv': FlexAttention on {device.type} cannot take head dimension "
-                             f"{min(head_dims)} (at least {SPLIT_KV_MIN_HEAD_DIM}); use 'sdpa' or 'auto'")
-        self.split_kv = self.attention == "split_kv" or (
-            self.attention == "auto" and device.type == "cuda" and capacity >= SPLIT_KV_MIN_CAPACITY and supported
-        )
+                             f"{min(head_dims)} (at least {SPLIT_KV_MIN_HEAD_DIM}); use 'sdpa'")
         self._kv = {}
         for i in self.attention_layers:
             shape = (batch, self.num_kv_heads, capacity, self.layers[i].self_attn.head_dim)

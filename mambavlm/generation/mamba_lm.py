@@ -27,17 +27,22 @@ from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
-from mambavlm.ops.mamba_step import FUSED_GEMV_MAX_BATCH, triton_available
+from mambavlm.ops.mamba_step import triton_available
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["StaticStateDecoder"]
+__all__ = ["WHOLE_BLOCK_MAX_BATCH", "StaticStateDecoder"]
+
+WHOLE_BLOCK_MAX_BATCH = 1
+"""The largest batch the fused step runs as whole-block kernels (``step_block``). Its projection
+kernels take up to 4 sequences, but at 4 they took twice cuBLAS's time on an H200
+(``benchmarks/results/decode_projections.md``); at 1 they match cuBLAS with the norm folded in."""
 
 
 class StaticStateDecoder(StaticDecoder):
     """Prefill + per-token step of a ``MambaForCausalLM`` / ``SSDForCausalLM`` on static state.
 
     fused_step: Mamba-1 steps through Triton kernels (``mambavlm.ops.mamba_step``): up to
-    ``FUSED_GEMV_MAX_BATCH`` sequences, each block in four (``StatefulMambaMixer.step_block``: norm +
+    ``WHOLE_BLOCK_MAX_BATCH`` sequences, each block in four (``StatefulMambaMixer.step_block``: norm +
     in_proj, conv + x_proj, dt + state update + gate, out_proj + residual add), the residual stream in
     float32 throughout (so with a ``residual_in_fp32`` model, or in float32, and bias-free
     projections); otherwise two kernels between cuBLAS's projections (``step_fused``). Raises
@@ -98,7 +103,7 @@ class StaticStateDecoder(StaticDecoder):
         config = self.model.config
         fp32_residual = config.residual_in_fp32 or self.model.get_input_embeddings().weight.dtype == torch.float32
         return (self.mamba1 and self.fused_step and self.mamba1_bias_free and fp32_residual
-                and batch <= FUSED_GEMV_MAX_BATCH)
+                and batch <= WHOLE_BLOCK_MAX_BATCH)
 
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)

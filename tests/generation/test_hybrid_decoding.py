@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
-from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE, SPLIT_KV_MIN_CAPACITY
+from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.ops.decode_attention import SPLIT_KV_MIN_HEAD_DIM, split_kv_supported
 from tests.conftest import (
@@ -85,16 +85,16 @@ def test_greedy_tokens_equal_hf_generate(layout: str) -> None:
         torch.testing.assert_close(ours, hf_tokens(model, ids, mask, 10))
 
 
-def test_attention_mode_is_checked_and_auto_keeps_sdpa_off_cuda_and_for_short_caches() -> None:
+def test_attention_mode_is_checked_and_sdpa_is_the_default() -> None:
     model = model_for("teacher")
-    with pytest.raises(ValueError, match="attention must be 'auto', 'sdpa' or 'split_kv', got 'flash'"):
-        HybridStaticDecoder(model, attention="flash")
+    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'split_kv', got 'auto'"):
+        HybridStaticDecoder(model, attention="auto")
     decoder = HybridStaticDecoder(model)
     ids, mask = left_padded((5,))
     with torch.no_grad():
         decoder.prefill(model.get_input_embeddings()(ids), mask, max_new_tokens=2)
-    assert decoder.attention == "auto" and not decoder.split_kv
-    assert copy.deepcopy(HybridStaticDecoder(model, attention="split_kv")).attention == "split_kv"
+    assert decoder.attention == "sdpa" and not decoder.split_kv
+    assert copy.deepcopy(HybridStaticDecoder(model, attention="split_kv")).split_kv
 
 
 def test_cache_capacity_is_reused_grown_and_enforced() -> None:
@@ -210,16 +210,16 @@ def test_weights_changed_in_place_reach_the_next_generation() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("layout", ["teacher", "head-interleaved:4"])
 def test_split_kv_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> None:
-    """A cache of SPLIT_KV_MIN_CAPACITY tokens or more selects split-KV under "auto"; its CUDA-graph
-    steps (compiled FlexAttention inside the graph) give SDPA's logits (float32) on a padded batch.
-    Heads of 16 (width 64): FlexAttention's CUDA kernels take no fewer."""
+    """Split-KV's CUDA-graph steps (compiled FlexAttention inside the graph) on a long cache give SDPA's
+    logits (float32) on a padded batch. Heads of 16 (width 64): FlexAttention's CUDA kernels take no
+    fewer."""
     model = model_for(layout, hidden_size=64).to("cuda")
     ids, mask = left_padded((300, 251))
     ids, mask = ids.cuda(), mask.cuda()
     embeds = model.get_input_embeddings()(ids)
-    new = SPLIT_KV_MIN_CAPACITY  # room to decode: the capacity passes the threshold
+    new = 8192  # a long cache: room to decode
     runs = {}
-    for attention in ("auto", "sdpa"):
+    for attention in ("split_kv", "sdpa"):
         decoder = HybridStaticDecoder(model, attention=attention)
         with torch.no_grad():
             logits = decoder.prefill(embeds, mask, max_new_tokens=new)
@@ -227,24 +227,19 @@ def test_split_kv_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> No
             for _ in range(12):
                 seen.append(logits.clone())
                 logits = decoder.step(logits.argmax(-1))
-        assert decoder.split_kv == (attention == "auto")
         runs[attention] = torch.stack(seen, 1)
-    torch.testing.assert_close(runs["auto"], runs["sdpa"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(runs["split_kv"], runs["sdpa"], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_heads_too_small_for_split_kv_keep_sdpa_under_auto_and_refuse_split_kv_on_cuda() -> None:
-    """The tiny model's heads of 8 are below FlexAttention's CUDA minimum: "auto" stays on SDPA even
-    for a long cache, "split_kv" says why it cannot run."""
+def test_split_kv_refuses_heads_too_small_for_flexattention_on_cuda() -> None:
+    """The tiny model's heads of 8 are below FlexAttention's CUDA minimum: "split_kv" says why it
+    cannot run."""
     model = model_for("teacher").to("cuda")
     assert model.model.layers[0].self_attn.head_dim < SPLIT_KV_MIN_HEAD_DIM
     ids, mask = left_padded((5, 3))
     embeds = model.get_input_embeddings()(ids.cuda())
-    decoder = HybridStaticDecoder(model, attention="auto")
-    with torch.no_grad():
-        decoder.prefill(embeds, mask.cuda(), max_new_tokens=SPLIT_KV_MIN_CAPACITY)
-    assert not decoder.split_kv
     with pytest.raises(ValueError, match="head dimension 8"):
         HybridStaticDecoder(model, attention="split_kv").prefill(embeds, mask.cuda(), max_new_tokens=4)
 
