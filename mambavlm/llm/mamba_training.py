@@ -39,7 +39,7 @@ from mambavlm.llm.tokenizer import IGNORE_INDEX
 from mambavlm.ops.dispatch import use_kernels
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["answer_token_loss", "install_fused_blocks", "mamba_lm_hidden_states", "zero3_partitioned"]
+__all__ = ["answer_token_loss", "install_fused_blocks", "mamba_lm_hidden_states", "right_padded", "zero3_partitioned"]
 
 _CHECKPOINTS_AT_CALL = "__call__" in GradientCheckpointingLayer.__dict__
 """transformers up to 5.17 checkpoints a layer in ``__call__`` (around whatever ``forward`` runs), later
@@ -132,6 +132,14 @@ def install_fused_blocks(lm: MambaForCausalLM) -> None:
             module.forward = types.MethodType(_mixer_forward, module)
 
 
+def right_padded(attention_mask: Tensor) -> bool:
+    """Whether every row of ``attention_mask`` (B, L) is its real tokens then only padding (1...1 0...0),
+    as the training collator pads. Then the mixers need no mask: each output at a real token depends on
+    that token and the ones before it, and mamba_ssm's layout skips the two elementwise products per
+    block that masking costs (forward and backward; ~15 ms of an H200 step of MambaVLM-2.8B)."""
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
 def mamba_lm_hidden_states(lm: MambaForCausalLM, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
     """inputs_embeds (B, L, D) -> the final hidden states (B, L, D) after ``norm_f``, as
     ``lm.backbone`` computes them, in ``norm_f``'s dtype (float32 with ``residual_in_fp32``).
@@ -144,6 +152,8 @@ def mamba_lm_hidden_states(lm: MambaForCausalLM, inputs_embeds: Tensor, attentio
     parameters around it.
     """
     install_fused_blocks(lm)
+    if attention_mask is not None and right_padded(attention_mask):
+        attention_mask = None  # a causal mixer's output at a real token never sees the pads after it
     hidden, residual = inputs_embeds, None
     for layer in lm.backbone.layers:
         hidden, residual = layer(hidden, residual, fused_add_norm=True, attention_mask=attention_mask)

@@ -24,6 +24,37 @@ def padded_batch(model: MambaVLM) -> dict:
     return batch
 
 
+def left_padded_batch(model: MambaVLM) -> dict:
+    """The second row's first 3 positions masked (left padding, as generation pads): the mixers must
+    mask them, they come before real tokens."""
+    batch = fixed_batch(model)
+    batch["attention_mask"][1, :3] = 0
+    batch["labels"][1, :3] = -100
+    return batch
+
+
+def test_right_padded_tells_the_collators_padding_apart() -> None:
+    from mambavlm.llm.mamba_training import right_padded
+
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert right_padded(torch.ones(2, 4, dtype=torch.long))
+    assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))
+    assert not right_padded(torch.tensor([[1, 0, 1]]))
+
+
+def test_left_padded_batch_keeps_the_mask_and_equals_transformers() -> None:
+    """A right-padded batch runs without the mask (test above); a left-padded one keeps it: the same
+    loss and gradients as transformers' forward, which masks the pads' inputs."""
+    model = tiny_vlm(train=True)
+    reference = copy.deepcopy(model)
+    batch = left_padded_batch(model)
+    ours, our_grads = loss_and_grads(model, batch, True)
+    theirs, their_grads = loss_and_grads(reference, batch, False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def loss_and_grads(model: MambaVLM, batch: dict, fused_layout: bool, **kwargs) -> tuple[torch.Tensor, dict]:
     model.zero_grad(set_to_none=True)
     if fused_layout:
