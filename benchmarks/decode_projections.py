@@ -59,7 +59,10 @@ def layers_of(shape: tuple[int, int], count: int, device: torch.device, dtype: t
     return [(torch.randn(*shape, device=device, generator=generator) / shape[1] ** 0.5).to(dtype) for _ in range(count)]
 
 
-def run(quick: bool, batches: list[int], layers: int, repeats: int, sweep: bool) -> list[list[object]]:
+def run(
+    quick: bool, batches: list[int], layers: int, repeats: int, sweep: bool,
+    launch_shapes: list[tuple[int, int, int]] | None = None,
+) -> list[list[object]]:
     device = benchmark_device(quick)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     d_model, d_inner = SHAPES["quick" if quick else "paper"]
@@ -67,8 +70,12 @@ def run(quick: bool, batches: list[int], layers: int, repeats: int, sweep: bool)
     in_weights = layers_of((2 * d_inner, d_model), layers, device, dtype)
     out_weights = layers_of((d_model, d_inner), layers, device, dtype)
     gain = torch.ones(d_model, device=device, dtype=dtype)
-    shapes = (LAUNCH_SHAPES if sweep else [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, 4), (OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, 4)]
-              ) if not quick else QUICK_LAUNCH_SHAPES
+    if launch_shapes:
+        shapes = launch_shapes
+    elif quick:
+        shapes = QUICK_LAUNCH_SHAPES
+    else:
+        shapes = LAUNCH_SHAPES if sweep else [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, 4), (OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, 4)]
     rows: list[list[object]] = []
 
     def row(name: str, batch: int, path: str, launch: tuple[int, int, int] | None, seconds: float, weight: Tensor) -> None:
@@ -133,6 +140,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=64, help="distinct weight copies per replay")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-sweep", action="store_true", help="only the default launch shapes")
+    parser.add_argument("--launch-shapes", nargs="+", default=None, metavar="NxKxW",
+                        help="launch shapes to time (rows per program x reduction chunk x warps), e.g. 16x1024x2")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not triton_available():
@@ -141,7 +150,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--quick runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
     device = benchmark_device(args.quick)
     layers = 2 if args.quick else args.layers
-    rows = run(args.quick, args.batches, layers, 3 if args.quick else args.repeats, sweep=not args.no_sweep)
+    shapes = [tuple(int(v) for v in text.split("x")) for text in args.launch_shapes] if args.launch_shapes else None
+    if shapes and any(len(shape) != 3 for shape in shapes):
+        raise SystemExit(f"--launch-shapes takes NxKxW, got {args.launch_shapes}")
+    rows = run(args.quick, args.batches, layers, 3 if args.quick else args.repeats, sweep=not args.no_sweep,
+               launch_shapes=shapes)
     intro = (f"{'tiny stand-in' if args.quick else 'Mamba-2.8B'} projections, "
              f"{'float32' if device.type == 'cpu' else 'bfloat16'}, {layers} layers per CUDA-graph replay, "
              f"median of {3 if args.quick else args.repeats}")
