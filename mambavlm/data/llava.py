@@ -29,7 +29,7 @@ from mambavlm.llm.tokenizer import (
     IMAGE_TOKEN_INDEX,
     tokenize_conversation,
 )
-from mambavlm.vision.image import open_image
+from mambavlm.vision.image import image_path_problem, open_image
 
 __all__ = ["SKIP_KINDS", "LlavaDataset", "SkippedSample", "load_records"]
 
@@ -205,8 +205,8 @@ class LlavaDataset(Dataset):
         path = (
             self.image_root / relative_path if self.image_root is not None else Path(relative_path)
         )
-        if not path.is_file():
-            return _Skip("image file not found", f"image file not found: {path}")
+        if problem := image_path_problem(path):
+            return _Skip("bad image path" if path.is_dir() else "image file not found", problem)
         try:
             return open_image(path)
         except IMAGE_LOAD_ERRORS as err:

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from mambavlm.data.llava import IMAGE_LOAD_ERRORS, load_records
 from mambavlm.llm.templates import ASSISTANT_ROLES, HUMAN_ROLES
 from mambavlm.processing import left_pad
-from mambavlm.vision.image import open_image
+from mambavlm.vision.image import image_path_problem, open_image
 
 __all__ = [
     "BLANK_COLOR",
@@ -122,8 +122,8 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
 def _open_image(path: Path, blind: bool) -> Image.Image | str:
     """The image as ``open_image`` decodes it for training (or a blank one of its size), or the reason
     it cannot be read."""
-    if not path.is_file():
-        return f"image file not found: {path}"
+    if problem := image_path_problem(path):
+        return problem
     try:
         image = open_image(path)
     except IMAGE_LOAD_ERRORS as err:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["BACKGROUND", "open_image", "to_rgb"]
+__all__ = ["BACKGROUND", "image_path_problem", "open_image", "to_rgb"]
 
 BACKGROUND: tuple[int, int, int] = (255, 255, 255)
 """What transparent pixels are composited over: white, as browsers and image viewers show them."""
@@ -66,15 +66,26 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image if mode == "RGB" else image.convert("RGB")
 
 
+def image_path_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be opened as an image file (it does not exist, or it is a directory), or
+    None for a file."""
+    path = Path(path)
+    if path.is_dir():
+        return f"image path is a directory, not a file: {path}"
+    if not path.is_file():
+        return f"image file not found: {path}"
+    return None
+
+
 def open_image(path: str | Path) -> Image.Image:
     """Decode the image file at ``path`` completely and return ``to_rgb`` of it.
 
-    Raises FileNotFoundError for a missing file and PIL's errors (OSError, ValueError, ...) for an
-    unreadable one.
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a directory, and PIL's errors
+    (OSError, ValueError, ...) for an unreadable file.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"image file not found: {path}")
+    if problem := image_path_problem(path):
+        raise (IsADirectoryError if path.is_dir() else FileNotFoundError)(problem)
     with Image.open(path) as image:
         image.load()
         return to_rgb(image)

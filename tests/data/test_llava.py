@@ -42,6 +42,7 @@ def dataset(tmp_path) -> LlavaDataset:
         {"id": "good", "image": "img/red.png", "conversations": qa("what color is it ?", "red")},
         {"id": "text", "conversations": qa("how many ?", "two")},
         {"id": "missing", "image": "img/nope.png", "conversations": qa("what color ?", "red")},
+        {"id": "directory", "image": "img", "conversations": qa("what color ?", "red")},
         {"id": "corrupt", "image": "img/corrupt.png", "conversations": qa("what color ?", "red")},
         {
             "id": "truncated_png",
@@ -128,6 +129,7 @@ def test_good_samples_load(dataset):
     "record_id, reason",
     [
         ("missing", "image file not found"),
+        ("directory", "image path is a directory, not a file"),
         ("corrupt", "unreadable image"),
         ("truncated_png", "unreadable image"),
         ("no_gpt", "no assistant turn"),

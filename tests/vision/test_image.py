@@ -146,6 +146,8 @@ def test_bad_input_is_named(tmp_path: Path) -> None:
         to_rgb(b"not an image")  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="image file not found"):
         open_image(tmp_path / "missing.png")
+    with pytest.raises(IsADirectoryError, match="is a directory, not a file"):
+        open_image(tmp_path)
     (tmp_path / "bad.png").write_bytes(io.BytesIO(b"garbage").getvalue())
     with pytest.raises(OSError):
         open_image(tmp_path / "bad.png")
