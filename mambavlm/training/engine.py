@@ -208,6 +208,7 @@ class TrainerState:
     over all phases (the checkpoint number). phase_losses: per phase, its step losses (None for a step
     whose every record was skipped). Skips: total, by kind (``SKIP_KINDS``); truncated samples.
     layout: the current phase's (processes, micro-batch, global batch), which a resume must match.
+    settings: the current phase's optimisation settings (``phase_settings``), compared on resume.
     phase_throughput: per phase, what its timed steps took (``new_throughput``): every step but the
     first of each start of the phase (its warm-up: kernel compilation, allocator growth), checkpoint
     writes excluded; samples and tokens (attention-mask tokens, visual included) over all processes;
@@ -225,6 +226,7 @@ class TrainerState:
     num_truncated: int = 0
     layout: dict[str, int] = field(default_factory=dict)
     phase_throughput: list[dict[str, float | None]] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -236,6 +238,39 @@ class TrainerState:
             unknown = sorted(set(data) - known) if isinstance(data, dict) else data
             raise ValueError(f"{source}: not a trainer state of this mambavlm (unexpected: {unknown})")
         return cls(**data)
+
+
+RESTORED_SETTINGS = ("lr", "weight_decay", "betas")
+"""Settings a resumed phase takes from its checkpoint whatever its config says: they live in the
+optimiser's parameter groups and the scheduler's base learning rates, which ``load_state`` restores."""
+
+
+def phase_settings(phase: Phase, total_steps: int) -> dict[str, Any]:
+    """What a phase optimises with (JSON values), as ``TrainerState.settings`` records it."""
+    return {
+        "lr": phase.lr,
+        "weight_decay": phase.weight_decay,
+        "betas": list(phase.betas),
+        "total_steps": total_steps,
+        "schedule": phase.schedule,
+        "warmup_ratio": phase.warmup_ratio,
+        "decay_ratio": phase.decay_ratio,
+        "max_grad_norm": phase.max_grad_norm,
+    }
+
+
+def changed_settings_note(saved: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """What differs between a checkpoint's phase settings and this run's, and what each change does on
+    resume (None when nothing differs)."""
+    changes = []
+    for key, value in current.items():
+        before = saved.get(key, value)
+        if before == value:
+            continue
+        effect = ("the checkpoint's is kept: the optimiser and scheduler are restored" if key in RESTORED_SETTINGS
+                  else "the new value applies from the resumed step")
+        changes.append(f"{key} {before} -> {value} ({effect})")
+    return "; ".join(changes) or None
 
 
 def new_throughput() -> dict[str, float | None]:
@@ -470,6 +505,10 @@ class Trainer:
                 "position in the data cannot be restored"
             )
         state.layout = layout
+        settings = phase_settings(phase, total_steps)
+        if resume is not None and state.settings and (note := changed_settings_note(state.settings, settings)):
+            logger.warning(f"resuming from {resume} with settings other than its own: {note}")
+        state.settings = settings
 
         module = phase.objective.module
         # FSDP wraps a module in place (its blocks become FSDP units, its parameters views of flat

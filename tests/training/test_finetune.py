@@ -93,6 +93,30 @@ def test_resume_repeats_the_uninterrupted_losses(micro_run, tmp_path):
     assert read_metrics(tmp_path)["throughput"]["timed_steps"] == 4
 
 
+def test_resume_with_another_lr_warns_and_keeps_the_checkpoints(micro_run, tmp_path, caplog):
+    """Resumed with another lr: the warning says the checkpoint's lr is kept, and it is (its optimiser
+    and scheduler are restored): steps 4-6 repeat the uninterrupted losses."""
+    config = micro_config(tmp_path, f"train.resume_from={micro_run / 'checkpoint-3'}", "train.lr=0.5")
+    with caplog.at_level("WARNING", logger="mambavlm.training.engine"):
+        run_finetune(config)
+    warning = " ".join(r.getMessage() for r in caplog.records if "settings other than its own" in r.getMessage())
+    assert "lr 0.003 -> 0.5 (the checkpoint's is kept: the optimiser and scheduler are restored)" in warning
+    assert "max_grad_norm" not in warning and "total_steps" not in warning
+    assert read_metrics(tmp_path)["step_losses"] == read_metrics(micro_run)["step_losses"]
+
+
+def test_changed_settings_note_names_each_change_and_its_effect():
+    from mambavlm.training.engine import changed_settings_note
+
+    saved = {"lr": 1e-3, "betas": [0.9, 0.999], "total_steps": 6, "max_grad_norm": 1.0}
+    assert changed_settings_note(saved, dict(saved)) is None
+    note = changed_settings_note(saved, {**saved, "total_steps": 10, "max_grad_norm": None, "betas": [0.9, 0.95]})
+    assert note == ("betas [0.9, 0.999] -> [0.9, 0.95] (the checkpoint's is kept: the optimiser and scheduler are "
+                    "restored); total_steps 6 -> 10 (the new value applies from the resumed step); max_grad_norm "
+                    "1.0 -> None (the new value applies from the resumed step)")
+    assert changed_settings_note({}, saved) is None  # a checkpoint from before settings were recorded
+
+
 def test_gradient_checkpointing_gives_the_same_losses(tmp_path, monkeypatch):
     overrides = ["train.max_steps=3", "train.save_every=null", "data.synthetic.num_val=0"]
     run_finetune(micro_config(tmp_path / "plain", *overrides))
