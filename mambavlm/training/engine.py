@@ -152,6 +152,23 @@ class TrainablePolicy(Protocol):
     def __call__(self, module: nn.Module) -> set[str]: ...
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow", "comet_ml": "comet-ml",
+                    "aim": "aim", "clearml": "clearml", "dvclive": "dvclive"}
+"""The pip package each accelerate tracker needs."""
+
+
+def check_trackers(trackers: Sequence[str]) -> None:
+    """Raise ConfigError naming the trackers whose package is not installed (accelerate would only warn
+    and log nothing) and how to install them."""
+    import accelerate.utils
+
+    missing = [name for name in trackers if not getattr(accelerate.utils, f"is_{name}_available")()]
+    if missing:
+        raise ConfigError(
+            f"trackers: {', '.join(missing)} not installed; pip install {' '.join(TRACKER_PACKAGES[n] for n in missing)}"
+        )
+
+
 def fresh_start_note(resume_from: str | None, output_dir: Path) -> str | None:
     """What to tell the user when a run starts from the beginning although they may expect otherwise:
     ``resume_from="latest"`` found no checkpoint, or ``output_dir`` holds an earlier run's checkpoints
@@ -350,6 +367,7 @@ class Trainer:
         self.keep_last = keep_last
         self.resume_from = resume_from
         self.num_workers = num_workers
+        check_trackers(trackers)
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),

@@ -213,3 +213,18 @@ def test_root_unit_trains_tells_a_frozen_fsdp_root_apart(tmp_path: Path) -> None
     results = tmp_path / "checks.json"
     mp.spawn(_root_unit_checks, args=(str(tmp_path / "init"), str(results)), nprocs=1)
     assert json.loads(results.read_text()) == [False, True, True]
+
+
+def test_a_tracker_whose_package_is_missing_is_refused_with_the_pip_command(monkeypatch, tmp_path) -> None:
+    """accelerate only warns and logs nothing; the run refuses to start instead."""
+    import accelerate.utils
+
+    from mambavlm.config import ConfigError
+    from mambavlm.training.engine import TRACKER_PACKAGES, Trainer, check_trackers
+
+    monkeypatch.setattr(accelerate.utils, "is_comet_ml_available", lambda: False)
+    monkeypatch.setattr(accelerate.utils, "is_wandb_available", lambda: True)
+    with pytest.raises(ConfigError, match=r"trackers: comet_ml not installed; pip install comet-ml"):
+        Trainer(tmp_path, trackers=["wandb", "comet_ml"])
+    check_trackers(["wandb"])
+    assert all(hasattr(accelerate.utils, f"is_{name}_available") for name in TRACKER_PACKAGES)
