@@ -69,15 +69,20 @@ from mambavlm.training.checkpoint import (
 from mambavlm.training.optim import build_optimizer, build_scheduler, no_decay_names
 
 __all__ = [
+    "RESTORED_SETTINGS",
+    "TRACKER_PACKAGES",
     "Objective",
     "Phase",
     "TrainablePolicy",
     "Trainer",
     "TrainerState",
+    "changed_settings_note",
+    "check_trackers",
     "gradient_accumulation_steps",
     "load_whole",
-    "root_unit_trains",
     "new_throughput",
+    "phase_settings",
+    "root_unit_trains",
     "structure_copy",
     "throughput_summary",
 ]
