@@ -21,11 +21,13 @@ about 4x the tokens, the visual tokens staying 1458):
 A step is forward + backward + AdamW (fused on CUDA) over the trainable parameters (projector + LLM),
 on samples of one image (the visual tokens) + text tokens with labels on the text. Parameters are
 bf16 (float32 with --quick). The micro-batch starts at ``--micro-batch`` and is halved until a step
-fits in memory. ``--loss-steps`` steps of AdamW from one initialisation on the same batches through
+fits in memory. ``--loss-steps`` optimiser steps from one initialisation on the same batches through
 both of our layouts give the loss curves compared at the end (largest relative difference), in
-float32 (``--loss-dtype``): there the two layouts differ only in summation order, so the curves agree
-to ~1e-5; in bf16 the layouts round the residual stream differently (mamba_ssm's keeps it in float32)
-and random-weight losses near 22 drift apart by a few percent within 20 steps.
+float32 (``--loss-dtype``), where the two layouts differ only in summation order. With SGD
+(``--loss-optimizer``, the default) an update is proportional to its gradient, so the curves differ
+as little as the gradients do; AdamW's first update is lr times the sign of each gradient, and on the
+H200 (random weights, loss ~22) that moved near-zero-gradient weights apart until the curves differed
+by 5 % after 20 steps although their first losses agreed to 2e-4.
 
 At the first length, ``--larger-micro-batch`` (default 16 on CUDA) adds ours and mamba_ssm at that
 micro-batch: what the memory ours saves (no vocabulary logits) buys. ``--profile`` (CUDA) adds the
@@ -291,13 +293,17 @@ def crossover_note(short: tuple[Result, Result], long: tuple[Result, Result]) ->
             f"{long[0].tokens_per_sample} tokens, per model)")
 
 
+OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW"}
+
+
 def loss_curves(cfg: ModelConfig, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
-    """``--loss-steps`` AdamW steps from one initialisation on the same batches, per layout."""
+    """``--loss-steps`` steps of ``--loss-optimizer`` from one initialisation on the same batches, per layout."""
     curves = {}
     dtype = getattr(torch, args.loss_dtype)
+    optimizers = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
     for layout in LAYOUTS:
         model = build(cfg, args, device, dtype)
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.loss_lr)
+        optimizer = optimizers[args.loss_optimizer]([p for p in model.parameters() if p.requires_grad], lr=args.loss_lr)
         generator = torch.Generator(device="cpu").manual_seed(1)
         losses = []
         for _ in range(args.loss_steps):
@@ -379,7 +385,8 @@ def run(args: argparse.Namespace) -> str:
     curves = loss_curves(mamba_cfg, args, device)
     difference = max(abs(a - b) / abs(b) for a, b in zip(curves["ours"], curves["transformers"], strict=True))
     notes.append(
-        f"Loss curves, {args.loss_dtype}, {args.loss_steps} AdamW steps (lr {args.loss_lr:g}, micro-batch 2, one "
+        f"Loss curves, {args.loss_dtype}, {args.loss_steps} {OPTIMIZER_NAMES[args.loss_optimizer]} steps (lr "
+        f"{args.loss_lr:g}, micro-batch 2, one "
         "initialisation, the "
         f"same batches): largest relative difference ours vs transformers' layout {difference:.1e}\n\n"
         + markdown_table(["layout", "losses"], [[k, " ".join(f"{x:.4f}" for x in v)] for k, v in curves.items()])
@@ -410,6 +417,8 @@ def main() -> None:
                         help="text tokens per sample of each timed length (default: 64 and 4630, 4x the tokens; 64 with --quick)")
     parser.add_argument("--loss-steps", type=int, help="steps of the loss curves (default 20; 4 with --quick)")
     parser.add_argument("--loss-lr", type=float, default=1e-4, help="learning rate of the loss curves")
+    parser.add_argument("--loss-optimizer", choices=sorted(OPTIMIZER_NAMES), default="sgd",
+                        help="optimiser of the loss curves (sgd: updates proportional to the gradients)")
     parser.add_argument("--steps", type=int, help="timed steps (default 5; 2 with --quick)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations")
     parser.add_argument("--loss-dtype", choices=["float32", "bfloat16"], default="float32",
