@@ -174,6 +174,12 @@ if triton is not None:
 
 
     @triton.jit
+    def _row_tile(ptr, rows, rows_ok, cols, cols_ok, width):
+        """The (rows, cols) tile of a row-major matrix of ``width`` columns, float32, zeros outside."""
+        return tl.load(ptr + rows[:, None] * width + cols[None, :], mask=rows_ok[:, None] & cols_ok[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
     def _norm_in_proj_kernel(
         residual_ptr,  # (B, D) float32 residual stream
         norm_w_ptr,  # (D,) RMSNorm weight
@@ -202,13 +208,10 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):  # each weight tile read once for the whole batch
             k_ok = k0 + k < D
-            w = tl.load(w_ptr + rows[:, None] * D + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
             g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
-            r = tl.load(residual_ptr + bi[:, None] * D + k0 + k[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                        other=0.0)
+            r = _row_tile(residual_ptr, bi, b_ok, k0 + k, k_ok, D)
             x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's rounding
-            acc += tl.sum(w[:, None, :] * x[None, :, :], axis=2)
+            acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
         tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=rows_ok[:, None] & b_ok[None, :])
 
@@ -232,11 +235,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
         for k0 in range(0, D_IN, BLOCK_K):  # each weight tile read once for the whole batch
             k_ok = k0 + k < D_IN
-            w = tl.load(w_ptr + rows[:, None] * D_IN + k0 + k[None, :], mask=rows_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            y = tl.load(y_ptr + bi[:, None] * D_IN + k0 + k[None, :], mask=b_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)
-            acc += tl.sum(w[:, None, :] * y[None, :, :], axis=2)
+            y = _row_tile(y_ptr, bi, b_ok, k0 + k, k_ok, D_IN)
+            acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
         # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
         acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
         out = residual_ptr + bi[None, :] * d_out + rows[:, None]
