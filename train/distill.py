@@ -28,7 +28,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = load_distill_config(args.config, args.overrides)
     except (ConfigError, TypeError) as err:  # a config error is the user's to fix: the message, no traceback
         parser.exit(2, f"error: {err}\n")
-    return run_distillation(config)
+    try:
+        return run_distillation(config)
+    except ConfigError as err:  # found once the run starts (data, accelerate setup): also the user's to fix
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

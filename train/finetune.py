@@ -25,7 +25,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         config = load_train_config(args.config, args.overrides)
     except (ConfigError, TypeError) as err:  # a config error is the user's to fix: the message, no traceback
         parser.exit(2, f"error: {err}\n")
-    run_finetune(config)
+    try:
+        run_finetune(config)
+    except ConfigError as err:  # found once the run starts (data, accelerate setup): also the user's to fix
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":

@@ -446,6 +446,14 @@ class Trainer:
         acc = self.accelerator
         if not phases:
             raise ValueError("no phases to run")
+        plugin = self._deepspeed_plugin()
+        modules = [id(phase.objective.module) for phase in phases]
+        if plugin is not None and plugin.zero_stage == 3 and len(set(modules)) < len(modules):
+            raise ConfigError(
+                "a run of several phases (distillation stages) over one model cannot use DeepSpeed ZeRO-3, "
+                "which partitions the model in place when its first phase starts; use FSDP "
+                "(configs/accelerate/fsdp.yaml) or ZeRO-2"
+            )
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             remove_unfinished_writes(self.output_dir)
@@ -542,7 +550,6 @@ class Trainer:
         keep = self._prepared is not None and self._source is module and acc.distributed_type == DistributedType.FSDP
         if self._prepared is not None:
             if not keep:
-                self._check_rewrap(module)
                 acc.unwrap_model(self._prepared, keep_fp32_wrapper=False)  # undo accelerate's forward patch
             acc.free_memory()  # drop the previous phase's optimiser, scheduler, loader (and wrapper)
         if not keep:
@@ -600,20 +607,6 @@ class Trainer:
             from deepspeed.utils import set_z3_leaf_modules
 
             set_z3_leaf_modules(module, leaves)
-
-    def _check_rewrap(self, module: nn.Module) -> None:
-        """ZeRO-3 partitions a module's parameters in place: a second phase over a module already
-        prepared cannot wrap it again."""
-        plugin = self._deepspeed_plugin()
-        if plugin is None or plugin.zero_stage != 3:
-            return
-        prepared = {id(p) for p in self._source.parameters()} if self._source is not None else set()
-        if any(id(p) in prepared for p in module.parameters()):
-            raise ConfigError(
-                "a run of several phases (distillation stages) over one model cannot use DeepSpeed ZeRO-3, "
-                "which partitions the model in place when its first phase starts; use FSDP "
-                "(configs/accelerate/fsdp.yaml) or ZeRO-2"
-            )
 
     def _scheduler(self, optimizer: torch.optim.Optimizer, phase: Phase, total_steps: int) -> Any:
         if phase.schedule == "cosine":

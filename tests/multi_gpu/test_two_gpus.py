@@ -125,18 +125,25 @@ def teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_distillation_on_two_gpus_equals_one_and_saves_one_student(strategy: str, teacher: Path,
-                                                                    tmp_path: Path) -> None:
-    from mambavlm.model import MambaVLM
-
+def distill_args(teacher: Path, tmp_path: Path) -> list[str]:
+    """train/distill.py on the tiny configs: mmMamba's three stages and MaTVLM's, 2 steps each."""
     train = four_records(tmp_path / "data")
     stages = ", ".join(
         f"{{name: {name}, max_steps: 2, lr: 5.0e-3, global_batch_size: 4, micro_batch_size: 2{extra}}}"
         for name, extra in (("stage1", ""), ("stage2", ""), ("stage3", ""), ("matvlm", ", gamma: 0.5"))
     )
-    args = ["--config", str(ROOT / "configs/distill/tiny.yaml"), f"teacher={teacher}", f"data={{train: {train}}}",
+    return ["--config", str(ROOT / "configs/distill/tiny.yaml"), f"teacher={teacher}", f"data={{train: {train}}}",
             f"stages=[{stages}]", "layout=head-interleaved:2", "mixed_precision=no"]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp", "deepspeed_zero2"])
+def test_distillation_on_two_gpus_equals_one_and_saves_one_student(strategy: str, teacher: Path,
+                                                                    tmp_path: Path) -> None:
+    from mambavlm.model import MambaVLM
+
+    if strategy.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    args = distill_args(teacher, tmp_path)
     wrap = ["--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer"] if strategy == "fsdp" else []
     runs = {}
     for processes in (1, 2):
@@ -166,6 +173,19 @@ def test_distillation_on_two_gpus_equals_one_and_saves_one_student(strategy: str
             off += int((~close).sum())
             assert gap <= 2 * total_lr, report[-1]
     assert off <= 1e-3 * sum(v.numel() for v in one.values()), "\n".join(report)
+
+
+def test_distillation_under_zero3_is_refused_naming_what_to_use(teacher: Path, tmp_path: Path) -> None:
+    """ZeRO-3 partitions the student in place when stage 1 starts: a run of several stages says so."""
+    pytest.importorskip("deepspeed")
+    accelerate = Path(sys.executable).with_name("accelerate")
+    cmd = [str(accelerate), "launch", "--config_file", str(ROOT / "configs/accelerate/deepspeed_zero3.yaml"),
+           "--num_processes", "2", "--main_process_port", "0", str(ROOT / "train/distill.py"),
+           *distill_args(teacher, tmp_path), f"output_dir={tmp_path / 'run'}"]
+    result = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(CUDA_VISIBLE_DEVICES="0,1"), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode != 0
+    assert "cannot use DeepSpeed ZeRO-3" in result.stdout + result.stderr, failure_report(result.stdout + result.stderr)
 
 
 def test_evaluation_sharded_on_two_gpus_equals_one(tmp_path: Path) -> None:

@@ -85,3 +85,25 @@ def test_the_scripts_report_a_config_error_without_a_traceback(script, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "lrr_typo: unknown key" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("script", ["finetune", "distill"])
+def test_the_scripts_report_an_error_found_when_the_run_starts_without_a_traceback(script, capsys, monkeypatch, tmp_path):
+    """A ConfigError raised once the run starts (here: a tracker whose package is missing) is the
+    user's to fix too: 'error: ...', exit 2."""
+    import importlib.util
+
+    import accelerate.utils
+
+    from tests.conftest import ROOT
+
+    monkeypatch.setattr(accelerate.utils, "is_comet_ml_available", lambda: False)
+    spec = importlib.util.spec_from_file_location(f"{script}_script", ROOT / "train" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = ROOT / "configs" / ("train" if script == "finetune" else "distill") / "tiny.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--config", str(config), "trackers=[comet_ml]", f"output_dir={tmp_path}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: trackers: comet_ml not installed; pip install comet-ml") and "Traceback" not in err
