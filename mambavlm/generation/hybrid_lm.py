@@ -13,8 +13,8 @@ The prefill writes the prompt into them (flash SDPA, causal, when no row is padd
 one K/V column per attention layer and attends over the whole buffer with the column mask, so its
 shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). The step's
 attention (``mambavlm.ops.decode_attention``) reads each K/V head once for its group of query heads
-(no ``repeat_kv``): SDPA for short caches, split-KV FlexAttention (flash-decoding) for long ones on
-CUDA (``attention``). The layers use the model's own
+(no ``repeat_kv``): SDPA, or split-KV FlexAttention (flash-decoding) when asked for (``attention``;
+slower than SDPA on an H200). The layers use the model's own
 modules and weights (projections, rotary embedding, MLP, lm_head; each residual add + RMSNorm one
 fused kernel on CUDA, ``add_rms_norm``) and the Mamba-2 mixers' own prefill (``forward`` with a state) and ``step``:
 the tokens are those of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
