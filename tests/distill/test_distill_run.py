@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -122,11 +123,13 @@ def test_bad_records_are_skipped_and_counted_alike_in_distillation_and_finetunin
     assert on_disk["skipped_by_kind"] == {"unreadable image": expected}
 
 
-def test_data_longer_than_the_teacher_takes_is_an_error_before_training(teacher: Path, tmp_path: Path) -> None:
-    from mambavlm.config import ConfigError
-
-    with pytest.raises(ConfigError, match="data.max_length=1000 exceeds what the teacher .* takes \\(256 tokens\\)"):
+def test_data_longer_than_the_teacher_takes_is_an_error_before_training(teacher: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
         distill_main(distill_args(teacher, tmp_path / "run", "data.max_length=1000"))
+    assert exit_info.value.code == 2
+    assert re.search(r"^error: data.max_length=1000 exceeds what the teacher .* takes \(256 tokens\)",
+                     capsys.readouterr().err, re.MULTILINE)
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
