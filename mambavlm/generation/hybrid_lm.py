@@ -23,7 +23,7 @@ the tokens are those of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any, get_args
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,7 @@ from mambavlm.llm.hybrid import Mamba2AttentionAdapter
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.ops.decode_attention import (
     SPLIT_KV_MIN_HEAD_DIM,
+    DecodeAttention,
     decode_attention,
     split_kv_supported,
 )
@@ -47,28 +48,26 @@ CAPACITY_MULTIPLE = 256
 """The K/V buffers' length is a multiple of this (aligned for the attention kernels, reused across
 calls of similar length)."""
 
-AttentionMode = Literal["sdpa", "split_kv"]
 
 
 class HybridStaticDecoder(StaticDecoder):
     """Prefill + per-token step of a LLaMA or LLaMA/Mamba-2 hybrid on a static KV + SSM cache.
 
-    attention: how a step attends over the K/V cache (``decode_attention``): ``"sdpa"`` (the default),
-    or ``"split_kv"``: FlexAttention's flash-decoding kernel, compiled on CUDA. On an H200 split-KV
-    took 2-3x SDPA's time per token from 8K to 100K tokens of context (``benchmarks/results/
-    long_context.md``, 2026-11-30), so it is opt-in. Raises ValueError for another mode, and at
-    allocation for ``"split_kv"`` where the kernel cannot run (``split_kv_supported``).
+    attention: how a step attends over the K/V cache (``decode_attention``): ``"sdpa"`` (the default);
+    ``"split_kv"``, FlexAttention's flash-decoding kernel, compiled on CUDA (on an H200 it took 2-3x
+    SDPA's time per token from 8K to 100K tokens of context: ``benchmarks/RESULTS.md`` c2); ``"gemm"``,
+    two cuBLAS batched products split over the cache (not measured on a GPU yet). Raises ValueError for
+    another mode, and at allocation for ``"split_kv"`` where the kernel cannot run
+    (``split_kv_supported``).
     """
 
     supported_models = (LlamaForCausalLM,)
 
-    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, attention: AttentionMode = "sdpa") -> None:
-        if attention not in ("sdpa", "split_kv"):
-            raise ValueError(f"attention must be 'sdpa' or 'split_kv', got {attention!r}")
+    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, attention: DecodeAttention = "sdpa") -> None:
+        if attention not in get_args(DecodeAttention):
+            raise ValueError(f"attention must be 'sdpa', 'split_kv' or 'gemm', got {attention!r}")
         super().__init__(model, cuda_graph)
-        self.attention = attention
-        self.split_kv = attention == "split_kv"
-        """Whether the current buffers' steps attend with split-KV (set per allocation)."""
+        self.attention: DecodeAttention = attention
         config = model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
@@ -182,7 +181,7 @@ class HybridStaticDecoder(StaticDecoder):
                 keys, values = self._kv[i]
                 keys.index_copy_(2, self._write_index, k)
                 values.index_copy_(2, self._write_index, v)
-                out = decode_attention(q, keys, values, self._key_valid, attn.scaling, self.split_kv)  # (B, H, 1, Dh)
+                out = decode_attention(q, keys, values, self._key_valid, attn.scaling, self.attention)  # (B, H, 1, Dh)
                 mix = attn.o_proj(out.reshape(batch, 1, -1))
             hidden, residual = self._mlp(i, mix, residual)
         self._write_index.add_(1)

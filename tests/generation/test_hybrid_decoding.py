@@ -52,7 +52,7 @@ def hf_tokens(model: LlamaForCausalLM, ids: Tensor, mask: Tensor, new: int) -> T
     return out[:, ids.shape[1] :]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "split_kv"])
+@pytest.mark.parametrize("attention", ["sdpa", "split_kv", "gemm"])
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_prefill_and_steps_give_the_uncached_forward_logits(layout: str, attention: str) -> None:
     model = model_for(layout)
@@ -65,7 +65,6 @@ def test_prefill_and_steps_give_the_uncached_forward_logits(layout: str, attenti
         decoder = HybridStaticDecoder(model, attention=attention)
         embeds = model.get_input_embeddings()(ids)
         got = [decoder.prefill(embeds, mask, max_new_tokens=4)]
-        assert decoder.split_kv == (attention == "split_kv")
         got += [decoder.step(more[:, t]).clone() for t in range(more.shape[1])]
     for t, logits in enumerate(got):
         torch.testing.assert_close(logits, expected[:, ids.shape[1] - 1 + t], rtol=1e-4, atol=1e-4)
@@ -87,14 +86,14 @@ def test_greedy_tokens_equal_hf_generate(layout: str) -> None:
 
 def test_attention_mode_is_checked_and_sdpa_is_the_default() -> None:
     model = model_for("teacher")
-    with pytest.raises(ValueError, match="attention must be 'sdpa' or 'split_kv', got 'auto'"):
+    with pytest.raises(ValueError, match="attention must be 'sdpa', 'split_kv' or 'gemm', got 'auto'"):
         HybridStaticDecoder(model, attention="auto")
     decoder = HybridStaticDecoder(model)
     ids, mask = left_padded((5,))
     with torch.no_grad():
         decoder.prefill(model.get_input_embeddings()(ids), mask, max_new_tokens=2)
-    assert decoder.attention == "sdpa" and not decoder.split_kv
-    assert copy.deepcopy(HybridStaticDecoder(model, attention="split_kv")).split_kv
+    assert decoder.attention == "sdpa"
+    assert copy.deepcopy(HybridStaticDecoder(model, attention="gemm")).attention == "gemm"
 
 
 def test_cache_capacity_is_reused_grown_and_enforced() -> None:
