@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, get_wsd_schedule
+from transformers.models.mamba.modeling_mamba import MambaMixer
 
 from mambavlm.config import ConfigError
 from mambavlm.data.llava import SkippedSample
@@ -71,6 +72,7 @@ from mambavlm.training.optim import build_optimizer, build_scheduler, no_decay_n
 __all__ = [
     "RESTORED_SETTINGS",
     "TRACKER_PACKAGES",
+    "ZERO3_LEAF_TYPES",
     "Objective",
     "Phase",
     "TrainablePolicy",
@@ -85,6 +87,7 @@ __all__ = [
     "root_unit_trains",
     "structure_copy",
     "throughput_summary",
+    "zero3_leaf",
 ]
 
 logger = get_logger(__name__)
@@ -117,6 +120,17 @@ def root_unit_trains(prepared: nn.Module) -> bool:
         return True
     nested = {id(p) for unit in FSDP.fsdp_modules(prepared) if unit is not prepared for p in unit.parameters()}
     return any(p.requires_grad for p in prepared.parameters() if id(p) not in nested)
+
+
+ZERO3_LEAF_TYPES: tuple[type[nn.Module], ...] = (MambaMixer,)
+"""transformers' modules whose forward hands their submodules' weights to a kernel (``MambaMixer`` to
+mamba_ssm's ``mamba_inner_fn``): gathered whole under ZeRO-3, as the project's classes that set
+``zero3_leaf``."""
+
+
+def zero3_leaf(module: nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 must gather ``module``'s parameters all at once in its forward."""
+    return bool(getattr(type(module), "zero3_leaf", False)) or isinstance(module, ZERO3_LEAF_TYPES)
 
 
 def load_whole(module: nn.Module, state_dict: dict[str, Tensor]) -> nn.Module:
@@ -596,13 +610,14 @@ class Trainer:
             self._save(state)
 
     def _mark_zero3_leaves(self, module: nn.Module) -> None:
-        """Under ZeRO-3, the modules whose class sets ``zero3_leaf = True`` (their forward reads their
-        submodules' weights directly, as kernels' arguments) become DeepSpeed leaf modules: their
-        whole parameter set is gathered in their own forward (``deepspeed.utils.set_z3_leaf_modules``)."""
+        """Under ZeRO-3, the modules whose class sets ``zero3_leaf = True`` or is one of
+        ``ZERO3_LEAF_TYPES`` (their forward reads their submodules' weights directly, as kernels'
+        arguments) become DeepSpeed leaf modules: their whole parameter set is gathered in their own
+        forward (``deepspeed.utils.set_z3_leaf_modules``)."""
         plugin = self._deepspeed_plugin()
         if plugin is None or plugin.zero_stage != 3:
             return
-        leaves = sorted({type(m) for m in module.modules() if getattr(type(m), "zero3_leaf", False)}, key=str)
+        leaves = sorted({type(m) for m in module.modules() if zero3_leaf(m)}, key=str)
         if leaves:
             from deepspeed.utils import set_z3_leaf_modules
 

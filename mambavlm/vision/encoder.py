@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import open_clip
 import timm
@@ -36,6 +36,11 @@ class VisionEncoder(nn.Module):
     the pooling head are pruned away: the module holds only what the grid depends on.
     A frozen encoder has no trainable parameters and stays in eval mode through ``.train()``.
     """
+
+    zero3_leaf: ClassVar[bool] = True
+    """The forward calls ``backbone.forward_intermediates``, not the backbone's own forward, so the
+    backbone's direct parameters (position embedding, class token) are read without its hooks: DeepSpeed
+    ZeRO-3 gathers the whole encoder in this module's forward."""
 
     def __init__(
         self,

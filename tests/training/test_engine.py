@@ -18,7 +18,7 @@ from mambavlm.data.collate import VLMCollator
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.finetune import training_dataset
-from tests.conftest import ROOT, TINY_TRAIN, four_records, subprocess_env
+from tests.conftest import ROOT, TINY_TRAIN, four_records, subprocess_env, tiny_vlm
 
 def overrides(out: Path, train: Path, micro: int) -> list[str]:
     return [
@@ -228,3 +228,18 @@ def test_a_tracker_whose_package_is_missing_is_refused_with_the_pip_command(monk
         Trainer(tmp_path, trackers=["wandb", "comet_ml"])
     check_trackers(["wandb"])
     assert all(hasattr(accelerate.utils, f"is_{name}_available") for name in TRACKER_PACKAGES)
+
+
+def test_zero3_leaves_are_the_modules_that_read_their_submodules_weights() -> None:
+    """Under ZeRO-3 these are gathered whole in their forward: the Mamba-2 mixer (conv and gated-norm
+    weights as function arguments), transformers' Mamba mixer (mamba_inner_fn), the vision encoder
+    (``forward_intermediates`` bypasses the backbone's own forward); not the blocks around them."""
+    from mambavlm.training.engine import zero3_leaf
+    from tests.conftest import DISTILL_LLAMA, tiny_llama
+
+    from mambavlm.distill.convert import convert_llama
+
+    assert {type(m).__name__ for m in tiny_vlm().modules() if zero3_leaf(m)} == {"VisionEncoder", "MambaMixer"}
+
+    hybrid = convert_llama(tiny_llama(**DISTILL_LLAMA), "list:1", "matvlm", torch.Generator().manual_seed(0))
+    assert {type(m).__name__ for m in hybrid.modules() if zero3_leaf(m)} == {"Mamba2Mixer"}
