@@ -28,7 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -365,12 +365,23 @@ class DistillationModule(nn.Module):
     checkpoints see the student's parameters alone (``student.*``); the teacher is a plain attribute
     and stays in eval mode. The stage is an argument of the forward, not of the module, so every stage
     of a run trains one module: under FSDP it is wrapped once and each stage keeps that wrapping.
+
+    Under FSDP the student's blocks (its ``_no_split_modules``) are units, and so is every Mamba-2
+    mixer (``fsdp_standalone_modules``): the layer loss calls each mixer outside its decoder layer's
+    forward (``training.engine.require_standalone_fsdp_units``).
     """
+
+    fsdp_standalone_modules: ClassVar[tuple[str, ...]] = (Mamba2Mixer.__name__,)
 
     def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
         self.student = student
         object.__setattr__(self, "teacher", teacher)
+
+    @property
+    def _no_split_modules(self) -> list[str]:
+        """The student's blocks: what accelerate's FSDP wraps when its config names no layer class."""
+        return list(getattr(self.student, "_no_split_modules", None) or [])
 
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)

@@ -173,7 +173,10 @@ class HybridLlamaForCausalLM(LlamaForCausalLM):
 
 
 def mamba_mixers(model: nn.Module) -> dict[int, Mamba2Mixer]:
-    """Layer index -> Mamba-2 mixer of a hybrid (a HybridLlamaForCausalLM or a MambaVLM holding one)."""
+    """Layer index -> Mamba-2 mixer of a hybrid (a HybridLlamaForCausalLM or a MambaVLM holding one).
+
+    Each is the module its layer calls: under FSDP with the mixers as units of their own, the FSDP
+    unit around the mixer (calling it gathers the mixer's parameters)."""
     return {
         module.layer_idx: module.mixer
         for module in model.modules()

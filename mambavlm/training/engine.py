@@ -29,6 +29,7 @@ logged loss is that number.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import math
 import os
@@ -84,6 +85,7 @@ __all__ = [
     "load_whole",
     "new_throughput",
     "phase_settings",
+    "require_standalone_fsdp_units",
     "root_unit_trains",
     "structure_copy",
     "throughput_summary",
@@ -120,6 +122,45 @@ def root_unit_trains(prepared: nn.Module) -> bool:
         return True
     nested = {id(p) for unit in FSDP.fsdp_modules(prepared) if unit is not prepared for p in unit.parameters()}
     return any(p.requires_grad for p in prepared.parameters() if id(p) not in nested)
+
+
+def require_standalone_fsdp_units(plugin: Any, module: nn.Module) -> None:
+    """Make every submodule whose class ``module.fsdp_standalone_modules`` names an FSDP unit of its own
+    (nested in its block's unit), by adding the classes to the accelerate FSDP plugin's wrap policy
+    before ``accelerate.prepare`` wraps ``module``.
+
+    FSDP gathers a unit's parameters in the unit's own forward. An objective that calls a submodule
+    outside its parent block's forward (distillation's layer loss runs each student Mamba-2 mixer on
+    the teacher's attention input, ``distill.stages.layerwise_loss``) would find that submodule's
+    parameters sharded, as 1-D slices (seen on 2 H200s), when only its decoder layer is a unit; as a
+    unit of its own it gathers them whenever it is called.
+
+    ``plugin``: ``accelerate.utils.FullyShardedDataParallelPlugin``, its policy either still the
+    configured one (the class names, or the ``_no_split_modules`` default, are extended) or already
+    resolved by an earlier ``prepare`` (its class set is extended). NO_WRAP (one unit) needs nothing.
+
+    Raises:
+        ConfigError: a size-based or custom policy, which cannot promise those units.
+    """
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    wanted = list(getattr(module, "fsdp_standalone_modules", ()))
+    policy = plugin.auto_wrap_policy
+    if not wanted or policy is None:
+        return
+    classes = {type(m) for m in module.modules() if type(m).__name__ in wanted}
+    if policy is transformer_auto_wrap_policy:
+        names = list(plugin.transformer_cls_names_to_wrap or getattr(module, "_no_split_modules", None) or [])
+        plugin.transformer_cls_names_to_wrap = names + sorted({c.__name__ for c in classes} - set(names))
+    elif isinstance(policy, functools.partial) and policy.func is transformer_auto_wrap_policy:
+        layers = set(policy.keywords.get("transformer_layer_cls", ()))
+        plugin.auto_wrap_policy = functools.partial(transformer_auto_wrap_policy, transformer_layer_cls=layers | classes)
+    else:
+        raise ConfigError(
+            f"{type(module).__name__} calls its {', '.join(wanted)} modules on their own, so under FSDP each must be "
+            f"a unit of its own: use fsdp_auto_wrap_policy TRANSFORMER_BASED_WRAP (configs/accelerate/fsdp.yaml) "
+            f"or NO_WRAP, not {getattr(policy, '__name__', policy)!r}"
+        )
 
 
 ZERO3_LEAF_TYPES: tuple[type[nn.Module], ...] = (MambaMixer,)
@@ -582,6 +623,8 @@ class Trainer:
         )
         if not keep:
             self._mark_zero3_leaves(module)
+            if acc.distributed_type == DistributedType.FSDP:
+                require_standalone_fsdp_units(acc.state.fsdp_plugin, module)
         prepared, optimizer, loader, scheduler = acc.prepare(
             self._prepared if keep else module, optimizer, loader, scheduler
         )

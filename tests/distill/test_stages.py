@@ -3,6 +3,9 @@ losses (layer-wise MSE / L2, logit KL) against direct computations."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,3 +199,108 @@ def test_num_items_are_counted_on_the_batchs_device(masked: bool) -> None:
     assert objective.num_items(batch).tolist() == expected
     meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
     assert objective.num_items(meta).device.type == "meta"
+
+
+def _distill_case() -> tuple[torch.nn.Module, torch.nn.Module, dict]:
+    teacher = tiny_llama(**DISTILL_LLAMA).requires_grad_(False)
+    student = convert_llama(teacher, "list:1,2", "matvlm", torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 1024, (2, 10), generator=torch.Generator().manual_seed(0))
+    return teacher, student, batch_of(ids, [10, 7])
+
+
+def _stage_losses_and_gradients(module: torch.nn.Module, student: torch.nn.Module, batch: dict,
+                                full_gradients: Callable[[], contextlib.AbstractContextManager]) -> dict:
+    """stage 1 and MaTVLM's stage (its mixers run twice: layer loss and the student's forward): each
+    stage's loss and the full gradient of every trainable student parameter."""
+    results = {}
+    for stage in ("stage1", "matvlm"):
+        names = set_trainable(student, stage)
+        module.zero_grad(set_to_none=True)
+        loss, _ = module(batch, stage=stage, weights=LossWeights(gamma=0.5))
+        loss.backward()
+        with full_gradients():
+            grads = {n.replace("_fsdp_wrapped_module.", ""): p.grad.clone()
+                     for n, p in student.named_parameters() if n in names}
+        results[stage] = {"loss": loss.detach(), "grads": grads}
+    return results
+
+
+def _fsdp_distillation(rank: int, world: int, init_file: str, out: str, layer_classes: list[str] | None,
+                       standalone: bool) -> None:
+    """One of 2 gloo processes: the student FSDP-wrapped as accelerate wraps it (transformer-based
+    policy, use_orig_params, full shard), both processes on the whole batch."""
+    import torch.distributed as dist
+    from accelerate import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    from mambavlm.training.engine import require_standalone_fsdp_units
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    PartialState()
+    teacher, student, batch = _distill_case()
+    module = DistillationModule(student, teacher)
+    set_trainable(student, "stage1")
+    plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap",
+                                            transformer_cls_names_to_wrap=layer_classes)
+    if standalone:
+        require_standalone_fsdp_units(plugin, module)
+    plugin.set_auto_wrap_policy(module)
+    wrapped = FSDP(module, auto_wrap_policy=plugin.auto_wrap_policy, use_orig_params=True,
+                   device_id=torch.device("cpu"))
+    try:
+        results = _stage_losses_and_gradients(
+            wrapped, student, batch, lambda: FSDP.summon_full_params(wrapped, with_grads=True))
+    except RuntimeError as error:
+        results = {"error": str(error)}
+    if rank == 0:
+        torch.save(results, out)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("layer_classes", [None, ["LlamaDecoderLayer"]], ids=["no_split_modules", "named"])
+def test_distillation_under_fsdp_equals_unsharded(tmp_path, layer_classes: list[str] | None) -> None:
+    """Under FSDP (2 CPU processes, gloo) the stage losses and the gathered gradients equal the unsharded
+    ones, with the decoder layers the units (accelerate's default from ``_no_split_modules``, or named
+    in the config). The layer loss calls each Mamba-2 mixer outside its decoder layer: without the mixers
+    as units of their own (``require_standalone_fsdp_units``) their parameters are 1-D shards there
+    (2 H200s failed so), and the loss cannot even be computed."""
+    import torch.multiprocessing as mp
+
+    teacher, student, batch = _distill_case()
+    module = DistillationModule(student, teacher)
+    want = _stage_losses_and_gradients(module, student, batch, contextlib.nullcontext)
+    for standalone in (True, False):
+        out = tmp_path / f"standalone{standalone}.pt"
+        mp.spawn(_fsdp_distillation, args=(2, str(tmp_path / f"init{standalone}"), str(out), layer_classes, standalone),
+                 nprocs=2)
+        got = torch.load(out, weights_only=True)
+        if not standalone:
+            assert "size mismatch" in got.get("error", ""), got.keys()
+            continue
+        for stage, expected in want.items():
+            torch.testing.assert_close(got[stage]["loss"], expected["loss"], rtol=1e-5, atol=0)
+            assert got[stage]["grads"].keys() == expected["grads"].keys()
+            for name, grad in expected["grads"].items():
+                assert grad.abs().sum() > 0, name
+                torch.testing.assert_close(got[stage]["grads"][name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_standalone_fsdp_units_need_a_layer_based_wrap() -> None:
+    """NO_WRAP (one unit) is left as it is; a size-based wrap cannot promise the mixers their own units."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from mambavlm.config import ConfigError
+    from mambavlm.training.engine import require_standalone_fsdp_units
+
+    teacher, student, _ = _distill_case()
+    module = DistillationModule(student, teacher)
+    plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="no_wrap")
+    require_standalone_fsdp_units(plugin, module)
+    assert plugin.auto_wrap_policy is None
+    plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap")
+    require_standalone_fsdp_units(plugin, module)
+    assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer", "Mamba2Mixer"]
+    with pytest.raises(ConfigError, match="calls its Mamba2Mixer modules on their own.*TRANSFORMER_BASED_WRAP"):
+        require_standalone_fsdp_units(FullyShardedDataParallelPlugin(auto_wrap_policy="size_based_wrap"), module)
