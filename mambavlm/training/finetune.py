@@ -18,17 +18,24 @@ from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
+from mambavlm.atomic import atomic_file
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.data.synthetic import make_shapes_vqa
-from mambavlm.atomic import atomic_file
 from mambavlm.llm.factory import check_mamba_training_kernels
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training.config import DataConfig, TrainConfig
-from mambavlm.training.engine import Phase, Trainer, TrainerState, format_loss, throughput_summary
+from mambavlm.training.engine import (
+    Phase,
+    Trainer,
+    TrainerState,
+    format_loss,
+    structure_copy,
+    throughput_summary,
+)
 from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
-from mambavlm.training.objectives import NextTokenObjective
 from mambavlm.training.lora import LoraTrainable, apply_lora, save_adapter
+from mambavlm.training.objectives import NextTokenObjective
 from mambavlm.training.optim import FreezePreset
 
 __all__ = ["FINAL_MODEL_DIR", "METRICS_FILE", "prepare_data", "run_finetune", "skip_metrics"]
@@ -95,16 +102,11 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         schedule="cosine",
         warmup_ratio=train.warmup_ratio,
     )
+    # what the gathered weights fill when FSDP / ZeRO-3 shard the model in place: no second build (a
+    # paper-shaped model takes a minute to initialise on the CPU, only to be overwritten)
+    skeleton = structure_copy(model)
     state = trainer.run([phase], dataset, VLMCollator(model.tokenizer.pad_token_id))
-
-    def fresh() -> MambaVLM:
-        plain = build_model(cfg.model, load_weights=False, load_tokenizer=False)
-        plain.tokenizer = model.tokenizer
-        if cfg.lora is not None:
-            apply_lora(plain, cfg.lora)
-        return plain
-
-    final_model = trainer.gathered_module(fresh)
+    final_model = trainer.gathered_module(lambda: skeleton)
     metrics: dict[str, Any] = {}
     if acc.is_main_process:
         if cfg.lora is None:

@@ -20,6 +20,7 @@ from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.finetune import training_dataset
 from tests.conftest import ROOT, TINY_TRAIN, four_records, subprocess_env, tiny_vlm
 
+
 def overrides(out: Path, train: Path, micro: int) -> list[str]:
     return [
         f"output_dir={out}", f"data={{train: {train}}}", "train.max_steps=3", "train.global_batch_size=4",
@@ -234,12 +235,40 @@ def test_zero3_leaves_are_the_modules_that_read_their_submodules_weights() -> No
     """Under ZeRO-3 these are gathered whole in their forward: the Mamba-2 mixer (conv and gated-norm
     weights as function arguments), transformers' Mamba mixer (mamba_inner_fn), the vision encoder
     (``forward_intermediates`` bypasses the backbone's own forward); not the blocks around them."""
+    from mambavlm.distill.convert import convert_llama
     from mambavlm.training.engine import zero3_leaf
     from tests.conftest import DISTILL_LLAMA, tiny_llama
-
-    from mambavlm.distill.convert import convert_llama
 
     assert {type(m).__name__ for m in tiny_vlm().modules() if zero3_leaf(m)} == {"VisionEncoder", "MambaMixer"}
 
     hybrid = convert_llama(tiny_llama(**DISTILL_LLAMA), "list:1", "matvlm", torch.Generator().manual_seed(0))
     assert {type(m).__name__ for m in hybrid.modules() if zero3_leaf(m)} == {"Mamba2Mixer"}
+
+
+def test_a_lora_vlms_structure_copy_filled_with_its_weights_answers_as_it_does() -> None:
+    """What fine-tuning gathers an FSDP / ZeRO-3 model into (no second build): the structure copy of a
+    MambaVLM with LoRA adapters on the LLM and the projector, filled from the trained model's state dict,
+    gives its logits and greedy answers (peft's wrappers, the vision encoders' buffers kept)."""
+    from PIL import Image
+
+    from mambavlm.training.config import LoraSettings
+    from mambavlm.training.engine import load_whole, structure_copy
+    from mambavlm.training.lora import apply_lora
+    from tests.conftest import fixed_batch, tiny_vlm
+
+    model = tiny_vlm()
+    apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0, projector="lora"))
+    skeleton = structure_copy(model)
+    assert all(p.is_meta for p in skeleton.parameters())
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(torch.randn_like(param) * 0.05)  # "trained" adapters and projector
+    whole = load_whole(skeleton, model.state_dict()).eval()
+    batch = fixed_batch(model)
+    with torch.no_grad():
+        want = model(**batch).logits
+        torch.testing.assert_close(whole(**batch).logits, want, rtol=0, atol=0)
+    images = [Image.new("RGB", (40, 30), (230, 30, 30)), Image.new("RGB", (30, 40), (30, 30, 230))]
+    prompts = ["what colour ?", "and this ?"]
+    assert whole.answer(images, prompts, max_new_tokens=6) == model.answer(images, prompts, max_new_tokens=6)
