@@ -71,6 +71,9 @@ matrix products, cuBLAS's work."""
 
 IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K = 16, 512
 OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K = 4, 512
+PIPELINE_STAGES = 3
+"""Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
+Triton's default on NVIDIA GPUs)."""
 """Output rows per program and the reduction chunk of the two projection kernels, the fastest of
 ``python -m benchmarks.decode_projections`` on an H200 (bf16, batch 1, 4 warps, 64 layers per CUDA
 graph): in_proj + RMSNorm 22.4 us per layer against 22.5 for RMSNorm + cuBLAS; out_proj + residual
@@ -264,13 +267,14 @@ def _check_small_batch(name: str, x: Tensor) -> None:
 def norm_in_proj(
     residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor,
     block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = 4,
+    num_stages: int = PIPELINE_STAGES,
 ) -> Tensor:
     """residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (N_out, D)
     without bias. Returns ``in_proj(rms_norm(residual))`` (B, N_out) in the weight's dtype, the norm's
     output rounded to that dtype first (mamba_ssm's fused norm). Zeroes ``zero`` (float32, contiguous)
-    on the way. ``block_n`` output rows per program, ``block_k`` the reduction chunk, ``num_warps``:
-    launch shape (powers of 2; ``benchmarks/decode_projections.py`` compares them). Raises ValueError
-    for a larger batch."""
+    on the way. ``block_n`` output rows per program, ``block_k`` the reduction chunk, ``num_warps``,
+    ``num_stages`` (``PIPELINE_STAGES``): launch shape (``benchmarks/decode_projections.py`` compares
+    them). Raises ValueError for a larger batch."""
     _check_small_batch("norm_in_proj", residual)
     batch, d_model = residual.shape
     n_out = in_proj_weight.shape[0]
@@ -279,7 +283,7 @@ def norm_in_proj(
         residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, n_out, eps,
         D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
-        num_warps=num_warps, **_pdl(residual),
+        num_warps=num_warps, num_stages=num_stages, **_pdl(residual),
     )
     return out
 
@@ -287,6 +291,7 @@ def norm_in_proj(
 def out_proj_residual(
     y: Tensor, out_proj_weight: Tensor, residual: Tensor,
     block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = 4,
+    num_stages: int = PIPELINE_STAGES,
 ) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
     (D_out, D_in) without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
@@ -297,7 +302,7 @@ def out_proj_residual(
     d_out = out_proj_weight.shape[0]
     _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
         y, out_proj_weight, residual, batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, **_pdl(y),
+        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **_pdl(y),
     )
 
 
