@@ -288,7 +288,8 @@ def test_distillation_under_fsdp_equals_unsharded(tmp_path, layer_classes: list[
 
 
 def test_standalone_fsdp_units_need_a_layer_based_wrap() -> None:
-    """NO_WRAP (one unit) is left as it is; a size-based wrap cannot promise the mixers their own units."""
+    """NO_WRAP (one unit) is left as it is; the class names (from ``_no_split_modules`` when the config
+    names none) or an already resolved policy gain the mixer; a size-based wrap cannot promise them."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
     from mambavlm.config import ConfigError
@@ -302,5 +303,11 @@ def test_standalone_fsdp_units_need_a_layer_based_wrap() -> None:
     plugin = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap")
     require_standalone_fsdp_units(plugin, module)
     assert plugin.transformer_cls_names_to_wrap == ["LlamaDecoderLayer", "Mamba2Mixer"]
+    resolved = FullyShardedDataParallelPlugin(auto_wrap_policy="transformer_based_wrap",
+                                              transformer_cls_names_to_wrap=["LlamaDecoderLayer"])
+    resolved.set_auto_wrap_policy(module)  # as an earlier accelerate.prepare leaves it
+    require_standalone_fsdp_units(resolved, module)
+    layer_classes = resolved.auto_wrap_policy.keywords["transformer_layer_cls"]
+    assert {cls.__name__ for cls in layer_classes} == {"LlamaDecoderLayer", "Mamba2Mixer"}
     with pytest.raises(ConfigError, match="calls its Mamba2Mixer modules on their own.*TRANSFORMER_BASED_WRAP"):
         require_standalone_fsdp_units(FullyShardedDataParallelPlugin(auto_wrap_policy="size_based_wrap"), module)
