@@ -144,7 +144,8 @@ def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, w
         metrics = json.loads((output_dir / "metrics.json").read_text())
         shutil.rmtree(output_dir)
         runs.append(Run(strategy, gpus, metrics, time.perf_counter() - started))
-        if args.runs_dir is not None:
+        if args.runs_dir is not None:  # the log (timestamped) shows where a run's minutes went
+            shutil.copyfile(log, args.runs_dir / log.name)
             with atomic_file(args.runs_dir / f"{strategy}-{gpus}.json") as f:
                 json.dump({"strategy": strategy, "gpus": gpus, "seconds": runs[-1].seconds, "metrics": metrics}, f)
         throughput = metrics["throughput"]
@@ -211,6 +212,8 @@ def run(args: argparse.Namespace) -> str:
     if work_dir is None and not args.quick:
         work_dir = default_work_dir(gpus if args.concurrent_single else 1)
     print(f"runs write under {work_dir or tempfile.gettempdir()}", flush=True)
+    if args.runs_dir is not None:
+        args.runs_dir.mkdir(parents=True, exist_ok=True)
     runs = kept_runs(args.runs_dir, strategies) if args.runs_dir is not None else []
     done = {(r.strategy, r.gpus) for r in runs}
     if done:

@@ -57,7 +57,7 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     t1, t2 = (float(r[5]) for r in rows)
     assert float(text.split("2 t2 - t1 = ")[1].split(" s")[0]) == pytest.approx(2 * t2 - t1, abs=2e-3)
     assert "within 0.02" in text
-    assert sorted(p.name for p in runs_dir.iterdir()) == ["ddp-1.json", "ddp-2.json"]
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["ddp-1.json", "ddp-1.log", "ddp-2.json", "ddp-2.log"]
 
     again = benchmark()
     assert "kept from" in again.stdout and "ddp x 1:" not in again.stdout  # nothing ran
