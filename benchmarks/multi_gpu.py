@@ -170,6 +170,12 @@ def step_seconds(run: Run) -> float:
     return run.throughput["seconds"] / run.throughput["timed_steps"]
 
 
+def data_wait(run: Run) -> str:
+    """The share of the timed steps the processes spent blocked on the data loader."""
+    share = run.throughput.get("data_wait_share")
+    return "n/a" if share is None else f"{share:.1%}"
+
+
 def max_relative_difference(a: list[float], b: list[float]) -> float:
     return max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, b, strict=True))
 
@@ -246,7 +252,7 @@ def run(args: argparse.Namespace) -> str:
             peak = r.throughput["peak_memory_gib"]
             rows.append([strategy, str(r.gpus), str(r.metrics["gradient_accumulation_steps"]),
                          f"{r.throughput['tokens_per_s']:,.0f}", f"{r.throughput['samples_per_s']:.2f}",
-                         f"{step_seconds(r):.3f}", "n/a" if peak is None else f"{peak:.1f}",
+                         f"{step_seconds(r):.3f}", data_wait(r), "n/a" if peak is None else f"{peak:.1f}",
                          " ".join(f"{x:.4f}" for x in r.metrics["step_losses"])])
         verdict = "" if args.quick else (" (target >= 1.85x: " + ("met" if speedup >= TARGET_SPEEDUP else "NOT met") + ")")
         lines.append(f"- {strategy}: 2 / 1 = {speedup:.2f}x tokens/s{verdict}; per-step work that does not divide "
@@ -258,8 +264,8 @@ def run(args: argparse.Namespace) -> str:
     setup = (f"{model}; synthetic Shapes-VQA records; global batch {args.global_batch}, micro-batch "
              f"{args.micro_batch} per process, {args.steps} steps (the first untimed); {versions()}")
     table = markdown_table(
-        ["strategy", "processes", "accumulation", "tokens/s", "samples/s", "s / step", "peak GiB per process",
-         "step losses"], rows
+        ["strategy", "processes", "accumulation", "tokens/s", "samples/s", "s / step", "waiting for data",
+         "peak GiB per process", "step losses"], rows
     )
     return write_report(args.out or default_out("multi_gpu", args.quick),
                         "Fine-tuning on 1 and 2 processes per accelerate strategy", device,

@@ -49,7 +49,7 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     text = out.read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ddp")]
     assert [(r[1], r[2]) for r in rows] == [("1", "4"), ("2", "2")]  # processes, accumulation steps
-    losses = [[float(x) for x in r[7].rstrip(" |").split()] for r in rows]
+    losses = [[float(x) for x in r[8].rstrip(" |").split()] for r in rows]
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     tokens = [float(r[3].replace(",", "")) for r in rows]
     ratio = float(text.split("2 / 1 = ")[1].split("x")[0])

@@ -80,6 +80,7 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "changed_settings_note",
+    "check_fresh_output_dir",
     "check_trackers",
     "gradient_accumulation_steps",
     "load_whole",
@@ -230,15 +231,27 @@ def check_trackers(trackers: Sequence[str]) -> None:
 
 
 def fresh_start_note(resume_from: str | None, output_dir: Path) -> str | None:
-    """What to tell the user when a run starts from the beginning although they may expect otherwise:
-    ``resume_from="latest"`` found no checkpoint, or ``output_dir`` holds an earlier run's checkpoints
-    (which this run's own replace as it writes them). None otherwise."""
-    if resume_from == "latest":
+    """What to tell the user when ``resume_from="latest"`` found no checkpoint in ``output_dir`` and the
+    run starts from the beginning. None otherwise."""
+    if resume_from == "latest" and not find_checkpoints(output_dir):
         return f"resume_from=latest: no checkpoint in {output_dir}, starting from the beginning"
-    if find_checkpoints(output_dir):
-        return (f"{output_dir} holds checkpoints of an earlier run; starting from the beginning (its checkpoints "
-                "are replaced as this run writes its own; resume_from=latest continues it instead)")
     return None
+
+
+def check_fresh_output_dir(resume_from: str | None, output_dir: Path) -> None:
+    """Refuse to start a run from the beginning in an ``output_dir`` that holds an earlier run's
+    checkpoints: their step numbers would outrank the new run's, so keeping the last K would delete
+    the new run's checkpoints and ``resume_from=latest`` would continue the earlier run.
+
+    Raises:
+        ConfigError: naming the directory, its checkpoints and the ways on.
+    """
+    checkpoints = find_checkpoints(output_dir) if resume_from is None else []
+    if checkpoints:
+        raise ConfigError(
+            f"{output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in checkpoints)}): "
+            "resume_from=latest continues it; to start over, set another output_dir or remove them"
+        )
 
 
 @dataclass(frozen=True)
@@ -288,8 +301,9 @@ class TrainerState:
     settings: the current phase's optimisation settings (``phase_settings``), compared on resume.
     phase_throughput: per phase, what its timed steps took (``new_throughput``): every step but the
     first of each start of the phase (its warm-up: kernel compilation, allocator growth), checkpoint
-    writes excluded; samples and tokens (attention-mask tokens, visual included) over all processes;
-    the peak device memory of any one process (GiB; None on the CPU).
+    writes excluded; of their seconds, ``data_seconds`` blocked on the data loader (the mean over the
+    processes); samples and tokens (attention-mask tokens, visual included) over all processes; the
+    peak device memory of any one process (GiB; None on the CPU).
     """
 
     phase: int = 0
@@ -352,13 +366,14 @@ def changed_settings_note(saved: dict[str, Any], current: dict[str, Any]) -> str
 
 def new_throughput() -> dict[str, float | None]:
     """An empty ``TrainerState.phase_throughput`` entry."""
-    return {"timed_steps": 0, "seconds": 0.0, "samples": 0.0, "tokens": 0.0, "peak_memory_gib": None}
+    return {"timed_steps": 0, "seconds": 0.0, "data_seconds": 0.0, "samples": 0.0, "tokens": 0.0, "peak_memory_gib": None}
 
 
 def throughput_summary(state: TrainerState, phase_names: Sequence[str]) -> list[dict[str, Any]]:
-    """Per phase, for metrics.json: its name, timed steps, their seconds, samples and tokens, samples/s
-    and tokens/s over all processes (None when no step was timed), and the peak memory of one process
-    in GiB (None on the CPU)."""
+    """Per phase, for metrics.json: its name, timed steps, their seconds, samples and tokens, the share
+    of those seconds the processes spent blocked on the data loader (their mean; a loader that keeps
+    up is near 0), samples/s and tokens/s over all processes (None when no step was timed), and the
+    peak memory of one process in GiB (None on the CPU)."""
     summary = []
     for name, entry in zip(phase_names, state.phase_throughput):
         seconds = entry["seconds"]
@@ -368,6 +383,7 @@ def throughput_summary(state: TrainerState, phase_names: Sequence[str]) -> list[
             "seconds": seconds,
             "samples": entry["samples"],
             "tokens": entry["tokens"],
+            "data_wait_share": entry.get("data_seconds", 0.0) / seconds if seconds else None,
             "samples_per_s": entry["samples"] / seconds if seconds else None,
             "tokens_per_s": entry["tokens"] / seconds if seconds else None,
             "peak_memory_gib": entry["peak_memory_gib"],
@@ -428,6 +444,7 @@ class Trainer:
         self.resume_from = resume_from
         self.num_workers = num_workers
         check_trackers(trackers)
+        check_fresh_output_dir(resume_from, self.output_dir)
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
@@ -713,15 +730,18 @@ class Trainer:
             loader.set_epoch(state.epoch)
             batches = iter(acc.skip_first_batches(loader, state.batches_done) if state.batches_done else loader)
             while state.step < total_steps and state.batches_done < batches_per_epoch:
+                waiting = time.perf_counter()
                 micro_batches = [next(batches) for _ in range(accumulation)]
+                waited = time.perf_counter() - waiting
                 num_items = sum(self._num_items(phase, batch) for batch in micro_batches)
                 num_items = acc.reduce(num_items, "sum")
-                totals = torch.zeros(5, dtype=torch.float64, device=acc.device)
+                totals = torch.zeros(6, dtype=torch.float64, device=acc.device)
+                totals[5] = waited
                 kinds = [s.kind for batch in micro_batches for s in batch["skipped"]]
                 for batch in micro_batches:
                     with acc.accumulate(model):
                         loss, counts = self._micro_step(phase, model, batch, num_items)
-                        totals += counts
+                        totals[:5] += counts
                         acc.backward(loss * scale)
                         if acc.sync_gradients and phase.max_grad_norm is not None:
                             acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
@@ -731,11 +751,13 @@ class Trainer:
                             scheduler.step()
                         optimizer.zero_grad()
                     state.batches_done += 1
-                loss_sum, samples, tokens, skipped, truncated = acc.reduce(totals, "sum").tolist()
+                loss_sum, samples, tokens, skipped, truncated, waited = acc.reduce(totals, "sum").tolist()
                 now = time.perf_counter()
                 if step_start is not None:
                     throughput["timed_steps"] += 1
                     throughput["seconds"] += now - step_start
+                    # the mean over the processes of the time blocked on the data loader
+                    throughput["data_seconds"] = throughput.get("data_seconds", 0.0) + waited / acc.num_processes
                     throughput["samples"] += samples
                     throughput["tokens"] += tokens
                 step_start = now
@@ -768,8 +790,9 @@ class Trainer:
             logger.info(
                 f"phase {phase.name}: {throughput['tokens'] / throughput['seconds']:,.0f} tokens/s, "
                 f"{throughput['samples'] / throughput['seconds']:.2f} samples/s over {throughput['timed_steps']} "
-                f"timed steps" + (f", peak {throughput['peak_memory_gib']:.2f} GiB per process"
-                                  if throughput["peak_memory_gib"] is not None else "")
+                f"timed steps, {throughput.get('data_seconds', 0.0) / throughput['seconds']:.1%} of their time "
+                "waiting for the data loader" + (f", peak {throughput['peak_memory_gib']:.2f} GiB per process"
+                                                 if throughput["peak_memory_gib"] is not None else "")
             )
 
     def _num_items(self, phase: Phase, batch: dict[str, Any]) -> Tensor:

@@ -137,16 +137,33 @@ def test_processes_that_did_not_join_one_group_refuse_to_train(monkeypatch: pyte
     Trainer(tmp_path / "b")
 
 
-def test_a_fresh_start_says_so_when_there_was_a_run_or_nothing_to_resume(tmp_path: Path) -> None:
-    """Silent before: resume_from=latest finding no checkpoint, and a new run over an earlier run's
-    checkpoints."""
+def test_a_fresh_start_says_so_when_there_is_nothing_to_resume(tmp_path: Path) -> None:
+    """resume_from=latest finding no checkpoint starts from the beginning, and says so."""
     from mambavlm.training.engine import fresh_start_note
 
     assert fresh_start_note(None, tmp_path) is None
     assert "no checkpoint in" in fresh_start_note("latest", tmp_path)
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    assert "holds checkpoints of an earlier run" in fresh_start_note(None, tmp_path)
+    assert fresh_start_note("latest", tmp_path) is None
+
+
+def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(tmp_path: Path) -> None:
+    """A new run in a used output_dir kept the earlier run's checkpoints (higher step numbers) and
+    deleted its own as it wrote them; resume_from=latest then loaded the earlier run (a fresh user's
+    trial: the README's LoRA example after its main job). Refused before anything is built; resuming
+    and an empty directory are not."""
+    from mambavlm.config import ConfigError
+    from mambavlm.training.engine import Trainer, check_fresh_output_dir
+
+    check_fresh_output_dir(None, tmp_path)
+    for step in (1000, 1500):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    check_fresh_output_dir("latest", tmp_path)
+    with pytest.raises(ConfigError, match=r"holds checkpoints of an earlier run \(checkpoint-1000, checkpoint-1500\): "
+                       "resume_from=latest continues it"):
+        Trainer(tmp_path)
 
 
 def test_structure_copy_takes_no_parameter_memory_and_load_whole_restores_the_module() -> None:

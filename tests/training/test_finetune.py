@@ -238,3 +238,24 @@ def test_evaluate_script_reproduces_the_trainers_val_answers(micro_run, tmp_path
     assert rows == trainer_rows
     assert accuracy == pytest.approx(read_metrics(micro_run)["val_accuracy"])
     assert set(rows[0]) == {"id", "question", "answer", "reference", "correct"}
+
+
+def test_time_blocked_on_the_data_loader_is_measured(tmp_path, monkeypatch):
+    """A loader that takes 20 ms per record: the timed steps' data wait is at least 20 ms for each of
+    their records but one micro-batch (accelerate's loader reads one batch ahead, and after the last
+    there is none), and at most their seconds (metrics.json's ``data_wait_share``)."""
+    import time
+
+    from mambavlm.data.llava import LlavaDataset
+
+    load = LlavaDataset.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.02)
+        return load(self, index)
+
+    monkeypatch.setattr(LlavaDataset, "__getitem__", slow)
+    run_finetune(micro_config(tmp_path, "data.num_workers=0", "data.synthetic.num_val=0", "train.save_every=null"))
+    throughput = read_metrics(tmp_path)["throughput"]
+    waited = throughput["data_wait_share"] * throughput["seconds"]
+    assert (throughput["samples"] - 4) * 0.02 <= waited <= throughput["seconds"]
