@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mambavlm.config import ConfigError
+from mambavlm.llm.factory import LLMBuildError
 from mambavlm.distill.config import load_distill_config
 from mambavlm.distill.run import run_distillation
 
@@ -30,7 +31,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.exit(2, f"error: {err}\n")
     try:
         return run_distillation(config)
-    except ConfigError as err:  # found once the run starts (data, accelerate setup): also the user's to fix
+    except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
+        # model path, the LLM config against its source, accelerate setup): also the user's to fix
         parser.exit(2, f"error: {err}\n")
 
 

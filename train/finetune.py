@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 
 from mambavlm.config import ConfigError
+from mambavlm.llm.factory import LLMBuildError
 from mambavlm.training import load_train_config, run_finetune
 
 
@@ -27,7 +28,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.exit(2, f"error: {err}\n")
     try:
         run_finetune(config)
-    except ConfigError as err:  # found once the run starts (data, accelerate setup): also the user's to fix
+    except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
+        # model path, the LLM config against its source, accelerate setup): also the user's to fix
         parser.exit(2, f"error: {err}\n")
 
 

@@ -168,11 +168,11 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         cpu_threads=config.cpu_threads,
     )
     acc = trainer.accelerator
+    set_seed(config.seed)
+    with trainer.building_models():  # before the data: a teacher that cannot load stops the run at once
+        teacher, tokenizer, template = load_teacher(config.teacher, config.template)
     train_json, val_json, image_root = prepare_data(config.data, output_dir, acc)
     image_root = image_root if image_root is not None else train_json.parent
-    set_seed(config.seed)
-    with trainer.building_models():
-        teacher, tokenizer, template = load_teacher(config.teacher, config.template)
     longest = teacher.config.max_sequence_length if isinstance(teacher, MambaVLM) else teacher.config.max_position_embeddings
     if config.data.max_length is not None and config.data.max_length > longest:
         raise ConfigError(

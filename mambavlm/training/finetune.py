@@ -74,10 +74,10 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         cpu_threads=cfg.cpu_threads,
     )
     acc = trainer.accelerator
-    train_json, val_json, image_root = prepare_data(cfg.data, output_dir, acc)
     set_seed(cfg.seed)
-    with trainer.building_models():
+    with trainer.building_models():  # before the data: a model config error stops the run at once
         model = build_model(cfg.model)
+    train_json, val_json, image_root = prepare_data(cfg.data, output_dir, acc)
     check_mamba_training_kernels(model.llm, acc.device)
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)

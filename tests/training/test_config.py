@@ -107,3 +107,33 @@ def test_the_scripts_report_an_error_found_when_the_run_starts_without_a_traceba
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: trackers: comet_ml not installed; pip install comet-ml") and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("script", "override", "message"),
+    [
+        ("finetune", "model.llm.config.hiden_size=64", "error: llm.config: .* has no field\\(s\\) \\['hiden_size'\\]"),
+        ("finetune", "data.train=nope.json", "error: data.train: file not found: nope.json"),
+        ("distill", "teacher=nope", "error: teacher nope: neither a MambaVLM nor"),
+    ],
+    ids=["llm-config-typo", "missing-data", "missing-teacher"],
+)
+def test_a_bad_model_or_path_is_an_error_line_before_any_data_is_made(script, override, message, capsys, tmp_path):
+    """A fresh user's trial: a typo in the LLM's config, a missing data file or teacher surfaced as
+    tracebacks, the first and the last only after the synthetic data set was written. Now 'error: ...',
+    exit 2, and nothing generated."""
+    import importlib.util
+    import re
+
+    from tests.conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location(f"{script}_script", ROOT / "train" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = ROOT / "configs" / ("train" if script == "finetune" else "distill") / "tiny.yaml"
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--config", str(config), override, f"output_dir={tmp_path / 'run'}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.match(message, err) and "Traceback" not in err, err
+    assert not (tmp_path / "run" / "data").exists()
