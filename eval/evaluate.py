@@ -26,53 +26,16 @@ import torch
 from mambavlm.atomic import atomic_file
 from mambavlm.data.llava import load_records
 from mambavlm.distill.run import STUDENT_DIR
-from mambavlm.model import (
-    LEGACY_CONFIG_FILE,
-    LEGACY_LLM_DIR,
-    MambaVLM,
-    is_mambavlm_directory,
-    missing_local_path,
-)
+from mambavlm.eval.model_dir import resolve_model_dir
+from mambavlm.model import MambaVLM
 from mambavlm.training.evaluation import VQAItem, generate_answers, load_vqa_items
-from mambavlm.training.finetune import FINAL_ADAPTER_DIR, FINAL_MODEL_DIR
+from mambavlm.training.finetune import FINAL_MODEL_DIR
 
 logger = logging.getLogger("evaluate")
 
-RUN_MODEL_DIRS = (FINAL_MODEL_DIR, STUDENT_DIR)
-"""Where a run's output_dir holds its model: fine-tuning's ``final/``, distillation's ``student/``."""
 ANSWERS_FILE = "answers.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 DEFAULT_OUTPUT_ROOT = Path("outputs/eval")
-
-
-def resolve_model_dir(model: str | Path) -> Path:
-    """A saved model directory (or Hub id) as given, or a run's output directory's model: fine-tuning's
-    ``final/``, distillation's ``student/``. FileNotFoundError for a local path that does not exist
-    and for a run directory that holds no model."""
-    path = Path(model).expanduser()
-    if not path.exists():
-        if missing_local_path(model):
-            raise FileNotFoundError(f"--model {model}: no such directory")
-        return path  # a Hub id
-    if is_mambavlm_directory(path):
-        return path
-    for name in RUN_MODEL_DIRS:
-        if is_mambavlm_directory(path / name):
-            return path / name
-    if not path.is_dir() or (path / LEGACY_LLM_DIR).is_dir() or (path / "config.json").is_file():
-        return path  # not a run directory: from_pretrained says what is wrong with it
-    found = [name for name in (*RUN_MODEL_DIRS, FINAL_ADAPTER_DIR) if (path / name).is_dir()]
-    if FINAL_ADAPTER_DIR in found:
-        detail = f"it holds a LoRA adapter ({FINAL_ADAPTER_DIR}/): merge it first with train/merge_lora.py"
-    elif found:
-        detail = f"its {found[0]}/ is not a saved MambaVLM (a text-only distillation's student?)"
-    else:
-        detail = (
-            f"it holds neither a model of its own nor a run's {FINAL_MODEL_DIR}/ (fine-tuning) or "
-            f"{STUDENT_DIR}/ (distillation)"
-            + (" (did the run finish?)" if (path / LEGACY_CONFIG_FILE).is_file() else "")
-        )
-    raise FileNotFoundError(f"--model {model} is not a MambaVLM directory: {detail}")
 
 
 def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list[tuple[str, str]]]:

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles
+from mambavlm.eval.model_dir import resolve_model_dir
 from mambavlm.eval.runner import (
     RunSettings,
     SettingsMismatchError,
@@ -49,7 +50,9 @@ def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, type=Path, help="a MambaVLM directory (save_pretrained)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="a MambaVLM directory (save_pretrained), or a run's output_dir (its final/ after "
+                             "fine-tuning, its student/ after distillation)")
     parser.add_argument("--benchmark", required=True,
                         help=f"its name, recorded in results.json: one of {', '.join(BENCHMARKS)} "
                              "(or your own with --custom-benchmark)")
@@ -78,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     try:
         check_benchmark_name(args.benchmark, args.custom_benchmark)  # before the options, which it names
         settings = RunSettings(
-            model=args.model,
+            model=resolve_model_dir(args.model),
             benchmark=args.benchmark,
             custom_benchmark=args.custom_benchmark,
             questions=args.data,

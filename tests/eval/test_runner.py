@@ -255,3 +255,23 @@ def test_help_shows_the_whole_description() -> None:
                               capture_output=True, text=True, timeout=120).stdout
     assert "[--annotations FILE [--annotation-questions FILE] [--split-file FILE]]``.\n" in run_help
     assert "pass another --output-dir, or delete the old one.\n" in run_help
+
+
+def test_a_runs_output_dir_is_its_model(setup, tmp_path: Path, capsys) -> None:
+    """--model takes a training run's output_dir as eval/evaluate.py does (its final/, a distillation's
+    student/; a fresh user found only evaluate.py did); a LoRA run's dir is refused naming the merge."""
+    model, questions = setup
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "final").symlink_to(model, target_is_directory=True)
+    run_script()(["--model", str(run), *args(setup, tmp_path / "out")[2:]])
+    recorded = json.loads((tmp_path / "out" / "run_settings.json").read_text())
+    assert recorded["model"] == str((run / "final").resolve())
+    lora = tmp_path / "lora-run"
+    (lora / "final_adapter").mkdir(parents=True)
+    (lora / "train_config.yaml").write_text("output_dir: x\n")
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()(["--model", str(lora), *args(setup, tmp_path / "out2")[2:]])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "LoRA adapter (final_adapter/): merge it first" in err and "Traceback" not in err
