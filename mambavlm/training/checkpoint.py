@@ -18,9 +18,12 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from mambavlm.atomic import atomic_directory
+
+logger = get_logger(__name__)
 
 __all__ = [
     "CHECKPOINT_PREFIX",
@@ -91,6 +94,7 @@ def save_checkpoint(
         accelerator.wait_for_everyone()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        logger.info(f"saved {target}")  # accelerate's own line names the temporary directory
         prune_checkpoints(output_dir, keep_last)
     return target
 

@@ -33,6 +33,7 @@ import functools
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -54,6 +55,7 @@ from accelerate.utils import (
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import PreTrainedModel, get_wsd_schedule
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
@@ -163,6 +165,10 @@ def require_standalone_fsdp_units(plugin: Any, module: nn.Module) -> None:
             f"or NO_WRAP, not {getattr(policy, '__name__', policy)!r}"
         )
 
+
+PROGRESS_FILE_INTERVAL = 30.0
+"""Seconds between progress-bar updates when stderr is a file or a pipe, not a terminal: each update is
+a line of its own there (the tiny run's log held 300 KB of them)."""
 
 ZERO3_LEAF_TYPES: tuple[type[nn.Module], ...] = (MambaMixer,)
 """transformers' modules whose forward hands their submodules' weights to a kernel (``MambaMixer`` to
@@ -660,7 +666,9 @@ class Trainer:
         logger.info(
             f"phase {phase.name}: {len(self.dataset)} records, {acc.num_processes} process(es), {accumulation} "
             f"accumulation step(s) per optimiser step, {steps_per_epoch} steps per epoch, {total_steps} steps, "
-            f"lr {phase.lr:g}, {trainable:,} trainable parameters in {len(names)} tensors"
+            # the schedule's peak lr: a resumed run's is its checkpoint's (restored with the optimiser)
+            f"lr {optimizer.param_groups[0].get('initial_lr', phase.lr):g}, {trainable:,} trainable parameters in "
+            f"{len(names)} tensors"
             + (f"; resuming at step {state.step}" if resume is not None else "")
         )
         saved_step = state.global_step if resume is not None else None
@@ -694,7 +702,12 @@ class Trainer:
     def _save(self, state: TrainerState) -> None:
         save_checkpoint(self.accelerator, self.output_dir, state.global_step, state.to_json(), self.keep_last)
 
-    def _train(
+    def _train(self, *args: Any) -> None:
+        """``_train_steps`` with log lines written above the progress bar, not into it."""
+        with logging_redirect_tqdm():
+            self._train_steps(*args)
+
+    def _train_steps(
         self,
         phase: Phase,
         model: nn.Module,
@@ -717,7 +730,8 @@ class Trainer:
         acc = self.accelerator
         losses = state.phase_losses[state.phase]
         progress = tqdm(
-            total=total_steps, initial=state.step, desc=phase.name, disable=not acc.is_local_main_process
+            total=total_steps, initial=state.step, desc=phase.name, disable=not acc.is_local_main_process,
+            mininterval=PROGRESS_FILE_INTERVAL if not sys.stderr.isatty() else 0.1,
         )
         window = _Window()
         throughput = state.phase_throughput[state.phase]

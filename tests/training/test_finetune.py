@@ -97,10 +97,13 @@ def test_resume_with_another_lr_warns_and_keeps_the_checkpoints(micro_run, tmp_p
     """Resumed with another lr: the warning says the checkpoint's lr is kept, and it is (its optimiser
     and scheduler are restored): steps 4-6 repeat the uninterrupted losses."""
     config = micro_config(tmp_path, f"train.resume_from={micro_run / 'checkpoint-3'}", "train.lr=0.5")
-    with caplog.at_level("WARNING", logger="mambavlm.training.engine"):
+    with caplog.at_level("INFO"):
         run_finetune(config)
     warning = " ".join(r.getMessage() for r in caplog.records if "settings other than its own" in r.getMessage())
     assert "lr 0.003 -> 0.5 (the checkpoint's is kept: the optimiser and scheduler are restored)" in warning
+    phase_line = next(r.getMessage() for r in caplog.records if "resuming at step" in r.getMessage())
+    assert "lr 0.003," in phase_line  # the lr that runs, not the config's (a fresh user's trial)
+    assert any(r.getMessage().endswith(f"saved {tmp_path / 'checkpoint-6'}") for r in caplog.records)
     assert "max_grad_norm" not in warning and "total_steps" not in warning
     assert read_metrics(tmp_path)["step_losses"] == read_metrics(micro_run)["step_losses"]
 
