@@ -6,7 +6,8 @@
 ``--model`` is a saved model directory, a Hub id, or a run's output_dir (fine-tuning's model is in
 its ``final/``, distillation's in its ``student/``). Each record's first question is answered
 greedily; the answers are written as JSONL rows ``{id, question, answer, reference, correct}`` to
-``OUTPUT_DIR/answers.jsonl`` (default ``outputs/eval/<data file's stem>``, as ``eval/run.py`` does)
+``OUTPUT_DIR/answers.jsonl`` (default ``outputs/eval/<model>/<data file's stem>``, the model named by its
+run's directory for a run's ``final/`` or ``student/``)
 and the exact-match accuracy is printed. A record that cannot be answered (no human turn then
 assistant turn, a missing or unreadable image, a prompt too long for the model) is named in a warning,
 skipped, and listed as ``{id, reason}`` in ``skipped.jsonl`` beside the answers (``--out FILE``:
@@ -26,7 +27,7 @@ import torch
 from mambavlm.atomic import atomic_file
 from mambavlm.data.llava import load_records
 from mambavlm.distill.run import STUDENT_DIR
-from mambavlm.eval.model_dir import resolve_model_dir
+from mambavlm.eval.model_dir import RUN_MODEL_DIRS, resolve_model_dir
 from mambavlm.model import MambaVLM
 from mambavlm.training.evaluation import VQAItem, generate_answers, load_vqa_items
 from mambavlm.training.finetune import FINAL_MODEL_DIR
@@ -55,11 +56,21 @@ def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list
     return items, skipped
 
 
-def output_paths(args: argparse.Namespace) -> tuple[Path, Path]:
-    """(answers file, skipped file) of the command line."""
+def model_label(model_dir: Path) -> str:
+    """A model's name in the default output path: its run's directory name for a run's ``final/`` or
+    ``student/`` (every run names its model so), else its own."""
+    return model_dir.parent.name if model_dir.name in RUN_MODEL_DIRS and model_dir.parent.name else model_dir.name
+
+
+def output_paths(args: argparse.Namespace, model_dir: Path) -> tuple[Path, Path]:
+    """(answers file, skipped file) of the command line; by default under
+    ``outputs/eval/<model>/<data file's stem>``, so that two models' answers to one file do not
+    overwrite each other (a fine-tuning and a distillation run both call theirs val.json)."""
     if args.out is not None:
         return args.out, args.out.with_name(f"{args.out.stem}.skipped.jsonl")
-    out_dir = args.output_dir if args.output_dir is not None else DEFAULT_OUTPUT_ROOT / args.data.stem
+    out_dir = args.output_dir
+    if out_dir is None:
+        out_dir = DEFAULT_OUTPUT_ROOT / model_label(model_dir) / args.data.stem
     return out_dir / ANSWERS_FILE, out_dir / SKIPPED_FILE
 
 
@@ -73,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> float | None:
     parser.add_argument("--image-root", type=Path, default=None, help="default: the JSON's directory")
     parser.add_argument("--output-dir", type=Path, default=None,
                         help=f"{ANSWERS_FILE} and {SKIPPED_FILE} go there (default: "
-                             f"{DEFAULT_OUTPUT_ROOT}/<the data file's stem>)")
+                             f"{DEFAULT_OUTPUT_ROOT}/<the model's run or directory name>/<the data file's stem>)")
     parser.add_argument("--out", type=Path, default=None,
                         help="JSONL of answers instead (skipped records: its stem + .skipped.jsonl)")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -87,11 +98,12 @@ def main(argv: Sequence[str] | None = None) -> float | None:
     if not args.data.is_file():
         parser.error(f"--data {args.data} does not exist")
     try:
-        model = MambaVLM.from_pretrained(resolve_model_dir(args.model))
+        model_dir = resolve_model_dir(args.model)
+        model = MambaVLM.from_pretrained(model_dir)
     except FileNotFoundError as err:
         parser.error(str(err))
     model = model.to(args.device).eval()
-    answers_path, skipped_path = output_paths(args)
+    answers_path, skipped_path = output_paths(args, model_dir)
     items, skipped = load_items(args.data, args.image_root)
     rows, not_answered = generate_answers(model, items, args.batch_size, args.max_new_tokens, blind=args.blind)
     skipped += not_answered  # each named in a warning as it was skipped

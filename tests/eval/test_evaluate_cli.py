@@ -168,7 +168,7 @@ def test_default_output_goes_under_outputs_eval_and_is_printed(evaluate, setup, 
     run, val, _, _ = setup
     monkeypatch.chdir(tmp_path)
     evaluate.main(run_args(run, val))
-    expected = Path("outputs") / "eval" / val.stem / "answers.jsonl"
+    expected = Path("outputs") / "eval" / run.name / val.stem / "answers.jsonl"
     assert len(read_jsonl(tmp_path / expected)) == GOOD
     assert (tmp_path / expected).with_name("skipped.jsonl").read_text() == ""
     assert not (tmp_path / "answers.jsonl").exists()
@@ -176,3 +176,19 @@ def test_default_output_goes_under_outputs_eval_and_is_printed(evaluate, setup, 
     with pytest.raises(SystemExit):
         evaluate.main(run_args(run, val, "--out", "a.jsonl", "--output-dir", "b"))
     assert sorted(os.listdir(tmp_path)) == ["outputs"]
+
+
+def test_two_runs_answers_to_one_data_file_go_to_their_own_default_folders(evaluate, setup, tmp_path, monkeypatch):
+    """The default output folder names the model (its run's directory for final/ or student/): a
+    fine-tuning run's answers to its val.json no longer overwrite a distillation run's (a fresh user's
+    trial)."""
+    run, val, _, _ = setup
+    finetune = tmp_path / "finetune-run"
+    finetune.mkdir()
+    (finetune / "final").symlink_to(run / "student", target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    for model in (run, finetune / "final", run / "student"):
+        evaluate.main(run_args(model, val))
+    written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "outputs" / "eval").rglob("answers.jsonl"))
+    assert written == [f"outputs/eval/{run.name}/{val.stem}/answers.jsonl",
+                       f"outputs/eval/finetune-run/{val.stem}/answers.jsonl"]
