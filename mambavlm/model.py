@@ -719,7 +719,11 @@ def parameter_table(model: MambaVLM) -> list[dict[str, Any]]:
 
     for i, (enc_cfg, enc) in enumerate(zip(model.config.vision.encoders, model.vision.encoders)):
         add(f"vision.encoders.{i}", enc, enc_cfg.name)
-    add("projector", model.projector, model.config.projector.type)
+    projector = model.config.projector
+    detail = projector.type
+    if projector.type == "mamba":
+        detail += f" ({projector.scan_mode}, d_state {projector.d_state}, depth {projector.depth})"
+    add("projector", model.projector, detail)
     add("llm", model.llm, model.config.llm.family)
     return rows
 

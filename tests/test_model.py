@@ -297,3 +297,20 @@ def test_bad_inputs_are_reported(tmp_path: Path) -> None:
         model(input_ids=torch.zeros(1, 300, dtype=torch.long))
     with pytest.raises(ValueError, match="contains <image> but no image"):
         model.answer(None, ["<image> what ?"])
+
+
+@pytest.mark.parametrize("scan_mode", ["cross-stitch", "cross-cat"])
+def test_describe_shows_the_projector_scan_and_each_parts_parameters(scan_mode: str, capsys) -> None:
+    """python -m mambavlm.describe: each part's parameters as the model counts them, the total their
+    sum, and the projector's scan mode (an override of it showed nowhere: a fresh user's trial)."""
+    from mambavlm.describe import main
+
+    assert main([str(TINY_MODEL), f"projector.scan_mode={scan_mode}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line for line in lines if line.startswith(("vision.", "projector", "llm", "total"))}
+    model = tiny_vlm(f"projector.scan_mode={scan_mode}")
+    assert f"mamba ({scan_mode}, d_state" in rows["projector"]
+    parts = {"projector": model.projector, "llm": model.llm, "vision.encoders.0": model.vision.encoders[0]}
+    for name, module in parts.items():
+        assert int(rows[name].split()[-2].replace(",", "")) == sum(p.numel() for p in module.parameters()), name
+    assert int(rows["total"].split()[-2].replace(",", "")) == sum(p.numel() for p in model.parameters())
