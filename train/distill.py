@@ -14,9 +14,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from mambavlm.config import ConfigError
-from mambavlm.llm.factory import LLMBuildError
 from mambavlm.distill.config import load_distill_config
 from mambavlm.distill.run import run_distillation
+from mambavlm.llm.factory import LLMBuildError
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
