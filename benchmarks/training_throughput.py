@@ -63,6 +63,7 @@ from benchmarks.timing import (
 )
 from mambavlm.config import LLMConfig, ModelConfig, load_config
 from mambavlm.llm import mamba_training
+from mambavlm.llm.factory import enable_activation_checkpointing
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import MambaVLM, build_model
 
@@ -185,7 +186,7 @@ def build(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dtyp
         model = build_model(cfg, load_weights=False, load_tokenizer=False)
     model = model.to(dtype=dtype).train()
     if args.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model.llm)
     return model
 
 

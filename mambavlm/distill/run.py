@@ -31,13 +31,19 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from mambavlm.atomic import atomic_file
 from mambavlm.config import ConfigError, LLMConfig
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.distill.config import DistillConfig
 from mambavlm.distill.convert import convert_llama, convert_vlm
-from mambavlm.distill.stages import DistillationModule, DistillationObjective, StageTrainable, language_model
-from mambavlm.atomic import atomic_file
+from mambavlm.distill.stages import (
+    DistillationModule,
+    DistillationObjective,
+    StageTrainable,
+    language_model,
+)
+from mambavlm.llm.factory import enable_activation_checkpointing
 from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
@@ -187,7 +193,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         else:
             student = convert_llama(teacher, config.layout, config.seeding, generator, config.mixer_options)
     if config.gradient_checkpointing:
-        language_model(student).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(language_model(student))
     mamba_layers = sorted(mamba_mixers(language_model(student)))
     num_layers = language_model(teacher).config.num_hidden_layers
     logger.info(f"student: Mamba-2 in layers {mamba_layers} of {num_layers} ({config.layout}, {config.seeding} seeding)")

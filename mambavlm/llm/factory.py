@@ -24,7 +24,6 @@ from transformers import (
 )
 
 from mambavlm.config import LLMConfig
-from mambavlm.ops import dispatch
 from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.llm.mamba_ssm_format import (
@@ -33,6 +32,7 @@ from mambavlm.llm.mamba_ssm_format import (
     mamba_ssm_config_to_hf,
     read_mamba_ssm_config,
 )
+from mambavlm.ops import dispatch
 
 __all__ = [
     "LLM_FAMILIES",
@@ -40,6 +40,7 @@ __all__ = [
     "LLMBuildError",
     "build_llm",
     "check_mamba_training_kernels",
+    "enable_activation_checkpointing",
     "family_classes",
     "llm_hidden_size",
 ]
@@ -57,6 +58,18 @@ def family_classes(family: str) -> tuple[type[PreTrainedConfig], type[PreTrained
     if family not in LLM_FAMILIES:
         raise KeyError(f"unknown llm.family {family!r}; known: {sorted(LLM_FAMILIES)}")
     return LLM_FAMILIES[family]
+
+
+def enable_activation_checkpointing(llm: PreTrainedModel) -> None:
+    """Recompute each decoder layer's activations in the backward (non-reentrant ``torch.utils.checkpoint``).
+
+    transformers 5.24 renamed ``gradient_checkpointing_enable`` to ``activation_checkpointing_enable``
+    (the old name warns); 5.17 has only the old one: the new name where it exists."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(llm, "activation_checkpointing_enable"):
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def check_mamba_training_kernels(llm: torch.nn.Module, device: torch.device) -> None:

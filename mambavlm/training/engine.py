@@ -785,7 +785,7 @@ class Trainer:
                 state.num_truncated += int(truncated)
                 window.add(samples, tokens)
                 progress.update(1)
-                progress.set_postfix(loss=format_loss(step_loss), lr=f"{lr:.2e}")
+                progress.set_postfix(loss=format_loss(step_loss), lr=f"{lr:.2e}", refresh=False)  # shown at the bar's own interval
                 if state.batches_done == batches_per_epoch:
                     state.epoch += 1
                     state.batches_done = 0

@@ -22,7 +22,10 @@ from mambavlm.atomic import atomic_file
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.data.synthetic import make_shapes_vqa
-from mambavlm.llm.factory import check_mamba_training_kernels
+from mambavlm.llm.factory import (
+    check_mamba_training_kernels,
+    enable_activation_checkpointing,
+)
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training.config import DataConfig, TrainConfig
 from mambavlm.training.engine import (
@@ -82,7 +85,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     if cfg.lora is not None:
         apply_lora(model, cfg.lora)
     if cfg.train.gradient_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model.llm)
     dataset = training_dataset(model, train_json, image_root, cfg.data.max_length, cfg.blind)
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)

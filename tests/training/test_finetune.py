@@ -10,6 +10,7 @@ import math
 import socket
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -131,7 +132,9 @@ def test_gradient_checkpointing_gives_the_same_losses(tmp_path, monkeypatch):
         return checkpoint(*args, **kwargs)
 
     monkeypatch.setattr(transformers.modeling_utils, "checkpoint", counted_checkpoint)
-    run_finetune(micro_config(tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true"))
+    with warnings.catch_warnings():  # transformers 5.24 deprecates gradient_checkpointing_enable: not called
+        warnings.filterwarnings("error", message=".*checkpointing_enable.* deprecated", category=FutureWarning)
+        run_finetune(micro_config(tmp_path / "ckpt", *overrides, "train.gradient_checkpointing=true"))
     assert calls, "the LLM layers were not checkpointed"
     plain, recomputed = read_metrics(tmp_path / "plain"), read_metrics(tmp_path / "ckpt")
     assert recomputed["step_losses"] == pytest.approx(plain["step_losses"], rel=1e-6)
