@@ -71,15 +71,15 @@ matrix products, cuBLAS's work."""
 
 IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K = 16, 512
 OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K = 4, 512
-PIPELINE_STAGES = 3
-"""Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
-Triton's default on NVIDIA GPUs)."""
 """Output rows per program and the reduction chunk of the two projection kernels, the fastest of
 ``python -m benchmarks.decode_projections`` on an H200 (bf16, batch 1, 4 warps, 64 layers per CUDA
 graph): in_proj + RMSNorm 22.4 us per layer against 22.5 for RMSNorm + cuBLAS; out_proj + residual
 15.0 us against 13.8 for cuBLAS + add (``benchmarks/results/decode_projections.md``). The first
 version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read for each sequence)
 ran the whole step at 3.57 ms per token against cuBLAS's 2.94."""
+PIPELINE_STAGES = 3
+"""Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
+Triton's default on NVIDIA GPUs)."""
 
 
 def triton_available() -> bool:
