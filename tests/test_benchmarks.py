@@ -12,11 +12,11 @@ import torch
 from tests.conftest import ROOT, subprocess_env
 
 
-@pytest.mark.parametrize("script", ["generation", "projector", "training_throughput", "long_context", "eval_throughput", "prefill", "lora_step", "data_loader", "decode_projections"])
+@pytest.mark.parametrize("script", ["generation", "projector", "training_throughput", "long_context", "eval_throughput", "prefill", "lora_step", "data_loader", "decode_projections", "selective_scan"])
 def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: Path) -> None:
     out = tmp_path / f"{script}.md"
     # the decode-step kernels run on the CPU under Triton's interpreter
-    env = subprocess_env(**({"TRITON_INTERPRET": "1"} if script == "decode_projections" else {}))
+    env = subprocess_env(**({"TRITON_INTERPRET": "1"} if script in ("decode_projections", "selective_scan") else {}))
     result = subprocess.run(
         [sys.executable, "-m", f"benchmarks.{script}", "--quick", "--out", str(out)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,

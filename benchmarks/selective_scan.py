@@ -1,0 +1,147 @@
+"""Mamba-1's selective scan, forward and backward: our Triton scan against mamba_ssm's CUDA kernel.
+
+    python -m benchmarks.selective_scan               # CUDA: one Mamba-2.8B layer's scan in training
+    python -m benchmarks.selective_scan --launch-shapes 16x16x8 32x8x8   # block_d x block_t x warps
+    TRITON_INTERPRET=1 python -m benchmarks.selective_scan --quick   # CPU: tiny shapes (CI)
+
+The shape is one training step's scan of one Mamba-2.8B layer at micro-batch 8 x 1522 tokens (u, delta,
+z (8, 5120, 1522) bf16, A (5120, 16), B / C (8, 16, 1522), D and delta_bias, softplus): what
+``mamba_inner_fn`` runs 64 times per step, where mamba_ssm's backward kernel alone was 49 % of the step on
+an H200 (``results/training_throughput.md``). Each row gives the median ms of the forward alone and of
+the forward + backward, the peak memory of a forward + backward, and the ratio to mamba_ssm's; our rows also
+the largest difference of their output and gradients from mamba_ssm's, relative to each tensor's
+largest value (both compute in float32 and round to bf16).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from benchmarks.report import default_out, markdown_table, write_report
+from benchmarks.timing import (
+    benchmark_device,
+    median_seconds,
+    peak_memory_gib,
+    reset_peak_memory,
+)
+from mambavlm.ops.selective_scan import selective_scan_torch
+from mambavlm.ops.selective_scan_triton import (
+    BLOCK_D,
+    BLOCK_T,
+    NUM_WARPS,
+    selective_scan_triton,
+)
+
+SHAPES = {"paper": (8, 5120, 16, 1522), "quick": (2, 24, 4, 40)}
+"""(batch, channels, state size, length): Mamba-2.8B's training step, a tiny stand-in."""
+LAUNCH_SHAPES = [(BLOCK_D, BLOCK_T, NUM_WARPS), (8, 16, 4), (16, 16, 4), (16, 32, 8), (32, 16, 8), (32, 8, 4),
+                 (64, 8, 8)]
+"""(block_d, block_t, num_warps): the default first."""
+HEADERS = ["scan", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
+           "vs the reference (fwd + bwd)", "largest difference from it"]
+
+
+def inputs(shape: tuple[int, int, int, int], device: torch.device, dtype: torch.dtype) -> list[Tensor]:
+    batch, dim, n, length = shape
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*size: int, scale: float = 1.0, kind: torch.dtype = dtype) -> Tensor:
+        return (torch.randn(*size, generator=g, device=device) * scale).to(kind)
+
+    A = -torch.arange(1, n + 1, device=device, dtype=torch.float32).expand(dim, n).contiguous()  # S4D-real init
+    return [randn(batch, dim, length), randn(batch, dim, length, scale=0.5), A, randn(batch, n, length),
+            randn(batch, n, length), torch.ones(dim, device=device), randn(batch, dim, length),
+            randn(dim, scale=0.3, kind=torch.float32)]
+
+
+def forward_backward(fn: Callable[..., Tensor], args: list[Tensor], grad: Tensor) -> tuple[Tensor, list[Tensor]]:
+    leaves = [a.detach().requires_grad_(True) for a in args]
+    out = fn(*leaves, delta_softplus=True)
+    out.backward(grad)
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+def largest_difference(got: tuple[Tensor, list[Tensor]], want: tuple[Tensor, list[Tensor]]) -> float:
+    pairs = [(got[0], want[0]), *zip(got[1], want[1], strict=True)]
+    return max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp(min=1e-6)).item() for g, w in pairs)
+
+
+def run(quick: bool, repeats: int, launch_shapes: list[tuple[int, int, int]]) -> tuple[list[list[object]], list[str]]:
+    device = benchmark_device(quick)
+    dtype = torch.float32 if quick else torch.bfloat16
+    args = inputs(SHAPES["quick" if quick else "paper"], device, dtype)
+    grad = torch.randn(args[0].shape, generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
+    if quick:
+        reference_name, reference = "PyTorch (selective_scan_torch)", selective_scan_torch
+    else:
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+        reference_name, reference = "mamba_ssm selective_scan_fn", selective_scan_fn
+    warmup = 1 if quick else 3
+
+    def measure(fn: Callable[..., Tensor]) -> tuple[float, float, float | None, tuple[Tensor, list[Tensor]]]:
+        result = forward_backward(fn, args, grad)  # also the warm-up's compilation
+        with torch.no_grad():
+            forward = median_seconds(lambda: fn(*args, delta_softplus=True), device, repeats, warmup)
+        both = median_seconds(lambda: forward_backward(fn, args, grad), device, repeats, warmup)
+        reset_peak_memory(device)
+        forward_backward(fn, args, grad)
+        return forward, both, peak_memory_gib(device), result
+
+    rows: list[list[object]] = []
+    ref_fwd, ref_both, ref_peak, ref_result = measure(reference)
+    rows.append([reference_name, "", "", "", f"{ref_fwd * 1e3:.2f}", f"{ref_both * 1e3:.2f}",
+                 "n/a" if ref_peak is None else f"{ref_peak:.2f}", "1.00x", ""])
+    best = None
+    for block_d, block_t, warps in launch_shapes:
+        def ours(*a: Tensor, delta_softplus: bool, bd: int = block_d, bt: int = block_t, w: int = warps) -> Tensor:
+            return selective_scan_triton(*a, delta_softplus=delta_softplus, block_d=bd, block_t=bt, num_warps=w)
+
+        fwd, both, peak, result = measure(ours)
+        speedup = ref_both / both
+        best = max(best or (speedup, block_d, block_t, warps), (speedup, block_d, block_t, warps))
+        rows.append(["ours (selective_scan_triton)", block_d, block_t, warps, f"{fwd * 1e3:.2f}", f"{both * 1e3:.2f}",
+                     "n/a" if peak is None else f"{peak:.2f}", f"{speedup:.2f}x",
+                     f"{largest_difference(result, ref_result):.1e}"])
+    lines = []
+    if best is not None:
+        lines.append(f"- fastest launch shape: block_d {best[1]}, block_t {best[2]}, {best[3]} warps: "
+                     f"{best[0]:.2f}x {reference_name}'s forward + backward")
+    return rows, lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (Triton's interpreter)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--launch-shapes", nargs="+", default=None, metavar="DxTxW",
+                        help="launch shapes to time (channels per program x steps per chunk x warps)")
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--quick runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
+    shapes = [tuple(int(v) for v in text.split("x")) for text in args.launch_shapes] if args.launch_shapes else None
+    if shapes and any(len(shape) != 3 for shape in shapes):
+        raise SystemExit(f"--launch-shapes takes DxTxW, got {args.launch_shapes}")
+    if shapes is None:
+        shapes = [(8, 8, 2)] if args.quick else LAUNCH_SHAPES
+    repeats = 2 if args.quick else args.repeats
+    rows, lines = run(args.quick, repeats, shapes)
+    batch, dim, n, length = SHAPES["quick" if args.quick else "paper"]
+    reference = "PyTorch's selective_scan_torch" if args.quick else "mamba_ssm's selective_scan_fn"
+    intro = (f"{'tiny stand-in' if args.quick else 'one Mamba-2.8B layer'}: u, delta, z ({batch}, {dim}, {length}) "
+             f"{'float32' if args.quick else 'bf16'}, N = {n}, D, delta_bias, softplus; median of {repeats}; "
+             f"the reference: {reference}")
+    write_report(args.out or default_out("selective_scan", args.quick),
+                 "Selective scan, forward and backward: Triton vs mamba_ssm", benchmark_device(args.quick),
+                 [intro, markdown_table(HEADERS, rows), "\n".join(lines)])
+
+
+if __name__ == "__main__":
+    main()

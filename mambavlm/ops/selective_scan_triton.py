@@ -1,0 +1,290 @@
+"""Mamba-1's selective scan in Triton, forward and backward, with the channel reduction of dB / dC in
+registers.
+
+Semantics: ``mambavlm.ops.selective_scan.selective_scan_torch`` (mamba_ssm's ``selective_scan_fn``) for
+real A (Dm, N), one group of B / C, (Bt, N, L) or (Bt, 1, N, L):
+
+    dt = softplus(delta + delta_bias)                    (without softplus: delta + delta_bias)
+    h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t     h_{-1} = 0,   per (b, d, n)
+    y_t = sum_n C_t[n] * h_t[n] + D * u_t;               out = y * silu(z) when z is given
+
+Why our own: mamba_ssm's backward (``selective_scan_bwd_kernel``, about half of a Mamba-2.8B training
+step on an H200) runs one thread block per (batch, channel) and adds each element of dB and dC with a
+float32 ``atomicAdd``, 2 x Bt x Dm x N x L of them (2.0 G per layer at micro-batch 8 x 1522 tokens),
+every address contended by all Dm channels. Here a program owns ``BLOCK_D`` channels and ``BLOCK_T``
+time steps at a time, runs the recurrence as a parallel scan over the chunk (``tl.associative_scan``
+on the pairs (decay, input), which compose as (a1, b1) then (a2, b2) -> (a1 a2, a2 b1 + b2)), and sums
+dB / dC over its channels before one atomic add per element: Dm / BLOCK_D times fewer atomics.
+
+The forward keeps the state entering each chunk, (Bt, Dm, chunks, N) float32, for the backward, which
+walks the chunks in reverse: it recomputes the chunk's states from the saved one, scans dh backwards
+(dh_t = exp(dt_{t+1} A) dh_{t+1} + C_t dy_t), and forms every gradient from them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+
+__all__ = ["BLOCK_D", "BLOCK_T", "NUM_WARPS", "selective_scan_triton"]
+
+BLOCK_D = 16
+"""Channels per program (the factor by which dB / dC need fewer atomic adds than mamba_ssm's)."""
+BLOCK_T = 16
+"""Time steps per chunk (one parallel scan)."""
+NUM_WARPS = 8
+"""Warps per program: a program holds several (BLOCK_D, N, BLOCK_T) float32 tiles at once."""
+
+
+if triton is not None:
+
+    @triton.jit
+    def _compose(a1, b1, a2, b2):
+        return a1 * a2, a2 * b1 + b2
+
+    @triton.jit
+    def _step_sizes(raw, bias, SOFTPLUS: tl.constexpr):
+        x = raw + bias[:, None]
+        if SOFTPLUS:
+            x = tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)  # torch's threshold
+        return x
+
+    @triton.jit
+    def _selective_scan_fwd_kernel(
+        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
+        dim, length, n_chunks,
+        N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        n = tl.arange(0, N)
+        t = tl.arange(0, BLOCK_T)
+        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)  # (BD, N)
+        skip = tl.load(d_ptr + d, mask=d_ok, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
+        row = (b * dim + d) * length  # (BD,)
+        h = tl.zeros([BLOCK_D, N], tl.float32)
+        for chunk in range(n_chunks):
+            t0 = chunk * BLOCK_T
+            tl.store(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk) * N + n[None, :], h,
+                     mask=d_ok[:, None])
+            tt = t0 + t
+            t_ok = tt < length
+            ok = d_ok[:, None] & t_ok[None, :]
+            offs = row[:, None] + tt[None, :]
+            u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            dt = _step_sizes(tl.load(delta_ptr + offs, mask=ok, other=0.0).to(tl.float32), bias, SOFTPLUS)
+            bc = (b * N + n[:, None]) * length + tt[None, :]
+            bm = tl.load(b_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)  # (N, BT)
+            cm = tl.load(c_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)
+            live = t_ok[None, None, :]
+            decay = tl.where(live, tl.exp(dt[:, None, :] * a[:, :, None]), 1.0)  # (BD, N, BT)
+            drive = tl.where(live, (dt * u)[:, None, :] * bm[None, :, :], 0.0)
+            drive = tl.where(t[None, None, :] == 0, drive + decay * h[:, :, None], drive)
+            _, hs = tl.associative_scan((decay, drive), axis=2, combine_fn=_compose)
+            y = tl.sum(hs * cm[None, :, :], axis=1) + skip[:, None] * u
+            if HAS_Z:
+                zv = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                y = y * zv * tl.sigmoid(zv)
+            tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=ok)
+            h = tl.sum(tl.where(t[None, None, :] == BLOCK_T - 1, hs, 0.0), axis=2)
+
+    @triton.jit
+    def _selective_scan_bwd_kernel(
+        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, da_ptr, db_ptr, dc_ptr, dd_ptr, dbias_ptr,
+        dim, length, n_chunks,
+        N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        n = tl.arange(0, N)
+        t = tl.arange(0, BLOCK_T)
+        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)
+        skip = tl.load(d_ptr + d, mask=d_ok, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
+        row = (b * dim + d) * length
+        dh_next = tl.zeros([BLOCK_D, N], tl.float32)  # dh at the first step of the chunk after this one
+        grad_a = tl.zeros([BLOCK_D, N], tl.float32)
+        grad_skip = tl.zeros([BLOCK_D], tl.float32)
+        grad_bias = tl.zeros([BLOCK_D], tl.float32)
+        for step in range(n_chunks):
+            chunk = n_chunks - 1 - step
+            t0 = chunk * BLOCK_T
+            tt = t0 + t
+            t_ok = tt < length
+            ok = d_ok[:, None] & t_ok[None, :]
+            offs = row[:, None] + tt[None, :]
+            u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            raw = tl.load(delta_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            dt = _step_sizes(raw, bias, SOFTPLUS)
+            nxt_ok = d_ok[:, None] & (tt + 1 < length)[None, :]
+            dt_next = _step_sizes(tl.load(delta_ptr + offs + 1, mask=nxt_ok, other=0.0).to(tl.float32), bias, SOFTPLUS)
+            bc = (b * N + n[:, None]) * length + tt[None, :]
+            bm = tl.load(b_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)
+            cm = tl.load(c_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)
+            live = t_ok[None, None, :]
+            # the chunk's states again, from the one saved at its start
+            h0 = tl.load(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk) * N + n[None, :],
+                         mask=d_ok[:, None], other=0.0)
+            decay = tl.where(live, tl.exp(dt[:, None, :] * a[:, :, None]), 1.0)
+            drive = tl.where(live, (dt * u)[:, None, :] * bm[None, :, :], 0.0)
+            first = t[None, None, :] == 0
+            carried = decay * h0[:, :, None]  # exp(dt_0 A) h_{-1} at the first step
+            _, hs = tl.associative_scan((decay, tl.where(first, drive + carried, drive)), axis=2,
+                                        combine_fn=_compose)
+            decayed_prev = hs - drive  # exp(dt_t A) h_{t-1}
+            dy = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            if HAS_Z:
+                zv = tl.load(z_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+                y = tl.sum(hs * cm[None, :, :], axis=1) + skip[:, None] * u
+                sig = tl.sigmoid(zv)
+                tl.store(dz_ptr + offs, (dy * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                         mask=ok)
+                dy = dy * zv * sig
+            grad_skip += tl.sum(dy * u, axis=1)
+            # dC_t[n] = sum_d dy_t h_t[n]: this program's channels summed before the one atomic add
+            tl.atomic_add(dc_ptr + bc, tl.sum(dy[:, None, :] * hs, axis=0), mask=t_ok[None, :])
+            # dh_t = exp(dt_{t+1} A) dh_{t+1} + C_t dy_t, backwards through the chunk
+            decay_next = tl.where((tt + 1 < length)[None, None, :], tl.exp(dt_next[:, None, :] * a[:, :, None]), 0.0)
+            feed = cm[None, :, :] * dy[:, None, :]
+            last = t[None, None, :] == BLOCK_T - 1
+            feed = tl.where(last, feed + decay_next * dh_next[:, :, None], feed)
+            _, dh = tl.associative_scan((decay_next, feed), axis=2, combine_fn=_compose, reverse=True)
+            dh_next = tl.sum(tl.where(first, dh, 0.0), axis=2)
+            ddt = tl.sum(dh * (a[:, :, None] * decayed_prev + bm[None, :, :] * u[:, None, :]), axis=1)
+            du = skip[:, None] * dy + tl.sum(dh * bm[None, :, :], axis=1) * dt
+            grad_a += tl.sum(dh * dt[:, None, :] * decayed_prev, axis=2)
+            tl.atomic_add(db_ptr + bc, tl.sum(dh * (dt * u)[:, None, :], axis=0), mask=t_ok[None, :])
+            if SOFTPLUS:
+                x = raw + bias[:, None]
+                ddt = tl.where(x <= 20.0, ddt * tl.sigmoid(x), ddt)
+            ddt = tl.where(ok, ddt, 0.0)
+            grad_bias += tl.sum(ddt, axis=1)
+            tl.store(du_ptr + offs, du.to(du_ptr.dtype.element_ty), mask=ok)
+            tl.store(ddelta_ptr + offs, ddt.to(ddelta_ptr.dtype.element_ty), mask=ok)
+        tl.atomic_add(da_ptr + d[:, None] * N + n[None, :], grad_a, mask=d_ok[:, None])
+        if HAS_D:
+            tl.atomic_add(dd_ptr + d, grad_skip, mask=d_ok)
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
+
+
+def _as_three_dims(weight: Tensor, name: str) -> Tensor:
+    if weight.dim() == 4:
+        if weight.shape[1] != 1:
+            raise ValueError(f"selective_scan_triton takes one group of {name}, got {weight.shape[1]}")
+        weight = weight[:, 0]
+    if weight.dim() != 3:
+        raise ValueError(f"{name} must be (Bt, N, L) or (Bt, 1, N, L), got shape {tuple(weight.shape)}")
+    return weight.contiguous()
+
+
+class _SelectiveScan(torch.autograd.Function):
+    @staticmethod
+    def forward(
+        ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+        delta_bias: Tensor | None, delta_softplus: bool, launch: tuple[int, int, int],
+    ) -> Tensor:
+        batch, dim, length = u.shape
+        n_state = A.shape[1]
+        block_d, block_t, num_warps = launch
+        n_chunks = triton.cdiv(length, block_t)
+        u, delta = u.contiguous(), delta.contiguous()
+        A = A.float().contiguous()
+        z = None if z is None else z.contiguous()
+        D = None if D is None else D.float().contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+        out = torch.empty_like(u)
+        states = torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32)
+        grid = (batch, triton.cdiv(dim, block_d))
+        _selective_scan_fwd_kernel[grid](
+            u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
+            delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks,
+            N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus, ctx.launch = delta_softplus, launch
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        block_d, block_t, num_warps = ctx.launch
+        batch, dim, length = u.shape
+        n_state = A.shape[1]
+        n_chunks = states.shape[2]
+        dout = dout.contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
+        dA = torch.zeros_like(A)
+        dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
+        dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)
+        dD = torch.zeros_like(D) if D is not None else None
+        dbias = torch.zeros_like(delta_bias) if delta_bias is not None else None
+        grid = (batch, triton.cdiv(dim, block_d))
+        _selective_scan_bwd_kernel[grid](
+            u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
+            delta_bias if delta_bias is not None else A, dout, states,
+            du, ddelta, dz if dz is not None else du, dA, dB, dC,
+            dD if dD is not None else dA, dbias if dbias is not None else dA,
+            dim, length, n_chunks,
+            N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, num_warps=num_warps,
+        )
+        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None
+
+
+def selective_scan_triton(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    block_d: int = BLOCK_D,
+    block_t: int = BLOCK_T,
+    num_warps: int = NUM_WARPS,
+) -> Tensor:
+    """The selective scan with autograd (module docstring): u, delta, z (Bt, Dm, L); A (Dm, N) real, N a
+    power of 2; B, C (Bt, N, L) or (Bt, 1, N, L); D, delta_bias (Dm,). Returns (Bt, Dm, L) in u's
+    dtype; gradients for every tensor argument (A, D, delta_bias in float32, B and C in their dtype).
+    ``block_d`` channels per program, ``block_t`` time steps per chunk (powers of 2), ``num_warps``: the
+    launch shape of both kernels (``benchmarks/selective_scan.py`` compares them).
+
+    Raises:
+        ValueError: complex A, more than one group of B / C, N not a power of 2, or shapes that do not fit.
+        RuntimeError: without Triton.
+    """
+    if triton is None:
+        raise RuntimeError("selective_scan_triton needs triton")
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u and delta must be one (Bt, Dm, L) shape, got {tuple(u.shape)} and {tuple(delta.shape)}")
+    if A.is_complex() or A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"A must be real (Dm, N) with Dm = {u.shape[1]}, got {tuple(A.shape)} {A.dtype}")
+    n_state = A.shape[1]
+    if n_state & (n_state - 1):
+        raise ValueError(f"selective_scan_triton needs N a power of 2, got {n_state}")
+    B, C = _as_three_dims(B, "B"), _as_three_dims(C, "C")
+    expected = (u.shape[0], n_state, u.shape[2])
+    if B.shape != expected or C.shape != expected:
+        raise ValueError(f"B and C must be {expected}, got {tuple(B.shape)} and {tuple(C.shape)}")
+    if z is not None and z.shape != u.shape:
+        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, (block_d, block_t, num_warps))

@@ -1,0 +1,116 @@
+"""The Triton selective scan (``mambavlm.ops.selective_scan_triton``): outputs and the gradients of every
+argument against the PyTorch scan, run by Triton's interpreter on the CPU (a subprocess:
+``TRITON_INTERPRET`` is read when Triton loads), and against mamba_ssm's ``selective_scan_fn`` on CUDA."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from mambavlm.ops.mamba_step import triton_available
+from tests.conftest import ROOT, subprocess_env
+
+pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
+
+
+def scan_case(batch: int, dim: int, n: int, length: int, *, z: bool, skip: bool, bias: bool, softplus: bool,
+              grouped: bool, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list:
+    """Random inputs of mamba_ssm's shapes: u, delta, A, B, C, D, z, delta_bias."""
+    g = torch.Generator().manual_seed(batch * 1000 + dim + length)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=g)
+
+    b_shape = (batch, 1, n, length) if grouped else (batch, n, length)
+    args = [randn(batch, dim, length), randn(batch, dim, length) * 0.5, -torch.rand(dim, n, generator=g) - 0.1,
+            randn(*b_shape), randn(*b_shape), randn(dim) if skip else None,
+            randn(batch, dim, length) if z else None, randn(dim) * 0.3 if bias else None]
+    return [a if a is None else a.to(device, dtype if i not in (2, 5, 7) else torch.float32)
+            for i, a in enumerate(args)]
+
+
+def outputs_and_gradients(fn: Callable[..., torch.Tensor], args: list, softplus: bool,
+                          **launch: int) -> tuple[torch.Tensor, list]:
+    """fn's output for ``args`` and the gradients of each argument for a fixed random output gradient."""
+    leaves = [a.clone().requires_grad_(True) if a is not None else None for a in args]
+    out = fn(*leaves, delta_softplus=softplus, **launch)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(out))
+    return out.detach(), [leaf.grad if leaf is not None else None for leaf in leaves]
+
+
+CHECKS = textwrap.dedent(
+    """
+    import torch
+    from mambavlm.ops.selective_scan import selective_scan_torch
+    from mambavlm.ops.selective_scan_triton import selective_scan_triton
+    from tests.ops.test_selective_scan_triton import outputs_and_gradients, scan_case
+
+    names = "u delta A B C D z delta_bias".split()
+    cases = [  # lengths over several chunks and a partial last one; channels not a multiple of the block
+        ((2, 20, 4, 70), dict(z=True, skip=True, bias=True, softplus=True, grouped=False), {}),
+        ((1, 16, 8, 32), dict(z=False, skip=False, bias=False, softplus=False, grouped=True), {}),
+        ((2, 5, 4, 33), dict(z=True, skip=False, bias=True, softplus=True, grouped=True), {}),
+        ((2, 20, 4, 70), dict(z=True, skip=True, bias=True, softplus=True, grouped=False),
+         dict(block_d=8, block_t=8, num_warps=2)),
+        ((1, 40, 2, 9), dict(z=False, skip=True, bias=False, softplus=True, grouped=False),
+         dict(block_d=32, block_t=4, num_warps=4)),
+    ]
+    for shape, flags, launch in cases:
+        args = scan_case(*shape, **flags)
+        want, want_grads = outputs_and_gradients(selective_scan_torch, args, flags["softplus"])
+        got, got_grads = outputs_and_gradients(selective_scan_triton, args, flags["softplus"], **launch)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for name, g_want, g_got in zip(names, want_grads, got_grads):
+            assert (g_want is None) == (g_got is None), name
+            if g_want is not None:
+                assert g_got.shape == g_want.shape, name
+                torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-3, msg=lambda m, n=name: f"{n}: {m}")
+    print("selective scan: equal")
+    """
+)
+
+
+def test_the_triton_scan_equals_the_pytorch_scan_and_its_gradients_under_the_interpreter() -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", CHECKS], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "selective scan: equal" in result.stdout
+
+
+def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
+    from mambavlm.ops.selective_scan_triton import selective_scan_triton
+
+    u, delta, A, B, C, *_ = scan_case(1, 4, 4, 8, z=False, skip=False, bias=False, softplus=False, grouped=False)
+    with pytest.raises(ValueError, match="N a power of 2, got 3"):
+        selective_scan_triton(u, delta, A[:, :3], B[:, :3], C[:, :3])
+    with pytest.raises(ValueError, match="one group of B, got 2"):
+        selective_scan_triton(u, delta, A, B[:, None].expand(1, 2, 4, 8), C)
+    with pytest.raises(ValueError, match="B and C must be"):
+        selective_scan_triton(u, delta, A, B[..., :7], C)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype) -> None:
+    """Mamba-2.8B's channel blocks, N = 16, 1000 steps: outputs and gradients against
+    ``selective_scan_fn`` (float32: rounding apart; bf16: both round their outputs to bf16)."""
+    selective_scan_fn = pytest.importorskip("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
+    from mambavlm.ops.selective_scan_triton import selective_scan_triton
+
+    args = scan_case(2, 256, 16, 1000, z=True, skip=True, bias=True, softplus=True, grouped=False,
+                     device="cuda", dtype=dtype)
+    want, want_grads = outputs_and_gradients(selective_scan_fn, args, True)
+    got, got_grads = outputs_and_gradients(selective_scan_triton, args, True)
+    tol = {"rtol": 2e-4, "atol": 2e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    torch.testing.assert_close(got.float(), want.float(), **tol)
+    for name, g_want, g_got in zip("u delta A B C D z delta_bias".split(), want_grads, got_grads, strict=True):
+        scale = g_want.float().abs().max().clamp(min=1.0)  # summed gradients (A, B, C, D) grow with the sums
+        torch.testing.assert_close(g_got.float() / scale, g_want.float() / scale, **tol, msg=lambda m, n=name: f"{n}: {m}")
