@@ -12,6 +12,9 @@ about 4x the tokens, the visual tokens staying 1458):
   transformers calls it (``in_proj(h).transpose(1, 2)`` into ``mamba_inner_fn``) instead of in
   mamba_ssm's layout: what that lever pays (without gradient checkpointing: the recomputation would
   not see the switch);
+- ours with the Triton scan (CUDA, first length only): ours, each mixer's selective scan
+  ``selective_scan_triton`` (dB / dC summed over channel blocks before the atomic adds) in mamba_ssm's
+  unfused mixer (``mamba_training.use_training_scan``) instead of ``mamba_inner_fn``;
 - ours, transformers' layout: the same model through transformers' ``MambaForCausalLM`` forward
   (separate norm / add ops, float32 logits at every position): the path before issue 15;
 - mamba_ssm: its own ``MambaLMHeadModel`` on the same LLM weights over the same number of tokens of
@@ -171,7 +174,7 @@ LONG_TEXT_TOKENS = 4630
 def vlm_loss(model: MambaVLM, batch: dict[str, Any], layout: str) -> Tensor:
     """The step loss through our training forward (``"ours"``; ``"ours-hf-mixer"``: with transformers'
     mixer call), or through transformers' LLM forward (``"transformers"``)."""
-    if layout == "ours":
+    if layout in ("ours", "ours-triton-scan"):
         return model(**batch).loss
     if layout == "ours-hf-mixer":
         with mock.patch.object(mamba_training, "use_kernels", lambda tensor, name: False):
@@ -228,6 +231,8 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dt
             text_tokens: int, layout: str, micro_batch: int | None = None, profile: bool = False) -> Result:
     """Build the VLM and time its training steps through ``layout``."""
     model = build(cfg, args, device, dtype)
+    if layout == "ours-triton-scan":
+        mamba_training.use_training_scan(model.llm, "triton")
     batches: dict[int, dict[str, Any]] = {}
 
     def loss_fn(micro_batch: int) -> tuple[Tensor, int]:
@@ -236,6 +241,7 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dt
 
     if cfg.llm.family == "mamba":
         name = f"ours: {cfg.name}" + {"ours": "", "ours-hf-mixer": ", transformers' mixer call",
+                                      "ours-triton-scan": ", Triton selective scan",
                                       "transformers": ", transformers' layout (before)"}[layout]
     else:
         name = f"Transformer VLM: {cfg.name} ({type(model.llm).__name__}{attention_note(model)})"
@@ -344,6 +350,8 @@ def run(args: argparse.Namespace) -> str:
         layouts = ["ours", "transformers"]
         if index == 0 and not args.gradient_checkpointing:
             layouts.insert(1, "ours-hf-mixer")
+        if index == 0 and device.type == "cuda":
+            layouts.insert(1, "ours-triton-scan")
         rows = [measure(ours_cfg, args, device, dtype, text_tokens, layout, profile=profile and layout == "ours")
                 for layout in layouts]
         anchor = measure_mamba_ssm(ours_cfg, args, device, dtype, rows[0].tokens_per_sample, profile=profile)
@@ -355,8 +363,15 @@ def run(args: argparse.Namespace) -> str:
             rows.insert(len(layouts), anchor)
         lines = [f"- ours / transformers' layout: {ours.tokens_per_s / before.tokens_per_s:.2f}x tokens/s"]
         if "ours-hf-mixer" in layouts:
-            lines.append(f"- the mixer in mamba_ssm's layout: {ours.tokens_per_s / rows[1].tokens_per_s:.3f}x tokens/s "
+            hf_mixer = rows[layouts.index("ours-hf-mixer")]
+            lines.append(f"- the mixer in mamba_ssm's layout: {ours.tokens_per_s / hf_mixer.tokens_per_s:.3f}x tokens/s "
                          "against transformers' mixer call")
+        if "ours-triton-scan" in layouts:
+            triton_scan = rows[layouts.index("ours-triton-scan")]
+            lines.append(f"- the Triton selective scan: {triton_scan.tokens_per_s / ours.tokens_per_s:.3f}x tokens/s "
+                         "against mamba_inner_fn"
+                         + (f", {triton_scan.tokens_per_s / anchor.tokens_per_s:.2f}x mamba_ssm's LM"
+                            if isinstance(anchor, Result) else ""))
         if isinstance(anchor, Result):
             lines.append(f"- ours / mamba_ssm LM: {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tokens/s (target >= 1.0x)")
         else:

@@ -24,8 +24,9 @@ positions' input is zeroed first, as transformers' mixer zeroes it.
 
 from __future__ import annotations
 
+import os
 import types
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,23 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.mamba.modeling_mamba import MambaBlock, MambaMixer
 
 from mambavlm.llm.tokenizer import IGNORE_INDEX
+from mambavlm.ops.causal_conv1d import causal_conv1d
 from mambavlm.ops.dispatch import use_kernels
 from mambavlm.ops.norm import add_rms_norm, rms_norm
+from mambavlm.ops.selective_scan_triton import (
+    selective_scan_triton,
+    selective_scan_triton_available,
+)
 
-__all__ = ["answer_token_loss", "install_fused_blocks", "mamba_lm_hidden_states", "right_padded", "zero3_partitioned"]
+__all__ = [
+    "answer_token_loss",
+    "install_fused_blocks",
+    "mamba_lm_hidden_states",
+    "right_padded",
+    "triton_scan_runs",
+    "use_training_scan",
+    "zero3_partitioned",
+]
 
 _CHECKPOINTS_AT_CALL = "__call__" in GradientCheckpointingLayer.__dict__
 """transformers up to 5.17 checkpoints a layer in ``__call__`` (around whatever ``forward`` runs), later
@@ -60,6 +74,8 @@ def _mixer_forward(
     """A ``MambaMixer``'s forward in two modes: transformers' own, or with ``mamba_ssm_layout=True``
     in training on CUDA with mamba_ssm, ``mamba_inner_fn`` on ``in_proj`` computed as mamba_ssm's
     ``Mamba.forward`` computes it (see the module docstring). hidden_states (B, L, D) -> (B, L, D)."""
+    if mamba_ssm_layout and self.training and self.training_scan == "triton" and triton_scan_runs(hidden_states):
+        return _triton_scan_mixer(self, hidden_states, attention_mask)
     if not (mamba_ssm_layout and self.training and use_kernels(hidden_states, "mamba_ssm")):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
@@ -86,6 +102,54 @@ def _mixer_forward(
         delta_bias=self.dt_proj.bias.float(),
         delta_softplus=True,
     )
+
+
+def triton_scan_runs(t: Tensor) -> bool:
+    """Whether the Triton selective scan can run on ``t``: Triton on CUDA, or its interpreter (tests)."""
+    return selective_scan_triton_available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The mixer as mamba_ssm's ``Mamba.forward`` without its fused path (``in_proj``, the causal conv,
+    ``x_proj``, ``dt_proj``, the selective scan with the gate, ``out_proj``), the scan being
+    ``selective_scan_triton``. hidden_states (B, L, D) -> (B, L, D); the padded positions' input zeroed
+    first, as in the ``mamba_inner_fn`` path."""
+    if attention_mask is not None:
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    batch, length, _ = hidden_states.shape
+    xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).mT  # (2 D_inner, B L)
+    if self.in_proj.bias is not None:
+        xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+    x, z = xz.view(xz.shape[0], batch, length).transpose(0, 1).chunk(2, dim=1)  # (B, D_inner, L) each
+    x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias if self.use_conv_bias else None, "silu")
+    x_dbl = F.linear(x.transpose(1, 2).reshape(batch * length, -1), self.x_proj.weight)  # (B L, R + 2 N)
+    dt, b_ssm, c_ssm = x_dbl.split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+    delta = (self.dt_proj.weight @ dt.mT).view(-1, batch, length).transpose(0, 1)  # (B, D_inner, L)
+    y = selective_scan_triton(
+        x,
+        delta,
+        -torch.exp(self.A_log.float()),
+        b_ssm.view(batch, length, -1).transpose(1, 2),
+        c_ssm.view(batch, length, -1).transpose(1, 2),
+        D=self.D.float(),
+        z=z,
+        delta_bias=self.dt_proj.bias.float(),
+        delta_softplus=True,
+    )
+    return self.out_proj(y.transpose(1, 2))
+
+
+def use_training_scan(lm: MambaForCausalLM, scan: Literal["mamba_ssm", "triton"]) -> None:
+    """Which selective scan the mixers of ``lm`` train with in mamba_ssm's layout: ``mamba_ssm`` (its
+    fused ``mamba_inner_fn``, the default) or ``triton`` (``_triton_scan_mixer``: our scan, whose
+    backward sums dB / dC over channel blocks; ``benchmarks/training_throughput.py`` measures it).
+    Raises ValueError for another name."""
+    if scan not in ("mamba_ssm", "triton"):
+        raise ValueError(f"unknown training scan {scan!r}; expected 'mamba_ssm' or 'triton'")
+    install_fused_blocks(lm)
+    for module in lm.modules():
+        if isinstance(module, MambaMixer):
+            module.training_scan = scan
 
 
 def _fused_block(
@@ -130,6 +194,7 @@ def install_fused_blocks(lm: MambaForCausalLM) -> None:
             module.forward = types.MethodType(_block_forward, module)
         elif isinstance(module, MambaMixer) and "forward" not in module.__dict__:
             module.forward = types.MethodType(_mixer_forward, module)
+            module.training_scan = "mamba_ssm"
 
 
 def right_padded(attention_mask: Tensor) -> bool:

@@ -6,6 +6,7 @@ on CUDA, mamba_ssm's fused add + RMSNorm kernel against the PyTorch path."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -177,6 +178,79 @@ def test_mixer_in_mamba_ssm_layout_equals_transformers_mixer_call_on_cuda(monkey
     assert calls and all(calls)  # every mixer ran in mamba_ssm's layout
     monkeypatch.setattr(training, "_mixer_forward",
                         lambda self, *a, **k: real(self, *a, **{**k, "mamba_ssm_layout": False}))
+    theirs, their_grads = loss_and_grads(reference, batch, True)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+TRITON_SCAN_CHECKS = """
+import copy
+from collections.abc import Callable
+import torch
+from mambavlm.llm.mamba_training import use_training_scan
+from tests.conftest import tiny_vlm
+from tests.llm.test_mamba_training import left_padded_batch, loss_and_grads, padded_batch
+
+for make_batch in (padded_batch, left_padded_batch):
+    model = tiny_vlm(train=True)
+    reference = copy.deepcopy(model)
+    use_training_scan(model.llm, "triton")
+    calls = []
+    import mambavlm.llm.mamba_training as training
+    scan = training.selective_scan_triton
+    training.selective_scan_triton = lambda *a, **k: calls.append(1) or scan(*a, **k)
+    batch = make_batch(model)
+    ours, our_grads = loss_and_grads(model, batch, True)
+    training.selective_scan_triton = scan
+    theirs, their_grads = loss_and_grads(reference, batch, False)
+    assert len(calls) == model.llm.config.num_hidden_layers, calls
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in their_grads.items():
+        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+print("triton scan: equal")
+"""
+
+
+def test_training_with_the_triton_scan_equals_transformers_loss_and_gradients() -> None:
+    """The mixers in mamba_ssm's layout with our Triton selective scan (``use_training_scan``), run by
+    Triton's interpreter on the CPU: every layer calls it, and the loss and every gradient equal
+    transformers' forward, right- and left-padded."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, subprocess_env
+
+    result = subprocess.run([sys.executable, "-c", TRITON_SCAN_CHECKS], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "triton scan: equal" in result.stdout
+
+
+def test_an_unknown_training_scan_is_refused() -> None:
+    from mambavlm.llm.mamba_training import use_training_scan
+
+    with pytest.raises(ValueError, match="unknown training scan 'cuda'"):
+        use_training_scan(tiny_vlm().llm, "cuda")
+
+
+@needs_cuda
+@needs_mamba_ssm
+@pytest.mark.gpu
+@pytest.mark.parametrize("batch_maker", [padded_batch, left_padded_batch], ids=["right-padded", "left-padded"])
+def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(batch_maker: Callable[[MambaVLM], dict]) -> None:
+    """float32 on CUDA: the mixers with our Triton scan against mamba_ssm's ``mamba_inner_fn``, loss and
+    every gradient (both sum in float32; atomics make the order differ)."""
+    from mambavlm.llm.mamba_training import use_training_scan
+
+    model = tiny_vlm(train=True)
+    batch = {k: (v.to("cuda") if torch.is_tensor(v) else [p.to("cuda") for p in v])
+             for k, v in batch_maker(model).items()}
+    model.to("cuda")
+    reference = copy.deepcopy(model)
+    use_training_scan(model.llm, "triton")
+    ours, our_grads = loss_and_grads(model, batch, True)
     theirs, their_grads = loss_and_grads(reference, batch, True)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for name, grad in their_grads.items():
