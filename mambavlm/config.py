@@ -161,7 +161,7 @@ def load_yaml(
         data = parse_yaml(f) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
-    _absolute_references(data, path.parent, path_keys)
+    _absolute_references(data, path, path_keys)
     base = data.pop("base", None)
     if base is None:
         return data
@@ -170,16 +170,25 @@ def load_yaml(
     return deep_merge(load_yaml(path.parent / base, _seen + (path,), path_keys), data)
 
 
-def _absolute_references(data: dict[str, Any], directory: Path, path_keys: tuple[str, ...]) -> None:
-    """In place: section-level ``base`` strings and the top-level ``path_keys`` strings -> absolute."""
+def _absolute_references(data: dict[str, Any], source: Path, path_keys: tuple[str, ...], prefix: str = "") -> None:
+    """In place: section-level ``base`` strings and the top-level ``path_keys`` strings -> absolute
+    (relative to ``source``'s directory). A file they name that does not exist is a ConfigError naming
+    ``source`` and the key (a config copied elsewhere keeps its relative references)."""
+
+    def absolute(reference: str, key: str) -> str:
+        target = source.parent / Path(reference).expanduser()
+        if not target.is_file():
+            raise ConfigError(f"{source}: {key}: config file not found: {target.resolve()}")
+        return str(target)
+
     for key, value in data.items():
         if key in path_keys and isinstance(value, str) and value:
-            data[key] = str(directory / Path(value).expanduser())
+            data[key] = absolute(value, f"{prefix}{key}")
         if isinstance(value, dict):
             nested = value.get("base")
             if isinstance(nested, str) and nested:
-                value["base"] = str(directory / Path(nested).expanduser())
-            _absolute_references(value, directory, ())
+                value["base"] = absolute(nested, f"{prefix}{key}.base")
+            _absolute_references(value, source, (), f"{prefix}{key}.")
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

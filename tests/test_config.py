@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from mambavlm.config import ConfigError, ModelConfig, apply_overrides, deep_merge, load_config, parse_yaml
+from mambavlm.config import (
+    ConfigError,
+    ModelConfig,
+    apply_overrides,
+    deep_merge,
+    load_config,
+    parse_yaml,
+)
 from tests.conftest import ROOT
 
 MODEL_CONFIGS = sorted((ROOT / "configs" / "model").glob("*.yaml"))
@@ -132,3 +140,19 @@ def test_errors_show_the_wrong_value_hint_null_and_spot_a_train_config(tmp_path:
         load_config(ModelConfig, ROOT / "configs" / "train" / "tiny.yaml")
     with pytest.raises(TypeError, match=r"pass \['projector.type=mlp'\]"):
         load_config(ModelConfig, tiny, "projector.type=mlp")
+
+
+def test_a_section_base_that_does_not_exist_names_the_file_and_key(tmp_path: Path) -> None:
+    """A train config copied out of configs/train/ keeps its relative ``model: {base: ...}``: the error
+    names the copied file and the key that points nowhere, not only the missing path (a fresh user's
+    trial); a string model reference the same."""
+    from mambavlm.training import load_train_config
+
+    copied = tmp_path / "mine.yaml"
+    copied.write_text((ROOT / "configs" / "train" / "tiny.yaml").read_text())
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(copied))}: model.base: config file not found: "
+                                          rf"{re.escape(str(tmp_path.parent / 'model' / 'tiny.yaml'))}$"):
+        load_train_config(copied)
+    copied.write_text("model: nowhere/model.yaml\n")
+    with pytest.raises(ConfigError, match=r"mine.yaml: model: config file not found: .*nowhere/model.yaml"):
+        load_train_config(copied)
