@@ -94,3 +94,30 @@ def test_weight_decay_exempts_what_mamba_ssm_exempts_in_the_paper_model():
         expected |= {f"{layer}.mixer.{name}" for name in ("A_log", "D", "conv1d.bias", "dt_proj.bias")}
     assert exempt == expected
     assert model.llm.backbone.layers[0].mixer.A_log.ndim == 2 and model.projector.first.A_log.ndim == 3
+
+
+def test_the_optimizer_is_fused_adamw_with_foreach_adamws_update(tiny_model):
+    """build_optimizer takes PyTorch's fused AdamW (fewer passes over the weights): three steps from the
+    same gradients give the default (foreach) implementation's weights to rounding."""
+    import copy
+
+    from mambavlm.training.optim import build_optimizer
+
+    twin = copy.deepcopy(tiny_model)
+    start = copy.deepcopy(tiny_model.state_dict())
+    fused = build_optimizer(tiny_model, lr=1e-2, weight_decay=0.1)
+    plain = torch.optim.AdamW(parameter_groups(twin, 0.1), lr=1e-2, foreach=True)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        for p, q in zip(tiny_model.parameters(), twin.parameters(), strict=True):
+            if p.requires_grad:
+                p.grad = torch.randn(p.shape, generator=generator)
+                q.grad = p.grad.clone()
+        fused.step()
+        plain.step()
+    moved = 0
+    for (name, p), q in zip(tiny_model.named_parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
+        moved += not torch.equal(p, start[name])
+    assert moved == sum(p.requires_grad for p in tiny_model.parameters())
