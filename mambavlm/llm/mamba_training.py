@@ -73,22 +73,17 @@ def _mixer_forward(
 ) -> Tensor:
     """A ``MambaMixer``'s forward in two modes: transformers' own, or with ``mamba_ssm_layout=True``
     in training on CUDA with mamba_ssm, ``mamba_inner_fn`` on ``in_proj`` computed as mamba_ssm's
-    ``Mamba.forward`` computes it (see the module docstring). hidden_states (B, L, D) -> (B, L, D)."""
+    ``Mamba.forward`` computes it (see the module docstring), or, after ``use_training_scan(lm, "triton")``,
+    mamba_ssm's unfused mixer around our Triton scan (``_triton_scan_mixer``; on CUDA or under Triton's
+    interpreter). hidden_states (B, L, D) -> (B, L, D)."""
     if mamba_ssm_layout and self.training and self.training_scan == "triton" and triton_scan_runs(hidden_states):
         return _triton_scan_mixer(self, hidden_states, attention_mask)
     if not (mamba_ssm_layout and self.training and use_kernels(hidden_states, "mamba_ssm")):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
-    if attention_mask is not None:
-        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
-    batch, length, _ = hidden_states.shape
-    xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).mT  # (2 D_inner, B L)
-    if self.in_proj.bias is not None:
-        xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-    xz = xz.view(xz.shape[0], batch, length).transpose(0, 1)  # (B, 2 D_inner, L), unit stride along L
     return mamba_inner_fn(
-        xz,
+        _in_proj(self, hidden_states, attention_mask),
         self.conv1d.weight,
         self.conv1d.bias if self.use_conv_bias else None,
         self.x_proj.weight,
@@ -104,6 +99,19 @@ def _mixer_forward(
     )
 
 
+def _in_proj(self: MambaMixer, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """hidden_states (B, L, D), the padded positions zeroed as transformers' mixer zeroes them ->
+    ``in_proj`` as mamba_ssm computes it: one GEMM ``W @ h^T`` viewed as (B, 2 D_inner, L) with unit
+    stride along L (the layout its kernels read)."""
+    if attention_mask is not None:
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    batch, length, _ = hidden_states.shape
+    xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).mT  # (2 D_inner, B L)
+    if self.in_proj.bias is not None:
+        xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+    return xz.view(xz.shape[0], batch, length).transpose(0, 1)
+
+
 def triton_scan_runs(t: Tensor) -> bool:
     """Whether the Triton selective scan can run on ``t``: Triton on CUDA, or its interpreter (tests)."""
     return selective_scan_triton_available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
@@ -113,14 +121,9 @@ def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: 
     """The mixer as mamba_ssm's ``Mamba.forward`` without its fused path (``in_proj``, the causal conv,
     ``x_proj``, ``dt_proj``, the selective scan with the gate, ``out_proj``), the scan being
     ``selective_scan_triton``. hidden_states (B, L, D) -> (B, L, D); the padded positions' input zeroed
-    first, as in the ``mamba_inner_fn`` path."""
-    if attention_mask is not None:
-        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    first, as in the ``mamba_inner_fn`` path (``_in_proj``)."""
     batch, length, _ = hidden_states.shape
-    xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).mT  # (2 D_inner, B L)
-    if self.in_proj.bias is not None:
-        xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
-    x, z = xz.view(xz.shape[0], batch, length).transpose(0, 1).chunk(2, dim=1)  # (B, D_inner, L) each
+    x, z = _in_proj(self, hidden_states, attention_mask).chunk(2, dim=1)  # (B, D_inner, L) each
     x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias if self.use_conv_bias else None, "silu")
     x_dbl = F.linear(x.transpose(1, 2).reshape(batch * length, -1), self.x_proj.weight)  # (B L, R + 2 N)
     dt, b_ssm, c_ssm = x_dbl.split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
