@@ -15,7 +15,6 @@ is float32 when ``config.residual_in_fp32``.
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -27,7 +26,7 @@ from mambavlm.generation.decoder import StaticDecoder
 from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
-from mambavlm.ops.mamba_step import triton_available
+from mambavlm.ops.dispatch import triton_runs_on
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["WHOLE_BLOCK_MAX_BATCH", "StaticStateDecoder"]
@@ -56,8 +55,7 @@ class StaticStateDecoder(StaticDecoder):
         super().__init__(model, cuda_graph)
         if fused_step and not isinstance(model, MambaForCausalLM):
             raise ValueError(f"fused_step runs Mamba-1 mixers; {type(model).__name__} has none")
-        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-        if fused_step and not (triton_available() and (self.device.type == "cuda" or interpreted)):
+        if fused_step and not triton_runs_on(torch.empty(0, device=self.device)):
             raise ValueError("fused_step needs Triton on CUDA (or TRITON_INTERPRET=1 to interpret its kernels)")
         self.fused_step = fused_step
         self.mamba1 = isinstance(model, MambaForCausalLM)

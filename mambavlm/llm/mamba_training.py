@@ -24,7 +24,6 @@ positions' input is zeroed first, as transformers' mixer zeroes it.
 
 from __future__ import annotations
 
-import os
 import types
 from typing import Any, Literal
 
@@ -38,19 +37,15 @@ from transformers.models.mamba.modeling_mamba import MambaBlock, MambaMixer
 
 from mambavlm.llm.tokenizer import IGNORE_INDEX
 from mambavlm.ops.causal_conv1d import causal_conv1d
-from mambavlm.ops.dispatch import use_kernels
+from mambavlm.ops.dispatch import triton_runs_on, use_kernels
 from mambavlm.ops.norm import add_rms_norm, rms_norm
-from mambavlm.ops.selective_scan_triton import (
-    selective_scan_triton,
-    selective_scan_triton_available,
-)
+from mambavlm.ops.selective_scan_triton import selective_scan_triton
 
 __all__ = [
     "answer_token_loss",
     "install_fused_blocks",
     "mamba_lm_hidden_states",
     "right_padded",
-    "triton_scan_runs",
     "use_training_scan",
     "zero3_partitioned",
 ]
@@ -76,7 +71,7 @@ def _mixer_forward(
     ``Mamba.forward`` computes it (see the module docstring), or, after ``use_training_scan(lm, "triton")``,
     mamba_ssm's unfused mixer around our Triton scan (``_triton_scan_mixer``; on CUDA or under Triton's
     interpreter). hidden_states (B, L, D) -> (B, L, D)."""
-    if mamba_ssm_layout and self.training and self.training_scan == "triton" and triton_scan_runs(hidden_states):
+    if mamba_ssm_layout and self.training and self.training_scan == "triton" and triton_runs_on(hidden_states):
         return _triton_scan_mixer(self, hidden_states, attention_mask)
     if not (mamba_ssm_layout and self.training and use_kernels(hidden_states, "mamba_ssm")):
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
@@ -110,11 +105,6 @@ def _in_proj(self: MambaMixer, hidden_states: Tensor, attention_mask: Tensor | N
     if self.in_proj.bias is not None:
         xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
     return xz.view(xz.shape[0], batch, length).transpose(0, 1)
-
-
-def triton_scan_runs(t: Tensor) -> bool:
-    """Whether the Triton selective scan can run on ``t``: Triton on CUDA, or its interpreter (tests)."""
-    return selective_scan_triton_available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -15,7 +15,7 @@ import os
 
 from torch import Tensor
 
-__all__ = ["DISABLE_KERNELS_ENV", "KERNEL_MODULES", "kernels_available", "use_kernels"]
+__all__ = ["DISABLE_KERNELS_ENV", "KERNEL_MODULES", "kernels_available", "triton_available", "triton_runs_on", "use_kernels"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,3 +53,15 @@ def use_kernels(t: Tensor, name: str) -> bool:
     if not t.is_cuda or os.environ.get(DISABLE_KERNELS_ENV) == "1":
         return False
     return kernels_available()[name]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports (it ships with torch's Linux wheels)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_runs_on(t: Tensor) -> bool:
+    """Whether this project's Triton kernels can run on ``t``: Triton on a CUDA tensor, or any tensor
+    under Triton's interpreter (``TRITON_INTERPRET=1``, how the CPU tests run them)."""
+    return triton_available() and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")

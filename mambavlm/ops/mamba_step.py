@@ -42,6 +42,8 @@ import functools
 import torch
 from torch import Tensor
 
+from mambavlm.ops.dispatch import triton_available
+
 try:
     import triton
     import triton.language as tl
@@ -80,10 +82,6 @@ ran the whole step at 3.57 ms per token against cuBLAS's 2.94."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
 Triton's default on NVIDIA GPUs)."""
-
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 if triton is not None:

@@ -34,7 +34,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
-__all__ = ["BLOCK_D", "BLOCK_T", "NUM_WARPS", "selective_scan_triton", "selective_scan_triton_available"]
+__all__ = ["BLOCK_D", "BLOCK_T", "NUM_WARPS", "selective_scan_triton"]
 
 BLOCK_D = 16
 """Channels per program (the factor by which dB / dC need fewer atomic adds than mamba_ssm's)."""
@@ -180,10 +180,6 @@ if triton is not None:
             tl.atomic_add(dd_ptr + d, grad_skip, mask=d_ok)
         if HAS_BIAS:
             tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
-
-
-def selective_scan_triton_available() -> bool:
-    return triton is not None
 
 
 def _as_three_dims(weight: Tensor, name: str) -> Tensor:
