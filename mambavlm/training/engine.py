@@ -635,7 +635,8 @@ class Trainer:
             self._source, self._prepared = module, None
             self._no_decay = {id(p) for n, p in module.named_parameters() if n in no_decay_names(module)}
         names = phase.trainable(module)
-        optimizer = build_optimizer(module, phase.lr, phase.weight_decay, phase.betas, no_decay=self._no_decay)
+        optimizer = build_optimizer(module, phase.lr, phase.weight_decay, phase.betas, no_decay=self._no_decay,
+                                    fused=acc.device.type == "cuda")
         scheduler = self._scheduler(optimizer, phase, total_steps)
         loader = DataLoader(
             self.dataset,

@@ -97,17 +97,19 @@ def test_weight_decay_exempts_what_mamba_ssm_exempts_in_the_paper_model():
 
 
 def test_the_optimizer_is_fused_adamw_with_foreach_adamws_update(tiny_model):
-    """build_optimizer takes PyTorch's fused AdamW (fewer passes over the weights): three steps from the
-    same gradients give the default (foreach) implementation's weights to rounding."""
+    """build_optimizer(fused=True), the trainer's choice on CUDA (fewer passes over the weights): three
+    steps from the same gradients give the default (foreach) implementation's weights to rounding; by
+    default (the CPU's) it is the default implementation."""
     import copy
 
     from mambavlm.training.optim import build_optimizer
 
     twin = copy.deepcopy(tiny_model)
     start = copy.deepcopy(tiny_model.state_dict())
-    fused = build_optimizer(tiny_model, lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(tiny_model, lr=1e-2, weight_decay=0.1, fused=True)
     plain = torch.optim.AdamW(parameter_groups(twin, 0.1), lr=1e-2, foreach=True)
     assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    assert not build_optimizer(twin, lr=1e-2, weight_decay=0.1).defaults["fused"]
     generator = torch.Generator().manual_seed(0)
     for _ in range(3):
         for p, q in zip(tiny_model.parameters(), twin.parameters(), strict=True):
