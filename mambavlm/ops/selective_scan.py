@@ -20,7 +20,7 @@ from torch import Tensor
 
 from mambavlm.ops.dispatch import use_kernels
 
-__all__ = ["CHUNK_SIZE", "selective_scan", "selective_scan_naive", "selective_scan_torch"]
+__all__ = ["CHUNK_SIZE", "check_scan_inputs", "selective_scan", "selective_scan_naive", "selective_scan_torch"]
 
 CHUNK_SIZE = 64
 """Tokens per chunk of ``selective_scan_torch``: log-depth scan inside a chunk, then across chunks."""
@@ -29,7 +29,7 @@ _KERNEL_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _KERNEL_MAX_STATE = 256
 
 
-def _check_inputs(
+def check_scan_inputs(
     u: Tensor,
     delta: Tensor,
     A: Tensor,
@@ -126,7 +126,7 @@ def selective_scan_torch(
     from a zero start, a second scan over the chunk-end states gives the state entering each chunk,
     and that state, decayed, is added back. Memory is O(Bt * Dm * L * N) per scan step (no L x L term).
     """
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype = _compute_dtype(u)
     batch, dim, length = u.shape
     n_state = A.shape[1]
@@ -176,7 +176,7 @@ def selective_scan_naive(
     return_last_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Token-by-token selective scan: the reference the tests hold the other paths to, not for use."""
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     dtype = _compute_dtype(u)
     batch, dim, length = u.shape
     u_c = u.to(dtype)
@@ -230,7 +230,7 @@ def selective_scan(
         return selective_scan_torch(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
-    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     return selective_scan_fn(
         u,
         delta.to(u.dtype),

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mambavlm.ops.selective_scan import check_scan_inputs
+
 try:
     import triton
     import triton.language as tl
@@ -58,6 +60,15 @@ if triton is not None:
         return x
 
     @triton.jit
+    def _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N: tl.constexpr, BLOCK_D: tl.constexpr,
+                            HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """A (BD, N), D (BD,) and delta_bias (BD,) of the program's channels (zeros where absent)."""
+        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)
+        skip = tl.load(d_ptr + d, mask=d_ok, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
+        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
+        return a, skip, bias
+
+    @triton.jit
     def _selective_scan_fwd_kernel(
         u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
         dim, length, n_chunks,
@@ -69,10 +80,8 @@ if triton is not None:
         d_ok = d < dim
         n = tl.arange(0, N)
         t = tl.arange(0, BLOCK_T)
-        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)  # (BD, N)
-        skip = tl.load(d_ptr + d, mask=d_ok, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
-        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
-        row = (b * dim + d) * length  # (BD,)
+        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
+        row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
         h = tl.zeros([BLOCK_D, N], tl.float32)
         for chunk in range(n_chunks):
             t0 = chunk * BLOCK_T
@@ -112,10 +121,8 @@ if triton is not None:
         d_ok = d < dim
         n = tl.arange(0, N)
         t = tl.arange(0, BLOCK_T)
-        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)
-        skip = tl.load(d_ptr + d, mask=d_ok, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
-        bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
-        row = (b * dim + d) * length
+        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
+        row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
         dh_next = tl.zeros([BLOCK_D, N], tl.float32)  # dh at the first step of the chunk after this one
         grad_a = tl.zeros([BLOCK_D, N], tl.float32)
         grad_skip = tl.zeros([BLOCK_D], tl.float32)
@@ -182,13 +189,12 @@ if triton is not None:
             tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
 
 
-def _as_three_dims(weight: Tensor, name: str) -> Tensor:
+def _one_group(weight: Tensor, name: str) -> Tensor:
+    """B or C as (Bt, N, L), contiguous; ValueError for more than one group."""
     if weight.dim() == 4:
         if weight.shape[1] != 1:
             raise ValueError(f"selective_scan_triton takes one group of {name}, got {weight.shape[1]}")
         weight = weight[:, 0]
-    if weight.dim() != 3:
-        raise ValueError(f"{name} must be (Bt, N, L) or (Bt, 1, N, L), got shape {tuple(weight.shape)}")
     return weight.contiguous()
 
 
@@ -269,22 +275,15 @@ def selective_scan_triton(
     launch shape of both kernels (``benchmarks/selective_scan.py`` compares them).
 
     Raises:
-        ValueError: complex A, more than one group of B / C, N not a power of 2, or shapes that do not fit.
+        ValueError: shapes that do not fit (``check_scan_inputs``), more than one group of B / C, N not a
+            power of 2.
         RuntimeError: without Triton.
     """
     if triton is None:
         raise RuntimeError("selective_scan_triton needs triton")
-    if u.dim() != 3 or delta.shape != u.shape:
-        raise ValueError(f"u and delta must be one (Bt, Dm, L) shape, got {tuple(u.shape)} and {tuple(delta.shape)}")
-    if A.is_complex() or A.dim() != 2 or A.shape[0] != u.shape[1]:
-        raise ValueError(f"A must be real (Dm, N) with Dm = {u.shape[1]}, got {tuple(A.shape)} {A.dtype}")
+    check_scan_inputs(u, delta, A, B, C, D, z, delta_bias)
     n_state = A.shape[1]
     if n_state & (n_state - 1):
         raise ValueError(f"selective_scan_triton needs N a power of 2, got {n_state}")
-    B, C = _as_three_dims(B, "B"), _as_three_dims(C, "C")
-    expected = (u.shape[0], n_state, u.shape[2])
-    if B.shape != expected or C.shape != expected:
-        raise ValueError(f"B and C must be {expected}, got {tuple(B.shape)} and {tuple(C.shape)}")
-    if z is not None and z.shape != u.shape:
-        raise ValueError(f"z must have u's shape {tuple(u.shape)}, got {tuple(z.shape)}")
+    B, C = _one_group(B, "B"), _one_group(C, "C")
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, (block_d, block_t, num_warps))

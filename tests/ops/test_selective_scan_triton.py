@@ -91,8 +91,8 @@ def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
     with pytest.raises(ValueError, match="N a power of 2, got 3"):
         selective_scan_triton(u, delta, A[:, :3], B[:, :3], C[:, :3])
     with pytest.raises(ValueError, match="one group of B, got 2"):
-        selective_scan_triton(u, delta, A, B[:, None].expand(1, 2, 4, 8), C)
-    with pytest.raises(ValueError, match="B and C must be"):
+        selective_scan_triton(u, delta, A, B[:, None].expand(1, 2, 4, 8), C[:, None].expand(1, 2, 4, 8))
+    with pytest.raises(ValueError, match=r"B must have shape \(1, 4, 8\), got \(1, 4, 7\)"):
         selective_scan_triton(u, delta, A, B[..., :7], C)
 
 
