@@ -2,7 +2,7 @@
 registers.
 
 Semantics: ``mambavlm.ops.selective_scan.selective_scan_torch`` (mamba_ssm's ``selective_scan_fn``) for
-real A (Dm, N), one group of B / C, (Bt, N, L) or (Bt, 1, N, L):
+real A (Dm, N), B / C (Bt, N, L) or grouped (Bt, G, N, L) (channel d reads group d // (Dm / G)):
 
     dt = softplus(delta + delta_bias)                    (without softplus: delta + delta_bias)
     h_t = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t     h_{-1} = 0,   per (b, d, n)
@@ -71,7 +71,7 @@ if triton is not None:
     @triton.jit
     def _selective_scan_fwd_kernel(
         u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
-        dim, length, n_chunks,
+        dim, length, n_chunks, groups, channels_per_group,
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
@@ -82,6 +82,7 @@ if triton is not None:
         t = tl.arange(0, BLOCK_T)
         a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
         row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
+        group = tl.program_id(1) * BLOCK_D // channels_per_group  # every channel of the program reads it
         h = tl.zeros([BLOCK_D, N], tl.float32)
         for chunk in range(n_chunks):
             t0 = chunk * BLOCK_T
@@ -93,7 +94,7 @@ if triton is not None:
             offs = row[:, None] + tt[None, :]
             u = tl.load(u_ptr + offs, mask=ok, other=0.0).to(tl.float32)
             dt = _step_sizes(tl.load(delta_ptr + offs, mask=ok, other=0.0).to(tl.float32), bias, SOFTPLUS)
-            bc = (b * N + n[:, None]) * length + tt[None, :]
+            bc = ((b * groups + group) * N + n[:, None]) * length + tt[None, :]
             bm = tl.load(b_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)  # (N, BT)
             cm = tl.load(c_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)
             live = t_ok[None, None, :]
@@ -112,7 +113,7 @@ if triton is not None:
     def _selective_scan_bwd_kernel(
         u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr,
         du_ptr, ddelta_ptr, dz_ptr, da_ptr, db_ptr, dc_ptr, dd_ptr, dbias_ptr,
-        dim, length, n_chunks,
+        dim, length, n_chunks, groups, channels_per_group,
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
@@ -123,6 +124,7 @@ if triton is not None:
         t = tl.arange(0, BLOCK_T)
         a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
         row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
+        group = tl.program_id(1) * BLOCK_D // channels_per_group  # every channel of the program reads it
         dh_next = tl.zeros([BLOCK_D, N], tl.float32)  # dh at the first step of the chunk after this one
         grad_a = tl.zeros([BLOCK_D, N], tl.float32)
         grad_skip = tl.zeros([BLOCK_D], tl.float32)
@@ -139,7 +141,7 @@ if triton is not None:
             dt = _step_sizes(raw, bias, SOFTPLUS)
             nxt_ok = d_ok[:, None] & (tt + 1 < length)[None, :]
             dt_next = _step_sizes(tl.load(delta_ptr + offs + 1, mask=nxt_ok, other=0.0).to(tl.float32), bias, SOFTPLUS)
-            bc = (b * N + n[:, None]) * length + tt[None, :]
+            bc = ((b * groups + group) * N + n[:, None]) * length + tt[None, :]
             bm = tl.load(b_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)
             cm = tl.load(c_ptr + bc, mask=t_ok[None, :], other=0.0).to(tl.float32)
             live = t_ok[None, None, :]
@@ -189,13 +191,9 @@ if triton is not None:
             tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
 
 
-def _one_group(weight: Tensor, name: str) -> Tensor:
-    """B or C as (Bt, N, L), contiguous; ValueError for more than one group."""
-    if weight.dim() == 4:
-        if weight.shape[1] != 1:
-            raise ValueError(f"selective_scan_triton takes one group of {name}, got {weight.shape[1]}")
-        weight = weight[:, 0]
-    return weight.contiguous()
+def _grouped(weight: Tensor) -> Tensor:
+    """B or C as (Bt, G, N, L), contiguous (one group for a (Bt, N, L) tensor)."""
+    return (weight if weight.dim() == 4 else weight.unsqueeze(1)).contiguous()
 
 
 class _SelectiveScan(torch.autograd.Function):
@@ -218,7 +216,8 @@ class _SelectiveScan(torch.autograd.Function):
         grid = (batch, triton.cdiv(dim, block_d))
         _selective_scan_fwd_kernel[grid](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-            delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks,
+            delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks, B.shape[1],
+            dim // B.shape[1],
             N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
         )
@@ -247,7 +246,7 @@ class _SelectiveScan(torch.autograd.Function):
             delta_bias if delta_bias is not None else A, dout, states,
             du, ddelta, dz if dz is not None else du, dA, dB, dC,
             dD if dD is not None else dA, dbias if dbias is not None else dA,
-            dim, length, n_chunks,
+            dim, length, n_chunks, B.shape[1], dim // B.shape[1],
             N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, num_warps=num_warps,
         )
@@ -269,14 +268,14 @@ def selective_scan_triton(
     num_warps: int = NUM_WARPS,
 ) -> Tensor:
     """The selective scan with autograd (module docstring): u, delta, z (Bt, Dm, L); A (Dm, N) real, N a
-    power of 2; B, C (Bt, N, L) or (Bt, 1, N, L); D, delta_bias (Dm,). Returns (Bt, Dm, L) in u's
+    power of 2; B, C (Bt, N, L) or (Bt, G, N, L); D, delta_bias (Dm,). Returns (Bt, Dm, L) in u's
     dtype; gradients for every tensor argument (A, D, delta_bias in float32, B and C in their dtype).
     ``block_d`` channels per program, ``block_t`` time steps per chunk (powers of 2), ``num_warps``: the
     launch shape of both kernels (``benchmarks/selective_scan.py`` compares them).
 
     Raises:
-        ValueError: shapes that do not fit (``check_scan_inputs``), more than one group of B / C, N not a
-            power of 2.
+        ValueError: shapes that do not fit (``check_scan_inputs``), N not a power of 2, ``block_d`` not
+            dividing the channels per group.
         RuntimeError: without Triton.
     """
     if triton is None:
@@ -285,5 +284,11 @@ def selective_scan_triton(
     n_state = A.shape[1]
     if n_state & (n_state - 1):
         raise ValueError(f"selective_scan_triton needs N a power of 2, got {n_state}")
-    B, C = _one_group(B, "B"), _one_group(C, "C")
+    groups = B.shape[1] if B.dim() == 4 else 1
+    if groups > 1 and (u.shape[1] // groups) % block_d:
+        raise ValueError(
+            f"selective_scan_triton needs block_d ({block_d}) to divide the channels per group "
+            f"({u.shape[1]} / {groups} groups): a program's channels share one group of B and C"
+        )
+    B, C = _grouped(B), _grouped(C)
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, (block_d, block_t, num_warps))

@@ -19,14 +19,15 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
 
 
 def scan_case(batch: int, dim: int, n: int, length: int, *, z: bool, skip: bool, bias: bool, softplus: bool,
-              grouped: bool, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list:
-    """Random inputs of mamba_ssm's shapes: u, delta, A, B, C, D, z, delta_bias."""
+              grouped: bool, groups: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list:
+    """Random inputs of mamba_ssm's shapes: u, delta, A, B, C, D, z, delta_bias (B, C with ``groups``
+    groups when ``grouped``)."""
     g = torch.Generator().manual_seed(batch * 1000 + dim + length)
 
     def randn(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g)
 
-    b_shape = (batch, 1, n, length) if grouped else (batch, n, length)
+    b_shape = (batch, groups, n, length) if grouped else (batch, n, length)
     args = [randn(batch, dim, length), randn(batch, dim, length) * 0.5, -torch.rand(dim, n, generator=g) - 0.1,
             randn(*b_shape), randn(*b_shape), randn(dim) if skip else None,
             randn(batch, dim, length) if z else None, randn(dim) * 0.3 if bias else None]
@@ -59,6 +60,10 @@ CHECKS = textwrap.dedent(
          dict(block_d=8, block_t=8, num_warps=2)),
         ((1, 40, 2, 9), dict(z=False, skip=True, bias=False, softplus=True, grouped=False),
          dict(block_d=32, block_t=4, num_warps=4)),
+        # the projector's four scan directions: one group of B / C per direction
+        ((2, 64, 4, 21), dict(z=True, skip=True, bias=True, softplus=True, grouped=True, groups=4), {}),
+        ((1, 32, 8, 17), dict(z=False, skip=True, bias=True, softplus=True, grouped=True, groups=2),
+         dict(block_d=8, block_t=8, num_warps=2)),
     ]
     for shape, flags, launch in cases:
         args = scan_case(*shape, **flags)
@@ -90,8 +95,9 @@ def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
     u, delta, A, B, C, *_ = scan_case(1, 4, 4, 8, z=False, skip=False, bias=False, softplus=False, grouped=False)
     with pytest.raises(ValueError, match="N a power of 2, got 3"):
         selective_scan_triton(u, delta, A[:, :3], B[:, :3], C[:, :3])
-    with pytest.raises(ValueError, match="one group of B, got 2"):
-        selective_scan_triton(u, delta, A, B[:, None].expand(1, 2, 4, 8), C[:, None].expand(1, 2, 4, 8))
+    two = (B[:, None].expand(1, 2, 4, 8), C[:, None].expand(1, 2, 4, 8))  # 2 channels per group
+    with pytest.raises(ValueError, match=r"block_d \(16\) to divide the channels per group \(4 / 2 groups\)"):
+        selective_scan_triton(u, delta, A, *two)
     with pytest.raises(ValueError, match=r"B must have shape \(1, 4, 8\), got \(1, 4, 7\)"):
         selective_scan_triton(u, delta, A, B[..., :7], C)
 
@@ -99,14 +105,16 @@ def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype) -> None:
-    """Mamba-2.8B's channel blocks, N = 16, 1000 steps: outputs and gradients against
-    ``selective_scan_fn`` (float32: rounding apart; bf16: both round their outputs to bf16)."""
+@pytest.mark.parametrize("groups", [1, 4], ids=["one-group", "four-directions"])
+def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype, groups: int) -> None:
+    """256 channels, N = 16, 1000 steps, B / C shared (the LLM's mixer) or one group per scan direction
+    (the projector's): outputs and gradients against ``selective_scan_fn`` (float32: rounding apart;
+    bf16: both round their outputs to bf16)."""
     selective_scan_fn = pytest.importorskip("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
     from mambavlm.ops.selective_scan_triton import selective_scan_triton
 
-    args = scan_case(2, 256, 16, 1000, z=True, skip=True, bias=True, softplus=True, grouped=False,
-                     device="cuda", dtype=dtype)
+    args = scan_case(2, 256, 16, 1000, z=True, skip=True, bias=True, softplus=True, grouped=groups > 1,
+                     groups=groups, device="cuda", dtype=dtype)
     want, want_grads = outputs_and_gradients(selective_scan_fn, args, True)
     got, got_grads = outputs_and_gradients(selective_scan_triton, args, True)
     tol = {"rtol": 2e-4, "atol": 2e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
