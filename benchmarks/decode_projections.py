@@ -30,8 +30,10 @@ from benchmarks.timing import benchmark_device, median_seconds, synchronize
 from mambavlm.ops.mamba_step import (
     IN_PROJ_BLOCK_K,
     IN_PROJ_BLOCK_N,
+    IN_PROJ_NUM_WARPS,
     OUT_PROJ_BLOCK_K,
     OUT_PROJ_BLOCK_N,
+    OUT_PROJ_NUM_WARPS,
     PIPELINE_STAGES,
     norm_in_proj,
     out_proj_residual,
@@ -46,7 +48,7 @@ LAUNCH_SHAPES = [(n, k, w, S) for n in (4, 8, 16, 32) for k in (512, 1024, 2048)
 ]
 """(block_n, block_k, warps, stages): every shape at Triton's default pipelining, then deeper and
 shallower pipelines for the shapes that led the first sweep (more weight bytes in flight)."""
-QUICK_LAUNCH_SHAPES = [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, 4, S), (4, 64, 2, 2)]
+QUICK_LAUNCH_SHAPES = [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS, S), (4, 64, 2, 2)]
 
 
 def replay_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -82,7 +84,8 @@ def run(
     elif quick:
         shapes = QUICK_LAUNCH_SHAPES
     else:
-        shapes = LAUNCH_SHAPES if sweep else [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, 4, S), (OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, 4, S)]
+        shapes = LAUNCH_SHAPES if sweep else [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS, S),
+                                              (OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS, S)]
     rows: list[list[object]] = []
 
     def row(name: str, batch: int, path: str, launch: tuple[int, int, int, int] | None, seconds: float,

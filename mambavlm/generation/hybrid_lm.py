@@ -13,8 +13,8 @@ The prefill writes the prompt into them (flash SDPA, causal, when no row is padd
 one K/V column per attention layer and attends over the whole buffer with the column mask, so its
 shapes never change and it is captured into a CUDA graph once (``StaticDecoder``). The step's
 attention (``mambavlm.ops.decode_attention``) reads each K/V head once for its group of query heads
-(no ``repeat_kv``): SDPA, or split-KV FlexAttention (flash-decoding) when asked for (``attention``;
-slower than SDPA on an H200). The layers use the model's own
+(no ``repeat_kv``): two cuBLAS products split over the cache on CUDA (3.6x SDPA's speed at 100K tokens
+on an H200), SDPA elsewhere, or split-KV FlexAttention (flash-decoding) when asked for (``attention``). The layers use the model's own
 modules and weights (projections, rotary embedding, MLP, lm_head; each residual add + RMSNorm one
 fused kernel on CUDA, ``add_rms_norm``) and the Mamba-2 mixers' own prefill (``forward`` with a state) and ``step``:
 the tokens are those of HF ``generate`` with ``HybridCache`` / ``DynamicCache``.
@@ -38,6 +38,7 @@ from mambavlm.ops.decode_attention import (
     SPLIT_KV_MIN_HEAD_DIM,
     DecodeAttention,
     decode_attention,
+    default_decode_attention,
     split_kv_supported,
 )
 from mambavlm.ops.norm import add_rms_norm, rms_norm
@@ -53,21 +54,25 @@ calls of similar length)."""
 class HybridStaticDecoder(StaticDecoder):
     """Prefill + per-token step of a LLaMA or LLaMA/Mamba-2 hybrid on a static KV + SSM cache.
 
-    attention: how a step attends over the K/V cache (``decode_attention``): ``"sdpa"`` (the default);
-    ``"split_kv"``, FlexAttention's flash-decoding kernel, compiled on CUDA (on an H200 it took 2-3x
-    SDPA's time per token from 8K to 100K tokens of context: ``benchmarks/RESULTS.md`` c2); ``"gemm"``,
-    two cuBLAS batched products split over the cache (not measured on a GPU yet). Raises ValueError for
-    another mode, and at allocation for ``"split_kv"`` where the kernel cannot run
-    (``split_kv_supported``).
+    attention: how a step attends over the K/V cache (``decode_attention``): None (the default) picks
+    ``default_decode_attention`` for the model's device at allocation, ``"gemm"`` (two cuBLAS batched
+    products split over the cache) on CUDA and ``"sdpa"`` elsewhere; ``attention_mode`` is the mode in
+    use. On an H200 at 100K tokens of context the 25 % hybrid took 5.51 ms per token with ``"gemm"``,
+    19.8 with ``"sdpa"`` and 52.4 with ``"split_kv"`` (FlexAttention's flash-decoding kernel, compiled
+    on CUDA: ``benchmarks/RESULTS.md`` c2). Raises ValueError for another mode, and at allocation for
+    ``"split_kv"`` where the kernel cannot run (``split_kv_supported``).
     """
 
     supported_models = (LlamaForCausalLM,)
 
-    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, attention: DecodeAttention = "sdpa") -> None:
-        if attention not in get_args(DecodeAttention):
+    def __init__(
+        self, model: PreTrainedModel, cuda_graph: bool | None = None, attention: DecodeAttention | None = None
+    ) -> None:
+        if attention is not None and attention not in get_args(DecodeAttention):
             raise ValueError(f"attention must be 'sdpa', 'split_kv' or 'gemm', got {attention!r}")
         super().__init__(model, cuda_graph)
-        self.attention: DecodeAttention = attention
+        self.attention: DecodeAttention | None = attention
+        self.attention_mode: DecodeAttention = attention or default_decode_attention(model.device)
         config = model.config
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads or config.num_attention_heads
@@ -93,7 +98,8 @@ class HybridStaticDecoder(StaticDecoder):
         device, dtype = weight.device, weight.dtype
         head_dims = {self.layers[i].self_attn.head_dim for i in self.attention_layers}
         supported = all(split_kv_supported(device, head_dim) for head_dim in head_dims)
-        if self.attention == "split_kv" and not supported:
+        self.attention_mode = self.attention or default_decode_attention(device)
+        if self.attention_mode == "split_kv" and not supported:
             raise ValueError(f"attention='split_kv': FlexAttention on {device.type} cannot take head dimension "
                              f"{min(head_dims)} (at least {SPLIT_KV_MIN_HEAD_DIM}); use 'sdpa'")
         self._kv = {}
@@ -181,7 +187,7 @@ class HybridStaticDecoder(StaticDecoder):
                 keys, values = self._kv[i]
                 keys.index_copy_(2, self._write_index, k)
                 values.index_copy_(2, self._write_index, v)
-                out = decode_attention(q, keys, values, self._key_valid, attn.scaling, self.attention)  # (B, H, 1, Dh)
+                out = decode_attention(q, keys, values, self._key_valid, attn.scaling, self.attention_mode)  # (B, H, 1, Dh)
                 mix = attn.o_proj(out.reshape(batch, 1, -1))
             hidden, residual = self._mlp(i, mix, residual)
         self._write_index.add_(1)

@@ -71,14 +71,16 @@ FUSED_GEMV_MAX_BATCH = 4
 once per sequence (from L2 after the first), a matrix-vector product per row; larger batches are
 matrix products, cuBLAS's work."""
 
-IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K = 16, 512
-OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K = 4, 512
-"""Output rows per program and the reduction chunk of the two projection kernels, the fastest of
-``python -m benchmarks.decode_projections`` on an H200 (bf16, batch 1, 4 warps, 64 layers per CUDA
-graph): in_proj + RMSNorm 22.4 us per layer against 22.5 for RMSNorm + cuBLAS; out_proj + residual
-15.0 us against 13.8 for cuBLAS + add (``benchmarks/results/decode_projections.md``). The first
-version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read for each sequence)
-ran the whole step at 3.57 ms per token against cuBLAS's 2.94."""
+IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 8, 1024, 2
+OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS = 4, 1024, 2
+"""Output rows per program, the reduction chunk and the warps of the two projection kernels: the
+fastest of ``python -m benchmarks.decode_projections --batches 1`` on an H200 (bf16, batch 1, 64
+layers per CUDA graph, 30 launch shapes, 3 pipeline stages): in_proj + RMSNorm 18.9 us per layer
+against 22.6 for RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 13.9 for cuBLAS + add
+(1.29x) (``benchmarks/results/decode_projections.md``). The earlier defaults (16 x 512 and 4 x 512, 4
+warps) ran at 22.4 and 15.0 us: fewer warps each owning a longer row chunk keep more bytes in flight
+per thread. The first version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read
+for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
 Triton's default on NVIDIA GPUs)."""
@@ -264,7 +266,7 @@ def _check_small_batch(name: str, x: Tensor) -> None:
 
 def norm_in_proj(
     residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor,
-    block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = 4,
+    block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = IN_PROJ_NUM_WARPS,
     num_stages: int = PIPELINE_STAGES,
 ) -> Tensor:
     """residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (N_out, D)
@@ -288,7 +290,7 @@ def norm_in_proj(
 
 def out_proj_residual(
     y: Tensor, out_proj_weight: Tensor, residual: Tensor,
-    block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = 4,
+    block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = OUT_PROJ_NUM_WARPS,
     num_stages: int = PIPELINE_STAGES,
 ) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight

@@ -14,7 +14,7 @@ from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
 from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE
 from mambavlm.llm.hybrid import mamba_mixers
-from mambavlm.ops.decode_attention import SPLIT_KV_MIN_HEAD_DIM, split_kv_supported
+from mambavlm.ops.decode_attention import SPLIT_KV_MIN_HEAD_DIM, default_decode_attention, split_kv_supported
 from tests.conftest import (
     TINY_LLAMA,
     assert_same_up_to_near_tie,
@@ -84,7 +84,8 @@ def test_greedy_tokens_equal_hf_generate(layout: str) -> None:
         torch.testing.assert_close(ours, hf_tokens(model, ids, mask, 10))
 
 
-def test_attention_mode_is_checked_and_sdpa_is_the_default() -> None:
+def test_attention_mode_is_checked_and_the_default_follows_the_device() -> None:
+    """No mode asked for: SDPA on the CPU, cuBLAS products on CUDA (the faster on each, measured)."""
     model = model_for("teacher")
     with pytest.raises(ValueError, match="attention must be 'sdpa', 'split_kv' or 'gemm', got 'auto'"):
         HybridStaticDecoder(model, attention="auto")
@@ -92,8 +93,11 @@ def test_attention_mode_is_checked_and_sdpa_is_the_default() -> None:
     ids, mask = left_padded((5,))
     with torch.no_grad():
         decoder.prefill(model.get_input_embeddings()(ids), mask, max_new_tokens=2)
-    assert decoder.attention == "sdpa"
-    assert copy.deepcopy(HybridStaticDecoder(model, attention="gemm")).attention == "gemm"
+    assert decoder.attention is None and decoder.attention_mode == "sdpa"
+    assert default_decode_attention(torch.device("cpu")) == "sdpa"
+    assert default_decode_attention(torch.device("cuda", 1)) == "gemm"
+    kept = copy.deepcopy(HybridStaticDecoder(model, attention="gemm"))
+    assert kept.attention == kept.attention_mode == "gemm"
 
 
 def test_cache_capacity_is_reused_grown_and_enforced() -> None:
@@ -208,17 +212,17 @@ def test_weights_changed_in_place_reach_the_next_generation() -> None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("layout", ["teacher", "head-interleaved:4"])
-def test_split_kv_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> None:
-    """Split-KV's CUDA-graph steps (compiled FlexAttention inside the graph) on a long cache give SDPA's
-    logits (float32) on a padded batch. Heads of 16 (width 64): FlexAttention's CUDA kernels take no
-    fewer."""
+def test_split_kv_and_default_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> None:
+    """Split-KV's CUDA-graph steps (compiled FlexAttention inside the graph) and the CUDA default's
+    (cuBLAS products) on a long cache give SDPA's logits (float32) on a padded batch. Heads of 16
+    (width 64): FlexAttention's CUDA kernels take no fewer."""
     model = model_for(layout, hidden_size=64).to("cuda")
     ids, mask = left_padded((300, 251))
     ids, mask = ids.cuda(), mask.cuda()
     embeds = model.get_input_embeddings()(ids)
     new = 8192  # a long cache: room to decode
     runs = {}
-    for attention in ("split_kv", "sdpa"):
+    for attention in ("split_kv", None, "sdpa"):
         decoder = HybridStaticDecoder(model, attention=attention)
         with torch.no_grad():
             logits = decoder.prefill(embeds, mask, max_new_tokens=new)
@@ -226,8 +230,10 @@ def test_split_kv_cuda_graph_steps_equal_sdpa_on_a_long_cache(layout: str) -> No
             for _ in range(12):
                 seen.append(logits.clone())
                 logits = decoder.step(logits.argmax(-1))
-        runs[attention] = torch.stack(seen, 1)
+        runs[decoder.attention_mode] = torch.stack(seen, 1)
+    assert set(runs) == {"split_kv", "gemm", "sdpa"}
     torch.testing.assert_close(runs["split_kv"], runs["sdpa"], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(runs["gemm"], runs["sdpa"], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.gpu
