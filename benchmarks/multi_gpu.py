@@ -1,9 +1,10 @@
 """Fine-tuning on 1 and 2 GPUs under each accelerate strategy: step losses, tokens/s, peak memory.
 
-    python -m benchmarks.multi_gpu                    # CUDA, >= 2 GPUs: the paper-shaped model
-    python -m benchmarks.multi_gpu --strategies ddp --runs-dir runs   # 3-4 minutes per run (2 H200s):
-    python -m benchmarks.multi_gpu --strategies ddp fsdp --runs-dir runs  # one strategy per 10-minute call,
-                                                                          # the last reports all kept runs
+    python -m benchmarks.multi_gpu                    # CUDA, >= 2 GPUs: the paper-shaped model, all strategies
+    python -m benchmarks.multi_gpu --strategies ddp --runs-dir runs   # on 2 H200s a strategy's two runs take
+                                                      # ~8 minutes: measure one per call, the last call reporting
+                                                      # every run kept in runs/
+    python -m benchmarks.multi_gpu --global-batch 16  # a small global batch: the communication it cannot hide
     python -m benchmarks.multi_gpu --quick            # CPU: the tiny config, DDP on 1 and 2 gloo processes
 
 Each run is what a user runs, ``accelerate launch --config_file configs/accelerate/STRATEGY.yaml
@@ -11,10 +12,17 @@ Each run is what a user runs, ``accelerate launch --config_file configs/accelera
 downloaded): with the paper-shaped model, MambaVLM-2.8B with random weights (DINOv2-L + SigLIP-SO400M
 at 384 px, 1458 visual tokens, Mamba-2.8B in float32 master weights, bf16 autocast, gradient
 checkpointing, as ``configs/train/mambavlm-2.8b.yaml``), and the same global batch on every number of
-GPUs (more accumulation steps on fewer). The trainer's own ``metrics.json`` gives the step losses and
+GPUs (more accumulation steps on fewer): by default the config's, the paper's 128 (32 micro-batches of
+4 per step on one GPU, 16 on each of two); ``--global-batch 16`` shows the communication a small
+batch cannot hide. The trainer's own ``metrics.json`` gives the step losses and
 the throughput of every step but the first (``TrainerState.phase_throughput``): tokens/s over all
 GPUs and the peak memory of one. The 1-GPU runs of different strategies run at once, one per GPU
 (``--concurrent-single``, the default with enough GPUs); each 2-GPU run has the machine to itself.
+
+Before the runs, one all-reduce between the processes is timed (NCCL on CUDA, gloo on the CPU; 1 GiB
+of float32, 64 MiB with --quick; median of 5 after a warm-up): its bus bandwidth, and the seconds one all-reduce of the
+run's float32 gradients (the trainable parameters the 1-process run's log names) takes at it, the
+least a DDP step adds where the backward cannot hide it.
 
 Reported per strategy: tokens/s on 1 and 2 GPUs and their ratio (issue 13's target: >= 1.85x), peak
 GiB per GPU, the seconds of one optimiser step on each and what they imply does not divide over the
@@ -32,6 +40,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -42,10 +51,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from benchmarks import ROOT
 from benchmarks.report import default_out, markdown_table, write_report
 from mambavlm.atomic import atomic_file
+from mambavlm.config import load_config
+from mambavlm.training.config import TrainConfig
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 TARGET_SPEEDUP = 1.85
@@ -68,6 +81,13 @@ PAPER_OVERRIDES = [
     "data.num_workers=4",
 ]
 """configs/train/mambavlm-2.8b.yaml with random weights and the project's tokenizer (no downloads)."""
+PAPER_CONFIG = ROOT / "configs" / "train" / "mambavlm-2.8b.yaml"
+QUICK_GLOBAL_BATCH, QUICK_MICRO_BATCH = 16, 4
+"""--quick's batches (the tiny config's own are one micro-batch of 32: nothing to accumulate)."""
+ALLREDUCE_BYTES, QUICK_ALLREDUCE_BYTES = 2**30, 2**26
+"""The timed all-reduce: 1 GiB between GPUs (NCCL reaches its bus bandwidth from ~100 MB), 64 MiB
+between --quick's CPU processes."""
+TRAINABLE = re.compile(r"([\d,]+) trainable parameters")
 
 
 @dataclass
@@ -76,6 +96,7 @@ class Run:
     gpus: int
     metrics: dict
     seconds: float
+    log: str = ""
 
     @property
     def throughput(self) -> dict:
@@ -143,7 +164,7 @@ def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, w
             continue
         metrics = json.loads((output_dir / "metrics.json").read_text())
         shutil.rmtree(output_dir)
-        runs.append(Run(strategy, gpus, metrics, time.perf_counter() - started))
+        runs.append(Run(strategy, gpus, metrics, time.perf_counter() - started, log.read_text(errors="replace")))
         if args.runs_dir is not None:  # the log (timestamped) shows where a run's minutes went
             shutil.copyfile(log, args.runs_dir / log.name)
             with atomic_file(args.runs_dir / f"{strategy}-{gpus}.json") as f:
@@ -155,13 +176,64 @@ def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, w
     return runs
 
 
-def kept_runs(runs_dir: Path, strategies: list[str]) -> list[Run]:
-    """The runs of ``strategies`` an earlier call kept in ``runs_dir`` (``--runs-dir``)."""
+def _allreduce_worker(rank: int, world: int, init_file: str, backend: str, numel: int, repeats: int,
+                      result: str) -> None:
+    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    buffer = torch.ones(numel, dtype=torch.float32, device=device)
+    seconds = []
+    for _ in range(repeats + 1):  # the first call sets up the communicator: untimed
+        dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        dist.all_reduce(buffer)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+    if rank == 0:
+        Path(result).write_text(json.dumps(sorted(seconds[1:])[len(seconds[1:]) // 2]))
+    dist.destroy_process_group()
+
+
+def allreduce_bus_bandwidth(processes: int, cuda: bool, nbytes: int = ALLREDUCE_BYTES, repeats: int = 5) -> float:
+    """Bus bandwidth in bytes/s of a float32 all-reduce of ``nbytes`` over ``processes`` processes (NCCL
+    between GPUs 0..n-1, or gloo between CPU processes): ``2 (n - 1) / n * bytes / seconds``, NCCL's
+    ``busbw`` (the bytes each link carries in a ring all-reduce), from the median of ``repeats``."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "seconds.json"
+        mp.spawn(_allreduce_worker, nprocs=processes, join=True,
+                 args=(processes, str(Path(tmp) / "init"), "nccl" if cuda else "gloo", nbytes // 4, repeats,
+                       str(result)))
+        seconds = json.loads(result.read_text())
+    return 2 * (processes - 1) / processes * nbytes / seconds
+
+
+def trainable_parameters(runs: list[Run]) -> int | None:
+    """The trainable parameters a 1-process run's log names (its phase line), or None."""
+    for r in runs:
+        if r.gpus == 1 and r.log:
+            found = TRAINABLE.search(r.log)
+            if found:
+                return int(found.group(1).replace(",", ""))
+    return None
+
+
+def kept_runs(runs_dir: Path, strategies: list[str], global_batch: int, micro_batch: int) -> list[Run]:
+    """The runs of ``strategies`` an earlier call kept in ``runs_dir`` (``--runs-dir``) with these batch
+    sizes (a run of other sizes is not comparable: it is left there and run again)."""
     runs = []
     for path in sorted(runs_dir.glob("*.json")) if runs_dir.is_dir() else []:
         kept = json.loads(path.read_text())
-        if kept["strategy"] in strategies:
-            runs.append(Run(kept["strategy"], kept["gpus"], kept["metrics"], kept["seconds"]))
+        train = kept["metrics"]["config"]["train"]
+        if kept["strategy"] in strategies and (train["global_batch_size"], train["micro_batch_size"]) == (
+            global_batch, micro_batch
+        ):
+            log = path.with_suffix(".log")
+            runs.append(Run(kept["strategy"], kept["gpus"], kept["metrics"], kept["seconds"],
+                            log.read_text(errors="replace") if log.is_file() else ""))
     return runs
 
 
@@ -208,7 +280,19 @@ def default_work_dir(concurrent_runs: int, shm: Path = Path("/dev/shm")) -> Path
     return shm if free >= concurrent_runs * RUN_BYTES else None
 
 
+def resolve_batches(args: argparse.Namespace) -> None:
+    """Fill ``--global-batch`` / ``--micro-batch`` left out: the paper config's, or --quick's."""
+    if args.quick:
+        defaults = QUICK_GLOBAL_BATCH, QUICK_MICRO_BATCH
+    else:
+        train = load_config(TrainConfig, PAPER_CONFIG).train
+        defaults = train.global_batch_size, train.micro_batch_size
+    args.global_batch = args.global_batch or defaults[0]
+    args.micro_batch = args.micro_batch or defaults[1]
+
+
 def run(args: argparse.Namespace) -> str:
+    resolve_batches(args)
     device = torch.device("cpu" if args.quick else "cuda")
     strategies = ["ddp"] if args.quick else args.strategies
     gpus = 1 if args.quick else torch.cuda.device_count()
@@ -220,7 +304,10 @@ def run(args: argparse.Namespace) -> str:
     print(f"runs write under {work_dir or tempfile.gettempdir()}", flush=True)
     if args.runs_dir is not None:
         args.runs_dir.mkdir(parents=True, exist_ok=True)
-    runs = kept_runs(args.runs_dir, strategies) if args.runs_dir is not None else []
+    allreduce_bytes = QUICK_ALLREDUCE_BYTES if args.quick else ALLREDUCE_BYTES
+    busbw = allreduce_bus_bandwidth(2, cuda=not args.quick, nbytes=allreduce_bytes)
+    print(f"all-reduce between 2 processes: {busbw / 1e9:.1f} GB/s bus bandwidth", flush=True)
+    runs = kept_runs(args.runs_dir, strategies, args.global_batch, args.micro_batch) if args.runs_dir is not None else []
     done = {(r.strategy, r.gpus) for r in runs}
     if done:
         print(f"kept from {args.runs_dir}: {', '.join(f'{s} x {g}' for s, g in sorted(done))}", flush=True)
@@ -259,6 +346,14 @@ def run(args: argparse.Namespace) -> str:
                      f"over the GPUs, 2 t2 - t1 = {2 * t2 - t1:.3f} s of t1 = {t1:.3f} s; first-step loss, 2 vs 1: "
                      f"relative difference {difference:.1e} ({'within' if difference <= LOSS_RTOL else 'OUTSIDE'} "
                      f"{LOSS_RTOL:g})")
+    trainable = trainable_parameters(runs)
+    link = (f"- all-reduce between the 2 processes ({'gloo' if args.quick else 'NCCL'}, {allreduce_bytes / 2**20:g} "
+            f"MiB float32): {busbw / 1e9:.1f} GB/s bus bandwidth")
+    if trainable is not None:
+        link += (f"; one all-reduce of the {trainable:,} trainable parameters' float32 gradients takes "
+                 f"{trainable * 4 / busbw:.3f} s at it (a DDP step's communication, hidden only behind the last "
+                 "micro-batch's backward)")
+    lines.insert(0, link)
     model = "tiny config (float32, CPU, gloo)" if args.quick else (
         "MambaVLM-2.8B, random weights: LLM float32 master weights + bf16 autocast, gradient checkpointing")
     setup = (f"{model}; synthetic Shapes-VQA records; global batch {args.global_batch}, micro-batch "
@@ -276,9 +371,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny config, DDP on 1 and 2 CPU processes (CI)")
     parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--steps", type=int, default=8, help="optimiser steps per run (default 8; the first untimed)")
-    parser.add_argument("--global-batch", type=int, default=16)
-    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3, help="optimiser steps per run (default 3; the first untimed)")
+    parser.add_argument("--global-batch", type=int, help="samples per optimiser step (default: the paper config's, "
+                        f"128; {QUICK_GLOBAL_BATCH} with --quick)")
+    parser.add_argument("--micro-batch", type=int, help="samples per forward pass and process (default: the paper "
+                        f"config's, 4; {QUICK_MICRO_BATCH} with --quick)")
     parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
                         help="run the 1-GPU runs one after another instead of one per GPU at once")
     parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it; "

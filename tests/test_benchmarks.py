@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,10 +60,21 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     assert float(text.split("2 t2 - t1 = ")[1].split(" s")[0]) == pytest.approx(2 * t2 - t1, abs=2e-3)
     assert "within 0.02" in text
     assert sorted(p.name for p in runs_dir.iterdir()) == ["ddp-1.json", "ddp-1.log", "ddp-2.json", "ddp-2.log"]
+    # the all-reduce line: the gradients' seconds are the 1-process log's trainable parameters x 4 bytes
+    # over the measured bus bandwidth
+    trainable = int(re.search(r"([\d,]+) trainable parameters", (runs_dir / "ddp-1.log").read_text()).group(1)
+                    .replace(",", ""))
+    busbw = float(text.split("MiB float32): ")[1].split(" GB/s")[0]) * 1e9
+    assert busbw > 0
+    seconds = float(text.split("float32 gradients takes ")[1].split(" s")[0])
+    assert seconds == pytest.approx(trainable * 4 / busbw, rel=0.06, abs=1.5e-3)
 
     again = benchmark()
     assert "kept from" in again.stdout and "ddp x 1:" not in again.stdout  # nothing ran
-    assert out.read_text().split("| strategy")[1] == text.split("| strategy")[1]
+    def table_and_ratios(report: str) -> list[str]:  # the all-reduce is measured again: not compared
+        return [line for line in report.splitlines() if line.startswith(("|", "- ddp"))]
+
+    assert table_and_ratios(out.read_text()) == table_and_ratios(text)
 
 
 def test_long_context_bandwidth_floor_counts_weights_kv_and_states() -> None:
@@ -118,6 +131,31 @@ def test_training_crossover_by_hand() -> None:
     long = (result(10_000, 3000), result(10_000, 3000))
     assert crossover_tokens(short, long) == pytest.approx(3000)
     assert crossover_tokens(short, (result(10_000, 3000), result(30_000, 3000))) is None
+
+
+def test_multi_gpu_reuses_only_kept_runs_of_the_same_batch_sizes(tmp_path: Path) -> None:
+    """A kept run of another global or micro-batch is not comparable: left out of the report (run
+    again); one of another strategy than asked for too."""
+    from benchmarks.multi_gpu import kept_runs
+
+    def keep(name: str, strategy: str, gpus: int, global_batch: int, micro_batch: int) -> None:
+        train = {"global_batch_size": global_batch, "micro_batch_size": micro_batch}
+        metrics = {"config": {"train": train}, "throughput": {}}
+        (tmp_path / f"{name}.json").write_text(json.dumps(
+            {"strategy": strategy, "gpus": gpus, "seconds": 1.0, "metrics": metrics}))
+
+    keep("ddp-1", "ddp", 1, 128, 4)
+    keep("ddp-2", "ddp", 2, 16, 4)
+    keep("fsdp-1", "fsdp", 1, 128, 8)
+    keep("fsdp-2", "fsdp", 2, 128, 4)
+    keep("deepspeed_zero2-1", "deepspeed_zero2", 1, 128, 4)
+    (tmp_path / "ddp-1.log").write_text("phase finetune: ..., 1,234 trainable parameters in 5 tensors")
+    runs = kept_runs(tmp_path, ["ddp", "fsdp"], 128, 4)
+    assert sorted((r.strategy, r.gpus) for r in runs) == [("ddp", 1), ("fsdp", 2)]
+    from benchmarks.multi_gpu import trainable_parameters
+
+    assert trainable_parameters(runs) == 1234
+    assert kept_runs(tmp_path / "none", ["ddp"], 128, 4) == []
 
 
 def test_multi_gpu_runs_write_to_shared_memory_only_when_it_holds_them(monkeypatch, tmp_path) -> None:
