@@ -20,6 +20,14 @@ The mixer, on CUDA with mamba_ssm, is called as mamba_ssm's ``Mamba.forward`` ca
 ``in_proj(h).transpose(1, 2)`` instead, which ``mamba_inner_fn`` first copies to that layout (one
 (B, 2 D_inner, L) copy per layer, and another for its gradient). Same weights, same kernel; the padded
 positions' input is zeroed first, as transformers' mixer zeroes it.
+
+The selective scan inside (``use_training_scan``; ``resolve_training_scan``): by default mamba_ssm's
+fused mixer where mamba_ssm is installed; on CUDA without it, mamba_ssm's unfused mixer around our
+Triton scan (``selective_scan_triton``), which needs only Triton (it ships with torch), in place of
+transformers' sequential ``slow_forward`` (a Python loop over the tokens that keeps every step's
+(B, D_inner, N) state for the backward); on the CPU transformers' forward. On an H200 the Triton scan
+takes 1.8x mamba_ssm's time forward + backward (``benchmarks/results/selective_scan.md``), so it is
+the fallback, not the default.
 """
 
 from __future__ import annotations
@@ -71,9 +79,10 @@ def _mixer_forward(
     ``Mamba.forward`` computes it (see the module docstring), or, after ``use_training_scan(lm, "triton")``,
     mamba_ssm's unfused mixer around our Triton scan (``_triton_scan_mixer``; on CUDA or under Triton's
     interpreter). hidden_states (B, L, D) -> (B, L, D)."""
-    if mamba_ssm_layout and self.training and self.training_scan == "triton" and triton_runs_on(hidden_states):
+    scan = resolve_training_scan(self.training_scan, hidden_states) if mamba_ssm_layout and self.training else None
+    if scan == "triton":
         return _triton_scan_mixer(self, hidden_states, attention_mask)
-    if not (mamba_ssm_layout and self.training and use_kernels(hidden_states, "mamba_ssm")):
+    if scan is None:
         return type(self).forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn
 
@@ -132,13 +141,29 @@ def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: 
     return self.out_proj(y.transpose(1, 2))
 
 
-def use_training_scan(lm: MambaForCausalLM, scan: Literal["mamba_ssm", "triton"]) -> None:
-    """Which selective scan the mixers of ``lm`` train with in mamba_ssm's layout: ``mamba_ssm`` (its
-    fused ``mamba_inner_fn``, the default) or ``triton`` (``_triton_scan_mixer``: our scan, whose
-    backward sums dB / dC over channel blocks; ``benchmarks/training_throughput.py`` measures it).
-    Raises ValueError for another name."""
-    if scan not in ("mamba_ssm", "triton"):
-        raise ValueError(f"unknown training scan {scan!r}; expected 'mamba_ssm' or 'triton'")
+TrainingScan = Literal["auto", "mamba_ssm", "triton"]
+
+
+def resolve_training_scan(scan: TrainingScan, hidden_states: Tensor) -> Literal["mamba_ssm", "triton"] | None:
+    """The scan a training mixer runs on ``hidden_states``: ``"mamba_ssm"`` (its fused
+    ``mamba_inner_fn``), ``"triton"`` (``_triton_scan_mixer``) or None (transformers' own forward).
+    ``"auto"``: mamba_ssm where ``use_kernels`` allows it, else the Triton scan on CUDA, else None;
+    ``"mamba_ssm"`` without mamba_ssm, or ``"triton"`` where Triton cannot run: None."""
+    if scan == "triton":
+        return "triton" if triton_runs_on(hidden_states) else None
+    if use_kernels(hidden_states, "mamba_ssm"):
+        return "mamba_ssm"
+    return "triton" if scan == "auto" and hidden_states.is_cuda and triton_runs_on(hidden_states) else None
+
+
+def use_training_scan(lm: MambaForCausalLM, scan: TrainingScan) -> None:
+    """Which selective scan the mixers of ``lm`` train with in mamba_ssm's layout
+    (``resolve_training_scan``): ``"auto"`` (the default), ``"mamba_ssm"`` (its fused
+    ``mamba_inner_fn``) or ``"triton"`` (``_triton_scan_mixer``: our scan, whose backward sums dB / dC
+    over channel blocks; ``benchmarks/training_throughput.py`` measures it). Raises ValueError for
+    another name."""
+    if scan not in ("auto", "mamba_ssm", "triton"):
+        raise ValueError(f"unknown training scan {scan!r}; expected 'auto', 'mamba_ssm' or 'triton'")
     install_fused_blocks(lm)
     for module in lm.modules():
         if isinstance(module, MambaMixer):
@@ -187,7 +212,7 @@ def install_fused_blocks(lm: MambaForCausalLM) -> None:
             module.forward = types.MethodType(_block_forward, module)
         elif isinstance(module, MambaMixer) and "forward" not in module.__dict__:
             module.forward = types.MethodType(_mixer_forward, module)
-            module.training_scan = "mamba_ssm"
+            module.training_scan = "auto"
 
 
 def right_padded(attention_mask: Tensor) -> bool:

@@ -231,17 +231,56 @@ def test_training_with_the_triton_scan_equals_transformers_loss_and_gradients() 
 def test_an_unknown_training_scan_is_refused() -> None:
     from mambavlm.llm.mamba_training import use_training_scan
 
-    with pytest.raises(ValueError, match="unknown training scan 'cuda'"):
+    with pytest.raises(ValueError, match="unknown training scan 'cuda'; expected 'auto', 'mamba_ssm' or 'triton'"):
         use_training_scan(tiny_vlm().llm, "cuda")
+
+
+@pytest.mark.parametrize(
+    ("scan", "cuda", "mamba_ssm", "triton", "expected"),
+    [
+        ("auto", True, True, True, "mamba_ssm"),
+        ("auto", True, False, True, "triton"),  # CUDA without mamba_ssm: the Triton scan, not the Python loop
+        ("auto", True, False, False, None),
+        ("auto", False, False, True, None),  # the CPU (even under Triton's interpreter): transformers' forward
+        ("mamba_ssm", True, True, True, "mamba_ssm"),
+        ("mamba_ssm", True, False, True, None),
+        ("triton", True, True, True, "triton"),
+        ("triton", False, False, True, "triton"),  # asked for: the interpreter runs it on the CPU
+        ("triton", True, True, False, None),
+    ],
+)
+def test_the_training_scan_resolves_by_what_is_installed(
+    scan: str, cuda: bool, mamba_ssm: bool, triton: bool, expected: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import types
+
+    import mambavlm.llm.mamba_training as training
+
+    monkeypatch.setattr(training, "use_kernels", lambda t, name: name == "mamba_ssm" and mamba_ssm)
+    monkeypatch.setattr(training, "triton_runs_on", lambda t: triton)
+    assert training.resolve_training_scan(scan, types.SimpleNamespace(is_cuda=cuda)) == expected
+
+
+def test_blocks_train_with_the_auto_scan_by_default() -> None:
+    model = tiny_vlm(train=True)
+    batch = padded_batch(model)
+    loss_and_grads(model, batch, True)
+    mixers = [m for m in model.llm.modules() if type(m).__name__ == "MambaMixer"]
+    assert mixers and {m.training_scan for m in mixers} == {"auto"}
 
 
 @needs_cuda
 @needs_mamba_ssm
 @pytest.mark.gpu
+@pytest.mark.parametrize("chosen", ["asked-for", "auto-without-mamba_ssm"])
 @pytest.mark.parametrize("batch_maker", [padded_batch, left_padded_batch], ids=["right-padded", "left-padded"])
-def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(batch_maker: Callable[[MambaVLM], dict]) -> None:
-    """float32 on CUDA: the mixers with our Triton scan against mamba_ssm's ``mamba_inner_fn``, loss and
-    every gradient (both sum in float32; atomics make the order differ)."""
+def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(
+    batch_maker: Callable[[MambaVLM], dict], chosen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """float32 on CUDA: the mixers with our Triton scan, asked for or chosen by default where mamba_ssm
+    is not to be used, against mamba_ssm's ``mamba_inner_fn``, loss and every gradient (both sum in
+    float32; atomics make the order differ); every layer called the Triton scan."""
+    import mambavlm.llm.mamba_training as training
     from mambavlm.llm.mamba_training import use_training_scan
 
     model = tiny_vlm(train=True)
@@ -249,9 +288,17 @@ def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(batch_maker
              for k, v in batch_maker(model).items()}
     model.to("cuda")
     reference = copy.deepcopy(model)
-    use_training_scan(model.llm, "triton")
-    ours, our_grads = loss_and_grads(model, batch, True)
     theirs, their_grads = loss_and_grads(reference, batch, True)
+    calls = []
+    scan = training.selective_scan_triton
+    monkeypatch.setattr(training, "selective_scan_triton", lambda *a, **k: calls.append(1) or scan(*a, **k))
+    if chosen == "asked-for":
+        use_training_scan(model.llm, "triton")
+    else:
+        real = training.use_kernels
+        monkeypatch.setattr(training, "use_kernels", lambda t, name: name != "mamba_ssm" and real(t, name))
+    ours, our_grads = loss_and_grads(model, batch, True)
+    assert len(calls) == model.llm.config.num_hidden_layers
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for name, grad in their_grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
