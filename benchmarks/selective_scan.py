@@ -40,7 +40,7 @@ from mambavlm.ops.selective_scan_triton import (
 
 SHAPES = {"paper": (8, 5120, 16, 1522), "quick": (2, 24, 4, 40)}
 """(batch, channels, state size, length): Mamba-2.8B's training step, a tiny stand-in."""
-LAUNCH_SHAPES = [(BLOCK_D, BLOCK_T, NUM_WARPS), (8, 16, 4), (16, 16, 4), (16, 32, 8), (32, 16, 8), (32, 8, 4),
+LAUNCH_SHAPES = [(BLOCK_D, BLOCK_T, NUM_WARPS), (16, 16, 8), (16, 16, 4), (16, 32, 8), (32, 16, 8), (32, 8, 4),
                  (64, 8, 8)]
 """(block_d, block_t, num_warps): the default first."""
 HEADERS = ["scan", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
