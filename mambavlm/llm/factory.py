@@ -86,7 +86,7 @@ def check_mamba_training_kernels(llm: torch.nn.Module, device: torch.device) -> 
         raise RuntimeError(
             "training a Mamba LLM on CUDA with mamba_ssm installed needs causal_conv1d too "
             "(transformers' fused Mamba training op calls it): pip install causal-conv1d, "
-            "or uninstall mamba-ssm to train on the PyTorch path"
+            "or uninstall mamba-ssm to train with the project's Triton selective scan"
         )
 
 

@@ -424,7 +424,8 @@ class Trainer:
 
     output_dir: checkpoints and tracker logs. resume_from: a checkpoint directory, ``"latest"`` (the
     newest in output_dir; a fresh start when there is none) or None. save_every: optimiser steps
-    between checkpoints (None: only at the end of each phase). keep_last: checkpoints kept.
+    between checkpoints (None: only at the end of each phase). save_checkpoints: False writes none (not
+    even at a phase's end; ValueError with save_every). keep_last: checkpoints kept.
     cpu_threads: torch threads per process on the CPU (``cpu_thread_count``); ignored on accelerators.
     """
 
@@ -437,6 +438,7 @@ class Trainer:
         tracker_config: dict[str, Any] | None = None,
         log_every: int = 10,
         save_every: int | None = None,
+        save_checkpoints: bool = True,
         keep_last: int = 2,
         resume_from: str | None = None,
         num_workers: int = 0,
@@ -445,7 +447,10 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.seed = seed
         self.log_every = log_every
+        if save_every is not None and not save_checkpoints:
+            raise ValueError(f"save_every={save_every} asks for checkpoints that save_checkpoints=False turns off")
         self.save_every = save_every
+        self.save_checkpoints = save_checkpoints
         self.keep_last = keep_last
         self.resume_from = resume_from
         self.num_workers = num_workers
@@ -676,7 +681,7 @@ class Trainer:
         self._train(
             phase, prepared, optimizer, scheduler, loader, state, total_steps, accumulation, steps_per_epoch * accumulation
         )
-        if saved_step != state.global_step:
+        if saved_step != state.global_step and self.save_checkpoints:
             self._save(state)
 
     def _mark_zero3_leaves(self, module: nn.Module) -> None:

@@ -71,6 +71,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         tracker_config=_flat_scalars(cfg.model_dump(mode="json")),
         log_every=cfg.train.log_every,
         save_every=cfg.train.save_every,
+        save_checkpoints=cfg.train.checkpoints,
         keep_last=cfg.train.keep_last,
         resume_from=cfg.train.resume_from,
         num_workers=cfg.data.num_workers,
