@@ -14,7 +14,11 @@ from mambavlm.distill.convert import convert_llama, convert_vlm
 from mambavlm.generation import HybridStaticDecoder, build_static_decoder
 from mambavlm.generation.hybrid_lm import CAPACITY_MULTIPLE
 from mambavlm.llm.hybrid import mamba_mixers
-from mambavlm.ops.decode_attention import SPLIT_KV_MIN_HEAD_DIM, default_decode_attention, split_kv_supported
+from mambavlm.ops.decode_attention import (
+    SPLIT_KV_MIN_HEAD_DIM,
+    default_decode_attention,
+    split_kv_supported,
+)
 from tests.conftest import (
     TINY_LLAMA,
     assert_same_up_to_near_tie,
