@@ -7,6 +7,7 @@ kernels elsewhere, and the reports say so).
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -86,6 +87,24 @@ def gpu_idle_profile(fn: Callable[[], object], gaps: int) -> str:
     return "\n".join(lines)
 
 
+KERNEL_LABEL_WIDTH = 90
+
+
+def kernel_label(name: str, width: int = KERNEL_LABEL_WIDTH) -> str:
+    """A CUDA kernel's name cut to about ``width`` characters for a table, keeping what tells PyTorch's
+    templated kernels apart: where the cut drops the innermost functors (``MulFunctor<float>``,
+    ``CUDAFunctor_add<c10::BFloat16>``, ...), they follow the head after " ... "."""
+    if len(name) <= width:
+        return name
+    functors = dict.fromkeys(re.findall(r"\b(\w*Functor\w*<[^<>]*>)", name))
+    inner = [f for f in functors if not f.startswith(("BinaryFunctor", "AUnaryFunctor", "BUnaryFunctor"))]
+    shown = [f for f in inner or list(functors) if f not in name[:width]]
+    if not shown:
+        return name[:width]
+    tail = " ... " + ", ".join(shown)
+    return name[: max(width - len(tail), 40)] + tail
+
+
 def _kernel_table(per_call: dict[str, tuple[float, float]], busy_us: float, span_us: float, unit: str,
                   top: int) -> str:
     """Markdown: busy vs span per ``unit``, then the ``top`` kernels by time (us, share, launches)."""
@@ -93,7 +112,7 @@ def _kernel_table(per_call: dict[str, tuple[float, float]], busy_us: float, span
     launches = sum(n for _, n, _ in rows)
     table = markdown_table(
         [f"us / {unit}", "share of busy", f"launches / {unit}", "us / launch", "kernel"],
-        [[f"{t:.1f}", f"{100 * t / busy_us:.1f} %", f"{n:.0f}", f"{t / n:.2f}", name[:90]] for t, n, name in rows[:top]],
+        [[f"{t:.1f}", f"{100 * t / busy_us:.1f} %", f"{n:.0f}", f"{t / n:.2f}", kernel_label(name)] for t, n, name in rows[:top]],
     )
     return "\n".join([
         f"- per {unit}: span {span_us / 1e3:.3f} ms, GPU busy {busy_us / 1e3:.3f} ms "

@@ -174,3 +174,20 @@ def test_multi_gpu_runs_write_to_shared_memory_only_when_it_holds_them(monkeypat
 
     monkeypatch.setattr(shutil, "disk_usage", missing)
     assert default_work_dir(1, tmp_path / "absent") is None
+
+
+def test_kernel_labels_keep_the_functors_a_cut_name_would_drop() -> None:
+    """PyTorch's elementwise kernels differ only deep in their template arguments: the label keeps the
+    head and names the innermost functor; short names pass unchanged."""
+    from benchmarks.profiling import kernel_label
+
+    mul = ("void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl<at::native::BinaryFunctor<float, "
+           "float, float, at::native::binary_internal::MulFunctor<float> > >(at::TensorIteratorBase&, "
+           "at::native::BinaryFunctor<float, float, float, at::native::binary_internal::MulFunctor<float> > const&)"
+           "::{lambda(int)#1}>(int, at::native::gpu_kernel_impl<...>)")
+    label = kernel_label(mul)
+    assert label == mul[:68] + " ... MulFunctor<float>"
+    assert label.endswith(" ... MulFunctor<float>") and len(label) <= 90
+    assert kernel_label("_layer_norm_bwd_kernel") == "_layer_norm_bwd_kernel"
+    plain = "void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<128, 16, false, true, true, " + "x" * 80
+    assert kernel_label(plain) == plain[:90]
