@@ -2,6 +2,7 @@
 
     python -m benchmarks.selective_scan               # CUDA: one Mamba-2.8B layer's scan in training
     python -m benchmarks.selective_scan --launch-shapes 16x16x8 32x8x8   # block_d x block_t x warps
+    python -m benchmarks.selective_scan --methods sequential              # one of the two kernel pairs
     TRITON_INTERPRET=1 python -m benchmarks.selective_scan --quick   # CPU: tiny shapes (CI)
 
 The shape is one training step's scan of one Mamba-2.8B layer at micro-batch 8 x 1522 tokens (u, delta,
@@ -34,16 +35,22 @@ from mambavlm.ops.selective_scan import selective_scan_torch
 from mambavlm.ops.selective_scan_triton import (
     BLOCK_D,
     BLOCK_T,
+    METHOD,
     NUM_WARPS,
+    ScanMethod,
     selective_scan_triton,
 )
 
 SHAPES = {"paper": (8, 5120, 16, 1522), "quick": (2, 24, 4, 40)}
 """(batch, channels, state size, length): Mamba-2.8B's training step, a tiny stand-in."""
-LAUNCH_SHAPES = [(BLOCK_D, BLOCK_T, NUM_WARPS), (16, 16, 8), (16, 16, 4), (16, 32, 8), (32, 16, 8), (32, 8, 4),
-                 (64, 8, 8)]
-"""(block_d, block_t, num_warps): the default first."""
-HEADERS = ["scan", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
+LAUNCH_SHAPES: dict[str, list[tuple[int, int, int]]] = {
+    "chunked": [(8, 16, 4), (16, 16, 8), (16, 16, 4), (16, 32, 8), (32, 8, 4)],
+    "sequential": [(8, 16, 1), (8, 16, 2), (16, 16, 2), (16, 16, 4), (32, 16, 4), (32, 32, 4), (64, 16, 4),
+                   (64, 16, 8)],
+}
+"""(block_d, block_t, num_warps) per method (``METHOD`` with BLOCK_D x BLOCK_T x NUM_WARPS is the default;
+the sequential kernels hold a (block_d, N) state per program, a step's work spread over the warps)."""
+HEADERS = ["scan", "method", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
            "vs the reference (fwd + bwd)", "largest difference from it"]
 
 
@@ -72,7 +79,8 @@ def largest_difference(got: tuple[Tensor, list[Tensor]], want: tuple[Tensor, lis
     return max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp(min=1e-6)).item() for g, w in pairs)
 
 
-def run(quick: bool, repeats: int, launch_shapes: list[tuple[int, int, int]]) -> tuple[list[list[object]], list[str]]:
+def run(quick: bool, repeats: int, launch_shapes: list[tuple[ScanMethod, int, int, int]]
+        ) -> tuple[list[list[object]], list[str]]:
     device = benchmark_device(quick)
     dtype = torch.float32 if quick else torch.bfloat16
     args = inputs(SHAPES["quick" if quick else "paper"], device, dtype)
@@ -96,22 +104,25 @@ def run(quick: bool, repeats: int, launch_shapes: list[tuple[int, int, int]]) ->
 
     rows: list[list[object]] = []
     ref_fwd, ref_both, ref_peak, ref_result = measure(reference)
-    rows.append([reference_name, "", "", "", f"{ref_fwd * 1e3:.2f}", f"{ref_both * 1e3:.2f}",
+    rows.append([reference_name, "", "", "", "", f"{ref_fwd * 1e3:.2f}", f"{ref_both * 1e3:.2f}",
                  "n/a" if ref_peak is None else f"{ref_peak:.2f}", "1.00x", ""])
     best = None
-    for block_d, block_t, warps in launch_shapes:
-        def ours(*a: Tensor, delta_softplus: bool, bd: int = block_d, bt: int = block_t, w: int = warps) -> Tensor:
-            return selective_scan_triton(*a, delta_softplus=delta_softplus, block_d=bd, block_t=bt, num_warps=w)
+    for method, block_d, block_t, warps in launch_shapes:
+        def ours(*a: Tensor, delta_softplus: bool, bd: int = block_d, bt: int = block_t, w: int = warps,
+                 m: ScanMethod = method) -> Tensor:
+            return selective_scan_triton(*a, delta_softplus=delta_softplus, block_d=bd, block_t=bt, num_warps=w,
+                                         method=m)
 
         fwd, both, peak, result = measure(ours)
         speedup = ref_both / both
-        best = max(best or (speedup, block_d, block_t, warps), (speedup, block_d, block_t, warps))
-        rows.append(["ours (selective_scan_triton)", block_d, block_t, warps, f"{fwd * 1e3:.2f}", f"{both * 1e3:.2f}",
+        best = max(best or (speedup, method, block_d, block_t, warps), (speedup, method, block_d, block_t, warps))
+        rows.append(["ours (selective_scan_triton)", method, block_d, block_t, warps, f"{fwd * 1e3:.2f}",
+                     f"{both * 1e3:.2f}",
                      "n/a" if peak is None else f"{peak:.2f}", f"{speedup:.2f}x",
                      f"{largest_difference(result, ref_result):.1e}"])
     lines = []
     if best is not None:
-        lines.append(f"- fastest launch shape: block_d {best[1]}, block_t {best[2]}, {best[3]} warps: "
+        lines.append(f"- fastest: {best[1]}, block_d {best[2]}, block_t {best[3]}, {best[4]} warps: "
                      f"{best[0]:.2f}x {reference_name}'s forward + backward")
     return rows, lines
 
@@ -122,6 +133,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--launch-shapes", nargs="+", default=None, metavar="DxTxW",
                         help="launch shapes to time (channels per program x steps per chunk x warps)")
+    parser.add_argument("--methods", nargs="+", choices=["chunked", "sequential"], default=["chunked", "sequential"],
+                        help="the kernel pairs to time (each at its launch shapes)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick and os.environ.get("TRITON_INTERPRET") != "1":
@@ -130,9 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     if shapes and any(len(shape) != 3 for shape in shapes):
         raise SystemExit(f"--launch-shapes takes DxTxW, got {args.launch_shapes}")
     if shapes is None:
-        shapes = [(8, 8, 2)] if args.quick else LAUNCH_SHAPES
+        defaults = {m: [(BLOCK_D, BLOCK_T, NUM_WARPS)] if m == METHOD else [] for m in args.methods}
+        per_method = {m: [(8, 8, 2)] if args.quick else list(dict.fromkeys(defaults[m] + LAUNCH_SHAPES[m]))
+                      for m in args.methods}
+    else:
+        per_method = {m: shapes for m in args.methods}
+    launches = [(m, *shape) for m, method_shapes in per_method.items() for shape in method_shapes]
     repeats = 2 if args.quick else args.repeats
-    rows, lines = run(args.quick, repeats, shapes)
+    rows, lines = run(args.quick, repeats, launches)
     batch, dim, n, length = SHAPES["quick" if args.quick else "paper"]
     reference = "PyTorch's selective_scan_torch" if args.quick else "mamba_ssm's selective_scan_fn"
     intro = (f"{'tiny stand-in' if args.quick else 'one Mamba-2.8B layer'}: u, delta, z ({batch}, {dim}, {length}) "

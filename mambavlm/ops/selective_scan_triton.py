@@ -19,11 +19,21 @@ dB / dC over its channels before one atomic add per element: Dm / BLOCK_D times 
 The forward keeps the state entering each chunk, (Bt, Dm, chunks, N) float32, for the backward, which
 walks the chunks in reverse: it recomputes the chunk's states from the saved one, scans dh backwards
 (dh_t = exp(dt_{t+1} A) dh_{t+1} + C_t dy_t), and forms every gradient from them.
+
+Two kernel pairs do this (``method``). ``"chunked"`` runs each chunk as the parallel scans above: on an
+H200 it took 1.8x mamba_ssm's time (``benchmarks/results/selective_scan.md``), its forward alone too, so
+the (BLOCK_D, N, BLOCK_T) tiles and the scans' log-depth work cost more than the atomics saved.
+``"sequential"`` walks one time step per iteration with the (BLOCK_D, N) state in registers, as
+mamba_ssm's threads walk theirs: per step a few (BLOCK_D,) and (N,) loads, whose addresses do not depend
+on the state (so they can be issued ahead), an exp and two multiply-adds per state element, and in the
+backward a chunk's incoming states are first recomputed into a per-program buffer (BLOCK_T x BLOCK_D x
+N float32, L2-sized) and then read in reverse; dB / dC are still summed over the program's channels
+before their atomic adds. Not yet timed on a GPU.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -36,7 +46,9 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
-__all__ = ["BLOCK_D", "BLOCK_T", "NUM_WARPS", "selective_scan_triton"]
+__all__ = ["BLOCK_D", "BLOCK_T", "METHOD", "NUM_WARPS", "ScanMethod", "selective_scan_triton"]
+
+ScanMethod = Literal["chunked", "sequential"]
 
 BLOCK_D = 8
 """Channels per program (the factor by which dB / dC need fewer atomic adds than mamba_ssm's)."""
@@ -46,6 +58,10 @@ NUM_WARPS = 4
 """Warps per program. BLOCK_D, BLOCK_T and NUM_WARPS: the fastest of ``python -m
 benchmarks.selective_scan`` on an H200 (one Mamba-2.8B layer, bf16): 20.0 ms forward + backward against
 mamba_ssm's 10.9; 16 x 16 with 8 warps took 36.6 (``benchmarks/results/selective_scan.md``)."""
+METHOD: ScanMethod = "chunked"
+"""How a program walks the time steps (module docstring): ``"chunked"``, BLOCK_T steps at a time as one
+parallel scan, or ``"sequential"``, one step per iteration with the state in registers. The chunked
+kernels were measured (above); the sequential ones not yet."""
 
 
 if triton is not None:
@@ -55,11 +71,14 @@ if triton is not None:
         return a1 * a2, a2 * b1 + b2
 
     @triton.jit
-    def _step_sizes(raw, bias, SOFTPLUS: tl.constexpr):
-        x = raw + bias[:, None]
+    def _softplus(x, SOFTPLUS: tl.constexpr):
         if SOFTPLUS:
             x = tl.where(x <= 20.0, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))), x)  # torch's threshold
         return x
+
+    @triton.jit
+    def _step_sizes(raw, bias, SOFTPLUS: tl.constexpr):
+        return _softplus(raw + bias[:, None], SOFTPLUS)
 
     @triton.jit
     def _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -192,6 +211,117 @@ if triton is not None:
         if HAS_BIAS:
             tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
 
+    @triton.jit
+    def _sequential_fwd_kernel(
+        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
+        dim, length, n_chunks, groups, channels_per_group,
+        N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):
+        """One time step per iteration, the (BLOCK_D, N) state in registers; the state entering each
+        chunk of BLOCK_T steps saved for the backward."""
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        n = tl.arange(0, N)
+        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
+        row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
+        group = tl.program_id(1) * BLOCK_D // channels_per_group
+        bc_row = ((b * groups + group) * N + n) * length  # (N,)
+        h = tl.zeros([BLOCK_D, N], tl.float32)
+        for chunk in range(n_chunks):
+            t0 = chunk * BLOCK_T
+            tl.store(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk) * N + n[None, :], h,
+                     mask=d_ok[:, None])
+            for t in range(t0, tl.minimum(t0 + BLOCK_T, length)):
+                u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
+                bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
+                ct = tl.load(c_ptr + bc_row + t).to(tl.float32)
+                h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bt[None, :]
+                y = tl.sum(h * ct[None, :], axis=1) + skip * u
+                if HAS_Z:
+                    zv = tl.load(z_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                    y = y * zv * tl.sigmoid(zv)
+                tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    @triton.jit
+    def _sequential_bwd_kernel(
+        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, history_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, da_ptr, db_ptr, dc_ptr, dd_ptr, dbias_ptr,
+        dim, length, n_chunks, groups, channels_per_group,
+        N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+        HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    ):
+        """The chunks in reverse: the chunk's states recomputed from the saved one (each step's
+        incoming state written to the program's slice of ``history``), then its steps in reverse, dh
+        carried in registers; dB / dC summed over the program's channels before their atomic adds."""
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        n = tl.arange(0, N)
+        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
+        row = (b * dim + d) * length
+        group = tl.program_id(1) * BLOCK_D // channels_per_group
+        bc_row = ((b * groups + group) * N + n) * length
+        tile = tl.arange(0, BLOCK_D)[:, None] * N + n[None, :]  # (BD, N) offsets in one history entry
+        history = history_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * BLOCK_T * BLOCK_D * N
+        dh_carry = tl.zeros([BLOCK_D, N], tl.float32)  # exp(dt_{t+1} A) dh_{t+1}
+        grad_a = tl.zeros([BLOCK_D, N], tl.float32)
+        grad_skip = tl.zeros([BLOCK_D], tl.float32)
+        grad_bias = tl.zeros([BLOCK_D], tl.float32)
+        for step in range(n_chunks):
+            chunk = n_chunks - 1 - step
+            t0 = chunk * BLOCK_T
+            t1 = tl.minimum(t0 + BLOCK_T, length)
+            h = tl.load(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk) * N + n[None, :],
+                        mask=d_ok[:, None], other=0.0)
+            for t in range(t0, t1):
+                tl.store(history + (t - t0) * BLOCK_D * N + tile, h)  # h_{t-1}
+                u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
+                bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
+                h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bt[None, :]
+            tl.debug_barrier()  # the history written above is read below, by other threads too
+            for i in range(0, t1 - t0):
+                t = t1 - 1 - i
+                h_prev = tl.load(history + (t - t0) * BLOCK_D * N + tile)
+                u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                x = tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias
+                dt = _softplus(x, SOFTPLUS)
+                bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
+                ct = tl.load(c_ptr + bc_row + t).to(tl.float32)
+                dy = tl.load(dout_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                decayed_prev = tl.exp(dt[:, None] * a) * h_prev  # exp(dt_t A) h_{t-1}
+                h = decayed_prev + (dt * u)[:, None] * bt[None, :]
+                if HAS_Z:
+                    zv = tl.load(z_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                    y = tl.sum(h * ct[None, :], axis=1) + skip * u
+                    sig = tl.sigmoid(zv)
+                    tl.store(dz_ptr + row + t, (dy * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                             mask=d_ok)
+                    dy = dy * zv * sig
+                grad_skip += dy * u
+                tl.atomic_add(dc_ptr + bc_row + t, tl.sum(dy[:, None] * h, axis=0))
+                dh = dh_carry + ct[None, :] * dy[:, None]
+                ddt = tl.sum(dh * (a * decayed_prev + bt[None, :] * u[:, None]), axis=1)
+                du = skip * dy + tl.sum(dh * bt[None, :], axis=1) * dt
+                grad_a += dh * dt[:, None] * decayed_prev
+                tl.atomic_add(db_ptr + bc_row + t, tl.sum(dh * (dt * u)[:, None], axis=0))
+                if SOFTPLUS:
+                    ddt = tl.where(x <= 20.0, ddt * tl.sigmoid(x), ddt)
+                ddt = tl.where(d_ok, ddt, 0.0)
+                grad_bias += ddt
+                tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=d_ok)
+                dh_carry = tl.exp(dt[:, None] * a) * dh
+            tl.debug_barrier()  # the next chunk's states overwrite this one's history
+        tl.atomic_add(da_ptr + d[:, None] * N + n[None, :], grad_a, mask=d_ok[:, None])
+        if HAS_D:
+            tl.atomic_add(dd_ptr + d, grad_skip, mask=d_ok)
+        if HAS_BIAS:
+            tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
+
 
 def _grouped(weight: Tensor) -> Tensor:
     """B or C as (Bt, G, N, L), contiguous (one group for a (Bt, N, L) tensor)."""
@@ -202,11 +332,11 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-        delta_bias: Tensor | None, delta_softplus: bool, launch: tuple[int, int, int],
+        delta_bias: Tensor | None, delta_softplus: bool, launch: tuple[int, int, int, str],
     ) -> Tensor:
         batch, dim, length = u.shape
         n_state = A.shape[1]
-        block_d, block_t, num_warps = launch
+        block_d, block_t, num_warps, method = launch
         n_chunks = triton.cdiv(length, block_t)
         u, delta = u.contiguous(), delta.contiguous()
         A = A.float().contiguous()
@@ -216,7 +346,8 @@ class _SelectiveScan(torch.autograd.Function):
         out = torch.empty_like(u)
         states = torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32)
         grid = (batch, triton.cdiv(dim, block_d))
-        _selective_scan_fwd_kernel[grid](
+        kernel = _sequential_fwd_kernel if method == "sequential" else _selective_scan_fwd_kernel
+        kernel[grid](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
             delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks, B.shape[1],
             dim // B.shape[1],
@@ -230,7 +361,7 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
-        block_d, block_t, num_warps = ctx.launch
+        block_d, block_t, num_warps, method = ctx.launch
         batch, dim, length = u.shape
         n_state = A.shape[1]
         n_chunks = states.shape[2]
@@ -243,9 +374,14 @@ class _SelectiveScan(torch.autograd.Function):
         dD = torch.zeros_like(D) if D is not None else None
         dbias = torch.zeros_like(delta_bias) if delta_bias is not None else None
         grid = (batch, triton.cdiv(dim, block_d))
-        _selective_scan_bwd_kernel[grid](
+        if method == "sequential":  # each program's incoming states of one chunk, (BLOCK_T, BLOCK_D, N) float32
+            history = torch.empty(batch * grid[1] * block_t * block_d * n_state, device=u.device, dtype=torch.float32)
+            kernel, extra = _sequential_bwd_kernel, (history,)
+        else:
+            kernel, extra = _selective_scan_bwd_kernel, ()
+        kernel[grid](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-            delta_bias if delta_bias is not None else A, dout, states,
+            delta_bias if delta_bias is not None else A, dout, states, *extra,
             du, ddelta, dz if dz is not None else du, dA, dB, dC,
             dD if dD is not None else dA, dbias if dbias is not None else dA,
             dim, length, n_chunks, B.shape[1], dim // B.shape[1],
@@ -268,16 +404,18 @@ def selective_scan_triton(
     block_d: int = BLOCK_D,
     block_t: int = BLOCK_T,
     num_warps: int = NUM_WARPS,
+    method: ScanMethod = METHOD,
 ) -> Tensor:
     """The selective scan with autograd (module docstring): u, delta, z (Bt, Dm, L); A (Dm, N) real, N a
     power of 2; B, C (Bt, N, L) or (Bt, G, N, L); D, delta_bias (Dm,). Returns (Bt, Dm, L) in u's
     dtype; gradients for every tensor argument (A, D, delta_bias in float32, B and C in their dtype).
     ``block_d`` channels per program, ``block_t`` time steps per chunk (powers of 2), ``num_warps``: the
-    launch shape of both kernels (``benchmarks/selective_scan.py`` compares them).
+    launch shape of both kernels; ``method``: ``"chunked"`` or ``"sequential"`` kernels (``METHOD``;
+    ``benchmarks/selective_scan.py`` compares them all).
 
     Raises:
         ValueError: shapes that do not fit (``check_scan_inputs``), N not a power of 2, ``block_d`` not
-            dividing the channels per group.
+            dividing the channels per group, another method.
         RuntimeError: without Triton.
     """
     if triton is None:
@@ -293,4 +431,7 @@ def selective_scan_triton(
             f"({u.shape[1]} / {groups} groups): a program's channels share one group of B and C"
         )
     B, C = _grouped(B), _grouped(C)
-    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, (block_d, block_t, num_warps))
+    if method not in get_args(ScanMethod):
+        raise ValueError(f"selective_scan_triton's method must be 'chunked' or 'sequential', got {method!r}")
+    launch = (block_d, block_t, num_warps, method)
+    return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, launch)

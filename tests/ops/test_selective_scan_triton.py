@@ -36,7 +36,7 @@ def scan_case(batch: int, dim: int, n: int, length: int, *, z: bool, skip: bool,
 
 
 def outputs_and_gradients(fn: Callable[..., torch.Tensor], args: list, softplus: bool,
-                          **launch: int) -> tuple[torch.Tensor, list]:
+                          **launch: int | str) -> tuple[torch.Tensor, list]:
     """fn's output for ``args`` and the gradients of each argument for a fixed random output gradient."""
     leaves = [a.clone().requires_grad_(True) if a is not None else None for a in args]
     out = fn(*leaves, delta_softplus=softplus, **launch)
@@ -46,6 +46,8 @@ def outputs_and_gradients(fn: Callable[..., torch.Tensor], args: list, softplus:
 
 CHECKS = textwrap.dedent(
     """
+    import sys
+
     import torch
     from mambavlm.ops.selective_scan import selective_scan_torch
     from mambavlm.ops.selective_scan_triton import selective_scan_triton
@@ -68,7 +70,8 @@ CHECKS = textwrap.dedent(
     for shape, flags, launch in cases:
         args = scan_case(*shape, **flags)
         want, want_grads = outputs_and_gradients(selective_scan_torch, args, flags["softplus"])
-        got, got_grads = outputs_and_gradients(selective_scan_triton, args, flags["softplus"], **launch)
+        got, got_grads = outputs_and_gradients(selective_scan_triton, args, flags["softplus"], method=sys.argv[1],
+                                               **launch)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
         for name, g_want, g_got in zip(names, want_grads, got_grads):
             assert (g_want is None) == (g_got is None), name
@@ -80,9 +83,10 @@ CHECKS = textwrap.dedent(
 )
 
 
-def test_the_triton_scan_equals_the_pytorch_scan_and_its_gradients_under_the_interpreter() -> None:
+@pytest.mark.parametrize("method", ["chunked", "sequential"])
+def test_the_triton_scan_equals_the_pytorch_scan_and_its_gradients_under_the_interpreter(method: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-c", CHECKS], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
+        [sys.executable, "-c", CHECKS, method], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
         capture_output=True, text=True, timeout=600,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -100,13 +104,16 @@ def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
         selective_scan_triton(u, delta, A, *two)
     with pytest.raises(ValueError, match=r"B must have shape \(1, 4, 8\), got \(1, 4, 7\)"):
         selective_scan_triton(u, delta, A, B[..., :7], C)
+    with pytest.raises(ValueError, match="method must be 'chunked' or 'sequential', got 'parallel'"):
+        selective_scan_triton(u, delta, A, B, C, method="parallel")
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [1, 4], ids=["one-group", "four-directions"])
-def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype, groups: int) -> None:
+@pytest.mark.parametrize("method", ["chunked", "sequential"])
+def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype, groups: int, method: str) -> None:
     """256 channels, N = 16, 1000 steps, B / C shared (the LLM's mixer) or one group per scan direction
     (the projector's): outputs and gradients against ``selective_scan_fn`` (float32: rounding apart;
     bf16: both round their outputs to bf16)."""
@@ -116,7 +123,7 @@ def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype, gr
     args = scan_case(2, 256, 16, 1000, z=True, skip=True, bias=True, softplus=True, grouped=groups > 1,
                      groups=groups, device="cuda", dtype=dtype)
     want, want_grads = outputs_and_gradients(selective_scan_fn, args, True)
-    got, got_grads = outputs_and_gradients(selective_scan_triton, args, True)
+    got, got_grads = outputs_and_gradients(selective_scan_triton, args, True, method=method)
     tol = {"rtol": 2e-4, "atol": 2e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
     torch.testing.assert_close(got.float(), want.float(), **tol)
     for name, g_want, g_got in zip("u delta A B C D z delta_bias".split(), want_grads, got_grads, strict=True):
