@@ -292,7 +292,8 @@ if triton is not None:
                 bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
                 ct = tl.load(c_ptr + bc_row + t).to(tl.float32)
                 dy = tl.load(dout_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
-                decayed_prev = tl.exp(dt[:, None] * a) * h_prev  # exp(dt_t A) h_{t-1}
+                decay = tl.exp(dt[:, None] * a)
+                decayed_prev = decay * h_prev  # exp(dt_t A) h_{t-1}
                 h = decayed_prev + (dt * u)[:, None] * bt[None, :]
                 if HAS_Z:
                     zv = tl.load(z_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
@@ -314,7 +315,7 @@ if triton is not None:
                 grad_bias += ddt
                 tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=d_ok)
                 tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=d_ok)
-                dh_carry = tl.exp(dt[:, None] * a) * dh
+                dh_carry = decay * dh
             tl.debug_barrier()  # the next chunk's states overwrite this one's history
         tl.atomic_add(da_ptr + d[:, None] * N + n[None, :], grad_a, mask=d_ok[:, None])
         if HAS_D:
