@@ -1,6 +1,7 @@
 """Merge a LoRA run's adapters into a full model: ``python train/merge_lora.py ADAPTER_DIR --out DIR``.
 
-ADAPTER_DIR is a run's ``final_adapter/`` (``save_adapter``). The base is ``--base`` (a saved MambaVLM),
+ADAPTER_DIR is a LoRA run's output_dir or its ``final_adapter/`` (``save_adapter``); another directory is
+refused in one line. The base is ``--base`` (a saved MambaVLM),
 else the ``base/`` saved beside the adapters (runs whose config does not pin the base weights), else
 rebuilt from the model config stored there (the encoders' and the LLM's pretrained weights, as the
 run loaded them). The adapters are folded into the weights (peft's
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from mambavlm.config import ModelConfig, load_config
 from mambavlm.model import MambaVLM, build_model
+from mambavlm.training.finetune import resolve_adapter_dir
 from mambavlm.training.lora import BASE_DIR, MODEL_CONFIG_FILE, load_adapter, merge_adapter
 
 logger = logging.getLogger("merge_lora")
@@ -24,11 +26,15 @@ logger = logging.getLogger("merge_lora")
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("adapter", type=Path, help="a LoRA run's final_adapter/ directory")
+    parser.add_argument("adapter", type=Path, help="a LoRA run's output_dir or its final_adapter/ directory")
     parser.add_argument("--out", type=Path, required=True, help="where the merged model is written")
     parser.add_argument("--base", type=Path, help="a saved MambaVLM to merge into (default: rebuilt from the adapter's model config)")
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    try:
+        args.adapter = resolve_adapter_dir(args.adapter)
+    except FileNotFoundError as err:
+        parser.exit(2, f"error: {err}\n")
     if args.base is not None:
         model = MambaVLM.from_pretrained(args.base)
     elif (args.adapter / BASE_DIR).is_dir():

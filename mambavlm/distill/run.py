@@ -48,7 +48,7 @@ from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
 from mambavlm.model import MambaVLM, is_mambavlm_directory
-from mambavlm.training.engine import Phase, Trainer, structure_copy, throughput_summary
+from mambavlm.training.engine import METRICS_FILE, Phase, Trainer, structure_copy, throughput_summary
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
 from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
 
@@ -56,7 +56,6 @@ __all__ = ["METRICS_FILE", "STUDENT_DIR", "load_teacher", "run_distillation"]
 
 logger = get_logger(__name__)
 
-METRICS_FILE = "metrics.json"
 STUDENT_DIR = "student"
 CONFIG_COPY = "config.yaml"
 

@@ -114,8 +114,9 @@ class TrainingConfig(StrictModel):
         None, gt=0, description="optimiser steps between checkpoints; one is always written at the end"
     )
     checkpoints: bool = Field(
-        True, description="write resumable checkpoints (weights, optimiser, data order); false: only the final "
-        "model (final/), as for a throughput measurement (a paper-shaped checkpoint is ~33 GB)"
+        True, description="write resumable checkpoints (weights, optimiser, data order); false: none, whatever "
+        "save_every says, only the final model (final/), as for a throughput measurement (a paper-shaped "
+        "checkpoint is ~33 GB)"
     )
     keep_last: int = Field(2, gt=0, description="checkpoints kept; older ones are deleted")
     resume_from: str | None = Field(
@@ -123,14 +124,6 @@ class TrainingConfig(StrictModel):
     )
     eval_batch_size: int = Field(32, gt=0, description="prompts per generate call on the val split")
     eval_max_new_tokens: int = Field(16, gt=0)
-
-    @model_validator(mode="after")
-    def _checkpoints_when_saving(self) -> TrainingConfig:
-        if not self.checkpoints and self.save_every is not None:
-            raise ValueError(
-                f"train.save_every={self.save_every} asks for checkpoints that train.checkpoints=false turns off"
-            )
-        return self
 
     @model_validator(mode="after")
     def _batch_sizes_divide(self) -> TrainingConfig:

@@ -73,6 +73,7 @@ from mambavlm.training.checkpoint import (
 from mambavlm.training.optim import build_optimizer, build_scheduler, no_decay_names
 
 __all__ = [
+    "METRICS_FILE",
     "RESTORED_SETTINGS",
     "TRACKER_PACKAGES",
     "ZERO3_LEAF_TYPES",
@@ -244,20 +245,36 @@ def fresh_start_note(resume_from: str | None, output_dir: Path) -> str | None:
     return None
 
 
+METRICS_FILE = "metrics.json"
+"""What a finished fine-tuning or distillation run writes last in its ``output_dir``."""
+
+
 def check_fresh_output_dir(resume_from: str | None, output_dir: Path) -> None:
-    """Refuse to start a run from the beginning in an ``output_dir`` that holds an earlier run's
-    checkpoints: their step numbers would outrank the new run's, so keeping the last K would delete
-    the new run's checkpoints and ``resume_from=latest`` would continue the earlier run.
+    """Refuse to start a run from the beginning (no ``resume_from``, or ``"latest"`` with no checkpoint
+    to continue) in an ``output_dir`` that holds an earlier run: its checkpoints (their step numbers
+    would outrank the new run's, so keeping the last K would delete the new run's checkpoints and
+    ``resume_from=latest`` would continue the earlier run), its results (``METRICS_FILE``: the new
+    run would overwrite its final model and metrics), or a saved model (``config.json``).
 
     Raises:
-        ConfigError: naming the directory, its checkpoints and the ways on.
+        ConfigError: naming the directory, what it holds and the ways on.
     """
-    checkpoints = find_checkpoints(output_dir) if resume_from is None else []
+    checkpoints = find_checkpoints(output_dir)
+    if resume_from is not None and (resume_from != "latest" or checkpoints):
+        return  # continues a checkpoint
     if checkpoints:
         raise ConfigError(
             f"{output_dir} holds checkpoints of an earlier run ({', '.join(p.name for p in checkpoints)}): "
             "resume_from=latest continues it; to start over, set another output_dir or remove them"
         )
+    if (output_dir / METRICS_FILE).is_file():
+        raise ConfigError(
+            f"{output_dir} holds a finished run ({METRICS_FILE} and its final model): a new run would overwrite "
+            "them; set another output_dir or remove it"
+        )
+    if (output_dir / "config.json").is_file():
+        raise ConfigError(f"{output_dir} is a saved model (config.json): a run writes into a directory of its own; "
+                          "set another output_dir")
 
 
 @dataclass(frozen=True)

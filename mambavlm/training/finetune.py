@@ -26,9 +26,10 @@ from mambavlm.llm.factory import (
     check_mamba_training_kernels,
     enable_activation_checkpointing,
 )
-from mambavlm.model import MambaVLM, build_model
+from mambavlm.model import MambaVLM, build_model, is_mambavlm_directory
 from mambavlm.training.config import DataConfig, TrainConfig
 from mambavlm.training.engine import (
+    METRICS_FILE,
     Phase,
     Trainer,
     TrainerState,
@@ -37,15 +38,14 @@ from mambavlm.training.engine import (
     throughput_summary,
 )
 from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
-from mambavlm.training.lora import LoraTrainable, apply_lora, save_adapter
+from mambavlm.training.lora import MODEL_CONFIG_FILE, LoraTrainable, apply_lora, save_adapter
 from mambavlm.training.objectives import NextTokenObjective
 from mambavlm.training.optim import FreezePreset
 
-__all__ = ["FINAL_MODEL_DIR", "METRICS_FILE", "prepare_data", "run_finetune", "skip_metrics"]
+__all__ = ["FINAL_MODEL_DIR", "METRICS_FILE", "prepare_data", "resolve_adapter_dir", "run_finetune", "skip_metrics"]
 
 logger = get_logger(__name__)
 
-METRICS_FILE = "metrics.json"
 FINAL_MODEL_DIR = "final"
 SYNTHETIC_DIR = "data"
 SYNTHETIC_SPEC_FILE = "synthetic.json"
@@ -53,6 +53,25 @@ VAL_ANSWERS_FILE = "val_answers.jsonl"
 TRAIN_CONFIG_FILE = "train_config.yaml"
 FINAL_ADAPTER_DIR = "final_adapter"
 """Where a LoRA run writes its adapters (``python train/merge_lora.py`` makes a full model of them)."""
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """A LoRA run's adapter directory: ``path`` itself (what ``save_adapter`` wrote) or the
+    ``final_adapter/`` of the run whose output_dir it is.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist, holds a full model (nothing to merge), or neither.
+    """
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such directory")
+    for candidate in (path, path / FINAL_ADAPTER_DIR):
+        if (candidate / MODEL_CONFIG_FILE).is_file():
+            return candidate
+    if is_mambavlm_directory(path) or is_mambavlm_directory(path / FINAL_MODEL_DIR):
+        raise FileNotFoundError(f"{path} holds a full model, not LoRA adapters: there is nothing to merge")
+    raise FileNotFoundError(f"{path} holds no LoRA adapters: expected a LoRA run's output_dir or its "
+                            f"{FINAL_ADAPTER_DIR}/ ({MODEL_CONFIG_FILE} and peft's adapter files)")
 
 
 def run_finetune(config: TrainConfig) -> dict[str, Any]:
@@ -70,7 +89,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         trackers=cfg.trackers,
         tracker_config=_flat_scalars(cfg.model_dump(mode="json")),
         log_every=cfg.train.log_every,
-        save_every=cfg.train.save_every,
+        save_every=cfg.train.save_every if cfg.train.checkpoints else None,
         save_checkpoints=cfg.train.checkpoints,
         keep_last=cfg.train.keep_last,
         resume_from=cfg.train.resume_from,
@@ -81,10 +100,10 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     set_seed(cfg.seed)
     with trainer.building_models():  # before the data: a model config error stops the run at once
         model = build_model(cfg.model)
-    train_json, val_json, image_root = prepare_data(cfg.data, output_dir, acc)
     check_mamba_training_kernels(model.llm, acc.device)
-    if cfg.lora is not None:
+    if cfg.lora is not None:  # before the data too: a bad target is a config error
         apply_lora(model, cfg.lora)
+    train_json, val_json, image_root = prepare_data(cfg.data, output_dir, acc)
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model.llm)
     dataset = training_dataset(model, train_json, image_root, cfg.data.max_length, cfg.blind)

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mambavlm.atomic import atomic_directory
+from mambavlm.config import ConfigError
 from mambavlm.model import MambaVLM
 from mambavlm.training.config import LoraSettings
 
@@ -39,6 +40,7 @@ __all__ = [
     "LoraTrainable",
     "FAMILY_TARGETS",
     "apply_lora",
+    "check_targets_exist",
     "load_adapter",
     "merge_adapter",
     "save_adapter",
@@ -142,16 +144,35 @@ def target_modules(settings: LoraSettings, family: str) -> str | list[str]:
     return targets
 
 
+def check_targets_exist(llm: nn.Module, targets: str | list[str]) -> None:
+    """Each name of a ``lora.target_modules`` list must name a module of ``llm`` as peft matches names
+    (the whole name, or its last dotted parts); a string (``"all-linear"``, a regex) is peft's to match.
+
+    Raises:
+        ConfigError: naming the missing targets and the LLM's linear layers.
+    """
+    if isinstance(targets, str):
+        return
+    names = [name for name, _ in llm.named_modules()]
+    missing = [t for t in targets if not any(name == t or name.endswith("." + t) for name in names)]
+    if missing:
+        linear = sorted({name.rsplit(".", 1)[-1] for name, m in llm.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(f"lora.target_modules: {missing} name no module of the {type(llm).__name__}; "
+                          f"its linear layers are {linear}")
+
+
 def apply_lora(model: nn.Module, settings: LoraSettings) -> None:
     """Wrap ``model.llm`` in a peft LoRA model (4-bit base with ``settings.qlora``) and, with
     ``settings.projector == "lora"``, add adapters to the projector's linear layers. In place.
 
     Raises ImportError without peft (or bitsandbytes for QLoRA), RuntimeError for QLoRA without
-    CUDA, and ValueError for target modules the LLM cannot train through (``target_modules``).
+    CUDA, ValueError for target modules the LLM cannot train through (``target_modules``), and
+    ConfigError for names no module of the LLM has (listing its linear layers' names).
     """
     peft = _peft()
-    llm = _quantized_llm(model) if settings.qlora else model.llm
     targets = target_modules(settings, model.config.llm.family)
+    check_targets_exist(model.llm, targets)
+    llm = _quantized_llm(model) if settings.qlora else model.llm
     model.llm = peft.get_peft_model(llm, _lora_config(settings, targets))
     if settings.projector == "lora":
         peft.inject_adapter_in_model(_lora_config(settings, "all-linear"), model.projector)

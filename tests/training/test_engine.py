@@ -166,6 +166,29 @@ def test_a_fresh_start_over_an_earlier_runs_checkpoints_is_refused(tmp_path: Pat
         Trainer(tmp_path)
 
 
+@pytest.mark.parametrize("resume_from", [None, "latest"])
+def test_a_fresh_start_over_a_finished_run_or_a_saved_model_is_refused(tmp_path: Path, resume_from: str | None) -> None:
+    """A finished run without checkpoints (train.checkpoints=false) was overwritten by the next run into
+    its output_dir, and a saved model's folder accepted as one (a fresh user's trial): refused when the
+    run would start from the beginning (resume_from=latest finding no checkpoint does too)."""
+    from mambavlm.config import ConfigError
+    from mambavlm.training.engine import METRICS_FILE, check_fresh_output_dir
+
+    finished, model = tmp_path / "run", tmp_path / "final"
+    finished.mkdir()
+    (finished / METRICS_FILE).write_text("{}")
+    with pytest.raises(ConfigError, match=f"{finished} holds a finished run"):
+        check_fresh_output_dir(resume_from, finished)
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"{model} is a saved model"):
+        check_fresh_output_dir(resume_from, model)
+    (finished / "checkpoint-5").mkdir()
+    (finished / "checkpoint-5" / "trainer_state.json").write_text("{}")
+    if resume_from == "latest":
+        check_fresh_output_dir(resume_from, finished)  # continues its checkpoint
+
+
 def test_structure_copy_takes_no_parameter_memory_and_load_whole_restores_the_module() -> None:
     """What a distillation run gathers its FSDP-sharded student into: a copy with its parameters on the
     meta device (requires_grad and the tied embedding kept, buffers real, the teacher left out),

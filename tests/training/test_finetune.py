@@ -109,11 +109,6 @@ def test_resume_with_another_lr_warns_and_keeps_the_checkpoints(micro_run, tmp_p
     assert read_metrics(tmp_path)["step_losses"] == read_metrics(micro_run)["step_losses"]
 
 
-def test_checkpoints_off_with_save_every_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="train.save_every=3 asks for checkpoints that train.checkpoints=false turns off"):
-        micro_config(tmp_path, "train.checkpoints=false")
-
-
 def test_changed_settings_note_names_each_change_and_its_effect():
     from mambavlm.training.engine import changed_settings_note
 
@@ -255,7 +250,8 @@ def test_time_blocked_on_the_data_loader_is_measured(tmp_path, monkeypatch):
     """A loader that takes 20 ms per record: the timed steps' data wait is at least 20 ms for each of
     their records but one micro-batch (accelerate's loader reads one batch ahead, and after the last
     there is none), and at most their seconds (metrics.json's ``data_wait_share``). The run asks for no
-    checkpoints (``train.checkpoints=false``): it leaves the final model and no checkpoint."""
+    checkpoints (``train.checkpoints=false``, over the config's ``save_every=3``): it leaves the final
+    model and no checkpoint; a new run into that directory is refused (it would overwrite them)."""
     import time
 
     from mambavlm.data.llava import LlavaDataset
@@ -267,10 +263,12 @@ def test_time_blocked_on_the_data_loader_is_measured(tmp_path, monkeypatch):
         return load(self, index)
 
     monkeypatch.setattr(LlavaDataset, "__getitem__", slow)
-    run_finetune(micro_config(tmp_path, "data.num_workers=0", "data.synthetic.num_val=0", "train.save_every=null",
-                              "train.checkpoints=false"))
+    run_finetune(micro_config(tmp_path, "data.num_workers=0", "data.synthetic.num_val=0", "train.checkpoints=false"))
     assert find_checkpoints(tmp_path) == [] and not list(tmp_path.glob("*checkpoint*"))
     assert (tmp_path / "final" / "config.json").is_file()
+    for resume in ("null", "latest"):
+        with pytest.raises(ConfigError, match=f"{tmp_path} holds a finished run \\(metrics.json and its final model\\)"):
+            run_finetune(micro_config(tmp_path, "train.checkpoints=false", f"train.resume_from={resume}"))
     throughput = read_metrics(tmp_path)["throughput"]
     waited = throughput["data_wait_share"] * throughput["seconds"]
     assert (throughput["samples"] - 4) * 0.02 <= waited <= throughput["seconds"]

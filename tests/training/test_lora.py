@@ -99,7 +99,9 @@ def test_saved_adapters_reload_and_merge_to_the_adapter_models_logits(tmp_path: 
         torch.testing.assert_close(merged(**batch).logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_a_lora_run_writes_adapters_and_the_merge_command_a_full_model(tmp_path: Path) -> None:
+def test_a_lora_run_writes_adapters_and_the_merge_command_a_full_model(tmp_path: Path, capsys) -> None:
+    """The merge command takes the run's output_dir (its final_adapter/ found) and refuses, in one line,
+    a full model and a directory without adapters."""
     out = tmp_path / "run"
     config = load_train_config(
         TINY_TRAIN, [f"output_dir={out}", *MICRO_RUN, "lora={r: 4, alpha: 8, dropout: 0.0}", "train.save_every=null"]
@@ -113,8 +115,13 @@ def test_a_lora_run_writes_adapters_and_the_merge_command_a_full_model(tmp_path:
         import merge_lora
     finally:
         sys.path.remove(str(ROOT / "train"))
-    merged_dir = merge_lora.main([str(adapter), "--out", str(tmp_path / "merged")])
+    merged_dir = merge_lora.main([str(out), "--out", str(tmp_path / "merged")])
     merged = MambaVLM.from_pretrained(merged_dir).eval()
+    (tmp_path / "empty").mkdir()
+    for given, says in ((merged_dir, "holds a full model, not LoRA adapters"), (tmp_path / "empty", "holds no LoRA adapters")):
+        with pytest.raises(SystemExit) as exit_info:
+            merge_lora.main([str(given), "--out", str(tmp_path / "again")])
+        assert exit_info.value.code == 2 and f"error: {given} {says}" in capsys.readouterr().err
     assert (adapter / "base" / "config.json").is_file()  # the tiny config's LLM is random: the base is kept
     base = MambaVLM.from_pretrained(adapter / "base")
     load_adapter(base, adapter)
@@ -132,3 +139,29 @@ def test_targets_the_fused_mamba_kernel_bypasses_are_refused_and_qlora_needs_cud
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs CUDA"):
             apply_lora(tiny_vlm(), LoraSettings(qlora=True))
+
+
+def test_target_modules_no_layer_has_are_a_config_error_before_the_data(tmp_path: Path, capsys) -> None:
+    """A fresh user's x_proj on a Mamba-2 LLM ended in peft's traceback after the synthetic data was
+    written: now one error line naming the missing target and the LLM's linear layers, nothing written."""
+    from mambavlm.config import ConfigError
+    from mambavlm.training.lora import check_targets_exist
+
+    llm = tiny_vlm().llm
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in llm.named_modules() if isinstance(m, torch.nn.Linear)})
+    check_targets_exist(llm, [linear[0]])
+    check_targets_exist(llm, "all-linear")
+    with pytest.raises(ConfigError, match=rf"\['q_projj'\] name no module of the {type(llm).__name__}; "
+                       rf"its linear layers are \[{', '.join(repr(n) for n in linear)}\]"):
+        check_targets_exist(llm, [linear[0], "q_projj"])
+    sys.path.insert(0, str(ROOT / "train"))
+    try:
+        import finetune as finetune_script
+    finally:
+        sys.path.remove(str(ROOT / "train"))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        finetune_script.main(["--config", str(TINY_TRAIN), f"output_dir={out}", "lora={r: 4, target_modules: [q_projj]}"])
+    assert exit_info.value.code == 2
+    assert "error: lora.target_modules: ['q_projj'] name no module" in capsys.readouterr().err
+    assert not (out / "data").exists()
