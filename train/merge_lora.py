@@ -19,7 +19,12 @@ from pathlib import Path
 from mambavlm.config import ModelConfig, load_config
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training.finetune import resolve_adapter_dir
-from mambavlm.training.lora import BASE_DIR, MODEL_CONFIG_FILE, load_adapter, merge_adapter
+from mambavlm.training.lora import (
+    BASE_DIR,
+    MODEL_CONFIG_FILE,
+    load_adapter,
+    merge_adapter,
+)
 
 logger = logging.getLogger("merge_lora")
 

@@ -48,7 +48,14 @@ from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
 from mambavlm.model import MambaVLM, is_mambavlm_directory
-from mambavlm.training.engine import METRICS_FILE, Phase, Trainer, structure_copy, throughput_summary
+from mambavlm.training.checkpoint import check_resumed_architecture, resolve_resume
+from mambavlm.training.engine import (
+    METRICS_FILE,
+    Phase,
+    Trainer,
+    structure_copy,
+    throughput_summary,
+)
 from mambavlm.training.evaluation import generate_answers, load_vqa_items
 from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
 
@@ -172,6 +179,8 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         num_workers=config.data.num_workers,
         cpu_threads=config.cpu_threads,
     )
+    check_resumed_architecture(resolve_resume(config.resume_from, output_dir), CONFIG_COPY,
+                               config.model_dump(mode="json"), ("layout", "mixer_options"), "resume_from")
     acc = trainer.accelerator
     set_seed(config.seed)
     with trainer.building_models():  # before the data: a teacher that cannot load stops the run at once

@@ -12,22 +12,26 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, broadcast_object_list
 
 from mambavlm.atomic import atomic_directory
+from mambavlm.config import ConfigError
 
 logger = get_logger(__name__)
 
 __all__ = [
     "CHECKPOINT_PREFIX",
     "TRAINER_STATE_FILE",
+    "check_resumed_architecture",
     "find_checkpoints",
     "initialize_optimizer_state",
     "load_checkpoint",
@@ -54,6 +58,39 @@ def find_checkpoints(output_dir: str | Path) -> list[Path]:
         if match and path.is_dir():
             found.append((int(match.group(1)), path))
     return [path for _, path in sorted(found)]
+
+
+def _differences(old: Any, new: Any, prefix: str) -> list[str]:
+    """``prefix.key: old -> new`` for each setting that differs (a whole section where one side has none)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(old.keys() | new.keys()) for d in _differences(old.get(key), new.get(key),
+                                                                                  f"{prefix}.{key}")]
+    return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
+
+
+def check_resumed_architecture(
+    checkpoint: Path | None, config_file: str, current: dict[str, Any], keys: Sequence[str], resume_key: str
+) -> None:
+    """A checkpoint resumes only the model it was saved from. The run that wrote ``checkpoint`` saved its
+    config as ``checkpoint.parent / config_file``; its values under ``keys`` (top-level sections, e.g.
+    ``model``) must equal ``current``'s (the new run's config as a dict), else loading would fail deep
+    in ``load_state_dict`` with a size mismatch or missing keys. Nothing to check without a checkpoint or
+    a saved config.
+
+    Raises:
+        ConfigError: naming ``resume_key``, the checkpoint and each differing setting (saved -> now).
+    """
+    saved_file = checkpoint.parent / config_file if checkpoint is not None else None
+    if saved_file is None or not saved_file.is_file():
+        return
+    saved = yaml.safe_load(saved_file.read_text()) or {}
+    changed = [d for key in keys for d in _differences(saved.get(key), current.get(key), key)]
+    if changed:
+        shown = "; ".join(changed[:5]) + (f"; and {len(changed) - 5} more" if len(changed) > 5 else "")
+        raise ConfigError(
+            f"{resume_key}: {checkpoint} was saved by a run with another model ({shown}): a checkpoint resumes "
+            f"only the model it was saved from; set those back, or another output_dir to start over"
+        )
 
 
 def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:

@@ -27,6 +27,7 @@ from mambavlm.llm.factory import (
     enable_activation_checkpointing,
 )
 from mambavlm.model import MambaVLM, build_model, is_mambavlm_directory
+from mambavlm.training.checkpoint import check_resumed_architecture, resolve_resume
 from mambavlm.training.config import DataConfig, TrainConfig
 from mambavlm.training.engine import (
     METRICS_FILE,
@@ -38,7 +39,12 @@ from mambavlm.training.engine import (
     throughput_summary,
 )
 from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
-from mambavlm.training.lora import MODEL_CONFIG_FILE, LoraTrainable, apply_lora, save_adapter
+from mambavlm.training.lora import (
+    MODEL_CONFIG_FILE,
+    LoraTrainable,
+    apply_lora,
+    save_adapter,
+)
 from mambavlm.training.objectives import NextTokenObjective
 from mambavlm.training.optim import FreezePreset
 
@@ -96,6 +102,8 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         num_workers=cfg.data.num_workers,
         cpu_threads=cfg.cpu_threads,
     )
+    check_resumed_architecture(resolve_resume(cfg.train.resume_from, output_dir), TRAIN_CONFIG_FILE,
+                               cfg.model_dump(mode="json"), ("model", "lora"), "train.resume_from")
     acc = trainer.accelerator
     set_seed(cfg.seed)
     with trainer.building_models():  # before the data: a model config error stops the run at once

@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from accelerate.data_loader import SeedableRandomSampler
 
 from mambavlm.data.synthetic import make_shapes_vqa
@@ -204,3 +205,18 @@ def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Pa
     assert student_one.keys() == student_two.keys()
     for key, value in student_one.items():
         torch.testing.assert_close(student_two[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+
+
+def test_resuming_with_another_layout_names_the_change(teacher: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    """A fresh user's resume with another layout ended in load_state_dict's missing / unexpected keys:
+    now one error line naming the setting, before the teacher loads (a checkpoint as a run leaves it)."""
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    (out / "config.yaml").write_text(yaml.safe_dump({"layout": "head-interleaved:2", "mixer_options": {}}))
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main(distill_args(teacher, out, "layout=linear", "resume_from=latest"))
+    assert exit_info.value.code == 2
+    assert (f"error: resume_from: {out / 'checkpoint-3'} was saved by a run with another model (layout: "
+            "'head-interleaved:2' -> 'linear')") in capsys.readouterr().err

@@ -109,6 +109,19 @@ def test_resume_with_another_lr_warns_and_keeps_the_checkpoints(micro_run, tmp_p
     assert read_metrics(tmp_path)["step_losses"] == read_metrics(micro_run)["step_losses"]
 
 
+def test_resuming_with_another_model_names_the_changes_before_building(micro_run, tmp_path):
+    """A fresh user's resume with another projector ended in load_state_dict's size mismatch: now a
+    ConfigError naming each changed setting, saved -> now."""
+    config = micro_config(tmp_path, f"train.resume_from={micro_run / 'checkpoint-3'}", "model.projector.d_state=4",
+                          "lora={r: 4}")
+    with pytest.raises(ConfigError) as error:
+        run_finetune(config)
+    message = str(error.value)
+    assert message.startswith(f"train.resume_from: {micro_run / 'checkpoint-3'} was saved by a run with another model (")
+    assert "lora: None -> {" in message and "'r': 4" in message and "model.projector.d_state: 8 -> 4" in message
+    assert not (tmp_path / "train_config.yaml").exists()
+
+
 def test_changed_settings_note_names_each_change_and_its_effect():
     from mambavlm.training.engine import changed_settings_note
 
