@@ -1,28 +1,48 @@
-"""Inspect a model config without weights: ``python -m mambavlm.describe CONFIG [key=value ...]``.
+"""Inspect a model without its weights: ``python -m mambavlm.describe CONFIG [key=value ...]``.
 
-Builds the model on the meta device (no memory, no download) and prints a per-part parameter table
-and a ``num_visual_tokens: N`` line (1458 for the paper's MambaVLM-2.8B config).
+CONFIG is a model YAML (with overrides) or a saved MambaVLM directory (its ``config.json``). Builds the
+model on the meta device (no memory, no download, no weights read) and prints a per-part parameter
+table and a ``num_visual_tokens: N`` line (1458 for the paper's MambaVLM-2.8B config).
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from mambavlm.config import ConfigError
-from mambavlm.model import build_model, describe
+from mambavlm.configuration import MambaVLMConfig
+from mambavlm.model import MambaVLM, build_model, describe, is_mambavlm_directory
+
+
+def meta_model(config: str, overrides: list[str]) -> MambaVLM:
+    """The model a YAML (with overrides) or a saved MambaVLM directory describes, on the meta device.
+
+    Raises:
+        ConfigError: a directory that is not a saved MambaVLM, or overrides given with one.
+    """
+    path = Path(config)
+    with torch.device("meta"):
+        if not path.is_dir():
+            return build_model(config, overrides, load_weights=False, load_tokenizer=False)
+        if not is_mambavlm_directory(path):
+            raise ConfigError(f"{config} is a directory but not a saved MambaVLM (config.json + weights): describe "
+                              "takes a model YAML (configs/model/*.yaml) or a saved model's directory")
+        if overrides:
+            raise ConfigError(f"overrides apply to a model YAML, not to the saved model {config}")
+        return MambaVLM(MambaVLMConfig.from_pretrained(path))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mambavlm.describe", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="model YAML, e.g. configs/model/mambavlm-2.8b.yaml")
+    parser.add_argument("config", help="model YAML, e.g. configs/model/mambavlm-2.8b.yaml, or a saved model's directory")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. projector.d_state=32")
     args = parser.parse_args(argv)
     try:
-        with torch.device("meta"):
-            model = build_model(args.config, args.overrides, load_weights=False, load_tokenizer=False)
+        model = meta_model(args.config, args.overrides)
     except (ConfigError, ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

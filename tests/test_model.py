@@ -314,3 +314,20 @@ def test_describe_shows_the_projector_scan_and_each_parts_parameters(scan_mode: 
     for name, module in parts.items():
         assert int(rows[name].split()[-2].replace(",", "")) == sum(p.numel() for p in module.parameters()), name
     assert int(rows["total"].split()[-2].replace(",", "")) == sum(p.numel() for p in model.parameters())
+
+
+def test_describe_takes_a_saved_model_directory_and_names_other_directories(tmp_path: Path, capsys) -> None:
+    """A saved model's directory describes as the YAML it was built from (a fresh user pointed describe
+    at a distilled student's folder and was told a 'config file' did not exist); another directory,
+    or overrides with a saved model, get one error line."""
+    from mambavlm.describe import main
+
+    tiny_vlm().save_pretrained(tmp_path / "model")
+    assert main([str(TINY_MODEL)]) == 0
+    from_yaml = capsys.readouterr().out
+    assert main([str(tmp_path / "model")]) == 0
+    assert capsys.readouterr().out == from_yaml
+    assert main([str(tmp_path)]) == 2
+    assert f"error: {tmp_path} is a directory but not a saved MambaVLM" in capsys.readouterr().err
+    assert main([str(tmp_path / "model"), "projector.d_state=4"]) == 2
+    assert "overrides apply to a model YAML" in capsys.readouterr().err
