@@ -7,7 +7,9 @@ Command-line overrides use dotted paths: ``projector.d_state=32 llm.source=/ckpt
 
 from __future__ import annotations
 
+import difflib
 import re
+import typing
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
@@ -258,9 +260,46 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
     return node[part]
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The pydantic model a field's annotation holds (itself, or inside Optional / list / dict / Union)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation) if typing.get_origin(annotation) is not None else ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _known_keys(schema: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str]:
+    """The keys the schema allows where ``loc`` (the path to an unknown key, without it) points."""
+    model = schema
+    for part in loc:
+        if model is None:
+            return []
+        if isinstance(part, int):  # a list item: the field's element model is already in hand
+            continue
+        field = model.model_fields.get(part)
+        model = _model_in(field.annotation) if field is not None else None
+    return list(model.model_fields) if model is not None else []
+
+
+def _override_for(loc: str, overrides: typing.Sequence[str]) -> str | None:
+    """The ``key=value`` override that set ``loc`` (dotted) or a section holding it, if one did."""
+    for override in reversed(overrides):  # the last one wins, as apply_overrides applies them
+        key = override.split("=", 1)[0].strip()
+        if loc == key or loc.startswith(key + "."):
+            return override
+    return None
+
+
+def format_validation_error(
+    err: ValidationError, source: str, schema: type[BaseModel] | None = None, overrides: typing.Sequence[str] = ()
+) -> str:
     """One line per problem: ``source: dotted.key: message (got value)``, the value shown for a wrong
-    value (not for an unknown or missing key); a string "None" gets a hint that YAML's null is ``null``.
+    value (not for an unknown or missing key); a string "None" gets a hint that YAML's null is ``null``;
+    an unknown key the closest allowed key of ``schema`` there (``did you mean``); a problem that a
+    command-line override made names that override instead of ``source``.
 
     A top-level section that only a train config has (``model``, ``train``, ``data``) under another
     schema adds a line saying so."""
@@ -270,10 +309,14 @@ def format_validation_error(err: ValidationError, source: str) -> str:
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
+            close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(schema, tuple(e["loc"][:-1])), n=1)
+            if close:
+                msg += f" (did you mean {close[0]!r}?)"
         elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict | list):
             msg += f" (got {e['input']!r}"
             msg += "; YAML's null is written null)" if e["input"] in ("None", "none") else ")"
-        lines.append(f"{source}: {loc}: {msg}")
+        override = _override_for(loc, overrides)
+        lines.append(f"{source if override is None else f'override {override}'}: {loc}: {msg}")
     sections = {e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1}
     if {"model", "train"} <= sections:
         lines.append(f"{source}: this looks like a train config (model: + train:); pass its model section or "
@@ -281,12 +324,15 @@ def format_validation_error(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
-def validate(schema: type[M], data: dict[str, Any], source: str = "config") -> M:
-    """Validate a dict against a schema, raising ConfigError with every bad key named."""
+def validate(
+    schema: type[M], data: dict[str, Any], source: str = "config", overrides: typing.Sequence[str] = ()
+) -> M:
+    """Validate a dict against a schema, raising ConfigError with every bad key named (and the override
+    that set it, among ``overrides``)."""
     try:
         return schema.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, source)) from None
+        raise ConfigError(format_validation_error(err, source, schema, overrides)) from None
 
 
 def load_config(
@@ -295,4 +341,4 @@ def load_config(
     """Load YAML ``path`` (if given), apply ``key=value`` overrides, validate against ``schema``."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    return validate(schema, data, source=str(path) if path is not None else "config")
+    return validate(schema, data, source=str(path) if path is not None else "config", overrides=overrides)

@@ -201,4 +201,4 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     data = apply_overrides(data, overrides)
     if "model" in data:
         data["model"] = _resolve_model(data["model"], Path.cwd())
-    return validate(TrainConfig, data, source=str(path))
+    return validate(TrainConfig, data, source=str(path), overrides=overrides)

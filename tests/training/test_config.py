@@ -32,6 +32,28 @@ def test_config_unknown_key_is_named():
         load_train_config(TINY_TRAIN, ["model.projector.d_stat=4"])
 
 
+def test_a_typo_names_the_override_that_made_it_and_the_closest_key(tmp_path):
+    """A fresh user's train.max_step=5 was reported against the YAML file, without a hint: the override
+    is named and the schema's closest key there suggested (in sections, list items and nested models);
+    a typo in the file is still the file's, and a key like no other gets no guess."""
+    with pytest.raises(ConfigError) as error:
+        load_train_config(TINY_TRAIN, ["train.lr=3e-4", "train.max_step=5", "lora={r: 4, alph: 3}"])
+    assert sorted(str(error.value).splitlines()) == [
+        "override lora={r: 4, alph: 3}: lora.alph: unknown key (did you mean 'alpha'?)",
+        "override train.max_step=5: train.max_step: unknown key (did you mean 'max_steps'?)",
+    ]
+    with pytest.raises(ConfigError, match=r"^override model.vision.encoders.0.image_sise=64: "
+                       r"model.vision.encoders.0.image_sise: unknown key \(did you mean 'image_size'\?\)$"):
+        load_train_config(TINY_TRAIN, ["model.vision.encoders.0.image_sise=64"])
+    path = tmp_path / "train.yaml"
+    base = (TINY_TRAIN.parent / "../model/tiny.yaml").resolve()
+    path.write_text(TINY_TRAIN.read_text().replace("  epochs:", "  epoch:").replace("../model/tiny.yaml", str(base)))
+    with pytest.raises(ConfigError, match=rf"^{path}: train.epoch: unknown key \(did you mean 'epochs'\?\)$"):
+        load_train_config(path)
+    with pytest.raises(ConfigError, match=r"^override train.zzzz=1: train.zzzz: unknown key$"):
+        load_train_config(TINY_TRAIN, ["train.zzzz=1"])
+
+
 def test_config_rejects_batch_sizes_that_do_not_divide():
     with pytest.raises(ConfigError, match="global_batch_size=10 is not a multiple of train.micro_batch_size=4"):
         load_train_config(TINY_TRAIN, ["train.global_batch_size=10", "train.micro_batch_size=4"])
