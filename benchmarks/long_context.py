@@ -239,7 +239,7 @@ def speedups(points: list[Point], context: int) -> list[str]:
             if sdpa is None or split is None or not (sdpa.ran and split.ran):
                 continue
             how = ATTENTION_LABELS[attention]
-            line = f"- {name}, {how} vs SDPA at {context_label(context)}: {sdpa.ms_per_token / split.ms_per_token:.1f}x"
+            line = f"- {name}, {how} vs SDPA at {context_label(context)}: {sdpa.ms_per_token / split.ms_per_token:.2g}x"
             if name.startswith("hybrid") and context == TARGET_CONTEXT:
                 met = "met" if split.ms_per_token <= HYBRID_TARGET_MS else "NOT met"
                 line += f"; {split.ms_per_token:.2f} ms per token (target <= {HYBRID_TARGET_MS:g}: {met})"
@@ -291,10 +291,10 @@ def run(args: argparse.Namespace) -> str:
     plot(points, png)
     compared = [c for c in (TARGET_CONTEXT, max(contexts)) if c in contexts] or [max(contexts)]
     ratios = [line for c in dict.fromkeys(compared) for line in speedups(points, c)]
-    params = {name: sum(p.numel() for p in m.parameters()) / 1e9 for name, m in models.items()}
+    params = {name: sum(p.numel() for p in m.parameters()) for name, m in models.items()}
     setup = (
         f"Teacher shape `{shape}` ({', '.join(f'{k}={v}' for k, v in TEACHER_SHAPES[shape].items())}); "
-        f"parameters: {', '.join(f'{n} {v:.2f} B' for n, v in params.items())}. "
+        f"parameters: {', '.join(f'{n} {v / 1e9:.2f} B' if v >= 1e8 else f'{n} {v:,}' for n, v in params.items())}. "
         f"{str(dtype).removeprefix('torch.')}, batch 1, greedy, median of {repeats} blocks of {steps} steps; floor: "
         f"weights + K/V + state bytes over {'n/a' if bandwidth is None else f'{bandwidth / 1e12:.2f} TB/s'}; "
         f"plot: `{png.relative_to(RESULTS_DIR.parent.parent) if png.is_relative_to(RESULTS_DIR.parent.parent) else png}`"
