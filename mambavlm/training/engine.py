@@ -167,9 +167,6 @@ def require_standalone_fsdp_units(plugin: Any, module: nn.Module) -> None:
         )
 
 
-PROGRESS_FILE_INTERVAL = 30.0
-"""Seconds between progress-bar updates when stderr is a file or a pipe, not a terminal: each update is
-a line of its own there (the tiny run's log held 300 KB of them)."""
 
 ZERO3_LEAF_TYPES: tuple[type[nn.Module], ...] = (MambaMixer,)
 """transformers' modules whose forward hands their submodules' weights to a kernel (``MambaMixer`` to
@@ -752,11 +749,12 @@ class Trainer:
         """
         acc = self.accelerator
         losses = state.phase_losses[state.phase]
-        progress = tqdm(
-            total=total_steps, initial=state.step, desc=phase.name, disable=not acc.is_local_main_process,
-            mininterval=PROGRESS_FILE_INTERVAL if not sys.stderr.isatty() else 0.1,
-        )
+        # the bar on a terminal only: in a file or a pipe its carriage-return updates run into the log lines,
+        # which carry the progress there (step i/N, elapsed, eta)
+        progress = tqdm(total=total_steps, initial=state.step, desc=phase.name,
+                        disable=not acc.is_local_main_process or not sys.stderr.isatty())
         window = _Window()
+        window.first_step = state.step
         throughput = state.phase_throughput[state.phase]
         if acc.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(acc.device)
@@ -879,9 +877,12 @@ class Trainer:
         self, phase: Phase, state: TrainerState, total_steps: int, loss: float | None, lr: float, window: _Window
     ) -> None:
         samples_per_s, tokens_per_s = window.rates()
+        elapsed = time.perf_counter() - window.run_start
+        remaining = elapsed / max(state.step - window.first_step, 1) * (total_steps - state.step)
         logger.info(
             f"{phase.name} step {state.step}/{total_steps} | epoch {state.epoch} | loss {format_loss(loss)} | "
-            f"lr {lr:.3e} | {samples_per_s:.1f} samples/s | {tokens_per_s:.0f} tokens/s"
+            f"lr {lr:.3e} | {samples_per_s:.1f} samples/s | {tokens_per_s:.0f} tokens/s | "
+            f"elapsed {format_duration(elapsed)}, eta {format_duration(remaining)}"
         )
         values = {f"{phase.name}/lr": lr, f"{phase.name}/samples_per_s": samples_per_s, f"{phase.name}/tokens_per_s": tokens_per_s}
         if loss is not None:
@@ -894,6 +895,7 @@ class _Window:
 
     def __init__(self) -> None:
         self.start, self.samples, self.tokens = time.perf_counter(), 0.0, 0.0
+        self.run_start, self.first_step = self.start, 0  # this process's start in the phase, and its step
 
     def add(self, samples: float, tokens: float) -> None:
         self.samples += samples
@@ -913,6 +915,16 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if batch["pixel_values"] is not None:
         out["pixel_values"] = [p.to(device) for p in batch["pixel_values"]]
     return out
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as a log line shows them: ``42s``, ``4m31s``, ``2h05m``."""
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def format_loss(loss: float | None) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 import socket
 import subprocess
 import sys
@@ -107,6 +108,15 @@ def test_resume_with_another_lr_warns_and_keeps_the_checkpoints(micro_run, tmp_p
     assert any(r.getMessage().endswith(f"saved {tmp_path / 'checkpoint-6'}") for r in caplog.records)
     assert "max_grad_norm" not in warning and "total_steps" not in warning
     assert read_metrics(tmp_path)["step_losses"] == read_metrics(micro_run)["step_losses"]
+    # progress in the log lines (no bar outside a terminal): the last step has nothing left
+    assert any(re.search(r"finetune step 6/6 \| .* \| elapsed \d+s, eta 0s$", r.getMessage()) for r in caplog.records)
+
+
+def test_durations_in_log_lines_read_as_a_person_writes_them():
+    from mambavlm.training.engine import format_duration
+
+    assert [format_duration(s) for s in (0.4, 42, 59.6, 61, 271, 3599, 3600, 7500)] == [
+        "0s", "42s", "1m00s", "1m01s", "4m31s", "59m59s", "1h00m", "2h05m"]
 
 
 def test_resuming_with_another_model_names_the_changes_before_building(micro_run, tmp_path):
