@@ -60,11 +60,19 @@ def find_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+WEIGHT_SOURCE_KEYS = ("source", "weights")
+"""Settings that say where initial weights came from, not what the model is: a resumed run reads its
+weights from the checkpoint, so they may differ (moved files)."""
+
+
 def _differences(old: Any, new: Any, prefix: str) -> list[str]:
-    """``prefix.key: old -> new`` for each setting that differs (a whole section where one side has none)."""
+    """``prefix.key: old -> new`` for each setting that differs (a whole section where one side has none),
+    ``WEIGHT_SOURCE_KEYS`` aside."""
     if isinstance(old, dict) and isinstance(new, dict):
-        return [d for key in sorted(old.keys() | new.keys()) for d in _differences(old.get(key), new.get(key),
-                                                                                  f"{prefix}.{key}")]
+        keys = sorted((old.keys() | new.keys()) - set(WEIGHT_SOURCE_KEYS))
+        return [d for key in keys for d in _differences(old.get(key), new.get(key), f"{prefix}.{key}")]
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):  # e.g. the vision encoders
+        return [d for i, (a, b) in enumerate(zip(old, new, strict=True)) for d in _differences(a, b, f"{prefix}.{i}")]
     return [] if old == new else [f"{prefix}: {old!r} -> {new!r}"]
 
 
@@ -74,7 +82,8 @@ def check_resumed_architecture(
     """A checkpoint resumes only the model it was saved from. The run that wrote ``checkpoint`` saved its
     config as ``checkpoint.parent / config_file``; its values under ``keys`` (top-level sections, e.g.
     ``model``) must equal ``current``'s (the new run's config as a dict), else loading would fail deep
-    in ``load_state_dict`` with a size mismatch or missing keys. Nothing to check without a checkpoint or
+    in ``load_state_dict`` with a size mismatch or missing keys; where the initial weights came from
+    (``WEIGHT_SOURCE_KEYS``) may differ. Nothing to check without a checkpoint or
     a saved config.
 
     Raises:

@@ -130,6 +130,12 @@ def test_resuming_with_another_model_names_the_changes_before_building(micro_run
     assert message.startswith(f"train.resume_from: {micro_run / 'checkpoint-3'} was saved by a run with another model (")
     assert "lora: None -> {" in message and "'r': 4" in message and "model.projector.d_state: 8 -> 4" in message
     assert not (tmp_path / "train_config.yaml").exists()
+    from mambavlm.training.checkpoint import check_resumed_architecture
+
+    saved = micro_config(micro_run).model_dump(mode="json")
+    moved = micro_config(micro_run, "model.vision.encoders.0.weights=/elsewhere/dinov2.safetensors").model_dump(mode="json")
+    check_resumed_architecture(micro_run / "checkpoint-3", "train_config.yaml", moved, ("model",), "train.resume_from")
+    assert saved["model"] != moved["model"]  # only where the weights came from differs: no error
 
 
 def test_changed_settings_note_names_each_change_and_its_effect():
