@@ -81,7 +81,8 @@ def resolve_adapter_dir(path: str | Path) -> Path:
 
 
 def run_finetune(config: TrainConfig) -> dict[str, Any]:
-    """Train, save ``final/`` and the last checkpoint, score the val split; returns the metrics.
+    """Train, save ``final/`` and the last checkpoint (none with ``train.checkpoints=false``), score the val
+    split; returns the metrics.
 
     The metrics (``OUTPUT_DIR/metrics.json``) are returned on the main process, ``{}`` elsewhere.
     """
