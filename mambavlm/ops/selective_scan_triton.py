@@ -81,13 +81,22 @@ if triton is not None:
         return _softplus(raw + bias[:, None], SOFTPLUS)
 
     @triton.jit
-    def _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N: tl.constexpr, BLOCK_D: tl.constexpr,
-                            HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
-        """A (BD, N), D (BD,) and delta_bias (BD,) of the program's channels (zeros where absent)."""
+    def _program_channels(a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N: tl.constexpr,
+                          BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+        """What every kernel's program (batch row b, channel block) starts from: b, its channels d (BD,)
+        and which exist, the state indices n (N,), A (BD, N), D (BD,) and delta_bias (BD,) of its
+        channels (zeros where absent), where each channel's sequence starts (BD,), and its group of B / C
+        (every channel of the program reads the same one)."""
+        b = tl.program_id(0)
+        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < dim
+        n = tl.arange(0, N)
         a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)
         skip = tl.load(d_ptr + d, mask=d_ok, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
         bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
-        return a, skip, bias
+        row = (b * dim + d) * length
+        group = tl.program_id(1) * BLOCK_D // channels_per_group
+        return b, d, d_ok, n, a, skip, bias, row, group
 
     @triton.jit
     def _selective_scan_fwd_kernel(
@@ -96,14 +105,9 @@ if triton is not None:
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        n = tl.arange(0, N)
+        b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
+            a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS)
         t = tl.arange(0, BLOCK_T)
-        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
-        row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
-        group = tl.program_id(1) * BLOCK_D // channels_per_group  # every channel of the program reads it
         h = tl.zeros([BLOCK_D, N], tl.float32)
         for chunk in range(n_chunks):
             t0 = chunk * BLOCK_T
@@ -138,14 +142,9 @@ if triton is not None:
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
-        b = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        n = tl.arange(0, N)
+        b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
+            a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS)
         t = tl.arange(0, BLOCK_T)
-        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
-        row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
-        group = tl.program_id(1) * BLOCK_D // channels_per_group  # every channel of the program reads it
         dh_next = tl.zeros([BLOCK_D, N], tl.float32)  # dh at the first step of the chunk after this one
         grad_a = tl.zeros([BLOCK_D, N], tl.float32)
         grad_skip = tl.zeros([BLOCK_D], tl.float32)
@@ -220,13 +219,8 @@ if triton is not None:
     ):
         """One time step per iteration, the (BLOCK_D, N) state in registers; the state entering each
         chunk of BLOCK_T steps saved for the backward."""
-        b = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        n = tl.arange(0, N)
-        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
-        row = (b * dim + d) * length  # (BD,): where each channel's sequence starts
-        group = tl.program_id(1) * BLOCK_D // channels_per_group
+        b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
+            a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS)
         bc_row = ((b * groups + group) * N + n) * length  # (N,)
         h = tl.zeros([BLOCK_D, N], tl.float32)
         for chunk in range(n_chunks):
@@ -256,13 +250,8 @@ if triton is not None:
         """The chunks in reverse: the chunk's states recomputed from the saved one (each step's
         incoming state written to the program's slice of ``history``), then its steps in reverse, dh
         carried in registers; dB / dC summed over the program's channels before their atomic adds."""
-        b = tl.program_id(0)
-        d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        d_ok = d < dim
-        n = tl.arange(0, N)
-        a, skip, bias = _channel_parameters(a_ptr, d_ptr, bias_ptr, d, d_ok, n, N, BLOCK_D, HAS_D, HAS_BIAS)
-        row = (b * dim + d) * length
-        group = tl.program_id(1) * BLOCK_D // channels_per_group
+        b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
+            a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS)
         bc_row = ((b * groups + group) * N + n) * length
         tile = tl.arange(0, BLOCK_D)[:, None] * N + n[None, :]  # (BD, N) offsets in one history entry
         history = history_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * BLOCK_T * BLOCK_D * N
