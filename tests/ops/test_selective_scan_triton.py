@@ -140,7 +140,7 @@ def test_every_scan_kernel_compiles_for_hopper_without_a_gpu() -> None:
 
     import mambavlm.ops.selective_scan_triton as scan
 
-    constants = dict(N=16, BLOCK_D=8, BLOCK_T=16, HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
+    constants = {"N": 16, "BLOCK_D": 8, "BLOCK_T": 16, "HAS_D": True, "HAS_Z": True, "HAS_BIAS": True, "SOFTPLUS": True}
     half = {"u_ptr", "delta_ptr", "z_ptr", "out_ptr", "dout_ptr", "du_ptr", "ddelta_ptr", "dz_ptr", "b_ptr", "c_ptr"}
     for kernel in (scan._sequential_fwd_kernel, scan._sequential_bwd_kernel, scan._selective_scan_fwd_kernel,
                    scan._selective_scan_bwd_kernel):
