@@ -57,8 +57,7 @@ import torch.multiprocessing as mp
 from benchmarks import ROOT
 from benchmarks.report import default_out, markdown_table, write_report
 from mambavlm.atomic import atomic_file
-from mambavlm.config import load_config
-from mambavlm.training.config import TrainConfig
+from mambavlm.training.config import load_train_config
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
 TARGET_SPEEDUP = 1.85
@@ -122,6 +121,7 @@ def launch(strategy: str, gpus: int, args: argparse.Namespace, output_dir: Path,
         f"train.max_steps={args.steps}",
         f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={args.micro_batch}",
+        f"train.sync_each_batch={str(args.sync_each_batch).lower()}",
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if args.quick:
@@ -221,16 +221,21 @@ def trainable_parameters(runs: list[Run]) -> int | None:
     return None
 
 
-def kept_runs(runs_dir: Path, strategies: list[str], global_batch: int, micro_batch: int) -> list[Run]:
+def kept_runs(runs_dir: Path, strategies: list[str], global_batch: int, micro_batch: int,
+              sync_each_batch: bool = False) -> list[Run]:
     """The runs of ``strategies`` an earlier call kept in ``runs_dir`` (``--runs-dir``) with these batch
-    sizes (a run of other sizes is not comparable: it is left there and run again)."""
+    sizes and gradient synchronisation (a run of others is not comparable: it is left there and run
+    again; a run kept before ``train.sync_each_batch`` existed synchronised once per step). A 1-process
+    run serves either synchronisation: one process has nothing to reduce (FSDP runs it unsharded, and
+    its gradients accumulate in place either way)."""
     runs = []
     for path in sorted(runs_dir.glob("*.json")) if runs_dir.is_dir() else []:
         kept = json.loads(path.read_text())
         train = kept["metrics"]["config"]["train"]
-        if kept["strategy"] in strategies and (train["global_batch_size"], train["micro_batch_size"]) == (
-            global_batch, micro_batch
-        ):
+        settings = train["global_batch_size"], train["micro_batch_size"], train.get("sync_each_batch", False)
+        if kept["gpus"] == 1:
+            settings = settings[:2] + (sync_each_batch,)
+        if kept["strategy"] in strategies and settings == (global_batch, micro_batch, sync_each_batch):
             log = path.with_suffix(".log")
             runs.append(Run(kept["strategy"], kept["gpus"], kept["metrics"], kept["seconds"],
                             log.read_text(errors="replace") if log.is_file() else ""))
@@ -286,7 +291,8 @@ def resolve_batches(args: argparse.Namespace) -> None:
     if args.quick:
         defaults = QUICK_GLOBAL_BATCH, QUICK_MICRO_BATCH
     else:
-        train = load_config(TrainConfig, PAPER_CONFIG).train
+        # through the trainer's loader (the config's model references resolved), with the runs' overrides
+        train = load_train_config(PAPER_CONFIG, [*PAPER_OVERRIDES, "data.synthetic={num_train: 1, num_val: 0}"]).train
         defaults = train.global_batch_size, train.micro_batch_size
     args.global_batch = args.global_batch or defaults[0]
     args.micro_batch = args.micro_batch or defaults[1]
@@ -308,7 +314,8 @@ def run(args: argparse.Namespace) -> str:
     allreduce_bytes = QUICK_ALLREDUCE_BYTES if args.quick else ALLREDUCE_BYTES
     busbw = allreduce_bus_bandwidth(2, cuda=not args.quick, nbytes=allreduce_bytes)
     print(f"all-reduce between 2 processes: {busbw / 1e9:.1f} GB/s bus bandwidth", flush=True)
-    runs = kept_runs(args.runs_dir, strategies, args.global_batch, args.micro_batch) if args.runs_dir is not None else []
+    runs = (kept_runs(args.runs_dir, strategies, args.global_batch, args.micro_batch, args.sync_each_batch)
+            if args.runs_dir is not None else [])
     done = {(r.strategy, r.gpus) for r in runs}
     if done:
         print(f"kept from {args.runs_dir}: {', '.join(f'{s} x {g}' for s, g in sorted(done))}", flush=True)
@@ -358,7 +365,10 @@ def run(args: argparse.Namespace) -> str:
     model = "tiny config (float32, CPU, gloo)" if args.quick else (
         "MambaVLM-2.8B, random weights: LLM float32 master weights + bf16 autocast, gradient checkpointing")
     setup = (f"{model}; synthetic Shapes-VQA records; global batch {args.global_batch}, micro-batch "
-             f"{args.micro_batch} per process, {args.steps} steps (the first untimed); {versions()}")
+             f"{args.micro_batch} per process, {args.steps} steps (the first untimed); gradients reduced "
+             + ("after every micro-batch (`train.sync_each_batch=true`)" if args.sync_each_batch else
+                "once per optimiser step (accelerate's no_sync over the other micro-batches)")
+             + f"; {versions()}")
     table = markdown_table(
         ["strategy", "processes", "accumulation", "tokens/s", "samples/s", "s / step", "waiting for data",
          "peak GiB per process", "step losses"], rows
@@ -379,6 +389,8 @@ def main() -> None:
                         f"config's, 4; {QUICK_MICRO_BATCH} with --quick)")
     parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
                         help="run the 1-GPU runs one after another instead of one per GPU at once")
+    parser.add_argument("--sync-each-batch", action="store_true", help="every run reduces its gradients after "
+                        "each micro-batch (train.sync_each_batch=true): under FSDP, sharded gradients accumulate")
     parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it; "
                         "default /dev/shm when it holds them, else the system's temporary directory)")
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/multi_gpu[-quick].md)")

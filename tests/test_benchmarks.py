@@ -156,6 +156,17 @@ def test_multi_gpu_reuses_only_kept_runs_of_the_same_batch_sizes(tmp_path: Path)
 
     assert trainable_parameters(runs) == 1234
     assert kept_runs(tmp_path / "none", ["ddp"], 128, 4) == []
+    # a 2-process run kept before train.sync_each_batch existed reduced once per step: not one that syncs
+    # each batch; a 1-process run has nothing to reduce and serves both
+    assert [(r.strategy, r.gpus) for r in kept_runs(tmp_path, ["fsdp"], 128, 4, sync_each_batch=True)] == []
+    keep("ddp-2", "ddp", 2, 128, 4)
+    assert [(r.strategy, r.gpus) for r in kept_runs(tmp_path, ["ddp"], 128, 4, sync_each_batch=True)] == [("ddp", 1)]
+    synced = json.loads((tmp_path / "ddp-2.json").read_text())
+    synced["metrics"]["config"]["train"]["sync_each_batch"] = True
+    (tmp_path / "ddp-2.json").write_text(json.dumps(synced))
+    assert sorted((r.strategy, r.gpus) for r in kept_runs(tmp_path, ["ddp"], 128, 4, sync_each_batch=True)) == [
+        ("ddp", 1), ("ddp", 2)]
+    assert [(r.strategy, r.gpus) for r in kept_runs(tmp_path, ["ddp"], 128, 4)] == [("ddp", 1)]
 
 
 def test_multi_gpu_runs_write_to_shared_memory_only_when_it_holds_them(monkeypatch, tmp_path) -> None:
@@ -191,3 +202,21 @@ def test_kernel_labels_keep_the_functors_a_cut_name_would_drop() -> None:
     assert kernel_label("_layer_norm_bwd_kernel") == "_layer_norm_bwd_kernel"
     plain = "void selective_scan_bwd_kernel<Selective_Scan_bwd_kernel_traits<128, 16, false, true, true, " + "x" * 80
     assert kernel_label(plain) == plain[:90]
+
+
+def test_multi_gpu_default_batches_are_the_paper_configs() -> None:
+    """Without --global-batch / --micro-batch the runs take configs/train/mambavlm-2.8b.yaml's, read as
+    the trainer reads it (its model references resolved): the YAML's own numbers, independently parsed."""
+    import argparse
+
+    import yaml
+
+    from benchmarks.multi_gpu import PAPER_CONFIG, resolve_batches
+
+    train = yaml.safe_load(PAPER_CONFIG.read_text())["train"]
+    args = argparse.Namespace(quick=False, global_batch=None, micro_batch=None)
+    resolve_batches(args)
+    assert (args.global_batch, args.micro_batch) == (train["global_batch_size"], train["micro_batch_size"])
+    args = argparse.Namespace(quick=False, global_batch=16, micro_batch=None)
+    resolve_batches(args)
+    assert (args.global_batch, args.micro_batch) == (16, train["micro_batch_size"])

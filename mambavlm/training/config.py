@@ -109,6 +109,11 @@ class TrainingConfig(StrictModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip threshold; None = no clipping")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute LLM activations in backward")
+    sync_each_batch: bool = Field(
+        False, description="reduce the gradients after every micro-batch, not only the step's last: under FSDP "
+        "each micro-batch's reduce-scatter then adds into the sharded gradients (no unsharded copy held "
+        "across the accumulation, FSDP's no_sync); accelerate's GradientAccumulationPlugin.sync_each_batch"
+    )
     log_every: int = Field(10, gt=0, description="optimiser steps between log lines")
     save_every: int | None = Field(
         None, gt=0, description="optimiser steps between checkpoints; one is always written at the end"

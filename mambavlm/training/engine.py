@@ -439,7 +439,9 @@ class Trainer:
     output_dir: checkpoints and tracker logs. resume_from: a checkpoint directory, ``"latest"`` (the
     newest in output_dir; a fresh start when there is none) or None. save_every: optimiser steps
     between checkpoints (None: only at the end of each phase). save_checkpoints: False writes none (not
-    even at a phase's end; ValueError with save_every). keep_last: checkpoints kept.
+    even at a phase's end; ValueError with save_every). keep_last: checkpoints kept. sync_each_batch:
+    reduce gradients after every micro-batch (accelerate's ``GradientAccumulationPlugin``; under FSDP
+    sharded gradients accumulate, instead of unsharded ones inside ``no_sync``).
     cpu_threads: torch threads per process on the CPU (``cpu_thread_count``); ignored on accelerators.
     """
 
@@ -453,6 +455,7 @@ class Trainer:
         log_every: int = 10,
         save_every: int | None = None,
         save_checkpoints: bool = True,
+        sync_each_batch: bool = False,
         keep_last: int = 2,
         resume_from: str | None = None,
         num_workers: int = 0,
@@ -472,7 +475,9 @@ class Trainer:
         check_fresh_output_dir(resume_from, self.output_dir)
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
-            gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=1, sync_with_dataloader=False),
+            gradient_accumulation_plugin=GradientAccumulationPlugin(
+                num_steps=1, sync_with_dataloader=False, sync_each_batch=sync_each_batch
+            ),
             step_scheduler_with_optimizer=False,
             log_with=list(trackers) or None,
             project_config=ProjectConfiguration(

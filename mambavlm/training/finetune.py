@@ -98,6 +98,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         log_every=cfg.train.log_every,
         save_every=cfg.train.save_every if cfg.train.checkpoints else None,
         save_checkpoints=cfg.train.checkpoints,
+        sync_each_batch=cfg.train.sync_each_batch,
         keep_last=cfg.train.keep_last,
         resume_from=cfg.train.resume_from,
         num_workers=cfg.data.num_workers,
