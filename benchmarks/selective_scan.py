@@ -45,11 +45,10 @@ SHAPES = {"paper": (8, 5120, 16, 1522), "quick": (2, 24, 4, 40)}
 """(batch, channels, state size, length): Mamba-2.8B's training step, a tiny stand-in."""
 LAUNCH_SHAPES: dict[str, list[tuple[int, int, int]]] = {
     "chunked": [(8, 16, 4), (16, 16, 8), (16, 16, 4), (16, 32, 8), (32, 8, 4)],
-    "sequential": [(8, 16, 1), (8, 16, 2), (16, 16, 2), (16, 16, 4), (32, 16, 1), (32, 16, 4), (32, 32, 4),
-                   (64, 16, 2), (64, 16, 4), (64, 16, 8), (128, 8, 4)],
+    "sequential": [(16, 16, 1), (32, 8, 1), (32, 16, 1), (32, 32, 1), (64, 16, 1), (64, 16, 2), (128, 16, 4)],
 }
 """(block_d, block_t, num_warps) per method (``METHOD`` with BLOCK_D x BLOCK_T x NUM_WARPS is the default;
-the sequential kernels hold a (block_d, N) state per program, a step's work spread over the warps)."""
+the sequential kernels hold an (N, block_d) state per program, one channel per thread at block_d = 32 x warps)."""
 HEADERS = ["scan", "method", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
            "vs the reference (fwd + bwd)", "largest difference from it"]
 

@@ -82,16 +82,21 @@ if triton is not None:
 
     @triton.jit
     def _program_channels(a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N: tl.constexpr,
-                          BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr):
+                          BLOCK_D: tl.constexpr, HAS_D: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          STATE_MAJOR: tl.constexpr = False):
         """What every kernel's program (batch row b, channel block) starts from: b, its channels d (BD,)
-        and which exist, the state indices n (N,), A (BD, N), D (BD,) and delta_bias (BD,) of its
-        channels (zeros where absent), where each channel's sequence starts (BD,), and its group of B / C
-        (every channel of the program reads the same one)."""
+        and which exist, the state indices n (N,), A (BD, N) (``STATE_MAJOR``: A^T (N, BD) from A^T
+        (N, Dm) in memory), D (BD,) and delta_bias (BD,) of its channels (zeros where absent), where
+        each channel's sequence starts (BD,), and its group of B / C (every channel of the program reads
+        the same one)."""
         b = tl.program_id(0)
         d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < dim
         n = tl.arange(0, N)
-        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)
+        if STATE_MAJOR:
+            a = tl.load(a_ptr + n[:, None] * dim + d[None, :], mask=d_ok[None, :], other=0.0)
+        else:
+            a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=d_ok[:, None], other=0.0)
         skip = tl.load(d_ptr + d, mask=d_ok, other=0.0) if HAS_D else tl.zeros([BLOCK_D], tl.float32)
         bias = tl.load(bias_ptr + d, mask=d_ok, other=0.0) if HAS_BIAS else tl.zeros([BLOCK_D], tl.float32)
         row = (b * dim + d) * length
@@ -212,28 +217,28 @@ if triton is not None:
 
     @triton.jit
     def _sequential_fwd_kernel(
-        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
+        u_ptr, delta_ptr, a_t_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
         dim, length, n_chunks, groups, channels_per_group,
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
-        """One time step per iteration, the (BLOCK_D, N) state in registers; the state entering each
-        chunk of BLOCK_T steps saved for the backward."""
+        """One time step per iteration, the (N, BLOCK_D) state in registers; the state entering each
+        chunk of BLOCK_T steps saved for the backward, (Bt, chunks, N, Dm)."""
         b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
-            a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS)
+            a_t_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS, True)
         bc_row = ((b * groups + group) * N + n) * length  # (N,)
-        h = tl.zeros([BLOCK_D, N], tl.float32)
+        states = states_ptr + b * n_chunks * N * dim + n[:, None] * dim + d[None, :]  # (N, BD) at chunk 0
+        h = tl.zeros([N, BLOCK_D], tl.float32)
         for chunk in range(n_chunks):
             t0 = chunk * BLOCK_T
-            tl.store(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk) * N + n[None, :], h,
-                     mask=d_ok[:, None])
+            tl.store(states + chunk * N * dim, h, mask=d_ok[None, :])
             for t in range(t0, tl.minimum(t0 + BLOCK_T, length)):
                 u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                 dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
                 bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
                 ct = tl.load(c_ptr + bc_row + t).to(tl.float32)
-                h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bt[None, :]
-                y = tl.sum(h * ct[None, :], axis=1) + skip * u
+                h = tl.exp(dt[None, :] * a) * h + (dt * u)[None, :] * bt[:, None]
+                y = tl.sum(h * ct[:, None], axis=0) + skip * u
                 if HAS_Z:
                     zv = tl.load(z_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                     y = y * zv * tl.sigmoid(zv)
@@ -241,63 +246,66 @@ if triton is not None:
 
     @triton.jit
     def _sequential_bwd_kernel(
-        u_ptr, delta_ptr, a_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, history_ptr,
-        du_ptr, ddelta_ptr, dz_ptr, da_ptr, db_ptr, dc_ptr, dd_ptr, dbias_ptr,
+        u_ptr, delta_ptr, a_t_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, history_ptr,
+        du_ptr, ddelta_ptr, dz_ptr, da_t_ptr, db_part_ptr, dc_part_ptr, dd_ptr, dbias_ptr,
         dim, length, n_chunks, groups, channels_per_group,
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
         """The chunks in reverse: the chunk's states recomputed from the saved one (each step's
-        incoming state written to the program's slice of ``history``), then its steps in reverse, dh
-        carried in registers; dB / dC summed over the program's channels before their atomic adds."""
+        incoming state written to the program's slice of ``history``, (BLOCK_T, N, BLOCK_D)), then its
+        steps in reverse, dh carried in registers; dB / dC summed over the program's channels into the
+        program's own rows of ``db_part`` / ``dc_part`` (Bt, programs, L, N), which the caller sums over
+        the programs; dA^T (N, Dm) added atomically."""
         b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
-            a_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS)
+            a_t_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS, True)
         bc_row = ((b * groups + group) * N + n) * length
-        tile = tl.arange(0, BLOCK_D)[:, None] * N + n[None, :]  # (BD, N) offsets in one history entry
-        history = history_ptr + (b * tl.num_programs(1) + tl.program_id(1)) * BLOCK_T * BLOCK_D * N
-        dh_carry = tl.zeros([BLOCK_D, N], tl.float32)  # exp(dt_{t+1} A) dh_{t+1}
-        grad_a = tl.zeros([BLOCK_D, N], tl.float32)
+        program = b * tl.num_programs(1) + tl.program_id(1)
+        part_row = program * length * N + n  # (N,) at t = 0
+        states = states_ptr + b * n_chunks * N * dim + n[:, None] * dim + d[None, :]
+        history = history_ptr + program * BLOCK_T * N * BLOCK_D + n[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+        dh_carry = tl.zeros([N, BLOCK_D], tl.float32)  # exp(dt_{t+1} A) dh_{t+1}
+        grad_a = tl.zeros([N, BLOCK_D], tl.float32)
         grad_skip = tl.zeros([BLOCK_D], tl.float32)
         grad_bias = tl.zeros([BLOCK_D], tl.float32)
         for step in range(n_chunks):
             chunk = n_chunks - 1 - step
             t0 = chunk * BLOCK_T
             t1 = tl.minimum(t0 + BLOCK_T, length)
-            h = tl.load(states_ptr + ((b * dim + d[:, None]) * n_chunks + chunk) * N + n[None, :],
-                        mask=d_ok[:, None], other=0.0)
+            h = tl.load(states + chunk * N * dim, mask=d_ok[None, :], other=0.0)
             for t in range(t0, t1):
-                tl.store(history + (t - t0) * BLOCK_D * N + tile, h)  # h_{t-1}
+                tl.store(history + (t - t0) * N * BLOCK_D, h)  # h_{t-1}
                 u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                 dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
                 bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
-                h = tl.exp(dt[:, None] * a) * h + (dt * u)[:, None] * bt[None, :]
-            tl.debug_barrier()  # the history written above is read below, by other threads too
+                h = tl.exp(dt[None, :] * a) * h + (dt * u)[None, :] * bt[:, None]
+            tl.debug_barrier()  # the history written above is read below
             for i in range(0, t1 - t0):
                 t = t1 - 1 - i
-                h_prev = tl.load(history + (t - t0) * BLOCK_D * N + tile)
+                h_prev = tl.load(history + (t - t0) * N * BLOCK_D)
                 u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                 x = tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias
                 dt = _softplus(x, SOFTPLUS)
                 bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
                 ct = tl.load(c_ptr + bc_row + t).to(tl.float32)
                 dy = tl.load(dout_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
-                decay = tl.exp(dt[:, None] * a)
+                decay = tl.exp(dt[None, :] * a)
                 decayed_prev = decay * h_prev  # exp(dt_t A) h_{t-1}
-                h = decayed_prev + (dt * u)[:, None] * bt[None, :]
+                h = decayed_prev + (dt * u)[None, :] * bt[:, None]
                 if HAS_Z:
                     zv = tl.load(z_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
-                    y = tl.sum(h * ct[None, :], axis=1) + skip * u
+                    y = tl.sum(h * ct[:, None], axis=0) + skip * u
                     sig = tl.sigmoid(zv)
                     tl.store(dz_ptr + row + t, (dy * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
                              mask=d_ok)
                     dy = dy * zv * sig
                 grad_skip += dy * u
-                tl.atomic_add(dc_ptr + bc_row + t, tl.sum(dy[:, None] * h, axis=0))
-                dh = dh_carry + ct[None, :] * dy[:, None]
-                ddt = tl.sum(dh * (a * decayed_prev + bt[None, :] * u[:, None]), axis=1)
-                du = skip * dy + tl.sum(dh * bt[None, :], axis=1) * dt
-                grad_a += dh * dt[:, None] * decayed_prev
-                tl.atomic_add(db_ptr + bc_row + t, tl.sum(dh * (dt * u)[:, None], axis=0))
+                tl.store(dc_part_ptr + part_row + t * N, tl.sum(dy[None, :] * h, axis=1))
+                dh = dh_carry + ct[:, None] * dy[None, :]
+                ddt = tl.sum(dh * (a * decayed_prev + bt[:, None] * u[None, :]), axis=0)
+                du = skip * dy + tl.sum(dh * bt[:, None], axis=0) * dt
+                grad_a += dh * dt[None, :] * decayed_prev
+                tl.store(db_part_ptr + part_row + t * N, tl.sum(dh * (dt * u)[None, :], axis=1))
                 if SOFTPLUS:
                     ddt = tl.where(x <= 20.0, ddt * tl.sigmoid(x), ddt)
                 ddt = tl.where(d_ok, ddt, 0.0)
@@ -306,7 +314,7 @@ if triton is not None:
                 tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=d_ok)
                 dh_carry = decay * dh
             tl.debug_barrier()  # the next chunk's states overwrite this one's history
-        tl.atomic_add(da_ptr + d[:, None] * N + n[None, :], grad_a, mask=d_ok[:, None])
+        tl.atomic_add(da_t_ptr + n[:, None] * dim + d[None, :], grad_a, mask=d_ok[None, :])
         if HAS_D:
             tl.atomic_add(dd_ptr + d, grad_skip, mask=d_ok)
         if HAS_BIAS:
@@ -329,14 +337,19 @@ class _SelectiveScan(torch.autograd.Function):
         block_d, block_t, num_warps, method = launch
         n_chunks = triton.cdiv(length, block_t)
         u, delta = u.contiguous(), delta.contiguous()
-        A = A.float().contiguous()
         z = None if z is None else z.contiguous()
         D = None if D is None else D.float().contiguous()
         delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
         out = torch.empty_like(u)
-        states = torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32)
+        if method == "sequential":  # channel-contiguous: A^T (N, Dm), states (Bt, chunks, N, Dm)
+            A = A.float().t().contiguous()
+            states = torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32)
+            kernel = _sequential_fwd_kernel
+        else:
+            A = A.float().contiguous()
+            states = torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32)
+            kernel = _selective_scan_fwd_kernel
         grid = (batch, triton.cdiv(dim, block_d))
-        kernel = _sequential_fwd_kernel if method == "sequential" else _selective_scan_fwd_kernel
         kernel[grid](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
             delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks, B.shape[1],
@@ -345,7 +358,7 @@ class _SelectiveScan(torch.autograd.Function):
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
         )
         ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
-        ctx.delta_softplus, ctx.launch = delta_softplus, launch
+        ctx.delta_softplus, ctx.launch, ctx.n_chunks = delta_softplus, launch, n_chunks
         return out
 
     @staticmethod
@@ -353,31 +366,40 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         block_d, block_t, num_warps, method = ctx.launch
         batch, dim, length = u.shape
-        n_state = A.shape[1]
-        n_chunks = states.shape[2]
+        n_state = B.shape[2]
         dout = dout.contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
-        dA = torch.zeros_like(A)
-        dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
-        dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)
+        dA = torch.zeros_like(A)  # A^T's shape for the sequential kernels
         dD = torch.zeros_like(D) if D is not None else None
         dbias = torch.zeros_like(delta_bias) if delta_bias is not None else None
+        groups = B.shape[1]
         grid = (batch, triton.cdiv(dim, block_d))
-        if method == "sequential":  # each program's incoming states of one chunk, (BLOCK_T, BLOCK_D, N) float32
+        if method == "sequential":
+            # each program's incoming states of one chunk, (BLOCK_T, N, BLOCK_D) float32, and its own rows of
+            # dB / dC, summed over the programs of a group below (no atomics: every program of a batch row
+            # would add to the same (n, t) at about the same step)
             history = torch.empty(batch * grid[1] * block_t * block_d * n_state, device=u.device, dtype=torch.float32)
+            dB = torch.empty(batch, grid[1], length, n_state, device=B.device, dtype=torch.float32)
+            dC = torch.empty_like(dB)
             kernel, extra = _sequential_bwd_kernel, (history,)
         else:
+            dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
+            dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)
             kernel, extra = _selective_scan_bwd_kernel, ()
         kernel[grid](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
             delta_bias if delta_bias is not None else A, dout, states, *extra,
             du, ddelta, dz if dz is not None else du, dA, dB, dC,
             dD if dD is not None else dA, dbias if dbias is not None else dA,
-            dim, length, n_chunks, B.shape[1], dim // B.shape[1],
+            dim, length, ctx.n_chunks, groups, dim // groups,
             N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, num_warps=num_warps,
         )
+        if method == "sequential":  # (Bt, programs, L, N) -> (Bt, G, N, L): a group's programs are consecutive
+            dB, dC = (part.view(batch, groups, grid[1] // groups, length, n_state).sum(2).transpose(2, 3)
+                      for part in (dB, dC))
+            dA = dA.t()
         return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None
 
 
