@@ -11,28 +11,36 @@ real A (Dm, N), B / C (Bt, N, L) or grouped (Bt, G, N, L) (channel d reads group
 Why our own: mamba_ssm's backward (``selective_scan_bwd_kernel``, about half of a Mamba-2.8B training
 step on an H200) runs one thread block per (batch, channel) and adds each element of dB and dC with a
 float32 ``atomicAdd``, 2 x Bt x Dm x N x L of them (2.0 G per layer at micro-batch 8 x 1522 tokens),
-every address contended by all Dm channels. Here a program owns ``BLOCK_D`` channels and ``BLOCK_T``
-time steps at a time, runs the recurrence as a parallel scan over the chunk (``tl.associative_scan``
-on the pairs (decay, input), which compose as (a1, b1) then (a2, b2) -> (a1 a2, a2 b1 + b2)), and sums
-dB / dC over its channels before one atomic add per element: Dm / BLOCK_D times fewer atomics.
+every address contended by all Dm channels. Here a program owns ``block_d`` channels, sums dB / dC
+over them in registers, and the channel blocks' sums meet once. It is also the training scan on CUDA
+where mamba_ssm is not installed (``mambavlm.llm.mamba_training``).
 
-The forward keeps the state entering each chunk, (Bt, Dm, chunks, N) float32, for the backward, which
-walks the chunks in reverse: it recomputes the chunk's states from the saved one, scans dh backwards
+The forward keeps the state entering each chunk of ``block_t`` steps (float32) for the backward, which
+walks the chunks in reverse: it recomputes the chunk's states from the saved one, runs dh backwards
 (dh_t = exp(dt_{t+1} A) dh_{t+1} + C_t dy_t), and forms every gradient from them.
 
-Two kernel pairs do this (``method``). ``"chunked"`` runs each chunk as the parallel scans above: on an
-H200 it took 1.8x mamba_ssm's time (``benchmarks/results/selective_scan.md``), its forward alone too, so
-the (BLOCK_D, N, BLOCK_T) tiles and the scans' log-depth work cost more than the atomics saved.
-``"sequential"`` walks one time step per iteration with the (BLOCK_D, N) state in registers, as
-mamba_ssm's threads walk theirs: per step a few (BLOCK_D,) and (N,) loads, whose addresses do not depend
-on the state (so they can be issued ahead), an exp and two multiply-adds per state element, and in the
-backward a chunk's incoming states are first recomputed into a per-program buffer (BLOCK_T x BLOCK_D x
-N float32, L2-sized) and then read in reverse; dB / dC are still summed over the program's channels
-before their atomic adds. Not yet timed on a GPU.
+Two kernel pairs do this (``method``):
+
+- ``"sequential"`` (the default) walks one time step per iteration, as mamba_ssm's threads walk theirs,
+  the (N, block_d) state in registers, one channel per thread (A^T, the saved states and the backward's
+  history are channel-contiguous, so Triton lays the tile's channel axis over a warp's threads and every
+  sum over the N states stays in a thread); per step a few (block_d,) and (N,) loads whose addresses do
+  not depend on the state, an exp and a few multiply-adds per state element. The backward first
+  recomputes a chunk's incoming states into a per-program buffer (block_t x N x block_d float32) and
+  then reads it in reverse; dB / dC are summed over the program's channels into the program's own rows
+  (Bt, programs, L, N), which one ``sum`` reduces afterwards: atomics there would have every program of a
+  batch row adding to the same (n, t) at about the same step. On an H200 (one Mamba-2.8B layer, bf16):
+  forward 2.35-2.56 ms against mamba_ssm's 2.39, forward + backward 11.0 ms against 10.8 (0.98x;
+  ``benchmarks/results/selective_scan.md``).
+- ``"chunked"`` runs each chunk as a parallel scan (``tl.associative_scan`` on the pairs (decay, input),
+  which compose as (a1, b1) then (a2, b2) -> (a1 a2, a2 b1 + b2)) over (block_d, N, block_t) tiles and
+  adds dB / dC atomically once per program and step: 20.0 ms forward + backward on the H200 (0.54x),
+  its forward alone 1.9x mamba_ssm's: the scans' log-depth work costs more than the atomics saved.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal, get_args
 
 import torch
@@ -46,23 +54,19 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
-__all__ = ["BLOCK_D", "BLOCK_T", "METHOD", "NUM_WARPS", "ScanMethod", "selective_scan_triton"]
+__all__ = ["LAUNCH", "METHOD", "ScanMethod", "selective_scan_triton"]
 
 ScanMethod = Literal["chunked", "sequential"]
 
-BLOCK_D = 8
-"""Channels per program (the factor by which dB / dC need fewer atomic adds than mamba_ssm's)."""
-BLOCK_T = 16
-"""Time steps per chunk (one parallel scan)."""
-NUM_WARPS = 4
-"""Warps per program. BLOCK_D, BLOCK_T and NUM_WARPS: the fastest of ``python -m
-benchmarks.selective_scan`` on an H200 (one Mamba-2.8B layer, bf16): 20.0 ms forward + backward against
-mamba_ssm's 10.9; 16 x 16 with 8 warps took 36.6 (``benchmarks/results/selective_scan.md``)."""
-METHOD: ScanMethod = "chunked"
-"""How a program walks the time steps (module docstring): ``"chunked"``, BLOCK_T steps at a time as one
-parallel scan, or ``"sequential"``, one step per iteration with the state in registers. The chunked
-kernels were measured (above); the sequential ones not yet."""
-
+LAUNCH: dict[str, tuple[int, int, int]] = {"chunked": (8, 16, 4), "sequential": (32, 8, 1)}
+"""Each method's default launch shape, (channels per program, time steps per chunk, warps): the fastest
+of ``python -m benchmarks.selective_scan`` on an H200 (one Mamba-2.8B layer, micro-batch 8 x 1522
+tokens, bf16; ``benchmarks/results/selective_scan.md``): sequential 32 x 8 x 1 took 11.0 ms forward +
+backward against mamba_ssm's 10.8 (one channel per thread of one warp), chunked 8 x 16 x 4 20.0."""
+METHOD: ScanMethod = "sequential"
+"""How a program walks the time steps (module docstring): ``"sequential"``, one step per iteration with
+the state in registers (the faster, 1.8x the chunked kernels on the H200), or ``"chunked"``,
+``block_t`` steps at a time as one parallel scan."""
 
 if triton is not None:
 
@@ -226,7 +230,7 @@ if triton is not None:
         chunk of BLOCK_T steps saved for the backward, (Bt, chunks, N, Dm)."""
         b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
             a_t_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS, True)
-        bc_row = ((b * groups + group) * N + n) * length  # (N,)
+        bc_row = (b * groups + group) * length * N + n  # (N,) at t = 0 of B^T / C^T (Bt, G, L, N)
         states = states_ptr + b * n_chunks * N * dim + n[:, None] * dim + d[None, :]  # (N, BD) at chunk 0
         h = tl.zeros([N, BLOCK_D], tl.float32)
         for chunk in range(n_chunks):
@@ -235,8 +239,8 @@ if triton is not None:
             for t in range(t0, tl.minimum(t0 + BLOCK_T, length)):
                 u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                 dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
-                bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
-                ct = tl.load(c_ptr + bc_row + t).to(tl.float32)
+                bt = tl.load(b_ptr + bc_row + t * N).to(tl.float32)
+                ct = tl.load(c_ptr + bc_row + t * N).to(tl.float32)
                 h = tl.exp(dt[None, :] * a) * h + (dt * u)[None, :] * bt[:, None]
                 y = tl.sum(h * ct[:, None], axis=0) + skip * u
                 if HAS_Z:
@@ -259,7 +263,7 @@ if triton is not None:
         the programs; dA^T (N, Dm) added atomically."""
         b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
             a_t_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS, True)
-        bc_row = ((b * groups + group) * N + n) * length
+        bc_row = (b * groups + group) * length * N + n  # (N,) at t = 0 of B^T / C^T (Bt, G, L, N)
         program = b * tl.num_programs(1) + tl.program_id(1)
         part_row = program * length * N + n  # (N,) at t = 0
         states = states_ptr + b * n_chunks * N * dim + n[:, None] * dim + d[None, :]
@@ -277,7 +281,7 @@ if triton is not None:
                 tl.store(history + (t - t0) * N * BLOCK_D, h)  # h_{t-1}
                 u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                 dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
-                bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
+                bt = tl.load(b_ptr + bc_row + t * N).to(tl.float32)
                 h = tl.exp(dt[None, :] * a) * h + (dt * u)[None, :] * bt[:, None]
             tl.debug_barrier()  # the history written above is read below
             for i in range(0, t1 - t0):
@@ -286,8 +290,8 @@ if triton is not None:
                 u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                 x = tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias
                 dt = _softplus(x, SOFTPLUS)
-                bt = tl.load(b_ptr + bc_row + t).to(tl.float32)
-                ct = tl.load(c_ptr + bc_row + t).to(tl.float32)
+                bt = tl.load(b_ptr + bc_row + t * N).to(tl.float32)
+                ct = tl.load(c_ptr + bc_row + t * N).to(tl.float32)
                 dy = tl.load(dout_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
                 decay = tl.exp(dt[None, :] * a)
                 decayed_prev = decay * h_prev  # exp(dt_t A) h_{t-1}
@@ -341,8 +345,9 @@ class _SelectiveScan(torch.autograd.Function):
         D = None if D is None else D.float().contiguous()
         delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
         out = torch.empty_like(u)
-        if method == "sequential":  # channel-contiguous: A^T (N, Dm), states (Bt, chunks, N, Dm)
+        if method == "sequential":  # channel-contiguous A^T (N, Dm), states (Bt, chunks, N, Dm); B^T, C^T (Bt, G, L, N)
             A = A.float().t().contiguous()
+            B, C = B.transpose(2, 3).contiguous(), C.transpose(2, 3).contiguous()
             states = torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32)
             kernel = _sequential_fwd_kernel
         else:
@@ -366,7 +371,7 @@ class _SelectiveScan(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         block_d, block_t, num_warps, method = ctx.launch
         batch, dim, length = u.shape
-        n_state = B.shape[2]
+        n_state = A.shape[1] if method != "sequential" else A.shape[0]
         dout = dout.contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
         dz = torch.empty_like(z) if z is not None else None
@@ -413,17 +418,18 @@ def selective_scan_triton(
     z: Tensor | None = None,
     delta_bias: Tensor | None = None,
     delta_softplus: bool = False,
-    block_d: int = BLOCK_D,
-    block_t: int = BLOCK_T,
-    num_warps: int = NUM_WARPS,
+    block_d: int | None = None,
+    block_t: int | None = None,
+    num_warps: int | None = None,
     method: ScanMethod = METHOD,
 ) -> Tensor:
     """The selective scan with autograd (module docstring): u, delta, z (Bt, Dm, L); A (Dm, N) real, N a
     power of 2; B, C (Bt, N, L) or (Bt, G, N, L); D, delta_bias (Dm,). Returns (Bt, Dm, L) in u's
     dtype; gradients for every tensor argument (A, D, delta_bias in float32, B and C in their dtype).
     ``block_d`` channels per program, ``block_t`` time steps per chunk (powers of 2), ``num_warps``: the
-    launch shape of both kernels; ``method``: ``"chunked"`` or ``"sequential"`` kernels (``METHOD``;
-    ``benchmarks/selective_scan.py`` compares them all).
+    launch shape of both kernels, each left out taken from ``LAUNCH[method]`` (a default ``block_d``
+    shrunk to divide the channels per group); ``method``: ``"sequential"`` or ``"chunked"`` kernels
+    (``METHOD``; ``benchmarks/selective_scan.py`` compares them all).
 
     Raises:
         ValueError: shapes that do not fit (``check_scan_inputs``), N not a power of 2, ``block_d`` not
@@ -436,14 +442,19 @@ def selective_scan_triton(
     n_state = A.shape[1]
     if n_state & (n_state - 1):
         raise ValueError(f"selective_scan_triton needs N a power of 2, got {n_state}")
+    if method not in get_args(ScanMethod):
+        raise ValueError(f"selective_scan_triton's method must be 'chunked' or 'sequential', got {method!r}")
     groups = B.shape[1] if B.dim() == 4 else 1
+    default_d, default_t, default_warps = LAUNCH[method]
+    if block_d is None:  # the largest power of 2 up to the default dividing the channels per group
+        block_d = math.gcd(default_d, u.shape[1] // groups) if groups > 1 else default_d
+    block_t = default_t if block_t is None else block_t
+    num_warps = default_warps if num_warps is None else num_warps
     if groups > 1 and (u.shape[1] // groups) % block_d:
         raise ValueError(
             f"selective_scan_triton needs block_d ({block_d}) to divide the channels per group "
             f"({u.shape[1]} / {groups} groups): a program's channels share one group of B and C"
         )
     B, C = _grouped(B), _grouped(C)
-    if method not in get_args(ScanMethod):
-        raise ValueError(f"selective_scan_triton's method must be 'chunked' or 'sequential', got {method!r}")
     launch = (block_d, block_t, num_warps, method)
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, launch)
