@@ -26,7 +26,7 @@ fused mixer where mamba_ssm is installed; on CUDA without it, mamba_ssm's unfuse
 Triton scan (``selective_scan_triton``), which needs only Triton (it ships with torch), in place of
 transformers' sequential ``slow_forward`` (a Python loop over the tokens that keeps every step's
 (B, D_inner, N) state for the backward); on the CPU transformers' forward. On an H200 the Triton scan
-takes 1.8x mamba_ssm's time forward + backward (``benchmarks/results/selective_scan.md``), so it is
+takes 1.02x mamba_ssm's time forward + backward (``benchmarks/results/selective_scan.md``), so it is
 the fallback, not the default.
 """
 
