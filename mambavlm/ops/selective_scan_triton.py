@@ -223,36 +223,41 @@ if triton is not None:
     def _sequential_fwd_kernel(
         u_ptr, delta_ptr, a_t_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, out_ptr, states_ptr,
         dim, length, n_chunks, groups, channels_per_group,
+        u_sb, u_sd, u_st, delta_sb, delta_sd, delta_st, z_sb, z_sd, z_st, out_sb, out_sd, out_st,
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
         """One time step per iteration, the (N, BLOCK_D) state in registers; the state entering each
         chunk of BLOCK_T steps saved for the backward, (Bt, chunks, N, Dm)."""
-        b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
+        b, d, d_ok, n, a, skip, bias, _, group = _program_channels(
             a_t_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS, True)
         bc_row = (b * groups + group) * length * N + n  # (N,) at t = 0 of B^T / C^T (Bt, G, L, N)
+        u_row, delta_row, z_row = b * u_sb + d * u_sd, b * delta_sb + d * delta_sd, b * z_sb + d * z_sd
+        out_row = b * out_sb + d * out_sd
         states = states_ptr + b * n_chunks * N * dim + n[:, None] * dim + d[None, :]  # (N, BD) at chunk 0
         h = tl.zeros([N, BLOCK_D], tl.float32)
         for chunk in range(n_chunks):
             t0 = chunk * BLOCK_T
             tl.store(states + chunk * N * dim, h, mask=d_ok[None, :])
             for t in range(t0, tl.minimum(t0 + BLOCK_T, length)):
-                u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
-                dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
+                u = tl.load(u_ptr + u_row + t * u_st, mask=d_ok, other=0.0).to(tl.float32)
+                dt = _softplus(tl.load(delta_ptr + delta_row + t * delta_st, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
                 bt = tl.load(b_ptr + bc_row + t * N).to(tl.float32)
                 ct = tl.load(c_ptr + bc_row + t * N).to(tl.float32)
                 h = tl.exp(dt[None, :] * a) * h + (dt * u)[None, :] * bt[:, None]
                 y = tl.sum(h * ct[:, None], axis=0) + skip * u
                 if HAS_Z:
-                    zv = tl.load(z_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                    zv = tl.load(z_ptr + z_row + t * z_st, mask=d_ok, other=0.0).to(tl.float32)
                     y = y * zv * tl.sigmoid(zv)
-                tl.store(out_ptr + row + t, y.to(out_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(out_ptr + out_row + t * out_st, y.to(out_ptr.dtype.element_ty), mask=d_ok)
 
     @triton.jit
     def _sequential_bwd_kernel(
         u_ptr, delta_ptr, a_t_ptr, b_ptr, c_ptr, d_ptr, z_ptr, bias_ptr, dout_ptr, states_ptr, history_ptr,
         du_ptr, ddelta_ptr, dz_ptr, da_t_ptr, db_part_ptr, dc_part_ptr, dd_ptr, dbias_ptr,
         dim, length, n_chunks, groups, channels_per_group,
+        u_sb, u_sd, u_st, delta_sb, delta_sd, delta_st, z_sb, z_sd, z_st, dout_sb, dout_sd, dout_st,
+        du_sb, du_sd, du_st, ddelta_sb, ddelta_sd, ddelta_st, dz_sb, dz_sd, dz_st,
         N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
         HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):
@@ -261,9 +266,12 @@ if triton is not None:
         steps in reverse, dh carried in registers; dB / dC summed over the program's channels into the
         program's own rows of ``db_part`` / ``dc_part`` (Bt, programs, L, N), which the caller sums over
         the programs; dA^T (N, Dm) added atomically."""
-        b, d, d_ok, n, a, skip, bias, row, group = _program_channels(
+        b, d, d_ok, n, a, skip, bias, _, group = _program_channels(
             a_t_ptr, d_ptr, bias_ptr, dim, length, channels_per_group, N, BLOCK_D, HAS_D, HAS_BIAS, True)
         bc_row = (b * groups + group) * length * N + n  # (N,) at t = 0 of B^T / C^T (Bt, G, L, N)
+        u_row, delta_row, z_row = b * u_sb + d * u_sd, b * delta_sb + d * delta_sd, b * z_sb + d * z_sd
+        dout_row = b * dout_sb + d * dout_sd
+        du_row, ddelta_row, dz_row = b * du_sb + d * du_sd, b * ddelta_sb + d * ddelta_sd, b * dz_sb + d * dz_sd
         program = b * tl.num_programs(1) + tl.program_id(1)
         part_row = program * length * N + n  # (N,) at t = 0
         states = states_ptr + b * n_chunks * N * dim + n[:, None] * dim + d[None, :]
@@ -279,28 +287,28 @@ if triton is not None:
             h = tl.load(states + chunk * N * dim, mask=d_ok[None, :], other=0.0)
             for t in range(t0, t1):
                 tl.store(history + (t - t0) * N * BLOCK_D, h)  # h_{t-1}
-                u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
-                dt = _softplus(tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
+                u = tl.load(u_ptr + u_row + t * u_st, mask=d_ok, other=0.0).to(tl.float32)
+                dt = _softplus(tl.load(delta_ptr + delta_row + t * delta_st, mask=d_ok, other=0.0).to(tl.float32) + bias, SOFTPLUS)
                 bt = tl.load(b_ptr + bc_row + t * N).to(tl.float32)
                 h = tl.exp(dt[None, :] * a) * h + (dt * u)[None, :] * bt[:, None]
             tl.debug_barrier()  # the history written above is read below
             for i in range(0, t1 - t0):
                 t = t1 - 1 - i
                 h_prev = tl.load(history + (t - t0) * N * BLOCK_D)
-                u = tl.load(u_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
-                x = tl.load(delta_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32) + bias
+                u = tl.load(u_ptr + u_row + t * u_st, mask=d_ok, other=0.0).to(tl.float32)
+                x = tl.load(delta_ptr + delta_row + t * delta_st, mask=d_ok, other=0.0).to(tl.float32) + bias
                 dt = _softplus(x, SOFTPLUS)
                 bt = tl.load(b_ptr + bc_row + t * N).to(tl.float32)
                 ct = tl.load(c_ptr + bc_row + t * N).to(tl.float32)
-                dy = tl.load(dout_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                dy = tl.load(dout_ptr + dout_row + t * dout_st, mask=d_ok, other=0.0).to(tl.float32)
                 decay = tl.exp(dt[None, :] * a)
                 decayed_prev = decay * h_prev  # exp(dt_t A) h_{t-1}
                 h = decayed_prev + (dt * u)[None, :] * bt[:, None]
                 if HAS_Z:
-                    zv = tl.load(z_ptr + row + t, mask=d_ok, other=0.0).to(tl.float32)
+                    zv = tl.load(z_ptr + z_row + t * z_st, mask=d_ok, other=0.0).to(tl.float32)
                     y = tl.sum(h * ct[:, None], axis=0) + skip * u
                     sig = tl.sigmoid(zv)
-                    tl.store(dz_ptr + row + t, (dy * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
+                    tl.store(dz_ptr + dz_row + t * dz_st, (dy * y * sig * (1.0 + zv * (1.0 - sig))).to(dz_ptr.dtype.element_ty),
                              mask=d_ok)
                     dy = dy * zv * sig
                 grad_skip += dy * u
@@ -314,8 +322,8 @@ if triton is not None:
                     ddt = tl.where(x <= 20.0, ddt * tl.sigmoid(x), ddt)
                 ddt = tl.where(d_ok, ddt, 0.0)
                 grad_bias += ddt
-                tl.store(du_ptr + row + t, du.to(du_ptr.dtype.element_ty), mask=d_ok)
-                tl.store(ddelta_ptr + row + t, ddt.to(ddelta_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(du_ptr + du_row + t * du_st, du.to(du_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(ddelta_ptr + ddelta_row + t * ddelta_st, ddt.to(ddelta_ptr.dtype.element_ty), mask=d_ok)
                 dh_carry = decay * dh
             tl.debug_barrier()  # the next chunk's states overwrite this one's history
         tl.atomic_add(da_t_ptr + n[:, None] * dim + d[None, :], grad_a, mask=d_ok[None, :])
@@ -323,6 +331,14 @@ if triton is not None:
             tl.atomic_add(dd_ptr + d, grad_skip, mask=d_ok)
         if HAS_BIAS:
             tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
+
+
+def _empty_in_order_of(x: Tensor) -> Tensor:
+    """An empty (Bt, Dm, L) tensor like x, channel-contiguous (a (Bt, L, Dm) buffer's transpose) where x
+    is, else contiguous: the sequential kernels then store as they load."""
+    if x.stride(1) == 1 and x.stride(2) != 1:
+        return torch.empty(x.shape[0], x.shape[2], x.shape[1], device=x.device, dtype=x.dtype).transpose(1, 2)
+    return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
 
 def _grouped(weight: Tensor) -> Tensor:
@@ -340,25 +356,30 @@ class _SelectiveScan(torch.autograd.Function):
         n_state = A.shape[1]
         block_d, block_t, num_warps, method = launch
         n_chunks = triton.cdiv(length, block_t)
-        u, delta = u.contiguous(), delta.contiguous()
-        z = None if z is None else z.contiguous()
         D = None if D is None else D.float().contiguous()
         delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
-        out = torch.empty_like(u)
-        if method == "sequential":  # channel-contiguous A^T (N, Dm), states (Bt, chunks, N, Dm); B^T, C^T (Bt, G, L, N)
+        if method == "sequential":
+            # u, delta, z read through their strides (sequence- or channel-contiguous), out stored in u's
+            # order; channel-contiguous A^T (N, Dm), states (Bt, chunks, N, Dm); B^T, C^T (Bt, G, L, N)
+            out = _empty_in_order_of(u)
             A = A.float().t().contiguous()
             B, C = B.transpose(2, 3).contiguous(), C.transpose(2, 3).contiguous()
             states = torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32)
             kernel = _sequential_fwd_kernel
+            strides = (*u.stride(), *delta.stride(), *(z if z is not None else u).stride(), *out.stride())
         else:
+            u, delta = u.contiguous(), delta.contiguous()
+            z = None if z is None else z.contiguous()
+            out = torch.empty_like(u)
             A = A.float().contiguous()
             states = torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32)
             kernel = _selective_scan_fwd_kernel
+            strides = ()
         grid = (batch, triton.cdiv(dim, block_d))
         kernel[grid](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
             delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks, B.shape[1],
-            dim // B.shape[1],
+            dim // B.shape[1], *strides,
             N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
         )
@@ -372,9 +393,13 @@ class _SelectiveScan(torch.autograd.Function):
         block_d, block_t, num_warps, method = ctx.launch
         batch, dim, length = u.shape
         n_state = A.shape[1] if method != "sequential" else A.shape[0]
-        dout = dout.contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
+        if method == "sequential":  # each gradient in its input's order, dout read through its strides
+            du, ddelta = _empty_in_order_of(u), _empty_in_order_of(delta)
+            dz = _empty_in_order_of(z) if z is not None else None
+        else:
+            dout = dout.contiguous()
+            du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+            dz = torch.empty_like(z) if z is not None else None
         dA = torch.zeros_like(A)  # A^T's shape for the sequential kernels
         dD = torch.zeros_like(D) if D is not None else None
         dbias = torch.zeros_like(delta_bias) if delta_bias is not None else None
@@ -388,16 +413,19 @@ class _SelectiveScan(torch.autograd.Function):
             dB = torch.empty(batch, grid[1], length, n_state, device=B.device, dtype=torch.float32)
             dC = torch.empty_like(dB)
             kernel, extra = _sequential_bwd_kernel, (history,)
+            zs, dzs = (z, dz) if z is not None else (u, du)
+            strides = (*u.stride(), *delta.stride(), *zs.stride(), *dout.stride(), *du.stride(), *ddelta.stride(),
+                       *dzs.stride())
         else:
             dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
             dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)
-            kernel, extra = _selective_scan_bwd_kernel, ()
+            kernel, extra, strides = _selective_scan_bwd_kernel, (), ()
         kernel[grid](
             u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
             delta_bias if delta_bias is not None else A, dout, states, *extra,
             du, ddelta, dz if dz is not None else du, dA, dB, dC,
             dD if dD is not None else dA, dbias if dbias is not None else dA,
-            dim, length, ctx.n_chunks, groups, dim // groups,
+            dim, length, ctx.n_chunks, groups, dim // groups, *strides,
             N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
             HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, num_warps=num_warps,
         )

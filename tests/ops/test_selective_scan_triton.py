@@ -19,9 +19,11 @@ pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
 
 
 def scan_case(batch: int, dim: int, n: int, length: int, *, z: bool, skip: bool, bias: bool, softplus: bool,
-              grouped: bool, groups: int = 1, device: str = "cpu", dtype: torch.dtype = torch.float32) -> list:
+              grouped: bool, groups: int = 1, channels_last: bool = False, device: str = "cpu",
+              dtype: torch.dtype = torch.float32) -> list:
     """Random inputs of mamba_ssm's shapes: u, delta, A, B, C, D, z, delta_bias (B, C with ``groups``
-    groups when ``grouped``)."""
+    groups when ``grouped``; u, delta, z channel-contiguous, (B, L, D) buffers seen as (B, D, L), when
+    ``channels_last``, as a mixer computing in (B, L, D) passes them)."""
     g = torch.Generator().manual_seed(batch * 1000 + dim + length)
 
     def randn(*shape: int) -> torch.Tensor:
@@ -31,8 +33,14 @@ def scan_case(batch: int, dim: int, n: int, length: int, *, z: bool, skip: bool,
     args = [randn(batch, dim, length), randn(batch, dim, length) * 0.5, -torch.rand(dim, n, generator=g) - 0.1,
             randn(*b_shape), randn(*b_shape), randn(dim) if skip else None,
             randn(batch, dim, length) if z else None, randn(dim) * 0.3 if bias else None]
-    return [a if a is None else a.to(device, dtype if i not in (2, 5, 7) else torch.float32)
+    args = [a if a is None else a.to(device, dtype if i not in (2, 5, 7) else torch.float32)
             for i, a in enumerate(args)]
+    if channels_last:
+        for i in (0, 1, 6):
+            if args[i] is not None:
+                args[i] = args[i].transpose(1, 2).contiguous().transpose(1, 2)
+                assert args[i].stride(1) == 1
+    return args
 
 
 def outputs_and_gradients(fn: Callable[..., torch.Tensor], args: list, softplus: bool,
@@ -66,6 +74,10 @@ CHECKS = textwrap.dedent(
         ((2, 64, 4, 21), dict(z=True, skip=True, bias=True, softplus=True, grouped=True, groups=4), {}),
         ((1, 32, 8, 17), dict(z=False, skip=True, bias=True, softplus=True, grouped=True, groups=2),
          dict(block_d=8, block_t=8, num_warps=2)),
+        # channel-contiguous u, delta, z (read through their strides; the gradients in the same order)
+        ((2, 20, 4, 70), dict(z=True, skip=True, bias=True, softplus=True, grouped=False, channels_last=True), {}),
+        ((1, 40, 2, 9), dict(z=False, skip=False, bias=True, softplus=True, grouped=True, channels_last=True),
+         dict(block_d=32, block_t=4, num_warps=4)),
     ]
     for shape, flags, launch in cases:
         args = scan_case(*shape, **flags)
@@ -73,6 +85,8 @@ CHECKS = textwrap.dedent(
         got, got_grads = outputs_and_gradients(selective_scan_triton, args, flags["softplus"], method=sys.argv[1],
                                                **launch)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        if sys.argv[1] == "sequential" and flags.get("channels_last"):  # stored as it was read
+            assert got.stride(1) == 1 and got_grads[0].stride(1) == 1, (got.stride(), got_grads[0].stride())
         for name, g_want, g_got in zip(names, want_grads, got_grads):
             assert (g_want is None) == (g_got is None), name
             if g_want is not None:
@@ -112,16 +126,18 @@ def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("groups", [1, 4], ids=["one-group", "four-directions"])
-@pytest.mark.parametrize("method", ["chunked", "sequential"])
-def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype, groups: int, method: str) -> None:
+@pytest.mark.parametrize(("method", "channels_last"), [("chunked", False), ("sequential", False), ("sequential", True)],
+                         ids=["chunked", "sequential", "sequential-channels-last"])
+def test_the_triton_scan_on_cuda_equals_mamba_ssms_kernel(dtype: torch.dtype, groups: int, method: str,
+                                                          channels_last: bool) -> None:
     """256 channels, N = 16, 1000 steps, B / C shared (the LLM's mixer) or one group per scan direction
-    (the projector's): outputs and gradients against ``selective_scan_fn`` (float32: rounding apart;
-    bf16: both round their outputs to bf16)."""
+    (the projector's), u / delta / z sequence- or channel-contiguous: outputs and gradients against
+    ``selective_scan_fn`` (float32: rounding apart; bf16: both round their outputs to bf16)."""
     selective_scan_fn = pytest.importorskip("mamba_ssm.ops.selective_scan_interface").selective_scan_fn
     from mambavlm.ops.selective_scan_triton import selective_scan_triton
 
     args = scan_case(2, 256, 16, 1000, z=True, skip=True, bias=True, softplus=True, grouped=groups > 1,
-                     groups=groups, device="cuda", dtype=dtype)
+                     groups=groups, channels_last=channels_last, device="cuda", dtype=dtype)
     want, want_grads = outputs_and_gradients(selective_scan_fn, args, True)
     got, got_grads = outputs_and_gradients(selective_scan_triton, args, True, method=method)
     tol = {"rtol": 2e-4, "atol": 2e-4} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
