@@ -42,7 +42,7 @@ LAUNCH_SHAPES: dict[str, list[tuple[int, int, int]]] = {
 }
 """(block_d, block_t, num_warps) per method, timed after the method's default (``LAUNCH``;
 the sequential kernels hold an (N, block_d) state per program, one channel per thread at block_d = 32 x warps)."""
-HEADERS = ["scan", "method", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
+HEADERS = ["scan", "method", "layout", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
            "vs the reference (fwd + bwd)", "largest difference from it"]
 
 
@@ -59,6 +59,12 @@ def inputs(shape: tuple[int, int, int, int], device: torch.device, dtype: torch.
             randn(dim, scale=0.3, kind=torch.float32)]
 
 
+def channels_last(x: Tensor) -> Tensor:
+    """(B, D, L) with the channels contiguous: a (B, L, D) tensor's transpose, as a mixer computing in
+    (B, L, D) hands its sequences to the scan."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 def forward_backward(fn: Callable[..., Tensor], args: list[Tensor], grad: Tensor) -> tuple[Tensor, list[Tensor]]:
     leaves = [a.detach().requires_grad_(True) for a in args]
     out = fn(*leaves, delta_softplus=True)
@@ -71,7 +77,14 @@ def largest_difference(got: tuple[Tensor, list[Tensor]], want: tuple[Tensor, lis
     return max(((g.float() - w.float()).abs().max() / w.float().abs().max().clamp(min=1e-6)).item() for g, w in pairs)
 
 
-def run(quick: bool, repeats: int, launch_shapes: list[tuple[ScanMethod, int, int, int]]
+LAYOUTS = ("sequence", "channel")
+"""Which dimension of u, delta, z and the output gradient is contiguous: the sequence (what mamba_ssm's
+kernels read, after ``mamba_inner_fn``'s transposes) or the channels (``channels_last``: what the
+projections compute, and what ``_triton_scan_mixer`` passes; the sequential kernels read through strides,
+the chunked ones copy it to the sequence layout first)."""
+
+
+def run(quick: bool, repeats: int, launch_shapes: list[tuple[ScanMethod, int, int, int, str]]
         ) -> tuple[list[list[object]], list[str]]:
     device = benchmark_device(quick)
     dtype = torch.float32 if quick else torch.bfloat16
@@ -85,37 +98,43 @@ def run(quick: bool, repeats: int, launch_shapes: list[tuple[ScanMethod, int, in
         reference_name, reference = "mamba_ssm selective_scan_fn", selective_scan_fn
     warmup = 1 if quick else 3
 
-    def measure(fn: Callable[..., Tensor]) -> tuple[float, float, float | None, tuple[Tensor, list[Tensor]]]:
-        result = forward_backward(fn, args, grad)  # also the warm-up's compilation
+    by_layout = {"sequence": (args, grad),
+                 "channel": ([channels_last(a) if i in (0, 1, 6) else a for i, a in enumerate(args)], channels_last(grad))}
+
+    def measure(fn: Callable[..., Tensor], layout: str = "sequence"
+                ) -> tuple[float, float, float | None, tuple[Tensor, list[Tensor]]]:
+        xs, g = by_layout[layout]
+        result = forward_backward(fn, xs, g)  # also the warm-up's compilation
         with torch.no_grad():
-            forward = median_seconds(lambda: fn(*args, delta_softplus=True), device, repeats, warmup)
-        both = median_seconds(lambda: forward_backward(fn, args, grad), device, repeats, warmup)
+            forward = median_seconds(lambda: fn(*xs, delta_softplus=True), device, repeats, warmup)
+        both = median_seconds(lambda: forward_backward(fn, xs, g), device, repeats, warmup)
         reset_peak_memory(device)
-        forward_backward(fn, args, grad)
+        forward_backward(fn, xs, g)
         return forward, both, peak_memory_gib(device), result
 
     rows: list[list[object]] = []
     ref_fwd, ref_both, ref_peak, ref_result = measure(reference)
-    rows.append([reference_name, "", "", "", "", f"{ref_fwd * 1e3:.2f}", f"{ref_both * 1e3:.2f}",
+    rows.append([reference_name, "", "sequence", "", "", "", f"{ref_fwd * 1e3:.2f}", f"{ref_both * 1e3:.2f}",
                  "n/a" if ref_peak is None else f"{ref_peak:.2f}", "1.00x", ""])
     best = None
-    for method, block_d, block_t, warps in launch_shapes:
+    for method, block_d, block_t, warps, layout in launch_shapes:
         def ours(*a: Tensor, delta_softplus: bool, bd: int = block_d, bt: int = block_t, w: int = warps,
                  m: ScanMethod = method) -> Tensor:
             return selective_scan_triton(*a, delta_softplus=delta_softplus, block_d=bd, block_t=bt, num_warps=w,
                                          method=m)
 
-        fwd, both, peak, result = measure(ours)
+        fwd, both, peak, result = measure(ours, layout)
         speedup = ref_both / both
-        best = max(best or (speedup, method, block_d, block_t, warps), (speedup, method, block_d, block_t, warps))
-        rows.append(["ours (selective_scan_triton)", method, block_d, block_t, warps, f"{fwd * 1e3:.2f}",
+        key = (speedup, method, block_d, block_t, warps, layout)
+        best = max(best or key, key)
+        rows.append(["ours (selective_scan_triton)", method, layout, block_d, block_t, warps, f"{fwd * 1e3:.2f}",
                      f"{both * 1e3:.2f}",
                      "n/a" if peak is None else f"{peak:.2f}", f"{speedup:.2f}x",
                      f"{largest_difference(result, ref_result):.1e}"])
     lines = []
     if best is not None:
-        lines.append(f"- fastest: {best[1]}, block_d {best[2]}, block_t {best[3]}, {best[4]} warps: "
-                     f"{best[0]:.2f}x {reference_name}'s forward + backward")
+        lines.append(f"- fastest: {best[1]}, {best[5]}-contiguous, block_d {best[2]}, block_t {best[3]}, {best[4]} "
+                     f"warps: {best[0]:.2f}x {reference_name}'s forward + backward")
     return rows, lines
 
 
@@ -139,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
                       for m in args.methods}
     else:
         per_method = {m: shapes for m in args.methods}
-    launches = [(m, *shape) for m, method_shapes in per_method.items() for shape in method_shapes]
+    launches = [(m, *shape, layout) for m, method_shapes in per_method.items() for shape in method_shapes
+                for layout in (LAYOUTS if m == "sequential" else LAYOUTS[:1])]
     repeats = 2 if args.quick else args.repeats
     rows, lines = run(args.quick, repeats, launches)
     batch, dim, n, length = SHAPES["quick" if args.quick else "paper"]

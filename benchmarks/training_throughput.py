@@ -12,9 +12,10 @@ about 4x the tokens, the visual tokens staying 1458):
   transformers calls it (``in_proj(h).transpose(1, 2)`` into ``mamba_inner_fn``) instead of in
   mamba_ssm's layout: what that lever pays (without gradient checkpointing: the recomputation would
   not see the switch);
-- ours with the Triton scan (CUDA, first length only): ours, each mixer's selective scan
-  ``selective_scan_triton`` (dB / dC summed over channel blocks before the atomic adds) in mamba_ssm's
-  unfused mixer (``mamba_training.use_training_scan``) instead of ``mamba_inner_fn``;
+- ours with the Triton scan (CUDA, first length only): ours, each mixer computing in (B, L, D)
+  around our sequential ``selective_scan_triton`` (one channel per thread, channel-contiguous reads,
+  dB / dC summed over channel blocks; ``mamba_training.use_training_scan``) instead of
+  ``mamba_inner_fn``;
 - ours, transformers' layout: the same model through transformers' ``MambaForCausalLM`` forward
   (separate norm / add ops, float32 logits at every position): the path before issue 15;
 - mamba_ssm: its own ``MambaLMHeadModel`` on the same LLM weights over the same number of tokens of

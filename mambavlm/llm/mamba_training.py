@@ -22,12 +22,13 @@ The mixer, on CUDA with mamba_ssm, is called as mamba_ssm's ``Mamba.forward`` ca
 positions' input is zeroed first, as transformers' mixer zeroes it.
 
 The selective scan inside (``use_training_scan``; ``resolve_training_scan``): by default mamba_ssm's
-fused mixer where mamba_ssm is installed; on CUDA without it, mamba_ssm's unfused mixer around our
-Triton scan (``selective_scan_triton``), which needs only Triton (it ships with torch), in place of
-transformers' sequential ``slow_forward`` (a Python loop over the tokens that keeps every step's
-(B, D_inner, N) state for the backward); on the CPU transformers' forward. On an H200 the Triton scan
-takes 1.02x mamba_ssm's time forward + backward (``benchmarks/results/selective_scan.md``), so it is
-the fallback, not the default.
+fused mixer where mamba_ssm is installed; on CUDA without it, mamba_ssm's unfused mixer computed in
+(B, L, D) around our Triton scan (``_triton_scan_mixer``, ``selective_scan_triton``), which needs only
+Triton (it ships with torch), in place of transformers' sequential ``slow_forward`` (a Python loop over
+the tokens that keeps every step's (B, D_inner, N) state for the backward); on the CPU transformers'
+forward. On an H200 the Triton scan took 1.02x mamba_ssm's time forward + backward on sequence-contiguous
+inputs (``benchmarks/results/selective_scan.md``; the channel-contiguous ones the mixer now passes are
+not yet timed), so it is the fallback, not the default.
 """
 
 from __future__ import annotations
@@ -120,24 +121,32 @@ def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: 
     """The mixer as mamba_ssm's ``Mamba.forward`` without its fused path (``in_proj``, the causal conv,
     ``x_proj``, ``dt_proj``, the selective scan with the gate, ``out_proj``), the scan being
     ``selective_scan_triton``. hidden_states (B, L, D) -> (B, L, D); the padded positions' input zeroed
-    first, as in the ``mamba_inner_fn`` path (``_in_proj``)."""
-    batch, length, _ = hidden_states.shape
-    x, z = _in_proj(self, hidden_states, attention_mask).chunk(2, dim=1)  # (B, D_inner, L) each
-    x = causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias if self.use_conv_bias else None, "silu")
-    x_dbl = F.linear(x.transpose(1, 2).reshape(batch * length, -1), self.x_proj.weight)  # (B L, R + 2 N)
+    first, as in the ``mamba_inner_fn`` path.
+
+    Every tensor stays channel-contiguous, (B, L, D_inner) in memory, as the projections give and take
+    it: the scan reads each step's channels of u, delta and z together (``selective_scan_triton`` reads
+    through strides) and the transposes ``mamba_inner_fn`` makes for mamba_ssm's sequence-contiguous
+    kernels are not needed. The conv's input is made dense (a copy of x out of xz) so that
+    causal_conv1d's channel-last kernel writes channel-last."""
+    if attention_mask is not None:
+        hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D_inner) each, z a view into xz
+    x = causal_conv1d(x.contiguous().transpose(1, 2), self.conv1d.weight[:, 0],
+                      self.conv1d.bias if self.use_conv_bias else None, "silu")  # (B, D_inner, L)
+    x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (B, L, R + 2 N)
     dt, b_ssm, c_ssm = x_dbl.split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
-    delta = (self.dt_proj.weight @ dt.mT).view(-1, batch, length).transpose(0, 1)  # (B, D_inner, L)
+    delta = F.linear(dt, self.dt_proj.weight)  # (B, L, D_inner); its bias is the scan's delta_bias
     y = selective_scan_triton(
         x,
-        delta,
+        delta.transpose(1, 2),
         -torch.exp(self.A_log.float()),
-        b_ssm.view(batch, length, -1).transpose(1, 2),
-        c_ssm.view(batch, length, -1).transpose(1, 2),
+        b_ssm.transpose(1, 2),
+        c_ssm.transpose(1, 2),
         D=self.D.float(),
-        z=z,
+        z=z.transpose(1, 2),
         delta_bias=self.dt_proj.bias.float(),
         delta_softplus=True,
-    )
+    )  # (B, D_inner, L) in x's order
     return self.out_proj(y.transpose(1, 2))
 
 

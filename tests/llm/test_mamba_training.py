@@ -6,6 +6,7 @@ on CUDA, mamba_ssm's fused add + RMSNorm kernel against the PyTorch path."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 from collections.abc import Callable
 
 import pytest
@@ -199,12 +200,13 @@ for make_batch in (padded_batch, left_padded_batch):
     calls = []
     import mambavlm.llm.mamba_training as training
     scan = training.selective_scan_triton
-    training.selective_scan_triton = lambda *a, **k: calls.append(1) or scan(*a, **k)
+    # the scan is handed delta and z channel-contiguous, as the projections compute them (no transposes)
+    training.selective_scan_triton = lambda *a, **k: calls.append((a[1].stride(1), k["z"].stride(1))) or scan(*a, **k)
     batch = make_batch(model)
     ours, our_grads = loss_and_grads(model, batch, True)
     training.selective_scan_triton = scan
     theirs, their_grads = loss_and_grads(reference, batch, False)
-    assert len(calls) == model.llm.config.num_hidden_layers, calls
+    assert calls == [(1, 1)] * model.llm.config.num_hidden_layers, calls
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     assert our_grads.keys() == their_grads.keys()
     for name, grad in their_grads.items():
@@ -215,8 +217,8 @@ print("triton scan: equal")
 
 def test_training_with_the_triton_scan_equals_transformers_loss_and_gradients() -> None:
     """The mixers in mamba_ssm's layout with our Triton selective scan (``use_training_scan``), run by
-    Triton's interpreter on the CPU: every layer calls it, and the loss and every gradient equal
-    transformers' forward, right- and left-padded."""
+    Triton's interpreter on the CPU: every layer calls it with channel-contiguous sequences, and the loss
+    and every gradient equal transformers' forward, right- and left-padded."""
     import subprocess
     import sys
 
@@ -291,7 +293,8 @@ def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(
     theirs, their_grads = loss_and_grads(reference, batch, True)
     calls = []
     scan = training.selective_scan_triton
-    monkeypatch.setattr(training, "selective_scan_triton", lambda *a, **k: calls.append(1) or scan(*a, **k))
+    monkeypatch.setattr(training, "selective_scan_triton",
+                        lambda *a, **k: calls.append((a[0].stride(1), a[1].stride(1), k["z"].stride(1))) or scan(*a, **k))
     if chosen == "asked-for":
         use_training_scan(model.llm, "triton")
     else:
@@ -299,6 +302,10 @@ def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(
         monkeypatch.setattr(training, "use_kernels", lambda t, name: name != "mamba_ssm" and real(t, name))
     ours, our_grads = loss_and_grads(model, batch, True)
     assert len(calls) == model.llm.config.num_hidden_layers
+    # delta and z reach the scan channel-contiguous, and u too where causal_conv1d's channel-last kernel runs
+    assert all(delta == 1 and z == 1 for _, delta, z in calls), calls
+    if importlib.util.find_spec("causal_conv1d") is not None:
+        assert all(u == 1 for u, _, _ in calls), calls
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for name, grad in their_grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
