@@ -153,6 +153,14 @@ def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, w
     procs = [(strategy, gpus, launch(strategy, gpus, args, work / f"{strategy}-{gpus}", visible))
              for strategy, gpus, visible in jobs]
     runs = []
+    try:
+        for _, _, proc in procs:
+            proc.wait()
+    except KeyboardInterrupt:  # the call's time limit (timeout -s INT): keep what the unfinished runs logged
+        for strategy, gpus, proc in procs:
+            proc.terminate()
+            keep_partial_log(work / f"{strategy}-{gpus}.log", args.runs_dir)
+        raise
     for strategy, gpus, proc in procs:
         code = proc.wait()
         log = work / f"{strategy}-{gpus}.log"
@@ -174,6 +182,13 @@ def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, w
               f"GiB, losses {[round(x, 5) for x in metrics['step_losses']]}; done {runs[-1].seconds:.0f} s after its "
               f"start (training {throughput['seconds']:.0f} s timed)", flush=True)
     return runs
+
+
+def keep_partial_log(log: Path, runs_dir: Path | None) -> None:
+    """A run cut off before its end: its log so far, as ``NAME.partial.log`` in ``runs_dir`` (its
+    timestamped lines say how far it got and how fast); nothing without a runs dir or a log."""
+    if runs_dir is not None and log.is_file():
+        shutil.copyfile(log, runs_dir / f"{log.stem}.partial.log")
 
 
 def _allreduce_worker(rank: int, world: int, init_file: str, backend: str, numel: int, repeats: int,

@@ -220,3 +220,39 @@ def test_multi_gpu_default_batches_are_the_paper_configs() -> None:
     args = argparse.Namespace(quick=False, global_batch=16, micro_batch=None)
     resolve_batches(args)
     assert (args.global_batch, args.micro_batch) == (16, train["micro_batch_size"])
+
+
+def test_multi_gpu_keeps_the_log_of_a_run_cut_off(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call's time limit interrupts the benchmark (SIGINT) while runs are going: each is terminated and
+    its log so far kept beside the finished runs, not as a finished run (kept_runs reads the .json files)."""
+    import argparse
+
+    from benchmarks import multi_gpu
+
+    work, runs_dir = tmp_path / "work", tmp_path / "runs"
+    work.mkdir()
+    runs_dir.mkdir()
+    terminated = []
+
+    class Running:
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def wait(self) -> int:
+            raise KeyboardInterrupt
+
+        def terminate(self) -> None:
+            terminated.append(self.name)
+
+    def launch(strategy, gpus, args, output_dir, visible):
+        (work / f"{strategy}-{gpus}.log").write_text(f"{strategy}: step 1/3 | loss 22.3\n")
+        return Running(f"{strategy}-{gpus}")
+
+    monkeypatch.setattr(multi_gpu, "launch", launch)
+    args = argparse.Namespace(runs_dir=runs_dir)
+    with pytest.raises(KeyboardInterrupt):
+        multi_gpu.run_all([("ddp", 1, "0"), ("fsdp", 1, "1")], args, work)
+    assert terminated == ["ddp-1", "fsdp-1"]
+    assert sorted(p.name for p in runs_dir.iterdir()) == ["ddp-1.partial.log", "fsdp-1.partial.log"]
+    assert (runs_dir / "fsdp-1.partial.log").read_text() == "fsdp: step 1/3 | loss 22.3\n"
+    assert multi_gpu.kept_runs(runs_dir, ["ddp", "fsdp"], 128, 4) == []
