@@ -16,6 +16,9 @@ about 4x the tokens, the visual tokens staying 1458):
   around our sequential ``selective_scan_triton`` (one channel per thread, channel-contiguous reads,
   dB / dC summed over channel blocks; ``mamba_training.use_training_scan``) instead of
   ``mamba_inner_fn``;
+- ours keeping mamba_inner_fn's conv output and delta (CUDA with mamba_ssm, first length only):
+  ``checkpoint_lvl=0`` instead of its default 1, which recomputes both in the backward (64 more
+  causal_conv1d forwards and dt_proj GEMMs per step) to save their memory: what that costs and pays;
 - ours, transformers' layout: the same model through transformers' ``MambaForCausalLM`` forward
   (separate norm / add ops, float32 logits at every position): the path before issue 15;
 - mamba_ssm: its own ``MambaLMHeadModel`` on the same LLM weights over the same number of tokens of
@@ -45,6 +48,8 @@ MFU = model FLOPs/s over the GPU's dense bf16 peak (H100 and H200 SXM: 989 TFLOP
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,6 +182,12 @@ def vlm_loss(model: MambaVLM, batch: dict[str, Any], layout: str) -> Tensor:
     mixer call), or through transformers' LLM forward (``"transformers"``)."""
     if layout in ("ours", "ours-triton-scan"):
         return model(**batch).loss
+    if layout == "ours-no-recompute":
+        from mamba_ssm.ops import selective_scan_interface
+
+        inner = functools.partial(selective_scan_interface.mamba_inner_fn, checkpoint_lvl=0)
+        with mock.patch.object(selective_scan_interface, "mamba_inner_fn", inner):
+            return model(**batch).loss
     if layout == "ours-hf-mixer":
         with mock.patch.object(mamba_training, "use_kernels", lambda tensor, name: False):
             return model(**batch).loss
@@ -243,6 +254,7 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dt
     if cfg.llm.family == "mamba":
         name = f"ours: {cfg.name}" + {"ours": "", "ours-hf-mixer": ", transformers' mixer call",
                                       "ours-triton-scan": ", Triton selective scan",
+                                      "ours-no-recompute": ", mamba_inner_fn saving conv / delta (checkpoint_lvl=0)",
                                       "transformers": ", transformers' layout (before)"}[layout]
     else:
         name = f"Transformer VLM: {cfg.name} ({type(model.llm).__name__}{attention_note(model)})"
@@ -353,6 +365,8 @@ def run(args: argparse.Namespace) -> str:
             layouts.insert(1, "ours-hf-mixer")
         if index == 0 and device.type == "cuda":
             layouts.insert(1, "ours-triton-scan")
+        if index == 0 and device.type == "cuda" and importlib.util.find_spec("mamba_ssm") is not None:
+            layouts.insert(1, "ours-no-recompute")
         rows = [measure(ours_cfg, args, device, dtype, text_tokens, layout, profile=profile and layout == "ours")
                 for layout in layouts]
         anchor = measure_mamba_ssm(ours_cfg, args, device, dtype, rows[0].tokens_per_sample, profile=profile)
@@ -367,6 +381,11 @@ def run(args: argparse.Namespace) -> str:
             hf_mixer = rows[layouts.index("ours-hf-mixer")]
             lines.append(f"- the mixer in mamba_ssm's layout: {ours.tokens_per_s / hf_mixer.tokens_per_s:.3f}x tokens/s "
                          "against transformers' mixer call")
+        if "ours-no-recompute" in layouts:
+            no_recompute = rows[layouts.index("ours-no-recompute")]
+            lines.append(f"- mamba_inner_fn keeping its conv output and delta for the backward (checkpoint_lvl=0): "
+                         f"{no_recompute.tokens_per_s / ours.tokens_per_s:.3f}x tokens/s, "
+                         f"{no_recompute.peak_gib - ours.peak_gib:+.1f} GiB peak against its default recomputation")
         if "ours-triton-scan" in layouts:
             triton_scan = rows[layouts.index("ours-triton-scan")]
             lines.append(f"- the Triton selective scan: {triton_scan.tokens_per_s / ours.tokens_per_s:.3f}x tokens/s "
