@@ -23,8 +23,9 @@ class VLMCollator:
     (1 = real token), ``labels`` (B, L) padded with -100, ``pixel_values`` = one tensor
     (N_img, 3, H_k, W_k) per vision encoder holding the images of the samples that have one, in batch
     order (None when no sample has an image), ``ids`` (B,), ``skipped`` = the dropped
-    :class:`SkippedSample` items and ``num_truncated``. When every item was skipped,
-    ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values`` are None.
+    :class:`SkippedSample` items, ``num_truncated`` and ``num_tokens`` (the real tokens, attention_mask's
+    sum, as a host int: counting it on the GPU would stall the training loop). When every item was
+    skipped, ``input_ids``, ``attention_mask``, ``labels`` and ``pixel_values`` are None.
     """
 
     pad_token_id: int
@@ -36,6 +37,7 @@ class VLMCollator:
             "ids": [s["id"] for s in samples],
             "skipped": skipped,
             "num_truncated": sum(bool(s.get("truncated", False)) for s in samples),
+            "num_tokens": sum(len(s["input_ids"]) for s in samples),
             "input_ids": None,
             "attention_mask": None,
             "labels": None,

@@ -775,13 +775,16 @@ class Trainer:
                 waited = time.perf_counter() - waiting
                 num_items = sum(self._num_items(phase, batch) for batch in micro_batches)
                 num_items = acc.reduce(num_items, "sum")
-                totals = torch.zeros(6, dtype=torch.float64, device=acc.device)
-                totals[5] = waited
+                # the step's loss stays on the device and its counts on the host: no micro-batch waits for
+                # the GPU (a device -> host read, or a blocking host -> device copy, drains its queue)
+                step_loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+                counts = [0.0, 0.0, 0.0, 0.0]  # samples, tokens, skipped, truncated
                 kinds = [s.kind for batch in micro_batches for s in batch["skipped"]]
                 for batch in micro_batches:
                     with acc.accumulate(model):
-                        loss, counts = self._micro_step(phase, model, batch, num_items)
-                        totals[:5] += counts
+                        loss = self._micro_step(phase, model, batch, num_items)
+                        step_loss_sum += loss.detach().double()
+                        counts = [total + n for total, n in zip(counts, _host_counts(batch), strict=True)]
                         acc.backward(loss * scale)
                         if acc.sync_gradients and phase.max_grad_norm is not None:
                             acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
@@ -791,6 +794,7 @@ class Trainer:
                             scheduler.step()
                         optimizer.zero_grad()
                     state.batches_done += 1
+                totals = torch.cat([step_loss_sum[None], torch.tensor([*counts, waited], dtype=torch.float64).to(acc.device)])
                 loss_sum, samples, tokens, skipped, truncated, waited = acc.reduce(totals, "sum").tolist()
                 now = time.perf_counter()
                 if step_start is not None:
@@ -843,28 +847,17 @@ class Trainer:
             )
         return phase.objective.num_items(batch).to(device=self.accelerator.device, dtype=torch.float64)
 
-    def _micro_step(
-        self, phase: Phase, model: nn.Module, batch: dict[str, Any], num_items: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """One micro-batch's share of the step's loss and its counts (loss, samples, tokens, skipped, truncated)."""
-        acc = self.accelerator
+    def _micro_step(self, phase: Phase, model: nn.Module, batch: dict[str, Any], num_items: Tensor) -> Tensor:
+        """One micro-batch's share of the step's loss (a 0-dim tensor on the device)."""
         skipped: list[SkippedSample] = batch["skipped"]
         if skipped:
             ids = ", ".join(f"{s.id} ({s.reason})" for s in skipped)
             logger.warning(f"skipped {len(skipped)} record(s): {ids}", main_process_only=False)
-        tokens = float(batch["attention_mask"].sum()) if batch["attention_mask"] is not None else 0.0
-        counts = torch.tensor(
-            [0.0, len(batch["ids"]), tokens, len(skipped), batch["num_truncated"]],
-            dtype=torch.float64,
-            device=acc.device,
-        )
         normaliser = num_items.clamp(min=1.0)
         if batch["input_ids"] is None:
             # every process must run forward and backward; a zero loss on a valid batch keeps them in step
-            return phase.objective.loss(model, self._standin_batch(), normaliser) * 0.0, counts
-        loss = phase.objective.loss(model, batch, normaliser)
-        counts[0] = loss.detach().double()
-        return loss, counts
+            return phase.objective.loss(model, self._standin_batch(), normaliser) * 0.0
+        return phase.objective.loss(model, batch, normaliser)
 
     def _standin_batch(self) -> dict[str, Any]:
         """A one-sample batch of the first valid record (for micro-batches whose records were all skipped)."""
@@ -893,6 +886,12 @@ class Trainer:
         if loss is not None:
             values[f"{phase.name}/loss"] = loss
         self.accelerator.log(values, step=state.global_step)
+
+
+def _host_counts(batch: dict[str, Any]) -> tuple[int, int, int, int]:
+    """A micro-batch's samples, real tokens, skipped records and truncated samples, from the collator's
+    host-side fields (``VLMCollator``)."""
+    return len(batch["ids"]), batch["num_tokens"], len(batch["skipped"]), batch["num_truncated"]
 
 
 class _Window:

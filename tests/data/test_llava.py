@@ -193,6 +193,7 @@ def test_collator_pads_masks_and_stacks_images(dataset):
 
     kept = [items["good"], items["text"], items["long_answer"]]
     lengths = [len(s["input_ids"]) for s in kept]
+    assert batch["num_tokens"] == sum(lengths) == int(batch["attention_mask"].sum())  # host-side, as the mask counts
     assert (
         batch["input_ids"].shape
         == batch["labels"].shape
