@@ -114,6 +114,11 @@ class TrainingConfig(StrictModel):
         "each micro-batch's reduce-scatter then adds into the sharded gradients (no unsharded copy held "
         "across the accumulation, FSDP's no_sync); accelerate's GradientAccumulationPlugin.sync_each_batch"
     )
+    profile_step: int | None = Field(
+        None, gt=0, description="record this optimiser step (all its micro-batches) with torch.profiler on every "
+        "process: OUTPUT_DIR/profile/step-N-rank-R.txt (operators by device and by CPU time) and .json (a "
+        "Chrome / Perfetto trace); the step is left out of the throughput"
+    )
     log_every: int = Field(10, gt=0, description="optimiser steps between log lines")
     save_every: int | None = Field(
         None, gt=0, description="optimiser steps between checkpoints; one is always written at the end"

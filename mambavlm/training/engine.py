@@ -59,6 +59,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from transformers import PreTrainedModel, get_wsd_schedule
 from transformers.models.mamba.modeling_mamba import MambaMixer
 
+from mambavlm.atomic import atomic_file
 from mambavlm.config import ConfigError
 from mambavlm.data.llava import SkippedSample
 from mambavlm.processes import check_process_group
@@ -441,7 +442,9 @@ class Trainer:
     between checkpoints (None: only at the end of each phase). save_checkpoints: False writes none (not
     even at a phase's end; ValueError with save_every). keep_last: checkpoints kept. sync_each_batch:
     reduce gradients after every micro-batch (accelerate's ``GradientAccumulationPlugin``; under FSDP
-    sharded gradients accumulate, instead of unsharded ones inside ``no_sync``).
+    sharded gradients accumulate, instead of unsharded ones inside ``no_sync``). profile_step: the
+    optimiser step (counted over all phases, 1-based) to record with torch.profiler on every process
+    (``profile_step_report``).
     cpu_threads: torch threads per process on the CPU (``cpu_thread_count``); ignored on accelerators.
     """
 
@@ -456,6 +459,7 @@ class Trainer:
         save_every: int | None = None,
         save_checkpoints: bool = True,
         sync_each_batch: bool = False,
+        profile_step: int | None = None,
         keep_last: int = 2,
         resume_from: str | None = None,
         num_workers: int = 0,
@@ -468,6 +472,7 @@ class Trainer:
             raise ValueError(f"save_every={save_every} asks for checkpoints that save_checkpoints=False turns off")
         self.save_every = save_every
         self.save_checkpoints = save_checkpoints
+        self.profile_step = profile_step
         self.keep_last = keep_last
         self.resume_from = resume_from
         self.num_workers = num_workers
@@ -780,24 +785,28 @@ class Trainer:
                 step_loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
                 counts = [0.0, 0.0, 0.0, 0.0]  # samples, tokens, skipped, truncated
                 kinds = [s.kind for batch in micro_batches for s in batch["skipped"]]
-                for batch in micro_batches:
-                    with acc.accumulate(model):
-                        loss = self._micro_step(phase, model, batch, num_items)
-                        step_loss_sum += loss.detach().double()
-                        counts = [total + n for total, n in zip(counts, _host_counts(batch), strict=True)]
-                        acc.backward(loss * scale)
-                        if acc.sync_gradients and phase.max_grad_norm is not None:
-                            acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
-                        lr = optimizer.param_groups[0]["lr"]
-                        optimizer.step()
-                        if acc.sync_gradients:
-                            scheduler.step()
-                        optimizer.zero_grad()
-                    state.batches_done += 1
+                step_number = state.global_step + 1
+                with self._profiling(step_number) as profiler:  # None but at train.profile_step
+                    for batch in micro_batches:
+                        with acc.accumulate(model):
+                            loss = self._micro_step(phase, model, batch, num_items)
+                            step_loss_sum += loss.detach().double()
+                            counts = [total + n for total, n in zip(counts, _host_counts(batch), strict=True)]
+                            acc.backward(loss * scale)
+                            if acc.sync_gradients and phase.max_grad_norm is not None:
+                                acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
+                            lr = optimizer.param_groups[0]["lr"]
+                            optimizer.step()
+                            if acc.sync_gradients:
+                                scheduler.step()
+                            optimizer.zero_grad()
+                        state.batches_done += 1
+                if profiler is not None:
+                    profile_step_report(profiler, self.output_dir / "profile", step_number, acc.process_index)
                 totals = torch.cat([step_loss_sum[None], torch.tensor([*counts, waited], dtype=torch.float64).to(acc.device)])
                 loss_sum, samples, tokens, skipped, truncated, waited = acc.reduce(totals, "sum").tolist()
                 now = time.perf_counter()
-                if step_start is not None:
+                if step_start is not None and profiler is None:  # a profiled step is slowed: not timed
                     throughput["timed_steps"] += 1
                     throughput["seconds"] += now - step_start
                     # the mean over the processes of the time blocked on the data loader
@@ -838,6 +847,19 @@ class Trainer:
                 "waiting for the data loader" + (f", peak {throughput['peak_memory_gib']:.2f} GiB per process"
                                                  if throughput["peak_memory_gib"] is not None else "")
             )
+
+    @contextmanager
+    def _profiling(self, step: int) -> Iterator[torch.profiler.profile | None]:
+        """torch.profiler over the CPU (and CUDA) around optimiser step ``step`` when it is
+        ``profile_step`` (stopped when the block ends, however it ends); else None."""
+        if step != self.profile_step:
+            yield None
+            return
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self.accelerator.device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        with torch.profiler.profile(activities=activities) as profiler:
+            yield profiler
 
     def _num_items(self, phase: Phase, batch: dict[str, Any]) -> Tensor:
         """The micro-batch's loss items (``Objective.num_items``; zeros when every record was skipped)."""
@@ -886,6 +908,33 @@ class Trainer:
         if loss is not None:
             values[f"{phase.name}/loss"] = loss
         self.accelerator.log(values, step=state.global_step)
+
+
+PROFILE_ROWS = 40
+"""Operators listed per table of a step profile."""
+
+
+def profile_step_report(profiler: torch.profiler.profile, directory: Path, step: int, rank: int) -> tuple[Path, Path]:
+    """Write a recorded optimiser step: ``step-N-rank-R.txt``, the operators by their own device time
+    (CUDA runs) and by their own CPU time (PyTorch's ``key_averages`` tables, ``PROFILE_ROWS`` rows
+    each: where a step's GPU time goes, and what the CPU spends enqueueing it), and
+    ``step-N-rank-R.json``, the Chrome trace (chrome://tracing, ui.perfetto.dev) with both timelines.
+    Returns the two paths."""
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = directory / f"step-{step}-rank-{rank}"
+    averages = profiler.key_averages()
+    tables = []
+    if any(getattr(event, "self_device_time_total", 0) for event in averages):
+        tables.append(("operators by their own device time", averages.table(sort_by="self_device_time_total",
+                                                                              row_limit=PROFILE_ROWS)))
+    tables.append(("operators by their own CPU time", averages.table(sort_by="self_cpu_time_total",
+                                                                     row_limit=PROFILE_ROWS)))
+    text = "\n\n".join(f"step {step}, process {rank}: {title}\n{table}" for title, table in tables)
+    with atomic_file(stem.with_suffix(".txt"), "w") as f:
+        f.write(text + "\n")
+    profiler.export_chrome_trace(str(stem.with_suffix(".json")))
+    logger.info(f"step {step} profiled: {stem}.txt, {stem}.json", main_process_only=False)
+    return stem.with_suffix(".txt"), stem.with_suffix(".json")
 
 
 def _host_counts(batch: dict[str, Any]) -> tuple[int, int, int, int]:

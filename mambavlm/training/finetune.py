@@ -99,6 +99,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         save_every=cfg.train.save_every if cfg.train.checkpoints else None,
         save_checkpoints=cfg.train.checkpoints,
         sync_each_batch=cfg.train.sync_each_batch,
+        profile_step=cfg.train.profile_step,
         keep_last=cfg.train.keep_last,
         resume_from=cfg.train.resume_from,
         num_workers=cfg.data.num_workers,

@@ -228,6 +228,26 @@ def test_two_processes_match_one_process(tmp_path, sync_each_batch):
         assert m2["throughput"][key] == m1["throughput"][key], key
 
 
+def test_a_profiled_step_writes_its_operator_tables_and_trace_and_is_not_timed(tmp_path):
+    """train.profile_step=2 of 3: step-2-rank-0.txt lists the operators (the model's matrix products
+    among them) and step-2-rank-0.json is a Chrome trace; the losses are those of an unprofiled run, and
+    only step 3 is timed (step 1 never is, step 2 was slowed by the profiler)."""
+    common = ["train.max_steps=3", "train.save_every=null", "data.synthetic.num_val=0"]
+    plain, profiled = tmp_path / "plain", tmp_path / "profiled"
+    run_finetune(micro_config(plain, *common))
+    run_finetune(micro_config(profiled, *common, "train.profile_step=2"))
+    assert sorted(p.name for p in (profiled / "profile").iterdir()) == ["step-2-rank-0.json", "step-2-rank-0.txt"]
+    table = (profiled / "profile" / "step-2-rank-0.txt").read_text()
+    assert "step 2, process 0: operators by their own CPU time" in table
+    assert "aten::mm" in table or "aten::addmm" in table
+    trace = json.loads((profiled / "profile" / "step-2-rank-0.json").read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    assert read_metrics(profiled)["step_losses"] == pytest.approx(read_metrics(plain)["step_losses"], rel=1e-6)
+    assert read_metrics(plain)["throughput"]["timed_steps"] == 2
+    assert read_metrics(profiled)["throughput"]["timed_steps"] == 1
+    assert not (plain / "profile").exists()
+
+
 def launch_two_processes(*overrides: str) -> subprocess.CompletedProcess:
     """train/finetune.py on 2 CPU processes (gloo) with the tiny train config and ``overrides``."""
     accelerate = Path(sys.executable).with_name("accelerate")
