@@ -122,6 +122,7 @@ def launch(strategy: str, gpus: int, args: argparse.Namespace, output_dir: Path,
         f"train.global_batch_size={args.global_batch}",
         f"train.micro_batch_size={args.micro_batch}",
         f"train.sync_each_batch={str(args.sync_each_batch).lower()}",
+        *([f"train.profile_step={args.profile_step}"] if args.profile_step else []),
     ]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     if args.quick:
@@ -171,6 +172,9 @@ def run_all(jobs: list[tuple[str, int, str | None]], args: argparse.Namespace, w
             shutil.rmtree(output_dir, ignore_errors=True)
             continue
         metrics = json.loads((output_dir / "metrics.json").read_text())
+        if args.runs_dir is not None:  # the operator tables of a profiled step (not the traces: 100s of MB)
+            for table in sorted((output_dir / "profile").glob("*.txt")):
+                shutil.copyfile(table, args.runs_dir / f"{strategy}-{gpus}-{table.name}")
         shutil.rmtree(output_dir)
         runs.append(Run(strategy, gpus, metrics, time.perf_counter() - started, log.read_text(errors="replace")))
         if args.runs_dir is not None:  # the log (timestamped) shows where a run's minutes went
@@ -380,7 +384,9 @@ def run(args: argparse.Namespace) -> str:
     model = "tiny config (float32, CPU, gloo)" if args.quick else (
         "MambaVLM-2.8B, random weights: LLM float32 master weights + bf16 autocast, gradient checkpointing")
     setup = (f"{model}; synthetic Shapes-VQA records; global batch {args.global_batch}, micro-batch "
-             f"{args.micro_batch} per process, {args.steps} steps (the first untimed); gradients reduced "
+             f"{args.micro_batch} per process, {args.steps} steps (the first untimed"
+             + (f"; step {args.profile_step} profiled (not timed)" if args.profile_step else "")
+             + "); gradients reduced "
              + ("after every micro-batch (`train.sync_each_batch=true`)" if args.sync_each_batch else
                 "once per optimiser step (accelerate's no_sync over the other micro-batches)")
              + f"; {versions()}")
@@ -406,6 +412,8 @@ def main() -> None:
                         help="run the 1-GPU runs one after another instead of one per GPU at once")
     parser.add_argument("--sync-each-batch", action="store_true", help="every run reduces its gradients after "
                         "each micro-batch (train.sync_each_batch=true): under FSDP, sharded gradients accumulate")
+    parser.add_argument("--profile-step", type=int, help="record this step of every run with torch.profiler "
+                        "(train.profile_step; it is then not timed); its operator tables are kept in --runs-dir")
     parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it; "
                         "default /dev/shm when it holds them, else the system's temporary directory)")
     parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/multi_gpu[-quick].md)")

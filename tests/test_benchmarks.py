@@ -34,14 +34,15 @@ def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: P
 def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> None:
     """DDP on 1 and 2 gloo processes through accelerate launch: the report's two rows hold the
     same step losses (the same global batches), its ratio line is the rows' tokens/s ratio and its
-    per-step line 2 t2 - t1 of the rows' step seconds. A second call with the same ``--runs-dir``
-    reports the kept runs without running them again."""
+    per-step line 2 t2 - t1 of the rows' step seconds; step 2 is profiled on every process (its tables
+    kept, the step not timed). A second call with the same ``--runs-dir`` reports the kept runs without
+    running them again."""
     out, runs_dir = tmp_path / "multi_gpu.md", tmp_path / "runs"
 
     def benchmark() -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [sys.executable, "-m", "benchmarks.multi_gpu", "--quick", "--steps", "3", "--out", str(out),
-             "--runs-dir", str(runs_dir)],
+            [sys.executable, "-m", "benchmarks.multi_gpu", "--quick", "--steps", "4", "--profile-step", "2",
+             "--out", str(out), "--runs-dir", str(runs_dir)],
             cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
         )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -52,14 +53,20 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ddp")]
     assert [(r[1], r[2]) for r in rows] == [("1", "4"), ("2", "2")]  # processes, accumulation steps
     losses = [[float(x) for x in r[8].rstrip(" |").split()] for r in rows]
-    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
+    assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     tokens = [float(r[3].replace(",", "")) for r in rows]
     ratio = float(text.split("2 / 1 = ")[1].split("x")[0])
     assert ratio == pytest.approx(tokens[1] / tokens[0], abs=0.01)
     t1, t2 = (float(r[5]) for r in rows)
     assert float(text.split("2 t2 - t1 = ")[1].split(" s")[0]) == pytest.approx(2 * t2 - t1, abs=2e-3)
     assert "within 0.02" in text
-    assert sorted(p.name for p in runs_dir.iterdir()) == ["ddp-1.json", "ddp-1.log", "ddp-2.json", "ddp-2.log"]
+    assert sorted(p.name for p in runs_dir.iterdir()) == [
+        "ddp-1-step-2-rank-0.txt", "ddp-1.json", "ddp-1.log", "ddp-2-step-2-rank-0.txt", "ddp-2-step-2-rank-1.txt",
+        "ddp-2.json", "ddp-2.log"]
+    assert "operators by their own CPU time" in (runs_dir / "ddp-2-step-2-rank-1.txt").read_text()
+    assert "step 2 profiled (not timed)" in text
+    for name in ("ddp-1", "ddp-2"):  # steps 3 and 4 timed: not the first, not the profiled one
+        assert json.loads((runs_dir / f"{name}.json").read_text())["metrics"]["throughput"]["timed_steps"] == 2
     # the all-reduce line: the gradients' seconds are the 1-process log's trainable parameters x 4 bytes
     # over the measured bus bandwidth
     trainable = int(re.search(r"([\d,]+) trainable parameters", (runs_dir / "ddp-1.log").read_text()).group(1)
