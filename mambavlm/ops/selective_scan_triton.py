@@ -454,6 +454,10 @@ def selective_scan_triton(
     """The selective scan with autograd (module docstring): u, delta, z (Bt, Dm, L); A (Dm, N) real, N a
     power of 2; B, C (Bt, N, L) or (Bt, G, N, L); D, delta_bias (Dm,). Returns (Bt, Dm, L) in u's
     dtype; gradients for every tensor argument (A, D, delta_bias in float32, B and C in their dtype).
+    The sequential kernels read u, delta, z through their strides and store the output and the
+    gradients in their inputs' order, so channel-contiguous sequences ((Bt, L, Dm) tensors' transposes,
+    z a view into in_proj's output) are taken as they are (the fast order: a warp's 32 channels per
+    load); the chunked kernels copy them sequence-contiguous first.
     ``block_d`` channels per program, ``block_t`` time steps per chunk (powers of 2), ``num_warps``: the
     launch shape of both kernels, each left out taken from ``LAUNCH[method]`` (a default ``block_d``
     shrunk to divide the channels per group); ``method``: ``"sequential"`` or ``"chunked"`` kernels
