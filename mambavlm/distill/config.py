@@ -29,7 +29,13 @@ from mambavlm.distill.layouts import HybridLayout
 from mambavlm.distill.seeding import SHAPE_FIELDS
 from mambavlm.distill.stages import LossWeights, StageName
 from mambavlm.llm.mamba2 import Mamba2MixerConfig
-from mambavlm.training.config import CpuThreads, DataConfig, Tracker
+from mambavlm.training.config import (
+    PROFILE_STEP_HELP,
+    SYNC_EACH_BATCH_HELP,
+    CpuThreads,
+    DataConfig,
+    Tracker,
+)
 
 __all__ = ["DistillConfig", "DistillStageConfig", "load_distill_config"]
 
@@ -109,6 +115,8 @@ class DistillConfig(StrictModel):
     seed: int = 0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute the student LLM's activations in backward")
+    sync_each_batch: bool = Field(False, description=SYNC_EACH_BATCH_HELP)
+    profile_step: int | None = Field(None, gt=0, description=PROFILE_STEP_HELP)
     log_every: int = Field(10, gt=0, description="optimiser steps between log lines")
     save_every: int | None = Field(
         None, gt=0, description="optimiser steps (over all stages) between checkpoints; one ends every stage"

@@ -174,6 +174,8 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         trackers=config.trackers,
         log_every=config.log_every,
         save_every=config.save_every,
+        sync_each_batch=config.sync_each_batch,
+        profile_step=config.profile_step,
         keep_last=config.keep_last,
         resume_from=config.resume_from,
         num_workers=config.data.num_workers,

@@ -31,6 +31,8 @@ from mambavlm.config import (
 )
 
 __all__ = [
+    "PROFILE_STEP_HELP",
+    "SYNC_EACH_BATCH_HELP",
     "Tracker",
     "DataConfig",
     "LoraSettings",
@@ -91,6 +93,18 @@ class DataConfig(StrictModel):
         return self
 
 
+SYNC_EACH_BATCH_HELP = (
+    "reduce the gradients after every micro-batch, not only the step's last: under FSDP each micro-batch's "
+    "reduce-scatter then adds into the sharded gradients (no unsharded copy held across the accumulation, "
+    "FSDP's no_sync); accelerate's GradientAccumulationPlugin.sync_each_batch"
+)
+PROFILE_STEP_HELP = (
+    "record this optimiser step (all its micro-batches; counted over all phases) with torch.profiler on every "
+    "process: OUTPUT_DIR/profile/step-N-rank-R.txt (operators by device and by CPU time) and .json (a Chrome / "
+    "Perfetto trace); the step is left out of the throughput"
+)
+
+
 class TrainingConfig(StrictModel):
     """The ``train:`` section: freezing, batch sizes, optimiser, schedule, logging, checkpoints."""
 
@@ -109,16 +123,8 @@ class TrainingConfig(StrictModel):
     max_grad_norm: float | None = Field(1.0, gt=0, description="clip threshold; None = no clipping")
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     gradient_checkpointing: bool = Field(False, description="recompute LLM activations in backward")
-    sync_each_batch: bool = Field(
-        False, description="reduce the gradients after every micro-batch, not only the step's last: under FSDP "
-        "each micro-batch's reduce-scatter then adds into the sharded gradients (no unsharded copy held "
-        "across the accumulation, FSDP's no_sync); accelerate's GradientAccumulationPlugin.sync_each_batch"
-    )
-    profile_step: int | None = Field(
-        None, gt=0, description="record this optimiser step (all its micro-batches) with torch.profiler on every "
-        "process: OUTPUT_DIR/profile/step-N-rank-R.txt (operators by device and by CPU time) and .json (a "
-        "Chrome / Perfetto trace); the step is left out of the throughput"
-    )
+    sync_each_batch: bool = Field(False, description=SYNC_EACH_BATCH_HELP)
+    profile_step: int | None = Field(None, gt=0, description=PROFILE_STEP_HELP)
     log_every: int = Field(10, gt=0, description="optimiser steps between log lines")
     save_every: int | None = Field(
         None, gt=0, description="optimiser steps between checkpoints; one is always written at the end"

@@ -220,3 +220,24 @@ def test_resuming_with_another_layout_names_the_change(teacher: Path, tmp_path: 
     assert exit_info.value.code == 2
     assert (f"error: resume_from: {out / 'checkpoint-3'} was saved by a run with another model (layout: "
             "'head-interleaved:2' -> 'linear')") in capsys.readouterr().err
+
+
+def test_a_profiled_distillation_step_writes_its_tables_and_changes_no_loss(teacher: Path, tmp_path: Path) -> None:
+    """profile_step counts optimiser steps over all stages: step 3 is stage2's first; its operator tables
+    and trace are written, and the stage losses are those of an unprofiled run."""
+    train = four_records(tmp_path / "data")
+    stages = ", ".join(f"{{name: {name}, max_steps: 2, lr: 5.0e-3, global_batch_size: 4, micro_batch_size: 2}}"
+                       for name in ("stage1", "stage2"))
+    runs = {}
+    for name, extra in (("plain", []), ("profiled", ["profile_step=3"])):
+        metrics = distill_main([
+            "--config", str(ROOT / "configs/distill/tiny.yaml"), f"teacher={teacher}",
+            f"output_dir={tmp_path / name}", f"data={{train: {train}}}", f"stages=[{stages}]",
+            "layout=head-interleaved:2", *extra,
+        ])
+        runs[name] = [loss for stage in metrics["stages"] for loss in stage["step_losses"]]
+    assert runs["profiled"] == pytest.approx(runs["plain"], rel=1e-6)
+    profile = tmp_path / "profiled" / "profile"
+    assert sorted(p.name for p in profile.iterdir()) == ["step-3-rank-0.json", "step-3-rank-0.txt"]
+    assert "step 3, process 0: operators by their own CPU time" in (profile / "step-3-rank-0.txt").read_text()
+    assert not (tmp_path / "plain" / "profile").exists()
