@@ -38,9 +38,9 @@ SHAPES = {"paper": (8, 5120, 16, 1522), "quick": (2, 24, 4, 40)}
 """(batch, channels, state size, length): Mamba-2.8B's training step, a tiny stand-in."""
 LAUNCH_SHAPES: dict[str, list[tuple[int, int, int]]] = {
     "chunked": [(8, 16, 4), (16, 16, 8), (16, 16, 4), (16, 32, 8), (32, 8, 4)],
-    "sequential": [(16, 16, 1), (32, 8, 1), (32, 16, 1), (32, 32, 1), (64, 16, 1), (64, 16, 2), (128, 16, 4)],
+    "sequential": [(32, 16, 1), (64, 8, 1), (64, 32, 1), (128, 16, 1), (64, 16, 2), (128, 16, 2), (128, 16, 4)],
 }
-"""(block_d, block_t, num_warps) per method, timed after the method's default (``LAUNCH``;
+"""(block_d, block_t, num_warps) per method, timed after the method's defaults (``LAUNCH``;
 the sequential kernels hold an (N, block_d) state per program, one channel per thread at block_d = 32 x warps)."""
 HEADERS = ["scan", "method", "layout", "block_d", "block_t", "warps", "forward ms", "forward + backward ms", "peak GiB",
            "vs the reference (fwd + bwd)", "largest difference from it"]
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     if shapes and any(len(shape) != 3 for shape in shapes):
         raise SystemExit(f"--launch-shapes takes DxTxW, got {args.launch_shapes}")
     if shapes is None:
-        per_method = {m: [(8, 8, 2)] if args.quick else list(dict.fromkeys([LAUNCH[m], *LAUNCH_SHAPES[m]]))
+        defaults = {m: [shape for (method, _), shape in LAUNCH.items() if method == m] for m in args.methods}
+        per_method = {m: [(8, 8, 2)] if args.quick else list(dict.fromkeys([*defaults[m], *LAUNCH_SHAPES[m]]))
                       for m in args.methods}
     else:
         per_method = {m: shapes for m in args.methods}

@@ -7,18 +7,17 @@ Rows, measured one after another in one run, at each length (``--text-tokens``: 
 about 4x the tokens, the visual tokens staying 1458):
 
 - ours: MambaVLM's training forward (``MambaVLM.forward`` in train mode: mamba_ssm's block layout
-  with the fused residual add + RMSNorm, the LM head at the scored positions only);
+  with the fused residual add + RMSNorm, each mixer computing in (B, L, D) around our Triton selective
+  scan, the default training scan on CUDA, the LM head at the scored positions only);
+- ours with mamba_ssm's fused mixer (CUDA with mamba_ssm, first length only): ours, each mixer
+  ``mamba_inner_fn`` on ``in_proj`` in mamba_ssm's layout (``use_training_scan(lm, "mamba_ssm")``, the
+  default before 2026-11-30): what the Triton scan pays, in time and in memory (``mamba_inner_fn``
+  recomputes the conv output and delta in its backward; keeping them, ``checkpoint_lvl=0``, measured
+  1.006x for +19.8 GiB on the H200 on 2026-11-30 and is not a row any more);
 - ours with transformers' mixer call (first length only): ours, but each ``MambaMixer`` called as
-  transformers calls it (``in_proj(h).transpose(1, 2)`` into ``mamba_inner_fn``) instead of in
-  mamba_ssm's layout: what that lever pays (without gradient checkpointing: the recomputation would
-  not see the switch);
-- ours with the Triton scan (CUDA, first length only): ours, each mixer computing in (B, L, D)
-  around our sequential ``selective_scan_triton`` (one channel per thread, channel-contiguous reads,
-  dB / dC summed over channel blocks; ``mamba_training.use_training_scan``) instead of
-  ``mamba_inner_fn``;
-- ours keeping mamba_inner_fn's conv output and delta (CUDA with mamba_ssm, first length only):
-  ``checkpoint_lvl=0`` instead of its default 1, which recomputes both in the backward (64 more
-  causal_conv1d forwards and dt_proj GEMMs per step) to save their memory: what that costs and pays;
+  transformers calls it (``in_proj(h).transpose(1, 2)`` into ``mamba_inner_fn`` on CUDA) instead of in
+  mamba_ssm's layout: what that layout pays against the row above (without gradient checkpointing:
+  the recomputation would not see the switch);
 - ours, transformers' layout: the same model through transformers' ``MambaForCausalLM`` forward
   (separate norm / add ops, float32 logits at every position): the path before issue 15;
 - mamba_ssm: its own ``MambaLMHeadModel`` on the same LLM weights over the same number of tokens of
@@ -48,7 +47,6 @@ MFU = model FLOPs/s over the GPU's dense bf16 peak (H100 and H200 SXM: 989 TFLOP
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -178,18 +176,13 @@ LONG_TEXT_TOKENS = 4630
 
 
 def vlm_loss(model: MambaVLM, batch: dict[str, Any], layout: str) -> Tensor:
-    """The step loss through our training forward (``"ours"``; ``"ours-hf-mixer"``: with transformers'
-    mixer call), or through transformers' LLM forward (``"transformers"``)."""
-    if layout in ("ours", "ours-triton-scan"):
+    """The step loss through our training forward (``"ours"``; ``"ours-mamba-inner"`` after
+    ``use_training_scan(lm, "mamba_ssm")``; ``"ours-hf-mixer"``: with transformers' mixer call), or
+    through transformers' LLM forward (``"transformers"``)."""
+    if layout in ("ours", "ours-mamba-inner"):
         return model(**batch).loss
-    if layout == "ours-no-recompute":
-        from mamba_ssm.ops import selective_scan_interface
-
-        inner = functools.partial(selective_scan_interface.mamba_inner_fn, checkpoint_lvl=0)
-        with mock.patch.object(selective_scan_interface, "mamba_inner_fn", inner):
-            return model(**batch).loss
-    if layout == "ours-hf-mixer":
-        with mock.patch.object(mamba_training, "use_kernels", lambda tensor, name: False):
+    if layout == "ours-hf-mixer":  # every mixer falls back to transformers' own forward
+        with mock.patch.object(mamba_training, "resolve_training_scan", lambda scan, hidden_states: None):
             return model(**batch).loss
     embeds = model.embed(batch["input_ids"], batch["pixel_values"])
     return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
@@ -243,8 +236,8 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dt
             text_tokens: int, layout: str, micro_batch: int | None = None, profile: bool = False) -> Result:
     """Build the VLM and time its training steps through ``layout``."""
     model = build(cfg, args, device, dtype)
-    if layout == "ours-triton-scan":
-        mamba_training.use_training_scan(model.llm, "triton")
+    if layout == "ours-mamba-inner":
+        mamba_training.use_training_scan(model.llm, "mamba_ssm")
     batches: dict[int, dict[str, Any]] = {}
 
     def loss_fn(micro_batch: int) -> tuple[Tensor, int]:
@@ -252,9 +245,8 @@ def measure(cfg: ModelConfig, args: argparse.Namespace, device: torch.device, dt
         return vlm_loss(model, batch, layout), batch["input_ids"].shape[1]
 
     if cfg.llm.family == "mamba":
-        name = f"ours: {cfg.name}" + {"ours": "", "ours-hf-mixer": ", transformers' mixer call",
-                                      "ours-triton-scan": ", Triton selective scan",
-                                      "ours-no-recompute": ", mamba_inner_fn saving conv / delta (checkpoint_lvl=0)",
+        name = f"ours: {cfg.name}" + {"ours": "", "ours-mamba-inner": ", mamba_ssm's mamba_inner_fn",
+                                      "ours-hf-mixer": ", transformers' mixer call",
                                       "transformers": ", transformers' layout (before)"}[layout]
     else:
         name = f"Transformer VLM: {cfg.name} ({type(model.llm).__name__}{attention_note(model)})"
@@ -363,10 +355,8 @@ def run(args: argparse.Namespace) -> str:
         layouts = ["ours", "transformers"]
         if index == 0 and not args.gradient_checkpointing:
             layouts.insert(1, "ours-hf-mixer")
-        if index == 0 and device.type == "cuda":
-            layouts.insert(1, "ours-triton-scan")
         if index == 0 and device.type == "cuda" and importlib.util.find_spec("mamba_ssm") is not None:
-            layouts.insert(1, "ours-no-recompute")
+            layouts.insert(1, "ours-mamba-inner")
         rows = [measure(ours_cfg, args, device, dtype, text_tokens, layout, profile=profile and layout == "ours")
                 for layout in layouts]
         anchor = measure_mamba_ssm(ours_cfg, args, device, dtype, rows[0].tokens_per_sample, profile=profile)
@@ -377,21 +367,16 @@ def run(args: argparse.Namespace) -> str:
         if isinstance(anchor, Result):
             rows.insert(len(layouts), anchor)
         lines = [f"- ours / transformers' layout: {ours.tokens_per_s / before.tokens_per_s:.2f}x tokens/s"]
+        if "ours-mamba-inner" in layouts:
+            inner = rows[layouts.index("ours-mamba-inner")]
+            lines.append(f"- the Triton selective scan (ours) against mamba_ssm's mamba_inner_fn: "
+                         f"{ours.tokens_per_s / inner.tokens_per_s:.3f}x tokens/s, "
+                         f"{ours.peak_gib - inner.peak_gib:+.1f} GiB peak")
         if "ours-hf-mixer" in layouts:
             hf_mixer = rows[layouts.index("ours-hf-mixer")]
-            lines.append(f"- the mixer in mamba_ssm's layout: {ours.tokens_per_s / hf_mixer.tokens_per_s:.3f}x tokens/s "
-                         "against transformers' mixer call")
-        if "ours-no-recompute" in layouts:
-            no_recompute = rows[layouts.index("ours-no-recompute")]
-            lines.append(f"- mamba_inner_fn keeping its conv output and delta for the backward (checkpoint_lvl=0): "
-                         f"{no_recompute.tokens_per_s / ours.tokens_per_s:.3f}x tokens/s, "
-                         f"{no_recompute.peak_gib - ours.peak_gib:+.1f} GiB peak against its default recomputation")
-        if "ours-triton-scan" in layouts:
-            triton_scan = rows[layouts.index("ours-triton-scan")]
-            lines.append(f"- the Triton selective scan: {triton_scan.tokens_per_s / ours.tokens_per_s:.3f}x tokens/s "
-                         "against mamba_inner_fn"
-                         + (f", {triton_scan.tokens_per_s / anchor.tokens_per_s:.2f}x mamba_ssm's LM"
-                            if isinstance(anchor, Result) else ""))
+            in_layout = rows[layouts.index("ours-mamba-inner")] if "ours-mamba-inner" in layouts else ours
+            lines.append(f"- the mixer in mamba_ssm's layout: {in_layout.tokens_per_s / hf_mixer.tokens_per_s:.3f}x "
+                         "tokens/s against transformers' mixer call")
         if isinstance(anchor, Result):
             lines.append(f"- ours / mamba_ssm LM: {ours.tokens_per_s / anchor.tokens_per_s:.2f}x tokens/s (target >= 1.0x)")
         else:

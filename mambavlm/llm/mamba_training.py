@@ -21,14 +21,17 @@ The mixer, on CUDA with mamba_ssm, is called as mamba_ssm's ``Mamba.forward`` ca
 (B, 2 D_inner, L) copy per layer, and another for its gradient). Same weights, same kernel; the padded
 positions' input is zeroed first, as transformers' mixer zeroes it.
 
-The selective scan inside (``use_training_scan``; ``resolve_training_scan``): by default mamba_ssm's
-fused mixer where mamba_ssm is installed; on CUDA without it, mamba_ssm's unfused mixer computed in
-(B, L, D) around our Triton scan (``_triton_scan_mixer``, ``selective_scan_triton``), which needs only
-Triton (it ships with torch), in place of transformers' sequential ``slow_forward`` (a Python loop over
-the tokens that keeps every step's (B, D_inner, N) state for the backward); on the CPU transformers'
-forward. On an H200 the Triton scan took 1.02x mamba_ssm's time forward + backward on sequence-contiguous
-inputs (``benchmarks/results/selective_scan.md``; the channel-contiguous ones the mixer now passes are
-not yet timed), so it is the fallback, not the default.
+The selective scan inside (``use_training_scan``; ``resolve_training_scan``): by default, on CUDA,
+mamba_ssm's unfused mixer computed in (B, L, D) around our Triton scan (``_triton_scan_mixer``,
+``selective_scan_triton``, which needs only Triton: it ships with torch); mamba_ssm's fused
+``mamba_inner_fn`` on request (or where Triton cannot run); on the CPU transformers' forward (its
+sequential ``slow_forward``). On an H200 (MambaVLM-2.8B, micro-batch 8 x 1522 tokens, bf16) the Triton
+scan's step ran 1.09x the ``mamba_inner_fn`` step and 1.05x mamba_ssm's own LM
+(``benchmarks/results/training_throughput.md``): its backward sums dB / dC over channel blocks in
+registers where mamba_ssm's adds each element atomically, and the projections' channel-contiguous
+output goes into it without the transposed copies ``mamba_inner_fn`` makes. It keeps more for the
+backward than ``mamba_inner_fn``, which recomputes the conv output and delta
+(``benchmarks/results/training_throughput.md`` gives the peak memory of both).
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from transformers import MambaForCausalLM
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -76,10 +79,10 @@ def _mixer_forward(
     **kwargs: Any,
 ) -> Tensor:
     """A ``MambaMixer``'s forward in two modes: transformers' own, or with ``mamba_ssm_layout=True``
-    in training on CUDA with mamba_ssm, ``mamba_inner_fn`` on ``in_proj`` computed as mamba_ssm's
-    ``Mamba.forward`` computes it (see the module docstring), or, after ``use_training_scan(lm, "triton")``,
-    mamba_ssm's unfused mixer around our Triton scan (``_triton_scan_mixer``; on CUDA or under Triton's
-    interpreter). hidden_states (B, L, D) -> (B, L, D)."""
+    in training, the scan ``resolve_training_scan`` picks: mamba_ssm's unfused mixer around our Triton
+    scan (``_triton_scan_mixer``; by default on CUDA, or under Triton's interpreter when asked for), or
+    ``mamba_inner_fn`` on ``in_proj`` computed as mamba_ssm's ``Mamba.forward`` computes it (see the
+    module docstring). hidden_states (B, L, D) -> (B, L, D)."""
     scan = resolve_training_scan(self.training_scan, hidden_states) if mamba_ssm_layout and self.training else None
     if scan == "triton":
         return _triton_scan_mixer(self, hidden_states, attention_mask)
@@ -107,9 +110,13 @@ def _mixer_forward(
 def _in_proj(self: MambaMixer, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
     """hidden_states (B, L, D), the padded positions zeroed as transformers' mixer zeroes them ->
     ``in_proj`` as mamba_ssm computes it: one GEMM ``W @ h^T`` viewed as (B, 2 D_inner, L) with unit
-    stride along L (the layout its kernels read)."""
+    stride along L (the layout its kernels read). An ``in_proj`` that is not a plain ``nn.Linear`` (peft's
+    LoRA layer, a 4-bit one) is called as a module, as transformers' mixer calls it: its weight alone
+    is not the projection."""
     if attention_mask is not None:
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
+    if type(self.in_proj) is not nn.Linear:
+        return self.in_proj(hidden_states).transpose(1, 2)
     batch, length, _ = hidden_states.shape
     xz = self.in_proj.weight @ hidden_states.reshape(batch * length, -1).mT  # (2 D_inner, B L)
     if self.in_proj.bias is not None:
@@ -126,12 +133,13 @@ def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: 
     Every tensor stays channel-contiguous, (B, L, D_inner) in memory, as the projections give and take
     it: the scan reads each step's channels of u, delta and z together (``selective_scan_triton`` reads
     through strides) and the transposes ``mamba_inner_fn`` makes for mamba_ssm's sequence-contiguous
-    kernels are not needed. The conv's input is made dense (a copy of x out of xz) so that
-    causal_conv1d's channel-last kernel writes channel-last."""
+    kernels are not needed. x goes into the conv as a slice of in_proj's output (causal_conv1d's
+    channel-last kernel reads through its strides and writes a dense channel-last output), so x and z
+    share one saved (B, L, 2 D_inner) tensor."""
     if attention_mask is not None:
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
     x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D_inner) each, z a view into xz
-    x = causal_conv1d(x.contiguous().transpose(1, 2), self.conv1d.weight[:, 0],
+    x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight[:, 0],
                       self.conv1d.bias if self.use_conv_bias else None, "silu")  # (B, D_inner, L)
     x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (B, L, R + 2 N)
     dt, b_ssm, c_ssm = x_dbl.split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
@@ -154,23 +162,23 @@ TrainingScan = Literal["auto", "mamba_ssm", "triton"]
 
 
 def resolve_training_scan(scan: TrainingScan, hidden_states: Tensor) -> Literal["mamba_ssm", "triton"] | None:
-    """The scan a training mixer runs on ``hidden_states``: ``"mamba_ssm"`` (its fused
-    ``mamba_inner_fn``), ``"triton"`` (``_triton_scan_mixer``) or None (transformers' own forward).
-    ``"auto"``: mamba_ssm where ``use_kernels`` allows it, else the Triton scan on CUDA, else None;
-    ``"mamba_ssm"`` without mamba_ssm, or ``"triton"`` where Triton cannot run: None."""
-    if scan == "triton":
-        return "triton" if triton_runs_on(hidden_states) else None
-    if use_kernels(hidden_states, "mamba_ssm"):
-        return "mamba_ssm"
-    return "triton" if scan == "auto" and hidden_states.is_cuda and triton_runs_on(hidden_states) else None
+    """The scan a training mixer runs on ``hidden_states``: ``"triton"`` (``_triton_scan_mixer``),
+    ``"mamba_ssm"`` (its fused ``mamba_inner_fn``) or None (transformers' own forward). ``"auto"``: the
+    Triton scan on CUDA where Triton runs, else mamba_ssm where ``use_kernels`` allows it, else None;
+    ``"triton"`` where Triton cannot run, or ``"mamba_ssm"`` without mamba_ssm: None."""
+    if scan == "triton" or (scan == "auto" and hidden_states.is_cuda):
+        if triton_runs_on(hidden_states):
+            return "triton"
+        if scan == "triton":
+            return None
+    return "mamba_ssm" if use_kernels(hidden_states, "mamba_ssm") else None
 
 
 def use_training_scan(lm: MambaForCausalLM, scan: TrainingScan) -> None:
     """Which selective scan the mixers of ``lm`` train with in mamba_ssm's layout
-    (``resolve_training_scan``): ``"auto"`` (the default), ``"mamba_ssm"`` (its fused
-    ``mamba_inner_fn``) or ``"triton"`` (``_triton_scan_mixer``: our scan, whose backward sums dB / dC
-    over channel blocks; ``benchmarks/training_throughput.py`` measures it). Raises ValueError for
-    another name."""
+    (``resolve_training_scan``): ``"auto"`` (the default: the Triton scan on CUDA), ``"mamba_ssm"`` (its
+    fused ``mamba_inner_fn``, which keeps less for the backward) or ``"triton"`` (``_triton_scan_mixer``;
+    ``benchmarks/training_throughput.py`` measures both). Raises ValueError for another name."""
     if scan not in ("auto", "mamba_ssm", "triton"):
         raise ValueError(f"unknown training scan {scan!r}; expected 'auto', 'mamba_ssm' or 'triton'")
     install_fused_blocks(lm)
@@ -238,9 +246,9 @@ def mamba_lm_hidden_states(lm: MambaForCausalLM, inputs_embeds: Tensor, attentio
 
     Each block runs in mamba_ssm's layout (``install_fused_blocks``): the boundary's residual add +
     RMSNorm is ``add_rms_norm`` (mamba_ssm's fused kernel on CUDA), the mixer the block's own
-    ``MambaMixer`` (mamba_ssm's fused ``mamba_inner_fn`` in training, on mamba_ssm's layout:
-    ``_mixer_forward``), given ``attention_mask`` as transformers' block gives it; with gradient checkpointing on, each block is recomputed in the
-    backward pass as transformers recomputes it. Each block is called as a module, so FSDP gathers its
+    ``MambaMixer`` (in training on CUDA around our Triton scan, or mamba_ssm's fused ``mamba_inner_fn``:
+    ``_mixer_forward``), given ``attention_mask`` as transformers' block gives it; with gradient
+    checkpointing on, each block is recomputed in the backward pass as transformers recomputes it. Each block is called as a module, so FSDP gathers its
     parameters around it.
     """
     install_fused_blocks(lm)

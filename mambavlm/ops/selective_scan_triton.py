@@ -29,9 +29,10 @@ Two kernel pairs do this (``method``):
   recomputes a chunk's incoming states into a per-program buffer (block_t x N x block_d float32) and
   then reads it in reverse; dB / dC are summed over the program's channels into the program's own rows
   (Bt, programs, L, N), which one ``sum`` reduces afterwards: atomics there would have every program of a
-  batch row adding to the same (n, t) at about the same step. On an H200 (one Mamba-2.8B layer, bf16):
-  forward 2.35-2.56 ms against mamba_ssm's 2.39, forward + backward 11.0 ms against 10.8 (0.98x;
-  ``benchmarks/results/selective_scan.md``).
+  batch row adding to the same (n, t) at about the same step. On an H200 (one Mamba-2.8B layer, bf16),
+  forward + backward against mamba_ssm's 10.9 ms: 11.1 ms on sequence-contiguous inputs (0.98x), 7.8 ms
+  on channel-contiguous ones (1.40x; a warp's loads then cover 32 consecutive channels), forward 2.3-2.6
+  ms against 2.45 (``benchmarks/results/selective_scan.md``).
 - ``"chunked"`` runs each chunk as a parallel scan (``tl.associative_scan`` on the pairs (decay, input),
   which compose as (a1, b1) then (a2, b2) -> (a1 a2, a2 b1 + b2)) over (block_d, N, block_t) tiles and
   adds dB / dC atomically once per program and step: 20.0 ms forward + backward on the H200 (0.54x),
@@ -54,15 +55,24 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
-__all__ = ["LAUNCH", "METHOD", "ScanMethod", "selective_scan_triton"]
+__all__ = ["LAUNCH", "METHOD", "MemoryOrder", "ScanMethod", "memory_order", "selective_scan_triton"]
 
 ScanMethod = Literal["chunked", "sequential"]
 
-LAUNCH: dict[str, tuple[int, int, int]] = {"chunked": (8, 16, 4), "sequential": (32, 8, 1)}
-"""Each method's default launch shape, (channels per program, time steps per chunk, warps): the fastest
-of ``python -m benchmarks.selective_scan`` on an H200 (one Mamba-2.8B layer, micro-batch 8 x 1522
-tokens, bf16; ``benchmarks/results/selective_scan.md``): sequential 32 x 8 x 1 took 11.0 ms forward +
-backward against mamba_ssm's 10.8 (one channel per thread of one warp), chunked 8 x 16 x 4 20.0."""
+MemoryOrder = Literal["sequence", "channel"]
+
+LAUNCH: dict[tuple[ScanMethod, MemoryOrder], tuple[int, int, int]] = {
+    ("chunked", "sequence"): (8, 16, 4),
+    ("sequential", "sequence"): (32, 8, 1),
+    ("sequential", "channel"): (64, 16, 1),
+}
+"""The default launch shape, (channels per program, time steps per chunk, warps), per method and memory
+order of u / delta / z (``memory_order``; the chunked kernels copy to the sequence order first): the
+fastest of ``python -m benchmarks.selective_scan`` on an H200 (one Mamba-2.8B layer, micro-batch 8 x
+1522 tokens, bf16; ``benchmarks/results/selective_scan.md``), forward + backward against mamba_ssm's
+10.9 ms: sequential on sequence-contiguous inputs 32 x 8 x 1 11.1 ms, on channel-contiguous ones (what
+the training mixer passes) 64 x 16 x 1 7.8 ms (1.40x; 32 x 8 x 1 took 9.8 there), chunked 8 x 16 x 4
+20.0."""
 METHOD: ScanMethod = "sequential"
 """How a program walks the time steps (module docstring): ``"sequential"``, one step per iteration with
 the state in registers (the faster, 1.8x the chunked kernels on the H200), or ``"chunked"``,
@@ -333,10 +343,16 @@ if triton is not None:
             tl.atomic_add(dbias_ptr + d, grad_bias, mask=d_ok)
 
 
+def memory_order(x: Tensor) -> MemoryOrder:
+    """``"channel"`` for a (Bt, Dm, L) tensor whose channels are contiguous (a (Bt, L, Dm) tensor's
+    transpose, or a slice of one), else ``"sequence"``."""
+    return "channel" if x.stride(1) == 1 and x.stride(2) != 1 else "sequence"
+
+
 def _empty_in_order_of(x: Tensor) -> Tensor:
     """An empty (Bt, Dm, L) tensor like x, channel-contiguous (a (Bt, L, Dm) buffer's transpose) where x
     is, else contiguous: the sequential kernels then store as they load."""
-    if x.stride(1) == 1 and x.stride(2) != 1:
+    if memory_order(x) == "channel":
         return torch.empty(x.shape[0], x.shape[2], x.shape[1], device=x.device, dtype=x.dtype).transpose(1, 2)
     return torch.empty(x.shape, device=x.device, dtype=x.dtype)
 
@@ -459,8 +475,8 @@ def selective_scan_triton(
     z a view into in_proj's output) are taken as they are (the fast order: a warp's 32 channels per
     load); the chunked kernels copy them sequence-contiguous first.
     ``block_d`` channels per program, ``block_t`` time steps per chunk (powers of 2), ``num_warps``: the
-    launch shape of both kernels, each left out taken from ``LAUNCH[method]`` (a default ``block_d``
-    shrunk to divide the channels per group); ``method``: ``"sequential"`` or ``"chunked"`` kernels
+    launch shape of both kernels, each left out taken from ``LAUNCH[method, memory_order(u)]`` (a default
+    ``block_d`` shrunk to divide the channels per group); ``method``: ``"sequential"`` or ``"chunked"`` kernels
     (``METHOD``; ``benchmarks/selective_scan.py`` compares them all).
 
     Raises:
@@ -477,7 +493,7 @@ def selective_scan_triton(
     if method not in get_args(ScanMethod):
         raise ValueError(f"selective_scan_triton's method must be 'chunked' or 'sequential', got {method!r}")
     groups = B.shape[1] if B.dim() == 4 else 1
-    default_d, default_t, default_warps = LAUNCH[method]
+    default_d, default_t, default_warps = LAUNCH[method, memory_order(u) if method == "sequential" else "sequence"]
     if block_d is None:  # the largest power of 2 up to the default dividing the channels per group
         block_d = math.gcd(default_d, u.shape[1] // groups) if groups > 1 else default_d
     block_t = default_t if block_t is None else block_t

@@ -118,9 +118,9 @@ FAMILY_TARGETS: dict[str, str | list[str]] = {
     "llama": "all-linear",
     "hybrid_llama": "all-linear",
 }
-"""Default ``target_modules`` per ``llm.family``. Mamba-1 trains on CUDA through mamba_ssm's fused
-``mamba_inner_fn``, which reads ``x_proj``, ``dt_proj`` and ``out_proj`` weights directly, so adapters
-there would be skipped; peft refuses ``out_proj`` and ``conv1d`` for the Mamba model types."""
+"""Default ``target_modules`` per ``llm.family``. Mamba-1 trains on CUDA through mixers that read
+``x_proj`` and ``dt_proj`` weights directly (the Triton-scan mixer, and mamba_ssm's fused
+``mamba_inner_fn``, which reads ``out_proj``'s too), so adapters there would be skipped; peft refuses ``out_proj`` and ``conv1d`` for the Mamba model types."""
 
 BYPASSED_BY_FUSED_KERNEL = frozenset({"x_proj", "dt_proj", "out_proj", "conv1d"})
 

@@ -174,6 +174,7 @@ def test_mixer_in_mamba_ssm_layout_equals_transformers_mixer_call_on_cuda(monkey
     batch = {k: (v.to("cuda") if torch.is_tensor(v) else [p.to("cuda") for p in v])
              for k, v in padded_batch(model).items()}  # made on the CPU, as the collator makes it
     model.to("cuda")
+    training.use_training_scan(model.llm, "mamba_ssm")
     reference = copy.deepcopy(model)
     ours, our_grads = loss_and_grads(model, batch, True)
     assert calls and all(calls)  # every mixer ran in mamba_ssm's layout
@@ -183,6 +184,34 @@ def test_mixer_in_mamba_ssm_layout_equals_transformers_mixer_call_on_cuda(monkey
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for name, grad in their_grads.items():
         torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_a_wrapped_in_proj_is_called_as_a_module_in_mamba_ssms_layout() -> None:
+    """``in_proj`` as ``mamba_inner_fn`` gets it: ``W @ h^T`` for a plain linear layer, and for peft's
+    LoRA layer (its adapter trained away from zero) the layer's own output, adapter included, not its
+    base weight's product."""
+    pytest.importorskip("peft")
+    import mambavlm.llm.mamba_training as training
+    from mambavlm.training.config import LoraSettings
+    from mambavlm.training.lora import apply_lora
+
+    model = tiny_vlm(train=True)
+    mixer = next(m for m in model.llm.modules() if type(m).__name__ == "MambaMixer")
+    h = torch.randn(2, 5, mixer.in_proj.in_features)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    masked = h * mask[:, :, None]
+    want = torch.nn.functional.linear(masked, mixer.in_proj.weight, mixer.in_proj.bias).transpose(1, 2)
+    torch.testing.assert_close(training._in_proj(mixer, h, mask), want, rtol=1e-5, atol=1e-6)
+    apply_lora(model, LoraSettings(r=4, alpha=8, dropout=0.0))
+    mixer = next(m for m in model.llm.modules() if type(m).__name__ == "MambaMixer")
+    with torch.no_grad():
+        for name, parameter in mixer.in_proj.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_()
+    got = training._in_proj(mixer, h, mask)
+    torch.testing.assert_close(got, mixer.in_proj(masked).transpose(1, 2))
+    base = torch.nn.functional.linear(masked, mixer.in_proj.weight, mixer.in_proj.bias).transpose(1, 2)
+    assert (got - base).abs().max() > 1e-2  # the adapter counts
 
 
 TRITON_SCAN_CHECKS = """
@@ -240,8 +269,9 @@ def test_an_unknown_training_scan_is_refused() -> None:
 @pytest.mark.parametrize(
     ("scan", "cuda", "mamba_ssm", "triton", "expected"),
     [
-        ("auto", True, True, True, "mamba_ssm"),
-        ("auto", True, False, True, "triton"),  # CUDA without mamba_ssm: the Triton scan, not the Python loop
+        ("auto", True, True, True, "triton"),  # CUDA: the Triton scan, mamba_ssm installed or not
+        ("auto", True, False, True, "triton"),
+        ("auto", True, True, False, "mamba_ssm"),
         ("auto", True, False, False, None),
         ("auto", False, False, True, None),  # the CPU (even under Triton's interpreter): transformers' forward
         ("mamba_ssm", True, True, True, "mamba_ssm"),
@@ -274,14 +304,15 @@ def test_blocks_train_with_the_auto_scan_by_default() -> None:
 @needs_cuda
 @needs_mamba_ssm
 @pytest.mark.gpu
-@pytest.mark.parametrize("chosen", ["asked-for", "auto-without-mamba_ssm"])
+@pytest.mark.parametrize("chosen", ["asked-for", "auto"])
 @pytest.mark.parametrize("batch_maker", [padded_batch, left_padded_batch], ids=["right-padded", "left-padded"])
 def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(
     batch_maker: Callable[[MambaVLM], dict], chosen: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """float32 on CUDA: the mixers with our Triton scan, asked for or chosen by default where mamba_ssm
-    is not to be used, against mamba_ssm's ``mamba_inner_fn``, loss and every gradient (both sum in
-    float32; atomics make the order differ); every layer called the Triton scan."""
+    """float32 on CUDA: the mixers with our Triton scan, asked for or by default, against mamba_ssm's
+    ``mamba_inner_fn`` (asked for), loss and every gradient (both sum in float32; atomics make the
+    order differ); every layer called the Triton scan, u (a slice of in_proj's output through
+    causal_conv1d), delta and z channel-contiguous."""
     import mambavlm.llm.mamba_training as training
     from mambavlm.llm.mamba_training import use_training_scan
 
@@ -290,16 +321,20 @@ def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(
              for k, v in batch_maker(model).items()}
     model.to("cuda")
     reference = copy.deepcopy(model)
+    use_training_scan(reference.llm, "mamba_ssm")
+    from mamba_ssm.ops import selective_scan_interface
+
+    inner = []
+    real_inner = selective_scan_interface.mamba_inner_fn
+    monkeypatch.setattr(selective_scan_interface, "mamba_inner_fn", lambda *a, **k: inner.append(1) or real_inner(*a, **k))
     theirs, their_grads = loss_and_grads(reference, batch, True)
+    assert len(inner) == model.llm.config.num_hidden_layers
     calls = []
     scan = training.selective_scan_triton
     monkeypatch.setattr(training, "selective_scan_triton",
                         lambda *a, **k: calls.append((a[0].stride(1), a[1].stride(1), k["z"].stride(1))) or scan(*a, **k))
     if chosen == "asked-for":
         use_training_scan(model.llm, "triton")
-    else:
-        real = training.use_kernels
-        monkeypatch.setattr(training, "use_kernels", lambda t, name: name != "mamba_ssm" and real(t, name))
     ours, our_grads = loss_and_grads(model, batch, True)
     assert len(calls) == model.llm.config.num_hidden_layers
     # delta and z reach the scan channel-contiguous, and u too where causal_conv1d's channel-last kernel runs

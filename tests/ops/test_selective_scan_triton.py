@@ -107,6 +107,25 @@ def test_the_triton_scan_equals_the_pytorch_scan_and_its_gradients_under_the_int
     assert "selective scan: equal" in result.stdout
 
 
+@pytest.mark.parametrize(("method", "channels_last", "groups", "expected"), [
+    ("sequential", False, 1, (32, 8, 1)),
+    ("sequential", True, 1, (64, 16, 1)),
+    ("sequential", True, 4, (32, 16, 1)),  # 32 channels per group: the default 64 shrinks to divide them
+    ("chunked", True, 1, (8, 16, 4)),  # the chunked kernels copy to the sequence order
+])
+def test_the_default_launch_follows_the_method_and_the_memory_order(
+    method: str, channels_last: bool, groups: int, expected: tuple[int, int, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mambavlm.ops.selective_scan_triton as module
+
+    launches = []
+    monkeypatch.setattr(module._SelectiveScan, "apply", lambda *a: launches.append(a[-1]))
+    u, delta, A, B, C, *_ = scan_case(1, 128, 4, 8, z=False, skip=False, bias=False, softplus=False,
+                                      grouped=groups > 1, groups=groups, channels_last=channels_last)
+    module.selective_scan_triton(u, delta, A, B, C, method=method)
+    assert launches == [(*expected, method)]
+
+
 def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
     from mambavlm.ops.selective_scan_triton import selective_scan_triton
 
