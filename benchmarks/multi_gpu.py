@@ -340,7 +340,7 @@ def run(args: argparse.Namespace) -> str:
         print(f"kept from {args.runs_dir}: {', '.join(f'{s} x {g}' for s, g in sorted(done))}", flush=True)
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
-        singles = [(s, 1, None) for s in strategies if (s, 1) not in done]
+        singles = [(s, 1, None) for s in strategies if (s, 1) not in done and 1 in args.processes]
         if not args.quick and args.concurrent_single:
             for start in range(0, len(singles), gpus):
                 runs += run_all([(s, 1, str(i)) for i, (s, _, _) in enumerate(singles[start:start + gpus])], args, work)
@@ -348,7 +348,7 @@ def run(args: argparse.Namespace) -> str:
             for job in singles:
                 runs += run_all([job], args, work)
         for strategy in strategies:
-            if (strategy, 2) not in done:
+            if (strategy, 2) not in done and 2 in args.processes:
                 runs += run_all([(strategy, 2, None)], args, work)
 
     rows, lines = [], []
@@ -356,8 +356,12 @@ def run(args: argparse.Namespace) -> str:
         one = next((r for r in runs if r.strategy == strategy and r.gpus == 1), None)
         two = next((r for r in runs if r.strategy == strategy and r.gpus == 2), None)
         if one is None or two is None:
-            failed = " and ".join(f"{n} process(es)" for n, r in ((1, one), (2, two)) if r is None)
-            lines.append(f"- {strategy}: the run on {failed} FAILED (its log's end is printed above)")
+            failed = " and ".join(f"{n} process(es)" for n, r in ((1, one), (2, two)) if r is None and n in args.processes)
+            skipped = " and ".join(f"{n} process(es)" for n, r in ((1, one), (2, two)) if r is None and n not in args.processes)
+            if failed:
+                lines.append(f"- {strategy}: the run on {failed} FAILED (its log's end is printed above)")
+            if skipped:
+                lines.append(f"- {strategy}: no run on {skipped} (--processes {' '.join(map(str, args.processes))})")
             continue
         speedup = two.throughput["tokens_per_s"] / one.throughput["tokens_per_s"]
         difference = max_relative_difference(two.metrics["step_losses"][:1], one.metrics["step_losses"][:1])
@@ -408,6 +412,8 @@ def main() -> None:
                         f"128; {QUICK_GLOBAL_BATCH} with --quick)")
     parser.add_argument("--micro-batch", type=int, help="samples per forward pass and process (default: the paper "
                         f"config's, 4; {QUICK_MICRO_BATCH} with --quick)")
+    parser.add_argument("--processes", type=int, nargs="+", choices=[1, 2], default=[1, 2],
+                        help="which runs to make: on 1 process, on 2, or both (default; the ratio needs both)")
     parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
                         help="run the 1-GPU runs one after another instead of one per GPU at once")
     parser.add_argument("--sync-each-batch", action="store_true", help="every run reduces its gradients after "

@@ -83,6 +83,18 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
 
     assert table_and_ratios(out.read_text()) == table_and_ratios(text)
 
+    # --processes 1 over a runs dir without the 2-process run: nothing runs, the report says why
+    for path in runs_dir.glob("ddp-2*"):
+        path.unlink()
+    result = subprocess.run(
+        [sys.executable, "-m", "benchmarks.multi_gpu", "--quick", "--steps", "4", "--profile-step", "2",
+         "--processes", "1", "--out", str(out), "--runs-dir", str(runs_dir)],
+        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not list(runs_dir.glob("ddp-2*"))
+    assert "- ddp: no run on 2 process(es) (--processes 1)" in out.read_text()
+
 
 def test_long_context_bandwidth_floor_counts_weights_kv_and_states() -> None:
     """The tiny teacher (4 attention layers, 2 K/V heads of 16, float32) at 128 tokens reads its weights

@@ -312,3 +312,29 @@ def test_a_lora_vlms_structure_copy_filled_with_its_weights_answers_as_it_does()
     images = [Image.new("RGB", (40, 30), (230, 30, 30)), Image.new("RGB", (30, 40), (30, 30, 230))]
     prompts = ["what colour ?", "and this ?"]
     assert whole.answer(images, prompts, max_new_tokens=6) == model.answer(images, prompts, max_new_tokens=6)
+
+
+def test_the_profile_tables_own_times_equal_pytorchs_key_averages() -> None:
+    """``_own_time_table`` (one pass over the events) against PyTorch's ``key_averages`` on a small
+    CPU workload: each operator's own CPU time and call count as PyTorch sums them; no device table
+    without device events."""
+    from mambavlm.training.engine import _own_time_table
+
+    layer = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        for _ in range(3):
+            layer(torch.randn(16, 32)).sum().backward()
+    events = profiler.events()
+    assert _own_time_table(events, device=True, rows=10) is None
+    table = _own_time_table(events, device=False, rows=1000)
+    ours = {}
+    for line in table.splitlines()[2:]:
+        ms, calls, _, name = (cell.strip() for cell in line.strip("|").split("|"))
+        ours[name] = (float(ms), int(calls))
+    theirs = {e.key: (e.self_cpu_time_total / 1e3, e.count) for e in profiler.key_averages()}
+    assert ours.keys() == theirs.keys()
+    for name, (ms, calls) in theirs.items():
+        assert ours[name][1] == calls, name
+        assert ours[name][0] == pytest.approx(ms, abs=1.5e-3), name  # printed to the microsecond
+    first = float(table.splitlines()[2].strip("|").split("|")[0])
+    assert first == max(ms for ms, _ in ours.values())
