@@ -3,15 +3,18 @@
     python -m benchmarks.selective_scan               # CUDA: one Mamba-2.8B layer's scan in training
     python -m benchmarks.selective_scan --launch-shapes 16x16x8 32x8x8   # block_d x block_t x warps
     python -m benchmarks.selective_scan --methods sequential              # one of the two kernel pairs
+    python -m benchmarks.selective_scan --shapes 8x5120x16x1522 2x5120x16x6088   # batch x channels x N x length
     TRITON_INTERPRET=1 python -m benchmarks.selective_scan --quick   # CPU: tiny shapes (CI)
 
-The shape is one training step's scan of one Mamba-2.8B layer at micro-batch 8 x 1522 tokens (u, delta,
+The default shape is one training step's scan of one Mamba-2.8B layer at micro-batch 8 x 1522 tokens (u, delta,
 z (8, 5120, 1522) bf16, A (5120, 16), B / C (8, 16, 1522), D and delta_bias, softplus): what
 ``mamba_inner_fn`` runs 64 times per step, where mamba_ssm's backward kernel alone was 49 % of the step on
 an H200 (``results/training_throughput.md``). Each row gives the median ms of the forward alone and of
 the forward + backward, the peak memory of a forward + backward, and the ratio to mamba_ssm's; our rows also
 the largest difference of their output and gradients from mamba_ssm's, relative to each tensor's
-largest value (both compute in float32 and round to bf16).
+largest value (both compute in float32 and round to bf16). ``--shapes`` times others, one table each
+(the sequential kernels run batch x channels threads, one channel each: fewer sequences leave the GPU
+emptier).
 """
 
 from __future__ import annotations
@@ -84,11 +87,11 @@ projections compute, and what ``_triton_scan_mixer`` passes; the sequential kern
 the chunked ones copy it to the sequence layout first)."""
 
 
-def run(quick: bool, repeats: int, launch_shapes: list[tuple[ScanMethod, int, int, int, str]]
-        ) -> tuple[list[list[object]], list[str]]:
+def run(quick: bool, repeats: int, launch_shapes: list[tuple[ScanMethod, int, int, int, str]],
+        shape: tuple[int, int, int, int]) -> tuple[list[list[object]], list[str]]:
     device = benchmark_device(quick)
     dtype = torch.float32 if quick else torch.bfloat16
-    args = inputs(SHAPES["quick" if quick else "paper"], device, dtype)
+    args = inputs(shape, device, dtype)
     grad = torch.randn(args[0].shape, generator=torch.Generator(device=device).manual_seed(1), device=device).to(dtype)
     if quick:
         reference_name, reference = "PyTorch (selective_scan_torch)", selective_scan_torch
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="launch shapes to time (channels per program x steps per chunk x warps)")
     parser.add_argument("--methods", nargs="+", choices=["chunked", "sequential"], default=["chunked", "sequential"],
                         help="the kernel pairs to time (each at its launch shapes)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="BxDxNxL",
+                        help="scan shapes to time, one table each (default: Mamba-2.8B at 8 x 1522 tokens)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.quick and os.environ.get("TRITON_INTERPRET") != "1":
@@ -162,15 +167,20 @@ def main(argv: list[str] | None = None) -> None:
     launches = [(m, *shape, layout) for m, method_shapes in per_method.items() for shape in method_shapes
                 for layout in (LAYOUTS if m == "sequential" else LAYOUTS[:1])]
     repeats = 2 if args.quick else args.repeats
-    rows, lines = run(args.quick, repeats, launches)
-    batch, dim, n, length = SHAPES["quick" if args.quick else "paper"]
+    scan_shapes = ([tuple(int(v) for v in text.split("x")) for text in args.shapes] if args.shapes
+                   else [SHAPES["quick" if args.quick else "paper"]])
+    if any(len(shape) != 4 for shape in scan_shapes):
+        raise SystemExit(f"--shapes takes BxDxNxL, got {args.shapes}")
     reference = "PyTorch's selective_scan_torch" if args.quick else "mamba_ssm's selective_scan_fn"
-    intro = (f"{'tiny stand-in' if args.quick else 'one Mamba-2.8B layer'}: u, delta, z ({batch}, {dim}, {length}) "
-             f"{'float32' if args.quick else 'bf16'}, N = {n}, D, delta_bias, softplus; median of {repeats}; "
-             f"the reference: {reference}")
+    sections = []
+    for batch, dim, n, length in scan_shapes:
+        rows, lines = run(args.quick, repeats, launches, (batch, dim, n, length))
+        intro = (f"{'tiny stand-in' if args.quick else 'one Mamba-2.8B layer'}: u, delta, z ({batch}, {dim}, "
+                 f"{length}) {'float32' if args.quick else 'bf16'}, N = {n}, D, delta_bias, softplus; median of "
+                 f"{repeats}; the reference: {reference}")
+        sections += [intro, markdown_table(HEADERS, rows), "\n".join(lines)]
     write_report(args.out or default_out("selective_scan", args.quick),
-                 "Selective scan, forward and backward: Triton vs mamba_ssm", benchmark_device(args.quick),
-                 [intro, markdown_table(HEADERS, rows), "\n".join(lines)])
+                 "Selective scan, forward and backward: Triton vs mamba_ssm", benchmark_device(args.quick), sections)
 
 
 if __name__ == "__main__":
