@@ -182,7 +182,7 @@ def vlm_loss(model: MambaVLM, batch: dict[str, Any], layout: str) -> Tensor:
     if layout in ("ours", "ours-mamba-inner"):
         return model(**batch).loss
     if layout == "ours-hf-mixer":  # every mixer falls back to transformers' own forward
-        with mock.patch.object(mamba_training, "resolve_training_scan", lambda scan, hidden_states: None):
+        with mock.patch.object(mamba_training, "resolve_training_scan", lambda *args: None):
             return model(**batch).loss
     embeds = model.embed(batch["input_ids"], batch["pixel_values"])
     return model.llm(inputs_embeds=embeds, attention_mask=batch["attention_mask"], labels=batch["labels"]).loss

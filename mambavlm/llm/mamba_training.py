@@ -21,21 +21,23 @@ The mixer, on CUDA with mamba_ssm, is called as mamba_ssm's ``Mamba.forward`` ca
 (B, 2 D_inner, L) copy per layer, and another for its gradient). Same weights, same kernel; the padded
 positions' input is zeroed first, as transformers' mixer zeroes it.
 
-The selective scan inside (``use_training_scan``; ``resolve_training_scan``): by default, on CUDA,
-mamba_ssm's unfused mixer computed in (B, L, D) around our Triton scan (``_triton_scan_mixer``,
-``selective_scan_triton``, which needs only Triton: it ships with torch); mamba_ssm's fused
-``mamba_inner_fn`` on request (or where Triton cannot run); on the CPU transformers' forward (its
-sequential ``slow_forward``). On an H200 (MambaVLM-2.8B, micro-batch 8 x 1522 tokens, bf16) the Triton
-scan's step ran 1.09x the ``mamba_inner_fn`` step and 1.05x mamba_ssm's own LM
-(``benchmarks/results/training_throughput.md``): its backward sums dB / dC over channel blocks in
-registers where mamba_ssm's adds each element atomically, and the projections' channel-contiguous
-output goes into it without the transposed copies ``mamba_inner_fn`` makes. It keeps more for the
-backward than ``mamba_inner_fn``, which recomputes the conv output and delta
-(``benchmarks/results/training_throughput.md`` gives the peak memory of both).
+The selective scan inside (``use_training_scan``; ``resolve_training_scan``): on CUDA, mamba_ssm's
+unfused mixer computed in (B, L, D) around our Triton scan (``_triton_scan_mixer``,
+``selective_scan_triton``, which needs only Triton: it ships with torch) where the micro-batch fills the
+GPU (``scan_fills_gpu``) or mamba_ssm is not installed, else mamba_ssm's fused ``mamba_inner_fn``; on
+the CPU transformers' forward (its sequential ``slow_forward``). On an H200, MambaVLM-2.8B at
+micro-batch 8 x 1522 tokens, bf16: the Triton scan's step ran 1.27x the ``mamba_inner_fn`` step and
+1.22x mamba_ssm's own LM (``benchmarks/results/training_throughput.md``): its backward sums dB / dC
+over channel blocks in registers where mamba_ssm's adds each element atomically, and the projections'
+channel-contiguous output goes into it without the transposed copies ``mamba_inner_fn`` makes. It runs
+one thread per (sequence, channel), so fewer sequences leave the GPU emptier (0.945x at micro-batch 4),
+and it keeps the conv output, delta and a float32 state per 16 steps for the backward, which
+``mamba_inner_fn`` recomputes: +24 GiB at micro-batch 8 (84 against 60).
 """
 
 from __future__ import annotations
 
+import functools
 import types
 from typing import Any, Literal
 
@@ -58,6 +60,7 @@ __all__ = [
     "install_fused_blocks",
     "mamba_lm_hidden_states",
     "right_padded",
+    "scan_fills_gpu",
     "use_training_scan",
     "zero3_partitioned",
 ]
@@ -83,7 +86,8 @@ def _mixer_forward(
     scan (``_triton_scan_mixer``; by default on CUDA, or under Triton's interpreter when asked for), or
     ``mamba_inner_fn`` on ``in_proj`` computed as mamba_ssm's ``Mamba.forward`` computes it (see the
     module docstring). hidden_states (B, L, D) -> (B, L, D)."""
-    scan = resolve_training_scan(self.training_scan, hidden_states) if mamba_ssm_layout and self.training else None
+    scan = (resolve_training_scan(self.training_scan, hidden_states, self.intermediate_size)
+            if mamba_ssm_layout and self.training else None)
     if scan == "triton":
         return _triton_scan_mixer(self, hidden_states, attention_mask)
     if scan is None:
@@ -161,22 +165,50 @@ def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: 
 TrainingScan = Literal["auto", "mamba_ssm", "triton"]
 
 
-def resolve_training_scan(scan: TrainingScan, hidden_states: Tensor) -> Literal["mamba_ssm", "triton"] | None:
-    """The scan a training mixer runs on ``hidden_states``: ``"triton"`` (``_triton_scan_mixer``),
-    ``"mamba_ssm"`` (its fused ``mamba_inner_fn``) or None (transformers' own forward). ``"auto"``: the
-    Triton scan on CUDA where Triton runs, else mamba_ssm where ``use_kernels`` allows it, else None;
-    ``"triton"`` where Triton cannot run, or ``"mamba_ssm"`` without mamba_ssm: None."""
-    if scan == "triton" or (scan == "auto" and hidden_states.is_cuda):
-        if triton_runs_on(hidden_states):
-            return "triton"
-        if scan == "triton":
-            return None
-    return "mamba_ssm" if use_kernels(hidden_states, "mamba_ssm") else None
+MIN_SCAN_WARPS_PER_SM = 8
+"""The fewest warps per streaming multiprocessor at which ``"auto"`` prefers our Triton scan to mamba_ssm's
+fused mixer. The sequential kernels run one thread per (sequence, channel), so a micro-batch of B
+sequences through a mixer of D_inner channels gives B D_inner / 32 warps. On an H200 (132 SMs),
+MambaVLM-2.8B (D_inner 5120) at micro-batch 8 x 1522 tokens (9.7 warps per SM): the step 1.27x the
+``mamba_inner_fn`` step; at micro-batch 4 (4.8 per SM): 0.945x; the scan alone at 2 x 6088 (2.4 per
+SM): 0.37x (``benchmarks/results/training_throughput.md``, ``selective_scan.md``). 8 lies between the
+measured win and loss."""
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def scan_fills_gpu(hidden_states: Tensor, channels: int) -> bool:
+    """Whether a batch of ``hidden_states`` (B, L, D) through a mixer of ``channels`` (D_inner) gives the
+    Triton scan at least ``MIN_SCAN_WARPS_PER_SM`` warps per SM of its CUDA device."""
+    warps = hidden_states.shape[0] * channels / 32
+    return warps >= MIN_SCAN_WARPS_PER_SM * _multiprocessors(hidden_states.device)
+
+
+def resolve_training_scan(
+    scan: TrainingScan, hidden_states: Tensor, channels: int
+) -> Literal["mamba_ssm", "triton"] | None:
+    """The scan a training mixer of ``channels`` (D_inner) runs on ``hidden_states`` (B, L, D):
+    ``"triton"`` (``_triton_scan_mixer``), ``"mamba_ssm"`` (its fused ``mamba_inner_fn``) or None
+    (transformers' own forward). ``"auto"``, on CUDA: the Triton scan where Triton runs and either
+    mamba_ssm is not to be used (``use_kernels``) or the batch fills the GPU (``scan_fills_gpu``), else
+    mamba_ssm; on the CPU: None. ``"triton"`` where Triton cannot run, or ``"mamba_ssm"`` without
+    mamba_ssm: None."""
+    mamba_ssm = use_kernels(hidden_states, "mamba_ssm")
+    if scan == "triton":
+        return "triton" if triton_runs_on(hidden_states) else None
+    if (scan == "auto" and hidden_states.is_cuda and triton_runs_on(hidden_states)
+            and (not mamba_ssm or scan_fills_gpu(hidden_states, channels))):
+        return "triton"
+    return "mamba_ssm" if mamba_ssm else None
 
 
 def use_training_scan(lm: MambaForCausalLM, scan: TrainingScan) -> None:
     """Which selective scan the mixers of ``lm`` train with in mamba_ssm's layout
-    (``resolve_training_scan``): ``"auto"`` (the default: the Triton scan on CUDA), ``"mamba_ssm"`` (its
+    (``resolve_training_scan``): ``"auto"`` (the default: the Triton scan on CUDA where the micro-batch
+    fills the GPU, else mamba_ssm's), ``"mamba_ssm"`` (its
     fused ``mamba_inner_fn``, which keeps less for the backward) or ``"triton"`` (``_triton_scan_mixer``;
     ``benchmarks/training_throughput.py`` measures both). Raises ValueError for another name."""
     if scan not in ("auto", "mamba_ssm", "triton"):

@@ -267,30 +267,48 @@ def test_an_unknown_training_scan_is_refused() -> None:
 
 
 @pytest.mark.parametrize(
-    ("scan", "cuda", "mamba_ssm", "triton", "expected"),
+    ("scan", "cuda", "mamba_ssm", "triton", "fills", "expected"),
     [
-        ("auto", True, True, True, "triton"),  # CUDA: the Triton scan, mamba_ssm installed or not
-        ("auto", True, False, True, "triton"),
-        ("auto", True, True, False, "mamba_ssm"),
-        ("auto", True, False, False, None),
-        ("auto", False, False, True, None),  # the CPU (even under Triton's interpreter): transformers' forward
-        ("mamba_ssm", True, True, True, "mamba_ssm"),
-        ("mamba_ssm", True, False, True, None),
-        ("triton", True, True, True, "triton"),
-        ("triton", False, False, True, "triton"),  # asked for: the interpreter runs it on the CPU
-        ("triton", True, True, False, None),
+        ("auto", True, True, True, True, "triton"),  # CUDA, a micro-batch that fills the GPU
+        ("auto", True, True, True, False, "mamba_ssm"),  # too few sequences: mamba_ssm's fused mixer
+        ("auto", True, False, True, False, "triton"),  # without mamba_ssm, the Triton scan at any batch
+        ("auto", True, True, False, True, "mamba_ssm"),
+        ("auto", True, False, False, True, None),
+        ("auto", False, False, True, True, None),  # the CPU (even under Triton's interpreter): transformers' forward
+        ("mamba_ssm", True, True, True, True, "mamba_ssm"),
+        ("mamba_ssm", True, False, True, True, None),
+        ("triton", True, True, True, False, "triton"),
+        ("triton", False, False, True, False, "triton"),  # asked for: the interpreter runs it on the CPU
+        ("triton", True, True, False, True, None),
     ],
 )
-def test_the_training_scan_resolves_by_what_is_installed(
-    scan: str, cuda: bool, mamba_ssm: bool, triton: bool, expected: str | None, monkeypatch: pytest.MonkeyPatch
+def test_the_training_scan_resolves_by_what_is_installed_and_the_batch(
+    scan: str, cuda: bool, mamba_ssm: bool, triton: bool, fills: bool, expected: str | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     import types
 
     import mambavlm.llm.mamba_training as training
 
-    monkeypatch.setattr(training, "use_kernels", lambda t, name: name == "mamba_ssm" and mamba_ssm)
+    monkeypatch.setattr(training, "use_kernels", lambda t, name: name == "mamba_ssm" and mamba_ssm and t.is_cuda)
     monkeypatch.setattr(training, "triton_runs_on", lambda t: triton)
-    assert training.resolve_training_scan(scan, types.SimpleNamespace(is_cuda=cuda)) == expected
+    monkeypatch.setattr(training, "scan_fills_gpu", lambda t, channels: fills)
+    assert training.resolve_training_scan(scan, types.SimpleNamespace(is_cuda=cuda), 64) == expected
+
+
+@pytest.mark.parametrize(("batch", "channels", "sms", "expected"), [
+    (8, 5120, 132, True),  # MambaVLM-2.8B at micro-batch 8 on an H200: 1280 warps, 9.7 per SM
+    (4, 5120, 132, False),  # micro-batch 4: 4.8 per SM
+    (33, 1024, 132, True),  # 1056 warps: exactly 8 per SM
+    (32, 1024, 132, False),
+])
+def test_the_scan_fills_the_gpu_at_eight_warps_per_multiprocessor(
+    batch: int, channels: int, sms: int, expected: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import mambavlm.llm.mamba_training as training
+
+    monkeypatch.setattr(training, "_multiprocessors", lambda device: sms)
+    assert training.scan_fills_gpu(torch.zeros(batch, 3, 2), channels) is expected
 
 
 def test_blocks_train_with_the_auto_scan_by_default() -> None:
@@ -309,7 +327,8 @@ def test_blocks_train_with_the_auto_scan_by_default() -> None:
 def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(
     batch_maker: Callable[[MambaVLM], dict], chosen: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """float32 on CUDA: the mixers with our Triton scan, asked for or by default, against mamba_ssm's
+    """float32 on CUDA: the mixers with our Triton scan, asked for or by default (a batch that fills the
+    GPU), against mamba_ssm's
     ``mamba_inner_fn`` (asked for), loss and every gradient (both sum in float32; atomics make the
     order differ); every layer called the Triton scan, u (a slice of in_proj's output through
     causal_conv1d), delta and z channel-contiguous."""
@@ -335,6 +354,8 @@ def test_training_with_the_triton_scan_equals_mamba_inner_fn_on_cuda(
                         lambda *a, **k: calls.append((a[0].stride(1), a[1].stride(1), k["z"].stride(1))) or scan(*a, **k))
     if chosen == "asked-for":
         use_training_scan(model.llm, "triton")
+    else:  # the tiny batch does not fill a GPU: as if it did
+        monkeypatch.setattr(training, "scan_fills_gpu", lambda hidden_states, channels: True)
     ours, our_grads = loss_and_grads(model, batch, True)
     assert len(calls) == model.llm.config.num_hidden_layers
     # delta and z reach the scan channel-contiguous, and u too where causal_conv1d's channel-last kernel runs
