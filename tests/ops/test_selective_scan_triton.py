@@ -126,6 +126,77 @@ def test_the_default_launch_follows_the_method_and_the_memory_order(
     assert launches == [(*expected, method)]
 
 
+INNER_CHECKS = textwrap.dedent(
+    """
+    import torch
+    import torch.nn.functional as F
+    from mambavlm.ops.causal_conv1d import causal_conv1d
+    from mambavlm.ops.selective_scan import selective_scan_torch
+    from mambavlm.ops.selective_scan_triton import mamba_inner_triton
+
+    def reference(x, z, conv_w, conv_b, x_proj_w, dt_proj_w, A, D, bias):
+        u = causal_conv1d(x, conv_w, conv_b, "silu")
+        dt, b, c = F.linear(u.transpose(1, 2), x_proj_w).split([dt_proj_w.shape[1], A.shape[1], A.shape[1]], -1)
+        delta = F.linear(dt, dt_proj_w).transpose(1, 2)
+        return selective_scan_torch(u, delta, A, b.transpose(1, 2), c.transpose(1, 2), D, z, bias, True)
+
+    names = "x z conv_w conv_b x_proj_w dt_proj_w A D bias".split()
+    for batch, dim, n, rank, length, bias_on in ((2, 24, 4, 3, 37, True), (1, 40, 8, 2, 20, False)):
+        g = torch.Generator().manual_seed(dim)
+        xz = torch.randn(batch, length, 2 * dim, generator=g)  # in_proj's output: x and z its channel-last halves
+        conv_b = torch.randn(dim, generator=g) * 0.2 if bias_on else None
+        args = [xz[..., :dim].transpose(1, 2), xz[..., dim:].transpose(1, 2), torch.randn(dim, 4, generator=g) * 0.5,
+                conv_b, torch.randn(rank + 2 * n, dim, generator=g) * 0.3, torch.randn(dim, rank, generator=g) * 0.5,
+                -torch.rand(dim, n, generator=g) - 0.1, torch.randn(dim, generator=g), torch.randn(dim, generator=g) * 0.3]
+        grad = torch.randn(batch, dim, length, generator=g)
+        results = []
+        for fn in (mamba_inner_triton, reference):
+            leaves = [a if a is None else a.detach().clone().requires_grad_(True) for a in args]
+            saved = []
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+                out = fn(*leaves)
+            out.backward(grad)
+            results.append((out.detach(), [None if a is None else a.grad for a in leaves], saved, leaves))
+        (got, got_grads, saved, leaves), (want, want_grads, _, _) = results
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        for name, g_got, g_want in zip(names, got_grads, want_grads):
+            assert (g_got is None) == (g_want is None), name
+            if g_want is not None:
+                torch.testing.assert_close(g_got, g_want, rtol=1e-3, atol=1e-3, msg=lambda m, k=name: f"{k}: {m}")
+        # mamba_inner_fn's memory plan: of the (Bt, Dm, L)-sized tensors only the inputs x and z are kept
+        # (the conv output and delta are recomputed in the backward)
+        large = [t for t in saved if t.numel() == batch * dim * length]
+        assert len(large) == 2 and {t.data_ptr() for t in large} == {leaves[0].data_ptr(), leaves[1].data_ptr()}, \
+            [(tuple(t.shape), t.dtype) for t in saved]
+    print("mamba_inner_triton: equal")
+    """
+)
+
+
+def test_mamba_inner_triton_equals_the_pytorch_mixer_and_keeps_only_its_inputs() -> None:
+    """The conv -> x_proj -> dt_proj -> scan chain under Triton's interpreter against the same chain in
+    PyTorch (``causal_conv1d``, ``F.linear``, ``selective_scan_torch``), output and every gradient, x and
+    z channel-contiguous slices of one (B, L, 2 Dm) tensor, with and without the conv bias; and of the
+    (B, Dm, L)-sized tensors it keeps for the backward only x and z (saved-tensor hooks)."""
+    result = subprocess.run([sys.executable, "-c", INNER_CHECKS], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "mamba_inner_triton: equal" in result.stdout
+
+
+def test_mamba_inner_triton_names_what_does_not_fit() -> None:
+    from mambavlm.ops.selective_scan_triton import mamba_inner_triton
+
+    x = torch.zeros(1, 8, 5)
+    weights = (torch.zeros(8, 4), None, torch.zeros(2 + 8, 8), torch.zeros(8, 2))
+    with pytest.raises(ValueError, match=r"x and z must be \(Bt, Dm, L\) of one shape"):
+        mamba_inner_triton(x, x[..., :4], *weights, torch.zeros(8, 4))
+    with pytest.raises(ValueError, match=r"A must be \(Dm, N\) = \(8, N\) with N a power of 2, got \(8, 3\)"):
+        mamba_inner_triton(x, x, *weights, torch.zeros(8, 3))
+    with pytest.raises(ValueError, match=r"x_proj_weight \(10, 8\) must be \(R \+ 2 N, Dm\)"):
+        mamba_inner_triton(x, x, *weights[:3], torch.zeros(8, 3), torch.zeros(8, 4))
+
+
 def test_inputs_the_triton_scan_cannot_take_are_named() -> None:
     from mambavlm.ops.selective_scan_triton import selective_scan_triton
 
