@@ -30,10 +30,9 @@ micro-batch 8 x 1522 tokens, bf16: the Triton scan's step ran 1.27x the ``mamba_
 1.22x mamba_ssm's own LM (``benchmarks/results/training_throughput.md``): its backward sums dB / dC
 over channel blocks in registers where mamba_ssm's adds each element atomically, and the projections'
 channel-contiguous output goes into it without the transposed copies ``mamba_inner_fn`` makes. It runs
-one thread per (sequence, channel), so fewer sequences leave the GPU emptier (0.945x at micro-batch 4).
-It keeps a float32 state per 16 steps for the backward; it kept the conv output and delta too (+24 GiB
-at micro-batch 8: 84 against 60), which ``mamba_inner_triton`` now recomputes in the backward as
-``mamba_inner_fn`` does (not yet measured on the GPU).
+one thread per (sequence, channel), so fewer sequences leave the GPU emptier (0.945x at micro-batch 4),
+and it keeps the conv output, delta and a float32 state per 16 steps for the backward, which
+``mamba_inner_fn`` recomputes: +24 GiB at micro-batch 8 (84 against 60).
 """
 
 from __future__ import annotations
@@ -51,9 +50,10 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.models.mamba.modeling_mamba import MambaBlock, MambaMixer
 
 from mambavlm.llm.tokenizer import IGNORE_INDEX
+from mambavlm.ops.causal_conv1d import causal_conv1d
 from mambavlm.ops.dispatch import triton_runs_on, use_kernels
 from mambavlm.ops.norm import add_rms_norm, rms_norm
-from mambavlm.ops.selective_scan_triton import mamba_inner_triton
+from mambavlm.ops.selective_scan_triton import selective_scan_triton
 
 __all__ = [
     "answer_token_loss",
@@ -129,32 +129,36 @@ def _in_proj(self: MambaMixer, hidden_states: Tensor, attention_mask: Tensor | N
 
 
 def _triton_scan_mixer(self: MambaMixer, hidden_states: Tensor, attention_mask: Tensor | None) -> Tensor:
-    """The mixer as mamba_ssm's ``Mamba.forward`` computes it (``in_proj``, the causal conv, ``x_proj``,
-    ``dt_proj``, the selective scan with the gate, ``out_proj``), the part between the projections
-    ``mamba_inner_triton`` (our sequential scan; the conv output and delta recomputed in the backward,
-    as ``mamba_inner_fn`` recomputes them). hidden_states (B, L, D) -> (B, L, D); the padded positions'
-    input zeroed first, as in the ``mamba_inner_fn`` path.
+    """The mixer as mamba_ssm's ``Mamba.forward`` without its fused path (``in_proj``, the causal conv,
+    ``x_proj``, ``dt_proj``, the selective scan with the gate, ``out_proj``), the scan being
+    ``selective_scan_triton``. hidden_states (B, L, D) -> (B, L, D); the padded positions' input zeroed
+    first, as in the ``mamba_inner_fn`` path.
 
     Every tensor stays channel-contiguous, (B, L, D_inner) in memory, as the projections give and take
-    it: x and z go in as slices of ``in_proj``'s output (causal_conv1d's channel-last kernel and the scan
-    read through strides), and the transposes ``mamba_inner_fn`` makes for mamba_ssm's
-    sequence-contiguous kernels are not needed. The projections are called as modules (a LoRA or 4-bit
-    ``in_proj`` works)."""
+    it: the scan reads each step's channels of u, delta and z together (``selective_scan_triton`` reads
+    through strides) and the transposes ``mamba_inner_fn`` makes for mamba_ssm's sequence-contiguous
+    kernels are not needed. x goes into the conv as a slice of in_proj's output (causal_conv1d's
+    channel-last kernel reads through its strides and writes a dense channel-last output), so x and z
+    share one saved (B, L, 2 D_inner) tensor."""
     if attention_mask is not None:
         hidden_states = (hidden_states * attention_mask[:, :, None]).to(hidden_states.dtype)
-    x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D_inner) each, views into one buffer
-    y = mamba_inner_triton(
-        x.transpose(1, 2),
-        z.transpose(1, 2),
-        self.conv1d.weight[:, 0],
-        self.conv1d.bias if self.use_conv_bias else None,
-        self.x_proj.weight,
-        self.dt_proj.weight,
+    x, z = self.in_proj(hidden_states).chunk(2, dim=-1)  # (B, L, D_inner) each, z a view into xz
+    x = causal_conv1d(x.transpose(1, 2), self.conv1d.weight[:, 0],
+                      self.conv1d.bias if self.use_conv_bias else None, "silu")  # (B, D_inner, L)
+    x_dbl = F.linear(x.transpose(1, 2), self.x_proj.weight)  # (B, L, R + 2 N)
+    dt, b_ssm, c_ssm = x_dbl.split([self.time_step_rank, self.ssm_state_size, self.ssm_state_size], dim=-1)
+    delta = F.linear(dt, self.dt_proj.weight)  # (B, L, D_inner); its bias is the scan's delta_bias
+    y = selective_scan_triton(
+        x,
+        delta.transpose(1, 2),
         -torch.exp(self.A_log.float()),
+        b_ssm.transpose(1, 2),
+        c_ssm.transpose(1, 2),
         D=self.D.float(),
+        z=z.transpose(1, 2),
         delta_bias=self.dt_proj.bias.float(),
         delta_softplus=True,
-    )  # (B, D_inner, L), channel-contiguous where causal_conv1d's kernel runs
+    )  # (B, D_inner, L) in x's order
     return self.out_proj(y.transpose(1, 2))
 
 

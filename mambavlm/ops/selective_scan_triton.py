@@ -45,10 +45,8 @@ import math
 from typing import Any, Literal, get_args
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mambavlm.ops.causal_conv1d import causal_conv1d
 from mambavlm.ops.selective_scan import check_scan_inputs
 
 try:
@@ -57,7 +55,7 @@ try:
 except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
 
-__all__ = ["LAUNCH", "METHOD", "MemoryOrder", "ScanMethod", "mamba_inner_triton", "memory_order", "selective_scan_triton"]
+__all__ = ["LAUNCH", "METHOD", "MemoryOrder", "ScanMethod", "memory_order", "selective_scan_triton"]
 
 ScanMethod = Literal["chunked", "sequential"]
 
@@ -364,124 +362,94 @@ def _grouped(weight: Tensor) -> Tensor:
     return (weight if weight.dim() == 4 else weight.unsqueeze(1)).contiguous()
 
 
-_ScanLaunch = tuple[int, int, int, str]
-"""(block_d, block_t, num_warps, method)."""
-
-
-def _scan_forward(
-    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-    delta_bias: Tensor | None, delta_softplus: bool, launch: _ScanLaunch,
-) -> tuple[Tensor, tuple[Tensor | None, ...]]:
-    """The forward kernels: (out (Bt, Dm, L), what ``_scan_backward`` needs besides u, delta, z and the
-    output gradient: A, B, C, D, delta_bias in the kernels' layouts and the chunks' incoming states)."""
-    batch, dim, length = u.shape
-    n_state = A.shape[1]
-    block_d, block_t, num_warps, method = launch
-    n_chunks = triton.cdiv(length, block_t)
-    D = None if D is None else D.float().contiguous()
-    delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
-    if method == "sequential":
-        # u, delta, z read through their strides (sequence- or channel-contiguous), out stored in u's
-        # order; channel-contiguous A^T (N, Dm), states (Bt, chunks, N, Dm); B^T, C^T (Bt, G, L, N)
-        out = _empty_in_order_of(u)
-        A = A.float().t().contiguous()
-        B, C = B.transpose(2, 3).contiguous(), C.transpose(2, 3).contiguous()
-        states = torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32)
-        kernel = _sequential_fwd_kernel
-        strides = (*u.stride(), *delta.stride(), *(z if z is not None else u).stride(), *out.stride())
-    else:
-        u, delta = u.contiguous(), delta.contiguous()
-        z = None if z is None else z.contiguous()
-        out = torch.empty_like(u)
-        A = A.float().contiguous()
-        states = torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32)
-        kernel = _selective_scan_fwd_kernel
-        strides = ()
-    grid = (batch, triton.cdiv(dim, block_d))
-    kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks, B.shape[1],
-        dim // B.shape[1], *strides,
-        N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
-    )
-    return out, (A, B, C, D, delta_bias, states)
-
-
-def _scan_backward(
-    u: Tensor, delta: Tensor, z: Tensor | None, dout: Tensor, saved: tuple[Tensor | None, ...],
-    delta_softplus: bool, launch: _ScanLaunch,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """The backward kernels over what ``_scan_forward`` saved, u, delta and z as the forward read them
-    (the chunked kernels contiguous): du, ddelta, dA (Dm, N), dB, dC (Bt, G, N, L) float32, dD, dz,
-    ddelta_bias."""
-    A, B, C, D, delta_bias, states = saved
-    block_d, block_t, num_warps, method = launch
-    batch, dim, length = u.shape
-    n_chunks = triton.cdiv(length, block_t)
-    n_state = A.shape[1] if method != "sequential" else A.shape[0]
-    if method == "sequential":  # each gradient in its input's order, dout read through its strides
-        du, ddelta = _empty_in_order_of(u), _empty_in_order_of(delta)
-        dz = _empty_in_order_of(z) if z is not None else None
-    else:
-        u, delta = u.contiguous(), delta.contiguous()
-        z = None if z is None else z.contiguous()
-        dout = dout.contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-    dA = torch.zeros_like(A)  # A^T's shape for the sequential kernels
-    dD = torch.zeros_like(D) if D is not None else None
-    dbias = torch.zeros_like(delta_bias) if delta_bias is not None else None
-    groups = B.shape[1]
-    grid = (batch, triton.cdiv(dim, block_d))
-    if method == "sequential":
-        # each program's incoming states of one chunk, (BLOCK_T, N, BLOCK_D) float32, and its own rows of
-        # dB / dC, summed over the programs of a group below (no atomics: every program of a batch row
-        # would add to the same (n, t) at about the same step)
-        history = torch.empty(batch * grid[1] * block_t * block_d * n_state, device=u.device, dtype=torch.float32)
-        dB = torch.empty(batch, grid[1], length, n_state, device=B.device, dtype=torch.float32)
-        dC = torch.empty_like(dB)
-        kernel, extra = _sequential_bwd_kernel, (history,)
-        zs, dzs = (z, dz) if z is not None else (u, du)
-        strides = (*u.stride(), *delta.stride(), *zs.stride(), *dout.stride(), *du.stride(), *ddelta.stride(),
-                   *dzs.stride())
-    else:
-        dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
-        dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)
-        kernel, extra, strides = _selective_scan_bwd_kernel, (), ()
-    kernel[grid](
-        u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
-        delta_bias if delta_bias is not None else A, dout, states, *extra,
-        du, ddelta, dz if dz is not None else du, dA, dB, dC,
-        dD if dD is not None else dA, dbias if dbias is not None else dA,
-        dim, length, n_chunks, groups, dim // groups, *strides,
-        N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
-        HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
-    )
-    if method == "sequential":  # (Bt, programs, L, N) -> (Bt, G, N, L): a group's programs are consecutive
-        dB, dC = (part.view(batch, groups, grid[1] // groups, length, n_state).sum(2).transpose(2, 3)
-                  for part in (dB, dC))
-        dA = dA.t()
-    return du, ddelta, dA, dB, dC, dD, dz, dbias
-
-
 class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(
         ctx: Any, u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
-        delta_bias: Tensor | None, delta_softplus: bool, launch: _ScanLaunch,
+        delta_bias: Tensor | None, delta_softplus: bool, launch: tuple[int, int, int, str],
     ) -> Tensor:
-        out, saved = _scan_forward(u, delta, A, B, C, D, z, delta_bias, delta_softplus, launch)
-        ctx.save_for_backward(u, delta, z, *saved)
-        ctx.delta_softplus, ctx.launch, ctx.dtypes = delta_softplus, launch, (B.dtype, C.dtype)
+        batch, dim, length = u.shape
+        n_state = A.shape[1]
+        block_d, block_t, num_warps, method = launch
+        n_chunks = triton.cdiv(length, block_t)
+        D = None if D is None else D.float().contiguous()
+        delta_bias = None if delta_bias is None else delta_bias.float().contiguous()
+        if method == "sequential":
+            # u, delta, z read through their strides (sequence- or channel-contiguous), out stored in u's
+            # order; channel-contiguous A^T (N, Dm), states (Bt, chunks, N, Dm); B^T, C^T (Bt, G, L, N)
+            out = _empty_in_order_of(u)
+            A = A.float().t().contiguous()
+            B, C = B.transpose(2, 3).contiguous(), C.transpose(2, 3).contiguous()
+            states = torch.empty(batch, n_chunks, n_state, dim, device=u.device, dtype=torch.float32)
+            kernel = _sequential_fwd_kernel
+            strides = (*u.stride(), *delta.stride(), *(z if z is not None else u).stride(), *out.stride())
+        else:
+            u, delta = u.contiguous(), delta.contiguous()
+            z = None if z is None else z.contiguous()
+            out = torch.empty_like(u)
+            A = A.float().contiguous()
+            states = torch.empty(batch, dim, n_chunks, n_state, device=u.device, dtype=torch.float32)
+            kernel = _selective_scan_fwd_kernel
+            strides = ()
+        grid = (batch, triton.cdiv(dim, block_d))
+        kernel[grid](
+            u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
+            delta_bias if delta_bias is not None else A, out, states, dim, length, n_chunks, B.shape[1],
+            dim // B.shape[1], *strides,
+            N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=delta_softplus, num_warps=num_warps,
+        )
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+        ctx.delta_softplus, ctx.launch, ctx.n_chunks = delta_softplus, launch, n_chunks
         return out
 
     @staticmethod
     def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
-        u, delta, z, *saved = ctx.saved_tensors
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_backward(u, delta, z, dout, tuple(saved), ctx.delta_softplus,
-                                                                ctx.launch)
-        return du, ddelta, dA, dB.to(ctx.dtypes[0]), dC.to(ctx.dtypes[1]), dD, dz, dbias, None, None
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        block_d, block_t, num_warps, method = ctx.launch
+        batch, dim, length = u.shape
+        n_state = A.shape[1] if method != "sequential" else A.shape[0]
+        if method == "sequential":  # each gradient in its input's order, dout read through its strides
+            du, ddelta = _empty_in_order_of(u), _empty_in_order_of(delta)
+            dz = _empty_in_order_of(z) if z is not None else None
+        else:
+            dout = dout.contiguous()
+            du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+            dz = torch.empty_like(z) if z is not None else None
+        dA = torch.zeros_like(A)  # A^T's shape for the sequential kernels
+        dD = torch.zeros_like(D) if D is not None else None
+        dbias = torch.zeros_like(delta_bias) if delta_bias is not None else None
+        groups = B.shape[1]
+        grid = (batch, triton.cdiv(dim, block_d))
+        if method == "sequential":
+            # each program's incoming states of one chunk, (BLOCK_T, N, BLOCK_D) float32, and its own rows of
+            # dB / dC, summed over the programs of a group below (no atomics: every program of a batch row
+            # would add to the same (n, t) at about the same step)
+            history = torch.empty(batch * grid[1] * block_t * block_d * n_state, device=u.device, dtype=torch.float32)
+            dB = torch.empty(batch, grid[1], length, n_state, device=B.device, dtype=torch.float32)
+            dC = torch.empty_like(dB)
+            kernel, extra = _sequential_bwd_kernel, (history,)
+            zs, dzs = (z, dz) if z is not None else (u, du)
+            strides = (*u.stride(), *delta.stride(), *zs.stride(), *dout.stride(), *du.stride(), *ddelta.stride(),
+                       *dzs.stride())
+        else:
+            dB = torch.zeros(B.shape, device=B.device, dtype=torch.float32)
+            dC = torch.zeros(C.shape, device=C.device, dtype=torch.float32)
+            kernel, extra, strides = _selective_scan_bwd_kernel, (), ()
+        kernel[grid](
+            u, delta, A, B, C, D if D is not None else A, z if z is not None else u,
+            delta_bias if delta_bias is not None else A, dout, states, *extra,
+            du, ddelta, dz if dz is not None else du, dA, dB, dC,
+            dD if dD is not None else dA, dbias if dbias is not None else dA,
+            dim, length, ctx.n_chunks, groups, dim // groups, *strides,
+            N=n_state, BLOCK_D=block_d, BLOCK_T=block_t, HAS_D=D is not None, HAS_Z=z is not None,
+            HAS_BIAS=delta_bias is not None, SOFTPLUS=ctx.delta_softplus, num_warps=num_warps,
+        )
+        if method == "sequential":  # (Bt, programs, L, N) -> (Bt, G, N, L): a group's programs are consecutive
+            dB, dC = (part.view(batch, groups, grid[1] // groups, length, n_state).sum(2).transpose(2, 3)
+                      for part in (dB, dC))
+            dA = dA.t()
+        return du, ddelta, dA, dB.to(B.dtype), dC.to(C.dtype), dD, dz, dbias, None, None
 
 
 def selective_scan_triton(
@@ -538,104 +506,3 @@ def selective_scan_triton(
     B, C = _grouped(B), _grouped(C)
     launch = (block_d, block_t, num_warps, method)
     return _SelectiveScan.apply(u, delta, A, B, C, D, z, delta_bias, delta_softplus, launch)
-
-
-class _MambaInner(torch.autograd.Function):
-    """conv -> x_proj -> dt_proj -> sequential scan with the gate, keeping for the backward what
-    mamba_ssm's ``mamba_inner_fn`` keeps (its default ``checkpoint_lvl=1``): the conv input, z, the
-    weights, the small B / C and the scan's chunk states; the conv output and delta, two (B, D_inner, L)
-    tensors, are recomputed in the backward (one conv and two thin GEMMs) instead of kept."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(
-        ctx: Any, x: Tensor, z: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor,
-        dt_proj_weight: Tensor, A: Tensor, D: Tensor | None, delta_bias: Tensor | None, delta_softplus: bool,
-    ) -> Tensor:
-        u, delta, b_ssm, c_ssm = _inner_inputs(x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A.shape[1])
-        launch = _default_launch(u, "sequential")
-        out, saved = _scan_forward(u, delta, A, b_ssm, c_ssm, D, z, delta_bias, delta_softplus, launch)
-        ctx.save_for_backward(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, *saved)
-        ctx.delta_softplus, ctx.launch, ctx.n_state = delta_softplus, launch, A.shape[1]
-        return out
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx: Any, dout: Tensor) -> tuple[Tensor | None, ...]:
-        x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, *saved = ctx.saved_tensors
-        leaves = [None if t is None else t.detach().requires_grad_(needed)
-                  for t, needed in zip((x, conv_weight, conv_bias, x_proj_weight, dt_proj_weight),
-                                       (ctx.needs_input_grad[i] for i in (0, 2, 3, 4, 5)), strict=True)]
-        with torch.enable_grad():  # the conv output and delta again, with their graphs
-            u, delta, b_ssm, c_ssm = _inner_inputs(*leaves, ctx.n_state)
-        du, ddelta, dA, dB, dC, dD, dz, dbias = _scan_backward(u.detach(), delta.detach(), z, dout, tuple(saved),
-                                                               ctx.delta_softplus, ctx.launch)
-        wanted = [leaf for leaf in leaves if leaf is not None and leaf.requires_grad]
-        grads = iter(torch.autograd.grad(
-            (u, delta, b_ssm, c_ssm), wanted, (du, ddelta, dB.to(b_ssm.dtype), dC.to(c_ssm.dtype)), allow_unused=True,
-        ) if wanted else ())
-        dx, dconv_w, dconv_b, dx_proj, ddt_proj = (
-            next(grads) if leaf is not None and leaf.requires_grad else None for leaf in leaves)
-        return dx, dz, dconv_w, dconv_b, dx_proj, ddt_proj, dA, dD, dbias, None
-
-
-def _inner_inputs(
-    x: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, dt_proj_weight: Tensor,
-    n_state: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """x (Bt, Dm, L) -> the scan's u = silu(conv(x)) (Bt, Dm, L) and delta (Bt, Dm, L) (both in the order
-    the conv and the GEMM give them: channel-contiguous for a channel-contiguous x), B and C as
-    (Bt, 1, N, L) views of ``x_proj``'s output."""
-    u = causal_conv1d(x, conv_weight, conv_bias, "silu")
-    x_dbl = F.linear(u.transpose(1, 2), x_proj_weight)  # (Bt, L, R + 2 N)
-    rank = x_dbl.shape[-1] - 2 * n_state
-    dt, b_ssm, c_ssm = x_dbl.split([rank, n_state, n_state], dim=-1)
-    delta = F.linear(dt, dt_proj_weight)  # (Bt, L, Dm); its bias is the scan's delta_bias
-    return u, delta.transpose(1, 2), b_ssm.transpose(1, 2).unsqueeze(1), c_ssm.transpose(1, 2).unsqueeze(1)
-
-
-def _default_launch(u: Tensor, method: ScanMethod) -> _ScanLaunch:
-    block_d, block_t, num_warps = LAUNCH[method, memory_order(u) if method == "sequential" else "sequence"]
-    return block_d, block_t, num_warps, method
-
-
-def mamba_inner_triton(
-    x: Tensor,
-    z: Tensor,
-    conv_weight: Tensor,
-    conv_bias: Tensor | None,
-    x_proj_weight: Tensor,
-    dt_proj_weight: Tensor,
-    A: Tensor,
-    D: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = True,
-) -> Tensor:
-    """A Mamba-1 mixer between its two projections, with our sequential scan: mamba_ssm's
-    ``mamba_inner_fn`` without ``in_proj`` and ``out_proj`` (the callers run those as modules, so a LoRA
-    or 4-bit ``in_proj`` works), with its memory plan (``_MambaInner``: the conv output and delta are
-    recomputed in the backward, not kept).
-
-    x, z (Bt, Dm, L): ``in_proj``'s two halves, channel-contiguous as a (Bt, L, 2 Dm) output's slices
-    (the fast order; any order is read through its strides); conv_weight (Dm, W), conv_bias (Dm,);
-    x_proj_weight (R + 2 N, Dm); dt_proj_weight (Dm, R); A (Dm, N) real float32, N a power of 2; D,
-    delta_bias (Dm,) float32. Computes ``u = silu(conv(x))``, ``dt, B, C = x_proj(u)``,
-    ``delta = dt_proj(dt)`` and ``selective_scan(u, delta, A, B, C, D, z, delta_bias, delta_softplus)``
-    (``selective_scan_triton``); returns (Bt, Dm, L) in x's dtype, in the conv output's order (x's, for a
-    channel-contiguous x through causal_conv1d's kernel on CUDA); gradients for every tensor.
-    Runs on CUDA, or under Triton's interpreter. Raises ValueError for shapes that do not fit.
-    """
-    if triton is None:
-        raise RuntimeError("mamba_inner_triton needs triton")
-    if x.dim() != 3 or z.shape != x.shape:
-        raise ValueError(f"x and z must be (Bt, Dm, L) of one shape, got {tuple(x.shape)} and {tuple(z.shape)}")
-    n_state = A.shape[-1]
-    if A.dim() != 2 or A.shape[0] != x.shape[1] or n_state & (n_state - 1):
-        raise ValueError(f"A must be (Dm, N) = ({x.shape[1]}, N) with N a power of 2, got {tuple(A.shape)}")
-    if x_proj_weight.shape[1] != x.shape[1] or x_proj_weight.shape[0] - 2 * n_state != dt_proj_weight.shape[1]:
-        raise ValueError(
-            f"x_proj_weight {tuple(x_proj_weight.shape)} must be (R + 2 N, Dm) and dt_proj_weight "
-            f"{tuple(dt_proj_weight.shape)} (Dm, R), with Dm = {x.shape[1]} and N = {n_state}"
-        )
-    return _MambaInner.apply(x, z, conv_weight, conv_bias, x_proj_weight, dt_proj_weight, A, D, delta_bias,
-                             delta_softplus)

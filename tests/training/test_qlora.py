@@ -40,7 +40,7 @@ def test_qlora_trains_through_the_training_scan_on_a_4_bit_llm(scan: str, monkey
     training.use_training_scan(model.llm.get_base_model(), scan)
 
     calls = []
-    owner, name = (training, "mamba_inner_triton") if scan == "auto" else (mamba_ssm_interface, "mamba_inner_fn")
+    owner, name = (training, "selective_scan_triton") if scan == "auto" else (mamba_ssm_interface, "mamba_inner_fn")
     kernel = getattr(owner, name)
     monkeypatch.setattr(owner, name, lambda *a, **k: calls.append(1) or kernel(*a, **k))
     names = LoraTrainable(settings)(model)
