@@ -9,7 +9,8 @@ is answered. Some of LLaVA's files give one id to several questions (TextVQA's a
 as the id, one per image for two questions): every occurrence of an id that occurs more than once
 becomes ``ID#n``, n its position among them from 0 (``read_mme``'s ids; ``eval/score.py`` maps TextVQA
 answers back through their prompts, as LLaVA's scorer does), so every question is answered and the
-answers stay apart.
+answers stay apart. Every other id is written back to the answers as the file gives it (an integer stays
+an integer, as LLaVA's ``model_vqa_loader`` writes it and its submission scripts match it).
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ __all__ = ["EvalQuestion", "read_questions"]
 
 @dataclass(frozen=True)
 class EvalQuestion:
-    """One question to answer: ``image`` is a path (None for a text-only question); ``text`` as written
-    in the file (any JSON type: a non-string is reported when it is answered)."""
+    """One question to answer: ``question_id`` its key (the file's id as a string, ``ID#n`` for a repeated
+    one), ``source_id`` the id the answers give it (the file's JSON value, or the key for a repeated
+    id); ``image`` is a path (None for a text-only question); ``text`` as written in the file (any JSON
+    type: a non-string is reported when it is answered)."""
 
     question_id: str
     image: Path | None
     text: object
+    source_id: object
 
 
 def read_questions(path: str | Path, image_root: str | Path | None = None) -> tuple[list[EvalQuestion], list[tuple[str, str]]]:
@@ -60,9 +64,10 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> tu
     position: Counter[str] = Counter()
     seen: set[str] = set()
     for number, question_id, record in records:
+        source_id = record["question_id"]
         if occurrences[question_id] > 1:
             position[question_id] += 1
-            question_id = f"{question_id}#{position[question_id] - 1}"
+            question_id = source_id = f"{question_id}#{position[question_id] - 1}"
         if question_id in seen:
             problems.append((question_id, f"question_id repeated on line {number}"))
             continue
@@ -71,5 +76,5 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> tu
         if image is not None and not (isinstance(image, str) and image):
             problems.append((question_id, f"'image' must be a non-empty path string, got {image!r}"))
             continue
-        questions.append(EvalQuestion(question_id, root / image if image else None, record.get("text")))
+        questions.append(EvalQuestion(question_id, root / image if image else None, record.get("text"), source_id))
     return questions, problems

@@ -287,12 +287,14 @@ def _finish(
     answered = {row["question_id"]: row for p in _shard_files(out, "answers") for row in _read_lines(p)}
     skipped = {row["question_id"]: row for p in _shard_files(out, "skipped") for row in _read_lines(p)}
     order = [q.question_id for q in questions]
+    source_ids = {q.question_id: q.source_id for q in questions}  # the ids as the question file gives them
     with atomic_file(out / ANSWERS_FILE) as f:
         for question_id in order:
             if question_id in answered:
-                f.write(json.dumps(answered[question_id]) + "\n")
+                f.write(json.dumps({**answered[question_id], "question_id": source_ids[question_id]}) + "\n")
     skipped_rows = [{"question_id": qid, "reason": reason} for qid, reason in problems]
-    skipped_rows += [skipped[qid] for qid in order if qid in skipped and qid not in answered]
+    skipped_rows += [{**skipped[qid], "question_id": source_ids[qid]} for qid in order
+                     if qid in skipped and qid not in answered]
     with atomic_file(out / SKIPPED_FILE) as f:
         for row in skipped_rows:
             f.write(json.dumps(row) + "\n")

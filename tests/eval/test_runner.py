@@ -275,3 +275,23 @@ def test_a_runs_output_dir_is_its_model(setup, tmp_path: Path, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "LoRA adapter (final_adapter/): merge it first" in err and "Traceback" not in err
+
+
+def test_answers_give_each_question_id_as_the_question_file_does(setup, tmp_path: Path) -> None:
+    """Integer ids come back as integers and string ids as strings (LLaVA's ``model_vqa_loader`` copies
+    the id, and its VQAv2 submission script matches answers to the test split's integer ids); a repeated
+    id's answers keep their ``ID#n`` keys; skipped questions give their ids the same way."""
+    model, questions = setup
+    rows = [json.loads(line) for line in questions.read_text().splitlines() if line.startswith("{\"")]
+    good = [r for r in rows if str(r["question_id"]).startswith("q") and r["question_id"] != "q0#1"][:4]
+    lines = [{**good[0], "question_id": 262148000}, {**good[1], "question_id": "262148001"},
+             {**good[2], "question_id": 7}, {**good[3], "question_id": 7},
+             {"question_id": 9, "image": "missing.png", "text": "what ?"}]
+    path = tmp_path / "ints.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    run_script()(["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(path),
+                  "--image-folder", str(questions.parent), "--output-dir", str(tmp_path / "out"),
+                  "--batch-size", "2", "--max-new-tokens", "2"])
+    assert [r["question_id"] for r in answers(tmp_path / "out")] == [262148000, "262148001", "7#0", "7#1"]
+    skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in skipped] == [9]
