@@ -98,10 +98,11 @@ def run(args: argparse.Namespace) -> str:
     ]
     rows.append([llm_name, str(seq_len), f"{1e3 * llm_s:.2f}", "-"])
     mamba_share = share(times[mamba_name])
-    verdict = "meets" if mamba_share <= TARGET_SHARE else "misses"
+    verdict = ("the target is for the paper config; --quick checks the code path"
+               if args.quick else f"{'meets' if mamba_share <= TARGET_SHARE else 'misses'} the "
+               f"{100 * TARGET_SHARE:.0f} % target")
     summary = (
-        f"- Mamba projector share of projector + LLM step: {100 * mamba_share:.2f} % ({verdict} the "
-        f"{100 * TARGET_SHARE:.0f} % target)\n"
+        f"- Mamba projector share of projector + LLM step: {100 * mamba_share:.2f} % ({verdict})\n"
         f"- Mamba projector vs MLP projector: {times[mamba_name] / times[mlp_name]:.2f}x the time"
     )
     precision = "fp32 under bf16 autocast" if use_autocast else "fp32"

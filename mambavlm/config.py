@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 __all__ = [
     "ConfigError",
@@ -41,8 +41,46 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+ENCODER_LIBRARIES = ("timm", "open_clip")
+"""The libraries an encoder name can come from: ``'timm:<model>'`` or ``'open_clip:<model>'``."""
+
+
+def split_encoder_name(name: str) -> tuple[str, str]:
+    """``'library:model'`` -> (library, model). Raises ValueError without a known library prefix."""
+    library, sep, model_name = name.partition(":")
+    if not sep or not model_name:
+        raise ValueError(f"encoder name {name!r} needs a library prefix: 'timm:<model>' or 'open_clip:<model>'")
+    if library not in ENCODER_LIBRARIES:
+        close = difflib.get_close_matches(library, ENCODER_LIBRARIES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"unknown library {library!r} in encoder name {name!r}{hint}; use one of {ENCODER_LIBRARIES}")
+    return library, model_name
+
+
+def check_encoder_model(library: str, model_name: str) -> None:
+    """Raise ValueError, with the closest names, unless ``model_name`` is in the library's model
+    registry (timm's ``is_model``, open_clip's ``list_models``; models registered at run time count)."""
+    if library == "timm":
+        import timm
+
+        if timm.is_model(model_name):
+            return
+        known = timm.list_models()
+    else:
+        import open_clip
+
+        known = open_clip.list_models()
+        if model_name in known:
+            return
+    close = difflib.get_close_matches(model_name, known, n=5)
+    raise ValueError(f"unknown {library} model {model_name!r}" + (f"; close matches: {', '.join(close)}" if close
+                                                                   else "; no close match"))
+
+
 class EncoderConfig(StrictModel):
-    """One frozen vision encoder, created by name from timm or open_clip."""
+    """One frozen vision encoder, created by name from timm or open_clip. The name is checked against
+    the library's model registry when the config is validated, so a typo is a config error naming the
+    key, before anything is built."""
 
     name: str = Field(description="'timm:<model>' or 'open_clip:<model>'")
     image_size: int = Field(384, gt=0, description="square input resolution in pixels")
@@ -56,6 +94,12 @@ class EncoderConfig(StrictModel):
     kwargs: dict[str, Any] = Field(
         default_factory=dict, description="extra architecture kwargs (e.g. depth, embed_dim)"
     )
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        check_encoder_model(*split_encoder_name(name))
+        return name
 
 
 class VisionConfig(StrictModel):
@@ -306,7 +350,7 @@ def format_validation_error(
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<root>"
-        msg = e["msg"]
+        msg = e["msg"].removeprefix("Value error, ")  # a validator's own message, as it wrote it
         if e["type"] == "extra_forbidden":
             msg = "unknown key"
             close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(schema, tuple(e["loc"][:-1])), n=1)

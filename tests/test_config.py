@@ -156,3 +156,22 @@ def test_a_section_base_that_does_not_exist_names_the_file_and_key(tmp_path: Pat
     copied.write_text("model: nowhere/model.yaml\n")
     with pytest.raises(ConfigError, match=r"mine.yaml: model: config file not found: .*nowhere/model.yaml"):
         load_train_config(copied)
+
+
+def test_an_encoder_name_typo_is_a_config_error_naming_the_key_and_the_closest_names() -> None:
+    """The encoder names are checked against timm's and open_clip's registries when the config is
+    validated (before anything is built): a misspelt model or library names the override, the key and
+    the closest names, with no pydantic prefix."""
+    tiny = ROOT / "configs" / "model" / "tiny.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_config(ModelConfig, tiny, ["vision.encoders.0.name=timm:vit_small_patch14_reg4_dinov3"])
+    assert str(err.value).startswith(
+        "override vision.encoders.0.name=timm:vit_small_patch14_reg4_dinov3: vision.encoders.0.name: unknown timm "
+        "model 'vit_small_patch14_reg4_dinov3'; close matches: vit_small_patch14_reg4_dinov2")
+    with pytest.raises(ConfigError, match=r"vision.encoders.1.name: unknown library 'openclip' in encoder name "
+                                          r"'openclip:ViT-B-16' \(did you mean 'open_clip'\?\)"):
+        load_config(ModelConfig, tiny, ["vision.encoders.1.name=openclip:ViT-B-16"])
+    with pytest.raises(ConfigError, match="unknown open_clip model 'ViT-B-17'; close matches: .*ViT-B-16"):
+        load_config(ModelConfig, tiny, ["vision.encoders.1.name=open_clip:ViT-B-17"])
+    assert load_config(ModelConfig, tiny, ["vision.encoders.1.name=open_clip:ViT-B-16"]).vision.encoders[1].name \
+        == "open_clip:ViT-B-16"

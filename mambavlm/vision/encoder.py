@@ -7,7 +7,6 @@ second-to-last block: no CLS / register tokens, no final norm (as LLaVA, Prismat
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -18,12 +17,11 @@ from open_clip.timm_model import TimmModel
 from open_clip.transformer import VisionTransformer as OpenClipVisionTransformer
 from torch import nn
 
-from mambavlm.config import EncoderConfig
+from mambavlm.config import EncoderConfig, split_encoder_name
 from mambavlm.vision.preprocess import ImagePreprocess, ImageResizeStrategy
 
-__all__ = ["LIBRARIES", "VisionEncoder", "create_encoder"]
+__all__ = ["VisionEncoder", "create_encoder"]
 
-LIBRARIES = ("timm", "open_clip")
 _WEIGHT_SUFFIXES = {".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".npz"}
 _OPEN_CLIP_PREPROCESS_KEYS = ("mean", "std", "interpolation", "resize_mode")
 
@@ -145,7 +143,7 @@ def create_encoder(cfg: EncoderConfig, resize_strategy: ImageResizeStrategy | No
     'pretrained' = the library's default weights, a local file path, an open_clip pretrained tag /
     a timm pretrained tag, or for timm an 'hf-hub:org/name' model (its hub config sets the model).
     """
-    library, model_name = _split_name(cfg.name)
+    library, model_name = split_encoder_name(cfg.name)  # a known model: checked when cfg was validated
     if library == "timm":
         backbone, preprocess = _create_timm(model_name, cfg, resize_strategy)
     else:
@@ -158,27 +156,6 @@ def create_encoder(cfg: EncoderConfig, resize_strategy: ImageResizeStrategy | No
         frozen=cfg.frozen,
         preprocess=preprocess,
     )
-
-
-def _split_name(name: str) -> tuple[str, str]:
-    library, sep, model_name = name.partition(":")
-    if not sep or not model_name:
-        raise ValueError(
-            f"encoder name {name!r} needs a library prefix: 'timm:<model>' or 'open_clip:<model>'"
-        )
-    if library not in LIBRARIES:
-        close = difflib.get_close_matches(library, LIBRARIES, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ValueError(
-            f"unknown library {library!r} in encoder name {name!r}{hint}; use one of {LIBRARIES}"
-        )
-    return library, model_name
-
-
-def _unknown_model(library: str, model_name: str, known: list[str]) -> ValueError:
-    close = difflib.get_close_matches(model_name, known, n=5)
-    hint = f"; close matches: {', '.join(close)}" if close else "; no close match"
-    return ValueError(f"unknown {library} model {model_name!r}{hint}")
 
 
 def _check_reserved(kwargs: dict[str, Any], reserved: dict[str, str], name: str) -> None:
@@ -201,8 +178,6 @@ def _local_weights(weights: str) -> Path | None:
 def _create_timm(
     model_name: str, cfg: EncoderConfig, resize_strategy: ImageResizeStrategy | None
 ) -> tuple[nn.Module, ImagePreprocess]:
-    if not timm.is_model(model_name):
-        raise _unknown_model("timm", model_name, timm.list_models())
     _check_reserved(
         cfg.kwargs,
         {
@@ -241,8 +216,6 @@ def _create_timm(
 def _create_open_clip(
     model_name: str, cfg: EncoderConfig, resize_strategy: ImageResizeStrategy | None
 ) -> tuple[nn.Module, ImagePreprocess]:
-    if model_name not in open_clip.list_models():
-        raise _unknown_model("open_clip", model_name, open_clip.list_models())
     _check_reserved(
         cfg.kwargs,
         {"pretrained": "weights", "force_image_size": "image_size", "device": "the default device"},
