@@ -300,7 +300,8 @@ def distill_loss(
     optimiser step: the layer and KL parts are sums over real tokens divided by the first, the CE part a
     sum over answer tokens divided by the second; None averages over this batch alone.
 
-    ``variant="public_code"`` (matvlm only) computes MaTVLM's loss as its public code does: the layer
+    ``variant="public_code"``: for matvlm, MaTVLM's loss as its public code computes it (for stage3 the
+    loss is the paper's: the variant changes only what trains, ``trainable_parameters``): the layer
     term at decoder-layer outputs (``decoder_layer_loss``), the KL with ``reduction="batchmean"``
     (summed over tokens and vocabulary, divided by the batch size, padding included), the CE the
     micro-batch's mean; each divided by the step's micro-batches (the code's mean over accumulation).
@@ -319,7 +320,7 @@ def distill_loss(
     if not (use_layer or use_kl or use_ce):
         raise ValueError("alpha, beta and gamma are all 0: the matvlm loss is empty")
 
-    public = variant == "public_code"
+    public = matvlm and variant == "public_code"  # stage 3's variant changes what trains, not its loss
     tap = tap_decoder_layers if public else tap_attention
     with torch.no_grad():
         teacher_embeds = embed_inputs(teacher, input_ids, pixel_values)
