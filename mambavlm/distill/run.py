@@ -187,6 +187,11 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     set_seed(config.seed)
     with trainer.building_models():  # before the data: a teacher that cannot load stops the run at once
         teacher, tokenizer, template = load_teacher(config.teacher, config.template)
+    num_layers = language_model(teacher).config.num_hidden_layers
+    try:  # the layout against the teacher's depth, before the data is written
+        config.layout.mamba_layers(num_layers)
+    except ValueError as err:
+        raise ConfigError(f"layout={config.layout}: {err} (the teacher {config.teacher})") from None
     train_json, val_json, image_root = prepare_data(config.data, output_dir, acc)
     image_root = image_root if image_root is not None else train_json.parent
     longest = teacher.config.max_sequence_length if isinstance(teacher, MambaVLM) else teacher.config.max_position_embeddings
@@ -205,7 +210,6 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     if config.gradient_checkpointing:
         enable_activation_checkpointing(language_model(student))
     mamba_layers = sorted(mamba_mixers(language_model(student)))
-    num_layers = language_model(teacher).config.num_hidden_layers
     logger.info(f"student: Mamba-2 in layers {mamba_layers} of {num_layers} ({config.layout}, {config.seeding} seeding)")
 
     max_length = config.data.max_length

@@ -134,6 +134,24 @@ def test_data_longer_than_the_teacher_takes_is_an_error_before_training(teacher:
     assert not list((tmp_path / "run").glob("checkpoint-*"))
 
 
+@pytest.mark.parametrize(("layout", "message"), [
+    ("list:1,7", r"indices \[7\] are not layers of a 4-layer model"),
+    ("tail-stacked:4", r"a 4-layer model has room for at most 3 attention layers"),
+])
+def test_a_layout_the_teacher_cannot_take_is_an_error_before_the_data(
+    teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture, layout: str, message: str
+) -> None:
+    """A layout valid in itself but not for the teacher's depth: a one-line error naming the layout and
+    the teacher, before any data or checkpoint is written (it was a traceback after the data)."""
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main([*distill_args(teacher, tmp_path / "run"), f"layout={layout}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"^error: layout={re.escape(layout)}: .*{message}.* \(the teacher {re.escape(str(teacher))}\)$",
+                     err, re.MULTILINE), err[-2000:]
+    assert not (tmp_path / "run" / "data").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
+
+
 def test_micro_batch_size_does_not_change_the_stage_losses(teacher: Path, tmp_path: Path) -> None:
     """Every objective (mmMamba's layer MSE and KL, MaTVLM's L2 + KL + CE) averages over the whole global
     batch's real / answer tokens: micro-batches of 4, 2 and 1 give the same step losses."""
