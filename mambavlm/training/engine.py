@@ -787,8 +787,10 @@ class Trainer:
                 counts = [0.0, 0.0, 0.0, 0.0]  # samples, tokens, skipped, truncated
                 kinds = [s.kind for batch in micro_batches for s in batch["skipped"]]
                 step_number = state.global_step + 1
+                micro_times: list[tuple[bool, float]] = []  # a profiled step's (synced?, seconds) per micro-batch
                 with self._profiling(step_number) as profiler:  # None but at train.profile_step
                     for batch in micro_batches:
+                        micro_start = time.perf_counter()
                         with acc.accumulate(model):
                             loss = self._micro_step(phase, model, batch, num_items)
                             step_loss_sum += loss.detach().double()
@@ -801,9 +803,14 @@ class Trainer:
                             if acc.sync_gradients:
                                 scheduler.step()
                             optimizer.zero_grad()
+                        if profiler is not None:  # the device's time for this micro-batch (one wait per micro-batch)
+                            if acc.device.type == "cuda":
+                                torch.cuda.synchronize(acc.device)
+                            micro_times.append((acc.sync_gradients, time.perf_counter() - micro_start))
                         state.batches_done += 1
                 if profiler is not None:
-                    profile_step_report(profiler, self.output_dir / "profile", step_number, acc.process_index)
+                    profile_step_report(profiler, self.output_dir / "profile", step_number, acc.process_index,
+                                        micro_times)
                 totals = torch.cat([step_loss_sum[None], torch.tensor([*counts, waited], dtype=torch.float64).to(acc.device)])
                 loss_sum, samples, tokens, skipped, truncated, waited = acc.reduce(totals, "sum").tolist()
                 now = time.perf_counter()
@@ -942,15 +949,24 @@ def _own_time_table(events: Iterable[Any], device: bool, rows: int) -> str | Non
     return "\n".join(lines)
 
 
-def profile_step_report(profiler: torch.profiler.profile, directory: Path, step: int, rank: int) -> tuple[Path, Path]:
-    """Write a recorded optimiser step: ``step-N-rank-R.txt``, the operators by their own device time
-    (CUDA runs) and by their own CPU time (``_own_time_table``, ``PROFILE_ROWS`` rows each: where a
-    step's GPU time goes, and what the CPU spends enqueueing it), and ``step-N-rank-R.json``, the Chrome
-    trace (chrome://tracing, ui.perfetto.dev) with both timelines. Returns the two paths."""
+def profile_step_report(profiler: torch.profiler.profile, directory: Path, step: int, rank: int,
+                        micro_times: Sequence[tuple[bool, float]] = ()) -> tuple[Path, Path]:
+    """Write a recorded optimiser step: ``step-N-rank-R.txt``, the micro-batches' seconds and whether
+    each reduced gradients (``micro_times``: (synced, seconds), each timed to the end of its device work),
+    the operators by their own device time (CUDA runs) and by their own CPU time (``_own_time_table``,
+    ``PROFILE_ROWS`` rows each: where a step's GPU time goes, and what the CPU spends enqueueing it), and
+    ``step-N-rank-R.json``, the Chrome trace (chrome://tracing, ui.perfetto.dev) with both timelines.
+    Returns the two paths."""
     directory.mkdir(parents=True, exist_ok=True)
     stem = directory / f"step-{step}-rank-{rank}"
     events = profiler.events()
+    micro = None
+    if micro_times:
+        micro = "| micro-batch | gradients | seconds |\n|---:|---|---:|\n" + "\n".join(
+            f"| {i} | {'reduced' if synced else 'accumulated (no_sync)'} | {seconds:.3f} |"
+            for i, (synced, seconds) in enumerate(micro_times))
     tables = [(title, table) for title, table in (
+        ("micro-batches", micro),
         ("kernels by their device time", _own_time_table(events, True, PROFILE_ROWS)),
         ("operators by their own CPU time", _own_time_table(events, False, PROFILE_ROWS)),
     ) if table is not None]

@@ -240,6 +240,14 @@ def test_a_profiled_step_writes_its_operator_tables_and_trace_and_is_not_timed(t
     table = (profiled / "profile" / "step-2-rank-0.txt").read_text()
     assert "step 2, process 0: operators by their own CPU time" in table
     assert "aten::mm" in table or "aten::addmm" in table
+    # every micro-batch of the step, timed, and only the last reduces gradients (accumulation's no_sync)
+    config = micro_config(profiled)
+    accumulation = config.train.global_batch_size // config.train.micro_batch_size
+    rows = [line for line in table.splitlines() if line.startswith("| ") and ("reduced" in line or "no_sync" in line)]
+    kinds = [row.split("|")[2].strip() for row in rows]
+    assert kinds[-1] == "reduced" and set(kinds[:-1]) <= {"accumulated (no_sync)"}, table
+    assert len(rows) == accumulation >= 2, table
+    assert all(float(row.split("|")[3]) > 0 for row in rows)
     trace = json.loads((profiled / "profile" / "step-2-rank-0.json").read_text())
     assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
     assert read_metrics(profiled)["step_losses"] == pytest.approx(read_metrics(plain)["step_losses"], rel=1e-6)
