@@ -511,6 +511,7 @@ class Trainer:
         self._prepared: nn.Module | None = None
         self._source: nn.Module | None = None  # the module self._prepared wraps
         self._no_decay: set[int] = set()  # ids of its parameters AdamW does not decay
+        self._sizes: dict[int, int] = {}  # ids of its parameters -> their elements, unsharded
         self._standin: dict[str, Any] | None = None
 
     def _deepspeed_plugin(self) -> Any:
@@ -664,6 +665,7 @@ class Trainer:
         if not keep:
             self._source, self._prepared = module, None
             self._no_decay = {id(p) for n, p in module.named_parameters() if n in no_decay_names(module)}
+            self._sizes = {id(p): p.numel() for p in module.parameters()}  # before FSDP / ZeRO-3 shard them
         names = phase.trainable(module)
         optimizer = build_optimizer(module, phase.lr, phase.weight_decay, phase.betas, no_decay=self._no_decay,
                                     fused=acc.device.type == "cuda")
@@ -693,7 +695,7 @@ class Trainer:
             )
         if resume is not None:
             load_checkpoint(acc, resume, optimizer)
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        trainable = trainable_parameter_count(module, self._sizes)
         logger.info(
             f"phase {phase.name}: {len(self.dataset)} records, {acc.num_processes} process(es), {accumulation} "
             f"accumulation step(s) per optimiser step, {steps_per_epoch} steps per epoch, {total_steps} steps, "
@@ -916,6 +918,14 @@ class Trainer:
         if loss is not None:
             values[f"{phase.name}/loss"] = loss
         self.accelerator.log(values, step=state.global_step)
+
+
+def trainable_parameter_count(module: nn.Module, sizes: dict[int, int]) -> int:
+    """The elements of ``module``'s trainable parameters at their full size: ``sizes`` (``id(p)`` ->
+    numel, taken before the module was wrapped) for the parameters it knows, whose tensors FSDP
+    (``use_orig_params``: views of this process's shard) and ZeRO-3 (empty until gathered) shrink on each
+    process; ``numel()`` for the others."""
+    return sum(sizes.get(id(p), p.numel()) for p in module.parameters() if p.requires_grad)
 
 
 PROFILE_ROWS = 40

@@ -338,3 +338,24 @@ def test_the_profile_tables_own_times_equal_pytorchs_key_averages() -> None:
         assert ours[name][0] == pytest.approx(ms, abs=1.5e-3), name  # printed to the microsecond
     first = float(table.splitlines()[2].strip("|").split("|")[0])
     assert first == max(ms for ms, _ in ours.values())
+
+
+def test_trainable_parameters_are_counted_at_their_full_size_when_sharded() -> None:
+    """The phase log's count (and the multi-GPU benchmark's gradient bytes, read from it): ZeRO-3 empties
+    a parameter's tensor on every process and FSDP (use_orig_params) leaves a view of the local shard,
+    so ``numel()`` then says 0 or a part; the sizes taken before wrapping give the whole, and only the
+    trainable parameters count. Emulated here by shrinking the tensors as those wrappers do."""
+    from mambavlm.training.engine import trainable_parameter_count
+
+    model = torch.nn.Sequential(torch.nn.Linear(6, 4), torch.nn.Linear(4, 3))
+    model[1].bias.requires_grad_(False)
+    sizes = {id(p): p.numel() for p in model.parameters()}
+    want = 6 * 4 + 4 + 4 * 3  # by hand: the first layer's weight and bias, the second's weight
+    assert trainable_parameter_count(model, sizes) == want
+    model[0].weight.data = torch.empty(0)  # ZeRO-3: partitioned away
+    model[1].weight.data = model[1].weight.data.flatten()[:5]  # FSDP: this process's part
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 4 + 5  # what the log said
+    assert trainable_parameter_count(model, sizes) == want
+    extra = torch.nn.Parameter(torch.zeros(7))  # a parameter added after the sizes were taken
+    model.register_parameter("extra", extra)
+    assert trainable_parameter_count(model, sizes) == want + 7
