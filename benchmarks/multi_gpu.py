@@ -12,8 +12,8 @@ Each run is what a user runs, ``accelerate launch --config_file configs/accelera
 downloaded): with the paper-shaped model, MambaVLM-2.8B with random weights (DINOv2-L + SigLIP-SO400M
 at 384 px, 1458 visual tokens, Mamba-2.8B in float32 master weights, bf16 autocast, gradient
 checkpointing, as ``configs/train/mambavlm-2.8b.yaml``), and the same global batch on every number of
-GPUs (more accumulation steps on fewer): by default the config's, the paper's 128 (32 micro-batches of
-4 per step on one GPU, 16 on each of two); ``--global-batch 16`` shows the communication a small
+GPUs (more accumulation steps on fewer): by default the config's, the paper's 128 (16 micro-batches of
+8 per step on one GPU, 8 on each of two); ``--global-batch 16`` shows the communication a small
 batch cannot hide. The trainer's own ``metrics.json`` gives the step losses and
 the throughput of every step but the first (``TrainerState.phase_throughput``): tokens/s over all
 GPUs and the peak memory of one. The 1-GPU runs of different strategies run at once, one per GPU
@@ -411,7 +411,7 @@ def main() -> None:
     parser.add_argument("--global-batch", type=int, help="samples per optimiser step (default: the paper config's, "
                         f"128; {QUICK_GLOBAL_BATCH} with --quick)")
     parser.add_argument("--micro-batch", type=int, help="samples per forward pass and process (default: the paper "
-                        f"config's, 4; {QUICK_MICRO_BATCH} with --quick)")
+                        f"config's, 8; {QUICK_MICRO_BATCH} with --quick)")
     parser.add_argument("--processes", type=int, nargs="+", choices=[1, 2], default=[1, 2],
                         help="which runs to make: on 1 process, on 2, or both (default; the ratio needs both)")
     parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
