@@ -7,10 +7,11 @@ times per token. Here:
 
 - ``conv_x_proj``: the causal conv's state shift, its output (+ bias, SiLU) for a block of channels,
   and that block's share of ``x_proj`` (dt's low rank, B, C), summed across blocks into one float32
-  buffer with atomic adds (split-K): one kernel, the ``x_proj`` weight read once for the whole batch;
+  buffer with atomic adds (split-K): one kernel, the ``x_proj`` weight read once per block of
+  sequences (``batch_block``: a batch splits into at most ``BATCH_BLOCKS`` columns of programs);
 - ``dt_state_update``: ``dt_proj`` (rank R dot per channel) + bias + softplus, the selective state
   update ``h = exp(dt A) h + dt B x``, ``y = C h + D x`` gated by ``silu(z)``: one kernel, the
-  ``dt_proj`` weight read once for the whole batch.
+  ``dt_proj`` weight read once per block of sequences.
 
 Both compute in float32 and keep dt, B and C in float32 (the unfused path rounds them to the model's
 dtype after ``x_proj``), so in float32 they equal the unfused step up to summation order.
@@ -58,7 +59,9 @@ except ImportError:  # pragma: no cover - an older Triton
     _TRITON_HAS_PDL = False
 
 __all__ = [
+    "BATCH_BLOCKS",
     "FUSED_GEMV_MAX_BATCH",
+    "batch_block",
     "conv_x_proj",
     "dt_state_update",
     "norm_in_proj",
@@ -81,6 +84,14 @@ against 22.6 for RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 1
 warps) ran at 22.4 and 15.0 us: fewer warps each owning a longer row chunk keep more bytes in flight
 per thread. The first version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read
 for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94."""
+BATCH_BLOCKS = 16
+"""The most blocks of sequences ``conv_x_proj`` and ``dt_state_update`` split a batch into, each block
+a column of programs of its own that reads its weight slices once (from L2 after the first column) and
+steps its sequences one after another. Until 2026-12-01 every program stepped the whole batch: on an
+H200 the fused step then ran batch 16 at 4.88 ms per token and batch 64 at 12.05 against 3.44 and 4.58
+unfused (``benchmarks/results/generation.md``). 16 columns keep the L2 re-reads of ``x_proj`` (2 MB in
+bf16 for MambaVLM-2.8B) at 16 per layer while batch 16 gets one sequence per program; not yet tuned on
+the GPU."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
 Triton's default on NVIDIA GPUs)."""
@@ -98,10 +109,12 @@ if triton is not None:
         xdbl_ptr,  # (B, R2) float32, zeroed: receives dt_low | B | C
         batch, channels, rows,
         W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr,
     ):
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
+        b_first = tl.program_id(1) * BLOCK_B
+        b_end = tl.minimum(b_first + BLOCK_B, batch)
         k = tl.arange(0, W_POW2)
         k_ok = k < W
         w = tl.load(conv_w_ptr + d[:, None] * W + k[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -114,7 +127,7 @@ if triton is not None:
         if PDL:  # the weights above are the step's constants; what follows reads in_proj's output
             gdc_wait()
             gdc_launch_dependents()
-        for b in range(batch):
+        for b in range(b_first, b_end):
             x = tl.load(x_ptr + b * stride_x_b + d, mask=d_ok, other=0.0)
             state_row = state_ptr + b * channels * W + d[:, None] * W
             older = tl.load(state_row + k[None, :] + 1, mask=d_ok[:, None] & (k[None, :] + 1 < W), other=0.0)
@@ -141,10 +154,12 @@ if triton is not None:
         y_ptr,  # (B, Di), the model's dtype
         batch, channels, rank,
         N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr,
-        PDL: tl.constexpr,
+        BLOCK_B: tl.constexpr, PDL: tl.constexpr,
     ):
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
+        b_first = tl.program_id(1) * BLOCK_B
+        b_end = tl.minimum(b_first + BLOCK_B, batch)
         j = tl.arange(0, BLOCK_RANK)
         j_ok = j < rank
         dt_w = tl.load(dt_w_ptr + d[:, None] * rank + j[None, :], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
@@ -159,7 +174,7 @@ if triton is not None:
             gdc_wait()
             gdc_launch_dependents()
         row_width = rank + 2 * N
-        for b in range(batch):
+        for b in range(b_first, b_end):
             low = tl.load(xdbl_ptr + b * row_width + j, mask=j_ok, other=0.0)
             b_in = tl.load(xdbl_ptr + b * row_width + rank + n, mask=n_ok, other=0.0)
             c_out = tl.load(xdbl_ptr + b * row_width + rank + N + n, mask=n_ok, other=0.0)
@@ -306,44 +321,56 @@ def out_proj_residual(
     )
 
 
+def batch_block(batch: int) -> int:
+    """The sequences one program of ``conv_x_proj`` / ``dt_state_update`` steps, one after another:
+    enough that the batch splits into at most ``BATCH_BLOCKS`` blocks, each a column of programs of
+    its own."""
+    return -(-batch // BATCH_BLOCKS)
+
+
 def conv_x_proj(
     x: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool,
-    xdbl: Tensor | None = None,
+    xdbl: Tensor | None = None, block_b: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """x (B, Di) (rows may be strided), conv_state (B, Di, W) contiguous, updated in place; conv_weight
     (Di, W), conv_bias (Di,) or None; x_proj_weight (R + 2N, Di). Returns the conv output (B, Di) in x's
     dtype and x_proj of it, (B, R + 2N) in float32: into ``xdbl`` when given (contiguous, zeroed by the
-    caller: ``norm_in_proj`` zeroes it), else a new zeroed buffer."""
+    caller: ``norm_in_proj`` zeroes it), else a new zeroed buffer. ``block_b``: sequences per program
+    (default ``batch_block(B)``)."""
     batch, channels = x.shape
+    block_b = block_b or batch_block(batch)
     rows = x_proj_weight.shape[0]
     width = conv_weight.shape[1]
     out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
     if xdbl is None:
         xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
     block_d = 32
-    _conv_x_proj_kernel[(triton.cdiv(channels, block_d),)](
+    _conv_x_proj_kernel[(triton.cdiv(channels, block_d), triton.cdiv(batch, block_b))](
         x, x.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
         x_proj_weight, out, xdbl, batch, channels, rows,
         W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
-        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rows), **_pdl(x),
+        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=block_b, **_pdl(x),
     )
     return out, xdbl
 
 
 def dt_state_update(
-    xdbl: Tensor, x: Tensor, z: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
+    xdbl: Tensor, x: Tensor, z: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor,
+    block_b: int | None = None,
 ) -> Tensor:
     """xdbl (B, R + 2N) float32 (dt's low rank, B, C); x (B, Di) the conv output; z (B, Di) (rows may be
     strided); dt_weight (Di, R), dt_bias (Di,) float32; A (Di, N) float32, D (Di,); ssm_state
-    (B, Di, N) float32, updated in place. Returns y (B, Di) in x's dtype."""
+    (B, Di, N) float32, updated in place. Returns y (B, Di) in x's dtype. ``block_b``: sequences per
+    program (default ``batch_block(B)``)."""
     batch, channels = x.shape
+    block_b = block_b or batch_block(batch)
     rank = dt_weight.shape[1]
     d_state = A.shape[1]
     y = torch.empty_like(x)
     block_d = 16
-    _dt_state_update_kernel[(triton.cdiv(channels, block_d),)](
+    _dt_state_update_kernel[(triton.cdiv(channels, block_d), triton.cdiv(batch, block_b))](
         xdbl, x, z, z.stride(0), dt_weight, dt_bias, A, D, ssm_state, y, batch, channels, rank,
         N=d_state, N_POW2=triton.next_power_of_2(d_state), BLOCK_D=block_d,
-        BLOCK_RANK=triton.next_power_of_2(rank), **_pdl(x),
+        BLOCK_RANK=triton.next_power_of_2(rank), BLOCK_B=block_b, **_pdl(x),
     )
     return y

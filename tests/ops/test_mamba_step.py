@@ -25,13 +25,18 @@ CHECKS = textwrap.dedent(
     from tests.conftest import tiny_mamba, tiny_vlm
 
     torch.set_grad_enabled(False)
+    import mambavlm.ops.mamba_step as kernels
+
     model = tiny_vlm()
     for conv_bias in (True, False):
         mixer = StatefulMambaMixer(model.llm.backbone.layers[1].mixer)
         if not conv_bias:
             mixer.mixer.conv1d.bias = None
         m = mixer.mixer
-        for batch in (1, 3):
+        # batch 3: one sequence per program, 3 columns; batch 5 in at most 2 blocks: 3 + 2 sequences
+        for batch, blocks in ((1, 16), (3, 16), (5, 2)):
+            kernels.BATCH_BLOCKS = blocks
+            assert kernels.batch_block(batch) == {1: 1, 3: 1, 5: 3}[batch]
             torch.manual_seed(batch)
             state = mixer.allocate(batch)
             state.A.copy_(-torch.exp(m.A_log.float()))
@@ -46,6 +51,7 @@ CHECKS = textwrap.dedent(
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(state.ssm, expected.ssm, rtol=1e-5, atol=1e-5)
                 assert torch.equal(state.conv, expected.conv)
+    kernels.BATCH_BLOCKS = 16
     # the projection kernels alone, on sizes that are not multiples of their blocks
     import torch.nn.functional as F
     from mambavlm.ops.mamba_step import norm_in_proj, out_proj_residual
