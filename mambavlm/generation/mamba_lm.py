@@ -29,12 +29,19 @@ from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.ops.dispatch import triton_runs_on
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
-__all__ = ["WHOLE_BLOCK_MAX_BATCH", "StaticStateDecoder"]
+__all__ = ["FUSED_STEP_MAX_BATCH", "WHOLE_BLOCK_MAX_BATCH", "StaticStateDecoder"]
 
 WHOLE_BLOCK_MAX_BATCH = 1
 """The largest batch the fused step runs as whole-block kernels (``step_block``). Its projection
 kernels take up to 4 sequences, but at 4 they took twice cuBLAS's time on an H200
 (``benchmarks/results/decode_projections.md``); at 1 they match cuBLAS with the norm folded in."""
+FUSED_STEP_MAX_BATCH = 4
+"""The largest batch the fused step runs at all; larger batches step unfused (mamba_ssm's conv update
+and state update, cuBLAS's ``x_proj``). On an H200 (2026-12-01, MambaVLM-2.8B, bf16,
+``benchmarks/results/generation.md``) the fused step took 2.84 ms per token at batch 4 against 3.09
+unfused, but 4.29 at 16 and 7.79 at 64 against 3.42 and 4.62: past a few sequences ``x_proj`` is a
+matrix product, and the split-K atomic adds (one per channel block, sequence and row) and the
+per-sequence re-reads of its weight cost more than the launches saved."""
 
 
 class StaticStateDecoder(StaticDecoder):
@@ -44,7 +51,8 @@ class StaticStateDecoder(StaticDecoder):
     ``WHOLE_BLOCK_MAX_BATCH`` sequences, each block in four (``StatefulMambaMixer.step_block``: norm +
     in_proj, conv + x_proj, dt + state update + gate, out_proj + residual add), the residual stream in
     float32 throughout (so with a ``residual_in_fp32`` model, or in float32, and bias-free
-    projections); otherwise two kernels between cuBLAS's projections (``step_fused``). Raises
+    projections); otherwise, up to ``FUSED_STEP_MAX_BATCH`` sequences, two kernels between cuBLAS's
+    projections (``step_fused``); larger batches step unfused, where that is faster. Raises
     ValueError for it with another model, or without CUDA (Triton's interpreter,
     ``TRITON_INTERPRET=1``, runs it anywhere, slowly).
     """
@@ -103,6 +111,10 @@ class StaticStateDecoder(StaticDecoder):
         return (self.mamba1 and self.fused_step and self.mamba1_bias_free and fp32_residual
                 and batch <= WHOLE_BLOCK_MAX_BATCH)
 
+    def _fused_mixer_steps(self, batch: int) -> bool:
+        """Whether the fused step runs the mixers' middle kernels (``step_fused``) at this batch."""
+        return self.mamba1 and self.fused_step and batch <= FUSED_STEP_MAX_BATCH
+
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)
         if self._whole_block_steps(input_ids.shape[0]):
@@ -110,7 +122,7 @@ class StaticStateDecoder(StaticDecoder):
             for i, layer in enumerate(self.model.backbone.layers):
                 self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i])
             return self._logits(residual)
-        if self.mamba1 and self.fused_step:
+        if self._fused_mixer_steps(input_ids.shape[0]):
             step = lambda i, x: self.mamba1_mixers[i].step_fused(x, self._states[i])
         elif self.mamba1:
             step = lambda i, x: self.mamba1_mixers[i].step(x, self._states[i])

@@ -7,11 +7,10 @@ times per token. Here:
 
 - ``conv_x_proj``: the causal conv's state shift, its output (+ bias, SiLU) for a block of channels,
   and that block's share of ``x_proj`` (dt's low rank, B, C), summed across blocks into one float32
-  buffer with atomic adds (split-K): one kernel, the ``x_proj`` weight read once per block of
-  sequences (``batch_block``: a batch splits into at most ``BATCH_BLOCKS`` columns of programs);
+  buffer with atomic adds (split-K): one kernel, a column of programs per sequence;
 - ``dt_state_update``: ``dt_proj`` (rank R dot per channel) + bias + softplus, the selective state
-  update ``h = exp(dt A) h + dt B x``, ``y = C h + D x`` gated by ``silu(z)``: one kernel, the
-  ``dt_proj`` weight read once per block of sequences.
+  update ``h = exp(dt A) h + dt B x``, ``y = C h + D x`` gated by ``silu(z)``: one kernel, a column
+  of programs per sequence.
 
 Both compute in float32 and keep dt, B and C in float32 (the unfused path rounds them to the model's
 dtype after ``x_proj``), so in float32 they equal the unfused step up to summation order.
@@ -59,9 +58,7 @@ except ImportError:  # pragma: no cover - an older Triton
     _TRITON_HAS_PDL = False
 
 __all__ = [
-    "BATCH_BLOCKS",
     "FUSED_GEMV_MAX_BATCH",
-    "batch_block",
     "conv_x_proj",
     "dt_state_update",
     "norm_in_proj",
@@ -84,14 +81,10 @@ against 22.6 for RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 1
 warps) ran at 22.4 and 15.0 us: fewer warps each owning a longer row chunk keep more bytes in flight
 per thread. The first version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read
 for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94."""
-BATCH_BLOCKS = 16
-"""The most blocks of sequences ``conv_x_proj`` and ``dt_state_update`` split a batch into, each block
-a column of programs of its own that reads its weight slices once (from L2 after the first column) and
-steps its sequences one after another. Until 2026-12-01 every program stepped the whole batch: on an
-H200 the fused step then ran batch 16 at 4.88 ms per token and batch 64 at 12.05 against 3.44 and 4.58
-unfused (``benchmarks/results/generation.md``). 16 columns keep the L2 re-reads of ``x_proj`` (2 MB in
-bf16 for MambaVLM-2.8B) at 16 per layer while batch 16 gets one sequence per program; not yet tuned on
-the GPU."""
+IN_PROJ_PROGRAMS: int | None = None
+OUT_PROJ_PROGRAMS: int | None = None
+"""The projection kernels' grids: None, one program per block of rows; a number, that many persistent
+programs, each stepping through every ``programs``-th block of rows in one pipelined loop."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
 Triton's default on NVIDIA GPUs)."""
@@ -107,14 +100,13 @@ if triton is not None:
         x_proj_ptr,  # (R2, Di) x_proj weight
         out_ptr,  # (B, Di) conv output, the model's dtype
         xdbl_ptr,  # (B, R2) float32, zeroed: receives dt_low | B | C
-        batch, channels, rows,
+        channels, rows,
         W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
-        b_first = tl.program_id(1) * BLOCK_B
-        b_end = tl.minimum(b_first + BLOCK_B, batch)
+        b = tl.program_id(1)
         k = tl.arange(0, W_POW2)
         k_ok = k < W
         w = tl.load(conv_w_ptr + d[:, None] * W + k[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
@@ -127,21 +119,20 @@ if triton is not None:
         if PDL:  # the weights above are the step's constants; what follows reads in_proj's output
             gdc_wait()
             gdc_launch_dependents()
-        for b in range(b_first, b_end):
-            x = tl.load(x_ptr + b * stride_x_b + d, mask=d_ok, other=0.0)
-            state_row = state_ptr + b * channels * W + d[:, None] * W
-            older = tl.load(state_row + k[None, :] + 1, mask=d_ok[:, None] & (k[None, :] + 1 < W), other=0.0)
-            window = tl.where(k[None, :] == W - 1, x[:, None].to(older.dtype), older)
-            tl.store(state_row + k[None, :], window, mask=d_ok[:, None] & k_ok[None, :])
-            out = tl.sum(window.to(tl.float32) * w, axis=1)
-            if HAS_BIAS:
-                out += bias
-            if SILU:
-                out = out * tl.sigmoid(out)
-            out = tl.where(d_ok, out, 0.0)
-            tl.store(out_ptr + b * channels + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
-            share = tl.sum(proj * out[None, :], axis=1)
-            tl.atomic_add(xdbl_ptr + b * rows + r, share, mask=r_ok)
+        x = tl.load(x_ptr + b * stride_x_b + d, mask=d_ok, other=0.0)
+        state_row = state_ptr + b * channels * W + d[:, None] * W
+        older = tl.load(state_row + k[None, :] + 1, mask=d_ok[:, None] & (k[None, :] + 1 < W), other=0.0)
+        window = tl.where(k[None, :] == W - 1, x[:, None].to(older.dtype), older)
+        tl.store(state_row + k[None, :], window, mask=d_ok[:, None] & k_ok[None, :])
+        out = tl.sum(window.to(tl.float32) * w, axis=1)
+        if HAS_BIAS:
+            out += bias
+        if SILU:
+            out = out * tl.sigmoid(out)
+        out = tl.where(d_ok, out, 0.0)
+        tl.store(out_ptr + b * channels + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        share = tl.sum(proj * out[None, :], axis=1)
+        tl.atomic_add(xdbl_ptr + b * rows + r, share, mask=r_ok)
 
     @triton.jit
     def _dt_state_update_kernel(
@@ -152,14 +143,13 @@ if triton is not None:
         a_ptr, d_skip_ptr,  # (Di, N) float32 (A = -exp(A_log)), (Di,)
         state_ptr,  # (B, Di, N) float32, updated in place
         y_ptr,  # (B, Di), the model's dtype
-        batch, channels, rank,
+        channels, rank,
         N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr,
-        BLOCK_B: tl.constexpr, PDL: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
-        b_first = tl.program_id(1) * BLOCK_B
-        b_end = tl.minimum(b_first + BLOCK_B, batch)
+        b = tl.program_id(1)
         j = tl.arange(0, BLOCK_RANK)
         j_ok = j < rank
         dt_w = tl.load(dt_w_ptr + d[:, None] * rank + j[None, :], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
@@ -174,21 +164,20 @@ if triton is not None:
             gdc_wait()
             gdc_launch_dependents()
         row_width = rank + 2 * N
-        for b in range(b_first, b_end):
-            low = tl.load(xdbl_ptr + b * row_width + j, mask=j_ok, other=0.0)
-            b_in = tl.load(xdbl_ptr + b * row_width + rank + n, mask=n_ok, other=0.0)
-            c_out = tl.load(xdbl_ptr + b * row_width + rank + N + n, mask=n_ok, other=0.0)
-            dt = tl.sum(dt_w * low[None, :], axis=1) + dt_bias
-            dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, as mamba_ssm's threshold
-            x = tl.load(x_ptr + b * channels + d, mask=d_ok, other=0.0).to(tl.float32)
-            z = tl.load(z_ptr + b * stride_z_b + d, mask=d_ok, other=0.0).to(tl.float32)
-            state_row = state_ptr + b * channels * N + d[:, None] * N + n[None, :]
-            h = tl.load(state_row, mask=dn_ok, other=0.0)
-            h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * b_in[None, :]
-            tl.store(state_row, h, mask=dn_ok)
-            y = tl.sum(h * c_out[None, :], axis=1) + d_skip * x
-            y = y * z * tl.sigmoid(z)
-            tl.store(y_ptr + b * channels + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
+        low = tl.load(xdbl_ptr + b * row_width + j, mask=j_ok, other=0.0)
+        b_in = tl.load(xdbl_ptr + b * row_width + rank + n, mask=n_ok, other=0.0)
+        c_out = tl.load(xdbl_ptr + b * row_width + rank + N + n, mask=n_ok, other=0.0)
+        dt = tl.sum(dt_w * low[None, :], axis=1) + dt_bias
+        dt = tl.where(dt <= 20.0, tl.log(1.0 + tl.exp(dt)), dt)  # softplus, as mamba_ssm's threshold
+        x = tl.load(x_ptr + b * channels + d, mask=d_ok, other=0.0).to(tl.float32)
+        z = tl.load(z_ptr + b * stride_z_b + d, mask=d_ok, other=0.0).to(tl.float32)
+        state_row = state_ptr + b * channels * N + d[:, None] * N + n[None, :]
+        h = tl.load(state_row, mask=dn_ok, other=0.0)
+        h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * b_in[None, :]
+        tl.store(state_row, h, mask=dn_ok)
+        y = tl.sum(h * c_out[None, :], axis=1) + d_skip * x
+        y = y * z * tl.sigmoid(z)
+        tl.store(y_ptr + b * channels + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
 
     @triton.jit
@@ -209,29 +198,38 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
+        programs = tl.num_programs(0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
         if pid == 0:
             zi = tl.arange(0, BLOCK_Z)
             tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_ok = rows < n_out
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
         d = tl.arange(0, D_POW2)
         whole = tl.load(residual_ptr + bi[:, None] * D + d[None, :], mask=b_ok[:, None] & (d[None, :] < D), other=0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / D + eps)  # (B_POW2,): every row at once
         k = tl.arange(0, BLOCK_K)
+        k_tiles = (D + BLOCK_K - 1) // BLOCK_K
+        # persistent: program p takes row blocks p, p + programs, ...; one flat loop over (block, tile)
+        # so the weight tiles of the next row block are in flight while this one finishes
+        steps = tl.cdiv(tl.cdiv(n_out, BLOCK_N) - pid, programs) * k_tiles
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):  # each weight tile read once for the whole batch
+        for step in tl.range(0, steps):
+            kt = step % k_tiles
+            rows = (pid + (step // k_tiles) * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows_ok = rows < n_out
+            k0 = kt * BLOCK_K
             k_ok = k0 + k < D
             g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
             r = _row_tile(residual_ptr, bi, b_ok, k0 + k, k_ok, D)
             x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's rounding
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
-        tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=rows_ok[:, None] & b_ok[None, :])
+            if kt == k_tiles - 1:
+                tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                         mask=rows_ok[:, None] & b_ok[None, :])
+                acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
 
     @triton.jit
     def _out_proj_residual_kernel(
@@ -242,24 +240,32 @@ if triton is not None:
         D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
     ):
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_ok = rows < d_out
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
         k = tl.arange(0, BLOCK_K)
+        k_tiles = (D_IN + BLOCK_K - 1) // BLOCK_K
+        steps = tl.cdiv(tl.cdiv(d_out, BLOCK_N) - pid, programs) * k_tiles  # persistent, as in_proj's
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
-        for k0 in range(0, D_IN, BLOCK_K):  # each weight tile read once for the whole batch
+        for step in tl.range(0, steps):
+            kt = step % k_tiles
+            rows = (pid + (step // k_tiles) * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
+            rows_ok = rows < d_out
+            k0 = kt * BLOCK_K
             k_ok = k0 + k < D_IN
             y = _row_tile(y_ptr, bi, b_ok, k0 + k, k_ok, D_IN)
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
-        # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
-        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-        out = residual_ptr + bi[None, :] * d_out + rows[:, None]
-        ok = rows_ok[:, None] & b_ok[None, :]
-        tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
+            if kt == k_tiles - 1:
+                # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
+                projected = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+                out = residual_ptr + bi[None, :] * d_out + rows[:, None]
+                ok = rows_ok[:, None] & b_ok[None, :]
+                tl.store(out, tl.load(out, mask=ok, other=0.0) + projected, mask=ok)
+                acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
 
 
 @functools.cache
@@ -274,6 +280,12 @@ def _pdl(t: Tensor) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
+def _grid(rows: int, block_n: int, programs: int | None) -> int:
+    """Programs of a projection kernel: ``programs`` (persistent), at most one per block of rows."""
+    blocks = triton.cdiv(rows, block_n)
+    return blocks if programs is None else max(1, min(programs, blocks))
+
+
 def _check_small_batch(name: str, x: Tensor) -> None:
     if x.shape[0] > FUSED_GEMV_MAX_BATCH:
         raise ValueError(f"{name} takes at most {FUSED_GEMV_MAX_BATCH} sequences, got {x.shape[0]}")
@@ -282,19 +294,20 @@ def _check_small_batch(name: str, x: Tensor) -> None:
 def norm_in_proj(
     residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor,
     block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = IN_PROJ_NUM_WARPS,
-    num_stages: int = PIPELINE_STAGES,
+    num_stages: int = PIPELINE_STAGES, programs: int | None = IN_PROJ_PROGRAMS,
 ) -> Tensor:
     """residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (N_out, D)
     without bias. Returns ``in_proj(rms_norm(residual))`` (B, N_out) in the weight's dtype, the norm's
     output rounded to that dtype first (mamba_ssm's fused norm). Zeroes ``zero`` (float32, contiguous)
     on the way. ``block_n`` output rows per program, ``block_k`` the reduction chunk, ``num_warps``,
-    ``num_stages`` (``PIPELINE_STAGES``): launch shape (``benchmarks/decode_projections.py`` compares
-    them). Raises ValueError for a larger batch."""
+    ``num_stages`` (``PIPELINE_STAGES``), ``programs`` (the grid: each program takes every
+    ``programs``-th block of rows; None: one block each): launch shape
+    (``benchmarks/decode_projections.py`` compares them). Raises ValueError for a larger batch."""
     _check_small_batch("norm_in_proj", residual)
     batch, d_model = residual.shape
     n_out = in_proj_weight.shape[0]
     out = torch.empty(batch, n_out, device=residual.device, dtype=in_proj_weight.dtype)
-    _norm_in_proj_kernel[(triton.cdiv(n_out, block_n),)](
+    _norm_in_proj_kernel[(_grid(n_out, block_n, programs),)](
         residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, n_out, eps,
         D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
@@ -306,7 +319,7 @@ def norm_in_proj(
 def out_proj_residual(
     y: Tensor, out_proj_weight: Tensor, residual: Tensor,
     block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = OUT_PROJ_NUM_WARPS,
-    num_stages: int = PIPELINE_STAGES,
+    num_stages: int = PIPELINE_STAGES, programs: int | None = OUT_PROJ_PROGRAMS,
 ) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
     (D_out, D_in) without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
@@ -315,62 +328,50 @@ def out_proj_residual(
     _check_small_batch("out_proj_residual", y)
     batch, d_in = y.shape
     d_out = out_proj_weight.shape[0]
-    _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
+    _out_proj_residual_kernel[(_grid(d_out, block_n, programs),)](
         y, out_proj_weight, residual, batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **_pdl(y),
     )
 
 
-def batch_block(batch: int) -> int:
-    """The sequences one program of ``conv_x_proj`` / ``dt_state_update`` steps, one after another:
-    enough that the batch splits into at most ``BATCH_BLOCKS`` blocks, each a column of programs of
-    its own."""
-    return -(-batch // BATCH_BLOCKS)
-
-
 def conv_x_proj(
     x: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool,
-    xdbl: Tensor | None = None, block_b: int | None = None,
+    xdbl: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """x (B, Di) (rows may be strided), conv_state (B, Di, W) contiguous, updated in place; conv_weight
     (Di, W), conv_bias (Di,) or None; x_proj_weight (R + 2N, Di). Returns the conv output (B, Di) in x's
     dtype and x_proj of it, (B, R + 2N) in float32: into ``xdbl`` when given (contiguous, zeroed by the
-    caller: ``norm_in_proj`` zeroes it), else a new zeroed buffer. ``block_b``: sequences per program
-    (default ``batch_block(B)``)."""
+    caller: ``norm_in_proj`` zeroes it), else a new zeroed buffer."""
     batch, channels = x.shape
-    block_b = block_b or batch_block(batch)
     rows = x_proj_weight.shape[0]
     width = conv_weight.shape[1]
     out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
     if xdbl is None:
         xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
     block_d = 32
-    _conv_x_proj_kernel[(triton.cdiv(channels, block_d), triton.cdiv(batch, block_b))](
+    _conv_x_proj_kernel[(triton.cdiv(channels, block_d), batch)](
         x, x.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
-        x_proj_weight, out, xdbl, batch, channels, rows,
+        x_proj_weight, out, xdbl, channels, rows,
         W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
-        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rows), BLOCK_B=block_b, **_pdl(x),
+        BLOCK_D=block_d, BLOCK_R=triton.next_power_of_2(rows), **_pdl(x),
     )
     return out, xdbl
 
 
 def dt_state_update(
-    xdbl: Tensor, x: Tensor, z: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor,
-    block_b: int | None = None,
+    xdbl: Tensor, x: Tensor, z: Tensor, dt_weight: Tensor, dt_bias: Tensor, A: Tensor, D: Tensor, ssm_state: Tensor
 ) -> Tensor:
     """xdbl (B, R + 2N) float32 (dt's low rank, B, C); x (B, Di) the conv output; z (B, Di) (rows may be
     strided); dt_weight (Di, R), dt_bias (Di,) float32; A (Di, N) float32, D (Di,); ssm_state
-    (B, Di, N) float32, updated in place. Returns y (B, Di) in x's dtype. ``block_b``: sequences per
-    program (default ``batch_block(B)``)."""
+    (B, Di, N) float32, updated in place. Returns y (B, Di) in x's dtype."""
     batch, channels = x.shape
-    block_b = block_b or batch_block(batch)
     rank = dt_weight.shape[1]
     d_state = A.shape[1]
     y = torch.empty_like(x)
     block_d = 16
-    _dt_state_update_kernel[(triton.cdiv(channels, block_d), triton.cdiv(batch, block_b))](
-        xdbl, x, z, z.stride(0), dt_weight, dt_bias, A, D, ssm_state, y, batch, channels, rank,
+    _dt_state_update_kernel[(triton.cdiv(channels, block_d), batch)](
+        xdbl, x, z, z.stride(0), dt_weight, dt_bias, A, D, ssm_state, y, channels, rank,
         N=d_state, N_POW2=triton.next_power_of_2(d_state), BLOCK_D=block_d,
-        BLOCK_RANK=triton.next_power_of_2(rank), BLOCK_B=block_b, **_pdl(x),
+        BLOCK_RANK=triton.next_power_of_2(rank), **_pdl(x),
     )
     return y

@@ -25,7 +25,6 @@ CHECKS = textwrap.dedent(
     from tests.conftest import tiny_mamba, tiny_vlm
 
     torch.set_grad_enabled(False)
-    import mambavlm.ops.mamba_step as kernels
 
     model = tiny_vlm()
     for conv_bias in (True, False):
@@ -33,10 +32,7 @@ CHECKS = textwrap.dedent(
         if not conv_bias:
             mixer.mixer.conv1d.bias = None
         m = mixer.mixer
-        # batch 3: one sequence per program, 3 columns; batch 5 in at most 2 blocks: 3 + 2 sequences
-        for batch, blocks in ((1, 16), (3, 16), (5, 2)):
-            kernels.BATCH_BLOCKS = blocks
-            assert kernels.batch_block(batch) == {1: 1, 3: 1, 5: 3}[batch]
+        for batch in (1, 3):  # a column of programs per sequence
             torch.manual_seed(batch)
             state = mixer.allocate(batch)
             state.A.copy_(-torch.exp(m.A_log.float()))
@@ -51,20 +47,24 @@ CHECKS = textwrap.dedent(
                 torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
                 torch.testing.assert_close(state.ssm, expected.ssm, rtol=1e-5, atol=1e-5)
                 assert torch.equal(state.conv, expected.conv)
-    kernels.BATCH_BLOCKS = 16
     # the projection kernels alone, on sizes that are not multiples of their blocks
     import torch.nn.functional as F
     from mambavlm.ops.mamba_step import norm_in_proj, out_proj_residual
     g = torch.Generator().manual_seed(0)
     residual, gain, w_in = torch.randn(3, 600, generator=g), torch.rand(600, generator=g) + 0.5, torch.randn(70, 600, generator=g)
     zero = torch.ones(7)
-    got = norm_in_proj(residual, gain, 1e-5, w_in, zero)
-    torch.testing.assert_close(got, F.linear(F.rms_norm(residual, (600,), gain, eps=1e-5), w_in), rtol=1e-5, atol=1e-4)
-    assert torch.equal(zero, torch.zeros(7))
+    want_in = F.linear(F.rms_norm(residual, (600,), gain, eps=1e-5), w_in)
     y, w_out, stream = torch.randn(2, 1100, generator=g), torch.randn(50, 1100, generator=g), torch.randn(2, 50, generator=g)
-    expected = stream + F.linear(y, w_out)
-    out_proj_residual(y, w_out, stream)
-    torch.testing.assert_close(stream, expected, rtol=1e-5, atol=1e-4)
+    # one program per block of rows, and persistent grids: 3 programs over 9 / 13 blocks of 8 / 4 rows
+    # (uneven shares, the last block partial), and more programs than blocks
+    for programs in (None, 3, 100):
+        zero = torch.ones(7)
+        got = norm_in_proj(residual, gain, 1e-5, w_in, zero, block_n=8, block_k=256, programs=programs)
+        torch.testing.assert_close(got, want_in, rtol=1e-5, atol=1e-4)
+        assert torch.equal(zero, torch.zeros(7))
+        streamed = stream.clone()
+        out_proj_residual(y, w_out, streamed, block_n=4, block_k=256, programs=programs)
+        torch.testing.assert_close(streamed, stream + F.linear(y, w_out), rtol=1e-5, atol=1e-4)
     try:
         norm_in_proj(torch.zeros(5, 600), gain, 1e-5, w_in, zero)
         raise AssertionError("a batch of 5 was taken")
@@ -87,13 +87,15 @@ CHECKS = textwrap.dedent(
         torch.testing.assert_close(residual, want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state.ssm, expected_state.ssm, rtol=1e-5, atol=1e-5)
 
-    # greedy decoding: 1 sequence (whole-block kernels), 2 and 5 (two kernels between cuBLAS projections)
-    for batch in (1, 2, 5):
+    # greedy decoding: 1 sequence (whole-block kernels), 2 and 4 (two kernels between cuBLAS projections),
+    # 5 (past FUSED_STEP_MAX_BATCH: unfused)
+    for batch in (1, 2, 4, 5):
         ids = torch.randint(3, lm.config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(batch))
         embeds = lm.get_input_embeddings()(ids)
         decoders = [StaticStateDecoder(lm, fused_step=fused) for fused in (False, True)]
         tokens = [d.generate(embeds, max_new_tokens=12, eos_token_id=None) for d in decoders]
         assert decoders[1]._whole_block_steps(batch) == (batch == 1)
+        assert decoders[1]._fused_mixer_steps(batch) == (batch <= 4)
         assert len(set(tokens[0].flatten().tolist())) > 3
         assert torch.equal(tokens[0], tokens[1]), (batch, tokens)
     print("fused step: equal")
