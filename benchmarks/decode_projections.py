@@ -31,28 +31,24 @@ from mambavlm.ops.mamba_step import (
     IN_PROJ_BLOCK_K,
     IN_PROJ_BLOCK_N,
     IN_PROJ_NUM_WARPS,
-    IN_PROJ_PROGRAMS,
     OUT_PROJ_BLOCK_K,
     OUT_PROJ_BLOCK_N,
     OUT_PROJ_NUM_WARPS,
-    OUT_PROJ_PROGRAMS,
     PIPELINE_STAGES,
     norm_in_proj,
     out_proj_residual,
     triton_available,
 )
 
-HEADERS = ["projection", "batch", "path", "block_n", "block_k", "warps", "stages", "programs", "us / layer", "TB/s",
-           "of HBM"]
+HEADERS = ["projection", "batch", "path", "block_n", "block_k", "warps", "stages", "us / layer", "TB/s", "of HBM"]
 SHAPES = {"paper": (2560, 5120), "quick": (96, 192)}  # (d_model, d_inner): Mamba-2.8B, a tiny stand-in
 S = PIPELINE_STAGES
-LAUNCH_SHAPES = [(n, k, w, S, 0) for n in (4, 8, 16, 32) for k in (512, 1024, 2048) for w in (2, 4)] + [
-    (n, k, 4, stages, 0) for n in (4, 16) for k in (512, 1024) for stages in (1, 2, 4, 5)
-] + [(n, k, w, S, p) for n, k, w in ((4, 1024, 2), (8, 1024, 2), (8, 512, 4)) for p in (132, 264, 528, 1056)]
-"""(block_n, block_k, warps, stages, programs): every shape at Triton's default pipelining with a
-program per block of rows (programs 0), deeper and shallower pipelines for the shapes that led the
-first sweep (more weight bytes in flight), then persistent grids of 1-8 programs per H200 SM."""
-QUICK_LAUNCH_SHAPES = [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS, S, 0), (4, 64, 2, 2, 3)]
+LAUNCH_SHAPES = [(n, k, w, S) for n in (4, 8, 16, 32) for k in (512, 1024, 2048) for w in (2, 4)] + [
+    (n, k, 4, stages) for n in (4, 16) for k in (512, 1024) for stages in (1, 2, 4, 5)
+]
+"""(block_n, block_k, warps, stages): every shape at Triton's default pipelining, then deeper and
+shallower pipelines for the shapes that led the first sweep (more weight bytes in flight)."""
+QUICK_LAUNCH_SHAPES = [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS, S), (4, 64, 2, 2)]
 
 
 def replay_seconds(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
@@ -88,21 +84,17 @@ def run(
     elif quick:
         shapes = QUICK_LAUNCH_SHAPES
     else:
-        shapes = LAUNCH_SHAPES if sweep else [
-            (IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS, S, IN_PROJ_PROGRAMS or 0),
-            (OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS, S, OUT_PROJ_PROGRAMS or 0),
-        ]
+        shapes = LAUNCH_SHAPES if sweep else [(IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS, S),
+                                              (OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS, S)]
     rows: list[list[object]] = []
 
-    def row(name: str, batch: int, path: str, launch: tuple[int, int, int, int, int] | None, seconds: float,
+    def row(name: str, batch: int, path: str, launch: tuple[int, int, int, int] | None, seconds: float,
             weight: Tensor) -> None:
         per_layer = seconds / layers
         rate = weight.numel() * weight.element_size() / per_layer
         share = f"{rate / bandwidth:.0%}" if bandwidth else "n/a"
-        n, k, w, stages, programs = launch if launch else ("", "", "", "", "")
-        programs = "per block" if programs == 0 else programs
-        rows.append([name, batch, path, n, k, w, stages, programs, f"{per_layer * 1e6:.2f}", f"{rate / 1e12:.2f}",
-                     share])
+        n, k, w, stages = launch if launch else ("", "", "", "")
+        rows.append([name, batch, path, n, k, w, stages, f"{per_layer * 1e6:.2f}", f"{rate / 1e12:.2f}", share])
 
     for batch in batches:
         residual = torch.randn(batch, d_model, device=device)
@@ -120,23 +112,22 @@ def run(
 
         row("in_proj (+ RMSNorm)", batch, "cuBLAS (norm, F.linear)", None, replay_seconds(cublas_in, device, repeats),
             in_weights[0])
-        for n, k, warps, stages, programs in shapes:
-            def ours_in(n: int = n, k: int = k, warps: int = warps, stages: int = stages, programs: int = programs) -> None:
+        for n, k, warps, stages in shapes:
+            def ours_in(n: int = n, k: int = k, warps: int = warps, stages: int = stages) -> None:
                 for w in in_weights:
                     norm_in_proj(residual, gain, 1e-5, w, zero, block_n=n, block_k=k, num_warps=warps,
-                                 num_stages=stages, programs=programs or None)
+                                 num_stages=stages)
 
-            row("in_proj (+ RMSNorm)", batch, "norm_in_proj", (n, k, warps, stages, programs),
+            row("in_proj (+ RMSNorm)", batch, "norm_in_proj", (n, k, warps, stages),
                 replay_seconds(ours_in, device, repeats), in_weights[0])
         row("out_proj (+ residual)", batch, "cuBLAS (F.linear, add)", None,
             replay_seconds(cublas_out, device, repeats), out_weights[0])
-        for n, k, warps, stages, programs in shapes:
-            def ours_out(n: int = n, k: int = k, warps: int = warps, stages: int = stages, programs: int = programs) -> None:
+        for n, k, warps, stages in shapes:
+            def ours_out(n: int = n, k: int = k, warps: int = warps, stages: int = stages) -> None:
                 for w in out_weights:
-                    out_proj_residual(y, w, stream, block_n=n, block_k=k, num_warps=warps, num_stages=stages,
-                                      programs=programs or None)
+                    out_proj_residual(y, w, stream, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
 
-            row("out_proj (+ residual)", batch, "out_proj_residual", (n, k, warps, stages, programs),
+            row("out_proj (+ residual)", batch, "out_proj_residual", (n, k, warps, stages),
                 replay_seconds(ours_out, device, repeats), out_weights[0])
     return rows
 
@@ -147,11 +138,11 @@ def best_lines(rows: list[list[object]]) -> list[str]:
     for name in dict.fromkeys(r[0] for r in rows):
         for batch in dict.fromkeys(r[1] for r in rows if r[0] == name):
             group = [r for r in rows if r[0] == name and r[1] == batch]
-            cublas = next(float(r[8]) for r in group if r[2].startswith("cuBLAS"))
-            ours = min((r for r in group if not r[2].startswith("cuBLAS")), key=lambda r: float(r[8]))
-            lines.append(f"- {name}, batch {batch}: cuBLAS {cublas:.2f} us per layer, ours at best {ours[8]} us "
-                         f"(block_n {ours[3]}, block_k {ours[4]}, {ours[5]} warps, {ours[6]} stages, programs "
-                         f"{ours[7]}): {cublas / float(ours[8]):.2f}x")
+            cublas = next(float(r[7]) for r in group if r[2].startswith("cuBLAS"))
+            ours = min((r for r in group if not r[2].startswith("cuBLAS")), key=lambda r: float(r[7]))
+            lines.append(f"- {name}, batch {batch}: cuBLAS {cublas:.2f} us per layer, ours at best {ours[7]} us "
+                         f"(block_n {ours[3]}, block_k {ours[4]}, {ours[5]} warps, {ours[6]} stages): "
+                         f"{cublas / float(ours[7]):.2f}x")
     return lines
 
 
@@ -162,10 +153,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, default=64, help="distinct weight copies per replay")
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--no-sweep", action="store_true", help="only the default launch shapes")
-    parser.add_argument("--launch-shapes", nargs="+", default=None, metavar="NxKxW[xS[xP]]",
+    parser.add_argument("--launch-shapes", nargs="+", default=None, metavar="NxKxW[xS]",
                         help="launch shapes to time (rows per program x reduction chunk x warps [x pipeline "
-                        f"stages, default {S} [x persistent programs, default 0: one per block of rows]]), "
-                        "e.g. 16x1024x2 16x1024x4x5 8x1024x2x3x264")
+                        f"stages, default {S}]), e.g. 16x1024x2 16x1024x4x5")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     if not triton_available():
@@ -175,9 +165,9 @@ def main(argv: list[str] | None = None) -> None:
     device = benchmark_device(args.quick)
     layers = 2 if args.quick else args.layers
     shapes = [tuple(int(v) for v in text.split("x")) for text in args.launch_shapes] if args.launch_shapes else None
-    if shapes and any(len(shape) not in (3, 4, 5) for shape in shapes):
-        raise SystemExit(f"--launch-shapes takes NxKxW, NxKxWxS or NxKxWxSxP, got {args.launch_shapes}")
-    shapes = [(*shape, S, 0)[:5] if len(shape) == 3 else (*shape, 0)[:5] for shape in shapes] if shapes else None
+    if shapes and any(len(shape) not in (3, 4) for shape in shapes):
+        raise SystemExit(f"--launch-shapes takes NxKxW or NxKxWxS, got {args.launch_shapes}")
+    shapes = [shape if len(shape) == 4 else (*shape, S) for shape in shapes] if shapes else None
     rows = run(args.quick, args.batches, layers, 3 if args.quick else args.repeats, sweep=not args.no_sweep,
                launch_shapes=shapes)
     intro = (f"{'tiny stand-in' if args.quick else 'Mamba-2.8B'} projections, "

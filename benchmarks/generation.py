@@ -19,7 +19,8 @@ state read and written) over the GPU's HBM bandwidth.
 
 A second table decodes batches (``--batch-sizes``, default 1 / 4 / 16 / 64): our fast path on B images
 + prompts, and mamba_ssm's ``generate(cg=True)`` on B text prompts of the same length; ms per decoding
-step, tok/s = B x new tokens / total, peak memory.
+step, tok/s = B x new tokens / total, peak memory; the fused step up to ``FUSED_STEP_MAX_BATCH`` (4)
+sequences, past which it steps unfused.
 
 ``--profile`` (CUDA) adds the kernels of one decoding step at batch 1 for our step, the fused step and
 mamba_ssm's: GPU busy time vs the step's span, launches, the longest-running kernels
@@ -49,6 +50,7 @@ from benchmarks.timing import (
     synchronize,
 )
 from mambavlm.generation import StaticStateDecoder
+from mambavlm.generation.mamba_lm import FUSED_STEP_MAX_BATCH
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.ops.mamba_step import triton_available
@@ -229,7 +231,7 @@ def batched_rows(
         row.floor_ms = decode_floor_ms(model, batch, bandwidth)
         rows.append(row)
         free_memory(device)
-        if fused is not None:
+        if fused is not None and batch <= FUSED_STEP_MAX_BATCH:  # larger batches step unfused
             with torch.no_grad():
                 fused_row, _ = measure(
                     f"{model.config.name} static state + CUDA graph, fused step", device, input_ids.shape[1],

@@ -80,11 +80,11 @@ against 22.6 for RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 1
 (1.29x) (``benchmarks/results/decode_projections.md``). The earlier defaults (16 x 512 and 4 x 512, 4
 warps) ran at 22.4 and 15.0 us: fewer warps each owning a longer row chunk keep more bytes in flight
 per thread. The first version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read
-for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94."""
-IN_PROJ_PROGRAMS: int | None = None
-OUT_PROJ_PROGRAMS: int | None = None
-"""The projection kernels' grids: None, one program per block of rows; a number, that many persistent
-programs, each stepping through every ``programs``-th block of rows in one pipelined loop."""
+for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94. Two variants measured
+no faster on the H200 (2026-12-01) and were not kept: accumulating the products elementwise and
+reducing across threads once after the loop (in_proj 21.8 us at 8 x 1024 x 2 warps), and persistent
+grids of 132-1056 programs each looping over many row blocks in one pipelined loop (in_proj 21.6 us at
+best, out_proj 10.9)."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
 Triton's default on NVIDIA GPUs)."""
@@ -198,38 +198,29 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        programs = tl.num_programs(0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
         if pid == 0:
             zi = tl.arange(0, BLOCK_Z)
             tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_ok = rows < n_out
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
         d = tl.arange(0, D_POW2)
         whole = tl.load(residual_ptr + bi[:, None] * D + d[None, :], mask=b_ok[:, None] & (d[None, :] < D), other=0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / D + eps)  # (B_POW2,): every row at once
         k = tl.arange(0, BLOCK_K)
-        k_tiles = (D + BLOCK_K - 1) // BLOCK_K
-        # persistent: program p takes row blocks p, p + programs, ...; one flat loop over (block, tile)
-        # so the weight tiles of the next row block are in flight while this one finishes
-        steps = tl.cdiv(tl.cdiv(n_out, BLOCK_N) - pid, programs) * k_tiles
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
-        for step in tl.range(0, steps):
-            kt = step % k_tiles
-            rows = (pid + (step // k_tiles) * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-            rows_ok = rows < n_out
-            k0 = kt * BLOCK_K
+        for k0 in range(0, D, BLOCK_K):  # each weight tile read once for the whole batch
             k_ok = k0 + k < D
             g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
             r = _row_tile(residual_ptr, bi, b_ok, k0 + k, k_ok, D)
             x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's rounding
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
-            if kt == k_tiles - 1:
-                tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                         mask=rows_ok[:, None] & b_ok[None, :])
-                acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
+        tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
+                 mask=rows_ok[:, None] & b_ok[None, :])
 
     @triton.jit
     def _out_proj_residual_kernel(
@@ -240,32 +231,24 @@ if triton is not None:
         D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        programs = tl.num_programs(0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_ok = rows < d_out
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
         k = tl.arange(0, BLOCK_K)
-        k_tiles = (D_IN + BLOCK_K - 1) // BLOCK_K
-        steps = tl.cdiv(tl.cdiv(d_out, BLOCK_N) - pid, programs) * k_tiles  # persistent, as in_proj's
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
-        for step in tl.range(0, steps):
-            kt = step % k_tiles
-            rows = (pid + (step // k_tiles) * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-            rows_ok = rows < d_out
-            k0 = kt * BLOCK_K
+        for k0 in range(0, D_IN, BLOCK_K):  # each weight tile read once for the whole batch
             k_ok = k0 + k < D_IN
             y = _row_tile(y_ptr, bi, b_ok, k0 + k, k_ok, D_IN)
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
-            if kt == k_tiles - 1:
-                # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
-                projected = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
-                out = residual_ptr + bi[None, :] * d_out + rows[:, None]
-                ok = rows_ok[:, None] & b_ok[None, :]
-                tl.store(out, tl.load(out, mask=ok, other=0.0) + projected, mask=ok)
-                acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
+        # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
+        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        out = residual_ptr + bi[None, :] * d_out + rows[:, None]
+        ok = rows_ok[:, None] & b_ok[None, :]
+        tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
 
 
 @functools.cache
@@ -280,12 +263,6 @@ def _pdl(t: Tensor) -> dict[str, bool]:
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
-def _grid(rows: int, block_n: int, programs: int | None) -> int:
-    """Programs of a projection kernel: ``programs`` (persistent), at most one per block of rows."""
-    blocks = triton.cdiv(rows, block_n)
-    return blocks if programs is None else max(1, min(programs, blocks))
-
-
 def _check_small_batch(name: str, x: Tensor) -> None:
     if x.shape[0] > FUSED_GEMV_MAX_BATCH:
         raise ValueError(f"{name} takes at most {FUSED_GEMV_MAX_BATCH} sequences, got {x.shape[0]}")
@@ -294,20 +271,19 @@ def _check_small_batch(name: str, x: Tensor) -> None:
 def norm_in_proj(
     residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor,
     block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = IN_PROJ_NUM_WARPS,
-    num_stages: int = PIPELINE_STAGES, programs: int | None = IN_PROJ_PROGRAMS,
+    num_stages: int = PIPELINE_STAGES,
 ) -> Tensor:
     """residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (N_out, D)
     without bias. Returns ``in_proj(rms_norm(residual))`` (B, N_out) in the weight's dtype, the norm's
     output rounded to that dtype first (mamba_ssm's fused norm). Zeroes ``zero`` (float32, contiguous)
     on the way. ``block_n`` output rows per program, ``block_k`` the reduction chunk, ``num_warps``,
-    ``num_stages`` (``PIPELINE_STAGES``), ``programs`` (the grid: each program takes every
-    ``programs``-th block of rows; None: one block each): launch shape
-    (``benchmarks/decode_projections.py`` compares them). Raises ValueError for a larger batch."""
+    ``num_stages`` (``PIPELINE_STAGES``): launch shape (``benchmarks/decode_projections.py`` compares
+    them). Raises ValueError for a larger batch."""
     _check_small_batch("norm_in_proj", residual)
     batch, d_model = residual.shape
     n_out = in_proj_weight.shape[0]
     out = torch.empty(batch, n_out, device=residual.device, dtype=in_proj_weight.dtype)
-    _norm_in_proj_kernel[(_grid(n_out, block_n, programs),)](
+    _norm_in_proj_kernel[(triton.cdiv(n_out, block_n),)](
         residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, n_out, eps,
         D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
         BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
@@ -319,7 +295,7 @@ def norm_in_proj(
 def out_proj_residual(
     y: Tensor, out_proj_weight: Tensor, residual: Tensor,
     block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = OUT_PROJ_NUM_WARPS,
-    num_stages: int = PIPELINE_STAGES, programs: int | None = OUT_PROJ_PROGRAMS,
+    num_stages: int = PIPELINE_STAGES,
 ) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
     (D_out, D_in) without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
@@ -328,7 +304,7 @@ def out_proj_residual(
     _check_small_batch("out_proj_residual", y)
     batch, d_in = y.shape
     d_out = out_proj_weight.shape[0]
-    _out_proj_residual_kernel[(_grid(d_out, block_n, programs),)](
+    _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
         y, out_proj_weight, residual, batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch),
         BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **_pdl(y),
     )
