@@ -27,8 +27,7 @@ and tails dominate), the block boundary and both projections:
 
 On Hopper and later each of the four is launched with programmatic dependent launch (``launch_pdl``):
 the next kernel is scheduled while the previous one runs and loads what no kernel of the step writes
-(the middle kernels all their weight slices, the projections their first weight tile) before
-``gdc_wait``, which returns once the previous kernel has finished and its writes
+(its weights) before ``gdc_wait``, which returns once the previous kernel has finished and its writes
 are visible; each kernel releases its successor only after its own wait, so at most two overlap.
 
 So a block is four launches instead of seven (norm, in_proj, memset, the two above, out_proj's
@@ -188,14 +187,6 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
-    def _normed_tile(residual_ptr, norm_w_ptr, rstd, rows, rows_ok, cols, cols_ok, width, dtype: tl.constexpr):
-        """The (rows, cols) tile of RMSNorm(residual) (rstd per row given), float32, rounded to ``dtype``
-        first as mamba_ssm's fused norm rounds its output."""
-        g = tl.load(norm_w_ptr + cols, mask=cols_ok, other=0.0).to(tl.float32)
-        r = _row_tile(residual_ptr, rows, rows_ok, cols, cols_ok, width)
-        return (r * rstd[:, None] * g[None, :]).to(dtype).to(tl.float32)
-
-    @triton.jit
     def _norm_in_proj_kernel(
         residual_ptr,  # (B, D) float32 residual stream
         norm_w_ptr,  # (D,) RMSNorm weight
@@ -207,27 +198,26 @@ if triton is not None:
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_ok = rows < n_out
-        k = tl.arange(0, BLOCK_K)
-        # the first weight tile is a constant of the step: in flight while the previous kernel finishes
-        first = tl.load(w_ptr + rows[:, None] * D + k[None, :], mask=rows_ok[:, None] & (k[None, :] < D), other=0.0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
         if pid == 0:
             zi = tl.arange(0, BLOCK_Z)
             tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
+        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_ok = rows < n_out
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
         d = tl.arange(0, D_POW2)
         whole = tl.load(residual_ptr + bi[:, None] * D + d[None, :], mask=b_ok[:, None] & (d[None, :] < D), other=0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / D + eps)  # (B_POW2,): every row at once
-        x = _normed_tile(residual_ptr, norm_w_ptr, rstd, bi, b_ok, k, k < D, D, w_ptr.dtype.element_ty)
-        acc = tl.sum(first.to(tl.float32)[:, None, :] * x[None, :, :], axis=2)
-        for k0 in range(BLOCK_K, D, BLOCK_K):  # each weight tile read once for the whole batch
+        k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
+        for k0 in range(0, D, BLOCK_K):  # each weight tile read once for the whole batch
             k_ok = k0 + k < D
-            x = _normed_tile(residual_ptr, norm_w_ptr, rstd, bi, b_ok, k0 + k, k_ok, D, w_ptr.dtype.element_ty)
+            g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
+            r = _row_tile(residual_ptr, bi, b_ok, k0 + k, k_ok, D)
+            x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's rounding
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
         tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=rows_ok[:, None] & b_ok[None, :])
@@ -241,20 +231,16 @@ if triton is not None:
         D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_ok = rows < d_out
-        k = tl.arange(0, BLOCK_K)
-        # the first weight tile is a constant of the step: in flight while the previous kernel finishes
-        first = tl.load(w_ptr + rows[:, None] * D_IN + k[None, :], mask=rows_ok[:, None] & (k[None, :] < D_IN),
-                        other=0.0)
         if PDL:
             gdc_wait()
             gdc_launch_dependents()
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_ok = rows < d_out
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
-        y = _row_tile(y_ptr, bi, b_ok, k, k < D_IN, D_IN)
-        acc = tl.sum(first.to(tl.float32)[:, None, :] * y[None, :, :], axis=2)
-        for k0 in range(BLOCK_K, D_IN, BLOCK_K):  # each weight tile read once for the whole batch
+        k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
+        for k0 in range(0, D_IN, BLOCK_K):  # each weight tile read once for the whole batch
             k_ok = k0 + k < D_IN
             y = _row_tile(y_ptr, bi, b_ok, k0 + k, k_ok, D_IN)
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
