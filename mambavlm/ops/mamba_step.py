@@ -84,9 +84,9 @@ for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94
 no faster on the H200 (2026-12-01) and were not kept: accumulating the products elementwise and
 reducing across threads once after the loop (in_proj 21.8 us at 8 x 1024 x 2 warps), and persistent
 grids of 132-1056 programs each looping over many row blocks in one pipelined loop (in_proj 21.6 us at
-best, out_proj 10.9). Loading each program's first weight tile before ``gdc_wait`` slowed the whole
-fused step at batch 1 from 2.63 to 3.01 ms per token (programs launched early sit on the SMs the
-previous kernel still needs)."""
+best, out_proj 10.9). Loading each program's first weight tile before ``gdc_wait`` gave the whole
+fused step 2.66 and 3.01 ms per token at batch 1 (two tables of one run) against 2.62 and 2.63
+without it: no gain, perhaps because programs launched early hold SM slots the previous kernel needs."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
 Triton's default on NVIDIA GPUs)."""
