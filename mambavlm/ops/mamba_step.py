@@ -87,6 +87,13 @@ grids of 132-1056 programs each looping over many row blocks in one pipelined lo
 best, out_proj 10.9). Loading each program's first weight tile before ``gdc_wait`` gave the whole
 fused step 2.66 and 3.01 ms per token at batch 1 (two tables of one run) against 2.62 and 2.63
 without it: no gain, perhaps because programs launched early hold SM slots the previous kernel needs."""
+CONV_BLOCK_D, SSM_BLOCK_D = 32, 32
+"""Channels per program of ``conv_x_proj`` and ``dt_state_update``. A sweep on an H200 (2026-12-01,
+Mamba-2.8B shapes, bf16, random weights; the launchers patched with each shape, a script not kept as a
+benchmark; the whole fused step at batch 1, ms per token over 128 CUDA-graph steps; 16 shapes, 16-128
+x 8-64 channels) found 32 / 32 fastest:
+2.52-2.54 ms per token in four alternating repeats against 2.61 for the earlier 32 / 16, and 2.56-2.58
+for 64 / 32; 128 channels per conv program took 2.65-2.89."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
 Triton's default on NVIDIA GPUs)."""
@@ -326,7 +333,7 @@ def conv_x_proj(
     out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
     if xdbl is None:
         xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
-    block_d = 32
+    block_d = CONV_BLOCK_D
     _conv_x_proj_kernel[(triton.cdiv(channels, block_d), batch)](
         x, x.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,
         x_proj_weight, out, xdbl, channels, rows,
@@ -346,7 +353,7 @@ def dt_state_update(
     rank = dt_weight.shape[1]
     d_state = A.shape[1]
     y = torch.empty_like(x)
-    block_d = 16
+    block_d = SSM_BLOCK_D
     _dt_state_update_kernel[(triton.cdiv(channels, block_d), batch)](
         xdbl, x, z, z.stride(0), dt_weight, dt_bias, A, D, ssm_state, y, channels, rank,
         N=d_state, N_POW2=triton.next_power_of_2(d_state), BLOCK_D=block_d,
