@@ -38,7 +38,7 @@ kernels take up to 4 sequences, but at 4 they took twice cuBLAS's time on an H20
 FUSED_STEP_MAX_BATCH = 4
 """The largest batch the fused step runs at all; larger batches step unfused (mamba_ssm's conv update
 and state update, cuBLAS's ``x_proj``). On an H200 (2026-12-01, MambaVLM-2.8B, bf16,
-``benchmarks/results/generation.md``) the fused step took 2.84 ms per token at batch 4 against 3.09
+``benchmarks/RESULTS.md`` a4) the fused step took 2.81-2.84 ms per token at batch 4 against 3.09-3.10
 unfused, but 4.29 at 16 and 7.79 at 64 against 3.42 and 4.62: past a few sequences ``x_proj`` is a
 matrix product, and the split-K atomic adds (one per channel block, sequence and row) and the
 per-sequence re-reads of its weight cost more than the launches saved."""
