@@ -47,6 +47,23 @@ def relative_close(got: Tensor, want: Tensor, rtol: float, name: str) -> None:
     torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * want.abs().max().item(), msg=lambda m, n=name: f"{n}: {m}")
 
 
+WEIGHT_RTOL = 1e-4
+"""Per tensor, ||a - b|| <= WEIGHT_RTOL ||a|| after a few AdamW steps in float32. Float32 rounding differs
+with the batch shapes and the process count, and Adam's normalised steps carry it into the weights
+(an element whose gradients nearly cancel moves by up to lr either way): seen up to 1.2e-5 per tensor
+(micro 1 vs 4; single elements up to 5e-4 of their tensor's largest), and 1.1e-5 on one element of 512
+for 2 processes against 1 in the four distillation stages. A mean of micro-batch means instead moves
+weights by ~4e-3 absolute, orders above this."""
+
+
+def assert_same_weights(a: dict[str, Tensor], b: dict[str, Tensor], rtol: float = WEIGHT_RTOL) -> None:
+    """The same keys, and each tensor within ``rtol`` of ``a``'s in norm (``WEIGHT_RTOL``)."""
+    assert a.keys() == b.keys()
+    for name in a:
+        error = (a[name].float() - b[name].float()).norm()
+        assert error <= rtol * a[name].float().norm().clamp(min=1e-12), f"{name}: ||a - b|| = {error:.3g}"
+
+
 # ---------------------------------------------------------------- vision: tiny timm ViTs
 
 DINO = "vit_small_patch14_reg4_dinov2"

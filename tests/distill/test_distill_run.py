@@ -16,7 +16,7 @@ from accelerate.data_loader import SeedableRandomSampler
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.engine import Trainer
-from tests.conftest import DISTILL_LLAMA, ROOT, four_records, tiny_llama_vlm
+from tests.conftest import DISTILL_LLAMA, ROOT, assert_same_weights, four_records, tiny_llama_vlm
 
 
 def distill_main(argv: list[str]) -> dict:
@@ -182,8 +182,6 @@ def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Pa
     import subprocess
     import sys
 
-    import torch
-
     from mambavlm.model import MambaVLM
     from tests.conftest import subprocess_env
 
@@ -220,9 +218,7 @@ def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Pa
     assert [t["tokens"] for t in two["throughput"]] == [t["tokens"] for t in one["throughput"]]
     student_one = MambaVLM.from_pretrained(tmp_path / "one" / "student").state_dict()
     student_two = MambaVLM.from_pretrained(tmp_path / "two" / "student").state_dict()
-    assert student_one.keys() == student_two.keys()
-    for key, value in student_one.items():
-        torch.testing.assert_close(student_two[key], value, rtol=1e-4, atol=1e-6, msg=lambda m, k=key: f"{k}: {m}")
+    assert_same_weights(student_one, student_two)
 
 
 def test_resuming_with_another_layout_names_the_change(teacher: Path, tmp_path: Path,

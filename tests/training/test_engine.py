@@ -18,7 +18,7 @@ from mambavlm.data.collate import VLMCollator
 from mambavlm.model import MambaVLM, build_model
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.finetune import training_dataset
-from tests.conftest import ROOT, TINY_TRAIN, four_records, subprocess_env, tiny_vlm
+from tests.conftest import ROOT, TINY_TRAIN, assert_same_weights, four_records, subprocess_env, tiny_vlm
 
 
 def overrides(out: Path, train: Path, micro: int) -> list[str]:
@@ -31,19 +31,6 @@ def overrides(out: Path, train: Path, micro: int) -> list[str]:
 
 def final_weights(out: Path) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in MambaVLM.from_pretrained(out / "final").state_dict().items()}
-
-
-WEIGHT_RTOL = 1e-4
-"""Per tensor, ||a - b|| <= WEIGHT_RTOL ||a|| after 3 AdamW steps in float32. Float32 rounding differs
-with the batch shapes and Adam's normalised steps carry it into the weights: seen up to 1.2e-5 (micro 1
-vs 4; single elements up to 5e-4 of their tensor's largest). A mean of micro-batch means instead
-moves weights by ~4e-3 absolute, orders above this."""
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], rtol: float = WEIGHT_RTOL) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        assert (a[name] - b[name]).norm() <= rtol * a[name].norm().clamp(min=1e-12), name
 
 
 def test_micro_batch_size_changes_neither_the_losses_nor_the_weights(tmp_path: Path) -> None:
