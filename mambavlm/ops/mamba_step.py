@@ -26,9 +26,14 @@ and tails dominate), the block boundary and both projections:
   each program owning its output rows: deterministic, no split-K reduction kernel.
 
 On Hopper and later each of the four is launched with programmatic dependent launch (``launch_pdl``):
-the next kernel is scheduled while the previous one runs and loads what no kernel of the step writes
-(its weights) before ``gdc_wait``, which returns once the previous kernel has finished and its writes
-are visible; each kernel releases its successor only after its own wait, so at most two overlap.
+each program releases the next kernel (``gdc_launch_dependents``) once its long reads are done, so the
+next kernel's programs are scheduled into this one's tail, on the SMs its finished programs free, and
+load what no kernel of the step writes (their weights) before ``gdc_wait``, which returns once the
+previous kernel has finished and its writes are visible. A kernel releases its successor only after
+its own wait, so at most two overlap. Releasing at the end rather than right after the wait took the
+batch-1 fused step from 2.53 to 2.38 ms per token (H200, 2026-12-01, MambaVLM-2.8B shapes, bf16,
+random weights, 128 CUDA-graph steps, four alternating repeats each): released early, the next
+kernel's programs sat in ``gdc_wait`` on SM slots the running kernel's later waves needed.
 
 So a block is four launches instead of seven (norm, in_proj, memset, the two above, out_proj's
 split-K GEMV and its reduction). They run on CUDA, and anywhere under Triton's interpreter
@@ -86,7 +91,9 @@ reducing across threads once after the loop (in_proj 21.8 us at 8 x 1024 x 2 war
 grids of 132-1056 programs each looping over many row blocks in one pipelined loop (in_proj 21.6 us at
 best, out_proj 10.9). Loading each program's first weight tile before ``gdc_wait`` gave the whole
 fused step 2.66 and 3.01 ms per token at batch 1 (two tables of one run) against 2.62 and 2.63
-without it: no gain, perhaps because programs launched early hold SM slots the previous kernel needs."""
+without it: no gain, perhaps because programs launched early hold SM slots the previous kernel needs.
+With each kernel released at its end (see the module docstring) the first-tile load cost more: 2.80 ms
+per token against 2.38 (2.61 with the old release against 2.53)."""
 CONV_BLOCK_D, SSM_BLOCK_D = 32, 32
 """Channels per program of ``conv_x_proj`` and ``dt_state_update``. A sweep on an H200 (2026-12-01,
 Mamba-2.8B shapes, bf16, random weights; the launchers patched with each shape, a script not kept as a
@@ -127,7 +134,6 @@ if triton is not None:
         proj = proj.to(tl.float32)
         if PDL:  # the weights above are the step's constants; what follows reads in_proj's output
             gdc_wait()
-            gdc_launch_dependents()
         x = tl.load(x_ptr + b * stride_x_b + d, mask=d_ok, other=0.0)
         state_row = state_ptr + b * channels * W + d[:, None] * W
         older = tl.load(state_row + k[None, :] + 1, mask=d_ok[:, None] & (k[None, :] + 1 < W), other=0.0)
@@ -140,6 +146,8 @@ if triton is not None:
             out = out * tl.sigmoid(out)
         out = tl.where(d_ok, out, 0.0)
         tl.store(out_ptr + b * channels + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+        if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
+            gdc_launch_dependents()
         share = tl.sum(proj * out[None, :], axis=1)
         tl.atomic_add(xdbl_ptr + b * rows + r, share, mask=r_ok)
 
@@ -171,7 +179,6 @@ if triton is not None:
         d_skip = tl.load(d_skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
         if PDL:  # dt_proj, A, D: constants of the step; xdbl and x come from conv_x_proj
             gdc_wait()
-            gdc_launch_dependents()
         row_width = rank + 2 * N
         low = tl.load(xdbl_ptr + b * row_width + j, mask=j_ok, other=0.0)
         b_in = tl.load(xdbl_ptr + b * row_width + rank + n, mask=n_ok, other=0.0)
@@ -184,6 +191,8 @@ if triton is not None:
         h = tl.load(state_row, mask=dn_ok, other=0.0)
         h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * b_in[None, :]
         tl.store(state_row, h, mask=dn_ok)
+        if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
+            gdc_launch_dependents()
         y = tl.sum(h * c_out[None, :], axis=1) + d_skip * x
         y = y * z * tl.sigmoid(z)
         tl.store(y_ptr + b * channels + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
@@ -209,7 +218,6 @@ if triton is not None:
         pid = tl.program_id(0)
         if PDL:
             gdc_wait()
-            gdc_launch_dependents()
         if pid == 0:
             zi = tl.arange(0, BLOCK_Z)
             tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
@@ -228,6 +236,8 @@ if triton is not None:
             r = _row_tile(residual_ptr, bi, b_ok, k0 + k, k_ok, D)
             x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's rounding
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
+        if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
+            gdc_launch_dependents()
         tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
                  mask=rows_ok[:, None] & b_ok[None, :])
 
@@ -242,7 +252,6 @@ if triton is not None:
     ):
         if PDL:
             gdc_wait()
-            gdc_launch_dependents()
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_ok = rows < d_out
         bi = tl.arange(0, B_POW2)
@@ -255,6 +264,8 @@ if triton is not None:
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
         # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
         acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
+            gdc_launch_dependents()
         out = residual_ptr + bi[None, :] * d_out + rows[:, None]
         ok = rows_ok[:, None] & b_ok[None, :]
         tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
