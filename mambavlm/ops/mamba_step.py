@@ -82,7 +82,8 @@ OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS = 4, 1024, 2
 fastest of ``python -m benchmarks.decode_projections --batches 1`` on an H200 (bf16, batch 1, 64
 layers per CUDA graph, 30 launch shapes, 3 pipeline stages): in_proj + RMSNorm 18.9 us per layer
 against 22.6 for RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 13.9 for cuBLAS + add
-(1.29x) (``benchmarks/results/decode_projections.md``). The earlier defaults (16 x 512 and 4 x 512, 4
+(1.29x) (``benchmarks/results/decode_projections.md``); 18.2 and 10.6 us once each kernel released its
+successor at its end (module docstring), against cuBLAS's bare GEMV's 15.1 and 11.1. The earlier defaults (16 x 512 and 4 x 512, 4
 warps) ran at 22.4 and 15.0 us: fewer warps each owning a longer row chunk keep more bytes in flight
 per thread. The first version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read
 for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94. Two variants measured
