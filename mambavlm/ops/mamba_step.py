@@ -78,20 +78,20 @@ matrix products, cuBLAS's work."""
 
 IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 8, 1024, 2
 OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS = 4, 1024, 2
-"""Output rows per program, the reduction chunk and the warps of the two projection kernels: the
-fastest of ``python -m benchmarks.decode_projections --batches 1`` on an H200 (bf16, batch 1, 64
-layers per CUDA graph, 30 launch shapes, 3 pipeline stages): in_proj + RMSNorm 18.9 us per layer
-against 22.6 for RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 13.9 for cuBLAS + add
-(1.29x) (``benchmarks/results/decode_projections.md``); 18.2 and 10.6 us once each kernel released its
-successor at its end (module docstring), against cuBLAS's bare GEMV's 15.1 and 11.1. The earlier defaults (16 x 512 and 4 x 512, 4
-warps) ran at 22.4 and 15.0 us: fewer warps each owning a longer row chunk keep more bytes in flight
-per thread. The first version (32 and 8 rows, the norm recomputed in ten chunks, the weights re-read
-for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94. Two variants measured
-no faster on the H200 (2026-12-01) and were not kept: accumulating the products elementwise and
-reducing across threads once after the loop (in_proj 21.8 us at 8 x 1024 x 2 warps), and persistent
-grids of 132-1056 programs each looping over many row blocks in one pipelined loop (in_proj 21.6 us at
-best, out_proj 10.9). Loading each program's first weight tile before ``gdc_wait`` gave the whole
-fused step 2.66 and 3.01 ms per token at batch 1 (two tables of one run) against 2.62 and 2.63
+"""Output rows per program, the reduction chunk and the warps of the two projection kernels: the fastest of
+``python -m benchmarks.decode_projections --batches 1`` on an H200 (bf16, batch 1, 64 layers per CUDA
+graph, 30 launch shapes, 3 pipeline stages): in_proj + RMSNorm 18.9 us per layer against 22.6 for
+RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 13.9 for cuBLAS + add (1.29x)
+(``benchmarks/results/decode_projections.md``); 18.2 and 10.6 us once each kernel released its successor
+at its end (module docstring), against cuBLAS's bare GEMV's 15.1 and 11.1. The earlier defaults (16 x
+512 and 4 x 512, 4 warps) ran at 22.4 and 15.0 us: fewer warps each owning a longer row chunk keep more
+bytes in flight per thread. The first version (32 and 8 rows, the norm recomputed in ten chunks, the
+weights re-read for each sequence) ran the whole step at 3.57 ms per token against cuBLAS's 2.94. Two
+variants measured no faster on the H200 (2026-12-01) and were not kept: accumulating the products
+elementwise and reducing across threads once after the loop (in_proj 21.8 us at 8 x 1024 x 2 warps), and
+persistent grids of 132-1056 programs each looping over many row blocks in one pipelined loop (in_proj
+21.6 us at best, out_proj 10.9). Loading each program's first weight tile before ``gdc_wait`` gave the
+whole fused step 2.66 and 3.01 ms per token at batch 1 (two tables of one run) against 2.62 and 2.63
 without it: no gain, perhaps because programs launched early hold SM slots the previous kernel needs.
 With each kernel released at its end (see the module docstring) the first-tile load cost more: 2.80 ms
 per token against 2.38 (2.61 with the old release against 2.53)."""
