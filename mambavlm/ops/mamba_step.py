@@ -94,7 +94,9 @@ persistent grids of 132-1056 programs each looping over many row blocks in one p
 whole fused step 2.66 and 3.01 ms per token at batch 1 (two tables of one run) against 2.62 and 2.63
 without it: no gain, perhaps because programs launched early hold SM slots the previous kernel needs.
 With each kernel released at its end (see the module docstring) the first-tile load cost more: 2.80 ms
-per token against 2.38 (2.61 with the old release against 2.53)."""
+per token against 2.38 (2.61 with the old release against 2.53); so did prefetching each program's whole
+weight slice into L2 (``prefetch.global.L2``) before ``gdc_wait``: 3.74 ms (in_proj alone 3.32, out_proj
+alone 2.80) against 2.38."""
 CONV_BLOCK_D, SSM_BLOCK_D = 32, 32
 """Channels per program of ``conv_x_proj`` and ``dt_state_update``. A sweep on an H200 (2026-12-01,
 Mamba-2.8B shapes, bf16, random weights; the launchers patched with each shape, a script not kept as a
