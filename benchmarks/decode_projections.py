@@ -5,9 +5,10 @@
 
 A decode step of Mamba-2.8B reads 5.5 GB of weights, 95 % of them in each block's ``in_proj`` (2560 ->
 10240) and ``out_proj`` (5120 -> 2560), each a matrix-vector product per sequence. The fused step
-(``mambavlm.ops.mamba_step``) does them as ``norm_in_proj`` (RMSNorm of the float32 residual + in_proj)
-and ``out_proj_residual`` (out_proj + the residual add); cuBLAS does what the unfused step runs:
-RMSNorm then ``F.linear``, and ``F.linear`` then the add. Each row runs the projection of 64 layers
+(``mambavlm.ops.mamba_step``) does them as ``norm_in_proj_conv`` (RMSNorm of the float32 residual +
+in_proj, with the conv update and ``x_proj`` of the x half in its epilogue: work the cuBLAS rows leave to
+another kernel) and ``out_proj_residual`` (out_proj + the residual add); cuBLAS does what the unfused
+step runs: RMSNorm then ``F.linear``, and ``F.linear`` then the add. Each row runs the projection of 64 layers
 (64 distinct weight copies, so that nothing is served from the 50 MB L2) inside one CUDA graph, as the
 decoder replays them; the table gives us per layer, the weight bytes read per second against the HBM
 bandwidth, and the launch shape (``block_n`` rows per program, ``block_k`` reduction chunk, warps,
@@ -40,13 +41,14 @@ from mambavlm.ops.mamba_step import (
     OUT_PROJ_BLOCK_N,
     OUT_PROJ_NUM_WARPS,
     PIPELINE_STAGES,
-    norm_in_proj,
+    norm_in_proj_conv,
     out_proj_residual,
     triton_available,
 )
 
 HEADERS = ["projection", "batch", "path", "block_n", "block_k", "warps", "stages", "us / layer", "TB/s", "of HBM"]
 SHAPES = {"paper": (2560, 5120), "quick": (96, 192)}  # (d_model, d_inner): Mamba-2.8B, a tiny stand-in
+X_PROJ_ROWS, CONV_WIDTH = 192, 4  # Mamba-2.8B's dt rank 160 + B and C of 16 states; its conv width
 S = PIPELINE_STAGES
 LAUNCH_SHAPES = [(n, k, w, S) for n in (4, 8, 16, 32) for k in (512, 1024, 2048) for w in (2, 4)] + [
     (n, k, 4, stages) for n in (4, 16) for k in (512, 1024) for stages in (1, 2, 4, 5)
@@ -85,6 +87,9 @@ def run(
     d_model, d_inner = SHAPES["quick" if quick else "paper"]
     bandwidth = hbm_bytes_per_s(device)
     in_weights = layers_of((2 * d_inner, d_model), layers, device, dtype)
+    x_proj_weights = layers_of((X_PROJ_ROWS, d_inner), layers, device, dtype)
+    conv_weight = torch.randn(d_inner, CONV_WIDTH, device=device).to(dtype)
+    conv_bias = torch.randn(d_inner, device=device).to(dtype)
     out_weights = layers_of((d_model, d_inner), layers, device, dtype)
     gain = torch.ones(d_model, device=device, dtype=dtype)
     if launch_shapes:
@@ -114,7 +119,8 @@ def run(
 
     for batch in batches:
         residual = torch.randn(batch, d_model, device=device)
-        zero = torch.empty(batch, 48, device=device)
+        conv_state = torch.zeros(batch, d_inner, CONV_WIDTH, device=device, dtype=dtype)
+        xdbl = torch.zeros(batch, X_PROJ_ROWS, device=device)
         y = torch.randn(batch, d_inner, device=device).to(dtype)
         stream = torch.randn(batch, d_model, device=device)
 
@@ -131,11 +137,11 @@ def run(
         reference_rows("in_proj (+ RMSNorm)", batch, in_weights)
         for n, k, warps, stages in shapes:
             def ours_in(n: int = n, k: int = k, warps: int = warps, stages: int = stages) -> None:
-                for w in in_weights:
-                    norm_in_proj(residual, gain, 1e-5, w, zero, block_n=n, block_k=k, num_warps=warps,
-                                 num_stages=stages)
+                for w, x_proj in zip(in_weights, x_proj_weights, strict=True):
+                    norm_in_proj_conv(residual, gain, 1e-5, w, conv_state, conv_weight, conv_bias, x_proj, True, xdbl,
+                                      block_n=n, block_k=k, num_warps=warps, num_stages=stages)
 
-            row("in_proj (+ RMSNorm)", batch, "norm_in_proj", (n, k, warps, stages),
+            row("in_proj (+ RMSNorm)", batch, "norm_in_proj_conv", (n, k, warps, stages),
                 replay_seconds(ours_in, device, repeats), in_weights[0])
         row("out_proj (+ residual)", batch, "cuBLAS (F.linear, add)", None,
             replay_seconds(cublas_out, device, repeats), out_weights[0])
@@ -158,7 +164,7 @@ def best_lines(rows: list[list[object]]) -> list[str]:
             group = [r for r in rows if r[0] == name and r[1] == batch]
             cublas = next(float(r[7]) for r in group if r[2].startswith("cuBLAS"))
             bound = next(float(r[7]) for r in group if r[2] == ONE_READ)
-            ours = min((r for r in group if r[2] in ("norm_in_proj", "out_proj_residual")), key=lambda r: float(r[7]))
+            ours = min((r for r in group if r[2] in ("norm_in_proj_conv", "out_proj_residual")), key=lambda r: float(r[7]))
             lines.append(f"- {name}, batch {batch}: cuBLAS {cublas:.2f} us per layer, ours at best {ours[7]} us "
                          f"(block_n {ours[3]}, block_k {ours[4]}, {ours[5]} warps, {ours[6]} stages): "
                          f"{cublas / float(ours[7]):.2f}x; the one-read bound {bound:.2f} us "

@@ -23,7 +23,7 @@ from mambavlm.ops.causal_conv1d import (
 from mambavlm.ops.mamba_step import (
     conv_x_proj,
     dt_state_update,
-    norm_in_proj,
+    norm_in_proj_conv,
     out_proj_residual,
 )
 from mambavlm.ops.selective_scan import selective_scan
@@ -157,24 +157,23 @@ class StatefulMambaMixer:
         y = dt_state_update(xdbl, x, z, m.dt_proj.weight, state.dt_bias, state.A, m.D, state.ssm)
         return m.out_proj(y)
 
-    def step_block(self, residual: Tensor, norm: nn.Module, state: MambaState) -> None:
-        """The whole block for one token in four Triton kernels: ``residual += mixer(norm(residual))``,
-        residual (B, D) float32 updated in place, B <= ``FUSED_GEMV_MAX_BATCH``. The norm's output is
-        rounded to the weights' dtype, and so is ``out_proj``'s before the add (the unfused block's
-        roundings with a float32 residual stream). Raises ValueError for projections with a bias, or
-        the mixers ``step_fused`` refuses."""
+    def step_block(self, residual: Tensor, norm: nn.Module, state: MambaState, xdbl: Tensor) -> None:
+        """The whole block for one token in three Triton kernels: ``residual += mixer(norm(residual))``,
+        residual (B, D) float32 updated in place, B <= ``FUSED_GEMV_MAX_BATCH``; xdbl (B, R + 2N)
+        float32, zero on entry and left zero (for the next block: one buffer serves every layer). The
+        norm's output is rounded to the weights' dtype, and so is ``out_proj``'s before the add (the
+        unfused block's roundings with a float32 residual stream). Raises ValueError for projections
+        with a bias, or the mixers ``step_fused`` refuses."""
         m = self.mixer
         if m.in_proj.bias is not None or m.out_proj.bias is not None:
             raise ValueError("step_block takes bias-free in_proj and out_proj (Mamba's)")
         if m.x_proj.bias is not None or m.activation not in ("silu", None):
             raise ValueError("the fused step supports Mamba's mixer: x_proj without bias, SiLU or no conv activation")
-        xdbl = torch.empty(residual.shape[0], m.x_proj.weight.shape[0], device=residual.device, dtype=torch.float32)
-        xz = norm_in_proj(residual, norm.weight, norm.variance_epsilon, m.in_proj.weight, zero=xdbl)
-        x, z = xz.chunk(2, dim=-1)
-        x, xdbl = conv_x_proj(x, state.conv, m.conv1d.weight.squeeze(1), m.conv1d.bias, m.x_proj.weight,
-                              silu=m.activation == "silu", xdbl=xdbl)
+        x, z = norm_in_proj_conv(residual, norm.weight, norm.variance_epsilon, m.in_proj.weight, state.conv,
+                                 m.conv1d.weight.squeeze(1), m.conv1d.bias, m.x_proj.weight,
+                                 silu=m.activation == "silu", xdbl=xdbl)
         y = dt_state_update(xdbl, x, z, m.dt_proj.weight, state.dt_bias, state.A, m.D, state.ssm)
-        out_proj_residual(y, m.out_proj.weight, residual)
+        out_proj_residual(y, m.out_proj.weight, residual, zero=xdbl)
 
     def step(self, hidden: Tensor, state: MambaState) -> Tensor:
         """hidden (B, D) (normed) -> (B, D) for one new token; updates ``state`` in place."""

@@ -48,8 +48,8 @@ class StaticStateDecoder(StaticDecoder):
     """Prefill + per-token step of a ``MambaForCausalLM`` / ``SSDForCausalLM`` on static state.
 
     fused_step: Mamba-1 steps through Triton kernels (``mambavlm.ops.mamba_step``): up to
-    ``WHOLE_BLOCK_MAX_BATCH`` sequences, each block in four (``StatefulMambaMixer.step_block``: norm +
-    in_proj, conv + x_proj, dt + state update + gate, out_proj + residual add), the residual stream in
+    ``WHOLE_BLOCK_MAX_BATCH`` sequences, each block in three (``StatefulMambaMixer.step_block``: norm +
+    in_proj + conv + x_proj, dt + state update + gate, out_proj + residual add), the residual stream in
     float32 throughout (so with a ``residual_in_fp32`` model, or in float32, and bias-free
     projections); otherwise, up to ``FUSED_STEP_MAX_BATCH`` sequences, two kernels between cuBLAS's
     projections (``step_fused``); larger batches step unfused, where that is faster. Raises
@@ -105,7 +105,7 @@ class StaticStateDecoder(StaticDecoder):
         return self.model.lm_head(hidden.to(self.model.lm_head.weight.dtype)).float()
 
     def _whole_block_steps(self, batch: int) -> bool:
-        """Whether the fused step runs each block in four kernels (``step_block``) at this batch."""
+        """Whether the fused step runs each block in three kernels (``step_block``) at this batch."""
         config = self.model.config
         fp32_residual = config.residual_in_fp32 or self.model.get_input_embeddings().weight.dtype == torch.float32
         return (self.mamba1 and self.fused_step and self.mamba1_bias_free and fp32_residual
@@ -119,8 +119,10 @@ class StaticStateDecoder(StaticDecoder):
         hidden = self.model.get_input_embeddings()(input_ids)
         if self._whole_block_steps(input_ids.shape[0]):
             residual = hidden.float()
+            rows = self.model.backbone.layers[0].mixer.x_proj.out_features
+            xdbl = torch.zeros(input_ids.shape[0], rows, device=residual.device)  # each block leaves it zero
             for i, layer in enumerate(self.model.backbone.layers):
-                self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i])
+                self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i], xdbl)
             return self._logits(residual)
         if self._fused_mixer_steps(input_ids.shape[0]):
             step = lambda i, x: self.mamba1_mixers[i].step_fused(x, self._states[i])

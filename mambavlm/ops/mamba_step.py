@@ -1,4 +1,4 @@
-"""A Mamba-1 block's one-token step in four Triton kernels (batch <= ``FUSED_GEMV_MAX_BATCH``).
+"""A Mamba-1 block's one-token step in three Triton kernels (batch <= ``FUSED_GEMV_MAX_BATCH``).
 
 mamba_ssm's ``Mamba.step`` (and ``StatefulMambaMixer.step``) runs five kernels between ``in_proj`` and
 ``out_proj``: the conv update, ``x_proj``, ``dt_proj``, the selective state update, and a copy or two.
@@ -7,7 +7,8 @@ times per token. Here:
 
 - ``conv_x_proj``: the causal conv's state shift, its output (+ bias, SiLU) for a block of channels,
   and that block's share of ``x_proj`` (dt's low rank, B, C), summed across blocks into one float32
-  buffer with atomic adds (split-K): one kernel, a column of programs per sequence;
+  buffer with atomic adds (split-K): one kernel, a column of programs per sequence (between cuBLAS's
+  projections; for one sequence ``norm_in_proj_conv`` below does the same work in in_proj's epilogue);
 - ``dt_state_update``: ``dt_proj`` (rank R dot per channel) + bias + softplus, the selective state
   update ``h = exp(dt A) h + dt B x``, ``y = C h + D x`` gated by ``silu(z)``: one kernel, a column
   of programs per sequence.
@@ -18,14 +19,16 @@ dtype after ``x_proj``), so in float32 they equal the unfused step up to summati
 Around them, for small batches (where a step is a matrix-vector product per projection and launches
 and tails dominate), the block boundary and both projections:
 
-- ``norm_in_proj``: RMSNorm of the float32 residual stream (recomputed by every program from the
+- ``norm_in_proj_conv``: RMSNorm of the float32 residual stream (recomputed by every program from the
   whole row: a few kilobytes against its slice of the weight) rounded to the weight's dtype as
-  mamba_ssm's fused norm rounds it, then ``in_proj``; it also zeroes the ``x_proj`` accumulator
-  ``conv_x_proj`` adds into, so no memset kernel runs;
+  mamba_ssm's fused norm rounds it, then ``in_proj``; a program holding x rows then runs their
+  channels' conv update and adds their share of ``x_proj`` into the float32 accumulator, as
+  ``conv_x_proj`` does;
 - ``out_proj_residual``: ``out_proj`` with the residual add as its epilogue (``residual += W y``),
-  each program owning its output rows: deterministic, no split-K reduction kernel.
+  each program owning its output rows: deterministic, no split-K reduction kernel; it also zeroes the
+  accumulator for the next block, so no memset kernel runs.
 
-On Hopper and later each of the four is launched with programmatic dependent launch (``launch_pdl``):
+On Hopper and later each of them is launched with programmatic dependent launch (``launch_pdl``):
 each program releases the next kernel (``gdc_launch_dependents``) once its long reads are done, so the
 next kernel's programs are scheduled into this one's tail, on the SMs its finished programs free, and
 load what no kernel of the step writes (their weights) before ``gdc_wait``, which returns once the
@@ -35,8 +38,12 @@ batch-1 fused step from 2.53 to 2.38 ms per token (H200, 2026-12-01, MambaVLM-2.
 random weights, 128 CUDA-graph steps, four alternating repeats each): released early, the next
 kernel's programs sat in ``gdc_wait`` on SM slots the running kernel's later waves needed.
 
-So a block is four launches instead of seven (norm, in_proj, memset, the two above, out_proj's
-split-K GEMV and its reduction). They run on CUDA, and anywhere under Triton's interpreter
+So a block is three launches (``norm_in_proj_conv``, ``dt_state_update``, ``out_proj_residual``)
+instead of seven (norm, in_proj, memset, the conv + ``x_proj`` and state-update kernels, out_proj's
+split-K GEMV and its reduction). Folding the conv into in_proj's epilogue took the batch-1 step from
+2.38 to 2.26 ms per token (H200, 2026-12-01, same setup) once in_proj ran 16 rows per program with 4
+warps; at its earlier 8 rows and 2 warps it took 2.42, the extra per-program atomic adds and
+``x_proj`` column reads costing more than the launch saved. They run on CUDA, and anywhere under Triton's interpreter
 (``TRITON_INTERPRET=1``), which the CPU tests use.
 """
 
@@ -66,19 +73,23 @@ __all__ = [
     "FUSED_GEMV_MAX_BATCH",
     "conv_x_proj",
     "dt_state_update",
-    "norm_in_proj",
+    "norm_in_proj_conv",
     "out_proj_residual",
     "triton_available",
 ]
 
 FUSED_GEMV_MAX_BATCH = 4
-"""The largest batch ``norm_in_proj`` / ``out_proj_residual`` take: each program reads its weight slice
+"""The largest batch ``norm_in_proj_conv`` / ``out_proj_residual`` take: each program reads its weight slice
 once per sequence (from L2 after the first), a matrix-vector product per row; larger batches are
 matrix products, cuBLAS's work."""
 
-IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 8, 1024, 2
+IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 16, 1024, 4
 OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS = 4, 1024, 2
-"""Output rows per program, the reduction chunk and the warps of the two projection kernels: the fastest of
+"""Output rows per program, the reduction chunk and the warps of the two projection kernels. in_proj's:
+the fastest whole fused step at batch 1 with the conv in its epilogue (H200, 2026-12-01, MambaVLM-2.8B
+shapes, bf16, 128 CUDA-graph steps, two repeats): 16 x 1024 x 4 warps 2.26 ms per token; 16 x 1024 x 2
+2.30; 16 x 512 x 4 2.35; 8 x 1024 x 2 2.42; 32 x 512 x 4 2.59; 8 x 1024 x 4 2.65. Before the conv
+moved in (in_proj alone, 8 x 1024 x 2, and out_proj's, still the default): the fastest of
 ``python -m benchmarks.decode_projections --batches 1`` on an H200 (bf16, batch 1, 64 layers per CUDA
 graph, 30 launch shapes, 3 pipeline stages): in_proj + RMSNorm 18.9 us per layer against 22.6 for
 RMSNorm + cuBLAS (1.19x); out_proj + residual 10.8 us against 13.9 for cuBLAS + add (1.29x)
@@ -208,24 +219,25 @@ if triton is not None:
                        other=0.0).to(tl.float32)
 
     @triton.jit
-    def _norm_in_proj_kernel(
+    def _norm_in_proj_conv_kernel(
         residual_ptr,  # (B, D) float32 residual stream
         norm_w_ptr,  # (D,) RMSNorm weight
-        w_ptr,  # (N_out, D) in_proj weight
-        out_ptr,  # (B, N_out), the weight's dtype
-        zero_ptr, zero_count,  # a float32 buffer zeroed by program 0 (the x_proj accumulator)
-        batch, n_out, eps,
-        D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
+        w_ptr,  # (2 Di, D) in_proj weight: the x rows, then the z rows
+        state_ptr,  # (B, Di, W) conv state, oldest first; shifted in place
+        conv_w_ptr, conv_b_ptr,  # (Di, W), (Di,)
+        x_proj_ptr,  # (R2, Di) x_proj weight
+        x_ptr, z_ptr,  # (B, Di) each, the weight's dtype: the conv output and the gate
+        xdbl_ptr,  # (B, R2) float32, zero on entry: receives dt_low | B | C
+        batch, channels, r2, eps,
+        D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr, W: tl.constexpr, W_POW2: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         if PDL:
             gdc_wait()
-        if pid == 0:
-            zi = tl.arange(0, BLOCK_Z)
-            tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
         rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_ok = rows < n_out
+        rows_ok = rows < 2 * channels
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
         d = tl.arange(0, D_POW2)
@@ -241,20 +253,54 @@ if triton is not None:
             acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
-        tl.store(out_ptr + bi[None, :] * n_out + rows[:, None], acc.to(out_ptr.dtype.element_ty),
-                 mask=rows_ok[:, None] & b_ok[None, :])
+        xz = acc.to(w_ptr.dtype.element_ty)  # (BLOCK_N, B_POW2): in_proj's output, rounded as nn.Linear's
+        seq_ok = b_ok[None, :]
+        gate = rows >= channels
+        tl.store(z_ptr + bi[None, :] * channels + (rows - channels)[:, None], xz,
+                 mask=(rows_ok & gate)[:, None] & seq_ok)
+        if pid * BLOCK_N < channels:  # x rows: the conv update, its output and its share of x_proj
+            d_ok = rows < channels  # rows are channels here
+            j = tl.arange(0, W_POW2)
+            j_ok = j < W
+            conv_w = tl.load(conv_w_ptr + rows[:, None] * W + j[None, :], mask=d_ok[:, None] & j_ok[None, :],
+                             other=0.0).to(tl.float32)
+            cell = state_ptr + bi[None, :, None] * channels * W + rows[:, None, None] * W + j[None, None, :]
+            live = d_ok[:, None, None] & seq_ok[:, :, None]
+            older = tl.load(cell + 1, mask=live & (j[None, None, :] + 1 < W), other=0.0)
+            window = tl.where(j[None, None, :] == W - 1, xz[:, :, None].to(older.dtype), older)
+            tl.store(cell, window, mask=live & j_ok[None, None, :])
+            out = tl.sum(window.to(tl.float32) * conv_w[:, None, :], axis=2)  # (BLOCK_N, B_POW2)
+            if HAS_BIAS:
+                out += tl.load(conv_b_ptr + rows, mask=d_ok, other=0.0).to(tl.float32)[:, None]
+            if SILU:
+                out = out * tl.sigmoid(out)
+            out = tl.where(d_ok[:, None] & seq_ok, out, 0.0)
+            tl.store(x_ptr + bi[None, :] * channels + rows[:, None], out.to(x_ptr.dtype.element_ty),
+                     mask=d_ok[:, None] & seq_ok)
+            ri = tl.arange(0, BLOCK_R)
+            ri_ok = ri < r2
+            proj = tl.load(x_proj_ptr + ri[:, None] * channels + rows[None, :], mask=ri_ok[:, None] & d_ok[None, :],
+                           other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_N)
+            share = tl.sum(proj[:, :, None] * out[None, :, :], axis=1)  # (BLOCK_R, B_POW2)
+            tl.atomic_add(xdbl_ptr + bi[None, :] * r2 + ri[:, None], share, mask=ri_ok[:, None] & seq_ok,
+                          sem="relaxed")
 
     @triton.jit
     def _out_proj_residual_kernel(
         y_ptr,  # (B, D_in)
         w_ptr,  # (D_out, D_in) out_proj weight
         residual_ptr,  # (B, D_out) float32, += W y in place
+        zero_ptr, zero_count,  # a float32 buffer zeroed by program 0 (the next block's x_proj accumulator)
         batch, d_out,
         D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr,
+        BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
             gdc_wait()
+        if BLOCK_Z > 0:
+            if tl.program_id(0) == 0:
+                zi = tl.arange(0, BLOCK_Z)
+                tl.store(zero_ptr + zi, tl.zeros([BLOCK_Z], dtype=tl.float32), mask=zi < zero_count)
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rows_ok = rows < d_out
         bi = tl.arange(0, B_POW2)
@@ -291,62 +337,77 @@ def _check_small_batch(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} takes at most {FUSED_GEMV_MAX_BATCH} sequences, got {x.shape[0]}")
 
 
-def norm_in_proj(
-    residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, zero: Tensor,
+def norm_in_proj_conv(
+    residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, conv_state: Tensor,
+    conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool, xdbl: Tensor,
     block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = IN_PROJ_NUM_WARPS,
     num_stages: int = PIPELINE_STAGES,
-) -> Tensor:
-    """residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (N_out, D)
-    without bias. Returns ``in_proj(rms_norm(residual))`` (B, N_out) in the weight's dtype, the norm's
-    output rounded to that dtype first (mamba_ssm's fused norm). Zeroes ``zero`` (float32, contiguous)
-    on the way. ``block_n`` output rows per program, ``block_k`` the reduction chunk, ``num_warps``,
-    ``num_stages`` (``PIPELINE_STAGES``): launch shape (``benchmarks/decode_projections.py`` compares
-    them). Raises ValueError for a larger batch."""
-    _check_small_batch("norm_in_proj", residual)
+) -> tuple[Tensor, Tensor]:
+    """A block's input side in one kernel: ``xz = in_proj(rms_norm(residual))``, then the causal conv
+    update of the x half and its share of ``x_proj``.
+
+    residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (2 Di, D)
+    without bias; conv_state (B, Di, W) contiguous, shifted in place; conv_weight (Di, W), conv_bias
+    (Di,) or None; x_proj_weight (R2, Di); xdbl (B, R2) float32, contiguous and zero on entry
+    (``out_proj_residual(..., zero=xdbl)`` leaves it so): ``x_proj`` of the conv output is added into
+    it, in float32. Returns the conv output x (+ bias, then SiLU when ``silu``) and the gate z, (B, Di)
+    each in the weight's dtype. The norm's output and in_proj's are rounded to the weight's dtype, as
+    mamba_ssm's fused norm and ``nn.Linear`` round them. ``block_n`` output rows per program (each
+    program owning x rows also runs their channels' conv), ``block_k`` the reduction chunk,
+    ``num_warps``, ``num_stages``: the launch shape (``benchmarks/decode_projections.py`` compares
+    them). Raises ValueError for a larger batch.
+    """
+    _check_small_batch("norm_in_proj_conv", residual)
     batch, d_model = residual.shape
-    n_out = in_proj_weight.shape[0]
-    out = torch.empty(batch, n_out, device=residual.device, dtype=in_proj_weight.dtype)
-    _norm_in_proj_kernel[(triton.cdiv(n_out, block_n),)](
-        residual, norm_weight, in_proj_weight, out, zero, zero.numel(), batch, n_out, eps,
+    channels, width = conv_weight.shape
+    if in_proj_weight.shape[0] != 2 * channels:
+        raise ValueError(f"in_proj has {in_proj_weight.shape[0]} rows; {channels} conv channels need {2 * channels}")
+    r2 = x_proj_weight.shape[0]
+    x = torch.empty(batch, channels, device=residual.device, dtype=in_proj_weight.dtype)
+    z = torch.empty_like(x)
+    _norm_in_proj_conv_kernel[(triton.cdiv(2 * channels, block_n),)](
+        residual, norm_weight, in_proj_weight, conv_state, conv_weight,
+        conv_bias if conv_bias is not None else conv_weight, x_proj_weight, x, z, xdbl, batch, channels, r2, eps,
         D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
-        BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_Z=triton.next_power_of_2(max(zero.numel(), 1)),
+        W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
+        BLOCK_R=triton.next_power_of_2(r2), BLOCK_N=block_n, BLOCK_K=block_k,
         num_warps=num_warps, num_stages=num_stages, **_pdl(residual),
     )
-    return out
+    return x, z
 
 
 def out_proj_residual(
-    y: Tensor, out_proj_weight: Tensor, residual: Tensor,
+    y: Tensor, out_proj_weight: Tensor, residual: Tensor, zero: Tensor | None = None,
     block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = OUT_PROJ_NUM_WARPS,
     num_stages: int = PIPELINE_STAGES,
 ) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
     (D_out, D_in) without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
-    the weight's dtype before the add, as the unfused block rounds it. Launch shape as
-    ``norm_in_proj``'s. Raises ValueError for a larger batch."""
+    the weight's dtype before the add, as the unfused block rounds it. ``zero`` (float32, contiguous),
+    when given, is zeroed once the previous kernel has finished: the next block's ``xdbl``. Launch
+    shape as ``norm_in_proj_conv``'s. Raises ValueError for a larger batch."""
     _check_small_batch("out_proj_residual", y)
     batch, d_in = y.shape
     d_out = out_proj_weight.shape[0]
     _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
-        y, out_proj_weight, residual, batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch),
-        BLOCK_N=block_n, BLOCK_K=block_k, num_warps=num_warps, num_stages=num_stages, **_pdl(y),
+        y, out_proj_weight, residual, zero if zero is not None else residual, 0 if zero is None else zero.numel(),
+        batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch), BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_Z=0 if zero is None else triton.next_power_of_2(max(zero.numel(), 1)),
+        num_warps=num_warps, num_stages=num_stages, **_pdl(y),
     )
 
 
 def conv_x_proj(
     x: Tensor, conv_state: Tensor, conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool,
-    xdbl: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """x (B, Di) (rows may be strided), conv_state (B, Di, W) contiguous, updated in place; conv_weight
     (Di, W), conv_bias (Di,) or None; x_proj_weight (R + 2N, Di). Returns the conv output (B, Di) in x's
-    dtype and x_proj of it, (B, R + 2N) in float32: into ``xdbl`` when given (contiguous, zeroed by the
-    caller: ``norm_in_proj`` zeroes it), else a new zeroed buffer."""
+    dtype and x_proj of it, (B, R + 2N) in float32."""
     batch, channels = x.shape
     rows = x_proj_weight.shape[0]
     width = conv_weight.shape[1]
     out = torch.empty(batch, channels, device=x.device, dtype=x.dtype)
-    if xdbl is None:
-        xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
+    xdbl = torch.zeros(batch, rows, device=x.device, dtype=torch.float32)
     block_d = CONV_BLOCK_D
     _conv_x_proj_kernel[(triton.cdiv(channels, block_d), batch)](
         x, x.stride(0), conv_state, conv_weight, conv_bias if conv_bias is not None else conv_weight,

@@ -48,19 +48,20 @@ CHECKS = textwrap.dedent(
                 assert torch.equal(state.conv, expected.conv)
     # the projection kernels alone, on sizes that are not multiples of their blocks
     import torch.nn.functional as F
-    from mambavlm.ops.mamba_step import norm_in_proj, out_proj_residual
+    from mambavlm.ops.mamba_step import norm_in_proj_conv, out_proj_residual
+    from tests.ops.test_mamba_step import check_norm_in_proj_conv
     g = torch.Generator().manual_seed(0)
-    residual, gain, w_in = torch.randn(3, 600, generator=g), torch.rand(600, generator=g) + 0.5, torch.randn(70, 600, generator=g)
-    zero = torch.ones(7)
-    got = norm_in_proj(residual, gain, 1e-5, w_in, zero)
-    torch.testing.assert_close(got, F.linear(F.rms_norm(residual, (600,), gain, eps=1e-5), w_in), rtol=1e-5, atol=1e-4)
-    assert torch.equal(zero, torch.zeros(7))
+    for batch, conv_bias, silu in ((3, True, True), (1, False, False)):
+        check_norm_in_proj_conv(batch, torch.float32, "cpu", g, conv_bias, silu)
     y, w_out, stream = torch.randn(2, 1100, generator=g), torch.randn(50, 1100, generator=g), torch.randn(2, 50, generator=g)
     expected = stream + F.linear(y, w_out)
-    out_proj_residual(y, w_out, stream)
+    zero = torch.ones(2, 7)
+    out_proj_residual(y, w_out, stream, zero=zero)
     torch.testing.assert_close(stream, expected, rtol=1e-5, atol=1e-4)
+    assert not zero.any()
     try:
-        norm_in_proj(torch.zeros(5, 600), gain, 1e-5, w_in, zero)
+        norm_in_proj_conv(torch.zeros(5, 600), torch.ones(600), 1e-5, torch.ones(70, 600), torch.zeros(5, 35, 4),
+                          torch.ones(35, 4), None, torch.ones(7, 35), True, torch.zeros(5, 7))
         raise AssertionError("a batch of 5 was taken")
     except ValueError as err:
         assert "at most 4 sequences" in str(err)
@@ -74,12 +75,17 @@ CHECKS = textwrap.dedent(
         state.A.copy_(-torch.exp(layer.mixer.A_log.float()))
         state.dt_bias.copy_(layer.mixer.dt_proj.bias)
         state.ssm.normal_(generator=g)
+        state.conv.normal_(generator=g)
         expected_state = copy.deepcopy(state)
-        residual = torch.randn(batch, lm.config.hidden_size, generator=g)
-        want = residual + mixer.step(layer.norm(residual), expected_state)
-        mixer.step_block(residual, layer.norm, state)
-        torch.testing.assert_close(residual, want, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(state.ssm, expected_state.ssm, rtol=1e-5, atol=1e-5)
+        xdbl = torch.zeros(batch, layer.mixer.x_proj.out_features)
+        for _ in range(3):  # one x_proj accumulator through consecutive steps: each leaves it zero
+            residual = torch.randn(batch, lm.config.hidden_size, generator=g)
+            want = residual + mixer.step(layer.norm(residual), expected_state)
+            mixer.step_block(residual, layer.norm, state, xdbl)
+            torch.testing.assert_close(residual, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(state.ssm, expected_state.ssm, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(state.conv, expected_state.conv, rtol=1e-5, atol=1e-5)
+            assert not xdbl.any()
 
     # greedy decoding: 1 sequence (whole-block kernels), 2 and 4 (two kernels between cuBLAS projections),
     # 5 (past FUSED_STEP_MAX_BATCH: unfused)
@@ -149,25 +155,54 @@ def test_fused_step_needs_a_mamba_1_model() -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_projection_kernels_on_cuda_equal_pytorch(dtype: torch.dtype) -> None:
-    """norm_in_proj and out_proj_residual on sizes that are not multiples of their blocks, against
-    RMSNorm (rounded to the weight's dtype) + F.linear, and residual + F.linear(...) rounded first."""
+    """norm_in_proj_conv and out_proj_residual on sizes that are not multiples of their blocks, against
+    RMSNorm (rounded to the weight's dtype) + F.linear + the conv update + x_proj, and residual +
+    F.linear(...) rounded first."""
     import torch.nn.functional as F
 
-    from mambavlm.ops.mamba_step import norm_in_proj, out_proj_residual
+    from mambavlm.ops.mamba_step import out_proj_residual
 
     g = torch.Generator(device="cuda").manual_seed(0)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     for batch in (1, 3):
-        residual = torch.randn(batch, 600, device="cuda", generator=g)
-        gain = (torch.rand(600, device="cuda", generator=g) + 0.5).to(dtype)
-        w_in = (torch.randn(70, 600, device="cuda", generator=g) / 25).to(dtype)
-        zero = torch.ones(batch * 7, device="cuda")
-        normed = (F.rms_norm(residual, (600,), eps=1e-5) * gain.float()).to(dtype)
-        tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-        torch.testing.assert_close(norm_in_proj(residual, gain, 1e-5, w_in, zero), F.linear(normed, w_in), **tol)
-        assert not zero.any()
+        check_norm_in_proj_conv(batch, dtype, "cuda", g, conv_bias=batch == 1, silu=True)
         y = torch.randn(batch, 1100, device="cuda", generator=g).to(dtype)
         w_out = (torch.randn(50, 1100, device="cuda", generator=g) / 33).to(dtype)
         stream = torch.randn(batch, 50, device="cuda", generator=g)
         expected = stream + F.linear(y, w_out).float()
-        out_proj_residual(y, w_out, stream)
+        zero = torch.ones(batch, 7, device="cuda")
+        out_proj_residual(y, w_out, stream, zero=zero)
         torch.testing.assert_close(stream, expected, **tol)
+        assert not zero.any()
+
+
+def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, conv_bias: bool,
+                            silu: bool) -> None:
+    """``norm_in_proj_conv`` at D 600, 35 channels (70 in_proj rows: a program of 8 holds x and z rows),
+    a width-4 conv and 7 x_proj rows, against RMSNorm + F.linear + the shifted state's conv + x_proj in
+    float32 (tight in float32, bf16 tolerance in bf16)."""
+    import torch.nn.functional as F
+
+    from mambavlm.ops.mamba_step import norm_in_proj_conv
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(*shape, device=device, generator=g) * scale
+
+    residual = rand(batch, 600)
+    gain = (rand(600).abs() + 0.5).to(dtype)
+    w_in, conv_w, x_proj = rand(70, 600, scale=0.04).to(dtype), rand(35, 4).to(dtype), rand(7, 35, scale=0.2).to(dtype)
+    bias = rand(35).to(dtype) if conv_bias else None
+    state = rand(batch, 35, 4).to(dtype)
+    xdbl = torch.zeros(batch, 7, device=device)
+    want_state = state.clone()
+    xz = F.linear((F.rms_norm(residual, (600,), eps=1e-5) * gain.float()).to(dtype), w_in)
+    want_x, want_z = xz.chunk(2, dim=-1)
+    want_state = torch.cat([want_state[:, :, 1:], want_x[:, :, None]], dim=-1)
+    conv = (want_state.float() * conv_w.float()).sum(-1) + (bias.float() if conv_bias else 0.0)
+    conv = F.silu(conv) if silu else conv
+    x, z = norm_in_proj_conv(residual, gain, 1e-5, w_in, state, conv_w, bias, x_proj, silu, xdbl)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(z, want_z, **tol)
+    torch.testing.assert_close(state, want_state, **tol)
+    torch.testing.assert_close(x, conv.to(dtype), **tol)
+    torch.testing.assert_close(xdbl, F.linear(conv, x_proj.float()), **tol)
