@@ -48,7 +48,7 @@ CHECKS = textwrap.dedent(
                 assert torch.equal(state.conv, expected.conv)
     # the projection kernels alone, on sizes that are not multiples of their blocks
     import torch.nn.functional as F
-    from mambavlm.ops.mamba_step import norm_in_proj_conv, out_proj_residual
+    from mambavlm.ops.mamba_step import out_proj_residual
     from tests.ops.test_mamba_step import check_norm_in_proj_conv
     g = torch.Generator().manual_seed(0)
     for batch, conv_bias, silu in ((3, True, True), (1, False, False)):
@@ -59,12 +59,6 @@ CHECKS = textwrap.dedent(
     out_proj_residual(y, w_out, stream, zero=zero)
     torch.testing.assert_close(stream, expected, rtol=1e-5, atol=1e-4)
     assert not zero.any()
-    try:
-        norm_in_proj_conv(torch.zeros(5, 600), torch.ones(600), 1e-5, torch.ones(70, 600), torch.zeros(5, 35, 4),
-                          torch.ones(35, 4), None, torch.ones(7, 35), True, torch.zeros(5, 7))
-        raise AssertionError("a batch of 5 was taken")
-    except ValueError as err:
-        assert "at most 4 sequences" in str(err)
 
     # the whole block (norm, mixer, residual add) against the unfused block, float32
     lm = tiny_mamba()  # mixers strengthened: greedy decoding does not collapse to one token
@@ -178,7 +172,7 @@ def test_projection_kernels_on_cuda_equal_pytorch(dtype: torch.dtype) -> None:
 
 def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, conv_bias: bool,
                             silu: bool) -> None:
-    """``norm_in_proj_conv`` at D 600, 35 channels (70 in_proj rows: a program of 8 holds x and z rows),
+    """``norm_in_proj_conv`` at D 600, 35 channels (70 in_proj rows: the program of rows 32-47 holds x and z rows),
     a width-4 conv and 7 x_proj rows, against RMSNorm + F.linear + the shifted state's conv + x_proj in
     float32 (tight in float32, bf16 tolerance in bf16)."""
     import torch.nn.functional as F
@@ -206,3 +200,13 @@ def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torc
     torch.testing.assert_close(state, want_state, **tol)
     torch.testing.assert_close(x, conv.to(dtype), **tol)
     torch.testing.assert_close(xdbl, F.linear(conv, x_proj.float()), **tol)
+
+
+def test_norm_in_proj_conv_names_a_mismatched_in_proj_and_a_batch_it_cannot_take() -> None:
+    from mambavlm.ops.mamba_step import norm_in_proj_conv
+
+    conv = (torch.zeros(1, 35, 4), torch.ones(35, 4), None, torch.ones(7, 35), True, torch.zeros(1, 7))
+    with pytest.raises(ValueError, match="in_proj has 69 rows; 35 conv channels need 70"):
+        norm_in_proj_conv(torch.zeros(1, 600), torch.ones(600), 1e-5, torch.ones(69, 600), *conv)
+    with pytest.raises(ValueError, match="at most 4 sequences, got 5"):
+        norm_in_proj_conv(torch.zeros(5, 600), torch.ones(600), 1e-5, torch.ones(70, 600), *conv)
