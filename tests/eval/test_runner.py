@@ -244,6 +244,7 @@ def test_a_custom_benchmark_is_answered_unscored(setup, tmp_path: Path) -> None:
 
 
 def test_help_shows_the_whole_description() -> None:
+    helps = {}
     for script in ("eval/run.py", "train/distill.py"):
         result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=ROOT, env=subprocess_env(),
                                 capture_output=True, text=True, timeout=120)
@@ -251,8 +252,8 @@ def test_help_shows_the_whole_description() -> None:
         # the module docstring, line for line (RawDescriptionHelpFormatter): its last sentence included
         module_doc = ast.get_docstring(ast.parse((ROOT / script).read_text()), clean=False)
         assert module_doc.strip() in result.stdout
-    run_help = subprocess.run([sys.executable, str(ROOT / "eval/run.py"), "--help"], cwd=ROOT, env=subprocess_env(),
-                              capture_output=True, text=True, timeout=120).stdout
+        helps[script] = result.stdout
+    run_help = helps["eval/run.py"]
     assert "[--annotations FILE [--annotation-questions FILE] [--split-file FILE]]``.\n" in run_help
     assert "pass another --output-dir, or delete the old one.\n" in run_help
 
