@@ -43,8 +43,26 @@ instead of seven (norm, in_proj, memset, the conv + ``x_proj`` and state-update 
 split-K GEMV and its reduction). Folding the conv into in_proj's epilogue took the batch-1 step from
 2.38 to 2.26 ms per token (H200, 2026-12-01, same setup) once in_proj ran 16 rows per program with 4
 warps; at its earlier 8 rows and 2 warps it took 2.42, the extra per-program atomic adds and
-``x_proj`` column reads costing more than the launch saved. They run on CUDA, and anywhere under Triton's interpreter
-(``TRITON_INTERPRET=1``), which the CPU tests use.
+``x_proj`` column reads costing more than the launch saved.
+
+The projections' reduction loops are software-pipelined through ``tl.range(..., num_stages=...)``. The
+kernel-level ``num_stages`` they were launched with until 2026-12-01 pipelines only loads that feed a
+``tl.dot``: the compiled kernels had no asynchronous copies, each program read its weight tiles one loop
+iteration at a time, and every "stages" figure measured before then was nominal. Pipelined, with in_proj
+at 16 x 512 x 4 warps x 3 stages, the batch-1 step took 2.24-2.25 ms per token against 2.26 for the
+unpipelined kernels of commit ``f07c139`` (H200, 2026-12-01, alternating in one run).
+
+One kernel for the whole stack was tried and not kept (branch ``experiment/persistent-decode-step``):
+every layer's three phases in one cooperative launch, separated by grid-wide barriers (a release /
+acquire arrival counter), the weights addressed through a table of their addresses. It was correct
+(float32: within 2e-6 of these kernels at 1, 7 and 132 programs, the same greedy tokens) but slower: 2.44
+ms per token at best (2 programs per SM, 4 warps, 3 stages) against 2.29 in the same run. With phases
+switched off, per layer: the three barriers took 3 us together, in_proj 17-22 us, its conv and ``x_proj``
+2-6, the state update 2.5, out_proj 10-11. A resident grid of 2 programs per SM (about 250 registers
+each) streamed the projections more slowly than these kernels' many short programs do, which cost more
+than the barriers saved over launches; 3-5 programs per SM (registers capped at 96-168) were slower still.
+
+They run on CUDA, and anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
 """
 
 from __future__ import annotations
@@ -83,11 +101,16 @@ FUSED_GEMV_MAX_BATCH = 4
 once per sequence (from L2 after the first), a matrix-vector product per row; larger batches are
 matrix products, cuBLAS's work."""
 
-IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 16, 1024, 4
+IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 16, 512, 4
 OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS = 4, 1024, 2
-"""Output rows per program, the reduction chunk and the warps of the two projection kernels. in_proj's:
-the fastest whole fused step at batch 1 with the conv in its epilogue (H200, 2026-12-01, MambaVLM-2.8B
-shapes, bf16, 128 CUDA-graph steps, two repeats): 16 x 1024 x 4 warps 2.26 ms per token; 16 x 1024 x 2
+"""Output rows per program, the reduction chunk and the warps of the two projection kernels. With the
+reduction loops pipelined (``PIPELINE_STAGES``; in_proj, out_proj as rows x chunk x warps x stages;
+the whole fused step at batch 1, H200, 2026-12-01, MambaVLM-2.8B shapes, bf16, 128 CUDA-graph steps, two
+repeats): 16 x 512 x 4 x 3, 4 x 1024 x 2 x 3: 2.233 / 2.234 ms per token; unpipelined (x 1, as the
+kernels ran before): 16 x 1024 x 4, 4 x 1024 x 2: 2.293 / 2.292; 16 x 1024 x 4 x 2, same out_proj: 2.29;
+16 x 1024 x 4 x 3: 2.48; 8 or 32 rows, 2048-wide out_proj chunks, 8-row out_proj blocks: 2.50-2.62.
+Before the pipelining, in_proj's: the fastest whole fused step at batch 1 with the conv in its epilogue
+(H200, 2026-12-01, same setup): 16 x 1024 x 4 warps 2.26 ms per token; 16 x 1024 x 2
 2.30; 16 x 512 x 4 2.35; 8 x 1024 x 2 2.42; 32 x 512 x 4 2.59; 8 x 1024 x 4 2.65. Before the conv
 moved in (in_proj alone, 8 x 1024 x 2, and out_proj's, still the default): the fastest of
 ``python -m benchmarks.decode_projections --batches 1`` on an H200 (bf16, batch 1, 64 layers per CUDA
@@ -116,11 +139,95 @@ x 8-64 channels) found 32 / 32 fastest:
 2.52-2.54 ms per token in four alternating repeats against 2.61 for the earlier 32 / 16, and 2.56-2.58
 for 64 / 32; 128 channels per conv program took 2.65-2.89."""
 PIPELINE_STAGES = 3
-"""Weight tiles in flight per program (Triton's software pipelining of the reduction loop; 3 is
-Triton's default on NVIDIA GPUs)."""
+"""Weight tiles in flight per program of the projection kernels: ``tl.range``'s software pipelining of
+the reduction loop (asynchronous copies into shared memory, so block_n x block_k x stages weights must
+fit in it). The kernel-level ``num_stages`` pipelines only loads that feed ``tl.dot``."""
 
 
 if triton is not None:
+
+    @triton.jit
+    def _row_tile(ptr, rows, rows_ok, cols, cols_ok, width):
+        """The (rows, cols) tile of a row-major matrix of ``width`` columns, float32, zeros outside."""
+        return tl.load(ptr + rows[:, None] * width + cols[None, :], mask=rows_ok[:, None] & cols_ok[None, :],
+                       other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _conv_operands(
+        rows,  # (BLOCK,) channels
+        conv_w_ptr, conv_b_ptr,  # (Di, W), (Di,)
+        x_proj_ptr,  # (R2, Di) x_proj weight
+        channels, r2,
+        W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr,
+    ):
+        """The weights a block of channels' conv update and x_proj share read, constants of the step: the
+        conv weights (BLOCK, W_POW2) and bias (BLOCK,) in float32, the x_proj columns (BLOCK_R, BLOCK) in
+        their dtype."""
+        d_ok = rows < channels
+        j = tl.arange(0, W_POW2)
+        conv_w = tl.load(conv_w_ptr + rows[:, None] * W + j[None, :], mask=d_ok[:, None] & (j < W)[None, :],
+                         other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            bias = tl.load(conv_b_ptr + rows, mask=d_ok, other=0.0).to(tl.float32)
+        else:
+            bias = tl.zeros_like(rows).to(tl.float32)
+        ri = tl.arange(0, BLOCK_R)
+        proj = tl.load(x_proj_ptr + ri[:, None] * channels + rows[None, :], mask=(ri < r2)[:, None] & d_ok[None, :],
+                       other=0.0)
+        return conv_w, bias, proj
+
+    @triton.jit
+    def _conv_x_proj_apply(
+        xz,  # (BLOCK, S): the channels' new conv inputs, one column per sequence
+        rows, bi, seq_ok,  # (BLOCK,) channels, (S,) sequences, (1, S) which sequences exist
+        conv_w, bias, proj,  # _conv_operands' tensors
+        state_ptr,  # (B, Di, W) conv state, oldest first; shifted in place
+        x_ptr,  # (B, Di) conv output, the model's dtype
+        xdbl_ptr,  # (B, R2) float32: receives this block's share of dt_low | B | C
+        channels, r2,
+        W: tl.constexpr, W_POW2: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """A block of channels' conv update (state shift, conv + bias + SiLU, stored to x) and their share
+        of ``x_proj``, added into xdbl with atomic adds (the other channel blocks add theirs)."""
+        d_ok = rows < channels
+        j = tl.arange(0, W_POW2)
+        live = d_ok[:, None, None] & seq_ok[:, :, None] & (j < W)[None, None, :]
+        cell = state_ptr + bi[None, :, None] * channels * W + rows[:, None, None] * W + j[None, None, :]
+        old = tl.load(cell, mask=live, other=0.0)  # (BLOCK, S, W_POW2)
+        # The window shifted left (window[j] = old[j + 1]) in registers, not by loading cell + 1: a store
+        # to cell j then depends on its whole row's loads, so no thread overwrites a cell that another is
+        # yet to read. (Loading cell + 1 races with the store to cell j wherever a row's cells lie in
+        # different warps: it gave wrong states on an H200 in the persistent-kernel experiment's layout,
+        # where a barrier between loads and stores, as conv_x_proj has, would have stopped the
+        # pipelining of the loop around this code.)
+        shift = j[None, None, None, :] == j[None, None, :, None] + 1  # (.., destination j, source j)
+        older = tl.sum(tl.where(shift, old[:, :, None, :].to(tl.float32), 0.0), axis=3)
+        window = tl.where(j[None, None, :] == W - 1, xz[:, :, None].to(old.dtype).to(tl.float32), older)
+        tl.store(cell, window.to(old.dtype), mask=live)
+        out = tl.sum(window * conv_w[:, None, :], axis=2) + bias[:, None]  # (BLOCK, S)
+        if SILU:
+            out = out * tl.sigmoid(out)
+        out = tl.where(d_ok[:, None] & seq_ok, out, 0.0)
+        tl.store(x_ptr + bi[None, :] * channels + rows[:, None], out.to(x_ptr.dtype.element_ty),
+                 mask=d_ok[:, None] & seq_ok)
+        if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
+            gdc_launch_dependents()
+        ri = tl.arange(0, BLOCK_R)
+        share = tl.sum(proj.to(tl.float32)[:, :, None] * out[None, :, :], axis=1)  # (BLOCK_R, S)
+        tl.atomic_add(xdbl_ptr + bi[None, :] * r2 + ri[:, None], share, mask=(ri < r2)[:, None] & seq_ok,
+                      sem="relaxed")
+
+    @triton.jit
+    def _conv_x_proj_rows(
+        xz, rows, bi, seq_ok, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr, x_ptr, xdbl_ptr, channels, r2,
+        W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+        BLOCK_R: tl.constexpr, PDL: tl.constexpr,
+    ):
+        """``_conv_operands`` then ``_conv_x_proj_apply``."""
+        conv_w, bias, proj = _conv_operands(rows, conv_w_ptr, conv_b_ptr, x_proj_ptr, channels, r2, W, W_POW2,
+                                            HAS_BIAS, BLOCK_R)
+        _conv_x_proj_apply(xz, rows, bi, seq_ok, conv_w, bias, proj, state_ptr, x_ptr, xdbl_ptr, channels, r2, W,
+                           W_POW2, SILU, BLOCK_R, PDL)
 
     @triton.jit
     def _conv_x_proj_kernel(
@@ -134,67 +241,78 @@ if triton is not None:
         W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr,
     ):
+        """One block of channels of one sequence (``conv_x_proj``): what ``_conv_x_proj_apply`` computes for
+        in_proj's epilogue, in the (channels, window) layout. Sharing that helper's (channels, sequences,
+        window) layout here took the fused step at batch 4 from 2.83 to 3.04 ms per token (H200,
+        2026-12-01, one run, MambaVLM-2.8B shapes, bf16)."""
         d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
         b = tl.program_id(1)
-        k = tl.arange(0, W_POW2)
-        k_ok = k < W
-        w = tl.load(conv_w_ptr + d[:, None] * W + k[None, :], mask=d_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            bias = tl.load(conv_b_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        r = tl.arange(0, BLOCK_R)
-        r_ok = r < rows
-        proj = tl.load(x_proj_ptr + r[:, None] * channels + d[None, :], mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        conv_w, bias, proj = _conv_operands(d, conv_w_ptr, conv_b_ptr, x_proj_ptr, channels, rows, W, W_POW2,
+                                            HAS_BIAS, BLOCK_R)
         proj = proj.to(tl.float32)
         if PDL:  # the weights above are the step's constants; what follows reads in_proj's output
             gdc_wait()
         x = tl.load(x_ptr + b * stride_x_b + d, mask=d_ok, other=0.0)
+        k = tl.arange(0, W_POW2)
+        k_ok = k < W
         state_row = state_ptr + b * channels * W + d[:, None] * W
         older = tl.load(state_row + k[None, :] + 1, mask=d_ok[:, None] & (k[None, :] + 1 < W), other=0.0)
         window = tl.where(k[None, :] == W - 1, x[:, None].to(older.dtype), older)
+        tl.debug_barrier()  # cell k is another thread's cell + 1: every old value is read before any is written
         tl.store(state_row + k[None, :], window, mask=d_ok[:, None] & k_ok[None, :])
-        out = tl.sum(window.to(tl.float32) * w, axis=1)
-        if HAS_BIAS:
-            out += bias
+        out = tl.sum(window.to(tl.float32) * conv_w, axis=1) + bias
         if SILU:
             out = out * tl.sigmoid(out)
         out = tl.where(d_ok, out, 0.0)
         tl.store(out_ptr + b * channels + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
-        share = tl.sum(proj * out[None, :], axis=1)
-        tl.atomic_add(xdbl_ptr + b * rows + r, share, mask=r_ok)
+        r = tl.arange(0, BLOCK_R)
+        tl.atomic_add(xdbl_ptr + b * rows + r, tl.sum(proj * out[None, :], axis=1), mask=r < rows)
 
     @triton.jit
-    def _dt_state_update_kernel(
+    def _ssm_operands(
+        block,  # the channel block
+        dt_w_ptr, dt_bias_ptr,  # (Di, R), (Di,) float32
+        a_ptr, d_skip_ptr,  # (Di, N) float32 (A = -exp(A_log)), (Di,)
+        channels, rank,
+        N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr,
+    ):
+        """The weights a block of channels' state update reads, constants of the step, in float32: dt_proj's
+        rows (BLOCK_D, BLOCK_RANK), dt's bias (BLOCK_D,), A (BLOCK_D, N_POW2), D (BLOCK_D,)."""
+        d = block * BLOCK_D + tl.arange(0, BLOCK_D)
+        d_ok = d < channels
+        j = tl.arange(0, BLOCK_RANK)
+        dt_w = tl.load(dt_w_ptr + d[:, None] * rank + j[None, :], mask=d_ok[:, None] & (j < rank)[None, :], other=0.0)
+        dt_bias = tl.load(dt_bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        n = tl.arange(0, N_POW2)
+        dn_ok = d_ok[:, None] & (n < N)[None, :]
+        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
+        d_skip = tl.load(d_skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+        return dt_w.to(tl.float32), dt_bias, a, d_skip
+
+    @triton.jit
+    def _ssm_apply(
+        block, b,  # the channel block and the sequence
+        dt_w, dt_bias, a, d_skip,  # _ssm_operands' tensors
         xdbl_ptr,  # (B, R2) float32: dt_low | B | C
         x_ptr,  # (B, Di) conv output
         z_ptr, stride_z_b,  # (B, Di) gate (the z half of in_proj's output)
-        dt_w_ptr, dt_bias_ptr,  # (Di, R), (Di,) float32
-        a_ptr, d_skip_ptr,  # (Di, N) float32 (A = -exp(A_log)), (Di,)
         state_ptr,  # (B, Di, N) float32, updated in place
         y_ptr,  # (B, Di), the model's dtype
         channels, rank,
-        N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr,
-        PDL: tl.constexpr,
+        N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr, PDL: tl.constexpr,
     ):
-        d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+        """dt_proj + bias + softplus, the selective state update ``h = exp(dt A) h + dt B x`` and the gated
+        output ``y = (C h + D x) silu(z)`` of one block of channels of one sequence."""
+        d = block * BLOCK_D + tl.arange(0, BLOCK_D)
         d_ok = d < channels
-        b = tl.program_id(1)
         j = tl.arange(0, BLOCK_RANK)
-        j_ok = j < rank
-        dt_w = tl.load(dt_w_ptr + d[:, None] * rank + j[None, :], mask=d_ok[:, None] & j_ok[None, :], other=0.0)
-        dt_w = dt_w.to(tl.float32)
-        dt_bias = tl.load(dt_bias_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
         n = tl.arange(0, N_POW2)
         n_ok = n < N
-        dn_ok = d_ok[:, None] & n_ok[None, :]
-        a = tl.load(a_ptr + d[:, None] * N + n[None, :], mask=dn_ok, other=0.0).to(tl.float32)
-        d_skip = tl.load(d_skip_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
-        if PDL:  # dt_proj, A, D: constants of the step; xdbl and x come from conv_x_proj
-            gdc_wait()
         row_width = rank + 2 * N
-        low = tl.load(xdbl_ptr + b * row_width + j, mask=j_ok, other=0.0)
+        low = tl.load(xdbl_ptr + b * row_width + j, mask=j < rank, other=0.0)
         b_in = tl.load(xdbl_ptr + b * row_width + rank + n, mask=n_ok, other=0.0)
         c_out = tl.load(xdbl_ptr + b * row_width + rank + N + n, mask=n_ok, other=0.0)
         dt = tl.sum(dt_w * low[None, :], axis=1) + dt_bias
@@ -202,6 +320,7 @@ if triton is not None:
         x = tl.load(x_ptr + b * channels + d, mask=d_ok, other=0.0).to(tl.float32)
         z = tl.load(z_ptr + b * stride_z_b + d, mask=d_ok, other=0.0).to(tl.float32)
         state_row = state_ptr + b * channels * N + d[:, None] * N + n[None, :]
+        dn_ok = d_ok[:, None] & n_ok[None, :]
         h = tl.load(state_row, mask=dn_ok, other=0.0)
         h = h * tl.exp(dt[:, None] * a) + (dt * x)[:, None] * b_in[None, :]
         tl.store(state_row, h, mask=dn_ok)
@@ -211,89 +330,124 @@ if triton is not None:
         y = y * z * tl.sigmoid(z)
         tl.store(y_ptr + b * channels + d, y.to(y_ptr.dtype.element_ty), mask=d_ok)
 
+    @triton.jit
+    def _dt_state_update_kernel(
+        xdbl_ptr, x_ptr, z_ptr, stride_z_b, dt_w_ptr, dt_bias_ptr, a_ptr, d_skip_ptr, state_ptr, y_ptr,
+        channels, rank,
+        N: tl.constexpr, N_POW2: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_RANK: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        block, b = tl.program_id(0), tl.program_id(1)
+        dt_w, dt_bias, a, d_skip = _ssm_operands(block, dt_w_ptr, dt_bias_ptr, a_ptr, d_skip_ptr, channels, rank, N,
+                                                 N_POW2, BLOCK_D, BLOCK_RANK)
+        if PDL:  # dt_proj, A, D: constants of the step; xdbl, x and z come from the previous kernel
+            gdc_wait()
+        _ssm_apply(block, b, dt_w, dt_bias, a, d_skip, xdbl_ptr, x_ptr, z_ptr, stride_z_b, state_ptr, y_ptr, channels,
+                   rank, N, N_POW2, BLOCK_D, BLOCK_RANK, PDL)
 
     @triton.jit
-    def _row_tile(ptr, rows, rows_ok, cols, cols_ok, width):
-        """The (rows, cols) tile of a row-major matrix of ``width`` columns, float32, zeros outside."""
-        return tl.load(ptr + rows[:, None] * width + cols[None, :], mask=rows_ok[:, None] & cols_ok[None, :],
-                       other=0.0).to(tl.float32)
+    def _rstd(residual_ptr, batch, eps, D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr):
+        """RMSNorm's 1 / rms of each sequence's float32 row, (B_POW2,), from the whole (B, D) stream."""
+        bi = tl.arange(0, B_POW2)
+        d = tl.arange(0, D_POW2)
+        whole = tl.load(residual_ptr + bi[:, None] * D + d[None, :], mask=(bi < batch)[:, None] & (d[None, :] < D),
+                        other=0.0)
+        return 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / D + eps)
 
     @triton.jit
-    def _norm_in_proj_conv_kernel(
+    def _norm_in_proj_tile(
+        acc, rows, rows_ok, bi, b_ok, k0, rstd,  # acc (BLOCK_N, B_POW2) float32; rstd (B_POW2,) each row's 1 / rms
         residual_ptr,  # (B, D) float32 residual stream
         norm_w_ptr,  # (D,) RMSNorm weight
         w_ptr,  # (2 Di, D) in_proj weight: the x rows, then the z rows
-        state_ptr,  # (B, Di, W) conv state, oldest first; shifted in place
-        conv_w_ptr, conv_b_ptr,  # (Di, W), (Di,)
-        x_proj_ptr,  # (R2, Di) x_proj weight
-        x_ptr, z_ptr,  # (B, Di) each, the weight's dtype: the conv output and the gate
-        xdbl_ptr,  # (B, R2) float32, zero on entry: receives dt_low | B | C
-        batch, channels, r2, eps,
-        D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr, W: tl.constexpr, W_POW2: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        D: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
-        pid = tl.program_id(0)
-        if PDL:
-            gdc_wait()
-        rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows_ok = rows < 2 * channels
-        bi = tl.arange(0, B_POW2)
-        b_ok = bi < batch
-        d = tl.arange(0, D_POW2)
-        whole = tl.load(residual_ptr + bi[:, None] * D + d[None, :], mask=b_ok[:, None] & (d[None, :] < D), other=0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(whole * whole, axis=1) / D + eps)  # (B_POW2,): every row at once
-        k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):  # each weight tile read once for the whole batch
-            k_ok = k0 + k < D
-            g = tl.load(norm_w_ptr + k0 + k, mask=k_ok, other=0.0).to(tl.float32)
-            r = _row_tile(residual_ptr, bi, b_ok, k0 + k, k_ok, D)
-            x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)  # the norm's rounding
-            acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
-        if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
-            gdc_launch_dependents()
-        xz = acc.to(w_ptr.dtype.element_ty)  # (BLOCK_N, B_POW2): in_proj's output, rounded as nn.Linear's
+        """acc + the columns k0 .. k0 + BLOCK_K of ``in_proj(rms_norm(residual))`` for ``rows``: the norm's
+        output rounded to the weight's dtype, as mamba_ssm's fused norm rounds it; each weight tile read
+        once for the whole batch."""
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D
+        g = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
+        r = _row_tile(residual_ptr, bi, b_ok, k, k_ok, D)
+        x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)
+        return acc + tl.sum(_row_tile(w_ptr, rows, rows_ok, k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
+
+    @triton.jit
+    def _in_proj_conv_epilogue(
+        acc, block, rows, rows_ok, bi, b_ok,  # acc (BLOCK_N, B_POW2): in_proj's rows ``rows`` in float32
+        state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr,  # as _conv_x_proj_rows
+        x_ptr, z_ptr,  # (B, Di) each, the weight's dtype: the conv output and the gate
+        xdbl_ptr,  # (B, R2) float32: receives dt_low | B | C
+        channels, r2,
+        W: tl.constexpr, W_POW2: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        """A finished block of in_proj rows: z rows are stored; x rows run their channels' conv update and
+        x_proj share (``_conv_x_proj_rows``)."""
+        xz = acc.to(x_ptr.dtype.element_ty)  # (BLOCK_N, B_POW2): in_proj's output, rounded as nn.Linear's
         seq_ok = b_ok[None, :]
         gate = rows >= channels
         tl.store(z_ptr + bi[None, :] * channels + (rows - channels)[:, None], xz,
                  mask=(rows_ok & gate)[:, None] & seq_ok)
-        if pid * BLOCK_N < channels:  # x rows: the conv update, its output and its share of x_proj
-            d_ok = rows < channels  # rows are channels here
-            j = tl.arange(0, W_POW2)
-            j_ok = j < W
-            conv_w = tl.load(conv_w_ptr + rows[:, None] * W + j[None, :], mask=d_ok[:, None] & j_ok[None, :],
-                             other=0.0).to(tl.float32)
-            cell = state_ptr + bi[None, :, None] * channels * W + rows[:, None, None] * W + j[None, None, :]
-            live = d_ok[:, None, None] & seq_ok[:, :, None]
-            older = tl.load(cell + 1, mask=live & (j[None, None, :] + 1 < W), other=0.0)
-            window = tl.where(j[None, None, :] == W - 1, xz[:, :, None].to(older.dtype), older)
-            tl.store(cell, window, mask=live & j_ok[None, None, :])
-            out = tl.sum(window.to(tl.float32) * conv_w[:, None, :], axis=2)  # (BLOCK_N, B_POW2)
-            if HAS_BIAS:
-                out += tl.load(conv_b_ptr + rows, mask=d_ok, other=0.0).to(tl.float32)[:, None]
-            if SILU:
-                out = out * tl.sigmoid(out)
-            out = tl.where(d_ok[:, None] & seq_ok, out, 0.0)
-            tl.store(x_ptr + bi[None, :] * channels + rows[:, None], out.to(x_ptr.dtype.element_ty),
-                     mask=d_ok[:, None] & seq_ok)
-            ri = tl.arange(0, BLOCK_R)
-            ri_ok = ri < r2
-            proj = tl.load(x_proj_ptr + ri[:, None] * channels + rows[None, :], mask=ri_ok[:, None] & d_ok[None, :],
-                           other=0.0).to(tl.float32)  # (BLOCK_R, BLOCK_N)
-            share = tl.sum(proj[:, :, None] * out[None, :, :], axis=1)  # (BLOCK_R, B_POW2)
-            tl.atomic_add(xdbl_ptr + bi[None, :] * r2 + ri[:, None], share, mask=ri_ok[:, None] & seq_ok,
-                          sem="relaxed")
+        if block * BLOCK_N < channels:  # x rows: the conv update, its output and its share of x_proj
+            _conv_x_proj_rows(xz, rows, bi, seq_ok, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr, x_ptr, xdbl_ptr,
+                              channels, r2, W, W_POW2, HAS_BIAS, SILU, BLOCK_R, False)
+
+    @triton.jit
+    def _norm_in_proj_conv_kernel(
+        residual_ptr, norm_w_ptr, w_ptr, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr, x_ptr, z_ptr, xdbl_ptr,
+        batch, channels, r2, eps,
+        D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr, W: tl.constexpr, W_POW2: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+    ):
+        if PDL:
+            gdc_wait()
+        rstd = _rstd(residual_ptr, batch, eps, D, D_POW2, B_POW2)  # every program, every row: a few kilobytes
+        block = tl.program_id(0)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows_ok = rows < 2 * channels
+        bi = tl.arange(0, B_POW2)
+        b_ok = bi < batch
+        acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
+        for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
+            acc = _norm_in_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, rstd, residual_ptr, norm_w_ptr, w_ptr, D, BLOCK_K)
+        if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
+            gdc_launch_dependents()
+        _in_proj_conv_epilogue(acc, block, rows, rows_ok, bi, b_ok, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr,
+                               x_ptr, z_ptr, xdbl_ptr, channels, r2, W, W_POW2, HAS_BIAS, SILU, BLOCK_R, BLOCK_N)
+
+    @triton.jit
+    def _out_proj_tile(
+        acc, rows, rows_ok, bi, b_ok, k0,  # acc (BLOCK_N, B_POW2) float32
+        y_ptr,  # (B, D_in)
+        w_ptr,  # (D_out, D_in) out_proj weight
+        D_IN: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):
+        """acc + the columns k0 .. k0 + BLOCK_K of ``out_proj(y)`` for ``rows``, each weight tile read once
+        for the whole batch."""
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < D_IN
+        y = _row_tile(y_ptr, bi, b_ok, k, k_ok, D_IN)
+        return acc + tl.sum(_row_tile(w_ptr, rows, rows_ok, k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
+
+    @triton.jit
+    def _residual_add(acc, rows, rows_ok, bi, b_ok, residual_ptr, d_out, ROUND_TO: tl.constexpr):
+        """``residual[:, rows] += acc`` (acc (BLOCK_N, B_POW2) float32, rounded to ``ROUND_TO`` first, as
+        nn.Linear's output is rounded before the add); each row owned by one block: no reduction across
+        blocks."""
+        acc = acc.to(ROUND_TO).to(tl.float32)
+        out = residual_ptr + bi[None, :] * d_out + rows[:, None]
+        ok = rows_ok[:, None] & b_ok[None, :]
+        tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
 
     @triton.jit
     def _out_proj_residual_kernel(
-        y_ptr,  # (B, D_in)
-        w_ptr,  # (D_out, D_in) out_proj weight
-        residual_ptr,  # (B, D_out) float32, += W y in place
+        y_ptr, w_ptr, residual_ptr,
         zero_ptr, zero_count,  # a float32 buffer zeroed by program 0 (the next block's x_proj accumulator)
         batch, d_out,
         D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_Z: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_Z: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
             gdc_wait()
@@ -305,19 +459,12 @@ if triton is not None:
         rows_ok = rows < d_out
         bi = tl.arange(0, B_POW2)
         b_ok = bi < batch
-        k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
-        for k0 in range(0, D_IN, BLOCK_K):  # each weight tile read once for the whole batch
-            k_ok = k0 + k < D_IN
-            y = _row_tile(y_ptr, bi, b_ok, k0 + k, k_ok, D_IN)
-            acc += tl.sum(_row_tile(w_ptr, rows, rows_ok, k0 + k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
-        # the projection rounds to the weight's dtype before the add, as nn.Linear + add does
-        acc = acc.to(w_ptr.dtype.element_ty).to(tl.float32)
+        for k0 in tl.range(0, D_IN, BLOCK_K, num_stages=STAGES):
+            acc = _out_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, y_ptr, w_ptr, D_IN, BLOCK_K)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
-        out = residual_ptr + bi[None, :] * d_out + rows[:, None]
-        ok = rows_ok[:, None] & b_ok[None, :]
-        tl.store(out, tl.load(out, mask=ok, other=0.0) + acc, mask=ok)
+        _residual_add(acc, rows, rows_ok, bi, b_ok, residual_ptr, d_out, w_ptr.dtype.element_ty)
 
 
 @functools.cache
@@ -370,8 +517,8 @@ def norm_in_proj_conv(
         conv_bias if conv_bias is not None else conv_weight, x_proj_weight, x, z, xdbl, batch, channels, r2, eps,
         D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
         W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
-        BLOCK_R=triton.next_power_of_2(r2), BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=num_warps, num_stages=num_stages, **_pdl(residual),
+        BLOCK_R=triton.next_power_of_2(r2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+        num_warps=num_warps, **_pdl(residual),
     )
     return x, z
 
@@ -392,8 +539,8 @@ def out_proj_residual(
     _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
         y, out_proj_weight, residual, zero if zero is not None else residual, 0 if zero is None else zero.numel(),
         batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch), BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_Z=0 if zero is None else triton.next_power_of_2(max(zero.numel(), 1)),
-        num_warps=num_warps, num_stages=num_stages, **_pdl(y),
+        BLOCK_Z=0 if zero is None else triton.next_power_of_2(max(zero.numel(), 1)), STAGES=num_stages,
+        num_warps=num_warps, **_pdl(y),
     )
 
 
