@@ -110,6 +110,18 @@ def run(
         n, k, w, stages = launch if launch else ("", "", "", "")
         rows.append([name, batch, path, n, k, w, stages, f"{per_layer * 1e6:.2f}", f"{rate / 1e12:.2f}", share])
 
+    def launch_row(name: str, batch: int, path: str, launch: tuple[int, int, int, int], fn: Callable[[], None],
+                   weight: Tensor) -> None:
+        """Our kernel at one launch shape; a shape whose pipelined weight tiles (block_n x block_k x stages)
+        exceed the multiprocessor's shared memory is listed as not fitting."""
+        try:
+            row(name, batch, path, launch, replay_seconds(fn, device, repeats), weight)
+        except Exception as error:
+            shortfall = out_of_resources(error)
+            if shortfall is None:
+                raise
+            rows.append([name, batch, f"{path}: does not fit ({shortfall})", *launch, "-", "-", "-"])
+
     def reference_rows(name: str, batch: int, weights: Tensor) -> None:
         if batch == 1:
             vector = torch.randn(weights.shape[2], device=device).to(dtype)
@@ -142,8 +154,7 @@ def run(
                     norm_in_proj_conv(residual, gain, 1e-5, w, conv_state, conv_weight, conv_bias, x_proj, True, xdbl,
                                       block_n=n, block_k=k, num_warps=warps, num_stages=stages)
 
-            row("in_proj (+ RMSNorm)", batch, "norm_in_proj_conv", (n, k, warps, stages),
-                replay_seconds(ours_in, device, repeats), in_weights[0])
+            launch_row("in_proj (+ RMSNorm)", batch, "norm_in_proj_conv", (n, k, warps, stages), ours_in, in_weights[0])
         row("out_proj (+ residual)", batch, "cuBLAS (F.linear, add)", None,
             replay_seconds(cublas_out, device, repeats), out_weights[0])
         reference_rows("out_proj (+ residual)", batch, out_weights)
@@ -152,9 +163,19 @@ def run(
                 for w in out_weights:
                     out_proj_residual(y, w, stream, block_n=n, block_k=k, num_warps=warps, num_stages=stages)
 
-            row("out_proj (+ residual)", batch, "out_proj_residual", (n, k, warps, stages),
-                replay_seconds(ours_out, device, repeats), out_weights[0])
+            launch_row("out_proj (+ residual)", batch, "out_proj_residual", (n, k, warps, stages), ours_out,
+                       out_weights[0])
     return rows
+
+
+def out_of_resources(error: Exception) -> str | None:
+    """What a launch shape lacks, as "shared memory 287744 > 232448" (bytes needed > the GPU's), when
+    ``error`` is Triton's ``OutOfResources``; None for any other error."""
+    from triton.runtime.errors import OutOfResources
+
+    if not isinstance(error, OutOfResources):
+        return None
+    return f"{error.name} {error.required} > {error.limit}"
 
 
 def best_lines(rows: list[list[object]]) -> list[str]:
@@ -165,7 +186,8 @@ def best_lines(rows: list[list[object]]) -> list[str]:
             group = [r for r in rows if r[0] == name and r[1] == batch]
             cublas = next(float(r[7]) for r in group if r[2].startswith("cuBLAS"))
             bound = next(float(r[7]) for r in group if r[2] == ONE_READ)
-            ours = min((r for r in group if r[2] in ("norm_in_proj_conv", "out_proj_residual")), key=lambda r: float(r[7]))
+            ours = min((r for r in group if r[2] in ("norm_in_proj_conv", "out_proj_residual")),
+                       key=lambda r: float(r[7]))
             lines.append(f"- {name}, batch {batch}: cuBLAS {cublas:.2f} us per layer, ours at best {ours[7]} us "
                          f"(block_n {ours[3]}, block_k {ours[4]}, {ours[5]} warps, {ours[6]} stages): "
                          f"{cublas / float(ours[7]):.2f}x; the one-read bound {bound:.2f} us "

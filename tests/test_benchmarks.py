@@ -275,3 +275,15 @@ def test_multi_gpu_keeps_the_log_of_a_run_cut_off(tmp_path: Path, monkeypatch: p
     assert sorted(p.name for p in runs_dir.iterdir()) == ["ddp-1.partial.log", "fsdp-1.partial.log"]
     assert (runs_dir / "fsdp-1.partial.log").read_text() == "fsdp: step 1/3 | loss 22.3\n"
     assert multi_gpu.kept_runs(runs_dir, ["ddp", "fsdp"], 128, 4) == []
+
+
+def test_decode_projections_names_what_a_launch_shape_lacks_and_passes_other_errors_on() -> None:
+    """A launch shape whose pipelined weight tiles exceed shared memory is a row saying so (as Triton
+    reported it on an H200: 32 x 2048 bf16 tiles x 3 stages and more), not the end of the sweep."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from benchmarks.decode_projections import out_of_resources
+
+    assert out_of_resources(OutOfResources(287744, 232448, "shared memory")) == "shared memory 287744 > 232448"
+    assert out_of_resources(RuntimeError("CUDA error: an illegal memory access")) is None
