@@ -86,6 +86,10 @@ try:
     _TRITON_HAS_PDL = "launch_pdl" in CUDAOptions.__dataclass_fields__
 except ImportError:  # pragma: no cover - an older Triton
     _TRITON_HAS_PDL = False
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - Triton before 3.4
+    TensorDescriptor = None
 
 __all__ = [
     "FUSED_GEMV_MAX_BATCH",
@@ -101,7 +105,7 @@ FUSED_GEMV_MAX_BATCH = 4
 once per sequence (from L2 after the first), a matrix-vector product per row; larger batches are
 matrix products, cuBLAS's work."""
 
-IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 16, 512, 4
+IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 16, 512, 2
 OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS = 4, 1024, 2
 """Output rows per program, the reduction chunk and the warps of the two projection kernels. With the
 reduction loops pipelined (``PIPELINE_STAGES``; in_proj, out_proj as rows x chunk x warps x stages;
@@ -151,6 +155,16 @@ if triton is not None:
         """The (rows, cols) tile of a row-major matrix of ``width`` columns, float32, zeros outside."""
         return tl.load(ptr + rows[:, None] * width + cols[None, :], mask=rows_ok[:, None] & cols_ok[None, :],
                        other=0.0).to(tl.float32)
+
+    @triton.jit
+    def _weight_tile(w, rows, rows_ok, row0, cols, cols_ok, k0, width, TMA: tl.constexpr):
+        """A (BLOCK_N, BLOCK_K) weight tile in float32, zeros outside: through the tensor descriptor ``w``
+        (the Tensor Memory Accelerator's bulk copy on Hopper) when ``TMA``, else through pointer ``w``."""
+        if TMA:
+            tile = w.load([row0, k0]).to(tl.float32)
+        else:
+            tile = _row_tile(w, rows, rows_ok, cols, cols_ok, width)
+        return tile
 
     @triton.jit
     def _conv_operands(
@@ -359,8 +373,10 @@ if triton is not None:
         acc, rows, rows_ok, bi, b_ok, k0, rstd,  # acc (BLOCK_N, B_POW2) float32; rstd (B_POW2,) each row's 1 / rms
         residual_ptr,  # (B, D) float32 residual stream
         norm_w_ptr,  # (D,) RMSNorm weight
-        w_ptr,  # (2 Di, D) in_proj weight: the x rows, then the z rows
-        D: tl.constexpr, BLOCK_K: tl.constexpr,
+        w,  # (2 Di, D) in_proj weight, the x rows then the z rows: a descriptor of (BLOCK_N, BLOCK_K) blocks or a pointer
+        row0,  # rows[0]
+        ROUND_TO: tl.constexpr,  # the weight's dtype
+        D: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
     ):
         """acc + the columns k0 .. k0 + BLOCK_K of ``in_proj(rms_norm(residual))`` for ``rows``: the norm's
         output rounded to the weight's dtype, as mamba_ssm's fused norm rounds it; each weight tile read
@@ -369,8 +385,9 @@ if triton is not None:
         k_ok = k < D
         g = tl.load(norm_w_ptr + k, mask=k_ok, other=0.0).to(tl.float32)
         r = _row_tile(residual_ptr, bi, b_ok, k, k_ok, D)
-        x = (r * rstd[:, None] * g[None, :]).to(w_ptr.dtype.element_ty).to(tl.float32)
-        return acc + tl.sum(_row_tile(w_ptr, rows, rows_ok, k, k_ok, D)[:, None, :] * x[None, :, :], axis=2)
+        x = (r * rstd[:, None] * g[None, :]).to(ROUND_TO).to(tl.float32)
+        tile = _weight_tile(w, rows, rows_ok, row0, k, k_ok, k0, D, TMA)
+        return acc + tl.sum(tile[:, None, :] * x[None, :, :], axis=2)
 
     @triton.jit
     def _in_proj_conv_epilogue(
@@ -395,11 +412,11 @@ if triton is not None:
 
     @triton.jit
     def _norm_in_proj_conv_kernel(
-        residual_ptr, norm_w_ptr, w_ptr, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr, x_ptr, z_ptr, xdbl_ptr,
+        residual_ptr, norm_w_ptr, w, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr, x_ptr, z_ptr, xdbl_ptr,
         batch, channels, r2, eps,
         D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr, W: tl.constexpr, W_POW2: tl.constexpr,
         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_K: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
             gdc_wait()
@@ -411,7 +428,8 @@ if triton is not None:
         b_ok = bi < batch
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
         for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
-            acc = _norm_in_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, rstd, residual_ptr, norm_w_ptr, w_ptr, D, BLOCK_K)
+            acc = _norm_in_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, rstd, residual_ptr, norm_w_ptr, w, block * BLOCK_N,
+                                     z_ptr.dtype.element_ty, D, BLOCK_K, TMA)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
         _in_proj_conv_epilogue(acc, block, rows, rows_ok, bi, b_ok, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr,
@@ -421,15 +439,16 @@ if triton is not None:
     def _out_proj_tile(
         acc, rows, rows_ok, bi, b_ok, k0,  # acc (BLOCK_N, B_POW2) float32
         y_ptr,  # (B, D_in)
-        w_ptr,  # (D_out, D_in) out_proj weight
-        D_IN: tl.constexpr, BLOCK_K: tl.constexpr,
+        w, row0,  # (D_out, D_in) out_proj weight (a descriptor or a pointer, as _norm_in_proj_tile's); rows[0]
+        D_IN: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
     ):
         """acc + the columns k0 .. k0 + BLOCK_K of ``out_proj(y)`` for ``rows``, each weight tile read once
         for the whole batch."""
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < D_IN
         y = _row_tile(y_ptr, bi, b_ok, k, k_ok, D_IN)
-        return acc + tl.sum(_row_tile(w_ptr, rows, rows_ok, k, k_ok, D_IN)[:, None, :] * y[None, :, :], axis=2)
+        tile = _weight_tile(w, rows, rows_ok, row0, k, k_ok, k0, D_IN, TMA)
+        return acc + tl.sum(tile[:, None, :] * y[None, :, :], axis=2)
 
     @triton.jit
     def _residual_add(acc, rows, rows_ok, bi, b_ok, residual_ptr, d_out, ROUND_TO: tl.constexpr):
@@ -443,11 +462,11 @@ if triton is not None:
 
     @triton.jit
     def _out_proj_residual_kernel(
-        y_ptr, w_ptr, residual_ptr,
+        y_ptr, w, residual_ptr,
         zero_ptr, zero_count,  # a float32 buffer zeroed by program 0 (the next block's x_proj accumulator)
         batch, d_out,
         D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        BLOCK_Z: tl.constexpr, STAGES: tl.constexpr, PDL: tl.constexpr,
+        BLOCK_Z: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
     ):
         if PDL:
             gdc_wait()
@@ -461,10 +480,15 @@ if triton is not None:
         b_ok = bi < batch
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
         for k0 in tl.range(0, D_IN, BLOCK_K, num_stages=STAGES):
-            acc = _out_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, y_ptr, w_ptr, D_IN, BLOCK_K)
+            acc = _out_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, y_ptr, w, tl.program_id(0) * BLOCK_N, D_IN, BLOCK_K,
+                                 TMA)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
-        _residual_add(acc, rows, rows_ok, bi, b_ok, residual_ptr, d_out, w_ptr.dtype.element_ty)
+        if TMA:
+            round_to: tl.constexpr = w.dtype
+        else:
+            round_to: tl.constexpr = w.dtype.element_ty
+        _residual_add(acc, rows, rows_ok, bi, b_ok, residual_ptr, d_out, round_to)
 
 
 @functools.cache
@@ -477,6 +501,21 @@ def _pdl(t: Tensor) -> dict[str, bool]:
     later GPU with a Triton that has it (off under Triton's interpreter)."""
     on = _TRITON_HAS_PDL and t.is_cuda and _device_has_pdl(t.device.index or 0)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def _weight_operand(name: str, weight: Tensor, block_n: int, block_k: int) -> tuple[object, bool]:
+    """A projection weight as its kernel reads it, and whether that is a tensor descriptor: one of
+    (block_n, block_k) blocks (the Tensor Memory Accelerator's bulk copies on Hopper; Triton lowers it to
+    plain loads on older GPUs) when its base and rows are 16-byte aligned, as the TMA requires; otherwise
+    the weight itself, read through pointers. Raises ValueError for a weight that is not row-major
+    contiguous."""
+    if not weight.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (row-major), got strides {tuple(weight.stride())}")
+    aligned = (
+        TensorDescriptor is not None and weight.data_ptr() % 16 == 0
+        and weight.stride(0) * weight.element_size() % 16 == 0
+    )
+    return (TensorDescriptor.from_tensor(weight, [block_n, block_k]), True) if aligned else (weight, False)
 
 
 def _check_small_batch(name: str, x: Tensor) -> None:
@@ -512,12 +551,13 @@ def norm_in_proj_conv(
     r2 = x_proj_weight.shape[0]
     x = torch.empty(batch, channels, device=residual.device, dtype=in_proj_weight.dtype)
     z = torch.empty_like(x)
+    weight, tma = _weight_operand("in_proj_weight", in_proj_weight, block_n, block_k)
     _norm_in_proj_conv_kernel[(triton.cdiv(2 * channels, block_n),)](
-        residual, norm_weight, in_proj_weight, conv_state, conv_weight,
+        residual, norm_weight, weight, conv_state, conv_weight,
         conv_bias if conv_bias is not None else conv_weight, x_proj_weight, x, z, xdbl, batch, channels, r2, eps,
         D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
         W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
-        BLOCK_R=triton.next_power_of_2(r2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages,
+        BLOCK_R=triton.next_power_of_2(r2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages, TMA=tma,
         num_warps=num_warps, **_pdl(residual),
     )
     return x, z
@@ -536,10 +576,11 @@ def out_proj_residual(
     _check_small_batch("out_proj_residual", y)
     batch, d_in = y.shape
     d_out = out_proj_weight.shape[0]
+    weight, tma = _weight_operand("out_proj_weight", out_proj_weight, block_n, block_k)
     _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
-        y, out_proj_weight, residual, zero if zero is not None else residual, 0 if zero is None else zero.numel(),
+        y, weight, residual, zero if zero is not None else residual, 0 if zero is None else zero.numel(),
         batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch), BLOCK_N=block_n, BLOCK_K=block_k,
-        BLOCK_Z=0 if zero is None else triton.next_power_of_2(max(zero.numel(), 1)), STAGES=num_stages,
+        BLOCK_Z=0 if zero is None else triton.next_power_of_2(max(zero.numel(), 1)), STAGES=num_stages, TMA=tma,
         num_warps=num_warps, **_pdl(y),
     )
 

@@ -47,18 +47,11 @@ CHECKS = textwrap.dedent(
                 torch.testing.assert_close(state.ssm, expected.ssm, rtol=1e-5, atol=1e-5)
                 assert torch.equal(state.conv, expected.conv)
     # the projection kernels alone, on sizes that are not multiples of their blocks
-    import torch.nn.functional as F
-    from mambavlm.ops.mamba_step import out_proj_residual
-    from tests.ops.test_mamba_step import check_norm_in_proj_conv
+    from tests.ops.test_mamba_step import check_norm_in_proj_conv, check_out_proj_residual
     g = torch.Generator().manual_seed(0)
-    for batch, conv_bias, silu in ((3, True, True), (1, False, False)):
-        check_norm_in_proj_conv(batch, torch.float32, "cpu", g, conv_bias, silu)
-    y, w_out, stream = torch.randn(2, 1100, generator=g), torch.randn(50, 1100, generator=g), torch.randn(2, 50, generator=g)
-    expected = stream + F.linear(y, w_out)
-    zero = torch.ones(2, 7)
-    out_proj_residual(y, w_out, stream, zero=zero)
-    torch.testing.assert_close(stream, expected, rtol=1e-5, atol=1e-4)
-    assert not zero.any()
+    for (batch, conv_bias, silu), misaligned in zip(((3, True, True), (1, False, False)), (False, True)):
+        check_norm_in_proj_conv(batch, torch.float32, "cpu", g, conv_bias, silu, misaligned)
+        check_out_proj_residual(2, torch.float32, "cpu", g, misaligned)
 
     # the whole block (norm, mixer, residual add) against the unfused block, float32
     lm = tiny_mamba()  # mixers strengthened: greedy decoding does not collapse to one token
@@ -151,30 +144,52 @@ def test_fused_step_needs_a_mamba_1_model() -> None:
 def test_projection_kernels_on_cuda_equal_pytorch(dtype: torch.dtype) -> None:
     """norm_in_proj_conv and out_proj_residual on sizes that are not multiples of their blocks, against
     RMSNorm (rounded to the weight's dtype) + F.linear + the conv update + x_proj, and residual +
-    F.linear(...) rounded first."""
+    F.linear(...) rounded first; the weights read through TMA descriptors and, misaligned, through pointers."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for batch in (1, 3):
+        for misaligned in (False, True):
+            check_norm_in_proj_conv(batch, dtype, "cuda", g, conv_bias=batch == 1, silu=True, misaligned=misaligned)
+            check_out_proj_residual(batch, dtype, "cuda", g, misaligned)
+
+
+def misaligned_copy(weight: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy of ``weight`` whose storage starts one element past a 16-byte boundary: the
+    projection kernels must read it through pointers, not a TMA descriptor."""
+    buffer = torch.empty(weight.numel() + 1, device=weight.device, dtype=weight.dtype)
+    copy = buffer[1:].view(weight.shape)
+    copy.copy_(weight)
+    assert copy.data_ptr() % 16 != 0
+    return copy
+
+
+def check_out_proj_residual(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, misaligned: bool) -> None:
+    """``out_proj_residual`` at 1100 -> 50 (not multiples of its blocks) against residual + F.linear(...)
+    rounded to the weight's dtype; it zeroes the buffer it is given; the weight read through a TMA
+    descriptor or, ``misaligned``, through pointers."""
     import torch.nn.functional as F
 
-    from mambavlm.ops.mamba_step import out_proj_residual
+    from mambavlm.ops.mamba_step import _weight_operand, out_proj_residual
 
-    g = torch.Generator(device="cuda").manual_seed(0)
-    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
-    for batch in (1, 3):
-        check_norm_in_proj_conv(batch, dtype, "cuda", g, conv_bias=batch == 1, silu=True)
-        y = torch.randn(batch, 1100, device="cuda", generator=g).to(dtype)
-        w_out = (torch.randn(50, 1100, device="cuda", generator=g) / 33).to(dtype)
-        stream = torch.randn(batch, 50, device="cuda", generator=g)
-        expected = stream + F.linear(y, w_out).float()
-        zero = torch.ones(batch, 7, device="cuda")
-        out_proj_residual(y, w_out, stream, zero=zero)
-        torch.testing.assert_close(stream, expected, **tol)
-        assert not zero.any()
+    y = torch.randn(batch, 1100, device=device, generator=g).to(dtype)
+    w_out = (torch.randn(50, 1100, device=device, generator=g) / 33).to(dtype)
+    if misaligned:
+        w_out = misaligned_copy(w_out)
+    assert _weight_operand("w", w_out, 4, 1024)[1] is not misaligned
+    stream = torch.randn(batch, 50, device=device, generator=g)
+    expected = stream + F.linear(y, w_out).float()
+    zero = torch.ones(batch, 7, device=device)
+    out_proj_residual(y, w_out, stream, zero=zero)
+    tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+    torch.testing.assert_close(stream, expected, **tol)
+    assert not zero.any()
 
 
 def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, conv_bias: bool,
-                            silu: bool) -> None:
+                            silu: bool, misaligned: bool = False) -> None:
     """``norm_in_proj_conv`` at D 600, 35 channels (70 in_proj rows: the program of rows 32-47 holds x and z rows),
     a width-4 conv and 7 x_proj rows, against RMSNorm + F.linear + the shifted state's conv + x_proj in
-    float32 (tight in float32, bf16 tolerance in bf16)."""
+    float32 (tight in float32, bf16 tolerance in bf16); in_proj read through a TMA descriptor or,
+    ``misaligned``, through pointers."""
     import torch.nn.functional as F
 
     from mambavlm.ops.mamba_step import norm_in_proj_conv
@@ -185,6 +200,8 @@ def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torc
     residual = rand(batch, 600)
     gain = (rand(600).abs() + 0.5).to(dtype)
     w_in, conv_w, x_proj = rand(70, 600, scale=0.04).to(dtype), rand(35, 4).to(dtype), rand(7, 35, scale=0.2).to(dtype)
+    if misaligned:
+        w_in = misaligned_copy(w_in)
     bias = rand(35).to(dtype) if conv_bias else None
     state = rand(batch, 35, 4).to(dtype)
     xdbl = torch.zeros(batch, 7, device=device)
@@ -210,6 +227,8 @@ def test_norm_in_proj_conv_names_a_mismatched_in_proj_and_a_batch_it_cannot_take
         norm_in_proj_conv(torch.zeros(1, 600), torch.ones(600), 1e-5, torch.ones(69, 600), *conv)
     with pytest.raises(ValueError, match="at most 4 sequences, got 5"):
         norm_in_proj_conv(torch.zeros(5, 600), torch.ones(600), 1e-5, torch.ones(70, 600), *conv)
+    with pytest.raises(ValueError, match=r"in_proj_weight must be contiguous \(row-major\), got strides \(1, 70\)"):
+        norm_in_proj_conv(torch.zeros(1, 600), torch.ones(600), 1e-5, torch.ones(600, 70).t(), *conv)
 
 
 def compiled_for_hopper(kernel: object, types: dict[str, str], constexprs: dict[str, object], num_warps: int) -> str:
@@ -226,30 +245,42 @@ def compiled_for_hopper(kernel: object, types: dict[str, str], constexprs: dict[
     return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ttgir"]
 
 
+@pytest.mark.parametrize("tma", [False, True], ids=["pointers", "descriptor"])
 @pytest.mark.parametrize("stages", [1, 3])
-def test_projection_kernels_stream_their_weights_through_the_pipeline_stages_they_are_given(stages: int) -> None:
-    """``num_stages`` must reach the reduction loops: with 1 the weight tiles are plain loads, with 3
-    they are asynchronous copies into shared memory, (stages - 1) issued ahead of the loop. (Passed as
-    the kernel-level option, which pipelines only loads that feed ``tl.dot``, it had compiled to no
-    asynchronous copy at all.) Compiled for sm_90 by Triton's own compiler, no GPU needed."""
+def test_projection_kernels_stream_their_weights_through_the_pipeline_stages_they_are_given(
+    stages: int, tma: bool
+) -> None:
+    """``num_stages`` must reach the reduction loops. Read through pointers, the weight tiles are plain
+    loads with 1 stage and asynchronous copies into shared memory with 3. (Passed as the kernel-level
+    option, which pipelines only loads that feed ``tl.dot``, it had compiled to no asynchronous copy at
+    all.) Read through a tensor descriptor, they are TMA bulk copies: one in the loop and (stages - 1)
+    issued ahead of it. Compiled for sm_90 by Triton's own compiler, no GPU needed."""
     from mambavlm.ops import mamba_step as ms
+
+    def weight(block_n: int, block_k: int) -> str:
+        return f"tensordesc<bf16[{block_n}, {block_k}]>" if tma else "*bf16"
 
     out_proj = compiled_for_hopper(
         ms._out_proj_residual_kernel,
-        {"y_ptr": "*bf16", "w_ptr": "*bf16", "residual_ptr": "*fp32", "zero_ptr": "*fp32", "zero_count": "i32",
+        {"y_ptr": "*bf16", "w": weight(4, 1024), "residual_ptr": "*fp32", "zero_ptr": "*fp32", "zero_count": "i32",
          "batch": "i32", "d_out": "i32"},
-        {"D_IN": 5120, "B_POW2": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "BLOCK_Z": 256, "STAGES": stages, "PDL": False},
+        {"D_IN": 5120, "B_POW2": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "BLOCK_Z": 256, "STAGES": stages, "TMA": tma,
+         "PDL": False},
         num_warps=2,
     )
     in_proj = compiled_for_hopper(
         ms._norm_in_proj_conv_kernel,
-        {"residual_ptr": "*fp32", "norm_w_ptr": "*bf16", "w_ptr": "*bf16", "state_ptr": "*bf16", "conv_w_ptr": "*bf16",
-         "conv_b_ptr": "*bf16", "x_proj_ptr": "*bf16", "x_ptr": "*bf16", "z_ptr": "*bf16", "xdbl_ptr": "*fp32",
-         "batch": "i32", "channels": "i32", "r2": "i32", "eps": "fp32"},
+        {"residual_ptr": "*fp32", "norm_w_ptr": "*bf16", "w": weight(16, 512), "state_ptr": "*bf16",
+         "conv_w_ptr": "*bf16", "conv_b_ptr": "*bf16", "x_proj_ptr": "*bf16", "x_ptr": "*bf16", "z_ptr": "*bf16",
+         "xdbl_ptr": "*fp32", "batch": "i32", "channels": "i32", "r2": "i32", "eps": "fp32"},
         {"D": 2560, "D_POW2": 4096, "B_POW2": 1, "W": 4, "W_POW2": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_R": 256,
-         "BLOCK_N": 16, "BLOCK_K": 512, "STAGES": stages, "PDL": False},
-        num_warps=4,
+         "BLOCK_N": 16, "BLOCK_K": 512, "STAGES": stages, "TMA": tma, "PDL": False},
+        num_warps=2,
     )
     for ttgir in (out_proj, in_proj):
-        copies = ttgir.count("async_copy_global_to_local")
-        assert (copies > 0) == (stages > 1), copies
+        bulk = ttgir.count("ttng.async_tma_copy_global_to_local")
+        if tma:
+            assert bulk == stages, bulk
+        else:
+            copies = ttgir.count("ttg.async_copy_global_to_local")
+            assert bulk == 0 and (copies > 0) == (stages > 1), copies
