@@ -163,15 +163,15 @@ def misaligned_copy(weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_out_proj_residual(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, misaligned: bool) -> None:
-    """``out_proj_residual`` at 1100 -> 50 (not multiples of its blocks) against residual + F.linear(...)
+    """``out_proj_residual`` at 1104 -> 50 (not multiples of its blocks; 16-byte rows in float32 and bf16) against residual + F.linear(...)
     rounded to the weight's dtype; it zeroes the buffer it is given; the weight read through a TMA
     descriptor or, ``misaligned``, through pointers."""
     import torch.nn.functional as F
 
     from mambavlm.ops.mamba_step import _weight_operand, out_proj_residual
 
-    y = torch.randn(batch, 1100, device=device, generator=g).to(dtype)
-    w_out = (torch.randn(50, 1100, device=device, generator=g) / 33).to(dtype)
+    y = torch.randn(batch, 1104, device=device, generator=g).to(dtype)
+    w_out = (torch.randn(50, 1104, device=device, generator=g) / 33).to(dtype)
     if misaligned:
         w_out = misaligned_copy(w_out)
     assert _weight_operand("w", w_out, 4, 1024)[1] is not misaligned
@@ -192,7 +192,7 @@ def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torc
     ``misaligned``, through pointers."""
     import torch.nn.functional as F
 
-    from mambavlm.ops.mamba_step import norm_in_proj_conv
+    from mambavlm.ops.mamba_step import _weight_operand, norm_in_proj_conv
 
     def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
         return torch.randn(*shape, device=device, generator=g) * scale
@@ -202,6 +202,7 @@ def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torc
     w_in, conv_w, x_proj = rand(70, 600, scale=0.04).to(dtype), rand(35, 4).to(dtype), rand(7, 35, scale=0.2).to(dtype)
     if misaligned:
         w_in = misaligned_copy(w_in)
+    assert _weight_operand("w", w_in, 16, 512)[1] is not misaligned
     bias = rand(35).to(dtype) if conv_bias else None
     state = rand(batch, 35, 4).to(dtype)
     xdbl = torch.zeros(batch, 7, device=device)
