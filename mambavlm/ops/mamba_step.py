@@ -52,6 +52,15 @@ iteration at a time, and every "stages" figure measured before then was nominal.
 at 16 x 512 x 4 warps x 3 stages, the batch-1 step took 2.24-2.25 ms per token against 2.26 for the
 unpipelined kernels of commit ``f07c139`` (H200, 2026-12-01, alternating in one run).
 
+The two projections read their weight tiles through tensor descriptors (``TensorDescriptor``): on
+Hopper each tile is one bulk copy of the Tensor Memory Accelerator into shared memory, completed on an
+mbarrier, with no address arithmetic or per-thread loads; ``tl.range`` pipelines them as it pipelines
+pointer loads. A weight whose base or rows are not 16-byte aligned (as the TMA requires) is read through
+pointers instead. With in_proj at 2 warps, the whole batch-1 step took 2.118 ms per token with both
+projections on descriptors, 2.127 with in_proj alone on one, and 2.155 with pointers, against 2.255 for
+the previous defaults (pointers, in_proj at 4 warps) (H200, 2026-12-01, MambaVLM-2.8B shapes, bf16, 128
+CUDA-graph steps, two to three alternating repeats, 33 launch-shape pairs).
+
 One kernel for the whole stack was tried and not kept (branch ``experiment/persistent-decode-step``):
 every layer's three phases in one cooperative launch, separated by grid-wide barriers (a release /
 acquire arrival counter), the weights addressed through a table of their addresses. It was correct
@@ -108,7 +117,17 @@ matrix products, cuBLAS's work."""
 IN_PROJ_BLOCK_N, IN_PROJ_BLOCK_K, IN_PROJ_NUM_WARPS = 16, 512, 2
 OUT_PROJ_BLOCK_N, OUT_PROJ_BLOCK_K, OUT_PROJ_NUM_WARPS = 4, 1024, 2
 """Output rows per program, the reduction chunk and the warps of the two projection kernels. With the
-reduction loops pipelined (``PIPELINE_STAGES``; in_proj, out_proj as rows x chunk x warps x stages;
+weights read through TMA descriptors (the whole fused step at batch 1, H200, 2026-12-01, MambaVLM-2.8B
+shapes, bf16, 128 CUDA-graph steps, two repeats; in_proj then out_proj as rows x chunk x warps x stages):
+16 x 512 x 2 x 3, 4 x 1024 x 2 x 3: 2.118 / 2.118 ms per token; in_proj at 1 warp 2.128 / 2.131; its
+pointers at 16 x 512 x 2 x 3 2.155, at 16 x 512 x 4 x 3 (the previous default) 2.255; in_proj 16 x 1024
+x 2 x 2 2.17; 32 x 512 x 2 x 3 2.23; 16 x 256 x 2-4 warps x 3-4 2.26-2.74; 4 stages at 16 x 512 x 2
+2.37; 8-row blocks 2.45-2.56; out_proj on descriptors at 4 x 1024 x 2 x 4, 8 x 1024 x 2 x 3, 4 x 2048 x 2
+x 2 and 2 x 2048 x 1 x 2 2.15-2.22. Each projection alone over 64 layers
+(``python -m benchmarks.decode_projections --batches 1``, same day): in_proj + RMSNorm + conv
+19.62 us per layer (RMSNorm + cuBLAS 22.58, cuBLAS's GEMV alone 15.07, one read of all 64 layers 12.85),
+out_proj + residual 8.53 (cuBLAS + add 13.97, GEMV 11.1 in a5, the one-read bound 6.45). With the
+reduction loops pipelined through pointers (``PIPELINE_STAGES``; in_proj, out_proj as rows x chunk x warps x stages;
 the whole fused step at batch 1, H200, 2026-12-01, MambaVLM-2.8B shapes, bf16, 128 CUDA-graph steps, two
 repeats): 16 x 512 x 4 x 3, 4 x 1024 x 2 x 3: 2.233 / 2.234 ms per token; unpipelined (x 1, as the
 kernels ran before): 16 x 1024 x 4, 4 x 1024 x 2: 2.293 / 2.292; 16 x 1024 x 4 x 2, same out_proj: 2.29;
@@ -373,7 +392,7 @@ if triton is not None:
         acc, rows, rows_ok, bi, b_ok, k0, rstd,  # acc (BLOCK_N, B_POW2) float32; rstd (B_POW2,) each row's 1 / rms
         residual_ptr,  # (B, D) float32 residual stream
         norm_w_ptr,  # (D,) RMSNorm weight
-        w,  # (2 Di, D) in_proj weight, the x rows then the z rows: a descriptor of (BLOCK_N, BLOCK_K) blocks or a pointer
+        w,  # (2 Di, D) in_proj weight, the x rows then the z rows: a (BLOCK_N, BLOCK_K)-block descriptor or a pointer
         row0,  # rows[0]
         ROUND_TO: tl.constexpr,  # the weight's dtype
         D: tl.constexpr, BLOCK_K: tl.constexpr, TMA: tl.constexpr,
@@ -428,8 +447,8 @@ if triton is not None:
         b_ok = bi < batch
         acc = tl.zeros([BLOCK_N, B_POW2], dtype=tl.float32)
         for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
-            acc = _norm_in_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, rstd, residual_ptr, norm_w_ptr, w, block * BLOCK_N,
-                                     z_ptr.dtype.element_ty, D, BLOCK_K, TMA)
+            acc = _norm_in_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, rstd, residual_ptr, norm_w_ptr, w,
+                                     block * BLOCK_N, z_ptr.dtype.element_ty, D, BLOCK_K, TMA)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
         _in_proj_conv_epilogue(acc, block, rows, rows_ok, bi, b_ok, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr,
@@ -533,15 +552,16 @@ def norm_in_proj_conv(
     update of the x half and its share of ``x_proj``.
 
     residual (B, D) float32, B <= FUSED_GEMV_MAX_BATCH; norm_weight (D,); in_proj_weight (2 Di, D)
-    without bias; conv_state (B, Di, W) contiguous, shifted in place; conv_weight (Di, W), conv_bias
-    (Di,) or None; x_proj_weight (R2, Di); xdbl (B, R2) float32, contiguous and zero on entry
+    contiguous, without bias (read through a TMA descriptor where 16-byte aligned); conv_state
+    (B, Di, W) contiguous, shifted in place; conv_weight (Di, W), conv_bias (Di,) or None;
+    x_proj_weight (R2, Di); xdbl (B, R2) float32, contiguous and zero on entry
     (``out_proj_residual(..., zero=xdbl)`` leaves it so): ``x_proj`` of the conv output is added into
     it, in float32. Returns the conv output x (+ bias, then SiLU when ``silu``) and the gate z, (B, Di)
     each in the weight's dtype. The norm's output and in_proj's are rounded to the weight's dtype, as
     mamba_ssm's fused norm and ``nn.Linear`` round them. ``block_n`` output rows per program (each
     program owning x rows also runs their channels' conv), ``block_k`` the reduction chunk,
     ``num_warps``, ``num_stages``: the launch shape (``benchmarks/decode_projections.py`` compares
-    them). Raises ValueError for a larger batch.
+    them). Raises ValueError for a larger batch, a mismatched in_proj or a non-contiguous weight.
     """
     _check_small_batch("norm_in_proj_conv", residual)
     batch, d_model = residual.shape
@@ -569,10 +589,11 @@ def out_proj_residual(
     num_stages: int = PIPELINE_STAGES,
 ) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
-    (D_out, D_in) without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
+    (D_out, D_in) contiguous, without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
     the weight's dtype before the add, as the unfused block rounds it. ``zero`` (float32, contiguous),
     when given, is zeroed once the previous kernel has finished: the next block's ``xdbl``. Launch
-    shape as ``norm_in_proj_conv``'s. Raises ValueError for a larger batch."""
+    shape and weight reads as ``norm_in_proj_conv``'s. Raises ValueError for a larger batch or a
+    non-contiguous weight."""
     _check_small_batch("out_proj_residual", y)
     batch, d_in = y.shape
     d_out = out_proj_weight.shape[0]

@@ -163,9 +163,9 @@ def misaligned_copy(weight: torch.Tensor) -> torch.Tensor:
 
 
 def check_out_proj_residual(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, misaligned: bool) -> None:
-    """``out_proj_residual`` at 1104 -> 50 (not multiples of its blocks; 16-byte rows in float32 and bf16) against residual + F.linear(...)
-    rounded to the weight's dtype; it zeroes the buffer it is given; the weight read through a TMA
-    descriptor or, ``misaligned``, through pointers."""
+    """``out_proj_residual`` at 1104 -> 50 (not multiples of its blocks; 16-byte rows in float32 and
+    bf16) against residual + F.linear(...) rounded to the weight's dtype; it zeroes the buffer it is
+    given; the weight read through a TMA descriptor or, ``misaligned``, through pointers."""
     import torch.nn.functional as F
 
     from mambavlm.ops.mamba_step import _weight_operand, out_proj_residual
@@ -220,8 +220,8 @@ def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torc
     torch.testing.assert_close(xdbl, F.linear(conv, x_proj.float()), **tol)
 
 
-def test_norm_in_proj_conv_names_a_mismatched_in_proj_and_a_batch_it_cannot_take() -> None:
-    from mambavlm.ops.mamba_step import norm_in_proj_conv
+def test_projection_kernels_name_a_mismatched_in_proj_a_batch_and_a_weight_they_cannot_take() -> None:
+    from mambavlm.ops.mamba_step import norm_in_proj_conv, out_proj_residual
 
     conv = (torch.zeros(1, 35, 4), torch.ones(35, 4), None, torch.ones(7, 35), True, torch.zeros(1, 7))
     with pytest.raises(ValueError, match="in_proj has 69 rows; 35 conv channels need 70"):
@@ -230,6 +230,8 @@ def test_norm_in_proj_conv_names_a_mismatched_in_proj_and_a_batch_it_cannot_take
         norm_in_proj_conv(torch.zeros(5, 600), torch.ones(600), 1e-5, torch.ones(70, 600), *conv)
     with pytest.raises(ValueError, match=r"in_proj_weight must be contiguous \(row-major\), got strides \(1, 70\)"):
         norm_in_proj_conv(torch.zeros(1, 600), torch.ones(600), 1e-5, torch.ones(600, 70).t(), *conv)
+    with pytest.raises(ValueError, match=r"out_proj_weight must be contiguous \(row-major\), got strides \(1, 50\)"):
+        out_proj_residual(torch.zeros(1, 35), torch.ones(35, 50).t(), torch.zeros(1, 50))
 
 
 def compiled_for_hopper(kernel: object, types: dict[str, str], constexprs: dict[str, object], num_warps: int) -> str:
