@@ -70,6 +70,8 @@ switched off, per layer: the three barriers took 3 us together, in_proj 17-22 us
 2-6, the state update 2.5, out_proj 10-11. A resident grid of 2 programs per SM (about 250 registers
 each) streamed the projections more slowly than these kernels' many short programs do, which cost more
 than the barriers saved over launches; 3-5 programs per SM (registers capped at 96-168) were slower still.
+Its projections read through TMA descriptors over stacked copies of every layer's weights (same branch,
+2026-12-01): 2.33 ms for the 64 blocks at best against 1.97-2.04 for these kernels in the same run.
 
 They run on CUDA, and anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
 """
