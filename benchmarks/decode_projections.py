@@ -8,7 +8,8 @@ A decode step of Mamba-2.8B reads 5.5 GB of weights, 95 % of them in each block'
 (``mambavlm.ops.mamba_step``) does them as ``norm_in_proj_conv`` (RMSNorm of the float32 residual +
 in_proj, with the conv update and ``x_proj`` of the x half in its epilogue: work the cuBLAS rows leave to
 another kernel) and ``out_proj_residual`` (out_proj + the residual add); cuBLAS does what the unfused
-step runs: RMSNorm then ``F.linear``, and ``F.linear`` then the add. Each row runs the projection of 64 layers
+step runs: RMSNorm then ``F.linear``, and ``F.linear`` then the add. Our kernels read the weights through
+TMA tensor descriptors (their bases and rows are 16-byte aligned here). Each row runs the projection of 64 layers
 (64 distinct weight copies, so that nothing is served from the 50 MB L2) inside one CUDA graph, as the
 decoder replays them; the table gives us per layer, the weight bytes read per second against the HBM
 bandwidth, and the launch shape (``block_n`` rows per program, ``block_k`` reduction chunk, warps,
