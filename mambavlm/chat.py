@@ -4,6 +4,9 @@ Each line typed is a user turn; the answer streams as it is generated (transform
 ``TextIteratorStreamer``); the conversation is kept, with the image in its first turn, and formatted
 by the model's chat template (``MambaVLMProcessor.apply_chat_template``). Commands: ``/reset`` starts
 a new conversation, ``/image FILE`` one about another image, ``/quit`` (or end of input) leaves.
+``--model`` takes what ``eval/evaluate.py`` takes: a saved MambaVLM, a Hub id, or a training run's output
+directory (its ``final/``, a distillation's ``student/``). A model or image that cannot be opened ends the
+command with one ``error:`` line and exit status 2.
 ``ChatSession`` is the same conversation for programs (the web demo, ``mambavlm.demo``, uses it).
 """
 
@@ -20,6 +23,7 @@ import torch
 from PIL import Image
 from transformers import TextIteratorStreamer
 
+from mambavlm.eval.model_dir import resolve_model_dir
 from mambavlm.model import MambaVLM
 from mambavlm.processing import MambaVLMProcessor
 from mambavlm.vision.image import open_image
@@ -112,7 +116,8 @@ class ChatSession:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mambavlm.chat", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", required=True, type=Path, help="a saved MambaVLM (save_pretrained directory)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="a saved MambaVLM (save_pretrained directory), or a training run's output_dir (its final/)")
     parser.add_argument("--image", type=Path, help="the picture to talk about (none: text only)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
@@ -121,12 +126,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     parser.add_argument("--top-p", type=float, default=1.0)
     args = parser.parse_args(argv)
-    model = MambaVLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype)).to(args.device).eval()
+    try:
+        model_dir = resolve_model_dir(args.model)  # a run's output_dir -> its final/ (as eval/evaluate.py)
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    try:
+        image = open_image(args.image) if args.image else None
+    except (OSError, ValueError) as error:  # as /image reports it
+        print(f"error: cannot open {args.image}: {error}", file=sys.stderr)
+        return 2
+    try:
+        model = MambaVLM.from_pretrained(model_dir, dtype=getattr(torch, args.dtype))
+    except OSError as error:  # not a MambaVLM directory, a Hub id not found, ...
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    model = model.to(args.device).eval()
     if model.tokenizer is None:
         print(f"error: {args.model} holds no tokenizer", file=sys.stderr)
         return 2
     session = ChatSession(
-        model, open_image(args.image) if args.image else None, args.max_new_tokens,
+        model, image, args.max_new_tokens,
         do_sample=args.temperature > 0, temperature=args.temperature or 1.0, top_p=args.top_p,
     )
     interactive = sys.stdin.isatty()

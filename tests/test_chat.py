@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -81,3 +82,46 @@ def test_answers_are_cut_at_the_models_max_length_and_a_full_conversation_is_ref
     assert answer == model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
     with pytest.raises(ValueError, match="start a new one"):
         list(session.ask("and now ?"))
+
+
+def chat(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str, lines: str = "/quit\n"):
+    """``python -m mambavlm.chat ARGS`` in this process, ``lines`` typed: (exit status, stdout, stderr)."""
+    from mambavlm.chat import main
+
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    capsys.readouterr()  # what came before (save_pretrained's progress bar)
+    status = main([*args, "--max-new-tokens", "3", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_a_training_runs_output_directory_chats_with_its_final_model(tmp_path, monkeypatch, capsys) -> None:
+    """A fresh user's ``--model outputs/tiny`` (a run's output_dir) ended in "is not a MambaVLM directory";
+    eval/evaluate.py takes it, and so does the chat now: its final/ is the model."""
+    model = tiny_vlm()
+    model.save_pretrained(tmp_path / "run" / "final")
+    status, out, err = chat(monkeypatch, capsys, "--model", str(tmp_path / "run"), lines="hello\n/quit\n")
+    assert status == 0, err
+    answer = next(line for line in out.splitlines() if line.startswith("model> ")).removeprefix("model> ").strip()
+    assert answer == greedy(model, ChatSession(model).prompt("hello"), None, 3)
+
+
+def test_a_directory_that_is_no_model_and_no_run_is_one_error_line(tmp_path, monkeypatch, capsys) -> None:
+    """It ended in a traceback; now one ``error:`` line and exit status 2 (as mambavlm.describe)."""
+    (tmp_path / "empty").mkdir()
+    status, out, err = chat(monkeypatch, capsys, "--model", str(tmp_path / "empty"))
+    assert status == 2 and out == ""
+    assert err == (f"error: --model {tmp_path / 'empty'} is not a MambaVLM directory: it holds neither a model of its "
+                   "own nor a run's final/ (fine-tuning) or student/ (distillation)\n")
+    status, _, err = chat(monkeypatch, capsys, "--model", str(tmp_path / "missing"))
+    assert (status, err) == (2, f"error: --model {tmp_path / 'missing'}: no such directory\n")
+
+
+def test_a_missing_image_at_start_is_the_error_line_that_slash_image_prints(tmp_path, monkeypatch, capsys) -> None:
+    """``--image nope.png`` ended in a traceback; ``/image nope.png`` in the session printed an
+    ``error: cannot open`` line: now the start does too (on stderr), with exit status 2."""
+    tiny_vlm().save_pretrained(tmp_path / "model")
+    missing = tmp_path / "nope.png"
+    status, out, err = chat(monkeypatch, capsys, "--model", str(tmp_path / "model"), "--image", str(missing))
+    assert status == 2 and out == ""
+    assert err == f"error: cannot open {missing}: image file not found: {missing}\n"

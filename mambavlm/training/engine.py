@@ -839,7 +839,7 @@ class Trainer:
                     state.epoch += 1
                     state.batches_done = 0
                 if state.step % self.log_every == 0 or state.step == total_steps:
-                    self._log(phase, state, total_steps, step_loss, lr, window)
+                    self._log(phase, state, total_steps, step_loss, lr, window, batches_per_epoch // accumulation)
                 if self.save_every and state.global_step % self.save_every == 0 and state.step < total_steps:
                     self._save(state)
                     step_start = time.perf_counter()
@@ -904,13 +904,25 @@ class Trainer:
         return self._standin
 
     def _log(
-        self, phase: Phase, state: TrainerState, total_steps: int, loss: float | None, lr: float, window: _Window
+        self,
+        phase: Phase,
+        state: TrainerState,
+        total_steps: int,
+        loss: float | None,
+        lr: float,
+        window: _Window,
+        steps_per_epoch: int,
     ) -> None:
         samples_per_s, tokens_per_s = window.rates()
         elapsed = time.perf_counter() - window.run_start
         remaining = elapsed / max(state.step - window.first_step, 1) * (total_steps - state.step)
+        # "epoch e/E": the 1-based epoch the step just logged belongs to. state.epoch counts the epochs
+        # finished (0-based position in the data); a step that ended its epoch has already advanced it
+        # (batches_done back to 0), so it is that epoch's number itself, else the running epoch is one more.
+        epoch = state.epoch if state.batches_done == 0 else state.epoch + 1
+        epochs = -(-total_steps // steps_per_epoch)  # phase.epochs, or what max_steps reaches into
         logger.info(
-            f"{phase.name} step {state.step}/{total_steps} | epoch {state.epoch} | loss {format_loss(loss)} | "
+            f"{phase.name} step {state.step}/{total_steps} | epoch {epoch}/{epochs} | loss {format_loss(loss)} | "
             f"lr {lr:.3e} | {samples_per_s:.1f} samples/s | {tokens_per_s:.0f} tokens/s | "
             f"elapsed {format_duration(elapsed)}, eta {format_duration(remaining)}"
         )

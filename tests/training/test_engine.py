@@ -4,6 +4,7 @@ micro-batch size and the number of processes change neither the step losses nor 
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -346,3 +347,22 @@ def test_trainable_parameters_are_counted_at_their_full_size_when_sharded() -> N
     extra = torch.nn.Parameter(torch.zeros(7))  # a parameter added after the sizes were taken
     model.register_parameter("extra", extra)
     assert trainable_parameter_count(model, sizes) == want + 7
+
+
+def test_log_lines_label_each_step_with_the_1_based_epoch_it_belongs_to(tmp_path: Path, caplog) -> None:
+    """With epochs: 3 the last line read "epoch 3" while a mid-epoch one read "epoch 0" (state.epoch,
+    advanced at the end of an epoch before the line). By hand: 4 records, 2 per step -> 2 steps per
+    epoch, 6 steps; step 2 (the end of epoch 1) is epoch 1/3, step 3 (the start of the next) 2/3."""
+    train = four_records(tmp_path / "data")
+    config = load_train_config(TINY_TRAIN, [
+        f"output_dir={tmp_path / 'out'}", f"data={{train: {train}}}", "train.max_steps=null", "train.epochs=3",
+        "train.global_batch_size=2", "train.micro_batch_size=2", "train.warmup_ratio=0", "train.save_every=null",
+        "train.log_every=1",
+    ])
+    with caplog.at_level("INFO"):
+        run_finetune(config)
+    labels = {}
+    for record in caplog.records:
+        if match := re.search(r"finetune step (\d+)/6 \| epoch (\S+) \|", record.getMessage()):
+            labels[int(match[1])] = match[2]
+    assert labels == {1: "1/3", 2: "1/3", 3: "2/3", 4: "2/3", 5: "3/3", 6: "3/3"}
