@@ -11,7 +11,16 @@ run's directory for a run's ``final/`` or ``student/``)
 and the exact-match accuracy is printed. A record that cannot be answered (no human turn then
 assistant turn, a missing or unreadable image, a prompt too long for the model) is named in a warning,
 skipped, and listed as ``{id, reason}`` in ``skipped.jsonl`` beside the answers (``--out FILE``:
-``FILE``'s stem + ``.skipped.jsonl``).
+``FILE``'s stem + ``.skipped.jsonl``). When no record at all is answered (every one skipped: a wrong
+``--image-root``, say) the script exits with status 1, naming the count and the first reasons, and writes
+nothing: earlier answers are kept.
+
+The settings that decide the answers (model, data file and its content, image root, ``--blind``,
+``--max-new-tokens``) are recorded beside the answers in ``run_settings.json`` (``--out FILE``: ``FILE``'s
+stem + ``.settings.json``), as ``eval/run.py`` records its own. Evaluating again with the same settings
+answers again and replaces the answers; with other settings, where answers already are, it stops and
+names the differences (as ``eval/run.py`` does): pass another ``--output-dir`` (``--out``), or delete the
+old answers. The batch size and the device are not recorded: they do not change an answer.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -28,6 +38,12 @@ from mambavlm.atomic import atomic_file
 from mambavlm.data.llava import load_records
 from mambavlm.distill.run import STUDENT_DIR
 from mambavlm.eval.model_dir import RUN_MODEL_DIRS, resolve_model_dir
+from mambavlm.eval.runner import (
+    SETTINGS_FILE,
+    SettingsMismatchError,
+    file_sha256,
+    settings_differences,
+)
 from mambavlm.model import MambaVLM
 from mambavlm.training.evaluation import VQAItem, generate_answers, load_vqa_items
 from mambavlm.training.finetune import FINAL_MODEL_DIR
@@ -37,6 +53,8 @@ logger = logging.getLogger("evaluate")
 ANSWERS_FILE = "answers.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 DEFAULT_OUTPUT_ROOT = Path("outputs/eval")
+SHOWN_SKIPS = 3
+"""How many skipped records (id and reason) the error for a run that answered nothing names."""
 
 
 def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list[tuple[str, str]]]:
@@ -62,20 +80,81 @@ def model_label(model_dir: Path) -> str:
     return model_dir.parent.name if model_dir.name in RUN_MODEL_DIRS and model_dir.parent.name else model_dir.name
 
 
-def output_paths(args: argparse.Namespace, model_dir: Path) -> tuple[Path, Path]:
-    """(answers file, skipped file) of the command line; by default under
+def output_paths(args: argparse.Namespace, model_dir: Path) -> tuple[Path, Path, Path]:
+    """(answers file, skipped file, settings file) of the command line; by default under
     ``outputs/eval/<model>/<data file's stem>``, so that two models' answers to one file do not
     overwrite each other (a fine-tuning and a distillation run both call theirs val.json)."""
     if args.out is not None:
-        return args.out, args.out.with_name(f"{args.out.stem}.skipped.jsonl")
+        return (args.out, args.out.with_name(f"{args.out.stem}.skipped.jsonl"),
+                args.out.with_name(f"{args.out.stem}.settings.json"))
     out_dir = args.output_dir
     if out_dir is None:
         out_dir = DEFAULT_OUTPUT_ROOT / model_label(model_dir) / args.data.stem
-    return out_dir / ANSWERS_FILE, out_dir / SKIPPED_FILE
+    return out_dir / ANSWERS_FILE, out_dir / SKIPPED_FILE, out_dir / SETTINGS_FILE
 
 
-def main(argv: Sequence[str] | None = None) -> float | None:
-    """Run the evaluation; returns the accuracy (None when nothing could be scored)."""
+def answer_settings(args: argparse.Namespace, model_dir: Path) -> dict[str, Any]:
+    """What decides the answers, as the settings file records it: the model (its directory resolved, or
+    the Hub id), the data file (path resolved, and the SHA-256 of its content: the questions and
+    references are in it), the image root (resolved), ``blind`` and ``max_new_tokens`` (it also decides
+    which prompts are too long)."""
+    return {
+        "model": str(model_dir.resolve()) if model_dir.exists() else str(model_dir),
+        "data": str(args.data.resolve()),
+        "data_sha256": file_sha256(args.data),
+        "image_root": str((args.image_root if args.image_root is not None else args.data.parent).resolve()),
+        "blind": args.blind,
+        "max_new_tokens": args.max_new_tokens,
+    }
+
+
+def check_earlier_settings(args: argparse.Namespace, answers_path: Path, settings_path: Path,
+                           current: dict[str, Any]) -> None:
+    """SettingsMismatchError (one line) if ``answers_path`` exists and was made with other settings than
+    ``current`` (or its settings file cannot be read), naming each difference and how to go on. Answers
+    without a settings file (written before settings were recorded) are replaced, with a warning."""
+    if not answers_path.is_file():
+        return
+    if args.out is not None:
+        where, proceed = answers_path, f"pass another --out, or delete {answers_path}"
+    else:
+        where, proceed = answers_path.parent, f"pass another --output-dir, or delete {answers_path.parent}"
+    if not settings_path.is_file():
+        logger.warning("%s holds answers but no %s (written before settings were recorded): replacing them",
+                       where, settings_path.name)
+        return
+    try:
+        recorded = json.loads(settings_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        recorded = err
+    if not isinstance(recorded, dict):
+        raise SettingsMismatchError(
+            f"{settings_path} is not a JSON object of settings: cannot tell what settings the answers in {where} "
+            f"were made with; {proceed} to evaluate again"
+        )
+    differences = settings_differences(recorded, current)
+    if differences:
+        raise SettingsMismatchError(
+            f"{where} holds answers made with other settings ({settings_path}): {'; '.join(differences)}; "
+            f"{proceed} to evaluate again with these settings"
+        )
+
+
+def nothing_answered(data: Path, skipped: list[tuple[str, str]], answers_path: Path) -> str:
+    """The error of a run that answered no record: how many were skipped and the first reasons."""
+    kept = f"nothing written ({answers_path} left as it was)"
+    if not skipped:
+        return f"{data} holds no records: nothing to evaluate; {kept}"
+    shown = "; ".join(f"{record_id}: {reason}" for record_id, reason in skipped[:SHOWN_SKIPS])
+    more = f"; and {len(skipped) - SHOWN_SKIPS} more, each named in a warning above" if len(skipped) > SHOWN_SKIPS else ""
+    hint = (" (is --image-root right? default: the data file's directory)"
+            if any(reason.startswith("image file not found") for _, reason in skipped[:SHOWN_SKIPS]) else "")
+    return f"no record answered: all {len(skipped)} skipped ({shown}{more}){hint}; {kept}"
+
+
+def main(argv: Sequence[str] | None = None) -> float:
+    """Run the evaluation; returns the accuracy. Exits with status 2 (usage) where the output location
+    holds answers made with other settings, and with status 1 where no record could be answered."""
     parser = argparse.ArgumentParser(description="Greedy exact-match evaluation of a trained MambaVLM.")
     parser.add_argument("--model", required=True,
                         help="save_pretrained directory, Hub id, or a run's output_dir "
@@ -83,10 +162,11 @@ def main(argv: Sequence[str] | None = None) -> float | None:
     parser.add_argument("--data", type=Path, required=True, help="LLaVA-format JSON")
     parser.add_argument("--image-root", type=Path, default=None, help="default: the JSON's directory")
     parser.add_argument("--output-dir", type=Path, default=None,
-                        help=f"{ANSWERS_FILE} and {SKIPPED_FILE} go there (default: "
+                        help=f"{ANSWERS_FILE}, {SKIPPED_FILE} and {SETTINGS_FILE} go there (default: "
                              f"{DEFAULT_OUTPUT_ROOT}/<the model's run or directory name>/<the data file's stem>)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="JSONL of answers instead (skipped records: its stem + .skipped.jsonl)")
+                        help="JSONL of answers instead (skipped records: its stem + .skipped.jsonl; "
+                             "settings: its stem + .settings.json)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--blind", action="store_true", help="replace every image by a blank grey one")
@@ -99,23 +179,36 @@ def main(argv: Sequence[str] | None = None) -> float | None:
         parser.error(f"--data {args.data} does not exist")
     try:
         model_dir = resolve_model_dir(args.model)
-        model = MambaVLM.from_pretrained(model_dir)
     except FileNotFoundError as err:
         parser.error(str(err))
-    model = model.to(args.device).eval()
-    answers_path, skipped_path = output_paths(args, model_dir)
+    answers_path, skipped_path, settings_path = output_paths(args, model_dir)
+    settings = answer_settings(args, model_dir)
+    try:
+        check_earlier_settings(args, answers_path, settings_path, settings)  # before the model is loaded
+    except SettingsMismatchError as err:
+        parser.error(str(err))
     items, skipped = load_items(args.data, args.image_root)
-    rows, not_answered = generate_answers(model, items, args.batch_size, args.max_new_tokens, blind=args.blind)
-    skipped += not_answered  # each named in a warning as it was skipped
+    rows: list[dict[str, Any]] = []
+    if items:
+        try:
+            model = MambaVLM.from_pretrained(model_dir)
+        except FileNotFoundError as err:
+            parser.error(str(err))
+        model = model.to(args.device).eval()
+        rows, not_answered = generate_answers(model, items, args.batch_size, args.max_new_tokens, blind=args.blind)
+        skipped += not_answered  # each named in a warning as it was skipped
+    if not rows:  # earlier answers are kept rather than replaced by an empty file
+        parser.exit(1, f"{parser.prog}: error: {nothing_answered(args.data, skipped, answers_path)}\n")
     with atomic_file(answers_path) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     with atomic_file(skipped_path) as f:
         for record_id, reason in skipped:
             f.write(json.dumps({"id": record_id, "reason": reason}) + "\n")
-    accuracy = sum(r["correct"] for r in rows) / len(rows) if rows else None
-    shown = f"{accuracy:.4f}" if accuracy is not None else "n/a"
-    print(f"exact match: {shown} ({sum(r['correct'] for r in rows)}/{len(rows)}; {len(skipped)} skipped)")
+    with atomic_file(settings_path) as f:  # last: the settings of the answers now there
+        json.dump(settings, f, indent=1)
+    accuracy = sum(r["correct"] for r in rows) / len(rows)
+    print(f"exact match: {accuracy:.4f} ({sum(r['correct'] for r in rows)}/{len(rows)}; {len(skipped)} skipped)")
     print(f"answers written to {answers_path}")
     if skipped:
         print(f"skipped records listed in {skipped_path}")

@@ -49,7 +49,9 @@ __all__ = [
     "SettingsMismatchError",
     "answer_settings",
     "check_benchmark_name",
+    "file_sha256",
     "run_benchmark",
+    "settings_differences",
 ]
 
 logger = logging.getLogger(__name__)
@@ -143,7 +145,8 @@ def _rewrite_whole_lines(path: Path) -> None:
                 f.write(json.dumps(row) + "\n")
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's content (hex), as ``run_settings.json`` records a question file's."""
     digest = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -160,12 +163,22 @@ def answer_settings(settings: RunSettings) -> dict[str, Any]:
         "model": str(settings.model.resolve()),
         "benchmark": settings.benchmark,
         "questions": str(settings.questions.resolve()),
-        "questions_sha256": _sha256(settings.questions),
+        "questions_sha256": file_sha256(settings.questions),
         "image_folder": str((settings.image_root or settings.questions.parent).resolve()),
         "mode": "generate" if settings.options is None else "likelihood",
         "max_new_tokens": settings.max_new_tokens,
         "options": None if settings.options is None else list(settings.options),
     }
+
+
+def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """``KEY: OLD before, NEW now`` (values as repr) for each of ``current``'s settings that ``recorded``
+    holds otherwise (or not at all), in ``current``'s order: how a refusal names what changed."""
+    return [
+        f"{key}: {recorded.get(key)!r} before, {value!r} now"
+        for key, value in current.items()
+        if recorded.get(key) != value
+    ]
 
 
 def _check_earlier_settings(out: Path, current: dict[str, Any], model_id: str) -> bool:
@@ -193,11 +206,7 @@ def _check_earlier_settings(out: Path, current: dict[str, Any], model_id: str) -
             f"{recorded_path} is not valid JSON ({err.msg}): cannot tell what settings the answers in {out} "
             f"were made with; pass another --output-dir, or delete {out} to answer again"
         ) from None
-    differences = [
-        f"  {key}: {recorded.get(key)!r} before, {value!r} now"
-        for key, value in current.items()
-        if recorded.get(key) != value
-    ]
+    differences = [f"  {difference}" for difference in settings_differences(recorded, current)]
     if differences:
         raise SettingsMismatchError(
             f"{out} holds {len(earlier)} questions answered or skipped with other settings ({recorded_path}):\n"

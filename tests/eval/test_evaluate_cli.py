@@ -4,6 +4,7 @@ answers go by default."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -192,3 +193,164 @@ def test_two_runs_answers_to_one_data_file_go_to_their_own_default_folders(evalu
     written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "outputs" / "eval").rglob("answers.jsonl"))
     assert written == [f"outputs/eval/{run.name}/{val.stem}/answers.jsonl",
                        f"outputs/eval/finetune-run/{val.stem}/answers.jsonl"]
+
+
+# --- 6: answers made with other settings are not overwritten --------------------------------------------
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+def test_other_settings_into_an_output_dir_with_answers_are_refused_naming_them(evaluate, setup, tmp_path, capsys):
+    """A --blind evaluation into the folder of a normal one (a user's report: it overwrote the answers
+    without a word) stops, as eval/run.py does, with one line naming each setting that differs, the
+    folder and how to go on; the earlier answers and their settings stay as they were."""
+    run, val, _, _ = setup
+    out = tmp_path / "eval"
+    evaluate.main(run_args(run, val, "--output-dir", str(out)))
+    settings_file = out / "run_settings.json"
+    recorded = json.loads(settings_file.read_text())
+    assert recorded == {
+        "model": str((run / "student").resolve()),
+        "data": str(val.resolve()),
+        "data_sha256": hashlib.sha256(val.read_bytes()).hexdigest(),
+        "image_root": str(val.parent.resolve()),
+        "blind": False,
+        "max_new_tokens": 2,
+    }
+    before = {name: (out / name).read_bytes() for name in ("answers.jsonl", "skipped.jsonl", "run_settings.json")}
+    capsys.readouterr()
+
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, val, "--output-dir", str(out), "--blind", "--max-new-tokens", "3"))
+    assert exit_info.value.code == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line.endswith(
+        f"error: {out} holds answers made with other settings ({settings_file}): "
+        f"blind: False before, True now; max_new_tokens: 2 before, 3 now; "
+        f"pass another --output-dir, or delete {out} to evaluate again with these settings"
+    )
+    assert {name: (out / name).read_bytes() for name in before} == before
+    assert sorted(os.listdir(out)) == sorted(before)  # no temporary file left either
+
+    # another image root or another model: named the same way
+    for extra, named in ((("--image-root", str(tmp_path)), "image_root: "), (("--model", str(tmp_path / "m")), "model: ")):
+        if extra[0] == "--model":
+            tiny_vlm().save_pretrained(tmp_path / "m")
+            argv = run_args(tmp_path / "m", val, "--output-dir", str(out))
+        else:
+            argv = run_args(run, val, "--output-dir", str(out), *extra)
+        with pytest.raises(SystemExit):
+            evaluate.main(argv)
+        [line] = error_lines(capsys.readouterr().err)
+        assert named in line and "blind" not in line and f"delete {out}" in line
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    # another output folder takes the new settings
+    evaluate.main(run_args(run, val, "--output-dir", str(tmp_path / "blind"), "--blind"))
+    assert json.loads((tmp_path / "blind" / "run_settings.json").read_text())["blind"] is True
+
+
+def test_other_settings_into_an_out_file_with_answers_are_refused(evaluate, setup, tmp_path, capsys):
+    run, val, _, _ = setup
+    out = tmp_path / "preds.jsonl"
+    evaluate.main(run_args(run, val, "--out", str(out)))
+    settings_file = tmp_path / "preds.settings.json"
+    assert json.loads(settings_file.read_text())["blind"] is False
+    answers = out.read_bytes()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, val, "--out", str(out), "--blind"))
+    assert exit_info.value.code == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert line.endswith(
+        f"error: {out} holds answers made with other settings ({settings_file}): blind: False before, True now; "
+        f"pass another --out, or delete {out} to evaluate again with these settings"
+    )
+    assert out.read_bytes() == answers
+    # as the message says: without the old answers, the new settings are taken
+    out.unlink()
+    evaluate.main(run_args(run, val, "--out", str(out), "--blind"))
+    assert json.loads(settings_file.read_text())["blind"] is True and len(read_jsonl(out)) == GOOD
+
+
+def test_the_same_settings_evaluate_again_and_unreadable_settings_are_refused(evaluate, setup, tmp_path, capsys,
+                                                                              caplog):
+    run, val, _, _ = setup
+    out = tmp_path / "eval"
+    first = evaluate.main(run_args(run, val, "--output-dir", str(out)))
+    rows = read_jsonl(out / "answers.jsonl")
+    # the same settings (the batch size and the model named by its run's folder do not count): answered again
+    again = evaluate.main(run_args(run / "student", val, "--output-dir", str(out), "--batch-size", "2"))
+    assert again == first and read_jsonl(out / "answers.jsonl") == rows
+    # answers written before settings were recorded: replaced, with a warning
+    (out / "run_settings.json").unlink()
+    with caplog.at_level(logging.WARNING):
+        evaluate.main(run_args(run, val, "--output-dir", str(out), "--blind"))
+    assert any(f"{out} holds answers but no run_settings.json" in r.getMessage() for r in caplog.records)
+    assert json.loads((out / "run_settings.json").read_text())["blind"] is True
+    # a settings file that cannot be read
+    (out / "run_settings.json").write_text("{not json")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, val, "--output-dir", str(out), "--blind"))
+    assert exit_info.value.code == 2
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"{out / 'run_settings.json'} is not a JSON object of settings" in line and f"delete {out}" in line
+
+
+# --- 7: nothing answered ----------------------------------------------------------------------------------
+
+
+def test_nothing_answered_exits_nonzero_naming_the_skips_and_writes_nothing(evaluate, setup, tmp_path, capsys):
+    """A wrong --image-root: every record skipped. The script exits 1 with one line naming how many and
+    the first reasons (the missing image path), and writes no (empty) answers file."""
+    run, _, _, all_bad = setup
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, all_bad, "--output-dir", str(out), "--image-root", str(tmp_path)))
+    assert exit_info.value.code == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert "error: no record answered: all 6 skipped (no_answer: expected a human turn then an assistant turn; " in line
+    assert f"val_000000: image file not found: {tmp_path / 'images' / 'val_000000.png'}; " in line
+    assert "missing_image: image file not found: " in line
+    assert "; and 3 more, each named in a warning above) (is --image-root right? " in line
+    assert line.endswith(f"nothing written ({out / 'answers.jsonl'} left as it was)")
+    assert not out.exists()
+
+
+def test_nothing_answered_keeps_the_earlier_answers(evaluate, setup, tmp_path, capsys):
+    """The same settings as an earlier evaluation, its images gone: the earlier answers are kept, not
+    replaced by an empty file."""
+    run = setup[0]
+    _, val = make_shapes_vqa(tmp_path / "data", 0, GOOD, image_size=32)
+    out = tmp_path / "eval"
+    evaluate.main(run_args(run, val, "--output-dir", str(out)))
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    for image in (tmp_path / "data" / "images").iterdir():
+        image.unlink()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, val, "--output-dir", str(out)))
+    assert exit_info.value.code == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"all {GOOD} skipped (val_000000: image file not found: " in line and "more" not in line
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert len(read_jsonl(out / "answers.jsonl")) == GOOD
+
+    empty = tmp_path / "empty.json"
+    empty.write_text("[]")
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, empty, "--output-dir", str(tmp_path / "none")))
+    assert exit_info.value.code == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert line.endswith(f"error: {empty} holds no records: nothing to evaluate; "
+                         f"nothing written ({tmp_path / 'none' / 'answers.jsonl'} left as it was)")
+
+
+def test_some_skipped_still_exits_zero_with_the_count(evaluate, setup, tmp_path, capsys):
+    run, _, some_bad, _ = setup
+    accuracy = evaluate.main(run_args(run, some_bad, "--output-dir", str(tmp_path / "eval")))
+    assert accuracy is not None
+    assert f"/{GOOD}; 2 skipped)" in capsys.readouterr().out
