@@ -25,6 +25,8 @@ __all__ = [
     "ModelConfig",
     "apply_overrides",
     "deep_merge",
+    "SectionChecks",
+    "exception_line",
     "parse_yaml",
     "load_config",
     "load_yaml",
@@ -337,30 +339,141 @@ def _override_for(loc: str, overrides: typing.Sequence[str]) -> str | None:
     return None
 
 
+def _overrides_inside(loc: str, overrides: typing.Sequence[str]) -> list[str]:
+    """The ``key=value`` overrides that set something strictly inside ``loc`` (dotted; "" = the root)."""
+    keys = [(override, override.split("=", 1)[0].strip()) for override in overrides]
+    return [override for override, key in keys if not loc or key.startswith(loc + ".")]
+
+
+def _where(loc: str, source: str, overrides: typing.Sequence[str], unknown: bool = False) -> str:
+    """Who a problem at ``loc`` (dotted; "" = the root) is blamed on: the command-line override that set
+    it or a section holding it; for an unknown key, the override that wrote below it (``projector.type=mlp``
+    makes the unknown section ``projector``); for a section whose value the file and overrides made
+    together, ``source (with override, ...)``; else ``source``."""
+    override = _override_for(loc, overrides) if loc else None
+    inside = _overrides_inside(loc, overrides)
+    if override is None and unknown and inside:
+        override = inside[-1]
+    if override is not None:
+        return f"command-line override {override!r}"
+    if inside and not unknown:
+        return f"{source} (with {', '.join(inside)})"
+    return source
+
+
+def _wrapping(annotation: Any) -> type | None:
+    """``list`` or ``dict`` when the annotation holds its model inside one (``list[EncoderConfig]``), else None."""
+    origin = typing.get_origin(annotation)
+    if origin in (list, tuple, dict) and _model_in(annotation) is not None:
+        return dict if origin is dict else list
+    for arg in typing.get_args(annotation) if origin is not None else ():
+        found = _wrapping(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _free_mapping(annotation: Any) -> bool:
+    """Whether the annotation takes any keys below it (``dict[str, Any]``, ``Any``)."""
+    if annotation is Any or typing.get_origin(annotation) is dict:
+        return True
+    return any(_free_mapping(arg) for arg in typing.get_args(annotation)) if typing.get_origin(annotation) else False
+
+
+def _path_exists(schema: type[BaseModel], parts: typing.Sequence[str]) -> bool:
+    """Whether the dotted path ``parts`` names a key of ``schema`` (list items by index, anything below
+    a free mapping such as ``llm.config``)."""
+    model: type[BaseModel] = schema
+    i = 0
+    while i < len(parts):
+        field = model.model_fields.get(parts[i])
+        if field is None:
+            return False
+        i += 1
+        inner = _model_in(field.annotation)
+        if inner is None:
+            return i == len(parts) or _free_mapping(field.annotation)
+        wrapper = _wrapping(field.annotation)
+        if wrapper is not None and i < len(parts):  # the next part picks an item
+            if wrapper is list and not re.fullmatch(r"-?\d+", parts[i]):
+                return False
+            i += 1
+        model = inner
+    return True
+
+
+def _sections(schema: type[BaseModel], prefix: tuple[str, ...] = ()) -> typing.Iterator[tuple[str, ...]]:
+    """The dotted paths of ``schema``'s nested sections (not through lists or mappings), itself first."""
+    yield prefix
+    if len(prefix) >= 8:
+        return
+    for name, field in schema.model_fields.items():
+        inner = _model_in(field.annotation)
+        if inner is not None and _wrapping(field.annotation) is None:
+            yield from _sections(inner, prefix + (name,))
+
+
+def _relocated(schema: type[BaseModel] | None, parts: tuple[str, ...], children: tuple[str, ...] = ()) -> list[str]:
+    """Where an unknown dotted path exists in ``schema`` with a section prefix added
+    (``projector.type`` -> ``model.projector.type`` in a train config) or leading parts dropped
+    (``model.projector.type`` -> ``projector.type`` in a model config), taking the keys ``children``
+    its value holds: the closest few."""
+    if schema is None or not parts:
+        return []
+
+    def fits(path: tuple[str, ...]) -> bool:
+        return _path_exists(schema, path) and all(_path_exists(schema, path + (child,)) for child in children)
+
+    found = {prefix + parts for prefix in _sections(schema) if prefix} | {parts[drop:] for drop in range(1, len(parts))}
+    return sorted((".".join(path) for path in found if fits(path)), key=lambda path: (path.count("."), path))[:3]
+
+
+def _unknown_key_hint(
+    schema: type[BaseModel] | None, loc: tuple[Any, ...], value: Any, override: str | None
+) -> str:
+    """`` (did you mean ...?)`` for an unknown key at ``loc`` holding ``value``: where its whole path (the
+    override's key when an override wrote below it) exists under another section, else the closest
+    spelling there."""
+    parts = tuple(str(p) for p in loc)
+    children = tuple(str(k) for k in value) if isinstance(value, dict) else ()
+    if override is not None:
+        key = tuple(override.split("=", 1)[0].strip().split("."))
+        if key[: len(parts)] == parts and len(key) > len(parts):
+            parts, children = key, ()
+    elsewhere = _relocated(schema, parts, children)
+    if elsewhere:
+        return f" (did you mean {' or '.join(repr(path) for path in elsewhere)}?)"
+    close = difflib.get_close_matches(str(loc[-1]), _known_keys(schema, tuple(loc[:-1])), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def format_validation_error(
     err: ValidationError, source: str, schema: type[BaseModel] | None = None, overrides: typing.Sequence[str] = ()
 ) -> str:
     """One line per problem: ``source: dotted.key: message (got value)``, the value shown for a wrong
     value (not for an unknown or missing key); a string "None" gets a hint that YAML's null is ``null``;
-    an unknown key the closest allowed key of ``schema`` there (``did you mean``); a problem that a
-    command-line override made names that override instead of ``source``.
+    an unknown key a ``did you mean``: the same path under another section of ``schema`` (a train
+    config's ``model.`` prefix missing, a model config's written) or the closest allowed key there.
+
+    A problem that a command-line override made names that override instead of ``source``
+    (``command-line override 'projector.type=mlp': projector: unknown key``); a problem with a section
+    that overrides changed inside names both (``source (with llm.family=mamba2): llm: ...``).
 
     A top-level section that only a train config has (``model``, ``train``, ``data``) under another
     schema adds a line saying so."""
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        dotted = ".".join(str(p) for p in e["loc"])
         msg = e["msg"].removeprefix("Value error, ")  # a validator's own message, as it wrote it
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key"
-            close = difflib.get_close_matches(str(e["loc"][-1]), _known_keys(schema, tuple(e["loc"][:-1])), n=1)
-            if close:
-                msg += f" (did you mean {close[0]!r}?)"
+        unknown = e["type"] == "extra_forbidden"
+        where = _where(dotted, source, overrides, unknown=unknown)
+        if unknown:
+            writer = _override_for(dotted, overrides) or next(reversed(_overrides_inside(dotted, overrides)), None)
+            msg = "unknown key" + _unknown_key_hint(schema, tuple(e["loc"]), e.get("input"), writer)
         elif e["type"] != "missing" and "input" in e and not isinstance(e["input"], dict | list):
             msg += f" (got {e['input']!r}"
             msg += "; YAML's null is written null)" if e["input"] in ("None", "none") else ")"
-        override = _override_for(loc, overrides)
-        lines.append(f"{source if override is None else f'override {override}'}: {loc}: {msg}")
+        lines.append(f"{where}: {dotted or '<root>'}: {msg}")
     sections = {e["loc"][0] for e in err.errors() if e["type"] == "extra_forbidden" and len(e["loc"]) == 1}
     if {"model", "train"} <= sections:
         lines.append(f"{source}: this looks like a train config (model: + train:); pass its model section or "
@@ -368,21 +481,67 @@ def format_validation_error(
     return "\n".join(lines)
 
 
+def _sections_of(value: Any, kinds: tuple[type, ...], loc: tuple[str, ...] = ()) -> typing.Iterator[tuple[str, Any]]:
+    """(dotted location, section) of every section of a validated config that is one of ``kinds``."""
+    if isinstance(value, kinds):
+        yield ".".join(loc), value
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            yield from _sections_of(getattr(value, name), kinds, loc + (name,))
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _sections_of(item, kinds, loc + (str(i),))
+
+
+SectionChecks = typing.Mapping[type, typing.Callable[[Any], "str | None"]]
+"""Checks a schema cannot make itself, by section type: each returns why a section is refused (one line)
+or None. ``mambavlm.llm.factory.LLM_SECTION_CHECKS`` is one: whether transformers can make the config of
+an ``LLMConfig``; the loaders above the LLM layer pass it, so this module imports nothing above it."""
+
+
+def exception_line(err: BaseException) -> str:
+    """An exception's message as one line, whitespace collapsed. A wrapper that only repeats its cause's
+    message gives way to the cause (transformers' config classes wrap a validator's ValueError in a
+    multi-line huggingface_hub error: ``Class validation error for validator ...: ValueError: ...``)."""
+    while err.__cause__ is not None and str(err.__cause__) and str(err.__cause__) in str(err):
+        err = err.__cause__
+    return " ".join(str(err).split()) or type(err).__name__
+
+
 def validate(
-    schema: type[M], data: dict[str, Any], source: str = "config", overrides: typing.Sequence[str] = ()
+    schema: type[M], data: dict[str, Any], source: str = "config", overrides: typing.Sequence[str] = (),
+    section_checks: SectionChecks | None = None,
 ) -> M:
     """Validate a dict against a schema, raising ConfigError with every bad key named (and the override
-    that set it, among ``overrides``)."""
+    that set it, among ``overrides``).
+
+    ``section_checks`` (``SectionChecks``) run on every section of their type once the schema accepts
+    the data; a refusal is a ConfigError naming the section and the check's message (an LLM section
+    that transformers cannot make a config of, ``llm.family=mamba2`` over a Mamba ``llm.config``, is
+    one line here rather than a traceback when the model is built)."""
     try:
-        return schema.model_validate(data)
+        config = schema.model_validate(data)
     except ValidationError as err:
         raise ConfigError(format_validation_error(err, source, schema, overrides)) from None
+    checks = dict(section_checks or {})
+    problems = [
+        f"{_where(loc, source, overrides)}: {loc or '<root>'}: {problem}"
+        for loc, section in _sections_of(config, tuple(checks))
+        for kind, check in checks.items()
+        if isinstance(section, kind) and (problem := check(section)) is not None
+    ] if checks else []
+    if problems:
+        raise ConfigError("\n".join(problems))
+    return config
 
 
 def load_config(
-    schema: type[M], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+    schema: type[M], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+    section_checks: SectionChecks | None = None,
 ) -> M:
-    """Load YAML ``path`` (if given), apply ``key=value`` overrides, validate against ``schema``."""
+    """Load YAML ``path`` (if given), apply ``key=value`` overrides, validate against ``schema`` (and
+    ``section_checks``, as ``validate``)."""
     data = load_yaml(path) if path is not None else {}
     data = apply_overrides(data, overrides)
-    return validate(schema, data, source=str(path) if path is not None else "config", overrides=overrides)
+    return validate(schema, data, source=str(path) if path is not None else "config", overrides=overrides,
+                    section_checks=section_checks)

@@ -11,11 +11,17 @@ import argparse
 import sys
 from pathlib import Path
 
+import huggingface_hub.errors
 import torch
 
-from mambavlm.config import ConfigError
+from mambavlm.config import ConfigError, exception_line
 from mambavlm.configuration import MambaVLMConfig
 from mambavlm.model import MambaVLM, build_model, describe, is_mambavlm_directory
+
+CONFIG_CLASS_ERRORS: tuple[type[Exception], ...] = tuple(
+    cls for cls in (getattr(huggingface_hub.errors, "StrictDataclassError", None),) if cls is not None
+)
+"""What transformers' config classes raise for values their validators refuse (not a ValueError)."""
 
 
 def meta_model(config: str, overrides: list[str]) -> MambaVLM:
@@ -43,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         model = meta_model(args.config, args.overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as err:
+    except ConfigError as err:  # one line per problem, each naming the file or override and the key
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, FileNotFoundError, *CONFIG_CLASS_ERRORS) as err:  # e.g. a saved model's config.json
+        # that transformers refuses: its message, on one line
+        print(f"error: {exception_line(err)}", file=sys.stderr)
         return 2
     print(f"model: {model.config.name}")
     print(describe(model))

@@ -46,7 +46,7 @@ from mambavlm.generation import (
     build_static_decoder,
     supports_static_decoding,
 )
-from mambavlm.llm.factory import build_llm, family_classes
+from mambavlm.llm.factory import LLM_SECTION_CHECKS, build_llm, family_classes
 from mambavlm.llm.mamba_training import (
     answer_token_loss,
     mamba_lm_hidden_states,
@@ -646,7 +646,7 @@ def _from_legacy_directory(
         saved = [sub for sub in ("final", "student") if is_mambavlm_directory(path / sub)]
         hint = f" (a training run's output directory? its model is {path / saved[0]})" if saved else ""
         raise FileNotFoundError(f"{path} has {LEGACY_CONFIG_FILE} but no {LEGACY_WEIGHTS_FILE}{hint}")
-    config = load_config(ModelConfig, path / LEGACY_CONFIG_FILE)
+    config = load_config(ModelConfig, path / LEGACY_CONFIG_FILE, section_checks=LLM_SECTION_CHECKS)
     local = config.model_copy(deep=True)
     local.llm.source = str(path / LEGACY_LLM_DIR)
     local.llm.config = {}
@@ -689,7 +689,7 @@ def build_model(
     (default: ``load_weights``) loads the encoders' ``weights``; the LLM's come from ``llm.source``.
     """
     if not isinstance(config, ModelConfig):
-        config = load_config(ModelConfig, config, overrides)
+        config = load_config(ModelConfig, config, overrides, section_checks=LLM_SECTION_CHECKS)
     elif overrides:
         raise ConfigError("pass overrides with a config path, or apply them to the config first")
     fetch = load_weights if fetch_encoders is None else fetch_encoders

@@ -166,7 +166,8 @@ def test_an_encoder_name_typo_is_a_config_error_naming_the_key_and_the_closest_n
     with pytest.raises(ConfigError) as err:
         load_config(ModelConfig, tiny, ["vision.encoders.0.name=timm:vit_small_patch14_reg4_dinov3"])
     assert str(err.value).startswith(
-        "override vision.encoders.0.name=timm:vit_small_patch14_reg4_dinov3: vision.encoders.0.name: unknown timm "
+        "command-line override 'vision.encoders.0.name=timm:vit_small_patch14_reg4_dinov3': vision.encoders.0.name: "
+        "unknown timm "
         "model 'vit_small_patch14_reg4_dinov3'; close matches: vit_small_patch14_reg4_dinov2")
     with pytest.raises(ConfigError, match=r"vision.encoders.1.name: unknown library 'openclip' in encoder name "
                                           r"'openclip:ViT-B-16' \(did you mean 'open_clip'\?\)"):

@@ -23,7 +23,7 @@ from transformers import (
     PreTrainedModel,
 )
 
-from mambavlm.config import LLMConfig
+from mambavlm.config import LLMConfig, SectionChecks, exception_line
 from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.llm.mamba_ssm_format import (
@@ -36,12 +36,14 @@ from mambavlm.ops import dispatch
 
 __all__ = [
     "LLM_FAMILIES",
+    "LLM_SECTION_CHECKS",
     "TORCH_DTYPES",
     "LLMBuildError",
     "build_llm",
     "check_mamba_training_kernels",
     "enable_activation_checkpointing",
     "family_classes",
+    "llm_config_problem",
     "llm_hidden_size",
 ]
 
@@ -58,6 +60,24 @@ def family_classes(family: str) -> tuple[type[PreTrainedConfig], type[PreTrained
     if family not in LLM_FAMILIES:
         raise KeyError(f"unknown llm.family {family!r}; known: {sorted(LLM_FAMILIES)}")
     return LLM_FAMILIES[family]
+
+
+def llm_config_problem(llm: LLMConfig) -> str | None:
+    """Why the config class of ``llm.family`` refuses ``llm.config``, as one line (transformers' own
+    message: ``Inconsistent configuration: hidden_size * expand ...``), or None: the check behind
+    ``LLM_SECTION_CHECKS``. Only a random-init LLM (no ``source``) is checked: with a source,
+    ``llm.config`` overrides a stored config that is not read here."""
+    if llm.source is not None:
+        return None
+    try:
+        family_classes(llm.family)[0](**llm.config)
+    except Exception as err:  # noqa: BLE001 - whatever the config class raises is a problem of llm.config
+        return exception_line(err)
+    return None
+
+
+LLM_SECTION_CHECKS: SectionChecks = {LLMConfig: llm_config_problem}
+"""``mambavlm.config.validate``'s ``section_checks`` for configs that hold an LLM section."""
 
 
 def enable_activation_checkpointing(llm: PreTrainedModel) -> None:

@@ -29,6 +29,7 @@ from mambavlm.config import (
     load_yaml,
     validate,
 )
+from mambavlm.llm.factory import LLM_SECTION_CHECKS
 
 __all__ = [
     "PROFILE_STEP_HELP",
@@ -217,4 +218,4 @@ def load_train_config(path: str | Path, overrides: list[str] | tuple[str, ...] =
     data = apply_overrides(data, overrides)
     if "model" in data:
         data["model"] = _resolve_model(data["model"], Path.cwd())
-    return validate(TrainConfig, data, source=str(path), overrides=overrides)
+    return validate(TrainConfig, data, source=str(path), overrides=overrides, section_checks=LLM_SECTION_CHECKS)

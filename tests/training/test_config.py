@@ -39,10 +39,10 @@ def test_a_typo_names_the_override_that_made_it_and_the_closest_key(tmp_path):
     with pytest.raises(ConfigError) as error:
         load_train_config(TINY_TRAIN, ["train.lr=3e-4", "train.max_step=5", "lora={r: 4, alph: 3}"])
     assert sorted(str(error.value).splitlines()) == [
-        "override lora={r: 4, alph: 3}: lora.alph: unknown key (did you mean 'alpha'?)",
-        "override train.max_step=5: train.max_step: unknown key (did you mean 'max_steps'?)",
+        "command-line override 'lora={r: 4, alph: 3}': lora.alph: unknown key (did you mean 'alpha'?)",
+        "command-line override 'train.max_step=5': train.max_step: unknown key (did you mean 'max_steps'?)",
     ]
-    with pytest.raises(ConfigError, match=r"^override model.vision.encoders.0.image_sise=64: "
+    with pytest.raises(ConfigError, match=r"^command-line override 'model.vision.encoders.0.image_sise=64': "
                        r"model.vision.encoders.0.image_sise: unknown key \(did you mean 'image_size'\?\)$"):
         load_train_config(TINY_TRAIN, ["model.vision.encoders.0.image_sise=64"])
     path = tmp_path / "train.yaml"
@@ -50,7 +50,7 @@ def test_a_typo_names_the_override_that_made_it_and_the_closest_key(tmp_path):
     path.write_text(TINY_TRAIN.read_text().replace("  epochs:", "  epoch:").replace("../model/tiny.yaml", str(base)))
     with pytest.raises(ConfigError, match=rf"^{path}: train.epoch: unknown key \(did you mean 'epochs'\?\)$"):
         load_train_config(path)
-    with pytest.raises(ConfigError, match=r"^override train.zzzz=1: train.zzzz: unknown key$"):
+    with pytest.raises(ConfigError, match=r"^command-line override 'train.zzzz=1': train.zzzz: unknown key$"):
         load_train_config(TINY_TRAIN, ["train.zzzz=1"])
 
 
