@@ -56,7 +56,10 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     assert len(losses[0]) == 4 and losses[1] == pytest.approx(losses[0], rel=1e-4)
     tokens = [float(r[3].replace(",", "")) for r in rows]
     ratio = float(text.split("2 / 1 = ")[1].split("x")[0])
-    assert ratio == pytest.approx(tokens[1] / tokens[0], abs=0.01)
+    # the rows show tokens/s rounded to whole tokens, the ratio line to 0.01: the ratio of the rows' true
+    # values lies in the interval the rounding leaves (one process can run at a few dozen tokens/s here)
+    low, high = (tokens[1] - 0.5) / (tokens[0] + 0.5), (tokens[1] + 0.5) / (tokens[0] - 0.5)
+    assert low - 0.005 <= ratio <= high + 0.005, (ratio, tokens)
     t1, t2 = (float(r[5]) for r in rows)
     assert float(text.split("2 t2 - t1 = ")[1].split(" s")[0]) == pytest.approx(2 * t2 - t1, abs=2e-3)
     assert "within 0.02" in text
