@@ -121,8 +121,10 @@ class StaticStateDecoder(StaticDecoder):
             residual = hidden.float()
             rows = self.model.backbone.layers[0].mixer.x_proj.out_features
             xdbl = torch.zeros(input_ids.shape[0], rows, device=residual.device)  # each block leaves it zero
-            for i, layer in enumerate(self.model.backbone.layers):
-                self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i], xdbl)
+            layers = self.model.backbone.layers
+            for i, layer in enumerate(layers):
+                after = layers[i + 1].mixer.in_proj.weight if i + 1 < len(layers) else self.model.lm_head.weight
+                self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i], xdbl, next_weight=after)
             return self._logits(residual)
         if self._fused_mixer_steps(input_ids.shape[0]):
             step = lambda i, x: self.mamba1_mixers[i].step_fused(x, self._states[i])

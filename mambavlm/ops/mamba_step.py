@@ -63,6 +63,16 @@ CUDA-graph steps, two to three alternating repeats, 33 launch-shape pairs). Load
 ``x_proj`` operands before its reduction loop rather than in the epilogue took it to 2.29 (held in
 registers through the loop).
 
+Between the kernels the HBM would idle: a kernel's last programs finish their reads, the next one
+waits for them, starts, and only then issues its first. So once its own reads are done, each program
+of the two projections asks the L2 for its share of the first few megabytes of the weight read next
+(in_proj: its block's out_proj; out_proj: the next block's in_proj, or lm_head's weight), with bulk
+prefetches (``cp.async.bulk.prefetch.L2``) that nobody waits for: the next kernel's first tiles then
+come from the L2. The batch-1 step took 2.030-2.040 ms per token against 2.095-2.108 without (H200,
+2026-12-01, MambaVLM-2.8B shapes, bf16, 128 CUDA-graph steps, alternating in one run; the sweep is at
+``IN_PROJ_PREFETCH_BYTES``). More than a few megabytes costs time: the prefetches then compete with
+the kernel's own reads.
+
 One kernel for the whole stack was tried and not kept (branch ``experiment/persistent-decode-step``):
 every layer's three phases in one cooperative launch, separated by grid-wide barriers (a release /
 acquire arrival counter), the weights addressed through a table of their addresses. It was correct
@@ -165,6 +175,20 @@ benchmark; the whole fused step at batch 1, ms per token over 128 CUDA-graph ste
 x 8-64 channels) found 32 / 32 fastest:
 2.52-2.54 ms per token in four alternating repeats against 2.61 for the earlier 32 / 16, and 2.56-2.58
 for 64 / 32; 128 channels per conv program took 2.65-2.89."""
+IN_PROJ_PREFETCH_BYTES, OUT_PROJ_PREFETCH_BYTES = 4 << 20, 6 << 20
+"""How much of the weight read next each projection kernel asks the L2 to fetch once its own reads
+are done (``prefetch``, see the module docstring): in_proj the first 4 MiB of its block's out_proj,
+out_proj the first 6 MiB of the next block's in_proj (or of lm_head). The whole fused step at batch 1
+(H200, 2026-12-01, MambaVLM-2.8B shapes, bf16, 128 CUDA-graph steps, two alternating repeats each, in
+MiB as in_proj's + out_proj's): 4 + 6 2.030-2.040 ms per token, 4 + 4 2.028-2.037, 6 + 4 2.028-2.038,
+4 + 8 2.038-2.043, 3 + 6 2.042, 6 + 6 2.040, 12 + 6 2.070, 8 + 8 2.032; out_proj's alone: 2 MiB 2.074,
+4-8 2.055-2.058, 12 2.092, 16 2.135-2.139; in_proj's alone: 2-8 MiB 2.078-2.090; neither: 2.095-2.108.
+4 KiB and 64 KiB prefetches instead of 16 KiB (``L2_PREFETCH_CHUNK``) measured the same within 0.01 ms;
+prefetching only each in_proj row block's first tile (1-2 KiB of every row, so every program's first
+read hits the L2, 4-10 MiB in all) 2.047-2.078. Prefetching out_proj from ``dt_state_update``, whose
+programs start as in_proj's reads end, cost time: a quarter of it 2.19, all of it 2.64."""
+L2_PREFETCH_CHUNK = 16 << 10
+"""Bytes per bulk L2 prefetch instruction (``cp.async.bulk.prefetch.L2``)."""
 PIPELINE_STAGES = 3
 """Weight tiles in flight per program of the projection kernels: ``tl.range``'s software pipelining of
 the reduction loop (asynchronous copies into shared memory, so block_n x block_k x stages weights must
@@ -172,6 +196,19 @@ fit in it). The kernel-level ``num_stages`` pipelines only loads that feed ``tl.
 
 
 if triton is not None:
+
+    @triton.jit
+    def _prefetch_l2(base, start, stop, PIECES: tl.constexpr, CHUNK: tl.constexpr):
+        """Ask the L2 for bytes [start, stop) of the int8 pointer ``base``: up to PIECES bulk prefetches
+        (``cp.async.bulk.prefetch.L2.global``, PTX ISA 8.0, sm_90) of CHUNK bytes, each issued by one
+        thread and not waited for. start, stop and the address must be multiples of 16 (the
+        instruction's rule); empty pieces issue nothing."""
+        lo = start + tl.arange(0, PIECES) * CHUNK
+        size = tl.maximum(tl.minimum(stop - lo, CHUNK), 0).to(tl.int32)
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
+            "=r,l,r", [base + lo, size], dtype=tl.int32, is_pure=False, pack=1,
+        )
 
     @triton.jit
     def _row_tile(ptr, rows, rows_ok, cols, cols_ok, width):
@@ -440,6 +477,7 @@ if triton is not None:
         D: tl.constexpr, D_POW2: tl.constexpr, B_POW2: tl.constexpr, W: tl.constexpr, W_POW2: tl.constexpr,
         HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
+        prefetch_ptr, prefetch_share, prefetch_total, PREFETCH_PIECES: tl.constexpr, PREFETCH_CHUNK: tl.constexpr,
     ):
         if PDL:
             gdc_wait()
@@ -453,6 +491,9 @@ if triton is not None:
         for k0 in tl.range(0, D, BLOCK_K, num_stages=STAGES):
             acc = _norm_in_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, rstd, residual_ptr, norm_w_ptr, w,
                                      block * BLOCK_N, z_ptr.dtype.element_ty, D, BLOCK_K, TMA)
+        if PREFETCH_PIECES > 0:  # its share of the next weight, while the HBM would idle between kernels
+            _prefetch_l2(prefetch_ptr, block * prefetch_share,
+                         tl.minimum((block + 1) * prefetch_share, prefetch_total), PREFETCH_PIECES, PREFETCH_CHUNK)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
         _in_proj_conv_epilogue(acc, block, rows, rows_ok, bi, b_ok, state_ptr, conv_w_ptr, conv_b_ptr, x_proj_ptr,
@@ -490,6 +531,7 @@ if triton is not None:
         batch, d_out,
         D_IN: tl.constexpr, B_POW2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         BLOCK_Z: tl.constexpr, STAGES: tl.constexpr, TMA: tl.constexpr, PDL: tl.constexpr,
+        prefetch_ptr, prefetch_share, prefetch_total, PREFETCH_PIECES: tl.constexpr, PREFETCH_CHUNK: tl.constexpr,
     ):
         if PDL:
             gdc_wait()
@@ -505,6 +547,10 @@ if triton is not None:
         for k0 in tl.range(0, D_IN, BLOCK_K, num_stages=STAGES):
             acc = _out_proj_tile(acc, rows, rows_ok, bi, b_ok, k0, y_ptr, w, tl.program_id(0) * BLOCK_N, D_IN, BLOCK_K,
                                  TMA)
+        if PREFETCH_PIECES > 0:  # its share of the next weight, while the HBM would idle between kernels
+            block = tl.program_id(0)
+            _prefetch_l2(prefetch_ptr, block * prefetch_share,
+                         tl.minimum((block + 1) * prefetch_share, prefetch_total), PREFETCH_PIECES, PREFETCH_CHUNK)
         if PDL:  # the long reads are done: let the next kernel fill the SMs this one frees
             gdc_launch_dependents()
         if TMA:
@@ -524,6 +570,38 @@ def _pdl(t: Tensor) -> dict[str, bool]:
     later GPU with a Triton that has it (off under Triton's interpreter)."""
     on = _TRITON_HAS_PDL and t.is_cuda and _device_has_pdl(t.device.index or 0)
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+
+
+def _prefetch_shares(size: int, nbytes: int, programs: int) -> tuple[int, int, int]:
+    """How ``programs`` programs prefetch the first ``nbytes`` of a ``size``-byte tensor: (each program's
+    share, a multiple of 16 bytes; the total, clamped to the tensor and rounded down to 16 bytes; the
+    pieces of at most ``L2_PREFETCH_CHUNK`` bytes per program, a power of two as ``tl.arange`` needs, the
+    spare ones empty). Program i fetches [i share, min((i + 1) share, total))."""
+    total = min(nbytes, size) // 16 * 16
+    if total <= 0:
+        return 0, 0, 0
+    share = -(-total // programs)
+    share = -(-share // 16) * 16
+    return share, total, 1 << (-(-share // L2_PREFETCH_CHUNK) - 1).bit_length()
+
+
+def _prefetch_args(prefetch: Tensor | None, nbytes: int, programs: int, like: Tensor) -> dict[str, object]:
+    """The kernel arguments for the L2 prefetch of the first ``nbytes`` of ``prefetch`` by ``programs``
+    programs (``_prefetch_shares``). Off (no pieces) for None, nothing to fetch, a base not 16-byte
+    aligned, or anything but CUDA tensors on a Hopper or later GPU. Raises ValueError for a
+    non-contiguous ``prefetch``."""
+    off = {"prefetch_ptr": like, "prefetch_share": 0, "prefetch_total": 0, "PREFETCH_PIECES": 0,
+           "PREFETCH_CHUNK": L2_PREFETCH_CHUNK}
+    if prefetch is None:
+        return off
+    if not prefetch.is_contiguous():
+        raise ValueError(f"prefetch must be contiguous, got strides {tuple(prefetch.stride())}")
+    share, total, pieces = _prefetch_shares(prefetch.numel() * prefetch.element_size(), nbytes, programs)
+    hopper = like.is_cuda and prefetch.is_cuda and _device_has_pdl(like.device.index or 0)
+    if pieces == 0 or not hopper or prefetch.data_ptr() % 16:
+        return off
+    return {"prefetch_ptr": prefetch.view(-1).view(torch.int8), "prefetch_share": share, "prefetch_total": total,
+            "PREFETCH_PIECES": pieces, "PREFETCH_CHUNK": L2_PREFETCH_CHUNK}
 
 
 def _weight_operand(name: str, weight: Tensor, block_n: int, block_k: int) -> tuple[object, bool]:
@@ -550,7 +628,7 @@ def norm_in_proj_conv(
     residual: Tensor, norm_weight: Tensor, eps: float, in_proj_weight: Tensor, conv_state: Tensor,
     conv_weight: Tensor, conv_bias: Tensor | None, x_proj_weight: Tensor, silu: bool, xdbl: Tensor,
     block_n: int = IN_PROJ_BLOCK_N, block_k: int = IN_PROJ_BLOCK_K, num_warps: int = IN_PROJ_NUM_WARPS,
-    num_stages: int = PIPELINE_STAGES,
+    num_stages: int = PIPELINE_STAGES, prefetch: Tensor | None = None, prefetch_bytes: int = IN_PROJ_PREFETCH_BYTES,
 ) -> tuple[Tensor, Tensor]:
     """A block's input side in one kernel: ``xz = in_proj(rms_norm(residual))``, then the causal conv
     update of the x half and its share of ``x_proj``.
@@ -565,7 +643,10 @@ def norm_in_proj_conv(
     mamba_ssm's fused norm and ``nn.Linear`` round them. ``block_n`` output rows per program (each
     program owning x rows also runs their channels' conv), ``block_k`` the reduction chunk,
     ``num_warps``, ``num_stages``: the launch shape (``benchmarks/decode_projections.py`` compares
-    them). Raises ValueError for a larger batch, a mismatched in_proj or a non-contiguous weight.
+    them). ``prefetch`` (contiguous), when given, is the weight read next (the block's out_proj): on
+    Hopper and later GPUs, once its reduction loop is done, each program asks the L2 for its share of
+    the first ``prefetch_bytes`` of it (module docstring). Raises ValueError for a larger batch, a
+    mismatched in_proj, or a non-contiguous weight or ``prefetch``.
     """
     _check_small_batch("norm_in_proj_conv", residual)
     batch, d_model = residual.shape
@@ -576,13 +657,14 @@ def norm_in_proj_conv(
     x = torch.empty(batch, channels, device=residual.device, dtype=in_proj_weight.dtype)
     z = torch.empty_like(x)
     weight, tma = _weight_operand("in_proj_weight", in_proj_weight, block_n, block_k)
-    _norm_in_proj_conv_kernel[(triton.cdiv(2 * channels, block_n),)](
+    programs = triton.cdiv(2 * channels, block_n)
+    _norm_in_proj_conv_kernel[(programs,)](
         residual, norm_weight, weight, conv_state, conv_weight,
         conv_bias if conv_bias is not None else conv_weight, x_proj_weight, x, z, xdbl, batch, channels, r2, eps,
         D=d_model, D_POW2=triton.next_power_of_2(d_model), B_POW2=triton.next_power_of_2(batch),
         W=width, W_POW2=triton.next_power_of_2(width), HAS_BIAS=conv_bias is not None, SILU=silu,
         BLOCK_R=triton.next_power_of_2(r2), BLOCK_N=block_n, BLOCK_K=block_k, STAGES=num_stages, TMA=tma,
-        num_warps=num_warps, **_pdl(residual),
+        num_warps=num_warps, **_pdl(residual), **_prefetch_args(prefetch, prefetch_bytes, programs, residual),
     )
     return x, z
 
@@ -590,23 +672,25 @@ def norm_in_proj_conv(
 def out_proj_residual(
     y: Tensor, out_proj_weight: Tensor, residual: Tensor, zero: Tensor | None = None,
     block_n: int = OUT_PROJ_BLOCK_N, block_k: int = OUT_PROJ_BLOCK_K, num_warps: int = OUT_PROJ_NUM_WARPS,
-    num_stages: int = PIPELINE_STAGES,
+    num_stages: int = PIPELINE_STAGES, prefetch: Tensor | None = None, prefetch_bytes: int = OUT_PROJ_PREFETCH_BYTES,
 ) -> None:
     """``residual += out_proj(y)`` in place: y (B, D_in), B <= FUSED_GEMV_MAX_BATCH; out_proj_weight
     (D_out, D_in) contiguous, without bias; residual (B, D_out) float32, contiguous. The projection is rounded to
     the weight's dtype before the add, as the unfused block rounds it. ``zero`` (float32, contiguous),
     when given, is zeroed once the previous kernel has finished: the next block's ``xdbl``. Launch
-    shape and weight reads as ``norm_in_proj_conv``'s. Raises ValueError for a larger batch or a
-    non-contiguous weight."""
+    shape, weight reads and ``prefetch`` (here the next block's in_proj, or lm_head's weight after the
+    last block) as ``norm_in_proj_conv``'s. Raises ValueError for a larger batch, or a non-contiguous
+    weight or ``prefetch``."""
     _check_small_batch("out_proj_residual", y)
     batch, d_in = y.shape
     d_out = out_proj_weight.shape[0]
     weight, tma = _weight_operand("out_proj_weight", out_proj_weight, block_n, block_k)
-    _out_proj_residual_kernel[(triton.cdiv(d_out, block_n),)](
+    programs = triton.cdiv(d_out, block_n)
+    _out_proj_residual_kernel[(programs,)](
         y, weight, residual, zero if zero is not None else residual, 0 if zero is None else zero.numel(),
         batch, d_out, D_IN=d_in, B_POW2=triton.next_power_of_2(batch), BLOCK_N=block_n, BLOCK_K=block_k,
         BLOCK_Z=0 if zero is None else triton.next_power_of_2(max(zero.numel(), 1)), STAGES=num_stages, TMA=tma,
-        num_warps=num_warps, **_pdl(y),
+        num_warps=num_warps, **_pdl(y), **_prefetch_args(prefetch, prefetch_bytes, programs, y),
     )
 
 

@@ -152,6 +152,63 @@ def test_projection_kernels_on_cuda_equal_pytorch(dtype: torch.dtype) -> None:
             check_out_proj_residual(batch, dtype, "cuda", g, misaligned)
 
 
+def prefetch_target(device: str, g: torch.Generator) -> torch.Tensor:
+    """A weight for the projection kernels to prefetch (odd-sized: the last piece is short; asked for
+    more bytes than it has); on a Hopper GPU the kernels must really issue the prefetches."""
+    from mambavlm.ops.mamba_step import _prefetch_args
+
+    target = torch.randn(1000, 37, device=device, generator=g).to(torch.bfloat16)
+    like = torch.empty(1, device=device)
+    on = device == "cuda" and torch.cuda.get_device_capability()[0] >= 9
+    assert (_prefetch_args(target, 1 << 40, 3, like)["PREFETCH_PIECES"] > 0) == on
+    return target
+
+
+def test_prefetch_shares_cover_the_requested_bytes_once_in_aligned_pieces() -> None:
+    """The L2 prefetch's split against hand-worked cases, and, replaying the kernel's arithmetic piece by
+    piece, that the programs fetch exactly the first min(nbytes, size) bytes (rounded down to 16), each
+    byte once, in pieces of 16-byte multiples at 16-byte offsets, none past the tensor."""
+    from mambavlm.ops.mamba_step import L2_PREFETCH_CHUNK, _prefetch_shares
+
+    # 20000 bytes over 3 programs: ceil(20000 / 3) = 6667, rounded up to 16: 6672; one piece each
+    assert _prefetch_shares(20000, 6 << 20, 3) == (6672, 20000, 1)
+    # 6 MiB of a 25 MiB weight over 640 programs: 9830.4 -> 9840 bytes each, one piece
+    assert _prefetch_shares(25 << 20, 6 << 20, 640) == (9840, 6 << 20, 1)
+    # 100000 bytes over 2: 50000 each, ceil(50000 / 16384) = 4 pieces (a power of two already)
+    assert _prefetch_shares(100000, 1 << 30, 2) == (50000, 100000, 4)
+    # 200000 over 2: 100000 each needs 7 pieces, rounded up to 8 (the last one empty)
+    assert _prefetch_shares(200000, 200000, 2) == (100000, 200000, 8)
+    assert _prefetch_shares(8, 100, 3) == (0, 0, 0)  # under 16 bytes: nothing
+    for size, nbytes, programs in [(20000, 6 << 20, 3), (1000, 999, 7), (100000, 100000, 2), (200000, 200000, 2),
+                                   (1 << 20, 300000, 640), (5 << 20, 4 << 20, 13)]:
+        share, total, pieces = _prefetch_shares(size, nbytes, programs)
+        assert total == min(nbytes, size) // 16 * 16 and pieces & (pieces - 1) == 0
+        covered = []
+        for block in range(programs):  # the kernel: lo = start + i CHUNK, size = clamp(stop - lo, 0, CHUNK)
+            start, stop = block * share, min((block + 1) * share, total)
+            for i in range(pieces):
+                lo = start + i * L2_PREFETCH_CHUNK
+                length = max(min(stop - lo, L2_PREFETCH_CHUNK), 0)
+                if length:
+                    assert lo % 16 == 0 and length % 16 == 0 and lo + length <= size
+                    covered.append((lo, lo + length))
+        covered.sort()
+        assert covered[0][0] == 0 and covered[-1][1] == total
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:])), (size, nbytes, programs)
+
+
+def test_prefetch_is_off_off_hopper_and_refuses_a_strided_tensor() -> None:
+    """On the CPU (and under the interpreter) no prefetch is compiled in; a strided tensor is an error
+    naming its strides, not a prefetch of the wrong bytes."""
+    from mambavlm.ops.mamba_step import _prefetch_args
+
+    weight = torch.randn(64, 32)
+    assert _prefetch_args(weight, 1 << 20, 4, weight)["PREFETCH_PIECES"] == 0
+    assert _prefetch_args(None, 1 << 20, 4, weight)["PREFETCH_PIECES"] == 0
+    with pytest.raises(ValueError, match=r"prefetch must be contiguous, got strides \(1, 32\)"):
+        _prefetch_args(weight.t(), 1 << 20, 4, weight)
+
+
 def misaligned_copy(weight: torch.Tensor) -> torch.Tensor:
     """A contiguous copy of ``weight`` whose storage starts one element past a 16-byte boundary: the
     projection kernels must read it through pointers, not a TMA descriptor."""
@@ -178,7 +235,7 @@ def check_out_proj_residual(batch: int, dtype: torch.dtype, device: str, g: torc
     stream = torch.randn(batch, 50, device=device, generator=g)
     expected = stream + F.linear(y, w_out).float()
     zero = torch.ones(batch, 7, device=device)
-    out_proj_residual(y, w_out, stream, zero=zero)
+    out_proj_residual(y, w_out, stream, zero=zero, prefetch=prefetch_target(device, g), prefetch_bytes=1 << 40)
     tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(stream, expected, **tol)
     assert not zero.any()
@@ -212,7 +269,8 @@ def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torc
     want_state = torch.cat([want_state[:, :, 1:], want_x[:, :, None]], dim=-1)
     conv = (want_state.float() * conv_w.float()).sum(-1) + (bias.float() if conv_bias else 0.0)
     conv = F.silu(conv) if silu else conv
-    x, z = norm_in_proj_conv(residual, gain, 1e-5, w_in, state, conv_w, bias, x_proj, silu, xdbl)
+    x, z = norm_in_proj_conv(residual, gain, 1e-5, w_in, state, conv_w, bias, x_proj, silu, xdbl,
+                             prefetch=prefetch_target(device, g))
     tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(z, want_z, **tol)
     torch.testing.assert_close(state, want_state, **tol)
@@ -257,8 +315,12 @@ def test_projection_kernels_stream_their_weights_through_the_pipeline_stages_the
     loads with 1 stage and asynchronous copies into shared memory with 3. (Passed as the kernel-level
     option, which pipelines only loads that feed ``tl.dot``, it had compiled to no asynchronous copy at
     all.) Read through a tensor descriptor, they are TMA bulk copies: one in the loop and (stages - 1)
-    issued ahead of it. Compiled for sm_90 by Triton's own compiler, no GPU needed."""
+    issued ahead of it. With prefetch pieces (given here with 3 stages) each kernel has the one bulk L2
+    prefetch, and none without. Compiled for sm_90 by Triton's own compiler, no GPU needed."""
     from mambavlm.ops import mamba_step as ms
+
+    pieces = 2 if stages == 3 else 0
+    prefetch_types = {"prefetch_ptr": "*i8", "prefetch_share": "i32", "prefetch_total": "i32"}
 
     def weight(block_n: int, block_k: int) -> str:
         return f"tensordesc<bf16[{block_n}, {block_k}]>" if tma else "*bf16"
@@ -266,21 +328,23 @@ def test_projection_kernels_stream_their_weights_through_the_pipeline_stages_the
     out_proj = compiled_for_hopper(
         ms._out_proj_residual_kernel,
         {"y_ptr": "*bf16", "w": weight(4, 1024), "residual_ptr": "*fp32", "zero_ptr": "*fp32", "zero_count": "i32",
-         "batch": "i32", "d_out": "i32"},
+         "batch": "i32", "d_out": "i32", **prefetch_types},
         {"D_IN": 5120, "B_POW2": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "BLOCK_Z": 256, "STAGES": stages, "TMA": tma,
-         "PDL": False},
+         "PDL": False, "PREFETCH_PIECES": pieces, "PREFETCH_CHUNK": 16384},
         num_warps=2,
     )
     in_proj = compiled_for_hopper(
         ms._norm_in_proj_conv_kernel,
         {"residual_ptr": "*fp32", "norm_w_ptr": "*bf16", "w": weight(16, 512), "state_ptr": "*bf16",
          "conv_w_ptr": "*bf16", "conv_b_ptr": "*bf16", "x_proj_ptr": "*bf16", "x_ptr": "*bf16", "z_ptr": "*bf16",
-         "xdbl_ptr": "*fp32", "batch": "i32", "channels": "i32", "r2": "i32", "eps": "fp32"},
+         "xdbl_ptr": "*fp32", "batch": "i32", "channels": "i32", "r2": "i32", "eps": "fp32", **prefetch_types},
         {"D": 2560, "D_POW2": 4096, "B_POW2": 1, "W": 4, "W_POW2": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_R": 256,
-         "BLOCK_N": 16, "BLOCK_K": 512, "STAGES": stages, "TMA": tma, "PDL": False},
+         "BLOCK_N": 16, "BLOCK_K": 512, "STAGES": stages, "TMA": tma, "PDL": False, "PREFETCH_PIECES": pieces,
+         "PREFETCH_CHUNK": 16384},
         num_warps=2,
     )
     for ttgir in (out_proj, in_proj):
+        assert ttgir.count("cp.async.bulk.prefetch.L2.global") == (pieces > 0)
         bulk = ttgir.count("ttng.async_tma_copy_global_to_local")
         if tma:
             assert bulk == stages, bulk
