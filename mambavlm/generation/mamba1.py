@@ -158,13 +158,17 @@ class StatefulMambaMixer:
         return m.out_proj(y)
 
     def step_block(
-        self, residual: Tensor, norm: nn.Module, state: MambaState, xdbl: Tensor, next_weight: Tensor | None = None
+        self, residual: Tensor, norm: nn.Module, state: MambaState, xdbl: Tensor, next_weight: Tensor | None = None,
+        sum_squares: tuple[Tensor | None, Tensor] | None = None,
     ) -> None:
         """The whole block for one token in three Triton kernels: ``residual += mixer(norm(residual))``,
         residual (B, D) float32 updated in place, B <= ``FUSED_GEMV_MAX_BATCH``; xdbl (B, R + 2N)
         float32, zero on entry and left zero (for the next block: one buffer serves every layer).
         ``next_weight``: the weight read after this block (the next block's in_proj, or lm_head's), whose
-        first megabytes out_proj's kernel prefetches into the L2 (in_proj's prefetches out_proj's). The
+        first megabytes out_proj's kernel prefetches into the L2 (in_proj's prefetches out_proj's).
+        ``sum_squares``: (the residual rows' sums of squares as the previous block's out_proj left them,
+        or None to compute them; a (B,) float32 buffer, any contents, that in_proj zeroes and out_proj
+        sums this block's output rows' squares into, for the next block). The
         norm's output is rounded to the weights' dtype, and so is ``out_proj``'s before the add (the
         unfused block's roundings with a float32 residual stream). Raises ValueError for projections
         with a bias, or the mixers ``step_fused`` refuses."""
@@ -173,11 +177,14 @@ class StatefulMambaMixer:
             raise ValueError("step_block takes bias-free in_proj and out_proj (Mamba's)")
         if m.x_proj.bias is not None or m.activation not in ("silu", None):
             raise ValueError("the fused step supports Mamba's mixer: x_proj without bias, SiLU or no conv activation")
+        squares_in, squares_out = sum_squares if sum_squares is not None else (None, None)
         x, z = norm_in_proj_conv(residual, norm.weight, norm.variance_epsilon, m.in_proj.weight, state.conv,
                                  m.conv1d.weight.squeeze(1), m.conv1d.bias, m.x_proj.weight,
-                                 silu=m.activation == "silu", xdbl=xdbl, prefetch=m.out_proj.weight)
+                                 silu=m.activation == "silu", xdbl=xdbl, prefetch=m.out_proj.weight,
+                                 sum_squares=squares_in, zero_sum_squares=squares_out)
         y = dt_state_update(xdbl, x, z, m.dt_proj.weight, state.dt_bias, state.A, m.D, state.ssm)
-        out_proj_residual(y, m.out_proj.weight, residual, zero=xdbl, prefetch=next_weight)
+        out_proj_residual(y, m.out_proj.weight, residual, zero=xdbl, prefetch=next_weight,
+                          sum_squares=squares_out)
 
     def step(self, hidden: Tensor, state: MambaState) -> Tensor:
         """hidden (B, D) (normed) -> (B, D) for one new token; updates ``state`` in place."""

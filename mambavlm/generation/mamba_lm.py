@@ -121,10 +121,14 @@ class StaticStateDecoder(StaticDecoder):
             residual = hidden.float()
             rows = self.model.backbone.layers[0].mixer.x_proj.out_features
             xdbl = torch.zeros(input_ids.shape[0], rows, device=residual.device)  # each block leaves it zero
+            # the rows' sums of squares, ping-pong: block i reads squares[i % 2] (block 0 reduces its rows
+            # itself), its in_proj zeroes squares[(i + 1) % 2] and its out_proj sums into it: no memset
+            squares = torch.empty(2, input_ids.shape[0], device=residual.device)
             layers = self.model.backbone.layers
             for i, layer in enumerate(layers):
                 after = layers[i + 1].mixer.in_proj.weight if i + 1 < len(layers) else self.model.lm_head.weight
-                self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i], xdbl, next_weight=after)
+                self.mamba1_mixers[i].step_block(residual, layer.norm, self._states[i], xdbl, next_weight=after,
+                                                 sum_squares=(squares[i % 2] if i else None, squares[(i + 1) % 2]))
             return self._logits(residual)
         if self._fused_mixer_steps(input_ids.shape[0]):
             step = lambda i, x: self.mamba1_mixers[i].step_fused(x, self._states[i])

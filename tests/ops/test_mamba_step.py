@@ -50,7 +50,7 @@ CHECKS = textwrap.dedent(
     from tests.ops.test_mamba_step import check_norm_in_proj_conv, check_out_proj_residual
     g = torch.Generator().manual_seed(0)
     for (batch, conv_bias, silu), misaligned in zip(((3, True, True), (1, False, False)), (False, True)):
-        check_norm_in_proj_conv(batch, torch.float32, "cpu", g, conv_bias, silu, misaligned)
+        check_norm_in_proj_conv(batch, torch.float32, "cpu", g, conv_bias, silu, misaligned, given_squares=misaligned)
         check_out_proj_residual(2, torch.float32, "cpu", g, misaligned)
 
     # the whole block (norm, mixer, residual add) against the unfused block, float32
@@ -65,11 +65,18 @@ CHECKS = textwrap.dedent(
         state.conv.normal_(generator=g)
         expected_state = copy.deepcopy(state)
         xdbl = torch.zeros(batch, layer.mixer.x_proj.out_features)
-        for _ in range(3):  # one x_proj accumulator through consecutive steps: each leaves it zero
+        squares = torch.full((2, batch), 7.0)  # any contents: in_proj zeroes the buffer out_proj sums into
+        for step in range(4):  # one x_proj accumulator through consecutive steps: each leaves it zero
             residual = torch.randn(batch, lm.config.hidden_size, generator=g)
             want = residual + mixer.step(layer.norm(residual), expected_state)
-            mixer.step_block(residual, layer.norm, state, xdbl)
+            # the rows' sums of squares: none (steps 0, 1), reduced in the kernel; given (steps 2, 3)
+            squares[0] = residual.pow(2).sum(-1)
+            sums = None if step == 0 else (None if step == 1 else squares[0], squares[1])
+            mixer.step_block(residual, layer.norm, state, xdbl, sum_squares=sums)
             torch.testing.assert_close(residual, want, rtol=1e-5, atol=1e-5)
+            if sums is not None:
+                torch.testing.assert_close(squares[1], want.pow(2).sum(-1), rtol=1e-5, atol=1e-5)
+                squares[1] = -1.0
             torch.testing.assert_close(state.ssm, expected_state.ssm, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(state.conv, expected_state.conv, rtol=1e-5, atol=1e-5)
             assert not xdbl.any()
@@ -148,7 +155,8 @@ def test_projection_kernels_on_cuda_equal_pytorch(dtype: torch.dtype) -> None:
     g = torch.Generator(device="cuda").manual_seed(0)
     for batch in (1, 3):
         for misaligned in (False, True):
-            check_norm_in_proj_conv(batch, dtype, "cuda", g, conv_bias=batch == 1, silu=True, misaligned=misaligned)
+            check_norm_in_proj_conv(batch, dtype, "cuda", g, conv_bias=batch == 1, silu=True, misaligned=misaligned,
+                                    given_squares=misaligned == (batch == 1))
             check_out_proj_residual(batch, dtype, "cuda", g, misaligned)
 
 
@@ -222,7 +230,8 @@ def misaligned_copy(weight: torch.Tensor) -> torch.Tensor:
 def check_out_proj_residual(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, misaligned: bool) -> None:
     """``out_proj_residual`` at 1104 -> 50 (not multiples of its blocks; 16-byte rows in float32 and
     bf16) against residual + F.linear(...) rounded to the weight's dtype; it zeroes the buffer it is
-    given; the weight read through a TMA descriptor or, ``misaligned``, through pointers."""
+    given and sums the new rows' squares; the weight read through a TMA descriptor or, ``misaligned``,
+    through pointers."""
     import torch.nn.functional as F
 
     from mambavlm.ops.mamba_step import _weight_operand, out_proj_residual
@@ -235,18 +244,22 @@ def check_out_proj_residual(batch: int, dtype: torch.dtype, device: str, g: torc
     stream = torch.randn(batch, 50, device=device, generator=g)
     expected = stream + F.linear(y, w_out).float()
     zero = torch.ones(batch, 7, device=device)
-    out_proj_residual(y, w_out, stream, zero=zero, prefetch=prefetch_target(device, g), prefetch_bytes=1 << 40)
+    squares = torch.zeros(batch, device=device)
+    out_proj_residual(y, w_out, stream, zero=zero, prefetch=prefetch_target(device, g), prefetch_bytes=1 << 40,
+                      sum_squares=squares)
     tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(stream, expected, **tol)
+    torch.testing.assert_close(squares, stream.pow(2).sum(-1), rtol=1e-5, atol=1e-4)  # of the rows it wrote
     assert not zero.any()
 
 
 def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torch.Generator, conv_bias: bool,
-                            silu: bool, misaligned: bool = False) -> None:
+                            silu: bool, misaligned: bool = False, given_squares: bool = False) -> None:
     """``norm_in_proj_conv`` at D 600, 35 channels (70 in_proj rows: the program of rows 32-47 holds x and z rows),
     a width-4 conv and 7 x_proj rows, against RMSNorm + F.linear + the shifted state's conv + x_proj in
     float32 (tight in float32, bf16 tolerance in bf16); in_proj read through a TMA descriptor or,
-    ``misaligned``, through pointers."""
+    ``misaligned``, through pointers; with ``given_squares`` the norm's sums of squares are given (4x
+    the true ones, so the norm must take them) and the kernel zeroes the buffer it is handed."""
     import torch.nn.functional as F
 
     from mambavlm.ops.mamba_step import _weight_operand, norm_in_proj_conv
@@ -264,13 +277,20 @@ def check_norm_in_proj_conv(batch: int, dtype: torch.dtype, device: str, g: torc
     state = rand(batch, 35, 4).to(dtype)
     xdbl = torch.zeros(batch, 7, device=device)
     want_state = state.clone()
-    xz = F.linear((F.rms_norm(residual, (600,), eps=1e-5) * gain.float()).to(dtype), w_in)
+    # with given_squares the kernel takes 4x each row's sum of squares: its rms doubles, its norm halves
+    scale = 4.0 if given_squares else 1.0
+    normed = residual * torch.rsqrt(scale * residual.pow(2).mean(-1, keepdim=True) + 1e-5)
+    xz = F.linear((normed * gain.float()).to(dtype), w_in)
     want_x, want_z = xz.chunk(2, dim=-1)
     want_state = torch.cat([want_state[:, :, 1:], want_x[:, :, None]], dim=-1)
     conv = (want_state.float() * conv_w.float()).sum(-1) + (bias.float() if conv_bias else 0.0)
     conv = F.silu(conv) if silu else conv
+    zeroed = torch.full((batch,), 3.0, device=device)
     x, z = norm_in_proj_conv(residual, gain, 1e-5, w_in, state, conv_w, bias, x_proj, silu, xdbl,
-                             prefetch=prefetch_target(device, g))
+                             prefetch=prefetch_target(device, g),
+                             sum_squares=scale * residual.pow(2).sum(-1) if given_squares else None,
+                             zero_sum_squares=zeroed if given_squares else None)
+    assert (zeroed == 0).all() == given_squares
     tol = {"rtol": 1e-5, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
     torch.testing.assert_close(z, want_z, **tol)
     torch.testing.assert_close(state, want_state, **tol)
@@ -290,6 +310,14 @@ def test_projection_kernels_name_a_mismatched_in_proj_a_batch_and_a_weight_they_
         norm_in_proj_conv(torch.zeros(1, 600), torch.ones(600), 1e-5, torch.ones(600, 70).t(), *conv)
     with pytest.raises(ValueError, match=r"out_proj_weight must be contiguous \(row-major\), got strides \(1, 50\)"):
         out_proj_residual(torch.zeros(1, 35), torch.ones(35, 50).t(), torch.zeros(1, 50))
+    with pytest.raises(ValueError, match=r"sum_squares must be a contiguous float32 \(2,\) tensor on cpu, got "
+                                         r"torch.float64 \(2,\)"):
+        out_proj_residual(torch.zeros(2, 35), torch.ones(50, 35), torch.zeros(2, 50),
+                          sum_squares=torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"zero_sum_squares must be a contiguous float32 \(1,\) tensor on cpu, got "
+                                         r"torch.float32 \(1, 1\)"):
+        norm_in_proj_conv(torch.zeros(1, 600), torch.ones(600), 1e-5, torch.ones(70, 600), *conv,
+                          zero_sum_squares=torch.zeros(1, 1))
 
 
 def compiled_for_hopper(kernel: object, types: dict[str, str], constexprs: dict[str, object], num_warps: int) -> str:
@@ -328,19 +356,20 @@ def test_projection_kernels_stream_their_weights_through_the_pipeline_stages_the
     out_proj = compiled_for_hopper(
         ms._out_proj_residual_kernel,
         {"y_ptr": "*bf16", "w": weight(4, 1024), "residual_ptr": "*fp32", "zero_ptr": "*fp32", "zero_count": "i32",
-         "batch": "i32", "d_out": "i32", **prefetch_types},
+         "batch": "i32", "d_out": "i32", "squares_ptr": "*fp32", **prefetch_types},
         {"D_IN": 5120, "B_POW2": 1, "BLOCK_N": 4, "BLOCK_K": 1024, "BLOCK_Z": 256, "STAGES": stages, "TMA": tma,
-         "PDL": False, "PREFETCH_PIECES": pieces, "PREFETCH_CHUNK": 16384},
+         "PDL": False, "PREFETCH_PIECES": pieces, "PREFETCH_CHUNK": 16384, "SQUARES_OUT": True},
         num_warps=2,
     )
     in_proj = compiled_for_hopper(
         ms._norm_in_proj_conv_kernel,
         {"residual_ptr": "*fp32", "norm_w_ptr": "*bf16", "w": weight(16, 512), "state_ptr": "*bf16",
          "conv_w_ptr": "*bf16", "conv_b_ptr": "*bf16", "x_proj_ptr": "*bf16", "x_ptr": "*bf16", "z_ptr": "*bf16",
-         "xdbl_ptr": "*fp32", "batch": "i32", "channels": "i32", "r2": "i32", "eps": "fp32", **prefetch_types},
+         "xdbl_ptr": "*fp32", "batch": "i32", "channels": "i32", "r2": "i32", "eps": "fp32", "squares_ptr": "*fp32",
+         "zero_squares_ptr": "*fp32", **prefetch_types},
         {"D": 2560, "D_POW2": 4096, "B_POW2": 1, "W": 4, "W_POW2": 4, "HAS_BIAS": True, "SILU": True, "BLOCK_R": 256,
          "BLOCK_N": 16, "BLOCK_K": 512, "STAGES": stages, "TMA": tma, "PDL": False, "PREFETCH_PIECES": pieces,
-         "PREFETCH_CHUNK": 16384},
+         "PREFETCH_CHUNK": 16384, "SQUARES_IN": True, "ZERO_SQUARES": True},
         num_warps=2,
     )
     for ttgir in (out_proj, in_proj):
