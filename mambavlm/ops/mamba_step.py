@@ -77,9 +77,10 @@ RMSNorm needs each row's 1 / rms before in_proj's first product, so every in_pro
 whole residual row and reduced it before its first weight read. ``out_proj_residual``, which writes the
 row, now also sums its squares (each program adds its rows' share atomically into one float32 per
 sequence, a buffer the next in_proj zeroes for the block after), and the next block's in_proj reads one
-number: 2.00 ms per token against 2.03-2.05 (H200, 2026-12-01, same setup, four alternating repeats;
-float32 logits within 3e-6 of the per-row reduction over five steps). The first block of a step still
-reduces the row itself.
+number. The first block of a step still reduces the row itself. With both (H200, 2026-12-01, same
+setup, four alternating repeats of each): 2.000-2.002 ms per token; the prefetch alone 2.022-2.027; the
+row sums alone 2.071-2.074; neither 2.093-2.096. (A scratch run before the row sums moved in: float32
+logits within 3e-6 of the per-row reduction over five steps of a 4-layer model.)
 
 One kernel for the whole stack was tried and not kept (branch ``experiment/persistent-decode-step``):
 every layer's three phases in one cooperative launch, separated by grid-wide barriers (a release /
@@ -194,7 +195,11 @@ MiB as in_proj's + out_proj's): 4 + 6 2.030-2.040 ms per token, 4 + 4 2.028-2.03
 4 KiB and 64 KiB prefetches instead of 16 KiB (``L2_PREFETCH_CHUNK``) measured the same within 0.01 ms;
 prefetching only each in_proj row block's first tile (1-2 KiB of every row, so every program's first
 read hits the L2, 4-10 MiB in all) 2.047-2.078. Prefetching out_proj from ``dt_state_update``, whose
-programs start as in_proj's reads end, cost time: a quarter of it 2.19, all of it 2.64."""
+programs start as in_proj's reads end, cost time: a quarter of it 2.19, all of it 2.64. Swept again
+once out_proj summed the rows' squares (same setup, two repeats): 4 + 6 1.999-2.004, 8 + 6 2.003, 3 + 5
+2.004-2.005, 6 + 6 2.000-2.017, 4 + 8 2.007, 2 + 4 2.016-2.018, 4 + 4 2.017-2.021; in_proj's launch
+shape with 4 + 6: 16 x 512 x 1 warp x 3 stages 1.993, 16 x 512 x 2 x 2 2.029, 16 x 1024 x 2 x 2 2.07,
+16 x 256 x 2 x 3 2.16, 8 x 512 x 1 x 3 2.27, 32 x 256 x 2 x 3-4 2.36-2.42."""
 L2_PREFETCH_CHUNK = 16 << 10
 """Bytes per bulk L2 prefetch instruction (``cp.async.bulk.prefetch.L2``)."""
 PIPELINE_STAGES = 3
