@@ -2,8 +2,9 @@
 
 Importing it registers ``MambaVLMConfig``, ``MambaVLM`` and its processors with transformers'
 ``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoImageProcessor`` and ``AutoProcessor``. The
-public API is small; everything else is importable from its own module , ``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``,
-``mambavlm.data``, ``mambavlm.distill``).
+public API is small; everything else is importable from its own module (``mambavlm.vision``,
+``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``, ``mambavlm.data``,
+``mambavlm.distill``).
 """
 
 from mambavlm.versions import check_installed_versions
