@@ -82,6 +82,10 @@ setup, four alternating repeats of each): 2.000-2.002 ms per token; the prefetch
 row sums alone 2.071-2.074; neither 2.093-2.096. (A scratch run before the row sums moved in: float32
 logits within 3e-6 of the per-row reduction over five steps of a 4-layer model.)
 
+Loading the state h in ``dt_state_update`` before ``gdc_wait`` (no kernel of the step writes it before
+that one) rather than after was tried and not kept: 2.026-2.033 ms per token at batch 1 against
+2.041-2.048, but 2.782-2.785 at batch 4 against 2.747-2.749 (H200, 2026-12-01, four alternating repeats).
+
 One kernel for the whole stack was tried and not kept (branch ``experiment/persistent-decode-step``):
 every layer's three phases in one cooperative launch, separated by grid-wide barriers (a release /
 acquire arrival counter), the weights addressed through a table of their addresses. It was correct
