@@ -191,7 +191,8 @@ def parse_yaml(text: str | IO[str]) -> Any:
 def load_yaml(
     path: str | Path, _seen: tuple[Path, ...] = (), path_keys: tuple[str, ...] = ()
 ) -> dict[str, Any]:
-    """Read a YAML mapping; a missing file or non-mapping document is a ConfigError.
+    """Read a YAML mapping; a missing file, a file that is not valid UTF-8 YAML or a non-mapping document is
+    a ConfigError naming the file (and for bad YAML the line and column).
 
     A top-level ``base: other.yaml`` (relative to this file) is loaded first and this file's keys
     are merged over it (mappings merged recursively, other values replaced). File references are
@@ -205,8 +206,12 @@ def load_yaml(
         raise ConfigError(f"config file not found: {path}{referrer}")
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to itself")
-    with path.open() as f:
-        data = parse_yaml(f) or {}
+    try:
+        data = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a UTF-8 text file (byte {err.start}: {err.reason})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     _absolute_references(data, path, path_keys)
@@ -216,6 +221,13 @@ def load_yaml(
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
     return deep_merge(load_yaml(path.parent / base, _seen + (path,), path_keys), data)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """PyYAML's error in one line: its problem and where (1-based line and column)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else problem
 
 
 def _absolute_references(data: dict[str, Any], source: Path, path_keys: tuple[str, ...], prefix: str = "") -> None:
@@ -269,7 +281,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]
         try:
             value = parse_yaml(raw) if raw.strip() else None
         except yaml.YAMLError as err:
-            raise ConfigError(f"override {item!r}: value is not valid YAML ({err.problem})") from None
+            raise ConfigError(f"override {item!r}: value is not valid YAML ({_yaml_problem(err)})") from None
         node: Any = data
         for i, part in enumerate(parts[:-1]):
             node = _child(node, part, ".".join(parts[: i + 1]), create=True)

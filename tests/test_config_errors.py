@@ -109,3 +109,31 @@ def test_an_llm_config_transformers_refuses_is_one_error_line_naming_the_section
         "command-line override 'llm={family: mamba2, config: {hidden_size: 64}}': llm: Inconsistent configuration")
     # the check is the loader's to ask for: the bare schema accepts what transformers refuses
     assert load_config(ModelConfig, ROOT / TINY_MODEL_YAML, ["llm.family=mamba2"]).llm.family == "mamba2"
+
+
+@pytest.mark.parametrize("script", ["finetune", "distill"])
+def test_a_config_file_that_is_not_yaml_is_one_error_line_with_its_line_and_column(
+    script: str, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """``distill.py --config bad.yaml`` with ``layout: [a`` printed PyYAML's traceback; so did a file that
+    is not UTF-8 text. Both are one line naming the file (and where the YAML breaks), exit status 2. So is
+    a YAML slip inside a ``base`` file, named as that file."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("layout: [a\nseeding: mmmamba\n")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\xff\xfeseeding")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: bad.yaml\n")
+    monkeypatch.chdir(ROOT)
+    for config, message in [
+        (bad, f"error: {bad}: not valid YAML: expected ',' or ']', but got ':' (line 2, column 8)\n"),
+        (binary, f"error: {binary}: not a UTF-8 text file (byte 0: invalid start byte)\n"),
+        (child, f"error: {bad}: not valid YAML: expected ',' or ']', but got ':' (line 2, column 8)\n"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            _script_main(script)(["--config", str(config)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == message
+    with pytest.raises(ConfigError, match=r"^override 'seed=\[1': value is not valid YAML \(expected ',' or "
+                                          r"'\]', but got '<stream end>' \(line 1, column 3\)\)$"):
+        load_config(ModelConfig, TINY_MODEL_YAML, ["seed=[1"])
