@@ -65,6 +65,10 @@ logger = get_logger(__name__)
 
 STUDENT_DIR = "student"
 CONFIG_COPY = "config.yaml"
+STUDENT_ARCHITECTURE_KEYS = ("layout", "seeding", "mixer_options")
+"""The settings that shape the student beside its teacher (which layers are Mamba-2, and the mixers'
+sizes: mmMamba's and MaTVLM's seeding differ in heads and norms): a checkpoint resumes only with the
+values it was saved with."""
 
 
 def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
@@ -182,7 +186,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         cpu_threads=config.cpu_threads,
     )
     check_resumed_architecture(resolve_resume(config.resume_from, output_dir), CONFIG_COPY,
-                               config.model_dump(mode="json"), ("layout", "mixer_options"), "resume_from")
+                               config.model_dump(mode="json"), STUDENT_ARCHITECTURE_KEYS, "resume_from")
     acc = trainer.accelerator
     set_seed(config.seed)
     with trainer.building_models():  # before the data: a teacher that cannot load stops the run at once

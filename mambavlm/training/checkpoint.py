@@ -102,8 +102,10 @@ def check_resumed_architecture(
         )
 
 
-def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: ``None``, a directory, or ``"latest"`` (None if there is none)."""
+def resolve_resume(resume_from: str | None, output_dir: str | Path, resume_key: str = "resume_from") -> Path | None:
+    """The checkpoint to resume from: ``None``, a directory, or ``"latest"`` (None if there is none).
+    Raises FileNotFoundError naming ``resume_key`` (the config key, ``train.resume_from`` in a train
+    config) for a directory without a trainer state."""
     if resume_from is None:
         return None
     if resume_from == "latest":
@@ -112,7 +114,7 @@ def resolve_resume(resume_from: str | None, output_dir: str | Path) -> Path | No
     path = Path(resume_from)
     if not (path / TRAINER_STATE_FILE).is_file():
         raise FileNotFoundError(
-            f"train.resume_from={resume_from!r} is not a checkpoint directory (no {TRAINER_STATE_FILE})"
+            f"{resume_key}={resume_from!r} is not a checkpoint directory (no {TRAINER_STATE_FILE})"
         )
     return path
 
@@ -148,7 +150,8 @@ def save_checkpoint(
 def load_checkpoint(
     accelerator: Accelerator, path: str | Path, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, Any]:
-    """Restore accelerate's state from ``path`` (every process) and return its trainer state.
+    """Restore accelerate's state from ``path`` (every process) and return its trainer state. Raises
+    ConfigError naming the checkpoint and the first mismatches when its weights do not fit the model.
 
     Under FSDP, ``optimizer`` (the phase's, as prepared) is given its state first
     (:func:`initialize_optimizer_state`), so that its moments are loaded too.
@@ -156,7 +159,15 @@ def load_checkpoint(
     path = Path(path)
     if optimizer is not None and accelerator.distributed_type == DistributedType.FSDP:
         initialize_optimizer_state(optimizer)
-    accelerator.load_state(str(path))
+    try:
+        accelerator.load_state(str(path))
+    except RuntimeError as err:  # load_state_dict's size mismatch / missing keys: another model's checkpoint
+        if not str(err).startswith("Error(s) in loading state_dict"):
+            raise
+        details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        shown = "; ".join(details[:2]) + (f"; and {len(details) - 2} more" if len(details) > 2 else "")
+        raise ConfigError(f"{path} does not fit this run's model ({shown}): a checkpoint resumes only the model "
+                          "it was saved from") from None
     return json.loads((path / TRAINER_STATE_FILE).read_text())
 
 

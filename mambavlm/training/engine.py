@@ -382,7 +382,8 @@ def changed_settings_note(saved: dict[str, Any], current: dict[str, Any]) -> str
             continue
         effect = ("the checkpoint's is kept: the optimiser and scheduler are restored" if key in RESTORED_SETTINGS
                   else "the new value applies from the resumed step")
-        changes.append(f"{key} {before} -> {value} ({effect})")
+        label = "total_steps (from max_steps, or epochs x steps per epoch)" if key == "total_steps" else key
+        changes.append(f"{label} {before} -> {value} ({effect})")
     return "; ".join(changes) or None
 
 

@@ -105,8 +105,9 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
         num_workers=cfg.data.num_workers,
         cpu_threads=cfg.cpu_threads,
     )
-    check_resumed_architecture(resolve_resume(cfg.train.resume_from, output_dir), TRAIN_CONFIG_FILE,
-                               cfg.model_dump(mode="json"), ("model", "lora"), "train.resume_from")
+    resume = resolve_resume(cfg.train.resume_from, output_dir, "train.resume_from")
+    check_resumed_architecture(resume, TRAIN_CONFIG_FILE, cfg.model_dump(mode="json"), ("model", "lora"),
+                               "train.resume_from")
     acc = trainer.accelerator
     set_seed(cfg.seed)
     with trainer.building_models():  # before the data: a model config error stops the run at once

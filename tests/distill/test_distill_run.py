@@ -221,19 +221,27 @@ def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Pa
     assert_same_weights(student_one, student_two)
 
 
-def test_resuming_with_another_layout_names_the_change(teacher: Path, tmp_path: Path,
-                                                       capsys: pytest.CaptureFixture) -> None:
-    """A fresh user's resume with another layout ended in load_state_dict's missing / unexpected keys:
-    now one error line naming the setting, before the teacher loads (a checkpoint as a run leaves it)."""
+@pytest.mark.parametrize(("override", "change"), [
+    ("layout=linear", "layout: 'head-interleaved:2' -> 'linear'"),
+    ("seeding=matvlm", "seeding: 'mmmamba' -> 'matvlm'"),
+])
+def test_resuming_with_another_student_shape_names_the_change(teacher: Path, tmp_path: Path, override: str,
+                                                              change: str, capsys: pytest.CaptureFixture) -> None:
+    """A fresh user's resume with another layout ended in load_state_dict's missing / unexpected keys, and
+    one with another seeding (other mixer norms) in its size mismatch, after the run's config.yaml had
+    been overwritten: now one error line naming the setting, before the teacher loads, the saved config
+    untouched (a checkpoint as a run leaves it)."""
     out = tmp_path / "run"
     (out / "checkpoint-3").mkdir(parents=True)
     (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    (out / "config.yaml").write_text(yaml.safe_dump({"layout": "head-interleaved:2", "mixer_options": {}}))
+    saved = yaml.safe_dump({"layout": "head-interleaved:2", "seeding": "mmmamba", "mixer_options": {}})
+    (out / "config.yaml").write_text(saved)
     with pytest.raises(SystemExit) as exit_info:
-        distill_main(distill_args(teacher, out, "layout=linear", "resume_from=latest"))
+        distill_main(distill_args(teacher, out, override, "resume_from=latest"))
     assert exit_info.value.code == 2
-    assert (f"error: resume_from: {out / 'checkpoint-3'} was saved by a run with another model (layout: "
-            "'head-interleaved:2' -> 'linear')") in capsys.readouterr().err
+    assert (f"error: resume_from: {out / 'checkpoint-3'} was saved by a run with another model ({change})"
+            in capsys.readouterr().err)
+    assert (out / "config.yaml").read_text() == saved
 
 
 def test_a_profiled_distillation_step_writes_its_tables_and_changes_no_loss(teacher: Path, tmp_path: Path) -> None:

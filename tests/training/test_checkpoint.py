@@ -11,8 +11,10 @@ from accelerate import Accelerator
 from torch import nn
 
 from mambavlm.training import find_checkpoints, save_checkpoint
+from mambavlm.config import ConfigError
 from mambavlm.training.checkpoint import (
     TRAINER_STATE_FILE,
+    load_checkpoint,
     remove_unfinished_writes,
     resolve_resume,
 )
@@ -67,8 +69,27 @@ def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(tmp_path):
     assert resolve_resume("latest", tmp_path) == tmp_path / "checkpoint-2"
     assert remove_unfinished_writes(tmp_path) == [tmp_path / ".tmp-checkpoint-3-abc123"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-x"]
-    with pytest.raises(FileNotFoundError, match="not a checkpoint directory"):
+    with pytest.raises(FileNotFoundError, match=r"^resume_from='.*checkpoint-x' is not a checkpoint directory"):
         resolve_resume(str(tmp_path / "checkpoint-x"), tmp_path)
+    # named by the key a train config writes it under (a distill config's is top-level)
+    with pytest.raises(FileNotFoundError, match=r"^train.resume_from='.*checkpoint-x' is not a checkpoint directory"):
+        resolve_resume(str(tmp_path / "checkpoint-x"), tmp_path, "train.resume_from")
+
+
+def test_a_checkpoint_of_another_model_is_one_config_error_naming_it_and_the_mismatch(tmp_path) -> None:
+    """Resuming another model's checkpoint ended in load_state_dict's multi-line RuntimeError."""
+    saver = Accelerator()
+    saver.prepare(nn.Linear(3, 2))
+    saver.save_state(str(tmp_path / "checkpoint-1"))
+    (tmp_path / "checkpoint-1" / TRAINER_STATE_FILE).write_text("{}")
+    loader = Accelerator()
+    loader.prepare(nn.Linear(3, 5))
+    with pytest.raises(ConfigError, match=(
+        rf"^{tmp_path / 'checkpoint-1'} does not fit this run's model \(size mismatch for weight: copying a param "
+        r"with shape torch.Size\(\[2, 3\]\) from checkpoint, the shape in current model is torch.Size\(\[5, 3\]\)\.; "
+        r"size mismatch for bias: .*\): a checkpoint resumes only the model it was saved from$"
+    )):
+        load_checkpoint(loader, tmp_path / "checkpoint-1")
 
 
 def _fsdp_optimizer_round_trip(rank: int, world: int, init_file: str, out_dir: str, initialize: bool) -> None:

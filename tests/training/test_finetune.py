@@ -145,8 +145,9 @@ def test_changed_settings_note_names_each_change_and_its_effect():
     assert changed_settings_note(saved, dict(saved)) is None
     note = changed_settings_note(saved, {**saved, "total_steps": 10, "max_grad_norm": None, "betas": [0.9, 0.95]})
     assert note == ("betas [0.9, 0.999] -> [0.9, 0.95] (the checkpoint's is kept: the optimiser and scheduler are "
-                    "restored); total_steps 6 -> 10 (the new value applies from the resumed step); max_grad_norm "
-                    "1.0 -> None (the new value applies from the resumed step)")
+                    "restored); total_steps (from max_steps, or epochs x steps per epoch) 6 -> 10 (the new value "
+                    "applies from the resumed step); max_grad_norm 1.0 -> None (the new value applies from the "
+                    "resumed step)")
     assert changed_settings_note({}, saved) is None  # a checkpoint from before settings were recorded
 
 
