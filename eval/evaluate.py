@@ -187,7 +187,10 @@ def main(argv: Sequence[str] | None = None) -> float:
         check_earlier_settings(args, answers_path, settings_path, settings)  # before the model is loaded
     except SettingsMismatchError as err:
         parser.error(str(err))
-    items, skipped = load_items(args.data, args.image_root)
+    try:
+        items, skipped = load_items(args.data, args.image_root)
+    except ValueError as err:  # not a JSON list of LLaVA records
+        parser.error(f"--data: {err}")
     rows: list[dict[str, Any]] = []
     if items:
         try:

@@ -68,10 +68,19 @@ class _Skip:
     reason: str
 
 
+def _json_lines(path: Path) -> bool:
+    """Whether ``path`` reads as JSON Lines: its first line alone is a JSON object."""
+    try:
+        with path.open() as f:
+            return isinstance(json.loads(f.readline()), dict)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
 def load_records(records: Sequence[dict] | str | Path) -> list[dict]:
     """The records themselves, or those of a JSON file holding a list of records. Raises
-    FileNotFoundError for a missing file and ValueError naming the file for one that is not JSON or
-    not a list; an entry that is not a record (not a mapping) stays, to be skipped and counted by
+    FileNotFoundError for a missing file and ValueError naming the file for one that is not JSON (saying
+    so for JSON Lines) or not a list; an entry that is not a record (not a mapping) stays, to be skipped and counted by
     ``LlavaDataset`` as ``"not a record"``."""
     if isinstance(records, (str, Path)):
         path = Path(records)
@@ -81,6 +90,9 @@ def load_records(records: Sequence[dict] | str | Path) -> list[dict]:
             with path.open() as f:
                 records = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            if _json_lines(path):
+                raise ValueError(f"{path}: a JSON Lines file (one object per line), not the JSON list of LLaVA "
+                                 "records this takes") from None
             raise ValueError(f"{path}: not a JSON file of LLaVA records ({err})") from None
         source = str(path)
     else:

@@ -106,6 +106,30 @@ def test_a_run_dir_without_a_model_is_a_clear_error(evaluate, setup, tmp_path, c
         MambaVLM.from_pretrained(setup[0])
 
 
+def test_a_data_file_that_is_not_a_json_list_of_records_is_one_usage_error(evaluate, setup, tmp_path, capsys):
+    """A metrics JSON (a dict), a truncated JSON and a question JSONL each gave a traceback: now one
+    ``error:`` line naming the file and what it is, exit status 2, before the model loads."""
+    run, _, _, _ = setup
+    as_dict = tmp_path / "metrics.json"
+    as_dict.write_text('{"val_accuracy": 0.5}')
+    truncated = tmp_path / "truncated.json"
+    truncated.write_text('[{"id": "a", "conversations": [')
+    jsonl = tmp_path / "questions.jsonl"
+    jsonl.write_text('{"question_id": 1, "text": "what?"}\n{"question_id": 2, "text": "and?"}\n')
+    for data, message in [
+        (as_dict, f"error: --data: {as_dict}: expected a list of record dicts, got a JSON dict\n"),
+        (truncated, f"error: --data: {truncated}: not a JSON file of LLaVA records (Expecting value: line 1 "
+                    "column 32 (char 31))\n"),
+        (jsonl, f"error: --data: {jsonl}: a JSON Lines file (one object per line), not the JSON list of LLaVA "
+                "records this takes\n"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(run_args(run, data, "--output-dir", str(tmp_path / "out")))
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.endswith(message)
+    assert not (tmp_path / "out").exists()
+
+
 # --- 2: a local path that does not exist ----------------------------------------------------------------
 
 
