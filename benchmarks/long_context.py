@@ -168,6 +168,16 @@ def fmt(value: float | None, spec: str) -> str:
     return "OOM" if value is None else format(value, spec)
 
 
+def speed_change(speed: float) -> str:
+    """A teacher / student time-per-token ratio in words: ``**3.4x** faster per token``, or for a ratio
+    under 1 ``**2.0x** slower per token`` (not "0.5x faster")."""
+    return f"**{speed:.1f}x** faster per token" if speed >= 1 else f"**{1 / speed:.1f}x** slower per token"
+
+
+def memory_change(saved: float) -> str:
+    """The fraction of the teacher's decode memory a student saves, in words (negative: it needs more)."""
+    return f"decode memory {100 * saved:.1f} % less" if saved >= 0 else f"decode memory {-100 * saved:.1f} % more"
+
 def context_label(tokens: int) -> str:
     return f"{tokens // K}K" if tokens % K == 0 else str(tokens)
 
@@ -229,9 +239,9 @@ def speedups(points: list[Point], context: int) -> list[str]:
             verdict = ""
             if target is not None and context == TARGET_CONTEXT:
                 verdict = f" (target >= {target:g}x: {'met' if speed >= target else 'NOT met'})"
-            memory = "" if saved is None else f", decode memory {100 * saved:.1f} % less"
-            lines.append(f"- {student.series} vs teacher, {how}, at {context_label(context)}: **{speed:.1f}x** faster "
-                         f"per token{verdict}{memory}")
+            memory = "" if saved is None else f", {memory_change(saved)}"
+            lines.append(f"- {student.series} vs teacher, {how}, at {context_label(context)}: {speed_change(speed)}"
+                         f"{verdict}{memory}")
     for name in ("teacher", "hybrid (25 % attention)"):
         sdpa = at.get((name, "sdpa"))
         for attention in ("split_kv", "gemm"):

@@ -290,3 +290,14 @@ def test_decode_projections_names_what_a_launch_shape_lacks_and_passes_other_err
 
     assert out_of_resources(OutOfResources(287744, 232448, "shared memory")) == "shared memory 287744 > 232448"
     assert out_of_resources(RuntimeError("CUDA error: an illegal memory access")) is None
+
+
+def test_long_context_words_a_slower_student_as_slower_and_more_memory_as_more() -> None:
+    """``--quick`` printed "**0.5x** faster per token" for a student taking twice the teacher's time."""
+    from benchmarks.long_context import memory_change, speed_change
+
+    assert speed_change(3.4) == "**3.4x** faster per token"
+    assert speed_change(1.0) == "**1.0x** faster per token"
+    assert speed_change(0.5) == "**2.0x** slower per token"  # teacher 1 ms, student 2 ms
+    assert memory_change(0.513) == "decode memory 51.3 % less"
+    assert memory_change(-0.25) == "decode memory 25.0 % more"
