@@ -42,7 +42,7 @@ from mambavlm.eval.scorers.multiple_choice import (
     score_seedbench,
 )
 from mambavlm.eval.scorers.pope import POPE_PROMPT, read_pope_labels, score_pope
-from mambavlm.eval.scorers.report import ScoreReport
+from mambavlm.eval.scorers.report import ScoreReport, reject_unknown_ids, unknown_ids_message
 from mambavlm.eval.scorers.scienceqa import SCIENCEQA_PROMPT, read_scienceqa_problems, score_scienceqa
 from mambavlm.eval.scorers.vqa import (
     TEXTVQA_PROMPT,
@@ -178,47 +178,80 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _textvqa_predictions(rows: list[dict[str, Any]], items: Mapping[str, Any], files: AnnotationFiles) -> dict[str, str]:
+def _textvqa_predictions(
+    rows: list[dict[str, Any]], items: Mapping[str, Any], files: AnnotationFiles, where: str, subject: str
+) -> dict[str, str]:
     """TextVQA answers keyed by the official question id. Rows already keyed so pass; rows of a run on
     LLaVA's question file (whose id is the image id, ``ID#n`` when the image has several questions) are
     found by (image id, lower-cased question read back from the prompt), as LLaVA's ``eval_textvqa.py``
-    does (``read_textvqa_llava_index``)."""
+    does (``read_textvqa_llava_index``). Rows found neither way are refused together, as ``score_answers``
+    refuses unknown ids (LLaVA's script stops at the first with a KeyError), each named with the reason."""
     if all(row["question_id"] in items for row in rows):
         return {row["question_id"]: row["text"] for row in rows}
     index = read_textvqa_llava_index(files.annotations)
-    predictions = {}
+    predictions, unknown = {}, []
     for row in rows:
+        if row["question_id"] in items:  # an official id (an int; LLaVA's image ids are hex strings)
+            predictions[row["question_id"]] = row["text"]
+            continue
         if not isinstance(row.get("prompt"), str):
-            raise ValueError(f"TextVQA answer {row['question_id']}: not an official question id and no prompt to find it by")
+            unknown.append(f"{row['question_id']} (not an official question id and no prompt to find it by)")
+            continue
         image_id = row["question_id"].split("#", 1)[0]
         key = (image_id, llava_textvqa_question(row["prompt"]))
         if key not in index:
-            raise ValueError(f"TextVQA answer {row['question_id']}: no question {key[1]!r} on image {image_id}")
+            unknown.append(f"{row['question_id']} (no question {key[1]!r} on image {image_id})")
+            continue
         predictions[index[key]] = row["text"]
+    if unknown:
+        raise ValueError(unknown_ids_message(unknown, where, subject))
     return predictions
+
+
+def _held_by(benchmark: str, files: AnnotationFiles) -> str:
+    """What holds the question ids every answer's id must be among (the files), as the error names it."""
+    if benchmark == "scienceqa":
+        return f"the test split of {files.split_file} ({files.annotations})"
+    if benchmark == "gqa":
+        return f"the balanced questions of {files.annotations}"
+    return str(files.annotations)
 
 
 def score_answers(benchmark: str, answers: Path, files: AnnotationFiles) -> ScoreReport:
     """Score an answers JSONL against the benchmark's published files, as its reference scorer does.
 
     Rows that carry ``option_logprobs`` (a likelihood-mode run) are scored by the benchmark's likelihood
-    scorer (ValueError for a benchmark without one, or a file mixing both kinds of rows). Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
+    scorer (ValueError for a benchmark without one, or a file mixing both kinds of rows).
+
+    Every answer's question id must be one the files hold (the items ``spec.read`` returns, including any
+    the reference reads but does not score, e.g. SEED-Bench's video questions or ScienceQA's problems
+    without an image): answers of another benchmark, split or file are refused with a ValueError naming
+    the benchmark, the answers file, how many ids are unknown, the first five and the files, before
+    anything is scored. Questions without an answer are the scorer's business: each counts them as its
+    reference does (wrong, or left out) under ``counts["missing"]``.
+
+    Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
     FileNotFoundError for a missing file (the readers' and scorers' errors, which name the record).
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     spec = BENCHMARKS[benchmark]
     rows = read_answers(answers)
+    where, subject = _held_by(benchmark, files), f"{benchmark}: {answers} has answers"
     by_likelihood = ["option_logprobs" in row for row in rows]
     if any(by_likelihood):
         if not all(by_likelihood):
             raise ValueError(f"{answers}: some rows have option_logprobs and some do not")
         if spec.score_likelihood is None:
             raise ValueError(f"{benchmark} has no likelihood scorer; answer it by generation")
-        return spec.score_likelihood({row["question_id"]: row["option_logprobs"] for row in rows}, spec.read(files))
+        items = spec.read(files)
+        option_logprobs = {row["question_id"]: row["option_logprobs"] for row in rows}
+        reject_unknown_ids(option_logprobs, items, where, subject)
+        return spec.score_likelihood(option_logprobs, items)
     items = spec.read(files)
     if benchmark == "textvqa":
-        predictions = _textvqa_predictions(rows, items, files)
+        predictions = _textvqa_predictions(rows, items, files, where, subject)
     else:
         predictions = {row["question_id"]: row["text"] for row in rows}
+    reject_unknown_ids(predictions, items, where, subject)
     return spec.score(predictions, items)

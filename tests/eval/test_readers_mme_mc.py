@@ -325,7 +325,7 @@ def test_read_seedbench_image_questions_then_score(tmp_path: Path) -> None:
             _seed_question("101669", "A", 5),
             _seed_question("101670", "C", 5),
             _seed_question(52401, "B", 1),  # an int id reads as its digits, as LLaVA's int(question_id)
-            _seed_question("1_3021", "D", 10, data_type="video"),  # not an image question: left out
+            _seed_question("1_3021", "D", 10, data_type="video"),  # kept (LLaVA asks it), never scored
         ],
     )
     questions = read_seedbench(seed)
@@ -333,10 +333,13 @@ def test_read_seedbench_image_questions_then_score(tmp_path: Path) -> None:
         "101669": SEEDQuestion("A", 5, "Instances Counting"),
         "101670": SEEDQuestion("C", 5, "Instances Counting"),
         "52401": SEEDQuestion("B", 1, "Scene Understanding"),
+        "1_3021": SEEDQuestion("D", 10, "Action Recognition", "video"),
     }
-    # 101669 right; 101670 "C. Three" is not exactly "C": wrong; 52401 unanswered: wrong -> 1/3
-    report = score_seedbench({"101669": "A", "101670": "C. Three"}, questions)
+    # 101669 right; 101670 "C. Three" is not exactly "C": wrong; 52401 unanswered: wrong -> 1/3; the video
+    # question's answer is read but not scored (LLaVA's image accuracy).
+    report = score_seedbench({"101669": "A", "101670": "C. Three", "1_3021": "D"}, questions)
     assert report.overall == 33.33
+    assert report.counts == {"questions": 3, "missing": 1, "skipped_not_image": 1}
     assert report.breakdowns["question_type"] == {"Scene Understanding": 0.0, "Instances Counting": 50.0}
 
 

@@ -12,6 +12,11 @@ as its baseline. It divides by the number of results it has, so a question witho
 here that is ``counts["missing"]``. It prints fractions with ``:.3f``; the percents here are rounded the same
 way (0.6667 -> 66.7). Its ROC-AUC / PR-AUC numbers are not reproduced.
 
+An answer (generated or by likelihood) whose id is not a question of the test file is refused by
+``score_answers`` (ValueError naming how many, the first ids and the file); the harness never meets one, as
+it scores the results it wrote for its own dataset index, each carrying its ground truth. Called directly,
+the four scorers ignore predictions for ids not among the items.
+
 ``score_tallyqa_likelihood`` / ``score_vsr_likelihood`` are that mode (argmax over per-option log-likelihoods
 is the argmax over the renormalised probabilities). ``score_tallyqa`` / ``score_vsr`` score generated text
 instead, which the Prismatic harness does not do; their parsing rules are ours and say so.

@@ -18,11 +18,17 @@ Two reference files, applied in turn:
 
 Deliberate departures, asked for by this package's contract: a question without a prediction is
 scored 0 and counted in ``counts["missing"]`` (``eval.py`` refuses to run without a prediction for every
-balanced question), predictions for questions not in ``questions`` raise ``ValueError`` naming them, and
-an answer type without questions (no binary, or no open question among those scored) is absent from the
-"answer_type" breakdown, as an empty structural or semantic type is absent from the reference's output,
-rather than the reference's ``avg([]) = 0`` "0.00%" (which reads as a score of 0). Every number that is
-reported equals the reference's.
+balanced question); predictions for questions not in ``questions`` raise ``ValueError`` naming them
+(``score_answers`` checks first and names the file too); and an answer type without questions (no binary,
+or no open question among those scored) is absent from the "answer_type" breakdown, as an empty structural
+or semantic type is absent from the reference's output, rather than the reference's ``avg([]) = 0``
+"0.00%" (which reads as a score of 0). Every number that is reported equals the reference's.
+
+On the refused predictions: ``eval.py`` loops over its questions and passes over other predictions, which
+lets its full (non-LLaVA) form take predictions for all of ``*_all_questions.json``, the unbalanced ones
+feeding its consistency metric. LLaVA-1.5 scores the balanced file with balanced answers only, and neither
+that metric nor the unbalanced questions are scored here, so an answer to an unbalanced question (of an
+``*_all_questions.json`` file) is refused like any unknown id: score only such a run's balanced answers.
 """
 
 from __future__ import annotations

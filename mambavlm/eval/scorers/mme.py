@@ -17,7 +17,10 @@ Departures: the tool pairs the two questions of an image by consecutive lines; h
 ``image_id`` (the same pairing on the official, image-ordered files), and an image without exactly two
 questions raises ValueError where the tool asserts. A question without a prediction is scored as an "other"
 answer (wrong) and counted under ``counts["missing"]``; the tool has no such case (its converter writes only
-answered questions, which would break the line pairing).
+answered questions, which would break the line pairing). An answer whose id is not a question of the release
+directory is refused by ``score_answers`` (ValueError naming how many, the first ids and the folder), as
+LLaVA's ``convert_answer_to_mme.py`` fails on it (``GT[category, file, prompt]``, a KeyError); called
+directly, ``score_mme`` ignores predictions for ids not in ``questions``.
 
 Files: ``read_mme`` reads the official release directory (``MME_Benchmark_release_version/``) and
 ``build_mme_questions`` writes the question JSONL our run answers. LLaVA-1.5's own ``llava_mme.jsonl`` cannot be

@@ -18,8 +18,16 @@ References read (each function names the one it reproduces):
 
 Departures common to the three scorers: a question with no prediction counts as wrong and is counted in
 ``counts["missing"]`` (LLaVA's SEED script does exactly this; the MMBench and MMMU scripts only ever see
-complete prediction files); predictions for ids that are not questions are ignored, as the references
-ignore them.
+complete prediction files). Answers whose ids are not questions of the files are refused by
+``score_answers`` (ValueError naming them), for all three: MMMU's ``main_eval_only.py`` fails on them too
+(``answer_dict[data_id]``, a KeyError), while LLaVA's MMBench and SEED scripts pass over them without a
+word (the MMBench one writes each answer into the TSV row of its index, none for an unknown index; the SEED
+one looks answers up question by question). That silence is no documented allowance, only how the loops are
+written, and such answers are always another benchmark's, split's or file's, whose score would be
+meaningless; so they are refused, and every number of the answers that do match is the reference's.
+SEED-Bench's video questions are questions of the file (LLaVA's question file asks them and its script
+reads their answers), so ``read_seedbench`` keeps them and ``score_seedbench`` skips them. Called
+directly, the three scorers still ignore predictions for ids that are not among ``questions``.
 
 Files (each reader's docstring names the file, where it comes from and the fields read): ``read_mmbench`` and
 ``build_mmbench_questions`` read the MMBench TSV (``build_mmbench_questions`` writes the question JSONL and the
@@ -450,13 +458,16 @@ _SEED_FIELDS = ("question_id", "answer", "question_type_id", "data_type")
 
 
 def read_seedbench(annotations: Path) -> dict[str, SEEDQuestion]:
-    """SEED-Bench's image questions, keyed by ``question_id``, as LLaVA's ``convert_seed_for_submission.py``
+    """SEED-Bench's questions, keyed by ``question_id``, as LLaVA's ``convert_seed_for_submission.py``
     scores them.
 
     annotations: the official ``SEED-Bench.json`` (AILab-CVC/SEED-Bench; Hugging Face AILab-CVC/SEED-Bench),
     ``{"questions": [...], "question_type": {name: id}}``. Fields read per question: ``question_id``,
-    ``answer`` (A-D), ``question_type_id``, ``data_type``; only ``data_type == "image"`` questions are kept (the
-    ones ``eval_single(..., eval_only_type="image")`` counts). ``question_type`` is the dimension's name from the
+    ``answer`` (A-D), ``question_type_id``, ``data_type``. Every question is kept, with its ``data_type``:
+    ``score_seedbench`` scores only the ``"image"`` ones (those ``eval_single(..., eval_only_type="image")``
+    counts), but LLaVA's ``llava-seed-bench.jsonl`` also asks the video questions (on their middle frame) and
+    its script reads their answers (its video pass, its upload file), so their ids are SEED-Bench's too and an
+    answer to one is no unknown id. ``question_type`` is the dimension's name from the
     file's map, as the script prints it. Ids: ``question_id`` as text ("101669"). LLaVA's script looks answers up
     by ``int(question_id)`` because its ``llava-seed-bench.jsonl`` writes the image ids as ints (101669), which
     our runner reads back as the same digits.
@@ -477,8 +488,6 @@ def read_seedbench(annotations: Path) -> dict[str, SEEDQuestion]:
     for number, record in enumerate(data["questions"]):
         if not isinstance(record, dict) or any(field not in record for field in _SEED_FIELDS):
             raise ValueError(f"{annotations} questions[{number}]: expected an object with fields {_SEED_FIELDS}")
-        if record["data_type"] != "image":
-            continue
         question_id = str(record["question_id"])
         where = f"{annotations} question {question_id}"
         type_id, answer = record["question_type_id"], record["answer"]
@@ -488,8 +497,8 @@ def read_seedbench(annotations: Path) -> dict[str, SEEDQuestion]:
             raise ValueError(f"{where}: answer {answer!r} is not one of {_SEED_LETTERS}")
         if question_id in questions:
             raise ValueError(f"{where}: question_id repeated")
-        questions[question_id] = SEEDQuestion(answer, type_id, type_names[type_id], "image")
-    if not questions:
+        questions[question_id] = SEEDQuestion(answer, type_id, type_names[type_id], str(record["data_type"]))
+    if not any(question.data_type == "image" for question in questions.values()):
         raise ValueError(f"{annotations}: no image question (data_type 'image')")
     return questions
 

@@ -11,7 +11,14 @@ commas, so "not!" or "no?" is not a negative word in either, and upper-case "NO"
 Departures (each named where it happens):
 - predictions are matched to labels by question id; both references zip the answer list with the label list
   by position (a missing answer shifts every later pair). An id without a prediction is left out and counted
-  under ``counts["missing"]``; a prediction whose id has no label is counted under ``counts["extra"]``.
+  under ``counts["missing"]``.
+- an answer whose id has no label is refused: ``score_answers`` (``eval/score.py``, ``eval/run.py
+  --annotations``) raises ValueError naming how many, the first ids and the label files, as LLaVA's script
+  stops with a KeyError on an answer whose id its question file lacks (``questions[x['question_id']]``).
+  LLaVA's script also passes over the answers of a split whose label file is not in ``--annotation-dir``;
+  that is not reproduced: score against the folder of all three files, or answers of the splits given.
+  ``score_pope`` called directly with such predictions still counts them under ``counts["extra"]``
+  (always 0 through ``score_answers``).
 - where the reference would divide by zero (no "yes" predictions, or no positive labels) the metric is 0.0.
 - ``overall`` is the mean of the per-split F1 scores, the single POPE number LLaVA-1.5 reports; the reference
   itself prints only per-split numbers. The pooled metrics over all splits are under the group value "all".

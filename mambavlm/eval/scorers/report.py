@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -10,16 +10,26 @@ __all__ = [
     "ScoreReport",
     "format_report",
     "reject_unknown_ids",
+    "unknown_ids_message",
 ]
 
 
-def reject_unknown_ids(predictions: Iterable[str], known: Iterable[str], where: str) -> None:
-    """Raise ValueError naming (up to 20 of) the prediction ids that ``known`` lacks (``where``: what the
-    known ids are, for the message)."""
-    unknown = sorted(set(predictions) - set(known))
+def unknown_ids_message(unknown: Sequence[str], where: str, subject: str = "predictions", first: int = 5) -> str:
+    """The one-line message "<subject> for <n> questions not in <where>: <the first ``first`` ids> and <k> more"."""
+    named = ", ".join(unknown[:first]) + (f" and {len(unknown) - first} more" if len(unknown) > first else "")
+    return f"{subject} for {len(unknown)} questions not in {where}: {named}"
+
+
+def reject_unknown_ids(
+    predictions: Iterable[str], known: Iterable[str], where: str, subject: str = "predictions", first: int = 5
+) -> None:
+    """Raise ValueError naming how many of the prediction ids ``known`` lacks and the first ``first`` of them,
+    in the predictions' order (``where``: what the known ids are, e.g. the files, for the message;
+    ``subject``: what holds the ids)."""
+    held = known if isinstance(known, (set, frozenset, Mapping)) else set(known)
+    unknown = list(dict.fromkeys(qid for qid in predictions if qid not in held))
     if unknown:
-        named = ", ".join(unknown[:20]) + (f" and {len(unknown) - 20} more" if len(unknown) > 20 else "")
-        raise ValueError(f"predictions for {len(unknown)} questions not in {where}: {named}")
+        raise ValueError(unknown_ids_message(unknown, where, subject, first))
 
 
 @dataclass

@@ -15,6 +15,14 @@ The image subset ("IMG-Accuracy") is the problems whose prompt holds ``<image>``
 image. A problem without a prediction is written with the prompt 'Unknown' and so drops out of IMG-Accuracy
 altogether (it only counts as wrong in the all-problem accuracy); that quirk is kept here: image problems
 without a prediction are left out and counted under ``counts["missing"]``.
+
+Answers whose id is not a problem of the scored split (the test split of ``pid_splits.json``) are refused by
+``score_answers`` (ValueError naming how many, the first ids and the files). ``eval_science_qa.py`` loops
+over the split's problems and so passes over such answers silently; that is no documented allowance, and
+such answers (another split's, or another benchmark's) would only hide a wrong file, so refusing them changes
+no number of a well-formed run: LLaVA's ``llava_test_CQM-A.json`` is exactly the test split. Answers to the
+split's problems without an image are not unknown: they are skipped as the reference skips them.
+Called directly, ``score_scienceqa`` ignores predictions for ids not in ``problems``.
 """
 
 from __future__ import annotations

@@ -50,7 +50,9 @@ humans are left out one at a time.
 Deliberate departures, both asked for by this package's contract: a question without a prediction is
 scored 0 and counted in ``counts["missing"]`` (the VQA and VizWiz tools refuse incomplete results and
 LLaVA's TextVQA script scores only the questions it has results for), and predictions for questions
-not in the annotations raise ``ValueError`` naming them. LLaVA's ``convert_vqav2_for_submission.py``
+not in the annotations raise ``ValueError`` naming them (as the references refuse them: the VQA API's
+``loadRes`` asserts the results hold the annotations' question ids, LLaVA's TextVQA script fails with a
+KeyError on an answer it cannot find; ``score_answers`` checks first and names the file). LLaVA's ``convert_vqav2_for_submission.py``
 and ``convert_vizwiz_for_submission.py`` pass each prediction through ``EvalAIAnswerProcessor`` before
 uploading it; to reproduce such a submission, map the predictions through :func:`evalai_process_answer`
 before calling :func:`score_vqa`.
