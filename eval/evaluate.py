@@ -40,8 +40,10 @@ from mambavlm.distill.run import STUDENT_DIR
 from mambavlm.eval.model_dir import RUN_MODEL_DIRS, resolve_model_dir
 from mambavlm.eval.runner import (
     SETTINGS_FILE,
+    RecordFileError,
     SettingsMismatchError,
     file_sha256,
+    read_json_object,
     settings_differences,
 )
 from mambavlm.model import MambaVLM
@@ -124,14 +126,11 @@ def check_earlier_settings(args: argparse.Namespace, answers_path: Path, setting
                        where, settings_path.name)
         return
     try:
-        recorded = json.loads(settings_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        recorded = err
-    if not isinstance(recorded, dict):
+        recorded = read_json_object(settings_path)
+    except RecordFileError as err:
         raise SettingsMismatchError(
-            f"{settings_path} is not a JSON object of settings: cannot tell what settings the answers in {where} "
-            f"were made with; {proceed} to evaluate again"
-        )
+            f"{err}: cannot tell what settings the answers in {where} were made with; {proceed} to evaluate again"
+        ) from None
     differences = settings_differences(recorded, current)
     if differences:
         raise SettingsMismatchError(

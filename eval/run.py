@@ -6,7 +6,19 @@ The questions are a LLaVA-style JSONL (``question_id``, ``image``, ``text``; LLa
 files). Answers go to ``OUTPUT_DIR/answers.jsonl`` as batches finish (a killed run started again goes on
 from them; several processes split the questions), then ``results.json`` and a summary. With
 ``--annotations`` (the benchmark's published files, read first so that a wrong one fails at once) the
-answers are scored as ``eval/score.py`` scores them, into results.json's ``scores``.
+answers are scored as ``eval/score.py`` scores them, into results.json's ``scores``. ``--data`` is
+JSONL: a JSON array (a LLaVA training JSON) is refused before anything is answered.
+
+Running again in the same --output-dir goes on: answered questions are kept, the missing ones answered,
+and those skipped before (an image not found, say) retried, the log saying how many. Run again without
+--annotations, a folder whose results.json was scored is scored again against the annotation files
+results.json records (the log names them; --annotations picks others; a recorded file that cannot be
+read now is an error), so the scores are not dropped. With --limit N only the first N questions are
+asked and only their annotations scored (results.json: ``limit``, ``num_not_asked``, ``scores_cover``;
+MME's image pairs and MMBench's circular passes are kept whole, a member not asked counting as
+missing). --mode likelihood with --annotations needs a benchmark with a likelihood scorer (tallyqa,
+vsr): any other is refused before answering. A run that answers no question at all (a wrong
+--image-folder, say) exits with status 1 naming the first reasons, and writes no results.json.
 
 NAME is one of the known benchmarks (an unknown name is an error), or, with ``--custom-benchmark``, a
 name of your own for a question file answered without scoring. The settings that decide the answers
@@ -26,12 +38,19 @@ from pathlib import Path
 
 from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles
 from mambavlm.eval.model_dir import resolve_model_dir
+from mambavlm.eval.questions import QuestionFileError
 from mambavlm.eval.runner import (
+    RESULTS_FILE,
+    NothingAnsweredError,
+    RecordFileError,
     RunSettings,
     SettingsMismatchError,
     check_benchmark_name,
+    recorded_annotations,
     run_benchmark,
 )
+
+logger = logging.getLogger("run")
 
 
 def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
@@ -48,7 +67,22 @@ def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
     return spec.likelihood_options
 
 
+def _annotations(args: argparse.Namespace, output_dir: Path) -> tuple[AnnotationFiles | None, bool]:
+    """The files to score against: --annotations, else (a known benchmark) those that ``output_dir``'s
+    results.json was scored against; and whether they are the recorded ones. Raises RecordFileError for a
+    results.json that cannot be read."""
+    if args.annotations is not None:
+        return AnnotationFiles(args.annotations, args.annotation_questions, args.split_file), False
+    if args.custom_benchmark:
+        return None, False
+    recorded = recorded_annotations(output_dir, args.benchmark)
+    return recorded, recorded is not None
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
+    """Run eval/run.py; returns results.json's content (``{}`` on processes other than the main one).
+    Exits with status 2 (usage: a bad argument or file, settings that differ from the output folder's
+    answers) before answering anything, and with status 1 where no question could be answered."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="a MambaVLM directory (save_pretrained), or a run's output_dir (its final/ after "
@@ -78,30 +112,44 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, path in (("--model", args.model), ("--data", args.data)):
         if not path.exists():
             parser.error(f"{name} {path} does not exist")
+    output_dir = args.output_dir or Path("outputs/eval") / args.benchmark
     try:
         check_benchmark_name(args.benchmark, args.custom_benchmark)  # before the options, which it names
+        annotations, recorded = _annotations(args, output_dir)
         settings = RunSettings(
             model=resolve_model_dir(args.model),
             benchmark=args.benchmark,
             custom_benchmark=args.custom_benchmark,
             questions=args.data,
-            output_dir=args.output_dir or Path("outputs/eval") / args.benchmark,
+            output_dir=output_dir,
             image_root=args.image_folder,
             batch_size=args.batch_size,
             limit=args.limit,
             max_new_tokens=args.max_new_tokens,
-            annotations=None if args.annotations is None
-            else AnnotationFiles(args.annotations, args.annotation_questions, args.split_file),
+            annotations=annotations,
             options=_options(args),
         )
-        if settings.annotations is not None:
-            BENCHMARKS[settings.benchmark].read(settings.annotations)  # a wrong file fails before any answer
-    except (FileNotFoundError, ValueError, ImportError) as err:
+    except (FileNotFoundError, ValueError, ImportError) as err:  # RecordFileError is a ValueError
         parser.error(str(err))
+    if settings.annotations is not None:
+        try:
+            BENCHMARKS[settings.benchmark].read(settings.annotations)  # a wrong file fails before any answer
+        except (FileNotFoundError, ValueError, ImportError) as err:
+            if recorded:
+                parser.error(f"{err} (the earlier run was scored against it, as {output_dir / RESULTS_FILE} records; "
+                             f"pass --annotations to score against other files, or delete {output_dir / RESULTS_FILE} "
+                             "to answer unscored)")
+            parser.error(str(err))
+        if recorded:
+            files = ", ".join(str(path) for path in vars(settings.annotations).values() if path is not None)
+            logger.info(f"no --annotations: scoring against the files {output_dir / RESULTS_FILE} records "
+                        f"({files}), as the earlier run was scored")
     try:
         results = run_benchmark(settings)
-    except SettingsMismatchError as err:
+    except (SettingsMismatchError, QuestionFileError, RecordFileError) as err:
         parser.error(str(err))
+    except NothingAnsweredError as err:
+        parser.exit(1, f"{parser.prog}: error: {err}\n")
     if results:
         json.dump(results, sys.stdout, indent=1)
         print()

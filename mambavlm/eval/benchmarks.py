@@ -217,7 +217,9 @@ def _held_by(benchmark: str, files: AnnotationFiles) -> str:
     return str(files.annotations)
 
 
-def score_answers(benchmark: str, answers: Path, files: AnnotationFiles) -> ScoreReport:
+def score_answers(
+    benchmark: str, answers: Path, files: AnnotationFiles, items: Mapping[Any, Any] | None = None
+) -> ScoreReport:
     """Score an answers JSONL against the benchmark's published files, as its reference scorer does.
 
     Rows that carry ``option_logprobs`` (a likelihood-mode run) are scored by the benchmark's likelihood
@@ -229,6 +231,10 @@ def score_answers(benchmark: str, answers: Path, files: AnnotationFiles) -> Scor
     the benchmark, the answers file, how many ids are unknown, the first five and the files, before
     anything is scored. Questions without an answer are the scorer's business: each counts them as its
     reference does (wrong, or left out) under ``counts["missing"]``.
+
+    ``items``: the annotation items to score against, as the benchmark's reader returns them (default:
+    all of ``files``'; a run limited to its first questions passes those questions' own, so that the
+    questions it never asked are neither missing nor wrong, as lmms-eval's ``--limit`` scores).
 
     Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
     FileNotFoundError for a missing file (the readers' and scorers' errors, which name the record).
@@ -244,11 +250,11 @@ def score_answers(benchmark: str, answers: Path, files: AnnotationFiles) -> Scor
             raise ValueError(f"{answers}: some rows have option_logprobs and some do not")
         if spec.score_likelihood is None:
             raise ValueError(f"{benchmark} has no likelihood scorer; answer it by generation")
-        items = spec.read(files)
+        items = spec.read(files) if items is None else items
         option_logprobs = {row["question_id"]: row["option_logprobs"] for row in rows}
         reject_unknown_ids(option_logprobs, items, where, subject)
         return spec.score_likelihood(option_logprobs, items)
-    items = spec.read(files)
+    items = spec.read(files) if items is None else items
     if benchmark == "textvqa":
         predictions = _textvqa_predictions(rows, items, files, where, subject)
     else:

@@ -13,7 +13,18 @@ with ``SettingsMismatchError`` naming each difference, instead of passing the ol
 (the batch size, ``limit`` and the number of processes may change between runs: they do not change an
 answer). A question that cannot be answered (an unreadable image, a prompt that is not a
 string, placeholders that do not match the image, a prompt too long for the model) is reported by its
-id and counted; every other question is answered.
+id and counted; every other question is answered. A run started again answers the questions that are
+missing and retries those skipped before (the images may have been put right since); answered ones are
+kept. A run that ends with no question answered writes ``skipped.jsonl`` only and raises
+``NothingAnsweredError`` (no results.json: no score over zero answers).
+
+Scores: with ``annotations`` the answers are scored against the benchmark's published files
+(``score_run``). With ``limit`` below the number of questions, only the asked questions' annotations are
+scored (as lmms-eval's ``--limit`` does), so ``scores`` covers those questions, the asked ones without an
+answer (skipped) counting as missing; results.json says so in ``scores_cover`` and counts the questions
+left out in ``num_not_asked``. ``recorded_annotations`` reads the annotation files an earlier run's
+results.json was scored against, which ``eval/run.py`` reuses when it is run again without
+``--annotations``.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ import logging
 import os
 import subprocess
 from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +47,8 @@ from mambavlm.atomic import atomic_file
 from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles, score_answers
 from mambavlm.eval.questions import EvalQuestion, read_questions
 from mambavlm.eval.scorers.closed_set import argmax_option
-from mambavlm.eval.scorers.report import format_report
+from mambavlm.eval.scorers.report import ScoreReport, format_report
+from mambavlm.eval.scorers.vqa import llava_textvqa_question, read_textvqa_llava_index
 from mambavlm.model import MambaVLM
 from mambavlm.processes import check_process_group
 from mambavlm.training.evaluation import iter_answers
@@ -44,13 +57,20 @@ __all__ = [
     "ANSWERS_FILE",
     "RESULTS_FILE",
     "SETTINGS_FILE",
+    "SHOWN_SKIPS",
     "SKIPPED_FILE",
+    "NothingAnsweredError",
+    "RecordFileError",
     "RunSettings",
     "SettingsMismatchError",
     "answer_settings",
     "check_benchmark_name",
     "file_sha256",
+    "nothing_answered_message",
+    "read_json_object",
+    "recorded_annotations",
     "run_benchmark",
+    "score_run",
     "settings_differences",
 ]
 
@@ -60,10 +80,49 @@ ANSWERS_FILE = "answers.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 RESULTS_FILE = "results.json"
 SETTINGS_FILE = "run_settings.json"
+SHOWN_SKIPS = 3
+"""How many skipped questions (id and reason) the error of a run that answered nothing names."""
 
 
 class SettingsMismatchError(ValueError):
     """An output folder holds answers made with other settings than this run's."""
+
+
+class RecordFileError(ValueError):
+    """A JSON file a run recorded (``run_settings.json``, ``results.json``) cannot be read back as a JSON
+    object; the message names the file and what is wrong with it."""
+
+
+class NothingAnsweredError(RuntimeError):
+    """A run ended with no question answered (every one skipped, or none to answer); the message names
+    how many were skipped and the first reasons."""
+
+
+def read_json_object(path: Path, what: str = "settings") -> dict[str, Any]:
+    """The JSON object recorded in ``path`` (``what`` it records, for the message: "settings", "results").
+
+    Raises FileNotFoundError where ``path`` does not exist, and RecordFileError (a ValueError, one line
+    naming ``path``) where it cannot be read, is not UTF-8 text (binary content), is not valid JSON, or
+    holds JSON that is not an object (a list, a number, ...).
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        problem = f"not UTF-8 text ({err.reason} at byte {err.start})"
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        problem = f"cannot be read ({err.strerror or err})"
+    else:
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as err:
+            problem = f"not valid JSON ({err.msg}: line {err.lineno} column {err.colno})"
+        else:
+            if isinstance(value, dict):
+                return value
+            problem = f"JSON {type(value).__name__ if value is not None else 'null'}, not an object"
+    raise RecordFileError(f"{path} is not a JSON object of {what}: {problem}")
 
 
 def check_benchmark_name(benchmark: str, custom: bool = False) -> None:
@@ -117,6 +176,13 @@ class RunSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.annotations is not None and self.benchmark not in BENCHMARKS:
             raise ValueError(f"scoring needs a known benchmark ({', '.join(BENCHMARKS)}), got {self.benchmark!r}")
+        if self.annotations is not None and self.options is not None and BENCHMARKS[self.benchmark].score_likelihood is None:
+            with_one = [name for name, spec in BENCHMARKS.items() if spec.score_likelihood is not None]
+            raise ValueError(
+                f"{self.benchmark} has no likelihood scorer, so --mode likelihood answers cannot be scored with "
+                f"--annotations: answer it by generation (drop --mode likelihood / --options), or drop --annotations "
+                f"to answer it unscored (benchmarks with one: {', '.join(with_one)})"
+            )
 
 
 def _read_lines(path: Path) -> list[dict[str, Any]]:
@@ -182,11 +248,13 @@ def settings_differences(recorded: dict[str, Any], current: dict[str, Any]) -> l
 
 
 def _check_earlier_settings(out: Path, current: dict[str, Any], model_id: str) -> bool:
-    """Raise SettingsMismatchError if ``out`` holds answers (or skips) made with other settings than
-    ``current``; returns whether ``run_settings.json`` should be (re)written. A folder without answers
-    takes the new settings whatever it recorded; one with answers but no settings file (written before
-    settings were recorded) is only checked for the model's name in its rows, with a warning."""
-    earlier = [row for kind in ("answers", "skipped") for p in _shard_files(out, kind) for row in _read_lines(p)]
+    """Raise SettingsMismatchError if ``out`` holds answers made with other settings than ``current``, or
+    its run_settings.json cannot be read (one line naming it); returns whether ``run_settings.json``
+    should be (re)written. A folder without answers takes the new settings whatever it recorded (its
+    skips bind nothing: they are retried, so a run that answered nothing for a wrong image folder can be
+    run again with the right one); one with answers but no settings file (written before settings were
+    recorded) is only checked for the model's name in its rows, with a warning."""
+    earlier = [row for p in _shard_files(out, "answers") for row in _read_lines(p)]
     recorded_path = out / SETTINGS_FILE
     if not earlier:
         return True
@@ -200,16 +268,16 @@ def _check_earlier_settings(out: Path, current: dict[str, Any], model_id: str) -
         logger.warning(f"{out} holds answers but no {SETTINGS_FILE}: going on from them as they are")
         return True
     try:
-        recorded = json.loads(recorded_path.read_text())
-    except json.JSONDecodeError as err:
+        recorded = read_json_object(recorded_path, "settings")
+    except RecordFileError as err:
         raise SettingsMismatchError(
-            f"{recorded_path} is not valid JSON ({err.msg}): cannot tell what settings the answers in {out} "
-            f"were made with; pass another --output-dir, or delete {out} to answer again"
+            f"{err}; cannot tell what settings the answers in {out} were made with: pass another --output-dir, "
+            f"or delete {out} to answer again"
         ) from None
     differences = [f"  {difference}" for difference in settings_differences(recorded, current)]
     if differences:
         raise SettingsMismatchError(
-            f"{out} holds {len(earlier)} questions answered or skipped with other settings ({recorded_path}):\n"
+            f"{out} holds {len(earlier)} questions answered with other settings ({recorded_path}):\n"
             + "\n".join(differences)
             + f"\nPass another --output-dir, or delete {out} to answer again with these settings."
         )
@@ -227,17 +295,111 @@ def _git_commit() -> str | None:
     return result.stdout.strip() or None
 
 
+def recorded_annotations(output_dir: Path, benchmark: str) -> AnnotationFiles | None:
+    """The annotation files the results.json in ``output_dir`` was scored against, for scoring a run
+    started again without ``--annotations`` against the same files; None where there is no results.json,
+    it holds no scores, or it is another benchmark's.
+
+    Raises RecordFileError (naming the file) where results.json cannot be read as a JSON object, or its
+    ``annotations`` entry is not an object of file paths with an ``annotations`` one.
+    """
+    path = output_dir / RESULTS_FILE
+    if not path.is_file():
+        return None
+    results = read_json_object(path, "results")
+    recorded = results.get("annotations")
+    if recorded is None or results.get("benchmark") != benchmark:
+        return None
+    fields = ("annotations", "questions", "split_file")
+    if (not isinstance(recorded, dict) or not isinstance(recorded.get("annotations"), str)
+            or any(key not in fields or not isinstance(value, str) for key, value in recorded.items())):
+        raise RecordFileError(
+            f"{path}: 'annotations' is not an object of file paths ({', '.join(fields)}; 'annotations' "
+            f"required): {recorded!r}"
+        )
+    return AnnotationFiles(**{key: Path(value) for key, value in recorded.items()})
+
+
+_GROUP_KEYS: dict[str, Callable[[Any], Hashable]] = {
+    "mme": lambda question: (question.category, question.image_id),  # acc+ scores an image's pair
+    "mmbench": lambda question: question.base_index,  # CircularEval scores a question's passes together
+}
+"""The benchmarks whose scorer scores questions in groups: what groups them. A subset scored keeps each
+group whole (its members not asked count as missing), as the scorer needs."""
+
+
+def _asked_items(benchmark: str, items: dict[str, Any], asked: Sequence[EvalQuestion],
+                 files: AnnotationFiles) -> dict[str, Any]:
+    """The annotation items of the ``asked`` questions: keyed by the question file's id, or (TextVQA run
+    on LLaVA's file, whose id is the image's) found through the prompt as the scorer finds answers;
+    MME's and MMBench's groups kept whole (``_GROUP_KEYS``)."""
+    keys = {str(q.source_id) for q in asked} & set(items)
+    if benchmark == "textvqa" and len(keys) < len(asked):
+        index = read_textvqa_llava_index(files.annotations)
+        for question in asked:
+            if str(question.source_id) in items or not isinstance(question.text, str):
+                continue
+            try:
+                key = (str(question.source_id).split("#", 1)[0], llava_textvqa_question(question.text))
+            except ValueError:
+                continue
+            if key in index:
+                keys.add(index[key])
+    group_of = _GROUP_KEYS.get(benchmark)
+    if group_of is not None:
+        groups = {group_of(items[key]) for key in keys}
+        keys |= {key for key, item in items.items() if group_of(item) in groups}
+    return {key: item for key, item in items.items() if key in keys}
+
+
+def score_run(benchmark: str, answers: Path, files: AnnotationFiles,
+              asked: Sequence[EvalQuestion] | None = None) -> ScoreReport:
+    """Score an answers JSONL with ``score_answers``; with ``asked`` (the questions a ``--limit`` run
+    asked), against those questions' annotation items only (``_asked_items``), so that the questions not
+    asked neither count as missing nor lower the overall (asked ones without an answer still count as
+    missing, as the scorer counts them). Raises what ``score_answers`` raises: ValueError (an unknown
+    benchmark, a likelihood-mode answers file for a benchmark without a likelihood scorer, an answer whose
+    id the asked items do not hold, a malformed answers or annotation file) and FileNotFoundError.
+    """
+    if asked is None:
+        return score_answers(benchmark, answers, files)
+    subset = _asked_items(benchmark, dict(BENCHMARKS[benchmark].read(files)), asked, files)
+    return score_answers(benchmark, answers, files, items=subset)
+
+
+def nothing_answered_message(settings: RunSettings, skipped: list[tuple[str, str]]) -> str:
+    """The one-line error of a run that answered no question: the count skipped, the first ``SHOWN_SKIPS``
+    reasons, and a hint at --image-folder where an image was not found."""
+    kept = f"no {RESULTS_FILE} written"
+    if not skipped:
+        return f"{settings.questions} holds no questions to answer: nothing answered; {kept}"
+    shown = "; ".join(f"{question_id}: {reason}" for question_id, reason in skipped[:SHOWN_SKIPS])
+    more = f"; and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
+    hint = (" (is --image-folder right? default: the question file's folder)"
+            if any(reason.startswith("image file not found") for _, reason in skipped) else "")
+    return (f"no question answered: all {len(skipped)} skipped ({shown}{more}; each listed in "
+            f"{settings.output_dir / SKIPPED_FILE}){hint}; {kept}")
+
+
 def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None) -> dict[str, Any]:
-    """Answer ``settings.questions`` (sharded, resumable) and write the outputs; returns results.json's
-    content on the main process (``{}`` elsewhere). Raises FileNotFoundError for a missing model or
-    question file, SettingsMismatchError where ``output_dir`` holds answers made with other settings."""
+    """Answer ``settings.questions`` (sharded, resumable: answered questions are kept, skipped ones
+    retried) and write the outputs; returns results.json's content on the main process (``{}`` elsewhere).
+
+    Raises FileNotFoundError for a missing model or question file, QuestionFileError (a ValueError) for a
+    question file that is not JSONL, SettingsMismatchError where ``output_dir`` holds answers made with
+    other settings or its run_settings.json cannot be read, the annotation readers' ValueError or
+    FileNotFoundError for a wrong annotation file (all before any answer), and NothingAnsweredError (on
+    the main process, after writing skipped.jsonl) where no question ends up answered.
+    """
     acc = accelerator or Accelerator()
     check_process_group(acc)
     out = settings.output_dir
     if settings.annotations is not None:
         BENCHMARKS[settings.benchmark].read(settings.annotations)  # fail now, not after the answers
     questions, problems = read_questions(settings.questions, settings.image_root)
+    num_not_asked = 0
     if settings.limit is not None:
+        num_not_asked = max(len(questions) - settings.limit, 0)
         questions = questions[: settings.limit]
     current = answer_settings(settings)
     model_id = settings.model.resolve().name
@@ -257,12 +419,18 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     for path in (answers_path, skipped_path):
         _rewrite_whole_lines(path)
     acc.wait_for_everyone()
-    done = {row["question_id"] for kind in ("answers", "skipped") for p in _shard_files(out, kind) for row in _read_lines(p)}
+    done = {row["question_id"] for p in _shard_files(out, "answers") for row in _read_lines(p)}
+    skipped_before = {row["question_id"] for p in _shard_files(out, "skipped") for row in _read_lines(p)} - done
+    acc.wait_for_everyone()  # every process has read the skips before the main process drops the retried ones
+    if acc.is_main_process:
+        _drop_skips(out, {q.question_id for q in questions})
+    acc.wait_for_everyone()
     mine = [q for q in questions[rank::world] if q.question_id not in done]
+    retried = sum(q.question_id in skipped_before for q in mine)
     model = MambaVLM.from_pretrained(settings.model).to(acc.device).eval()
     logger.info(
         f"process {rank}/{world}: {len(mine)} of {len(questions[rank::world])} questions to answer "
-        f"({len(done)} answered or skipped before)"
+        f"({len(done)} answered before, kept; {retried} of these skipped before, retried)"
     )
     prompts = {q.question_id: q.text for q in mine}
     items = [(q.question_id, q.image, q.text) for q in mine]
@@ -285,22 +453,33 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     acc.wait_for_everyone()
     if not acc.is_main_process:
         return {}
-    return _finish(settings, questions, problems, model_id)
+    return _finish(settings, questions, problems, model_id, num_not_asked)
+
+
+def _drop_skips(out: Path, retried: set[str]) -> None:
+    """Rewrite each skipped shard without the rows of the ``retried`` questions (each is answered or
+    skipped again, with its reason of now, by this run); the skips of other questions are kept."""
+    for path in _shard_files(out, "skipped"):
+        rows = _read_lines(path)
+        kept = [row for row in rows if row["question_id"] not in retried]
+        if len(kept) != len(rows):
+            with atomic_file(path) as f:
+                for row in kept:
+                    f.write(json.dumps(row) + "\n")
 
 
 def _finish(
-    settings: RunSettings, questions: list[EvalQuestion], problems: list[tuple[str, str]], model_id: str
+    settings: RunSettings, questions: list[EvalQuestion], problems: list[tuple[str, str]], model_id: str,
+    num_not_asked: int = 0,
 ) -> dict[str, Any]:
-    """Merge the shards in question order and write answers.jsonl, skipped.jsonl and results.json."""
+    """Merge the shards in question order and write answers.jsonl, skipped.jsonl and results.json (scored
+    over the asked questions' annotations where ``num_not_asked`` questions were left out by the limit).
+    Raises NothingAnsweredError, after writing skipped.jsonl only, where no question is answered."""
     out = settings.output_dir
     answered = {row["question_id"]: row for p in _shard_files(out, "answers") for row in _read_lines(p)}
     skipped = {row["question_id"]: row for p in _shard_files(out, "skipped") for row in _read_lines(p)}
     order = [q.question_id for q in questions]
     source_ids = {q.question_id: q.source_id for q in questions}  # the ids as the question file gives them
-    with atomic_file(out / ANSWERS_FILE) as f:
-        for question_id in order:
-            if question_id in answered:
-                f.write(json.dumps({**answered[question_id], "question_id": source_ids[question_id]}) + "\n")
     skipped_rows = [{"question_id": qid, "reason": reason} for qid, reason in problems]
     skipped_rows += [{**skipped[qid], "question_id": source_ids[qid]} for qid in order
                      if qid in skipped and qid not in answered]
@@ -308,6 +487,15 @@ def _finish(
         for row in skipped_rows:
             f.write(json.dumps(row) + "\n")
     missing = [qid for qid in order if qid not in answered and qid not in skipped]
+    if not any(qid in answered for qid in order):
+        # earlier answers.jsonl and results.json (if any) are left as they were: no score over zero answers
+        raise NothingAnsweredError(
+            nothing_answered_message(settings, [(str(row["question_id"]), row["reason"]) for row in skipped_rows])
+        )
+    with atomic_file(out / ANSWERS_FILE) as f:
+        for question_id in order:
+            if question_id in answered:
+                f.write(json.dumps({**answered[question_id], "question_id": source_ids[question_id]}) + "\n")
     results = {
         "benchmark": settings.benchmark,
         "model": str(settings.model),
@@ -318,6 +506,8 @@ def _finish(
         "num_skipped": len(skipped_rows),
         "skipped_by_reason": dict(Counter(row["reason"].split(":")[0] for row in skipped_rows)),
         "num_missing": len(missing),
+        "limit": settings.limit,
+        "num_not_asked": num_not_asked,
         "decoding": (
             {"mode": "likelihood", "options": list(settings.options), "batch_size": settings.batch_size}
             if settings.options is not None
@@ -328,15 +518,25 @@ def _finish(
         "baseline_prompt": BENCHMARKS[settings.benchmark].prompt if settings.benchmark in BENCHMARKS else None,
         "commit": _git_commit(),
     }
+    not_asked = (f"--limit {settings.limit}: {num_not_asked} more questions in {settings.questions} "
+                 "not asked") if num_not_asked else ""
     if settings.annotations is not None:
-        report = score_answers(settings.benchmark, out / ANSWERS_FILE, settings.annotations)
+        report = score_run(settings.benchmark, out / ANSWERS_FILE, settings.annotations,
+                           questions if num_not_asked else None)
         results["scores"] = report.to_json()
-        results["annotations"] = {k: str(v) for k, v in vars(settings.annotations).items() if v is not None}
-        logger.info("%s scores:\n%s", settings.benchmark, format_report(report))
+        results["scores_cover"] = (
+            f"the {len(order)} questions asked ({not_asked}, their annotations left out of the scores; "
+            "asked ones not answered count as missing)" if num_not_asked
+            else "every question in the annotation files (those not answered count as missing)"
+        )
+        results["annotations"] = {k: str(Path(v).resolve()) for k, v in vars(settings.annotations).items()
+                                  if v is not None}
+        logger.info("%s scores (%s):\n%s", settings.benchmark, results["scores_cover"], format_report(report))
     with atomic_file(out / RESULTS_FILE) as f:
         json.dump(results, f, indent=1)
     logger.info(
         f"{settings.benchmark}: {results['num_answered']} answered, {results['num_skipped']} skipped "
-        f"of {results['num_questions']} questions; answers in {out / ANSWERS_FILE}"
+        f"of {results['num_questions']} questions" + (f" ({not_asked})" if not_asked else "")
+        + f"; answers in {out / ANSWERS_FILE}"
     )
     return results

@@ -263,3 +263,93 @@ def test_benchmark_questions_run_and_score(case: str, model_dir: Path, tmp_path:
     counts = results["scores"]["counts"]
     assert counts["missing"] == 0 and counts[mini.scored_key] == mini.scored, counts
     assert json.loads((out / "results.json").read_text())["scores"] == results["scores"]
+
+
+def _run_args(mini: MiniBenchmark, model_dir: Path, out: Path, *extra: str, annotations: bool = True) -> list[str]:
+    """eval/run.py's command line for ``mini`` (with its annotation files unless ``annotations`` is False)."""
+    args = ["--model", str(model_dir), "--benchmark", mini.name, "--data", str(mini.questions),
+            "--image-folder", str(mini.images), "--output-dir", str(out), "--batch-size", "2",
+            "--max-new-tokens", "3", *mini.extra_args, *extra]
+    if annotations:
+        args += ["--annotations", str(mini.files.annotations)]
+        if mini.files.questions is not None:
+            args += ["--annotation-questions", str(mini.files.questions)]
+        if mini.files.split_file is not None:
+            args += ["--split-file", str(mini.files.split_file)]
+    return args
+
+
+def test_likelihood_mode_without_a_likelihood_scorer_is_refused_before_answering(
+    model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """gqa --mode likelihood --annotations answered every question, then failed scoring with a traceback."""
+    mini = _gqa(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        script("run")(_run_args(mini, model_dir, out, "--mode", "likelihood", "--options", "yes,no"))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert "gqa has no likelihood scorer, so --mode likelihood answers cannot be scored with --annotations" in errors[0]
+    assert "drop --annotations to answer it unscored (benchmarks with one: tallyqa, vsr)" in errors[0]
+    assert not out.exists()  # refused before anything was answered or written
+
+
+def test_a_run_again_without_annotations_scores_against_the_recorded_files(
+    model_dir: Path, tmp_path: Path, caplog, capsys
+) -> None:
+    """Run again without --annotations ("0 of 3 questions to answer"), a scored run keeps its scores: the
+    files results.json recorded score the answers again; where they cannot be read now, a one-line error
+    and results.json left as it was."""
+    mini = _gqa(tmp_path)
+    out = tmp_path / "out"
+    first = script("run")(_run_args(mini, model_dir, out))
+    assert first["annotations"] == {"annotations": str(mini.files.annotations.resolve())}
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        again = script("run")(_run_args(mini, model_dir, out, annotations=False))
+    assert "0 of 3 questions to answer" in caplog.text
+    assert f"no --annotations: scoring against the files {out / 'results.json'} records" in caplog.text
+    assert again["scores"] == first["scores"] and again["annotations"] == first["annotations"]
+    assert json.loads((out / "results.json").read_text())["scores"] == first["scores"]
+    mini.files.annotations.rename(tmp_path / "moved.json")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        script("run")(_run_args(mini, model_dir, out, annotations=False))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert f"(the earlier run was scored against it, as {out / 'results.json'} records; pass --annotations" in errors[0]
+    assert json.loads((out / "results.json").read_text())["scores"] == first["scores"]
+
+
+@pytest.mark.parametrize(
+    ("case", "questions", "missing"),
+    [
+        ("gqa", 1, 0),
+        ("textvqa", 1, 0),  # LLaVA's ids (the image's) found through the prompt
+        ("mme", 2, 1),  # an image's pair is scored together (acc+): the one not asked counts as missing
+    ],
+)
+def test_a_limited_run_scores_the_asked_questions_only(
+    case: str, questions: int, missing: int, model_dir: Path, tmp_path: Path
+) -> None:
+    """--limit 1: the scores cover the question asked, not the others counted as missing and wrong; results.json
+    says what the scores cover and how many questions were not asked."""
+    mini = MINI_BENCHMARKS[case](tmp_path)
+    out = tmp_path / "out"
+    results = script("run")(_run_args(mini, model_dir, out, "--limit", "1"))
+    assert (results["num_answered"], results["num_missing"], results["limit"]) == (1, 0, 1)
+    assert results["num_not_asked"] == mini.num_questions - 1
+    counts = results["scores"]["counts"]
+    assert (counts["questions"], counts["missing"]) == (questions, missing), counts
+    assert results["scores_cover"].startswith(
+        f"the 1 questions asked (--limit 1: {mini.num_questions - 1} more questions in {mini.questions} not asked")
+    if case == "gqa":  # the same as scoring against annotations holding only the question asked
+        asked = json.loads(mini.questions.read_text().splitlines()[0])["question_id"]
+        whole = json.loads(mini.files.annotations.read_text())
+        one = _write_json(tmp_path / "one.json", {asked: whole[asked]})
+        assert results["scores"] == score_answers("gqa", out / "answers.jsonl", AnnotationFiles(one)).to_json()
+    full = script("run")(_run_args(mini, model_dir, out))  # the rest answered: every question scored again
+    assert full["num_not_asked"] == 0 and full["scores"]["counts"]["missing"] == 0
+    assert full["scores_cover"].startswith("every question in the annotation files")

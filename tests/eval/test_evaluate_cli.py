@@ -314,14 +314,20 @@ def test_the_same_settings_evaluate_again_and_unreadable_settings_are_refused(ev
         evaluate.main(run_args(run, val, "--output-dir", str(out), "--blind"))
     assert any(f"{out} holds answers but no run_settings.json" in r.getMessage() for r in caplog.records)
     assert json.loads((out / "run_settings.json").read_text())["blind"] is True
-    # a settings file that cannot be read
-    (out / "run_settings.json").write_text("{not json")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        evaluate.main(run_args(run, val, "--output-dir", str(out), "--blind"))
-    assert exit_info.value.code == 2
-    [line] = error_lines(capsys.readouterr().err)
-    assert f"{out / 'run_settings.json'} is not a JSON object of settings" in line and f"delete {out}" in line
+    # a settings file that cannot be read: named with what is wrong (the reader eval/run.py shares)
+    for content, problem in [
+        (b"{not json", "not valid JSON (Expecting property name enclosed in double quotes: line 1 column 2)"),
+        (b"\xff\xfe", "not UTF-8 text (invalid start byte at byte 0)"),
+        (b"[1, 2]", "JSON list, not an object"),
+    ]:
+        (out / "run_settings.json").write_bytes(content)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            evaluate.main(run_args(run, val, "--output-dir", str(out), "--blind"))
+        assert exit_info.value.code == 2
+        [line] = error_lines(capsys.readouterr().err)
+        assert f"{out / 'run_settings.json'} is not a JSON object of settings: {problem}: cannot tell" in line
+        assert f"delete {out}" in line
 
 
 # --- 7: nothing answered ----------------------------------------------------------------------------------

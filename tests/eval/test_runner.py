@@ -150,10 +150,9 @@ def test_a_resume_with_other_settings_is_refused_naming_each_difference(setup, t
         run_script()(_settings_args(other, questions, out, "--max-new-tokens", "8"))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    # 8 answered + 3 skipped while answering (long, huge, num: test_answers_in_order_with_every_bad_record_named;
-    # the other 3 bad lines are reported when read, not in the shard files); the two settings that
+    # 8 answered (the skipped ones bind nothing: a resume retries them); the two settings that
     # differ, old value then new, in the order of run_settings.json, and nothing else
-    assert f"{out} holds 11 questions answered or skipped with other settings ({out / 'run_settings.json'}):" in err
+    assert f"{out} holds 8 questions answered with other settings ({out / 'run_settings.json'}):" in err
     differences = [line for line in err.splitlines() if line.startswith("  ") and line.endswith(" now")]
     assert differences == [
         f"  model: '{model.resolve()}' before, '{other.resolve()}' now",
@@ -192,7 +191,7 @@ def test_a_resume_with_the_same_settings_may_change_batch_size_and_limit(setup, 
         run_script()(_settings_args(model, questions, out, "--max-new-tokens", "4", "--batch-size", "2"))
     # 11 questions are read (8 answerable + long, huge, num, skipped when answered; the other 3 bad lines
     # are reported when read); --limit 2 answered q0#0 and q1, so 11 - 2 = 9 are left for this run
-    assert "9 of 11 questions to answer (2 answered or skipped before)" in caplog.text
+    assert "9 of 11 questions to answer (2 answered before, kept; 0 of these skipped before, retried)" in caplog.text
     assert answers(out) == answers(whole)
 
 
@@ -296,3 +295,130 @@ def test_answers_give_each_question_id_as_the_question_file_does(setup, tmp_path
     assert [r["question_id"] for r in answers(tmp_path / "out")] == [262148000, "262148001", "7#0", "7#1"]
     skipped = [json.loads(line) for line in (tmp_path / "out" / "skipped.jsonl").read_text().splitlines()]
     assert [r["question_id"] for r in skipped] == [9]
+
+
+def _image_rows(setup: tuple[Path, Path]) -> list[dict]:
+    """The setup's questions whose image is on disk (q0 ... q6), as question-file rows."""
+    _, questions = setup
+    rows = [json.loads(line) for line in questions.read_text().splitlines() if line.startswith('{"')]
+    return [r for r in rows if isinstance(r.get("image"), str) and (questions.parent / r["image"]).is_file()]
+
+
+def _copy_image(setup: tuple[Path, Path], row: dict, folder: Path) -> None:
+    target = folder / row["image"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((setup[1].parent / row["image"]).read_bytes())
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if "error:" in line]
+
+
+def test_a_resume_retries_the_questions_skipped_before(setup, tmp_path: Path, caplog) -> None:
+    """Questions skipped for a missing image are answered once the image is there (a new user copied the
+    images in and ran the same command: it answered nothing); answered ones are kept, and one still
+    failing is skipped again and counted once."""
+    model, _ = setup
+    rows = _image_rows(setup)[:3] + [{"question_id": "never", "image": "never.png", "text": "what ?"}]
+    images = tmp_path / "images"
+    for row in rows[:2]:
+        _copy_image(setup, row, images)
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(path),
+            "--image-folder", str(images), "--output-dir", str(out), "--max-new-tokens", "2"]
+    first = run_script()(argv)
+    assert (first["num_answered"], first["num_skipped"]) == (2, 2)
+    assert first["skipped_by_reason"] == {"image file not found": 2}
+    kept = answers(out)
+    _copy_image(setup, rows[2], images)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        second = run_script()(argv)
+    assert "2 of 4 questions to answer (2 answered before, kept; 2 of these skipped before, retried)" in caplog.text
+    assert (second["num_answered"], second["num_skipped"], second["num_missing"]) == (3, 1, 0)
+    assert answers(out)[:2] == kept and answers(out)[2]["question_id"] == rows[2]["question_id"]
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [r["question_id"] for r in skipped] == ["never"] and "image file not found" in skipped[0]["reason"]
+    third = run_script()(argv)  # retried again, still skipped: listed and counted once
+    assert (third["num_answered"], third["num_skipped"], third["skipped_by_reason"]) == (3, 1, {"image file not found": 1})
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_run_that_answers_nothing_exits_1_naming_the_first_reasons(setup, tmp_path: Path, capsys) -> None:
+    """A wrong --image-folder: status 1, the count and the first reasons, a hint at --image-folder, and no
+    results.json with a score over zero answers; run again with the right folder, it is not refused."""
+    model, questions = setup
+    rows = _image_rows(setup)[:4]
+    path = tmp_path / "questions.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "out"
+    argv = ["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(path),
+            "--output-dir", str(out), "--max-new-tokens", "2"]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()([*argv, "--image-folder", str(tmp_path / "wrong")])
+    assert exit_info.value.code == 1
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1, errors
+    assert "no question answered: all 4 skipped (q0: image file not found: " in errors[0]
+    assert "; and 1 more; each listed in " in errors[0] and "is --image-folder right?" in errors[0]
+    assert not (out / "results.json").exists() and not (out / "answers.jsonl").exists()
+    assert len((out / "skipped.jsonl").read_text().splitlines()) == 4
+    results = run_script()([*argv, "--image-folder", str(questions.parent)])
+    assert (results["num_answered"], results["num_skipped"]) == (4, 0)
+
+
+@pytest.mark.parametrize("pretty", ["array", "object"])
+def test_a_json_file_given_as_the_question_jsonl_is_refused(setup, tmp_path: Path, capsys, pretty: str) -> None:
+    """A LLaVA training JSON (one pretty-printed array) is not counted line by line as skipped questions."""
+    model, questions = setup
+    records = json.loads((questions.parent / "val.json").read_text())
+    path = tmp_path / "val.json"
+    path.write_text(json.dumps(records if pretty == "array" else {"questions": records}, indent=2))
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()(["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(path),
+                      "--image-folder", str(questions.parent), "--output-dir", str(out)])
+    assert exit_info.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    assert len(errors) == 1, errors
+    expected = (f"{path} is a JSON array of {GOOD} records (a LLaVA training JSON?), not JSONL" if pretty == "array"
+                else f"{path} is one JSON object over ")
+    assert expected in errors[0] and "one question object per line" in errors[0]
+    assert not out.exists()  # refused before anything was answered or written
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(b"\x89PNG\r\n\x1a\n\x00\xff\xfe", "not UTF-8 text (invalid start byte at byte 0)"),
+     (b"[1, 2]", "JSON list, not an object"),
+     (b'{"model": ', "not valid JSON (Expecting value: line 1 column 11)")],
+)
+def test_an_unreadable_settings_file_is_a_one_line_error(setup, tmp_path: Path, capsys, content: bytes, problem: str) -> None:
+    model, questions = setup
+    out = tmp_path / "out"
+    run_script()(_settings_args(model, questions, out, "--limit", "1"))
+    (out / "run_settings.json").write_bytes(content)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()(_settings_args(model, questions, out))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    errors = _error_lines(err)
+    assert len(errors) == 1, errors
+    assert f"{out / 'run_settings.json'} is not a JSON object of settings: {problem}; cannot tell" in errors[0]
+    assert (out / "run_settings.json").read_bytes() == content  # left for the user to look at
+
+
+def test_read_json_object(tmp_path: Path) -> None:
+    path = tmp_path / "settings.json"
+    with pytest.raises(FileNotFoundError):
+        runner.read_json_object(path)
+    path.write_text('{"a": 1}')
+    assert runner.read_json_object(path) == {"a": 1}
+    path.write_text("null")
+    with pytest.raises(runner.RecordFileError, match=r"settings.json is not a JSON object of results: JSON null"):
+        runner.read_json_object(path, "results")
