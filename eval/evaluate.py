@@ -43,6 +43,8 @@ from mambavlm.eval.runner import (
     RecordFileError,
     SettingsMismatchError,
     file_sha256,
+    first_skips,
+    image_not_found,
     read_json_object,
     settings_differences,
 )
@@ -55,10 +57,6 @@ logger = logging.getLogger("evaluate")
 ANSWERS_FILE = "answers.jsonl"
 SKIPPED_FILE = "skipped.jsonl"
 DEFAULT_OUTPUT_ROOT = Path("outputs/eval")
-SHOWN_SKIPS = 3
-"""How many skipped records (id and reason) the error for a run that answered nothing names."""
-
-
 def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list[tuple[str, str]]]:
     """The records' questions, and ``(id, reason)`` for each record without a human turn then an
     assistant turn (each named in a warning; training skips them too)."""
@@ -144,11 +142,8 @@ def nothing_answered(data: Path, skipped: list[tuple[str, str]], answers_path: P
     kept = f"nothing written ({answers_path} left as it was)"
     if not skipped:
         return f"{data} holds no records: nothing to evaluate; {kept}"
-    shown = "; ".join(f"{record_id}: {reason}" for record_id, reason in skipped[:SHOWN_SKIPS])
-    more = f"; and {len(skipped) - SHOWN_SKIPS} more, each named in a warning above" if len(skipped) > SHOWN_SKIPS else ""
-    hint = (" (is --image-root right? default: the data file's directory)"
-            if any(reason.startswith("image file not found") for _, reason in skipped[:SHOWN_SKIPS]) else "")
-    return f"no record answered: all {len(skipped)} skipped ({shown}{more}){hint}; {kept}"
+    hint = " (is --image-root right? default: the data file's directory)" if image_not_found(skipped) else ""
+    return f"no record answered: all {len(skipped)} skipped ({first_skips(skipped)}; each named in a warning){hint}; {kept}"
 
 
 def main(argv: Sequence[str] | None = None) -> float:

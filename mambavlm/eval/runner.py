@@ -58,6 +58,8 @@ __all__ = [
     "RESULTS_FILE",
     "SETTINGS_FILE",
     "SHOWN_SKIPS",
+    "first_skips",
+    "image_not_found",
     "SKIPPED_FILE",
     "NothingAnsweredError",
     "RecordFileError",
@@ -367,17 +369,27 @@ def score_run(benchmark: str, answers: Path, files: AnnotationFiles,
     return score_answers(benchmark, answers, files, items=subset)
 
 
+def first_skips(skipped: Sequence[tuple[str, str]]) -> str:
+    """The first ``SHOWN_SKIPS`` skipped questions or records as ``id: reason`` and how many more, for the
+    error of a run that answered nothing (``eval/run.py``'s and ``eval/evaluate.py``'s)."""
+    shown = "; ".join(f"{item_id}: {reason}" for item_id, reason in skipped[:SHOWN_SKIPS])
+    return shown + (f"; and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else "")
+
+
+def image_not_found(skipped: Sequence[tuple[str, str]]) -> bool:
+    """Whether any of ``skipped`` was skipped for an image file that was not found (the image folder may
+    be wrong)."""
+    return any(reason.startswith("image file not found") for _, reason in skipped)
+
+
 def nothing_answered_message(settings: RunSettings, skipped: list[tuple[str, str]]) -> str:
     """The one-line error of a run that answered no question: the count skipped, the first ``SHOWN_SKIPS``
     reasons, and a hint at --image-folder where an image was not found."""
     kept = f"no {RESULTS_FILE} written"
     if not skipped:
         return f"{settings.questions} holds no questions to answer: nothing answered; {kept}"
-    shown = "; ".join(f"{question_id}: {reason}" for question_id, reason in skipped[:SHOWN_SKIPS])
-    more = f"; and {len(skipped) - SHOWN_SKIPS} more" if len(skipped) > SHOWN_SKIPS else ""
-    hint = (" (is --image-folder right? default: the question file's folder)"
-            if any(reason.startswith("image file not found") for _, reason in skipped) else "")
-    return (f"no question answered: all {len(skipped)} skipped ({shown}{more}; each listed in "
+    hint = " (is --image-folder right? default: the question file's folder)" if image_not_found(skipped) else ""
+    return (f"no question answered: all {len(skipped)} skipped ({first_skips(skipped)}; each listed in "
             f"{settings.output_dir / SKIPPED_FILE}){hint}; {kept}")
 
 

@@ -345,7 +345,7 @@ def test_nothing_answered_exits_nonzero_naming_the_skips_and_writes_nothing(eval
     assert "error: no record answered: all 6 skipped (no_answer: expected a human turn then an assistant turn; " in line
     assert f"val_000000: image file not found: {tmp_path / 'images' / 'val_000000.png'}; " in line
     assert "missing_image: image file not found: " in line
-    assert "; and 3 more, each named in a warning above) (is --image-root right? " in line
+    assert "; and 3 more; each named in a warning) (is --image-root right? " in line
     assert line.endswith(f"nothing written ({out / 'answers.jsonl'} left as it was)")
     assert not out.exists()
 
