@@ -46,7 +46,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
         model = MambaVLM.from_pretrained(args.adapter / BASE_DIR)
     else:
         model = build_model(load_config(ModelConfig, args.adapter / MODEL_CONFIG_FILE))
-    settings = load_adapter(model, args.adapter)
+    try:
+        settings = load_adapter(model, args.adapter)
+    except ValueError as err:  # a --base other than the adapters' model
+        parser.exit(2, f"error: {err}\n")
     merge_adapter(model, settings)
     model.save_pretrained(args.out)
     logger.info("merged %s into %s", args.adapter, args.out)

@@ -92,7 +92,8 @@ def _quantized_llm(model: nn.Module) -> nn.Module:
     model in eval mode, where transformers' Mamba mixer leaves mamba_ssm's fused training kernel).
     """
     if not torch.cuda.is_available():
-        raise RuntimeError("qlora: true loads the LLM in 4 bit with bitsandbytes, which needs CUDA")
+        raise ConfigError("lora.qlora: true loads the LLM in 4 bit with bitsandbytes, which needs CUDA: set "
+                          "lora.qlora=false on this machine")
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
@@ -131,13 +132,13 @@ raw (a 4-bit packed weight there would be garbage), and the LM head (as QLoRA ke
 
 def target_modules(settings: LoraSettings, family: str) -> str | list[str]:
     """The adapters' target modules: ``settings.target_modules``, or the family's default. Raises
-    ValueError for a Mamba-1 target the fused training kernel bypasses."""
+    ConfigError for a Mamba-1 target the fused training kernel bypasses."""
     targets = settings.target_modules if settings.target_modules is not None else FAMILY_TARGETS[family]
     if family == "mamba":
         named = {targets} if isinstance(targets, str) else set(targets)
         bypassed = sorted(named & BYPASSED_BY_FUSED_KERNEL) or (["x_proj", "dt_proj", "out_proj"] if targets == "all-linear" else [])
         if bypassed:
-            raise ValueError(
+            raise ConfigError(
                 f"lora.target_modules {targets!r}: {bypassed} of a Mamba-1 LLM are read as raw weights by "
                 "mamba_ssm's fused training kernel on CUDA, so adapters there would not train; use [in_proj]"
             )
@@ -248,11 +249,21 @@ def save_adapter(model: nn.Module, settings: LoraSettings, path: str | Path) -> 
 
 
 def load_adapter(model: nn.Module, path: str | Path) -> LoraSettings:
-    """Put the adapters saved at ``path`` on a base MambaVLM (in place); returns their settings."""
+    """Put the adapters saved at ``path`` on a base MambaVLM (in place); returns their settings. Raises
+    ValueError naming the adapter and the first mismatches where the base is not the model the adapters
+    were trained on (another LLM width, another projector)."""
     peft = _peft()
     path = Path(path)
     settings = LoraSettings.model_validate_json((path / SETTINGS_FILE).read_text())
-    model.llm = peft.PeftModel.from_pretrained(model.llm, path / ADAPTER_DIR)
+    try:
+        model.llm = peft.PeftModel.from_pretrained(model.llm, path / ADAPTER_DIR)
+    except RuntimeError as err:  # load_state_dict's size mismatches, one line per tensor
+        if "Error(s) in loading state_dict" not in str(err):
+            raise
+        details = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+        shown = "; ".join(details[:2]) + (f"; and {len(details) - 2} more" if len(details) > 2 else "")
+        raise ValueError(f"cannot load the adapter {path} onto this base: its LLM is not the one the adapters were "
+                         f"trained on ({shown})") from None
     if settings.projector == "lora":
         peft.inject_adapter_in_model(_lora_config(settings, "all-linear"), model.projector)
     state = load_file(str(path / PROJECTOR_FILE))
@@ -261,7 +272,9 @@ def load_adapter(model: nn.Module, path: str | Path) -> LoraSettings:
     problems += [f"projector.{k}: shape {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in state.items()
                  if k in own and own[k].shape != v.shape]
     if problems:
-        raise ValueError(f"cannot load the adapter {path}:\n  " + "\n  ".join(problems))
+        shown = "; ".join(problems[:3]) + (f"; and {len(problems) - 3} more" if len(problems) > 3 else "")
+        raise ValueError(f"cannot load the adapter {path} onto this base: its projector is not the one the adapters "
+                         f"were trained with ({shown})")
     model.projector.load_state_dict(state, strict=False)
     return settings
 

@@ -13,6 +13,7 @@ import torch
 
 pytest.importorskip("peft")
 
+from mambavlm.config import ConfigError  # noqa: E402
 from mambavlm.model import MambaVLM  # noqa: E402
 from mambavlm.training import load_train_config, run_finetune  # noqa: E402
 from mambavlm.training.config import LoraSettings  # noqa: E402
@@ -128,17 +129,44 @@ def test_a_lora_run_writes_adapters_and_the_merge_command_a_full_model(tmp_path:
     batch = fixed_batch(base)
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, base.eval()(**batch).logits, rtol=1e-5, atol=1e-5)
+    # a --base of another LLM width: one error line naming the adapter and the first mismatch (it was
+    # load_state_dict's traceback, a line per tensor)
+    tiny_vlm("llm.config.hidden_size=96").save_pretrained(tmp_path / "wider")
+    with pytest.raises(SystemExit) as exit_info:
+        merge_lora.main([str(out), "--base", str(tmp_path / "wider"), "--out", str(tmp_path / "wrong")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert line.startswith(f"error: cannot load the adapter {adapter} onto this base: its LLM is not the one the "
+                           "adapters were trained on (size mismatch for ")
+    assert not (tmp_path / "wrong").exists()
 
 
-def test_targets_the_fused_mamba_kernel_bypasses_are_refused_and_qlora_needs_cuda() -> None:
+def test_targets_the_fused_mamba_kernel_bypasses_are_refused_and_qlora_needs_cuda(tmp_path: Path, capsys) -> None:
     with pytest.raises(ValueError, match=r"\['out_proj', 'x_proj'\] of a Mamba-1 LLM"):
         target_modules(LoraSettings(target_modules=["in_proj", "x_proj", "out_proj"]), "mamba")
     with pytest.raises(ValueError, match="would not train"):
         target_modules(LoraSettings(target_modules="all-linear"), "mamba")
     assert target_modules(LoraSettings(), "llama") == "all-linear"
     if not torch.cuda.is_available():
-        with pytest.raises(RuntimeError, match="needs CUDA"):
+        with pytest.raises(ConfigError, match="needs CUDA: set lora.qlora=false on this machine"):
             apply_lora(tiny_vlm(), LoraSettings(qlora=True))
+    # both through the train script: one error line each, not a traceback
+    sys.path.insert(0, str(ROOT / "train"))
+    try:
+        import finetune as finetune_script
+    finally:
+        sys.path.remove(str(ROOT / "train"))
+    mamba1 = f"model={ROOT / 'configs/model/tiny.yaml'}"  # the train config's tiny LLM is a Mamba-2
+    refused = [([mamba1, "lora={r: 4, target_modules: [x_proj]}"], "error: lora.target_modules ['x_proj']: "
+                "['x_proj'] of a Mamba-1 LLM are read as raw weights")]
+    if not torch.cuda.is_available():
+        refused.append((["lora={r: 4, qlora: true}"], "error: lora.qlora: true loads the LLM in 4 bit"))
+    for override, says in refused:  # override: a list of key=value
+        with pytest.raises(SystemExit) as exit_info:
+            finetune_script.main(["--config", str(TINY_TRAIN), f"output_dir={tmp_path / 'run'}", *override])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(says)
 
 
 def test_target_modules_no_layer_has_are_a_config_error_before_the_data(tmp_path: Path, capsys) -> None:
