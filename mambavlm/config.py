@@ -183,6 +183,21 @@ ConfigLoader.add_implicit_resolver(
 )
 
 
+class Replace(dict):
+    """A mapping written ``!replace {...}`` in a config file: it replaces the mapping of its ``base`` file
+    at the same key instead of merging into it (``deep_merge``), e.g. an ``llm.config`` of another LLM
+    family, whose base's architecture fields would otherwise stay."""
+
+
+def _construct_replace(loader: yaml.SafeLoader, node: yaml.Node) -> Replace:
+    if not isinstance(node, yaml.MappingNode):
+        raise yaml.constructor.ConstructorError(None, None, "!replace takes a mapping", node.start_mark)
+    return Replace(loader.construct_mapping(node, deep=True))
+
+
+ConfigLoader.add_constructor("!replace", _construct_replace)
+
+
 def parse_yaml(text: str | IO[str]) -> Any:
     """A YAML document (a string or an open file) read with ``ConfigLoader``."""
     return yaml.load(text, Loader=ConfigLoader)
@@ -217,10 +232,19 @@ def load_yaml(
     _absolute_references(data, path, path_keys)
     base = data.pop("base", None)
     if base is None:
-        return data
+        return _plain(data)
     if not isinstance(base, str):
         raise ConfigError(f"{path}: 'base' must be a file path, got {base!r}")
-    return deep_merge(load_yaml(path.parent / base, _seen + (path,), path_keys), data)
+    return _plain(deep_merge(load_yaml(path.parent / base, _seen + (path,), path_keys), data))
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every ``Replace`` left in it (one its base had no mapping for) a plain dict."""
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
 
 
 def _yaml_problem(err: yaml.YAMLError) -> str:
@@ -252,13 +276,14 @@ def _absolute_references(data: dict[str, Any], source: Path, path_keys: tuple[st
 
 
 def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """``update`` merged over ``base``: nested mappings merge, everything else replaces."""
+    """``update`` merged over ``base``: nested mappings merge, everything else replaces, and so does a
+    mapping written ``!replace`` (``Replace``), which is left a plain dict."""
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and not isinstance(value, Replace) and isinstance(out.get(key), dict):
             out[key] = deep_merge(out[key], value)
         else:
-            out[key] = value
+            out[key] = dict(value) if isinstance(value, Replace) else value
     return out
 
 

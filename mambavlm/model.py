@@ -46,7 +46,7 @@ from mambavlm.generation import (
     build_static_decoder,
     supports_static_decoding,
 )
-from mambavlm.llm.factory import LLM_SECTION_CHECKS, build_llm, family_classes
+from mambavlm.llm.factory import LLM_SECTION_CHECKS, build_llm, check_tokenizer_fits, family_classes
 from mambavlm.llm.mamba_training import (
     answer_token_loss,
     mamba_lm_hidden_states,
@@ -557,7 +557,13 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         """Use ``tokenizer`` for prompts and answers. Its chat template becomes the model's conversation
         format (``ConversationTemplate.chat_template``: ``tokenizer.apply_chat_template`` gives the text
         ``answer`` prompts with), and its EOS and PAD the generation defaults where the generation
-        config has none."""
+        config has none.
+
+        Raises LLMBuildError (``check_tokenizer_fits``) when the tokenizer has more tokens than the LLM has
+        token embeddings (``llm.config.vocab_size`` too small)."""
+        if tokenizer is not None:
+            llm_section = getattr(self.config, "llm", None)
+            check_tokenizer_fits(self.llm, tokenizer, getattr(llm_section, "tokenizer", None))
         self.tokenizer = tokenizer
         if tokenizer is None:
             return
@@ -687,6 +693,13 @@ def build_model(
     ``load_weights=False`` builds the architecture only (random init, nothing read or downloaded);
     wrap the call in ``with torch.device("meta"):`` to build without memory. ``fetch_encoders``
     (default: ``load_weights``) loads the encoders' ``weights``; the LLM's come from ``llm.source``.
+
+    Raises:
+        ConfigError: an invalid config (each bad key named), an encoder image smaller than its patch, an
+            unknown ``builtin:`` tokenizer.
+        LLMBuildError: an LLM config that does not fit its source, or a tokenizer with more tokens than
+            ``llm.config.vocab_size``.
+        FileNotFoundError: a local ``llm.source`` or ``llm.tokenizer`` path that is not a directory.
     """
     if not isinstance(config, ModelConfig):
         config = load_config(ModelConfig, config, overrides, section_checks=LLM_SECTION_CHECKS)

@@ -137,3 +137,131 @@ def test_a_config_file_that_is_not_yaml_is_one_error_line_with_its_line_and_colu
     with pytest.raises(ConfigError, match=r"^override 'seed=\[1': value is not valid YAML \(expected ',' or "
                                           r"'\]', but got '<stream end>' \(line 1, column 3\)\)$"):
         load_config(ModelConfig, TINY_MODEL_YAML, ["seed=[1"])
+
+
+# --- a new-user walkthrough: bad model values that built, then failed deep inside chat / forward ---
+
+HYBRID_LLM = {
+    "family": "hybrid_llama", "tokenizer": "builtin:tiny", "template": "plain",
+    "config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "vocab_size": 1024, "mamba_layers": [1],
+               "mamba2_mixer": {"hidden_size": 64, "num_heads": 4, "head_dim": 16, "d_state": 8}},
+}
+
+
+def _hybrid_yaml(tmp_path: Path) -> Path:
+    import yaml
+
+    data = yaml.safe_load((ROOT / TINY_MODEL_YAML).read_text())
+    data["llm"] = HYBRID_LLM
+    path = tmp_path / "hybrid.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_a_model_vocabulary_smaller_than_its_tokenizer_is_refused_when_the_tokenizer_is_loaded() -> None:
+    """``llm.config.vocab_size=100`` with the 673-token tiny tokenizer built, then chat hit ``IndexError``."""
+    from mambavlm.llm.factory import LLMBuildError
+    from mambavlm.model import build_model
+
+    with pytest.raises(LLMBuildError) as error:
+        build_model(ROOT / TINY_MODEL_YAML, ["llm.config.vocab_size=100"], load_weights=False)
+    message = str(error.value)
+    assert message.startswith("llm.config.vocab_size:") and "100" in message and "673" in message
+    # a larger vocabulary than the tokenizer is fine (real checkpoints pad it); no tokenizer, no check
+    assert len(build_model(ROOT / TINY_MODEL_YAML, ["llm.config.vocab_size=700"], load_weights=False).tokenizer) == 673
+    build_model(ROOT / TINY_MODEL_YAML, ["llm.config.vocab_size=100"], load_weights=False, load_tokenizer=False)
+
+
+def test_an_encoder_image_smaller_than_one_patch_is_refused_naming_image_size_and_patch(capsys, monkeypatch) -> None:
+    """``vision.encoders.0.image_size=4`` with 8 px patches described 32 visual tokens, then forward failed in
+    torch. A size that is not a multiple of the patch still builds (the remainder is dropped, SigLIP 384/14)."""
+    err = _describe_error(capsys, monkeypatch, "vision.encoders.0.image_size=4")
+    assert err == ("error: vision.encoders.0.image_size: 4 px is smaller than one 8 x 8 px patch of "
+                   "timm:vit_small_patch14_reg4_dinov2: set it to at least 8\n")
+    assert describe_main([TINY_MODEL_YAML, "vision.encoders.0.image_size=36"]) == 0
+
+
+def test_a_hybrid_mixer_narrower_than_the_llm_is_refused_naming_both_keys(tmp_path: Path, capsys, monkeypatch) -> None:
+    """``llm.config.mamba2_mixer.hidden_size=32`` under hidden_size 64 built; the first forward failed."""
+    from mambavlm.llm.hybrid import HybridLlamaConfig
+
+    path = _hybrid_yaml(tmp_path)
+    monkeypatch.chdir(ROOT)
+    assert describe_main([str(path)]) == 0
+    capsys.readouterr()
+    assert describe_main([str(path), "llm.config.mamba2_mixer.hidden_size=32"]) == 2
+    assert capsys.readouterr().err == (
+        f"error: {path} (with llm.config.mamba2_mixer.hidden_size=32): llm: config.mamba2_mixer.hidden_size (32) "
+        "differs from config.hidden_size (64): the Mamba-2 layers replace attention in the LLM's residual stream "
+        "and must be as wide as it\n")
+    with pytest.raises(Exception, match=r"mamba2_mixer.hidden_size \(32\) differs from hidden_size \(64\)"):
+        HybridLlamaConfig(**{**HYBRID_LLM["config"], "mamba2_mixer": {**HYBRID_LLM["config"]["mamba2_mixer"],
+                                                                       "hidden_size": 32}})
+
+
+def test_a_mixer_key_typo_is_an_unknown_key_with_a_hint_not_an_old_checkpoint(tmp_path: Path, capsys,
+                                                                               monkeypatch) -> None:
+    """``llm.config.mamba2_mixer.d_stat=8`` said the hybrid "was saved by an older mambavlm": a config's
+    strange key is a typo. A saved config.json with a renamed field keeps the convert-again message."""
+    from mambavlm.config import LLMConfig
+    from mambavlm.llm.factory import LLMBuildError, build_llm
+    from mambavlm.llm.hybrid import HybridLlamaConfig
+
+    path = _hybrid_yaml(tmp_path)
+    monkeypatch.chdir(ROOT)
+    assert describe_main([str(path), "llm.config.mamba2_mixer.d_stat=8"]) == 2
+    assert capsys.readouterr().err == (f"error: {path} (with llm.config.mamba2_mixer.d_stat=8): llm: "
+                                       "config.mamba2_mixer.d_stat: unknown key (did you mean 'd_state'?)\n")
+    config = {**HYBRID_LLM["config"], "mamba2_mixer": {**HYBRID_LLM["config"]["mamba2_mixer"], "d_stat": 8}}
+    with pytest.raises(LLMBuildError, match=r"^llm.config.mamba2_mixer.d_stat: unknown key \(did you mean 'd_state'\?\)$"):
+        build_llm(LLMConfig(family="hybrid_llama", config=config), load_weights=False)
+    with pytest.raises(ValueError, match="saved by an older mambavlm"):
+        HybridLlamaConfig(**config).mixer_config
+
+
+def test_a_missing_local_tokenizer_or_unknown_builtin_is_one_clear_error(capsys, monkeypatch) -> None:
+    """``llm.tokenizer=/nonexistent/tok`` and ``llm.tokenizer=builtin:huge`` gave transformers' "Repo id must be
+    in the form ..." OSError: now the key and the path, or the known builtin tokenizers."""
+    from mambavlm.config import LLMConfig
+    from mambavlm.llm.tokenizer import build_tokenizer
+
+    with pytest.raises(FileNotFoundError, match=r"^llm.tokenizer '/nonexistent/tok' is not a directory"):
+        build_tokenizer(LLMConfig(family="mamba", tokenizer="/nonexistent/tok"))
+    with pytest.raises(FileNotFoundError, match=r"^llm.source '\./nonexistent' is not a directory"):
+        build_tokenizer(LLMConfig(family="mamba", source="./nonexistent"))
+    with pytest.raises(ConfigError, match=r"^llm.tokenizer 'builtin:huge' is not a builtin tokenizer; known: \['builtin:tiny'\]$"):
+        build_tokenizer(LLMConfig(family="mamba", tokenizer="builtin:huge"))
+    err = _describe_error(capsys, monkeypatch, "llm.tokenizer=builtin:huge")
+    assert err == (f"error: {TINY_MODEL_YAML} (with llm.tokenizer=builtin:huge): llm: tokenizer 'builtin:huge' is "
+                   "not a builtin tokenizer; known: ['builtin:tiny']\n")
+
+
+def test_a_replace_mapping_swaps_the_base_files_instead_of_merging_into_it(tmp_path: Path) -> None:
+    """A YAML that swaps the LLM family over ``base: tiny.yaml`` kept the base's Mamba fields in its
+    LlamaConfig (``LlamaConfig has no field(s) ['expand', 'state_size']``), with no way to drop them:
+    ``config: !replace {...}`` replaces the base's mapping; without the tag the mappings still merge."""
+    from mambavlm.config import deep_merge, load_yaml, parse_yaml
+
+    base = {"llm": {"family": "mamba", "config": {"hidden_size": 64, "expand": 2}}, "name": "tiny"}
+    update = parse_yaml("llm: {family: llama, config: !replace {hidden_size: 32, num_attention_heads: 4}}")
+    merged = deep_merge(base, update)
+    assert merged == {"llm": {"family": "llama", "config": {"hidden_size": 32, "num_attention_heads": 4}},
+                      "name": "tiny"}
+    assert type(merged["llm"]["config"]) is dict  # the marker is gone once it has replaced
+    assert deep_merge(base, parse_yaml("llm: {config: {hidden_size: 32}}"))["llm"]["config"] == {
+        "hidden_size": 32, "expand": 2}
+    swap = tmp_path / "llama.yaml"
+    swap.write_text(f"base: {ROOT / TINY_MODEL_YAML}\nllm:\n  family: llama\n  config: !replace {{hidden_size: 64, "
+                    "intermediate_size: 128, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 2}\n")
+    config = load_config(ModelConfig, swap)
+    assert config.llm.family == "llama"
+    assert config.llm.config == {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                 "num_attention_heads": 4, "num_key_value_heads": 2}
+    leftover = tmp_path / "leftover.yaml"  # a !replace with nothing under it in a base: a plain mapping
+    leftover.write_text("extra: !replace {a: 1}\n")
+    assert type(load_yaml(leftover)["extra"]) is dict
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("llm: !replace 3\n")
+    with pytest.raises(ConfigError, match=r"scalar.yaml: not valid YAML: !replace takes a mapping \(line 1, column 6\)$"):
+        load_yaml(scalar)

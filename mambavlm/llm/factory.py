@@ -21,10 +21,11 @@ from transformers import (
     MambaForCausalLM,
     PreTrainedConfig,
     PreTrainedModel,
+    PreTrainedTokenizerBase,
 )
 
 from mambavlm.config import LLMConfig, SectionChecks, exception_line
-from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM
+from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM, mixer_fields_problem, mixer_width_problem
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.llm.mamba_ssm_format import (
     is_mamba_ssm_checkpoint,
@@ -32,6 +33,7 @@ from mambavlm.llm.mamba_ssm_format import (
     mamba_ssm_config_to_hf,
     read_mamba_ssm_config,
 )
+from mambavlm.llm.tokenizer import tokenizer_name_problem
 from mambavlm.ops import dispatch
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "LLMBuildError",
     "build_llm",
     "check_mamba_training_kernels",
+    "check_tokenizer_fits",
     "enable_activation_checkpointing",
     "family_classes",
     "llm_config_problem",
@@ -63,12 +66,24 @@ def family_classes(family: str) -> tuple[type[PreTrainedConfig], type[PreTrained
 
 
 def llm_config_problem(llm: LLMConfig) -> str | None:
-    """Why the config class of ``llm.family`` refuses ``llm.config``, as one line (transformers' own
-    message: ``Inconsistent configuration: hidden_size * expand ...``), or None: the check behind
-    ``LLM_SECTION_CHECKS``. Only a random-init LLM (no ``source``) is checked: with a source,
-    ``llm.config`` overrides a stored config that is not read here."""
-    if llm.source is not None:
-        return None
+    """Why an LLM section is refused, as one line, or None: the check behind ``LLM_SECTION_CHECKS``.
+
+    Always: an unknown ``builtin:`` tokenizer (``tokenizer_name_problem``), and for ``hybrid_llama``
+    ``mamba2_mixer`` keys that are not ``Mamba2MixerConfig`` fields (``config.mamba2_mixer.d_stat:
+    unknown key (did you mean 'd_state'?)``). For a random-init LLM (no ``source``; with one,
+    ``llm.config`` overrides a stored config that is not read here) also a hybrid's mixer width other
+    than its ``hidden_size``, and whatever the config class of ``llm.family`` refuses in ``llm.config``
+    (transformers' own message: ``Inconsistent configuration: hidden_size * expand ...``)."""
+    problem = tokenizer_name_problem(llm.tokenizer, key="tokenizer")
+    if problem is None and llm.family == "hybrid_llama":
+        problem = mixer_fields_problem(llm.config.get("mamba2_mixer"), prefix="config.")
+    if problem is not None or llm.source is not None:
+        return problem
+    if llm.family == "hybrid_llama":
+        hidden_size = llm.config.get("hidden_size", HybridLlamaConfig().hidden_size)
+        problem = mixer_width_problem(llm.config.get("mamba2_mixer"), hidden_size, prefix="config.")
+        if problem is not None:
+            return problem
     try:
         family_classes(llm.family)[0](**llm.config)
     except Exception as err:  # noqa: BLE001 - whatever the config class raises is a problem of llm.config
@@ -118,7 +133,24 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 
 
 class LLMBuildError(ValueError):
-    """The LLM config and its source do not fit together (wrong family, unknown field, no architecture)."""
+    """The LLM config and its source do not fit together (wrong family, unknown field, no architecture),
+    or the LLM and its tokenizer do not (``check_tokenizer_fits``)."""
+
+
+def check_tokenizer_fits(llm: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str | None = None) -> None:
+    """Raise ``LLMBuildError`` when ``tokenizer`` has more tokens than ``llm``'s input embedding has rows:
+    its highest ids would index past the embedding (an ``IndexError`` at the first such token). The message
+    names ``llm.config.vocab_size``, the model's size and the tokenizer's length (``name``: its
+    ``llm.tokenizer``). A larger vocabulary than the tokenizer's is fine (checkpoints pad it)."""
+    embeddings = llm.get_input_embeddings()
+    rows = getattr(embeddings, "num_embeddings", None)
+    model_size = int(rows if rows is not None else llm.config.vocab_size)
+    if len(tokenizer) > model_size:
+        which = f" ({name})" if name else ""
+        raise LLMBuildError(
+            f"llm.config.vocab_size: the model has {model_size} token embeddings but its tokenizer{which} has "
+            f"{len(tokenizer)} tokens: set llm.config.vocab_size to at least {len(tokenizer)}"
+        )
 
 
 def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
@@ -130,10 +162,20 @@ def build_llm(cfg: LLMConfig, load_weights: bool = True) -> PreTrainedModel:
       else from ``cfg.config``.
     - otherwise: pretrained weights; a mamba_ssm-format directory is converted, anything else goes
       through ``from_pretrained``. ``cfg.config`` entries override the stored config.
+
+    Raises:
+        LLMBuildError: a ``cfg.config`` key the family's config class lacks (a hybrid's unknown
+            ``mamba2_mixer`` key too), a source of another family, missing weights, or an
+            architecture-only build with neither a local source nor ``cfg.config``.
+        FileNotFoundError: a local-path ``source`` that is not a directory.
     """
     config_cls, model_cls = family_classes(cfg.family)
     dtype = TORCH_DTYPES[cfg.dtype]
     check_config_fields(config_cls, cfg.config)
+    if cfg.family == "hybrid_llama" and (
+        problem := mixer_fields_problem(cfg.config.get("mamba2_mixer"), prefix="llm.config.")
+    ):
+        raise LLMBuildError(problem)
     if cfg.source is None:
         return model_cls._from_config(config_cls(**cfg.config), dtype=dtype)
 

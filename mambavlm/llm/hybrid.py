@@ -18,6 +18,7 @@ so left-padded prompts of unequal lengths (batched ``generate``) give each row w
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import fields
 from typing import Any
 
@@ -33,7 +34,41 @@ __all__ = [
     "HybridLlamaForCausalLM",
     "Mamba2AttentionAdapter",
     "mamba_mixers",
+    "mixer_fields_problem",
+    "mixer_width_problem",
 ]
+
+
+def mixer_fields_problem(mixer: Any, prefix: str = "") -> str | None:
+    """Why the ``mamba2_mixer`` fields a config writes are refused, as one line, or None: not a mapping,
+    or keys that are not ``Mamba2MixerConfig`` fields (each an ``unknown key`` with difflib's closest
+    field as a ``did you mean``). ``prefix`` is the dotted path above ``mamba2_mixer`` (``"config."``).
+
+    This is for configs a user writes (YAML, overrides); a saved checkpoint whose fields were renamed
+    since is ``HybridLlamaConfig.mixer_config``'s error, which says to convert it again."""
+    if mixer is None:
+        return None
+    if not isinstance(mixer, dict):
+        return f"{prefix}mamba2_mixer: expected a mapping of Mamba2MixerConfig fields, got {mixer!r}"
+    known = [f.name for f in fields(Mamba2MixerConfig)]
+    problems = []
+    for key in sorted(str(k) for k in set(mixer) - set(known)):
+        close = difflib.get_close_matches(key, known, n=1)
+        problems.append(f"{prefix}mamba2_mixer.{key}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "; ".join(problems) or None
+
+
+def mixer_width_problem(mixer: Any, hidden_size: Any, prefix: str = "") -> str | None:
+    """Why a ``mamba2_mixer.hidden_size`` that differs from the LLM's ``hidden_size`` is refused (the
+    Mamba-2 layers replace attention inside the residual stream, so they must be as wide), or None.
+    ``prefix`` is the dotted path above both keys (``"config."``)."""
+    width = mixer.get("hidden_size") if isinstance(mixer, dict) else None
+    if width is None or width == hidden_size:
+        return None
+    return (
+        f"{prefix}mamba2_mixer.hidden_size ({width}) differs from {prefix}hidden_size ({hidden_size}): "
+        "the Mamba-2 layers replace attention in the LLM's residual stream and must be as wide as it"
+    )
 
 
 class HybridLlamaConfig(LlamaConfig):
@@ -42,6 +77,9 @@ class HybridLlamaConfig(LlamaConfig):
     mamba_layers: indices of the layers whose attention is a Mamba-2 mixer. mamba2_mixer: the
     ``Mamba2MixerConfig`` fields shared by those mixers. layout / seeding_mode: how they were chosen
     and initialised (recorded for reference).
+
+    Raises ValueError (transformers may wrap it) for mamba_layers outside the model, mamba_layers
+    without mamba2_mixer, or a mamba2_mixer.hidden_size other than hidden_size.
     """
 
     model_type = "hybrid_llama"
@@ -61,6 +99,9 @@ class HybridLlamaConfig(LlamaConfig):
             )
         if layers and self.mamba2_mixer is None:
             raise ValueError("mamba2_mixer (the Mamba2MixerConfig fields) is needed when mamba_layers is set")
+        problem = mixer_width_problem(self.mamba2_mixer, self.hidden_size)
+        if problem is not None:
+            raise ValueError(problem)
         self.mamba_layers = sorted(layers)
 
     @property
@@ -69,6 +110,8 @@ class HybridLlamaConfig(LlamaConfig):
 
         Raises ValueError without one, or when a stored field is not a ``Mamba2MixerConfig`` field (a
         checkpoint written before the mixer's fields were renamed: convert it again from its teacher).
+        A config a user writes meets ``mixer_fields_problem`` first (``llm_config_problem``,
+        ``build_llm``): there a strange field is a typo, not an old checkpoint.
         """
         if self.mamba2_mixer is None:
             raise ValueError("this HybridLlamaConfig has no mamba2_mixer")

@@ -8,19 +8,21 @@ before the model runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
-from mambavlm.config import LLMConfig
+from mambavlm.config import ConfigError, LLMConfig
 
 __all__ = [
     "IGNORE_INDEX",
     "IMAGE_TOKEN",
     "IMAGE_TOKEN_INDEX",
+    "BUILTIN_TOKENIZERS",
     "TINY_TOKENIZER",
+    "tokenizer_name_problem",
     "build_tiny_tokenizer",
     "build_tokenizer",
     "tokenize_conversation",
@@ -31,6 +33,7 @@ IMAGE_TOKEN = "<image>"
 IMAGE_TOKEN_INDEX = -200
 IGNORE_INDEX = -100
 TINY_TOKENIZER = "builtin:tiny"
+BUILTIN_PREFIX = "builtin:"
 TINY_VOCAB_FILE = Path(__file__).with_name("tiny_vocab.txt")
 TINY_SPECIAL_TOKENS = {
     "pad_token": "<pad>",
@@ -70,20 +73,52 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+BUILTIN_TOKENIZERS: dict[str, Callable[[], PreTrainedTokenizerFast]] = {TINY_TOKENIZER: build_tiny_tokenizer}
+"""The tokenizers built without files or downloads, by their ``llm.tokenizer`` name."""
+
+
+def tokenizer_name_problem(tokenizer: str | None, key: str = "llm.tokenizer") -> str | None:
+    """Why ``llm.tokenizer`` names no tokenizer, as one line starting with ``key``, or None: a ``builtin:``
+    name that is not one of ``BUILTIN_TOKENIZERS`` (the message lists them). Needs no files: a config check."""
+    if tokenizer is None or not tokenizer.startswith(BUILTIN_PREFIX) or tokenizer in BUILTIN_TOKENIZERS:
+        return None
+    return f"{key} {tokenizer!r} is not a builtin tokenizer; known: {sorted(BUILTIN_TOKENIZERS)}"
+
+
+def _looks_local(name: str) -> bool:
+    """Whether a tokenizer name is meant as a local path (absolute, ./, ../ or ~), as ``llm.source``."""
+    return name.startswith(("/", "./", "../", "~", ".\\", "..\\")) or Path(name).expanduser().exists()
+
+
 def build_tokenizer(cfg: LLMConfig) -> PreTrainedTokenizerBase:
     """The tokenizer an LLM config names, with a pad token (falling back to unk, then eos).
 
-    ``cfg.tokenizer == "builtin:tiny"`` builds :func:`build_tiny_tokenizer`; otherwise
-    ``cfg.tokenizer`` (or, when None, ``cfg.source``) is loaded with ``AutoTokenizer``.
+    A ``builtin:`` name builds one of ``BUILTIN_TOKENIZERS`` (``"builtin:tiny"``:
+    :func:`build_tiny_tokenizer`); otherwise ``cfg.tokenizer`` (or, when None, ``cfg.source``) is loaded
+    with ``AutoTokenizer``.
+
+    Raises:
+        ConfigError: an unknown ``builtin:`` name (listing the known ones), or no tokenizer named.
+        FileNotFoundError: a local path (absolute, ``./``, ``../``, ``~`` or existing) that is not a
+            directory, naming the key (``llm.tokenizer`` or ``llm.source``) and the path.
+        ValueError: a tokenizer with no pad, unk or eos token.
     """
-    if cfg.tokenizer == TINY_TOKENIZER:
-        return build_tiny_tokenizer()
+    problem = tokenizer_name_problem(cfg.tokenizer)
+    if problem is not None:
+        raise ConfigError(problem)
+    if cfg.tokenizer in BUILTIN_TOKENIZERS:
+        return BUILTIN_TOKENIZERS[cfg.tokenizer]()
     name = cfg.tokenizer or cfg.source
     if name is None:
-        raise ValueError(
+        raise ConfigError(
             "llm.tokenizer and llm.source are both unset: name a tokenizer "
-            f"(hub name, local directory, or {TINY_TOKENIZER!r})"
+            f"(hub name, local directory, or one of {sorted(BUILTIN_TOKENIZERS)})"
         )
+    if _looks_local(name) and not Path(name).expanduser().is_dir():
+        key = "llm.tokenizer" if cfg.tokenizer else "llm.source"
+        raise FileNotFoundError(f"{key} {name!r} is not a directory (a local tokenizer is a directory of tokenizer files)")
+    if _looks_local(name):
+        name = str(Path(name).expanduser())
     tokenizer = AutoTokenizer.from_pretrained(name)
     if tokenizer.pad_token is None:
         fallback = tokenizer.unk_token or tokenizer.eos_token

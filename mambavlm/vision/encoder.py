@@ -55,6 +55,7 @@ class VisionEncoder(nn.Module):
             num_blocks = len(backbone.transformer.resblocks)
             embed_dim = backbone.transformer.width
             grid_size = tuple(backbone.grid_size)
+            patch_size = getattr(backbone, "patch_size", None) or backbone.conv1.kernel_size
         elif all(
             hasattr(backbone, attr)
             for attr in (
@@ -67,6 +68,7 @@ class VisionEncoder(nn.Module):
             num_blocks = len(backbone.blocks)
             embed_dim = backbone.embed_dim
             grid_size = tuple(backbone.patch_embed.grid_size)
+            patch_size = backbone.patch_embed.patch_size
         else:
             raise ValueError(
                 f"{name}: {type(backbone).__name__} is not a ViT with patch_embed, blocks and "
@@ -85,6 +87,8 @@ class VisionEncoder(nn.Module):
         self.feature_layer = feature_layer
         self.embed_dim: int = int(embed_dim)
         self.grid_size: tuple[int, int] = (int(grid_size[0]), int(grid_size[1]))
+        patch = (patch_size, patch_size) if isinstance(patch_size, int) else tuple(patch_size)
+        self.patch_size: tuple[int, int] = (int(patch[0]), int(patch[1]))
         self.preprocess = preprocess
         self.frozen = frozen
         if frozen:

@@ -16,10 +16,26 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mambavlm.config import VisionConfig
+from mambavlm.config import ConfigError, VisionConfig
 from mambavlm.vision.encoder import create_encoder
 
-__all__ = ["VisualLongSequence", "resample_grid"]
+__all__ = ["VisualLongSequence", "check_patch_fits", "resample_grid"]
+
+
+def check_patch_fits(cfg: VisionConfig, encoders: Sequence[nn.Module]) -> None:
+    """Raise ConfigError naming ``vision.encoders.<i>.image_size``, its value and the encoder's patch size
+    for each encoder whose image is smaller than one patch: its grid would be empty, and the forward fail
+    inside torch. An image size that is not a multiple of the patch is fine (the remainder is dropped, as
+    SigLIP 384 / 14 does)."""
+    problems = [
+        f"vision.encoders.{i}.image_size: {enc_cfg.image_size} px is smaller than one {ph} x {pw} px patch of "
+        f"{enc_cfg.name}: set it to at least {max(ph, pw)}"
+        for i, (enc_cfg, encoder) in enumerate(zip(cfg.encoders, encoders))
+        for ph, pw in [encoder.patch_size]
+        if enc_cfg.image_size < max(ph, pw)
+    ]
+    if problems:
+        raise ConfigError("\n".join(problems))
 
 
 def resample_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -37,11 +53,15 @@ class VisualLongSequence(nn.Module):
 
     forward: one pixel tensor (N, 3, S_i, S_i) per encoder -> list of grids, [(N, h, w, C_i)] * M
     for fusion 'sequence', [(N, h, w, sum C_i)] for fusion 'channel'.
+
+    Building raises ConfigError for an encoder whose image_size is smaller than its patch
+    (``check_patch_fits``).
     """
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.encoders = nn.ModuleList(create_encoder(enc, cfg.image_resize_strategy) for enc in cfg.encoders)
+        check_patch_fits(cfg, self.encoders)
         fill = self.encoders[0].preprocess.letterbox_fill  # one pad colour: one picture for every encoder
         for encoder in self.encoders:
             encoder.preprocess = dataclasses.replace(encoder.preprocess, letterbox_fill=fill)
