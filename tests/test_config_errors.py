@@ -265,3 +265,14 @@ def test_a_replace_mapping_swaps_the_base_files_instead_of_merging_into_it(tmp_p
     scalar.write_text("llm: !replace 3\n")
     with pytest.raises(ConfigError, match=r"scalar.yaml: not valid YAML: !replace takes a mapping \(line 1, column 6\)$"):
         load_yaml(scalar)
+
+
+def test_encoder_kwargs_the_library_refuses_are_one_error_naming_the_key(capsys, monkeypatch) -> None:
+    """``kwargs.depht=2`` and an embed_dim the heads do not divide were timm's tracebacks."""
+    err = _describe_error(capsys, monkeypatch, "vision.encoders.0.kwargs.depht=2")
+    assert err == ("error: vision.encoders.0.kwargs {'patch_size': 8, 'depth': 2, 'embed_dim': 48, 'num_heads': 3, "
+                   "'depht': 2}: timm:vit_small_patch14_reg4_dinov2 refuses them: VisionTransformer.__init__() got "
+                   "an unexpected keyword argument 'depht'\n")
+    err = _describe_error(capsys, monkeypatch, "vision.encoders.1.kwargs.embed_dim=50")
+    assert err.startswith("error: vision.encoders.1.kwargs {'patch_size': 8, 'depth': 2, 'embed_dim': 50, "
+                          "'num_heads': 4}: timm:vit_base_patch16_siglip_224 refuses them: ")

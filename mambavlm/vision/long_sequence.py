@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from mambavlm.config import ConfigError, VisionConfig
-from mambavlm.vision.encoder import create_encoder
+from mambavlm.config import ConfigError, EncoderConfig, VisionConfig
+from mambavlm.vision.encoder import VisionEncoder, create_encoder
 
 __all__ = ["VisualLongSequence", "check_patch_fits", "resample_grid"]
 
@@ -48,6 +48,19 @@ def resample_grid(grid: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return resized.permute(0, 2, 3, 1).contiguous()
 
 
+def _encoder(index: int, enc: EncoderConfig, cfg: VisionConfig) -> VisionEncoder:
+    """``create_encoder`` for ``vision.encoders.<index>``. timm's and open_clip's constructors refuse bad
+    ``kwargs`` with a TypeError (an unknown argument) or an AssertionError (e.g. a width the heads do not
+    divide): with kwargs given, either is a ConfigError naming the key and the library's words."""
+    try:
+        return create_encoder(enc, cfg.image_resize_strategy)
+    except (TypeError, AssertionError) as err:
+        if not enc.kwargs:
+            raise
+        raise ConfigError(f"vision.encoders.{index}.kwargs {enc.kwargs}: {enc.name} refuses them: "
+                          f"{err or type(err).__name__}") from None
+
+
 class VisualLongSequence(nn.Module):
     """Runs the M encoders of a VisionConfig and brings their grids to one (h, w).
 
@@ -55,12 +68,12 @@ class VisualLongSequence(nn.Module):
     for fusion 'sequence', [(N, h, w, sum C_i)] for fusion 'channel'.
 
     Building raises ConfigError for an encoder whose image_size is smaller than its patch
-    (``check_patch_fits``).
+    (``check_patch_fits``), or whose ``kwargs`` its library refuses (``_encoder``).
     """
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
-        self.encoders = nn.ModuleList(create_encoder(enc, cfg.image_resize_strategy) for enc in cfg.encoders)
+        self.encoders = nn.ModuleList(_encoder(i, enc, cfg) for i, enc in enumerate(cfg.encoders))
         check_patch_fits(cfg, self.encoders)
         fill = self.encoders[0].preprocess.letterbox_fill  # one pad colour: one picture for every encoder
         for encoder in self.encoders:
