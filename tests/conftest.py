@@ -340,9 +340,14 @@ def fixed_batch(model: MambaVLM) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values, "labels": labels}
 
 
+TINY_VLM_VOCAB = 1024
+"""configs/model/tiny.yaml's llm.config.vocab_size: room for its builtin:tiny tokenizer (673 tokens)."""
+
+
 def tiny_llama_vlm(seed: int = 0, **changes: object) -> MambaVLM:
-    """The tiny MambaVLM on TINY_LLAMA (with ``changes``) as its LLM, in eval mode."""
-    llm = "{" + ", ".join(f"{k}: {v}" for k, v in {**TINY_LLAMA, **changes}.items()) + "}"
+    """The tiny MambaVLM on TINY_LLAMA (with ``changes``) as its LLM, in eval mode; its vocabulary is the
+    tiny VLM's (TINY_LLAMA's 97 is smaller than the tokenizer, which the model build refuses)."""
+    llm = "{" + ", ".join(f"{k}: {v}" for k, v in {**TINY_LLAMA, "vocab_size": TINY_VLM_VOCAB, **changes}.items()) + "}"
     return tiny_vlm("llm.family=llama", f"llm.config={llm}", seed=seed)
 
 
