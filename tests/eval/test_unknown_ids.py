@@ -66,11 +66,11 @@ def _row(name: str, question_id: str, position: int = 0) -> dict[str, Any]:
 
 
 def _where(benchmark: str, files: AnnotationFiles) -> str:
-    if benchmark == "scienceqa":
-        return f"the test split of {files.split_file} ({files.annotations})"
-    if benchmark == "gqa":
-        return f"the balanced questions of {files.annotations}"
-    return str(files.annotations)
+    """How the error names the files, written out: ScienceQA's test split, GQA's balanced questions, else
+    the annotation path."""
+    held = {"scienceqa": f"the test split of {files.split_file} ({files.annotations})",
+            "gqa": f"the balanced questions of {files.annotations}"}
+    return held.get(benchmark, str(files.annotations))
 
 
 def _setup(name: str, tmp_path: Path) -> tuple[str, AnnotationFiles, list[str]]:
