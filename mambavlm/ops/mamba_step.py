@@ -86,6 +86,17 @@ Loading the state h in ``dt_state_update`` before ``gdc_wait`` (no kernel of the
 that one) rather than after was tried and not kept: 2.026-2.033 ms per token at batch 1 against
 2.041-2.048, but 2.782-2.785 at batch 4 against 2.747-2.749 (H200, 2026-12-01, four alternating repeats).
 
+Running the state update in in_proj's kernel, two kernels per block, was tried and not kept (branch
+``experiment/state-update-in-in-proj``): each program of x rows counted itself in an arrival counter (a
+release) once its conv output and ``x_proj`` share were written; each program of gate rows, whose 16
+rows are the gates of 16 channels, then waited for all of them (an acquire; the x programs have the
+lower program ids, so CUDA schedules them first) and ran those channels' dt_proj, state update and
+gating. Equal to the three kernels in float32 under the interpreter, but slower on the device: 2.034-2.035
+ms per token at batch 1 against 1.993-1.996 (H200, 2026-12-01, MambaVLM-2.8B shapes, bf16, 128 CUDA-graph
+steps, four alternating repeats). The waiting gate programs hold SM slots and poll the L2 while the last
+x programs stream their rows, and out_proj's programs wait for the slowest of them; a short kernel
+between the two projections costs less.
+
 One kernel for the whole stack was tried and not kept (branch ``experiment/persistent-decode-step``):
 every layer's three phases in one cooperative launch, separated by grid-wide barriers (a release /
 acquire arrival counter), the weights addressed through a table of their addresses. It was correct
