@@ -32,13 +32,44 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+ANSWERS_FILE = "answers.jsonl"
+SKIPPED_FILE = "skipped.jsonl"
+DEFAULT_OUTPUT_ROOT = Path("outputs/eval")
 
-from mambavlm.atomic import atomic_file
-from mambavlm.data.llava import load_records
-from mambavlm.distill.run import STUDENT_DIR
-from mambavlm.eval.model_dir import RUN_MODEL_DIRS, resolve_model_dir
-from mambavlm.eval.runner import (
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below so that --help and a usage error answer at once
+    (importing mambavlm loads torch, transformers and the model: seconds). It names the run directories
+    and the settings file literally: tests/test_entry_points.py checks them against ``FINAL_MODEL_DIR``,
+    ``STUDENT_DIR`` and ``SETTINGS_FILE``."""
+    parser = argparse.ArgumentParser(description="Greedy exact-match evaluation of a trained MambaVLM.")
+    parser.add_argument("--model", required=True,
+                        help="save_pretrained directory, Hub id, or a run's output_dir "
+                             "(its final/ after fine-tuning, its student/ after distillation)")
+    parser.add_argument("--data", type=Path, required=True, help="LLaVA-format JSON")
+    parser.add_argument("--image-root", type=Path, default=None, help="default: the JSON's directory")
+    parser.add_argument("--output-dir", type=Path, default=None,
+                        help=f"{ANSWERS_FILE}, {SKIPPED_FILE} and run_settings.json go there (default: "
+                             f"{DEFAULT_OUTPUT_ROOT}/<the model's run or directory name>/<the data file's stem>)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="JSONL of answers instead (skipped records: its stem + .skipped.jsonl; "
+                             "settings: its stem + .settings.json)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--blind", action="store_true", help="replace every image by a blank grey one")
+    parser.add_argument("--device", default=None)  # None: CUDA where available, else the CPU
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from mambavlm.atomic import atomic_file  # noqa: E402
+from mambavlm.data.llava import load_records  # noqa: E402
+from mambavlm.eval.model_dir import RUN_MODEL_DIRS, resolve_model_dir  # noqa: E402
+from mambavlm.eval.runner import (  # noqa: E402
     SETTINGS_FILE,
     RecordFileError,
     SettingsMismatchError,
@@ -48,15 +79,12 @@ from mambavlm.eval.runner import (
     read_json_object,
     settings_differences,
 )
-from mambavlm.model import MambaVLM
-from mambavlm.training.evaluation import VQAItem, generate_answers, load_vqa_items
-from mambavlm.training.finetune import FINAL_MODEL_DIR
+from mambavlm.model import MambaVLM  # noqa: E402
+from mambavlm.training.evaluation import VQAItem, generate_answers, load_vqa_items  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
-ANSWERS_FILE = "answers.jsonl"
-SKIPPED_FILE = "skipped.jsonl"
-DEFAULT_OUTPUT_ROOT = Path("outputs/eval")
+
 def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list[tuple[str, str]]]:
     """The records' questions, and ``(id, reason)`` for each record without a human turn then an
     assistant turn (each named in a warning; training skips them too)."""
@@ -149,23 +177,10 @@ def nothing_answered(data: Path, skipped: list[tuple[str, str]], answers_path: P
 def main(argv: Sequence[str] | None = None) -> float:
     """Run the evaluation; returns the accuracy. Exits with status 2 (usage) where the output location
     holds answers made with other settings, and with status 1 where no record could be answered."""
-    parser = argparse.ArgumentParser(description="Greedy exact-match evaluation of a trained MambaVLM.")
-    parser.add_argument("--model", required=True,
-                        help="save_pretrained directory, Hub id, or a run's output_dir "
-                             f"(its {FINAL_MODEL_DIR}/ after fine-tuning, its {STUDENT_DIR}/ after distillation)")
-    parser.add_argument("--data", type=Path, required=True, help="LLaVA-format JSON")
-    parser.add_argument("--image-root", type=Path, default=None, help="default: the JSON's directory")
-    parser.add_argument("--output-dir", type=Path, default=None,
-                        help=f"{ANSWERS_FILE}, {SKIPPED_FILE} and {SETTINGS_FILE} go there (default: "
-                             f"{DEFAULT_OUTPUT_ROOT}/<the model's run or directory name>/<the data file's stem>)")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSONL of answers instead (skipped records: its stem + .skipped.jsonl; "
-                             "settings: its stem + .settings.json)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--blind", action="store_true", help="replace every image by a blank grey one")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if args.out is not None and args.output_dir is not None:
         parser.error("give --out or --output-dir, not both")

@@ -14,10 +14,6 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from mambavlm.atomic import atomic_file
-from mambavlm.eval.benchmarks import read_answers
-from mambavlm.eval.scorers.vqa import vqa_submission
-
 
 def main(argv: Sequence[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -26,6 +22,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--questions", required=True, type=Path, help="the question JSONL of the test split")
     parser.add_argument("--out", required=True, type=Path, help="the JSON file to upload")
     args = parser.parse_args(argv)
+    # imported after parsing: importing mambavlm loads torch, transformers and the model (it registers
+    # with transformers' Auto classes), seconds that --help and a usage error need not wait for
+    from mambavlm.atomic import atomic_file
+    from mambavlm.eval.benchmarks import read_answers
+    from mambavlm.eval.scorers.vqa import vqa_submission
+
     try:
         predictions = {row["question_id"]: row["text"] for row in read_answers(args.answers)}
         if not args.questions.is_file():

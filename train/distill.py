@@ -13,17 +13,19 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from mambavlm.config import ConfigError
-from mambavlm.distill.config import load_distill_config
-from mambavlm.distill.run import run_distillation
-from mambavlm.llm.factory import LLMBuildError
-
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="distill YAML (configs/distill/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides (teacher=DIR layout=ratio:0.25 ...)")
     args = parser.parse_args(argv)
+    # imported after parsing: importing mambavlm loads torch, transformers and the model (it registers
+    # with transformers' Auto classes), seconds that --help and a usage error need not wait for
+    from mambavlm.config import ConfigError
+    from mambavlm.distill.config import load_distill_config
+    from mambavlm.distill.run import run_distillation
+    from mambavlm.llm.factory import LLMBuildError
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = load_distill_config(args.config, args.overrides)

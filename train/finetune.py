@@ -11,16 +11,18 @@ import argparse
 import logging
 from collections.abc import Sequence
 
-from mambavlm.config import ConfigError
-from mambavlm.llm.factory import LLMBuildError
-from mambavlm.training import load_train_config, run_finetune
-
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="train YAML (configs/train/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the train config")
     args = parser.parse_args(argv)
+    # imported after parsing: importing mambavlm loads torch, transformers and the model (it registers
+    # with transformers' Auto classes), seconds that --help and a usage error need not wait for
+    from mambavlm.config import ConfigError
+    from mambavlm.llm.factory import LLMBuildError
+    from mambavlm.training import load_train_config, run_finetune
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = load_train_config(args.config, args.overrides)

@@ -16,16 +16,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from mambavlm.config import ModelConfig, load_config
-from mambavlm.model import MambaVLM, build_model
-from mambavlm.training.finetune import resolve_adapter_dir
-from mambavlm.training.lora import (
-    BASE_DIR,
-    MODEL_CONFIG_FILE,
-    load_adapter,
-    merge_adapter,
-)
-
 logger = logging.getLogger("merge_lora")
 
 
@@ -35,6 +25,18 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("--out", type=Path, required=True, help="where the merged model is written")
     parser.add_argument("--base", type=Path, help="a saved MambaVLM to merge into (default: rebuilt from the adapter's model config)")
     args = parser.parse_args(argv)
+    # imported after parsing: importing mambavlm loads torch, transformers and the model (it registers
+    # with transformers' Auto classes), seconds that --help and a usage error need not wait for
+    from mambavlm.config import ModelConfig, load_config
+    from mambavlm.model import MambaVLM, build_model
+    from mambavlm.training.finetune import resolve_adapter_dir
+    from mambavlm.training.lora import (
+        BASE_DIR,
+        MODEL_CONFIG_FILE,
+        load_adapter,
+        merge_adapter,
+    )
+
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         args.adapter = resolve_adapter_dir(args.adapter)
