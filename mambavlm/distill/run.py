@@ -69,6 +69,18 @@ STUDENT_ARCHITECTURE_KEYS = ("layout", "seeding", "mixer_options")
 """The settings that shape the student beside its teacher (which layers are Mamba-2, and the mixers'
 sizes: mmMamba's and MaTVLM's seeding differ in heads and norms): a checkpoint resumes only with the
 values it was saved with."""
+TEACHER_KEYS = ("teacher",)
+"""The settings that decide the teacher: a checkpoint resumes only with the values it was saved with too.
+The config names the teacher by its directory alone (``template`` only formats an HF Llama teacher's
+prompts), so ``teacher`` decides both its shapes and its weights. Its shapes are the student's: the
+student is the teacher converted (its embeddings, MLPs, norms, kept attention layers, vision encoders
+and projector), so another teacher's architecture does not fit the checkpoint, whose student weights
+``load_state_dict`` refused only after the data had been prepared and config.yaml rewritten. Its weights
+are not in the checkpoint (it holds the student alone: ``DistillationModule``) but are the targets of every
+step left, so another teacher of the same shapes would change what the rest of the run distils, silently.
+Compared as written, as every key is: a teacher moved, or its path spelt otherwise, is refused as well
+(set the path back); a directory whose content was replaced in place is not seen here (the checkpoint
+load still refuses other shapes)."""
 
 
 def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
@@ -185,8 +197,9 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         num_workers=config.data.num_workers,
         cpu_threads=config.cpu_threads,
     )
-    check_resumed_architecture(resolve_resume(config.resume_from, output_dir), CONFIG_COPY,
-                               config.model_dump(mode="json"), STUDENT_ARCHITECTURE_KEYS, "resume_from")
+    # before anything is written (config.yaml, the data) and before the teacher loads
+    check_resumed_architecture(resolve_resume(config.resume_from, output_dir), CONFIG_COPY, config.model_dump(mode="json"),
+                               STUDENT_ARCHITECTURE_KEYS + TEACHER_KEYS, "resume_from")
     acc = trainer.accelerator
     set_seed(config.seed)
     with trainer.building_models():  # before the data: a teacher that cannot load stops the run at once

@@ -234,7 +234,8 @@ def test_resuming_with_another_student_shape_names_the_change(teacher: Path, tmp
     out = tmp_path / "run"
     (out / "checkpoint-3").mkdir(parents=True)
     (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    saved = yaml.safe_dump({"layout": "head-interleaved:2", "seeding": "mmmamba", "mixer_options": {}})
+    saved = yaml.safe_dump({"teacher": str(teacher), "layout": "head-interleaved:2", "seeding": "mmmamba",
+                            "mixer_options": {}})
     (out / "config.yaml").write_text(saved)
     with pytest.raises(SystemExit) as exit_info:
         distill_main(distill_args(teacher, out, override, "resume_from=latest"))
@@ -242,6 +243,42 @@ def test_resuming_with_another_student_shape_names_the_change(teacher: Path, tmp
     assert (f"error: resume_from: {out / 'checkpoint-3'} was saved by a run with another model ({change})"
             in capsys.readouterr().err)
     assert (out / "config.yaml").read_text() == saved
+
+
+@pytest.fixture(scope="module")
+def wider_teacher(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The teacher with a wider LLM (hidden 48, not 32): another architecture, as a MambaVLM directory."""
+    path = tmp_path_factory.mktemp("wider_teacher") / "model"
+    tiny_llama_vlm(**DISTILL_LLAMA, hidden_size=48, intermediate_size=96).save_pretrained(path)
+    return path
+
+
+def test_resuming_with_another_teacher_names_it_before_anything_is_written(
+    teacher: Path, wider_teacher: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A resume whose teacher has other shapes than the checkpointed run's (the student, its converted
+    copy, has them too) loaded that teacher, wrote the data, rewrote the run's config.yaml and only then
+    failed in the checkpoint load: now one error line naming ``teacher`` and both directories, before
+    the teacher loads, config.yaml untouched and no data written."""
+    hidden = [json.loads((path / "config.json").read_text())["text_config"]["hidden_size"]
+              for path in (teacher, wider_teacher)]
+    assert hidden[0] != hidden[1]  # the two teachers' architectures differ
+    out = tmp_path / "run"
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    saved = yaml.safe_dump({"teacher": str(teacher), "layout": "head-interleaved:2", "seeding": "mmmamba",
+                            "mixer_options": {}})
+    (out / "config.yaml").write_text(saved)
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main(distill_args(wider_teacher, out, "resume_from=latest"))
+    assert exit_info.value.code == 2
+    assert (out / "config.yaml").read_text() == saved
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-3", "config.yaml"]  # no data, no logs
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(
+        f"error: resume_from: {out / 'checkpoint-3'} was saved by a run with another model "
+        f"(teacher: {str(teacher)!r} -> {str(wider_teacher)!r})"
+    ), err
 
 
 def test_a_profiled_distillation_step_writes_its_tables_and_changes_no_loss(teacher: Path, tmp_path: Path) -> None:
