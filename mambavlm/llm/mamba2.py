@@ -31,6 +31,7 @@ input and dt = 0 (no decay), so a padded row gives what it gives alone.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -40,7 +41,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mambavlm.ops.causal_conv1d import causal_conv1d, causal_conv1d_state, causal_conv1d_update
-from mambavlm.ops.dispatch import use_kernels
+from mambavlm.ops.dispatch import DISABLE_KERNELS_ENV, triton_runs_on, use_kernels
+from mambavlm.ops.mamba2_step import mamba2_ssm_step
 from mambavlm.ops.ssd import ssd_scan, ssd_step
 
 __all__ = ["Mamba2Mixer", "Mamba2MixerConfig", "Mamba2State", "gated_rms_norm", "inverse_softplus"]
@@ -132,11 +134,15 @@ class Mamba2MixerConfig:
         return self.num_xb_heads or self.num_heads
 
     @property
+    def b_groups(self) -> int:
+        """Groups of B as projected (K'): K when x and B are at key/value width, else G."""
+        return self.xb_heads if self.num_xb_heads is not None else self.n_groups
+
+    @property
     def conv_dim(self) -> int:
-        """Channels of concat(x, B, C) as projected, the conv's input: K * P + K' * N + G * N, with
-        K' = K when x and B are at key/value width, else G (mamba_ssm: d_inner + 2 * G * N)."""
-        b_groups = self.xb_heads if self.num_xb_heads is not None else self.n_groups
-        return self.xb_heads * self.head_dim + (b_groups + self.n_groups) * self.d_state
+        """Channels of concat(x, B, C) as projected, the conv's input: K * P + K' * N + G * N
+        (mamba_ssm: d_inner + 2 * G * N)."""
+        return self.xb_heads * self.head_dim + (self.b_groups + self.n_groups) * self.d_state
 
 
 @dataclass
@@ -170,6 +176,15 @@ class Mamba2State:
         """Replace conv and ssm by ``fn`` of them (beam reordering, batch selection or repetition)."""
         self.conv = fn(self.conv)
         self.ssm = fn(self.ssm)
+
+
+def fused_step_runs(xbc: Tensor) -> bool:
+    """Whether ``Mamba2Mixer.step`` runs its state update as one Triton kernel on ``xbc`` (the conv
+    output): Triton runs on it (CUDA, or the interpreter), kernels are not disabled
+    (``MAMBAVLM_DISABLE_KERNELS``), and no gradient is asked for (the kernel has no backward)."""
+    if torch.is_grad_enabled() and xbc.requires_grad:
+        return False
+    return triton_runs_on(xbc) and os.environ.get(DISABLE_KERNELS_ENV) != "1"
 
 
 def inverse_softplus(x: Tensor) -> Tensor:
@@ -455,7 +470,10 @@ class Mamba2Mixer(nn.Module):
     def step(self, hidden_states: Tensor, state: Mamba2State) -> Tensor:
         """Decode one token: hidden_states (B, hidden) -> (B, hidden); ``state`` advances in place.
 
-        Reads the constants stored in ``state`` (see ``Mamba2State``), not the weights.
+        Reads the constants stored in ``state`` (see ``Mamba2State``), not the weights. Where Triton runs
+        (CUDA, or its interpreter) and no gradient is asked for, everything between the conv and the
+        gated norm is one kernel (``mambavlm.ops.mamba2_step``); ``MAMBAVLM_DISABLE_KERNELS=1`` keeps
+        the PyTorch path.
         """
         if hidden_states.dim() != 2 or hidden_states.shape[-1] != self.config.hidden_size:
             raise ValueError(f"step takes hidden_states (batch, {self.config.hidden_size}), got {tuple(hidden_states.shape)}")
@@ -463,6 +481,11 @@ class Mamba2Mixer(nn.Module):
         z, xbc, dt = self._project(hidden_states)
         if self.conv1d is not None:
             xbc = causal_conv1d_update(xbc, state.conv, self.conv1d.weight.squeeze(1), self.conv1d.bias, cfg.conv_activation)
+        if fused_step_runs(xbc):
+            y = mamba2_ssm_step(xbc, dt, state.ssm, state.A, state.dt_bias, state.D, xb_heads=cfg.xb_heads,
+                                b_groups=cfg.b_groups, n_groups=cfg.n_groups, dt_limit=cfg.dt_limit,
+                                dt_scales_input=cfg.dt_scales_input, min_dt=UNSCALED_MIN_DT)
+            return self._output(y, z, hidden_states.dtype)
         x, B, C = self._split_xbc(xbc)
         x_scan, dt = self._scan_inputs(x, dt, state.dt_bias)
         if cfg.dt_scales_input:
