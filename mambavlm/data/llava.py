@@ -163,6 +163,8 @@ class LlavaDataset(Dataset):
         turns = record.get("conversations")
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             return _Skip("malformed conversations", "malformed conversations: 'conversations' must be a list of turn dicts")
+        if problem := _turn_problem(turns):
+            return _Skip("malformed conversations", f"malformed conversations: {problem}")
         if not any(t.get("from") in ASSISTANT_ROLES for t in turns):
             return _Skip("no assistant turn", "no assistant turn")
         for index, turn in enumerate(turns):
@@ -223,6 +225,27 @@ class LlavaDataset(Dataset):
             return open_image(path)
         except IMAGE_LOAD_ERRORS as err:
             return _Skip("unreadable image", f"unreadable image {path}: {type(err).__name__}: {err}")
+
+
+KNOWN_ROLES = HUMAN_ROLES | ASSISTANT_ROLES
+"""The values a turn's ``"from"`` may take."""
+
+
+def _turn_problem(turns: list[dict]) -> str | None:
+    """What is wrong with the first turn whose role is not a known one or whose value is not a string,
+    or None. Checked before anything else reads the turns: a turn without its ``"value"`` had been
+    reported as a missing ``<image>`` placeholder, and roles the templates do not know (``"USER"``,
+    ``"bot"``) as a record without an assistant turn."""
+    for index, turn in enumerate(turns):
+        role = turn.get("from")
+        if not isinstance(role, str) or role not in KNOWN_ROLES:
+            shown = "no 'from'" if "from" not in turn else f"role {role!r}"
+            return f"turn {index} has {shown}; expected one of {', '.join(sorted(KNOWN_ROLES))}"
+        if "value" not in turn:
+            return f"turn {index} has no 'value'"
+        if not isinstance(turn["value"], str):
+            return f"turn {index}: 'value' must be a string, got {type(turn['value']).__name__}"
+    return None
 
 
 def _with_image_placeholder(turns: list[dict]) -> list[dict]:

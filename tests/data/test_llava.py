@@ -245,3 +245,27 @@ def test_an_entry_that_is_not_a_record_is_skipped_and_a_bad_file_is_named(tmp_pa
     data.write_text(json.dumps({"id": "a"}))
     with pytest.raises(ValueError, match="expected a list of record dicts, got a JSON dict"):
         LlavaDataset(data, tmp_path, build_tiny_tokenizer(), get_template("plain"), [to_tensor_at(4)], 2, 64, add_bos=False)
+
+
+@pytest.mark.parametrize(
+    "turns, reason",
+    [
+        # a human turn without its value, in an image record: was "holds 0 <image> placeholders, expected 1"
+        ([{"from": "human"}, {"from": "gpt", "value": "red"}], "turn 0 has no 'value'"),
+        ([{"from": "human", "value": None}, {"from": "gpt", "value": "red"}], "turn 0: 'value' must be a string, got NoneType"),
+        # roles the templates do not know: was "no assistant turn"
+        ([{"from": "USER", "value": "color ?"}, {"from": "ASSISTANT", "value": "red"}], "turn 0 has role 'USER'"),
+        ([{"from": "human", "value": "color ?"}, {"from": "bot", "value": "red"}], "turn 1 has role 'bot'"),
+        ([{"value": "color ?"}, {"from": "gpt", "value": "red"}], "turn 0 has no 'from'"),
+        ([{"from": ["human"], "value": "color ?"}, {"from": "gpt", "value": "red"}], "turn 0 has role ['human']"),
+    ],
+)
+def test_a_malformed_turn_is_named_as_such(tmp_path, turns, reason):
+    """The reason names the turn at fault, not a consequence of it (a missing placeholder, no answer)."""
+    (tmp_path / "x.png").write_bytes(png_bytes((0, 0, 0)))
+    record = {"id": "r", "image": "x.png", "conversations": turns}
+    ds = LlavaDataset([record], tmp_path, build_tiny_tokenizer(), get_template("plain"), [to_tensor_at(4)], 2, 64, add_bos=False)
+    item = ds[0]
+    assert isinstance(item, SkippedSample)
+    assert (item.kind, item.reason) == ("malformed conversations", f"malformed conversations: {reason}" + (
+        "; expected one of assistant, gpt, human, user" if "role" in reason or "'from'" in reason else ""))
