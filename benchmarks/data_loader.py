@@ -23,21 +23,42 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import DataLoader
 
-from benchmarks import PAPER_CONFIG
-from benchmarks.report import default_out, markdown_table, write_report
-from mambavlm.data.collate import VLMCollator
-from mambavlm.llm.tokenizer import TINY_TOKENIZER
-from mambavlm.model import build_model
-from mambavlm.training.finetune import training_dataset
-
-IMAGE_SIZE = (640, 480)
 GPU_SAMPLES_PER_S = 5.79
 """MambaVLM-2.8B training on one H200 before issue 15 (8,812 tokens/s at 1522 tokens per sample)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="48 records, workers 0 and 1 (CI)")
+    parser.add_argument("--records", type=int, help="records in the pass (default 512; 48 with --quick)")
+    parser.add_argument("--workers", type=int, nargs="+", help="DataLoader num_workers values (default: up to the CPUs)")
+    parser.add_argument("--micro-batch", type=int, default=8)
+    parser.add_argument("--answer-words", type=int, default=64)
+    parser.add_argument("--gpu-samples-per-s", type=float, default=GPU_SAMPLES_PER_S,
+                        help=f"samples/s one GPU trains (default {GPU_SAMPLES_PER_S}: MambaVLM-2.8B, H200)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/data_loader[-quick].md)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from benchmarks import PAPER_CONFIG  # noqa: E402
+from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
+from mambavlm.data.collate import VLMCollator  # noqa: E402
+from mambavlm.llm.tokenizer import TINY_TOKENIZER  # noqa: E402
+from mambavlm.model import build_model  # noqa: E402
+from mambavlm.training.finetune import training_dataset  # noqa: E402
+
+IMAGE_SIZE = (640, 480)
 WORDS = "the red blue green circle square triangle is left right of above below a an and".split()
 
 
@@ -101,16 +122,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="48 records, workers 0 and 1 (CI)")
-    parser.add_argument("--records", type=int, help="records in the pass (default 512; 48 with --quick)")
-    parser.add_argument("--workers", type=int, nargs="+", help="DataLoader num_workers values (default: up to the CPUs)")
-    parser.add_argument("--micro-batch", type=int, default=8)
-    parser.add_argument("--answer-words", type=int, default=64)
-    parser.add_argument("--gpu-samples-per-s", type=float, default=GPU_SAMPLES_PER_S,
-                        help=f"samples/s one GPU trains (default {GPU_SAMPLES_PER_S}: MambaVLM-2.8B, H200)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/data_loader[-quick].md)")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -25,20 +25,38 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
 
-from benchmarks import PAPER_CONFIG, TINY_CONFIG
-from benchmarks.profiling import gpu_idle_profile
-from benchmarks.report import default_out, markdown_table, write_report
-from benchmarks.timing import benchmark_device, free_memory, peak_memory_gib, reset_peak_memory, synchronize
-from mambavlm.generation.settings import GenerationSettings
-from mambavlm.llm.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER
-from mambavlm.model import MambaVLM, build_model
-from mambavlm.processing import left_pad
-from mambavlm.training.evaluation import iter_answers
-from mambavlm.vision.image import open_image
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/eval_throughput[-quick].md)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 32 64 (1 4 with --quick)")
+    parser.add_argument("--samples", type=int, help="questions per row of ours (default 256; 8 with --quick)")
+    parser.add_argument("--hf-samples", type=int, help="questions per HF generate row (default 64; 8 with --quick)")
+    parser.add_argument("--profile", action="store_true", help="+ where the GPU idles in the loop (CUDA only)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks import PAPER_CONFIG, TINY_CONFIG  # noqa: E402
+from benchmarks.profiling import gpu_idle_profile  # noqa: E402
+from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
+from benchmarks.timing import benchmark_device, free_memory, peak_memory_gib, reset_peak_memory, synchronize  # noqa: E402
+from mambavlm.generation.settings import GenerationSettings  # noqa: E402
+from mambavlm.llm.tokenizer import IMAGE_TOKEN, TINY_TOKENIZER  # noqa: E402
+from mambavlm.model import MambaVLM, build_model  # noqa: E402
+from mambavlm.processing import left_pad  # noqa: E402
+from mambavlm.training.evaluation import iter_answers  # noqa: E402
+from mambavlm.vision.image import open_image  # noqa: E402
 
 IMAGE_SIZE = (640, 480)
 TARGET_SAMPLES_PER_S = 25.0
@@ -219,15 +237,7 @@ def _first_word(answer: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/eval_throughput[-quick].md)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 32 64 (1 4 with --quick)")
-    parser.add_argument("--samples", type=int, help="questions per row of ours (default 256; 8 with --quick)")
-    parser.add_argument("--hf-samples", type=int, help="questions per HF generate row (default 64; 8 with --quick)")
-    parser.add_argument("--profile", action="store_true", help="+ where the GPU idles in the loop (CUDA only)")
-    parser.add_argument("--new-tokens", type=int, default=16, help="greedy tokens per answer (default 16)")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -34,14 +34,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch import Tensor
 
-from benchmarks import PAPER_CONFIG, TINY_CONFIG
-from benchmarks.prefill import mamba_ssm_copy
-from benchmarks.profiling import step_kernel_profile
-from benchmarks.report import default_out, hbm_bytes_per_s, markdown_table, write_report
-from benchmarks.timing import (
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU, a few tokens (CI)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/generation[-quick].md)")
+    parser.add_argument("--new-tokens", type=int, help="tokens to generate (default 256; 8 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per row (default 3; 2 with --quick)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="batched table (default 1 4 16 64; 1 2 with --quick)")
+    parser.add_argument("--profile", action="store_true",
+                        help="+ the kernels of one decoding step per fast path (CUDA)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from benchmarks import PAPER_CONFIG, TINY_CONFIG  # noqa: E402
+from benchmarks.prefill import mamba_ssm_copy  # noqa: E402
+from benchmarks.profiling import step_kernel_profile  # noqa: E402
+from benchmarks.report import default_out, hbm_bytes_per_s, markdown_table, write_report  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
     benchmark_device,
     free_memory,
     median_seconds,
@@ -49,11 +67,11 @@ from benchmarks.timing import (
     reset_peak_memory,
     synchronize,
 )
-from mambavlm.generation import StaticStateDecoder
-from mambavlm.generation.mamba_lm import FUSED_STEP_MAX_BATCH
-from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
-from mambavlm.model import MambaVLM, build_model
-from mambavlm.ops.mamba_step import triton_available
+from mambavlm.generation import StaticStateDecoder  # noqa: E402
+from mambavlm.generation.mamba_lm import FUSED_STEP_MAX_BATCH  # noqa: E402
+from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX  # noqa: E402
+from mambavlm.model import MambaVLM, build_model  # noqa: E402
+from mambavlm.ops.mamba_step import triton_available  # noqa: E402
 
 TEXT_TOKENS = 20
 """Text tokens of the prompt around the image: 10 before, 10 after (1478 = 1458 + 20 for the paper)."""
@@ -424,15 +442,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU, a few tokens (CI)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/generation[-quick].md)")
-    parser.add_argument("--new-tokens", type=int, help="tokens to generate (default 256; 8 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed runs per row (default 3; 2 with --quick)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="batched table (default 1 4 16 64; 1 2 with --quick)")
-    parser.add_argument("--profile", action="store_true",
-                        help="+ the kernels of one decoding step per fast path (CUDA)")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -28,19 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
-from benchmarks.report import RESULTS_DIR, default_out, hbm_bytes_per_s, markdown_table, write_report
-from benchmarks.timing import (
-    benchmark_device,
-    free_memory,
-    peak_memory_gib,
-    reset_peak_memory,
-    synchronize,
-)
-from mambavlm.distill.convert import convert_llama
-from mambavlm.generation import HybridStaticDecoder
 
 TEACHER_SHAPES: dict[str, dict[str, int]] = {
     "hovle-2.6b": {
@@ -61,6 +48,38 @@ TEACHER_SHAPES: dict[str, dict[str, int]] = {
     },
 }
 """Teacher decoder shapes: HoVLE's (mmMamba's teacher) for the GPU run, a tiny one for --quick."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny teacher on the CPU, short contexts (CI)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/long_context[-quick].md)")
+    parser.add_argument("--shape", choices=sorted(TEACHER_SHAPES), default="hovle-2.6b", help="teacher shape")
+    parser.add_argument("--contexts", type=int, nargs="+", help="context lengths in tokens")
+    parser.add_argument("--steps", type=int, help="decode steps per timed block (default 32; 4 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed blocks (default 3; 2 with --quick)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from benchmarks.report import RESULTS_DIR, default_out, hbm_bytes_per_s, markdown_table, write_report  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
+    benchmark_device,
+    free_memory,
+    peak_memory_gib,
+    reset_peak_memory,
+    synchronize,
+)
+from mambavlm.distill.convert import convert_llama  # noqa: E402
+from mambavlm.generation import HybridStaticDecoder  # noqa: E402
+
 
 MODELS = {"teacher": None, "hybrid (25 % attention)": "head-interleaved:4", "linear (0 % attention)": "linear"}
 """Row name -> the layout converting the teacher (None: the teacher itself)."""
@@ -318,14 +337,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny teacher on the CPU, short contexts (CI)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/long_context[-quick].md)")
-    parser.add_argument("--shape", choices=sorted(TEACHER_SHAPES), default="hovle-2.6b", help="teacher shape")
-    parser.add_argument("--contexts", type=int, nargs="+", help="context lengths in tokens")
-    parser.add_argument("--steps", type=int, help="decode steps per timed block (default 32; 4 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed blocks (default 3; 2 with --quick)")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

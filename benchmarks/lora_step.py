@@ -17,15 +17,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import torch
 
-from benchmarks.report import default_out, markdown_table, write_report
-from benchmarks.timing import benchmark_device, free_memory, median_seconds, peak_memory_gib, reset_peak_memory
-from benchmarks.training_throughput import PAPER_CONFIG, TINY_CONFIG, make_batch
-from mambavlm.model import build_model
-from mambavlm.training.config import LoraSettings
-from mambavlm.training.lora import LoraTrainable, apply_lora
-from mambavlm.training.optim import FreezePreset
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/lora_step[-quick].md)")
+    parser.add_argument("--micro-batch", type=int, help="samples per step (default 4; 2 with --quick)")
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--steps", type=int, help="timed steps (default 5; 3 with --quick)")
+    parser.add_argument("--rank", type=int, default=16)
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+
+from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
+from benchmarks.timing import benchmark_device, free_memory, median_seconds, peak_memory_gib, reset_peak_memory  # noqa: E402
+from benchmarks.training_throughput import PAPER_CONFIG, TINY_CONFIG, make_batch  # noqa: E402
+from mambavlm.model import build_model  # noqa: E402
+from mambavlm.training.config import LoraSettings  # noqa: E402
+from mambavlm.training.lora import LoraTrainable, apply_lora  # noqa: E402
+from mambavlm.training.optim import FreezePreset  # noqa: E402
 
 HEADERS = ["path", "trainable parameters", "ms / step", "peak GiB", "loss first -> last"]
 
@@ -95,14 +112,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/lora_step[-quick].md)")
-    parser.add_argument("--micro-batch", type=int, help="samples per step (default 4; 2 with --quick)")
-    parser.add_argument("--text-tokens", type=int, default=64)
-    parser.add_argument("--steps", type=int, help="timed steps (default 5; 3 with --quick)")
-    parser.add_argument("--rank", type=int, default=16)
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

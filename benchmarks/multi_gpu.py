@@ -50,16 +50,52 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from benchmarks import ROOT
-from benchmarks.report import default_out, markdown_table, write_report
-from mambavlm.atomic import atomic_file
-from mambavlm.training.config import load_train_config
 
 STRATEGIES = ("ddp", "fsdp", "deepspeed_zero2", "deepspeed_zero3")
+QUICK_GLOBAL_BATCH, QUICK_MICRO_BATCH = 16, 4
+"""--quick's batches (the tiny config's own are one micro-batch of 32: nothing to accumulate)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config, DDP on 1 and 2 CPU processes (CI)")
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
+    parser.add_argument("--steps", type=int, default=3, help="optimiser steps per run (default 3; the first untimed)")
+    parser.add_argument("--global-batch", type=int, help="samples per optimiser step (default: the paper config's, "
+                        f"128; {QUICK_GLOBAL_BATCH} with --quick)")
+    parser.add_argument("--micro-batch", type=int, help="samples per forward pass and process (default: the paper "
+                        f"config's, 8; {QUICK_MICRO_BATCH} with --quick)")
+    parser.add_argument("--processes", type=int, nargs="+", choices=[1, 2], default=[1, 2],
+                        help="which runs to make: on 1 process, on 2, or both (default; the ratio needs both)")
+    parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
+                        help="run the 1-GPU runs one after another instead of one per GPU at once")
+    parser.add_argument("--sync-each-batch", action="store_true", help="every run reduces its gradients after "
+                        "each micro-batch (train.sync_each_batch=true): under FSDP, sharded gradients accumulate")
+    parser.add_argument("--profile-step", type=int, help="record this step of every run with torch.profiler "
+                        "(train.profile_step; it is then not timed); its operator tables are kept in --runs-dir")
+    parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it; "
+                        "default /dev/shm when it holds them, else the system's temporary directory)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/multi_gpu[-quick].md)")
+    parser.add_argument("--runs-dir", type=Path, help="keep each finished run's metrics here (STRATEGY-GPUS.json) "
+                        "and reuse those already there: the strategies can be measured over several calls, "
+                        "the report covering all of them")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from benchmarks import ROOT  # noqa: E402
+from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
+from mambavlm.atomic import atomic_file  # noqa: E402
+from mambavlm.training.config import load_train_config  # noqa: E402
+
 TARGET_SPEEDUP = 1.85
 """Issue 13: 2 GPUs at least this many times one GPU's tokens/s."""
 LOSS_RTOL = 2e-2
@@ -82,8 +118,6 @@ PAPER_OVERRIDES = [
 ]
 """configs/train/mambavlm-2.8b.yaml with random weights and the project's tokenizer (no downloads)."""
 PAPER_CONFIG = ROOT / "configs" / "train" / "mambavlm-2.8b.yaml"
-QUICK_GLOBAL_BATCH, QUICK_MICRO_BATCH = 16, 4
-"""--quick's batches (the tiny config's own are one micro-batch of 32: nothing to accumulate)."""
 ALLREDUCE_BYTES, QUICK_ALLREDUCE_BYTES = 2**30, 2**26
 """The timed all-reduce: 1 GiB between GPUs (NCCL reaches its bus bandwidth from ~100 MB), 64 MiB
 between --quick's CPU processes."""
@@ -404,29 +438,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny config, DDP on 1 and 2 CPU processes (CI)")
-    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES), choices=STRATEGIES)
-    parser.add_argument("--steps", type=int, default=3, help="optimiser steps per run (default 3; the first untimed)")
-    parser.add_argument("--global-batch", type=int, help="samples per optimiser step (default: the paper config's, "
-                        f"128; {QUICK_GLOBAL_BATCH} with --quick)")
-    parser.add_argument("--micro-batch", type=int, help="samples per forward pass and process (default: the paper "
-                        f"config's, 8; {QUICK_MICRO_BATCH} with --quick)")
-    parser.add_argument("--processes", type=int, nargs="+", choices=[1, 2], default=[1, 2],
-                        help="which runs to make: on 1 process, on 2, or both (default; the ratio needs both)")
-    parser.add_argument("--no-concurrent-single", dest="concurrent_single", action="store_false",
-                        help="run the 1-GPU runs one after another instead of one per GPU at once")
-    parser.add_argument("--sync-each-batch", action="store_true", help="every run reduces its gradients after "
-                        "each micro-batch (train.sync_each_batch=true): under FSDP, sharded gradients accumulate")
-    parser.add_argument("--profile-step", type=int, help="record this step of every run with torch.profiler "
-                        "(train.profile_step; it is then not timed); its operator tables are kept in --runs-dir")
-    parser.add_argument("--work-dir", type=Path, help="where the runs' outputs go (a temporary directory in it; "
-                        "default /dev/shm when it holds them, else the system's temporary directory)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/multi_gpu[-quick].md)")
-    parser.add_argument("--runs-dir", type=Path, help="keep each finished run's metrics here (STRATEGY-GPUS.json) "
-                        "and reuse those already there: the strategies can be measured over several calls, "
-                        "the report covering all of them")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -29,23 +29,40 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import Tensor
-from transformers import PreTrainedModel
 
-from benchmarks import PAPER_CONFIG, TINY_CONFIG
-from benchmarks.profiling import kernel_profile
-from benchmarks.report import default_out, markdown_table, write_report
-from benchmarks.timing import (
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/prefill[-quick].md)")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 32 (1 4 with --quick)")
+    parser.add_argument("--length", type=int, help="prompt tokens per sample (default 1478; 48 with --quick)")
+    parser.add_argument("--repeats", type=int, help="timed runs per row (default 5; 2 with --quick)")
+    parser.add_argument("--profile", action="store_true", help="print our prefill's top CUDA kernels (CUDA only)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+from transformers import PreTrainedModel  # noqa: E402
+
+from benchmarks import PAPER_CONFIG, TINY_CONFIG  # noqa: E402
+from benchmarks.profiling import kernel_profile  # noqa: E402
+from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
     benchmark_device,
     free_memory,
     median_seconds,
     peak_memory_gib,
     reset_peak_memory,
 )
-from mambavlm.config import ModelConfig, load_config
-from mambavlm.generation import StaticStateDecoder
-from mambavlm.llm.factory import build_llm
+from mambavlm.config import ModelConfig, load_config  # noqa: E402
+from mambavlm.generation import StaticStateDecoder  # noqa: E402
+from mambavlm.llm.factory import build_llm  # noqa: E402
 
 HEADERS = ["path", "batch", "ms / batch", "ms / sample", "prompt tok/s", "peak GiB"]
 
@@ -162,14 +179,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/prefill[-quick].md)")
-    parser.add_argument("--batch-sizes", type=int, nargs="+", help="default 1 8 32 (1 4 with --quick)")
-    parser.add_argument("--length", type=int, help="prompt tokens per sample (default 1478; 48 with --quick)")
-    parser.add_argument("--repeats", type=int, help="timed runs per row (default 5; 2 with --quick)")
-    parser.add_argument("--profile", action="store_true", help="print our prefill's top CUDA kernels (CUDA only)")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -17,16 +17,32 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import Tensor, nn
 
-from benchmarks import PAPER_CONFIG, TINY_CONFIG
-from benchmarks.report import default_out, markdown_table, write_report
-from benchmarks.timing import benchmark_device, median_seconds
-from mambavlm.config import ModelConfig, ProjectorConfig, load_config
-from mambavlm.llm.factory import build_llm
-from mambavlm.projector import build_projector
-from mambavlm.vision.long_sequence import VisualLongSequence
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
+    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/projector[-quick].md)")
+    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
+    parser.add_argument("--text-tokens", type=int, default=100, help="text tokens beside the visual ones")
+    parser.add_argument("--repeats", type=int, help="timed runs per row (default 10; 2 with --quick)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+from benchmarks import PAPER_CONFIG, TINY_CONFIG  # noqa: E402
+from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
+from benchmarks.timing import benchmark_device, median_seconds  # noqa: E402
+from mambavlm.config import ModelConfig, ProjectorConfig, load_config  # noqa: E402
+from mambavlm.llm.factory import build_llm  # noqa: E402
+from mambavlm.projector import build_projector  # noqa: E402
+from mambavlm.vision.long_sequence import VisualLongSequence  # noqa: E402
 
 TARGET_SHARE = 0.03
 """The issue's target: the projector at most 3 % of the projector + LLM step."""
@@ -121,13 +137,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny config on the CPU (CI)")
-    parser.add_argument("--out", type=Path, help="results file (default benchmarks/results/projector[-quick].md)")
-    parser.add_argument("--batch", type=int, default=1, help="images per step (default 1)")
-    parser.add_argument("--text-tokens", type=int, default=100, help="text tokens beside the visual ones")
-    parser.add_argument("--repeats", type=int, help="timed runs per row (default 10; 2 with --quick)")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

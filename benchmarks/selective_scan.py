@@ -24,18 +24,38 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from torch import Tensor
 
-from benchmarks.report import default_out, markdown_table, write_report
-from benchmarks.timing import (
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (Triton's interpreter)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--launch-shapes", nargs="+", default=None, metavar="DxTxW",
+                        help="launch shapes to time (channels per program x steps per chunk x warps)")
+    parser.add_argument("--methods", nargs="+", choices=["chunked", "sequential"], default=["chunked", "sequential"],
+                        help="the kernel pairs to time (each at its launch shapes)")
+    parser.add_argument("--shapes", nargs="+", default=None, metavar="BxDxNxL",
+                        help="scan shapes to time, one table each (default: Mamba-2.8B at 8 x 1522 tokens)")
+    parser.add_argument("--out", type=Path, default=None)
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
     benchmark_device,
     median_seconds,
     peak_memory_gib,
     reset_peak_memory,
 )
-from mambavlm.ops.selective_scan import selective_scan_torch
-from mambavlm.ops.selective_scan_triton import LAUNCH, ScanMethod, selective_scan_triton
+from mambavlm.ops.selective_scan import selective_scan_torch  # noqa: E402
+from mambavlm.ops.selective_scan_triton import LAUNCH, ScanMethod, selective_scan_triton  # noqa: E402
 
 SHAPES = {"paper": (8, 5120, 16, 1522), "quick": (2, 24, 4, 40)}
 """(batch, channels, state size, length): Mamba-2.8B's training step, a tiny stand-in."""
@@ -142,16 +162,7 @@ def run(quick: bool, repeats: int, launch_shapes: list[tuple[ScanMethod, int, in
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny shapes on the CPU (Triton's interpreter)")
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--launch-shapes", nargs="+", default=None, metavar="DxTxW",
-                        help="launch shapes to time (channels per program x steps per chunk x warps)")
-    parser.add_argument("--methods", nargs="+", choices=["chunked", "sequential"], default=["chunked", "sequential"],
-                        help="the kernel pairs to time (each at its launch shapes)")
-    parser.add_argument("--shapes", nargs="+", default=None, metavar="BxDxNxL",
-                        help="scan shapes to time, one table each (default: Mamba-2.8B at 8 x 1522 tokens)")
-    parser.add_argument("--out", type=Path, default=None)
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.quick and os.environ.get("TRITON_INTERPRET") != "1":
         raise SystemExit("--quick runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")

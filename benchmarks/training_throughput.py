@@ -54,25 +54,58 @@ from pathlib import Path
 from typing import Any
 from unittest import mock
 
-import torch
-from torch import Tensor
 
-from benchmarks import PAPER_CONFIG, TINY_CONFIG
-from benchmarks.prefill import mamba_ssm_copy
-from benchmarks.profiling import kernel_profile
-from benchmarks.report import default_out, markdown_table, peak_flops, write_report
-from benchmarks.timing import (
+OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built before the imports below: --help and a usage error answer without
+    loading torch, transformers and mambavlm (seconds)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny configs on the CPU (CI)")
+    parser.add_argument(
+        "--out", type=Path, help="results file (default benchmarks/results/training_throughput[-quick].md)"
+    )
+    parser.add_argument("--micro-batch", type=int, help="first micro-batch tried (default 8; 2 with --quick)")
+    parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample of the loss curves (default 64)")
+    parser.add_argument("--text-tokens-list", type=int, nargs="+",
+                        help="text tokens per sample of each timed length (default: 64 and 4630, 4x the tokens; 64 with --quick)")
+    parser.add_argument("--loss-steps", type=int, help="steps of the loss curves (default 20; 4 with --quick)")
+    parser.add_argument("--loss-lr", type=float, default=1e-4, help="learning rate of the loss curves")
+    parser.add_argument("--loss-optimizer", choices=sorted(OPTIMIZER_NAMES), default="sgd",
+                        help="optimiser of the loss curves (sgd: updates proportional to the gradients)")
+    parser.add_argument("--steps", type=int, help="timed steps (default 5; 2 with --quick)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations")
+    parser.add_argument("--loss-dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="parameter dtype of the loss curves (default float32)")
+    parser.add_argument("--larger-micro-batch", type=int, default=16,
+                        help="ours and mamba_ssm again at this micro-batch, first length (CUDA; default 16)")
+    parser.add_argument("--profile", action="store_true", help="+ the kernels of one step of ours and mamba_ssm (CUDA)")
+    return parser
+
+
+if __name__ == "__main__":  # --help and usage errors exit here, before the heavy imports
+    build_parser().parse_args()
+
+import torch  # noqa: E402
+from torch import Tensor  # noqa: E402
+
+from benchmarks import PAPER_CONFIG, TINY_CONFIG  # noqa: E402
+from benchmarks.prefill import mamba_ssm_copy  # noqa: E402
+from benchmarks.profiling import kernel_profile  # noqa: E402
+from benchmarks.report import default_out, markdown_table, peak_flops, write_report  # noqa: E402
+from benchmarks.timing import (  # noqa: E402
     benchmark_device,
     free_memory,
     median_seconds,
     peak_memory_gib,
     reset_peak_memory,
 )
-from mambavlm.config import LLMConfig, ModelConfig, load_config
-from mambavlm.llm import mamba_training
-from mambavlm.llm.factory import enable_activation_checkpointing
-from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX
-from mambavlm.model import MambaVLM, build_model
+from mambavlm.config import LLMConfig, ModelConfig, load_config  # noqa: E402
+from mambavlm.llm import mamba_training  # noqa: E402
+from mambavlm.llm.factory import enable_activation_checkpointing  # noqa: E402
+from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX  # noqa: E402
+from mambavlm.model import MambaVLM, build_model  # noqa: E402
 
 TRANSFORMER_2_8B = {
     "hidden_size": 2560,
@@ -305,7 +338,6 @@ def crossover_note(short: tuple[Result, Result], long: tuple[Result, Result]) ->
             f"{long[0].tokens_per_sample} tokens, per model)")
 
 
-OPTIMIZER_NAMES = {"sgd": "SGD", "adamw": "AdamW"}
 
 
 def loss_curves(cfg: ModelConfig, args: argparse.Namespace, device: torch.device) -> dict[str, list[float]]:
@@ -427,27 +459,7 @@ def run(args: argparse.Namespace) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny configs on the CPU (CI)")
-    parser.add_argument(
-        "--out", type=Path, help="results file (default benchmarks/results/training_throughput[-quick].md)"
-    )
-    parser.add_argument("--micro-batch", type=int, help="first micro-batch tried (default 8; 2 with --quick)")
-    parser.add_argument("--text-tokens", type=int, default=64, help="text tokens per sample of the loss curves (default 64)")
-    parser.add_argument("--text-tokens-list", type=int, nargs="+",
-                        help="text tokens per sample of each timed length (default: 64 and 4630, 4x the tokens; 64 with --quick)")
-    parser.add_argument("--loss-steps", type=int, help="steps of the loss curves (default 20; 4 with --quick)")
-    parser.add_argument("--loss-lr", type=float, default=1e-4, help="learning rate of the loss curves")
-    parser.add_argument("--loss-optimizer", choices=sorted(OPTIMIZER_NAMES), default="sgd",
-                        help="optimiser of the loss curves (sgd: updates proportional to the gradients)")
-    parser.add_argument("--steps", type=int, help="timed steps (default 5; 2 with --quick)")
-    parser.add_argument("--gradient-checkpointing", action="store_true", help="recompute LLM activations")
-    parser.add_argument("--loss-dtype", choices=["float32", "bfloat16"], default="float32",
-                        help="parameter dtype of the loss curves (default float32)")
-    parser.add_argument("--larger-micro-batch", type=int, default=16,
-                        help="ours and mamba_ssm again at this micro-batch, first length (CUDA; default 16)")
-    parser.add_argument("--profile", action="store_true", help="+ the kernels of one step of ours and mamba_ssm (CUDA)")
-    run(parser.parse_args())
+    run(build_parser().parse_args())
 
 
 if __name__ == "__main__":

@@ -21,8 +21,14 @@ ENTRY_POINTS = [
     ("train/merge_lora.py",),
     ("eval/evaluate.py",),
     ("eval/submission.py",),
+    *(("-m", f"benchmarks.{name}") for name in (
+        "data_loader", "eval_throughput", "generation", "long_context", "lora_step", "multi_gpu", "prefill",
+        "projector", "selective_scan", "training_throughput",
+    )),
 ]
-"""Each as it is run: a script path, or ``-m`` and a module."""
+"""Each as it is run: a script path, or ``-m`` and a module. Not here: eval/run.py and eval/score.py, whose
+help lists the benchmarks (``mambavlm.eval.benchmarks.BENCHMARKS``), and benchmarks.decode_projections,
+whose help names the kernel's pipeline stages (``mambavlm.ops.mamba_step``): their parsers need mambavlm."""
 
 HEAVY = ("torch", "transformers", "mambavlm")
 """Top-level packages that --help and a usage error must not import."""
