@@ -31,7 +31,7 @@ from mambavlm.llm.tokenizer import (
 )
 from mambavlm.vision.image import image_path_problem, open_image
 
-__all__ = ["SKIP_KINDS", "LlavaDataset", "SkippedSample", "load_records"]
+__all__ = ["SKIP_KINDS", "LlavaDataset", "SkippedSample", "check_records_file", "load_records"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +100,19 @@ def load_records(records: Sequence[dict] | str | Path) -> list[dict]:
     if not isinstance(records, list):
         raise ValueError(f"{source}: expected a list of record dicts, got a JSON {type(records).__name__}")
     return records
+
+
+def check_records_file(path: str | Path) -> None:
+    """Raise what ``load_records`` raises for a file that does not open as a JSON list (a missing file,
+    JSON Lines, a JSON object, text that is not JSON), reading only its first bytes when it does: a
+    check of a large training file before a run builds its model and data, not a parse."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LLaVA data file not found: {path}")
+    with path.open("rb") as f:
+        start = f.read(4096).lstrip()
+    if not start.startswith(b"["):
+        load_records(path)  # the precise error (JSON Lines, another JSON value, not JSON); a list parses
 
 
 class LlavaDataset(Dataset):

@@ -6,7 +6,14 @@ from __future__ import annotations
 from mambavlm.training.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
 from mambavlm.training.config import DataConfig, SyntheticDataConfig, TrainConfig, TrainingConfig, load_train_config
 from mambavlm.training.engine import Objective, Phase, TrainablePolicy, Trainer, TrainerState
-from mambavlm.training.evaluation import BlankImage, exact_match, generate_answers, load_vqa_items, normalize_answer
+from mambavlm.training.evaluation import (
+    BlankImage,
+    exact_match,
+    generate_answers,
+    load_vqa_items,
+    normalize_answer,
+    read_vqa_items,
+)
 from mambavlm.training.finetune import FINAL_MODEL_DIR, METRICS_FILE, run_finetune
 from mambavlm.training.objectives import NextTokenObjective
 from mambavlm.training.optim import (
@@ -42,6 +49,7 @@ __all__ = [
     "load_train_config",
     "load_vqa_items",
     "normalize_answer",
+    "read_vqa_items",
     "parameter_groups",
     "run_finetune",
     "save_checkpoint",

@@ -35,6 +35,7 @@ __all__ = [
     "iter_answers",
     "load_vqa_items",
     "normalize_answer",
+    "read_vqa_items",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,15 +88,40 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
     ``image_root`` None means the JSON file's directory (or the working directory for in-memory
     records). An entry that is not a record, or a record without a human turn followed by an
     assistant turn, is a ValueError naming it (the question's own type is checked when it is answered:
-    ``generate_answers``).
+    ``generate_answers``); ``read_vqa_items`` skips those instead.
     """
+    items, skipped = _vqa_items(records, image_root)
+    if skipped:
+        record_id, reason = skipped[0]
+        raise ValueError(f"record {record_id}: {reason}")
+    return items
+
+
+def read_vqa_items(
+    records: Sequence[dict] | str | Path, image_root: str | Path | None
+) -> tuple[list[VQAItem], list[tuple[str, str]]]:
+    """``load_vqa_items`` that skips what it would refuse: ``(items, skipped)``, ``(id, reason)`` for each
+    entry that is not a record or has no human turn followed by an assistant turn (the entry's index for
+    an id where it has none), each named in a warning. A file that is not a JSON list of records is still
+    a ValueError naming it (``load_records``)."""
+    items, skipped = _vqa_items(records, image_root)
+    for record_id, reason in skipped:
+        logger.warning("skipping %s: %s", record_id, reason)
+    return items, skipped
+
+
+def _vqa_items(
+    records: Sequence[dict] | str | Path, image_root: str | Path | None
+) -> tuple[list[VQAItem], list[tuple[str, str]]]:
     if image_root is None and isinstance(records, (str, Path)):
         image_root = Path(records).parent
     root = Path(image_root) if image_root is not None else Path()
-    items = []
+    items: list[VQAItem] = []
+    skipped: list[tuple[str, str]] = []
     for index, record in enumerate(load_records(records)):
         if not isinstance(record, dict):
-            raise ValueError(f"record {index}: a {type(record).__name__}, not a record (a mapping with 'conversations')")
+            skipped.append((str(index), f"a {type(record).__name__}, not a record (a mapping with 'conversations')"))
+            continue
         record_id = str(record.get("id", index))
         turns = record.get("conversations")
         if (
@@ -103,11 +129,15 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
             or len(turns) < 2
             or not all(isinstance(t, dict) for t in turns[:2])
             or not isinstance(turns[1].get("value"), str)
-            or turns[0].get("from") not in HUMAN_ROLES
-            or turns[1].get("from") not in ASSISTANT_ROLES
+            or _role(turns[0]) not in HUMAN_ROLES
+            or _role(turns[1]) not in ASSISTANT_ROLES
         ):
-            raise ValueError(f"record {record_id}: expected a human turn then an assistant turn")
+            skipped.append((record_id, "expected a human turn then an assistant turn"))
+            continue
         image = record.get("image")
+        if image and not isinstance(image, str):  # a list or a number: no path to join (was a TypeError)
+            skipped.append((record_id, f"'image' must be a path string, got {image!r}"))
+            continue
         items.append(
             VQAItem(
                 id=record_id,
@@ -116,7 +146,13 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
                 reference=turns[1]["value"].strip(),
             )
         )
-    return items
+    return items, skipped
+
+
+def _role(turn: dict) -> str:
+    """A turn's ``"from"``, or "" when it is not a string (a list would not hash in a role set)."""
+    role = turn.get("from")
+    return role if isinstance(role, str) else ""
 
 
 def _open_image(path: Path, blind: bool) -> Image.Image | str:

@@ -19,8 +19,9 @@ from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from mambavlm.atomic import atomic_file
+from mambavlm.config import ConfigError
 from mambavlm.data.collate import VLMCollator
-from mambavlm.data.llava import LlavaDataset
+from mambavlm.data.llava import LlavaDataset, check_records_file, load_records
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.llm.factory import (
     check_mamba_training_kernels,
@@ -38,7 +39,7 @@ from mambavlm.training.engine import (
     structure_copy,
     throughput_summary,
 )
-from mambavlm.training.evaluation import BlankImage, generate_answers, load_vqa_items
+from mambavlm.training.evaluation import BlankImage, VQAItem, generate_answers, read_vqa_items
 from mambavlm.training.lora import (
     MODEL_CONFIG_FILE,
     LoraTrainable,
@@ -119,6 +120,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     if cfg.train.gradient_checkpointing:
         enable_activation_checkpointing(model.llm)
     dataset = training_dataset(model, train_json, image_root, cfg.data.max_length, cfg.blind)
+    val = val_items(val_json, image_root)  # before training: a val file that cannot be read stops the run now
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
@@ -150,7 +152,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
             save_adapter(final_model, cfg.lora, output_dir / FINAL_ADAPTER_DIR)
         metrics = {
             "step_losses": state.phase_losses[0],
-            **evaluate_val(final_model, cfg, val_json, image_root, output_dir),
+            **evaluate_val(final_model, cfg, val, output_dir),
             **skip_metrics(state),
             "throughput": throughput_summary(state, [phase.name])[0],
             "steps": state.step,
@@ -189,8 +191,12 @@ def training_dataset(
     transforms = [encoder.preprocess for encoder in model.vision.encoders]
     if blind:
         transforms = [BlankImage(t) for t in transforms]
+    try:
+        records = load_records(train_json)
+    except ValueError as err:  # not JSON, or not a list: the user's file to fix, one line naming the key
+        raise ConfigError(f"data.train: {err}") from None
     return LlavaDataset(
-        train_json,
+        records,
         image_root if image_root is not None else train_json.parent,
         model.tokenizer,
         model.template,
@@ -201,17 +207,38 @@ def training_dataset(
     )
 
 
-def evaluate_val(
-    model: MambaVLM, config: TrainConfig, val_json: Path | None, image_root: Path | None, output_dir: Path
-) -> dict[str, Any]:
-    """Greedy exact match on the val split (main process); answers go to val_answers.jsonl."""
+def val_items(val_json: Path | None, image_root: Path | None) -> tuple[list[VQAItem], list[tuple[str, str]]] | None:
+    """The val split's questions and the records skipped as unanswerable (``read_vqa_items``), read before
+    training; None without a val split.
+
+    Raises:
+        ConfigError: naming ``data.val``, for a file that is not a JSON list of records.
+    """
     if val_json is None:
+        return None
+    try:
+        return read_vqa_items(val_json, image_root)
+    except ValueError as err:
+        raise ConfigError(f"data.val: {err}") from None
+
+
+def evaluate_val(
+    model: MambaVLM,
+    config: TrainConfig,
+    val: tuple[list[VQAItem], list[tuple[str, str]]] | None,
+    output_dir: Path,
+) -> dict[str, Any]:
+    """Greedy exact match on the val split's items (``val_items``; main process); answers go to
+    val_answers.jsonl. The records skipped when they were read and those that cannot be answered (an
+    unreadable image, a prompt too long) are both in ``val_skipped``."""
+    if val is None:
         return {"val_accuracy": None, "val_num_items": 0, "val_num_skipped": 0, "val_skipped": []}
-    items = load_vqa_items(val_json, image_root)
+    items, unreadable = val
     model.eval()
     rows, skipped = generate_answers(
         model, items, config.train.eval_batch_size, config.train.eval_max_new_tokens, blind=config.blind
     )
+    skipped = unreadable + skipped
     with atomic_file(output_dir / VAL_ANSWERS_FILE) as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
@@ -251,6 +278,11 @@ def prepare_data(
         for key, value in paths.items():
             if value is not None and not Path(value).is_file():
                 raise FileNotFoundError(f"{key}: file not found: {value}")
+            if value is not None:
+                try:  # its first bytes: JSON Lines, a JSON object or not JSON at all fail here, before any work
+                    check_records_file(value)
+                except ValueError as err:
+                    raise ConfigError(f"{key}: {err}") from None
         if data.image_root is not None and not Path(data.image_root).is_dir():
             raise FileNotFoundError(f"data.image_root: directory not found: {data.image_root}")
         root = Path(data.image_root) if data.image_root is not None else None

@@ -335,3 +335,58 @@ def test_time_blocked_on_the_data_loader_is_measured(tmp_path, monkeypatch):
     throughput = read_metrics(tmp_path)["throughput"]
     waited = throughput["data_wait_share"] * throughput["seconds"]
     assert (throughput["samples"] - 4) * 0.02 <= waited <= throughput["seconds"]
+
+
+def test_a_val_record_that_cannot_be_read_is_skipped_and_named_not_fatal_after_training(tmp_path):
+    """A val record without conversations, an entry that is not a record and an image given as a list
+    had raised once training was over (a traceback, no metrics.json); each is now named in val_skipped
+    and the other records are answered."""
+    data = tmp_path / "data"
+    train_json, val_json = make_shapes_vqa(data, num_train=16, num_val=4, image_size=32)
+    val = json.loads(val_json.read_text())
+    good_ids = [r["id"] for r in val]
+    val += [{"id": "no_conv", "image": val[0]["image"]}, "a string", {**val[1], "id": "image_list", "image": [val[1]["image"]]}]
+    val_json.write_text(json.dumps(val))
+    config = micro_config(tmp_path / "run", f"data.train={train_json}", f"data.val={val_json}", "train.max_steps=1",
+                          "train.save_every=null")
+    run_finetune(config)
+    metrics = read_metrics(tmp_path / "run")
+    assert metrics["val_num_items"] == len(good_ids)
+    answered = [json.loads(line)["id"] for line in (tmp_path / "run" / "val_answers.jsonl").read_text().splitlines()]
+    assert answered == good_ids
+    assert {s["id"]: s["reason"] for s in metrics["val_skipped"]} == {
+        "no_conv": "expected a human turn then an assistant turn",
+        str(len(good_ids) + 1): "a str, not a record (a mapping with 'conversations')",
+        "image_list": f"'image' must be a path string, got {[val[1]['image']]!r}",
+    }
+    assert metrics["val_num_skipped"] == 3
+
+
+@pytest.mark.parametrize("key", ["data.train", "data.val"])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("jsonl", "a JSON Lines file"),
+        ("object", "expected a list of record dicts, got a JSON dict"),
+        ("broken", "not a JSON file of LLaVA records"),
+    ],
+)
+def test_a_data_file_that_is_not_a_json_list_is_one_config_error_before_training(tmp_path, key, content, message):
+    """JSON Lines, a JSON object, or a list broken half-way: a ConfigError naming the key (one line from
+    train/finetune.py), raised before any step; a bad data.val had been found only after training, and
+    both as a ValueError (a traceback)."""
+    data = tmp_path / "data"
+    train_json, val_json = make_shapes_vqa(data, num_train=16, num_val=2, image_size=32)
+    records = json.loads((train_json if key == "data.train" else val_json).read_text())
+    bad = tmp_path / "bad.json"
+    bad.write_text({
+        "jsonl": "".join(json.dumps(r) + "\n" for r in records),
+        "object": json.dumps({"data": records}),
+        "broken": json.dumps(records)[:-40],
+    }[content])
+    files = {"data.train": train_json, "data.val": val_json, key: bad}
+    config = micro_config(tmp_path / "run", *(f"{k}={v}" for k, v in files.items()), "train.max_steps=1",
+                          "train.save_every=null")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: {re.escape(str(bad))}: .*{re.escape(message)}"):
+        run_finetune(config)
+    assert not find_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "final").exists()
