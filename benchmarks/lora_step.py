@@ -79,7 +79,7 @@ def row(name: str, args: argparse.Namespace, device: torch.device, lora: LoraSet
         "n/a" if peak is None else f"{peak:.2f}", f"{losses[0]:.3f} -> {losses[-1]:.3f}",
     ]
     print(markdown_table(HEADERS, [cells]).splitlines()[-1], flush=True)
-    del model, optimizer, batch
+    model = optimizer = batch = None  # freed before free_memory (a del would unbind what step() closes over)
     free_memory(device)
     return cells
 
