@@ -551,7 +551,8 @@ class Trainer:
     ) -> TrainerState:
         """Train through ``phases`` (resuming where a checkpoint left off); returns the final state.
 
-        Raises ConfigError when the data holds fewer records than one global batch, or when a resumed
+        Raises ConfigError when the data holds fewer records than one global batch, when every record is
+        skipped (found at the first micro-batch whose records all are, naming the kinds), or when a resumed
         checkpoint was written with another batch layout or another list of phases.
         """
         acc = self.accelerator
@@ -895,13 +896,22 @@ class Trainer:
     def _standin_batch(self) -> dict[str, Any]:
         """A one-sample batch of the first valid record (for micro-batches whose records were all skipped)."""
         if self._standin is None:
+            kinds: dict[str, int] = {}
+            first: SkippedSample | None = None
             for index in range(len(self.dataset)):
                 sample = self.dataset[index]
                 if not isinstance(sample, SkippedSample):
                     self._standin = _to_device(self.collate_fn([sample]), self.accelerator.device)
                     break
+                kinds[sample.kind] = kinds.get(sample.kind, 0) + 1
+                first = first or sample
             else:
-                raise ValueError("every record of the training data was skipped: nothing to train on")
+                # the data's fault, not the code's: one line (a ConfigError) saying what was wrong with it
+                counted = ", ".join(f"{n} {kind}" for kind, n in sorted(kinds.items(), key=lambda item: -item[1]))
+                raise ConfigError(
+                    f"every record of the training data was skipped, nothing to train on: {len(self.dataset)} "
+                    f"records ({counted})" + (f"; the first, {first.id}: {first.reason}" if first is not None else "")
+                )
         return self._standin
 
     def _log(

@@ -390,3 +390,25 @@ def test_a_data_file_that_is_not_a_json_list_is_one_config_error_before_training
     with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: {re.escape(str(bad))}: .*{re.escape(message)}"):
         run_finetune(config)
     assert not find_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "final").exists()
+
+
+def test_training_data_whose_every_record_is_skipped_is_one_config_error_naming_the_kinds(tmp_path):
+    """A wrong image folder (every image missing) with one record without an answer: a ConfigError (one
+    line from train/finetune.py) counting the kinds and naming the first record; was a ValueError
+    traceback saying only that every record was skipped."""
+    data = tmp_path / "data"
+    train_json, _ = make_shapes_vqa(data, num_train=16, num_val=0, image_size=32)
+    records = json.loads(train_json.read_text())
+    records[3]["conversations"] = records[3]["conversations"][:1]
+    train_json.write_text(json.dumps(records))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    config = micro_config(tmp_path / "run", f"data.train={train_json}", f"data.image_root={elsewhere}",
+                          "train.max_steps=1", "train.save_every=null")
+    first = records[0]["id"]
+    with pytest.raises(ConfigError) as caught:
+        run_finetune(config)
+    assert str(caught.value) == (
+        "every record of the training data was skipped, nothing to train on: 16 records (15 image file not found, "
+        f"1 no assistant turn); the first, {first}: image file not found: {elsewhere / records[0]['image']}"
+    )
