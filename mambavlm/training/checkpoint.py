@@ -35,7 +35,9 @@ __all__ = [
     "find_checkpoints",
     "initialize_optimizer_state",
     "load_checkpoint",
+    "lock_output_dir",
     "prune_checkpoints",
+    "release_output_dir",
     "remove_unfinished_writes",
     "resolve_resume",
     "save_checkpoint",
@@ -222,3 +224,70 @@ def remove_unfinished_writes(output_dir: str | Path) -> list[Path]:
     for path in leftovers:
         shutil.rmtree(path, ignore_errors=True)
     return leftovers
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # output directories this process holds: resolved path -> descriptor
+
+
+def lock_output_dir(output_dir: str | Path) -> None:
+    """Hold ``output_dir`` (created if missing) for this process until ``release_output_dir`` or the
+    process ends (a kill included: the lock is the kernel's ``flock`` on the directory itself, no file is
+    written). Taken once per process: a second call for a directory this process holds does nothing.
+
+    Two runs writing one ``output_dir`` at once (a second launch; a process left running after
+    ``accelerate launch`` itself was stopped, which does not pass a SIGTERM on) overwrite each other's
+    checkpoints, data and final model, and a starting run deletes the unfinished checkpoint the other is
+    writing (``remove_unfinished_writes``). On a system without ``fcntl`` nothing is locked.
+
+    Raises:
+        ConfigError: another process holds it, naming that process where ``/proc/locks`` tells it.
+    """
+    try:
+        import fcntl
+    except ImportError:  # not POSIX
+        return
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    key = output_dir.resolve()
+    if key in _HELD_LOCKS:
+        return
+    fd = os.open(output_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _lock_holder(fd)
+        os.close(fd)
+        raise ConfigError(
+            f"{output_dir} is being written by another run{f' ({holder})' if holder else ''}: wait for it to end or "
+            "stop it (a run left behind by a stopped `accelerate launch`, say), or set another output_dir"
+        ) from None
+    _HELD_LOCKS[key] = fd
+
+
+def release_output_dir(output_dir: str | Path) -> None:
+    """Let another run write ``output_dir`` (``lock_output_dir``); nothing when this process does not hold it."""
+    fd = _HELD_LOCKS.pop(Path(output_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)  # closing the last descriptor releases the flock
+
+
+def _lock_holder(fd: int) -> str | None:
+    """``pid N: its command line`` of the process whose flock holds the file open as ``fd``, from Linux's
+    ``/proc/locks``; None where that cannot be told."""
+    stat = os.fstat(fd)
+    file_id = f"{os.major(stat.st_dev):02x}:{os.minor(stat.st_dev):02x}:{stat.st_ino}"  # as /proc/locks writes it
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 4242 00:2d:1234 0 EOF" (blocked waiters carry a "->" field first)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file_id:
+            pid = fields[4]
+            try:
+                command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+            except OSError:
+                command = ""
+            return f"pid {pid}" + (f": {command}" if command else "")
+    return None

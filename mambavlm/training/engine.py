@@ -68,6 +68,8 @@ from mambavlm.training.checkpoint import (
     TRAINER_STATE_FILE,
     find_checkpoints,
     load_checkpoint,
+    lock_output_dir,
+    release_output_dir,
     remove_unfinished_writes,
     resolve_resume,
     save_checkpoint,
@@ -321,6 +323,7 @@ class TrainerState:
     whose every record was skipped). Skips: total, by kind (``SKIP_KINDS``); truncated samples.
     layout: the current phase's (processes, micro-batch, global batch), which a resume must match.
     settings: the current phase's optimisation settings (``phase_settings``), compared on resume.
+    num_records: the records of the training data, compared on resume (None in older checkpoints).
     phase_throughput: per phase, what its timed steps took (``new_throughput``): every step but the
     first of each start of the phase (its warm-up: kernel compilation, allocator growth), checkpoint
     writes excluded; of their seconds, ``data_seconds`` blocked on the data loader (the mean over the
@@ -340,6 +343,7 @@ class TrainerState:
     layout: dict[str, int] = field(default_factory=dict)
     phase_throughput: list[dict[str, float | None]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    num_records: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -439,8 +443,10 @@ def cpu_thread_count(requested: int | None, num_processes: int) -> int:
 class Trainer:
     """Runs phases in order over one dataset, with checkpoints, resume, skips and logs (see module doc).
 
-    output_dir: checkpoints and tracker logs. resume_from: a checkpoint directory, ``"latest"`` (the
-    newest in output_dir; a fresh start when there is none) or None. save_every: optimiser steps
+    output_dir: checkpoints and tracker logs, held by the main process from here to ``end``
+    (``lock_output_dir``: a second run writing it at the same time is a ConfigError naming the first).
+    resume_from: a checkpoint directory, ``"latest"`` (the newest in output_dir; a fresh start when
+    there is none) or None. save_every: optimiser steps
     between checkpoints (None: only at the end of each phase). save_checkpoints: False writes none (not
     even at a phase's end; ValueError with save_every). keep_last: checkpoints kept. sync_each_batch:
     reduce gradients after every micro-batch (accelerate's ``GradientAccumulationPlugin``; under FSDP
@@ -479,7 +485,6 @@ class Trainer:
         self.resume_from = resume_from
         self.num_workers = num_workers
         check_trackers(trackers)
-        check_fresh_output_dir(resume_from, self.output_dir)
         self.accelerator = Accelerator(
             mixed_precision=mixed_precision,
             gradient_accumulation_plugin=GradientAccumulationPlugin(
@@ -495,6 +500,9 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, gradient_as_bucket_view=True)],
         )
         check_process_group(self.accelerator)
+        if self.accelerator.is_main_process:  # before anything reads or writes output_dir
+            lock_output_dir(self.output_dir)
+        check_fresh_output_dir(resume_from, self.output_dir)
         plugin = self._deepspeed_plugin()
         if plugin is not None and plugin.zero3_init_flag:
             raise ConfigError(
@@ -597,8 +605,11 @@ class Trainer:
         return state
 
     def end(self) -> None:
-        """Close the trackers (call once, after the run and anything logged after it)."""
+        """Close the trackers and let another run write ``output_dir`` (call once, after the run and anything
+        logged or written after it)."""
         self.accelerator.end_training()
+        if self.accelerator.is_main_process:
+            release_output_dir(self.output_dir)
 
     def gathered_module(self, fresh: Callable[[], nn.Module]) -> nn.Module | None:
         """The last phase's trained module, whole, on the main process (None elsewhere).
@@ -652,6 +663,15 @@ class Trainer:
         if resume is not None and state.settings and (note := changed_settings_note(state.settings, settings)):
             logger.warning(f"resuming from {resume} with settings other than its own: {note}")
         state.settings = settings
+        if resume is not None and state.num_records not in (None, len(self.dataset)):
+            # the epoch's shuffle is a permutation of the records: another count gives another order, so the
+            # batches from here are not those the checkpoint's run would have seen (nor are they after an
+            # edit that keeps the count, which this cannot tell)
+            logger.warning(
+                f"resuming from {resume} with other training data: {state.num_records} records then, "
+                f"{len(self.dataset)} now; the position in the epoch is kept by count, the records it reaches differ"
+            )
+        state.num_records = len(self.dataset)
 
         module = phase.objective.module
         # FSDP wraps a module in place (its blocks become FSDP units, its parameters views of flat

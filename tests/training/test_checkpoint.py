@@ -166,3 +166,36 @@ def test_fsdp_sharded_optimizer_checkpoint_restores_the_moments(tmp_path, initia
             for key in ("exp_avg", "exp_avg_sq"):
                 assert state[key].abs().sum() > 0 or state[key].numel() == 0
                 torch.testing.assert_close(loaded[index][key], state[key], rtol=0, atol=0)
+
+
+def test_a_second_run_in_an_output_dir_another_process_writes_is_refused_naming_it(tmp_path):
+    """Two runs in one output_dir at once (a second launch, or the training process that a stopped
+    `accelerate launch` leaves running) had both started, each overwriting the other's checkpoints: the
+    second is now a ConfigError naming the first's process; once that process is killed the directory is
+    free again, and the lock writes nothing into it."""
+    import subprocess
+    import sys
+
+    from mambavlm.training.engine import Trainer
+    from tests.conftest import subprocess_env
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from mambavlm.training.engine import Trainer; "
+         f"Trainer({str(out)!r}); print('ready', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=subprocess_env(),
+    )
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(ConfigError, match=rf"^{out} is being written by another run \(pid {holder.pid}: "):
+            Trainer(out)
+    finally:
+        holder.kill()
+        holder.wait()
+    trainer = Trainer(out, resume_from="latest")  # the killed holder's lock went with it
+    Trainer(out, resume_from="latest")  # this process holds it: a second trainer of its own is let through
+    assert list(out.iterdir()) == []
+    trainer.end()
+    from mambavlm.training.checkpoint import release_output_dir
+
+    release_output_dir(out)

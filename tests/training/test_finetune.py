@@ -112,6 +112,21 @@ def test_resume_with_another_lr_warns_and_keeps_the_checkpoints(micro_run, tmp_p
     assert any(re.search(r"finetune step 6/6 \| .* \| elapsed \d+s, eta 0s$", r.getMessage()) for r in caplog.records)
 
 
+def test_resume_with_other_training_data_warns_that_the_batches_differ(micro_run, tmp_path, caplog):
+    """The checkpoint records how many records it was trained on: a resume over another count (here 56
+    synthetic records for 48) says so, where it had continued silently with other batches than the
+    checkpoint's run would have seen; the same data resumes without that warning."""
+    assert json.loads((micro_run / "checkpoint-3" / TRAINER_STATE_FILE).read_text())["num_records"] == 48
+    resumed = f"train.resume_from={micro_run / 'checkpoint-3'}"
+    with caplog.at_level("WARNING"):
+        run_finetune(micro_config(tmp_path / "same", resumed))
+        assert not [r for r in caplog.records if "other training data" in r.getMessage()]
+        run_finetune(micro_config(tmp_path / "more", resumed, "data.synthetic.num_train=56"))
+    [warning] = [r.getMessage() for r in caplog.records if "other training data" in r.getMessage()]
+    assert warning.endswith(f"resuming from {micro_run / 'checkpoint-3'} with other training data: 48 records then, 56 "
+                            "now; the position in the epoch is kept by count, the records it reaches differ")
+
+
 def test_durations_in_log_lines_read_as_a_person_writes_them():
     from mambavlm.training.engine import format_duration
 
