@@ -91,6 +91,9 @@ class DataConfig(StrictModel):
             raise ValueError("give data.train (a LLaVA-format JSON) or data.synthetic")
         if self.train is None and self.val is not None:
             raise ValueError("data.val is set but data.train is not: the synthetic task brings its own val split")
+        if self.train is None and self.image_root is not None:
+            raise ValueError("data.image_root is set but data.train is not: the synthetic task's images are in "
+                             "<output_dir>/data")
         return self
 
 

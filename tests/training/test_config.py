@@ -65,6 +65,15 @@ def test_missing_data_file_is_a_clear_error(tmp_path):
         run_finetune(config)
 
 
+def test_an_image_root_for_the_synthetic_task_is_refused_not_ignored(tmp_path):
+    """data.image_root without data.train had been dropped silently (the synthetic task reads its own
+    images), as data.val is refused; with data.train it is taken."""
+    with pytest.raises(ConfigError, match="data.image_root is set but data.train is not"):
+        load_train_config(TINY_TRAIN, ["output_dir=x", f"data.image_root={tmp_path}"])
+    config = load_train_config(TINY_TRAIN, ["output_dir=x", f"data.image_root={tmp_path}", "data.train=t.json"])
+    assert config.data.image_root == str(tmp_path)
+
+
 def test_data_max_length_beyond_the_models_is_an_error_when_the_config_loads():
     with pytest.raises(ConfigError, match="data.max_length=300 exceeds model.max_length=256"):
         load_train_config(TINY_TRAIN, ["output_dir=x", "data.max_length=300"])
