@@ -9,11 +9,12 @@ so a run killed mid-write leaves the previous checkpoints as they were and no ``
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +139,8 @@ def save_checkpoint(
     with ExitStack() as stack:
         tmp = stack.enter_context(atomic_directory(target)) if accelerator.is_main_process else None
         tmp = Path(broadcast_object_list([str(tmp) if tmp is not None else None])[0])
-        accelerator.save_state(str(tmp))
+        with _quiet_below_warning(*ACCELERATE_SAVE_LOGGERS):
+            accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
             (tmp / TRAINER_STATE_FILE).write_text(json.dumps(trainer_state, indent=1) + "\n")
         accelerator.wait_for_everyone()
@@ -147,6 +149,26 @@ def save_checkpoint(
         logger.info(f"saved {target}")  # accelerate's own line names the temporary directory
         prune_checkpoints(output_dir, keep_last)
     return target
+
+
+ACCELERATE_SAVE_LOGGERS = ("accelerate.accelerator", "accelerate.checkpointing")
+"""accelerate's loggers that write six INFO lines per ``save_state``, each naming the temporary directory a
+checkpoint is written into (gone once it is renamed into place): kept to warnings while one is saved, the
+log's line for it being ``saved OUTPUT_DIR/checkpoint-STEP``."""
+
+
+@contextmanager
+def _quiet_below_warning(*names: str) -> Iterator[None]:
+    """Raise the named loggers to WARNING for the block (their own level is restored after it)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def load_checkpoint(

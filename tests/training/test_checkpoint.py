@@ -199,3 +199,18 @@ def test_a_second_run_in_an_output_dir_another_process_writes_is_refused_naming_
     from mambavlm.training.checkpoint import release_output_dir
 
     release_output_dir(out)
+
+
+def test_a_checkpoint_is_one_log_line_naming_where_it_is(tmp_path, prepared_accelerator, caplog):
+    """accelerate's save_state wrote six INFO lines per checkpoint, each naming the temporary directory
+    (gone once renamed into place): the log now holds the one line naming the checkpoint; accelerate's
+    loggers keep their level after it."""
+    import logging
+
+    accelerator, _ = prepared_accelerator
+    before = [logging.getLogger(name).level for name in ("accelerate.accelerator", "accelerate.checkpointing")]
+    with caplog.at_level(logging.INFO):
+        save_checkpoint(accelerator, tmp_path, 1, {"step": 1}, keep_last=2)
+    assert [r.getMessage() for r in caplog.records if str(tmp_path) in r.getMessage()] == [
+        f"[RANK 0] saved {tmp_path / 'checkpoint-1'}"]
+    assert [logging.getLogger(name).level for name in ("accelerate.accelerator", "accelerate.checkpointing")] == before
