@@ -67,7 +67,6 @@ if __name__ == "__main__":  # --help and usage errors exit here, before the heav
 import torch  # noqa: E402
 
 from mambavlm.atomic import atomic_file  # noqa: E402
-from mambavlm.data.llava import load_records  # noqa: E402
 from mambavlm.eval.model_dir import RUN_MODEL_DIRS, resolve_model_dir  # noqa: E402
 from mambavlm.eval.runner import (  # noqa: E402
     SETTINGS_FILE,
@@ -80,7 +79,7 @@ from mambavlm.eval.runner import (  # noqa: E402
     settings_differences,
 )
 from mambavlm.model import MambaVLM  # noqa: E402
-from mambavlm.training.evaluation import VQAItem, generate_answers, load_vqa_items  # noqa: E402
+from mambavlm.training.evaluation import VQAItem, generate_answers, read_vqa_items  # noqa: E402
 
 logger = logging.getLogger("evaluate")
 
@@ -88,18 +87,7 @@ logger = logging.getLogger("evaluate")
 def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list[tuple[str, str]]]:
     """The records' questions, and ``(id, reason)`` for each record without a human turn then an
     assistant turn (each named in a warning; training skips them too)."""
-    root = image_root if image_root is not None else data.parent
-    items: list[VQAItem] = []
-    skipped: list[tuple[str, str]] = []
-    for index, record in enumerate(load_records(data)):
-        record_id = str(record.get("id", index))
-        try:
-            items += load_vqa_items([{**record, "id": record_id}], root)
-        except ValueError as err:
-            reason = str(err).removeprefix(f"record {record_id}: ")
-            logger.warning("skipping %s: %s", record_id, reason)
-            skipped.append((record_id, reason))
-    return items, skipped
+    return read_vqa_items(data, image_root if image_root is not None else data.parent)
 
 
 def model_label(model_dir: Path) -> str:

@@ -56,7 +56,7 @@ from mambavlm.training.engine import (
     structure_copy,
     throughput_summary,
 )
-from mambavlm.training.evaluation import generate_answers, load_vqa_items
+from mambavlm.training.evaluation import generate_answers, read_vqa_items
 from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
 
 __all__ = ["METRICS_FILE", "STUDENT_DIR", "load_teacher", "run_distillation"]
@@ -147,14 +147,15 @@ def answer_token_accuracy(model: nn.Module, dataset: LlavaDataset, batch_size: i
 def val_accuracy(
     model: nn.Module, val_json: Path | None, image_root: Path, dataset: LlavaDataset | None, config: DistillConfig
 ) -> float | None:
-    """Greedy exact match on the val split (None without one)."""
+    """Greedy exact match on the val split (None without one). A val entry that is not a record, or
+    has no human turn then an assistant turn, is skipped with a warning naming it, as fine-tuning's
+    evaluation skips it."""
     if val_json is None:
         return None
     model.eval()
     if isinstance(model, MambaVLM):
-        rows, _ = generate_answers(
-            model, load_vqa_items(val_json, image_root), config.eval_batch_size, config.eval_max_new_tokens
-        )
+        items, _ = read_vqa_items(val_json, image_root)
+        rows, _ = generate_answers(model, items, config.eval_batch_size, config.eval_max_new_tokens)
         return sum(r["correct"] for r in rows) / len(rows) if rows else None
     return answer_token_accuracy(model, dataset, config.eval_batch_size, model.device)
 

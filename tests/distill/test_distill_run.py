@@ -16,7 +16,7 @@ from accelerate.data_loader import SeedableRandomSampler
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.engine import Trainer
-from tests.conftest import DISTILL_LLAMA, ROOT, assert_same_weights, four_records, tiny_llama_vlm
+from tests.conftest import DISTILL_LLAMA, ROOT, assert_same_weights, four_records, tiny_llama_vlm, tiny_vlm
 
 
 def distill_main(argv: list[str]) -> dict:
@@ -300,3 +300,25 @@ def test_a_profiled_distillation_step_writes_its_tables_and_changes_no_loss(teac
     assert sorted(p.name for p in profile.iterdir()) == ["step-3-rank-0.json", "step-3-rank-0.txt"]
     assert "step 3, process 0: operators by their own CPU time" in (profile / "step-3-rank-0.txt").read_text()
     assert not (tmp_path / "plain" / "profile").exists()
+
+
+def test_val_accuracy_skips_an_entry_that_is_not_a_record(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A val file with a string and a record without conversations among its records scores the records
+    alone, as fine-tuning's evaluation does, and names the skipped entries in warnings (it raised
+    AttributeError / ValueError after every stage)."""
+    from types import SimpleNamespace
+
+    from mambavlm.distill.run import val_accuracy
+
+    _, val = make_shapes_vqa(tmp_path / "data", 0, 3, image_size=32)
+    records = json.loads(val.read_text())
+    mixed = tmp_path / "data" / "mixed.json"
+    mixed.write_text(json.dumps(records[:1] + ["oops", {"id": "no_turns", "image": "x.png"}] + records[1:]))
+    model = tiny_vlm()
+    settings = SimpleNamespace(eval_batch_size=2, eval_max_new_tokens=4)
+    expected = val_accuracy(model, val, tmp_path / "data", None, settings)
+    assert expected is not None  # the three records answered
+    with caplog.at_level("WARNING"):
+        assert val_accuracy(model, mixed, tmp_path / "data", None, settings) == expected
+    warnings = " ".join(r.getMessage() for r in caplog.records)
+    assert "skipping 1: a str, not a record" in warnings and "skipping no_turns" in warnings

@@ -22,6 +22,7 @@ BAD = {
     "no_answer": "expected a human turn then an assistant turn",
     "missing_image": "image file not found",
     "too_long": "exceeds max_length",
+    "2": "a str, not a record",  # all_bad's third entry, named by its index
 }
 
 
@@ -41,7 +42,7 @@ def evaluate():
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, Path]:
     """(a distillation run's output_dir: config.yaml + student/; the val JSON of 3 good records; the
     same with a missing image and an over-long prompt among them; and with a record without an answer
-    too)."""
+    and an entry that is not a record too)."""
     root = tmp_path_factory.mktemp("evaluate_cli")
     run = root / "distill-tiny"
     tiny_vlm().save_pretrained(run / "student")
@@ -59,7 +60,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, P
     some_bad = root / "data" / "some_bad.json"
     some_bad.write_text(json.dumps(records[:1] + unanswerable + records[1:]))
     all_bad = root / "data" / "all_bad.json"
-    all_bad.write_text(json.dumps(records[:1] + [malformed] + unanswerable + records[1:]))
+    all_bad.write_text(json.dumps(records[:1] + [malformed, "oops"] + unanswerable + records[1:]))
     return run, val, some_bad, all_bad
 
 
@@ -166,7 +167,7 @@ def test_a_malformed_record_is_named_and_skipped_and_the_rest_answered(evaluate,
     for record_id, reason in BAD.items():
         assert any(record_id in message and reason in message for message in warnings), (record_id, warnings)
     skipped = read_jsonl(tmp_path / "answers.skipped.jsonl")
-    assert [row["id"] for row in skipped] == ["no_answer", "missing_image", "too_long"]
+    assert [row["id"] for row in skipped] == ["no_answer", "2", "missing_image", "too_long"]
 
 
 def test_skipped_records_are_listed_with_their_reasons(evaluate, setup, tmp_path, capsys):
@@ -342,10 +343,10 @@ def test_nothing_answered_exits_nonzero_naming_the_skips_and_writes_nothing(eval
         evaluate.main(run_args(run, all_bad, "--output-dir", str(out), "--image-root", str(tmp_path)))
     assert exit_info.value.code == 1
     [line] = error_lines(capsys.readouterr().err)
-    assert "error: no record answered: all 6 skipped (no_answer: expected a human turn then an assistant turn; " in line
+    assert ("error: no record answered: all 7 skipped (no_answer: expected a human turn then an assistant turn; "
+            "2: a str, not a record (a mapping with 'conversations'); ") in line
     assert f"val_000000: image file not found: {tmp_path / 'images' / 'val_000000.png'}; " in line
-    assert "missing_image: image file not found: " in line
-    assert "; and 3 more; each named in a warning) (is --image-root right? " in line
+    assert "; and 4 more; each named in a warning) (is --image-root right? " in line
     assert line.endswith(f"nothing written ({out / 'answers.jsonl'} left as it was)")
     assert not out.exists()
 
