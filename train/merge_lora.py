@@ -6,7 +6,8 @@ else the ``base/`` saved beside the adapters (runs whose config does not pin the
 rebuilt from the model config stored there (the encoders' and the LLM's pretrained weights, as the
 run loaded them). The adapters are folded into the weights (peft's
 ``merge_and_unload``) and the result is written with ``save_pretrained``: a plain MambaVLM, loadable
-without peft.
+without peft. An ``--out`` that already holds something is refused unless ``--overwrite`` is given (the
+new model then replaces it in one rename).
 """
 
 from __future__ import annotations
@@ -24,7 +25,10 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("adapter", type=Path, help="a LoRA run's output_dir or its final_adapter/ directory")
     parser.add_argument("--out", type=Path, required=True, help="where the merged model is written")
     parser.add_argument("--base", type=Path, help="a saved MambaVLM to merge into (default: rebuilt from the adapter's model config)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already holds something")
     args = parser.parse_args(argv)
+    if args.out.exists() and not args.overwrite and (not args.out.is_dir() or any(args.out.iterdir())):
+        parser.exit(2, f"error: --out {args.out} already exists and is not empty; pass --overwrite to replace it\n")
     # imported after parsing: importing mambavlm loads torch, transformers and the model (it registers
     # with transformers' Auto classes), seconds that --help and a usage error need not wait for
     from mambavlm.config import ModelConfig, load_config

@@ -117,6 +117,15 @@ def test_a_lora_run_writes_adapters_and_the_merge_command_a_full_model(tmp_path:
     finally:
         sys.path.remove(str(ROOT / "train"))
     merged_dir = merge_lora.main([str(out), "--out", str(tmp_path / "merged")])
+    # a second merge into a folder that holds something is refused (it was overwritten silently) unless
+    # --overwrite asks for it
+    before = sorted(p.name for p in merged_dir.iterdir())
+    with pytest.raises(SystemExit) as exit_info:
+        merge_lora.main([str(out), "--out", str(merged_dir)])
+    assert exit_info.value.code == 2
+    assert f"error: --out {merged_dir} already exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert merge_lora.main([str(out), "--out", str(merged_dir), "--overwrite"]) == merged_dir
+    assert sorted(p.name for p in merged_dir.iterdir()) == before
     merged = MambaVLM.from_pretrained(merged_dir).eval()
     (tmp_path / "empty").mkdir()
     for given, says in ((merged_dir, "holds a full model, not LoRA adapters"), (tmp_path / "empty", "holds no LoRA adapters")):
