@@ -221,6 +221,16 @@ def test_two_processes_give_the_one_process_stage_losses_and_student(teacher: Pa
     assert_same_weights(student_one, student_two)
 
 
+def checkpointed_run(out: Path, teacher: Path) -> str:
+    """A run folder as a killed distillation leaves it: checkpoint-3 and the run's config.yaml (returned)."""
+    (out / "checkpoint-3").mkdir(parents=True)
+    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    saved = yaml.safe_dump({"teacher": str(teacher), "layout": "head-interleaved:2", "seeding": "mmmamba",
+                            "mixer_options": {}})
+    (out / "config.yaml").write_text(saved)
+    return saved
+
+
 @pytest.mark.parametrize(("override", "change"), [
     ("layout=linear", "layout: 'head-interleaved:2' -> 'linear'"),
     ("seeding=matvlm", "seeding: 'mmmamba' -> 'matvlm'"),
@@ -232,11 +242,7 @@ def test_resuming_with_another_student_shape_names_the_change(teacher: Path, tmp
     been overwritten: now one error line naming the setting, before the teacher loads, the saved config
     untouched (a checkpoint as a run leaves it)."""
     out = tmp_path / "run"
-    (out / "checkpoint-3").mkdir(parents=True)
-    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    saved = yaml.safe_dump({"teacher": str(teacher), "layout": "head-interleaved:2", "seeding": "mmmamba",
-                            "mixer_options": {}})
-    (out / "config.yaml").write_text(saved)
+    saved = checkpointed_run(out, teacher)
     with pytest.raises(SystemExit) as exit_info:
         distill_main(distill_args(teacher, out, override, "resume_from=latest"))
     assert exit_info.value.code == 2
@@ -264,11 +270,7 @@ def test_resuming_with_another_teacher_names_it_before_anything_is_written(
               for path in (teacher, wider_teacher)]
     assert hidden[0] != hidden[1]  # the two teachers' architectures differ
     out = tmp_path / "run"
-    (out / "checkpoint-3").mkdir(parents=True)
-    (out / "checkpoint-3" / "trainer_state.json").write_text("{}")
-    saved = yaml.safe_dump({"teacher": str(teacher), "layout": "head-interleaved:2", "seeding": "mmmamba",
-                            "mixer_options": {}})
-    (out / "config.yaml").write_text(saved)
+    saved = checkpointed_run(out, teacher)
     with pytest.raises(SystemExit) as exit_info:
         distill_main(distill_args(wider_teacher, out, "resume_from=latest"))
     assert exit_info.value.code == 2
