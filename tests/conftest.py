@@ -399,3 +399,16 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     (kept, not replaced: a machine may hold packages there)."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path, **extra}
+
+
+def run_under_triton_interpreter(code: str, *args: str, expect: str, timeout: int = 300) -> None:
+    """Run ``code`` (a script's text, given ``args``) in a subprocess under Triton's interpreter
+    (``TRITON_INTERPRET`` is read when Triton loads, so it cannot be set in this process), and assert
+    that it exits 0 and prints ``expect`` (its last output shown otherwise)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
+                            capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert expect in result.stdout

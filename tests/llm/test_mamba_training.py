@@ -248,15 +248,9 @@ def test_training_with_the_triton_scan_equals_transformers_loss_and_gradients() 
     """The mixers in mamba_ssm's layout with our Triton selective scan (``use_training_scan``), run by
     Triton's interpreter on the CPU: every layer calls it with channel-contiguous sequences, and the loss
     and every gradient equal transformers' forward, right- and left-padded."""
-    import subprocess
-    import sys
+    from tests.conftest import run_under_triton_interpreter
 
-    from tests.conftest import ROOT, subprocess_env
-
-    result = subprocess.run([sys.executable, "-c", TRITON_SCAN_CHECKS], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "triton scan: equal" in result.stdout
+    run_under_triton_interpreter(TRITON_SCAN_CHECKS, expect="triton scan: equal", timeout=600)
 
 
 def test_an_unknown_training_scan_is_refused() -> None:

@@ -5,15 +5,13 @@ loads), and on CUDA against mamba_ssm's ``Mamba2.step`` (tests/llm/test_mamba2_l
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from mambavlm.ops.dispatch import triton_available
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import run_under_triton_interpreter
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
 
@@ -73,12 +71,7 @@ CHECKS = textwrap.dedent(
 
 
 def test_mamba2_step_kernel_equals_the_scan_and_the_pytorch_step_under_the_interpreter() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", CHECKS], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "mamba2 step: equal" in result.stdout
+    run_under_triton_interpreter(CHECKS, expect="mamba2 step: equal")
 
 
 def test_mamba2_step_kernel_names_the_tensor_that_does_not_fit() -> None:

@@ -3,8 +3,6 @@ interpreter on the CPU (a subprocess: ``TRITON_INTERPRET`` is read when Triton l
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -12,7 +10,7 @@ import torch
 
 from mambavlm.generation import StaticStateDecoder
 from mambavlm.ops.mamba_step import triton_available
-from tests.conftest import ROOT, subprocess_env, tiny_llama, tiny_mamba, tiny_vlm
+from tests.conftest import run_under_triton_interpreter, tiny_llama, tiny_mamba, tiny_vlm
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
 
@@ -98,12 +96,7 @@ CHECKS = textwrap.dedent(
 
 
 def test_fused_step_kernels_equal_the_pytorch_step_under_the_interpreter() -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", CHECKS], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "fused step: equal" in result.stdout
+    run_under_triton_interpreter(CHECKS, expect="fused step: equal")
 
 
 def test_fused_step_is_refused_where_it_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:

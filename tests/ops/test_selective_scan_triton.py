@@ -4,8 +4,6 @@ argument against the PyTorch scan, run by Triton's interpreter on the CPU (a sub
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 from collections.abc import Callable
 
@@ -13,7 +11,7 @@ import pytest
 import torch
 
 from mambavlm.ops.mamba_step import triton_available
-from tests.conftest import ROOT, subprocess_env
+from tests.conftest import run_under_triton_interpreter
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="needs triton")
 
@@ -99,12 +97,7 @@ CHECKS = textwrap.dedent(
 
 @pytest.mark.parametrize("method", ["chunked", "sequential"])
 def test_the_triton_scan_equals_the_pytorch_scan_and_its_gradients_under_the_interpreter(method: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", CHECKS, method], cwd=ROOT, env=subprocess_env(TRITON_INTERPRET="1"),
-        capture_output=True, text=True, timeout=600,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "selective scan: equal" in result.stdout
+    run_under_triton_interpreter(CHECKS, method, expect="selective scan: equal", timeout=600)
 
 
 @pytest.mark.parametrize(("method", "channels_last", "groups", "expected"), [
