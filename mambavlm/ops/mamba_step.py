@@ -97,6 +97,18 @@ steps, four alternating repeats). The waiting gate programs hold SM slots and po
 x programs stream their rows, and out_proj's programs wait for the slowest of them; a short kernel
 between the two projections costs less.
 
+So was the state update in out_proj's kernel (branch ``experiment/state-update-in-out-proj``): the grid's
+first 160 programs ran 32 channels' dt_proj, state update and gating each, then counted themselves in an
+arrival counter; the out_proj programs after them asked the L2 for their own weight rows, waited for the
+count and streamed their rows from the L2, so the HBM would read out_proj while the state update ran.
+Equal to the two kernels under the interpreter and on CUDA for one call (float32 and bf16), but slower on
+the device: 2.37 ms per token at batch 1 with the rows prefetched (2.33 with a 100 ns back-off between
+polls, 2.30 at 8 rows per program), 2.14 without the prefetch, against 2.01-2.03 for three kernels (H200,
+2026-12-01, MambaVLM-2.8B shapes, bf16, 128 CUDA-graph steps, three alternating repeats); and its CUDA-graph
+step's bf16 logits differed from the three kernels' by up to 34 (a race between the graph's kernels, not
+found before the experiment was dropped). Prefetching all of out_proj into the L2 takes longer than
+streaming it, as in a5, and 640 programs polling one counter delay the releases they wait for.
+
 One kernel for the whole stack was tried and not kept (branch ``experiment/persistent-decode-step``):
 every layer's three phases in one cooperative launch, separated by grid-wide barriers (a release /
 acquire arrival counter), the weights addressed through a table of their addresses. It was correct
