@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from mambavlm.distill.config import load_distill_config
     from mambavlm.distill.run import run_distillation
     from mambavlm.llm.factory import LLMBuildError
+    from mambavlm.training import TrainingStopped
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -36,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
         # model path, the LLM config against its source, accelerate setup): also the user's to fix
         parser.exit(2, f"error: {err}\n")
+    except TrainingStopped as err:  # a scheduler's SIGTERM: the step's checkpoint is written, say how to go on
+        hint = "; resume with resume_from=latest" if err.checkpoint is not None else ""
+        parser.exit(err.exit_code, f"{err}{hint}\n")
 
 
 if __name__ == "__main__":

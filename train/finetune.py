@@ -21,7 +21,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     # with transformers' Auto classes), seconds that --help and a usage error need not wait for
     from mambavlm.config import ConfigError
     from mambavlm.llm.factory import LLMBuildError
-    from mambavlm.training import load_train_config, run_finetune
+    from mambavlm.training import TrainingStopped, load_train_config, run_finetune
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
@@ -33,6 +33,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
         # model path, the LLM config against its source, accelerate setup): also the user's to fix
         parser.exit(2, f"error: {err}\n")
+    except TrainingStopped as err:  # a scheduler's SIGTERM: the step's checkpoint is written, say how to go on
+        hint = "; resume with train.resume_from=latest" if err.checkpoint is not None else ""
+        parser.exit(err.exit_code, f"{err}{hint}\n")
 
 
 if __name__ == "__main__":

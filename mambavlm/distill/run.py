@@ -181,7 +181,8 @@ def stage_summary(name: str, lr: float, losses: list[float | None]) -> dict[str,
 
 def run_distillation(config: DistillConfig) -> dict[str, Any]:
     """Convert the teacher, run the stages, save the student and metrics.json; returns the metrics
-    (on the main process; ``{}`` elsewhere)."""
+    (on the main process; ``{}`` elsewhere). Raises TrainingStopped (the step's checkpoint written,
+    ``output_dir`` released) when a SIGTERM stops the run, mid-stage or not."""
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     trainer = Trainer(
@@ -258,7 +259,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
         )
         for stage in config.stages
     ]
-    state = trainer.run(phases, train_set, VLMCollator(tokenizer.pad_token_id))
+    state = trainer.run_or_end(phases, train_set, VLMCollator(tokenizer.pad_token_id))
     trained = trainer.gathered_module(lambda: skeleton)
     metrics: dict[str, Any] = {}
     if acc.is_main_process:

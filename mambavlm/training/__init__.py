@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from mambavlm.training.checkpoint import find_checkpoints, load_checkpoint, save_checkpoint
 from mambavlm.training.config import DataConfig, SyntheticDataConfig, TrainConfig, TrainingConfig, load_train_config
-from mambavlm.training.engine import Objective, Phase, TrainablePolicy, Trainer, TrainerState
+from mambavlm.training.engine import Objective, Phase, TrainablePolicy, Trainer, TrainerState, TrainingStopped
 from mambavlm.training.evaluation import (
     BlankImage,
     exact_match,
@@ -39,6 +39,7 @@ __all__ = [
     "Trainer",
     "TrainerState",
     "TrainingConfig",
+    "TrainingStopped",
     "apply_freeze_policy",
     "build_optimizer",
     "build_scheduler",

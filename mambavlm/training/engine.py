@@ -13,7 +13,9 @@ DeepSpeed ZeRO-2):
   the middle of a phase too;
 - bad records skipped, logged with their reason and counted by kind; a micro-batch whose records were
   all skipped still runs (with zero weight) so that the processes stay in step;
-- a progress bar, a log line with loss, lr and throughput every ``log_every`` steps, trackers.
+- a progress bar, a log line with loss, lr and throughput every ``log_every`` steps, trackers;
+- a SIGTERM (a scheduler's preemption or time limit, ``kill``) stops the run at the end of the step
+  running, on every process at the same step, with a checkpoint written there: ``TrainingStopped``.
 
 Determinism: the shuffle of epoch ``e`` is a function of ``(seed, e)`` only, and a checkpoint stores
 how many micro-batches of the current epoch were consumed, so a resumed run sees exactly the batches
@@ -33,7 +35,9 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -65,6 +69,7 @@ from mambavlm.config import ConfigError
 from mambavlm.data.llava import SkippedSample
 from mambavlm.processes import check_process_group
 from mambavlm.training.checkpoint import (
+    CHECKPOINT_PREFIX,
     TRAINER_STATE_FILE,
     find_checkpoints,
     load_checkpoint,
@@ -79,6 +84,7 @@ from mambavlm.training.optim import build_optimizer, build_scheduler, no_decay_n
 __all__ = [
     "METRICS_FILE",
     "RESTORED_SETTINGS",
+    "STOP_SIGNALS",
     "TRACKER_PACKAGES",
     "ZERO3_LEAF_TYPES",
     "Objective",
@@ -86,6 +92,7 @@ __all__ = [
     "TrainablePolicy",
     "Trainer",
     "TrainerState",
+    "TrainingStopped",
     "changed_settings_note",
     "check_fresh_output_dir",
     "check_trackers",
@@ -101,6 +108,68 @@ __all__ = [
 ]
 
 logger = get_logger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM,)
+"""Signals that stop ``Trainer.run`` at the end of the step running, with a checkpoint there: SIGTERM is
+what SLURM (preemption, ``scancel``, the time limit), Kubernetes and ``kill`` send before they kill. A
+second one while the step finishes acts as it would without the trainer (the process ends). SIGINT
+(Ctrl-C) keeps Python's KeyboardInterrupt: no checkpoint."""
+
+
+class TrainingStopped(Exception):
+    """``Trainer.run`` stopped on a signal (``STOP_SIGNALS``) at the end of a step: ``signal_name`` (e.g.
+    ``"SIGTERM"``, or ``"another process's signal"`` on a process that did not receive it), ``step`` (the
+    optimiser steps done, over all phases), ``checkpoint`` (the checkpoint directory holding that step,
+    None when the run writes none) and ``exit_code`` (128 + the signal's number, the shell's code for a
+    process the signal ended)."""
+
+    def __init__(self, signal_name: str, step: int, checkpoint: Path | None, exit_code: int) -> None:
+        self.signal_name, self.step, self.checkpoint, self.exit_code = signal_name, step, checkpoint, exit_code
+        where = f"its checkpoint is {checkpoint}" if checkpoint is not None else "no checkpoint (checkpoints are off)"
+        super().__init__(f"stopped by {signal_name} after step {step}: {where}")
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader ``worker_init_fn``: the worker ignores ``STOP_SIGNALS``, so that a signal sent to the whole
+    process group (``kill -- -PGID``, a terminal's job control) does not end it while the trainer finishes
+    its step. The trainer shuts its loaders' workers down on every way out of a phase (``close_batches``),
+    so none is left running."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def close_batches(batches: Iterator[Any]) -> None:
+    """Shut a DataLoader iterator's worker processes down now: close accelerate's generator (whose frame
+    holds PyTorch's iterator, shut down when freed), or PyTorch's iterator itself. A worker left running
+    would outlive an exception that keeps the iterator referenced, and, ignoring SIGTERM, hang
+    multiprocessing's join at exit."""
+    if hasattr(batches, "close"):
+        batches.close()
+    elif hasattr(batches, "_shutdown_workers"):
+        batches._shutdown_workers()
+
+
+@contextmanager
+def stop_signals_caught(received: list[int]) -> Iterator[None]:
+    """While inside, each of ``STOP_SIGNALS`` appends its number to ``received`` and restores the handler it
+    replaced (so a second signal acts at once); on exit every replaced handler is back. Outside the main
+    thread (where Python cannot install handlers) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+
+    def caught(signum: int, frame: Any) -> None:
+        received.append(signum)
+        signal.signal(signum, previous[signum])
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, caught)
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def structure_copy(module: nn.Module) -> nn.Module:
@@ -522,6 +591,7 @@ class Trainer:
         self._no_decay: set[int] = set()  # ids of its parameters AdamW does not decay
         self._sizes: dict[int, int] = {}  # ids of its parameters -> their elements, unsharded
         self._standin: dict[str, Any] | None = None
+        self._stop_received: list[int] = []  # STOP_SIGNALS caught during run, in order
 
     def _deepspeed_plugin(self) -> Any:
         if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
@@ -561,7 +631,9 @@ class Trainer:
 
         Raises ConfigError when the data holds fewer records than one global batch, when every record is
         skipped (found at the first micro-batch whose records all are, naming the kinds), or when a resumed
-        checkpoint was written with another batch layout or another list of phases.
+        checkpoint was written with another batch layout or another list of phases; TrainingStopped, with
+        the step's checkpoint written, when one of ``STOP_SIGNALS`` arrives on any process (each stops at the
+        end of the same step).
         """
         acc = self.accelerator
         if not phases:
@@ -595,14 +667,27 @@ class Trainer:
             logger.info(f"resuming from {resume}: phase {phases[state.phase].name}, step {state.step}")
         state.phase_throughput += [new_throughput() for _ in range(len(phases) - len(state.phase_throughput))]
         resume_phase = state.phase
-        for index, phase in enumerate(phases):
-            if index < resume_phase:
-                continue
-            self._run_phase(phase, state, resume if index == resume_phase else None)
-            if index + 1 < len(phases):
-                state.phase, state.step, state.epoch, state.batches_done = index + 1, 0, 0, 0
+        self._stop_received.clear()
+        with stop_signals_caught(self._stop_received):
+            for index, phase in enumerate(phases):
+                if index < resume_phase:
+                    continue
+                self._run_phase(phase, state, resume if index == resume_phase else None)
+                if index + 1 < len(phases):
+                    state.phase, state.step, state.epoch, state.batches_done = index + 1, 0, 0, 0
         acc.wait_for_everyone()
         return state
+
+    def run_or_end(
+        self, phases: Sequence[Phase], dataset: Dataset, collate_fn: Callable[[list[Any]], dict[str, Any]]
+    ) -> TrainerState:
+        """``run``; when a stop signal ends it (TrainingStopped, re-raised), ``end`` first: the trackers are
+        closed and ``output_dir`` is free for the resumed run."""
+        try:
+            return self.run(phases, dataset, collate_fn)
+        except TrainingStopped:
+            self.end()
+            raise
 
     def end(self) -> None:
         """Close the trackers and let another run write ``output_dir`` (call once, after the run and anything
@@ -698,6 +783,7 @@ class Trainer:
             sampler=SeedableRandomSampler(self.dataset, data_seed=self.seed),
             collate_fn=self.collate_fn,
             num_workers=self.num_workers,
+            worker_init_fn=ignore_stop_signals if self.num_workers else None,
             drop_last=True,
         )
         if not keep:
@@ -754,8 +840,24 @@ class Trainer:
         decay = min(math.ceil(phase.decay_ratio * total_steps), total_steps - warmup)
         return get_wsd_schedule(optimizer, warmup, decay, num_training_steps=total_steps)
 
-    def _save(self, state: TrainerState) -> None:
-        save_checkpoint(self.accelerator, self.output_dir, state.global_step, state.to_json(), self.keep_last)
+    def _save(self, state: TrainerState) -> Path:
+        return save_checkpoint(self.accelerator, self.output_dir, state.global_step, state.to_json(), self.keep_last)
+
+    def _stop(self, state: TrainerState, saved: bool) -> None:
+        """End the run after this step on a stop signal: write its checkpoint (unless ``saved`` already, or
+        checkpoints are off) and raise TrainingStopped."""
+        checkpoint = None
+        if self.save_checkpoints:
+            checkpoint = self._save(state) if not saved else self.output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
+        if self._stop_received:
+            signum = self._stop_received[0]
+            name = signal.Signals(signum).name
+        else:
+            signum, name = signal.SIGTERM, "another process's signal"
+        self.accelerator.wait_for_everyone()
+        stopped = TrainingStopped(name, state.global_step, checkpoint, 128 + signum)
+        logger.warning(str(stopped))
+        raise stopped
 
     def _train(self, *args: Any) -> None:
         """``_train_steps`` with log lines written above the progress bar, not into it."""
@@ -799,74 +901,85 @@ class Trainer:
         while state.step < total_steps:
             loader.set_epoch(state.epoch)
             batches = iter(acc.skip_first_batches(loader, state.batches_done) if state.batches_done else loader)
-            while state.step < total_steps and state.batches_done < batches_per_epoch:
-                waiting = time.perf_counter()
-                micro_batches = [next(batches) for _ in range(accumulation)]
-                waited = time.perf_counter() - waiting
-                num_items = sum(self._num_items(phase, batch) for batch in micro_batches)
-                num_items = acc.reduce(num_items, "sum")
-                # the step's loss stays on the device and its counts on the host: no micro-batch waits for
-                # the GPU (a device -> host read, or a blocking host -> device copy, drains its queue)
-                step_loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
-                counts = [0.0, 0.0, 0.0, 0.0]  # samples, tokens, skipped, truncated
-                kinds = [s.kind for batch in micro_batches for s in batch["skipped"]]
-                step_number = state.global_step + 1
-                micro_times: list[tuple[bool, float]] = []  # a profiled step's (synced?, seconds) per micro-batch
-                with self._profiling(step_number) as profiler:  # None but at train.profile_step
-                    for batch in micro_batches:
-                        micro_start = time.perf_counter()
-                        with acc.accumulate(model):
-                            loss = self._micro_step(phase, model, batch, num_items)
-                            step_loss_sum += loss.detach().double()
-                            counts = [total + n for total, n in zip(counts, _host_counts(batch), strict=True)]
-                            acc.backward(loss * scale)
-                            if acc.sync_gradients and phase.max_grad_norm is not None:
-                                acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
-                            lr = optimizer.param_groups[0]["lr"]
-                            optimizer.step()
-                            if acc.sync_gradients:
-                                scheduler.step()
-                            optimizer.zero_grad()
-                        if profiler is not None:  # the device's time for this micro-batch (one wait per micro-batch)
-                            if acc.device.type == "cuda":
-                                torch.cuda.synchronize(acc.device)
-                            micro_times.append((acc.sync_gradients, time.perf_counter() - micro_start))
-                        state.batches_done += 1
-                if profiler is not None:
-                    profile_step_report(profiler, self.output_dir / "profile", step_number, acc.process_index,
-                                        micro_times)
-                totals = torch.cat([step_loss_sum[None], torch.tensor([*counts, waited], dtype=torch.float64).to(acc.device)])
-                loss_sum, samples, tokens, skipped, truncated, waited = acc.reduce(totals, "sum").tolist()
-                now = time.perf_counter()
-                if step_start is not None and profiler is None:  # a profiled step is slowed: not timed
-                    throughput["timed_steps"] += 1
-                    throughput["seconds"] += now - step_start
-                    # the mean over the processes of the time blocked on the data loader
-                    throughput["data_seconds"] = throughput.get("data_seconds", 0.0) + waited / acc.num_processes
-                    throughput["samples"] += samples
-                    throughput["tokens"] += tokens
-                step_start = now
-                for kind in gather_object(kinds) if acc.num_processes > 1 else kinds:
-                    state.skipped_by_kind[kind] = state.skipped_by_kind.get(kind, 0) + 1
-                step_loss = loss_sum if bool(num_items.sum() > 0) else None  # None: every record skipped
-                state.step += 1
-                state.global_step += 1
-                losses.append(step_loss)
-                state.num_skipped += int(skipped)
-                state.num_truncated += int(truncated)
-                window.add(samples, tokens)
-                progress.update(1)
-                progress.set_postfix(loss=format_loss(step_loss), lr=f"{lr:.2e}", refresh=False)  # shown at the bar's own interval
-                if state.batches_done == batches_per_epoch:
-                    state.epoch += 1
-                    state.batches_done = 0
-                if state.step % self.log_every == 0 or state.step == total_steps:
-                    self._log(phase, state, total_steps, step_loss, lr, window, batches_per_epoch // accumulation)
-                if self.save_every and state.global_step % self.save_every == 0 and state.step < total_steps:
-                    self._save(state)
-                    step_start = time.perf_counter()
-                if state.batches_done == 0:
-                    break
+            try:  # the workers shut down on every way out (they ignore SIGTERM: ignore_stop_signals)
+                while state.step < total_steps and state.batches_done < batches_per_epoch:
+                    waiting = time.perf_counter()
+                    micro_batches = [next(batches) for _ in range(accumulation)]
+                    waited = time.perf_counter() - waiting
+                    num_items = sum(self._num_items(phase, batch) for batch in micro_batches)
+                    num_items = acc.reduce(num_items, "sum")
+                    # the step's loss stays on the device and its counts on the host: no micro-batch waits for
+                    # the GPU (a device -> host read, or a blocking host -> device copy, drains its queue)
+                    step_loss_sum = torch.zeros((), dtype=torch.float64, device=acc.device)
+                    counts = [0.0, 0.0, 0.0, 0.0]  # samples, tokens, skipped, truncated
+                    kinds = [s.kind for batch in micro_batches for s in batch["skipped"]]
+                    step_number = state.global_step + 1
+                    micro_times: list[tuple[bool, float]] = []  # a profiled step's (synced?, seconds) per micro-batch
+                    with self._profiling(step_number) as profiler:  # None but at train.profile_step
+                        for batch in micro_batches:
+                            micro_start = time.perf_counter()
+                            with acc.accumulate(model):
+                                loss = self._micro_step(phase, model, batch, num_items)
+                                step_loss_sum += loss.detach().double()
+                                counts = [total + n for total, n in zip(counts, _host_counts(batch), strict=True)]
+                                acc.backward(loss * scale)
+                                if acc.sync_gradients and phase.max_grad_norm is not None:
+                                    acc.clip_grad_norm_(model.parameters(), phase.max_grad_norm)
+                                lr = optimizer.param_groups[0]["lr"]
+                                optimizer.step()
+                                if acc.sync_gradients:
+                                    scheduler.step()
+                                optimizer.zero_grad()
+                            if profiler is not None:  # the device's time for this micro-batch (one wait per micro-batch)
+                                if acc.device.type == "cuda":
+                                    torch.cuda.synchronize(acc.device)
+                                micro_times.append((acc.sync_gradients, time.perf_counter() - micro_start))
+                            state.batches_done += 1
+                    if profiler is not None:
+                        profile_step_report(profiler, self.output_dir / "profile", step_number, acc.process_index,
+                                            micro_times)
+                    # the stop signals caught ride in the step's one reduction: every process stops after the same step
+                    stopping = float(bool(self._stop_received))
+                    totals = torch.cat([step_loss_sum[None],
+                                        torch.tensor([*counts, waited, stopping], dtype=torch.float64).to(acc.device)])
+                    loss_sum, samples, tokens, skipped, truncated, waited, stopping = acc.reduce(totals, "sum").tolist()
+                    now = time.perf_counter()
+                    if step_start is not None and profiler is None:  # a profiled step is slowed: not timed
+                        throughput["timed_steps"] += 1
+                        throughput["seconds"] += now - step_start
+                        # the mean over the processes of the time blocked on the data loader
+                        throughput["data_seconds"] = throughput.get("data_seconds", 0.0) + waited / acc.num_processes
+                        throughput["samples"] += samples
+                        throughput["tokens"] += tokens
+                    step_start = now
+                    for kind in gather_object(kinds) if acc.num_processes > 1 else kinds:
+                        state.skipped_by_kind[kind] = state.skipped_by_kind.get(kind, 0) + 1
+                    step_loss = loss_sum if bool(num_items.sum() > 0) else None  # None: every record skipped
+                    state.step += 1
+                    state.global_step += 1
+                    losses.append(step_loss)
+                    state.num_skipped += int(skipped)
+                    state.num_truncated += int(truncated)
+                    window.add(samples, tokens)
+                    progress.update(1)
+                    progress.set_postfix(loss=format_loss(step_loss), lr=f"{lr:.2e}", refresh=False)  # shown at the bar's own interval
+                    if state.batches_done == batches_per_epoch:
+                        state.epoch += 1
+                        state.batches_done = 0
+                    if state.step % self.log_every == 0 or state.step == total_steps:
+                        self._log(phase, state, total_steps, step_loss, lr, window, batches_per_epoch // accumulation)
+                    saved = False
+                    if self.save_every and state.global_step % self.save_every == 0 and state.step < total_steps:
+                        self._save(state)
+                        saved = True
+                        step_start = time.perf_counter()
+                    if stopping:
+                        progress.close()
+                        self._stop(state, saved)
+                    if state.batches_done == 0:
+                        break
+            finally:
+                close_batches(batches)
         progress.close()
         if acc.device.type == "cuda":
             peak = acc.gather(torch.tensor([torch.cuda.max_memory_allocated(acc.device) / 2**30], device=acc.device))

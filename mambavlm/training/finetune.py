@@ -85,7 +85,8 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     """Train, save ``final/`` and the last checkpoint (none with ``train.checkpoints=false``), score the val
     split; returns the metrics.
 
-    The metrics (``OUTPUT_DIR/metrics.json``) are returned on the main process, ``{}`` elsewhere.
+    The metrics (``OUTPUT_DIR/metrics.json``) are returned on the main process, ``{}`` elsewhere. Raises
+    TrainingStopped (the step's checkpoint written, ``output_dir`` released) when a SIGTERM stops the run.
     """
     started = time.perf_counter()
     cfg = config
@@ -142,7 +143,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     # what the gathered weights fill when FSDP / ZeRO-3 shard the model in place: no second build (a
     # paper-shaped model takes a minute to initialise on the CPU, only to be overwritten)
     skeleton = structure_copy(model)
-    state = trainer.run([phase], dataset, VLMCollator(model.tokenizer.pad_token_id))
+    state = trainer.run_or_end([phase], dataset, VLMCollator(model.tokenizer.pad_token_id))
     final_model = trainer.gathered_module(lambda: skeleton)
     metrics: dict[str, Any] = {}
     if acc.is_main_process:

@@ -1,12 +1,14 @@
-"""Distillation on the one training engine: killed mid-stage and resumed it repeats the uninterrupted
-losses; bad records are skipped and counted as fine-tuning counts them, even a first micro-batch
+"""Distillation on the one training engine: killed or stopped by SIGTERM mid-stage and resumed it repeats
+the uninterrupted losses; bad records are skipped and counted as fine-tuning counts them, even a first micro-batch
 whose every record is bad."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
+import signal
 from pathlib import Path
 
 import pytest
@@ -48,8 +50,8 @@ def distill_args(teacher: Path, out: Path, *extra: str) -> list[str]:
     ]
 
 
-def test_distillation_killed_mid_stage_resumes_with_the_uninterrupted_losses(
-    teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_distillation_killed_or_stopped_mid_stage_resumes_with_the_uninterrupted_losses(
+    teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
     whole = distill_main(distill_args(teacher, tmp_path / "whole"))
     uninterrupted = [stage["step_losses"] for stage in whole["stages"]]
@@ -79,6 +81,31 @@ def test_distillation_killed_mid_stage_resumes_with_the_uninterrupted_losses(
     for stage_losses, expected in zip(losses, uninterrupted):
         assert stage_losses == pytest.approx(expected, rel=1e-6)
     assert resumed["student_val_accuracy"] == whole["student_val_accuracy"]
+
+    # SIGTERM (a scheduler's preemption) as global step 7 (stage2, step 2) starts its second micro-batch:
+    # the step finishes, its checkpoint is written, the script exits 143 naming it, and the resume repeats
+    # the uninterrupted losses
+    calls, micro_step = [0], Trainer._micro_step
+
+    def signalled(self, *args):  # noqa: ANN001, ANN002
+        calls[0] += 1
+        if calls[0] == 14:  # 2 micro-batches per step
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_micro_step", signalled)
+    out = tmp_path / "stopped"
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main(distill_args(teacher, out))
+    assert exit_info.value.code == 143
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"stopped by SIGTERM after step 7: its checkpoint is {out / 'checkpoint-7'}; resume with resume_from=latest")
+    state = json.loads((out / "checkpoint-7" / "trainer_state.json").read_text())
+    assert (state["phase"], state["step"], state["global_step"]) == (1, 2, 7)
+    monkeypatch.setattr(Trainer, "_micro_step", micro_step)
+    resumed = distill_main(distill_args(teacher, out, "resume_from=latest"))
+    for stage, expected in zip(resumed["stages"], uninterrupted):
+        assert stage["step_losses"] == pytest.approx(expected, rel=1e-6)
 
 
 def bad_image_data(root: Path) -> tuple[Path, set[int]]:

@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import fcntl
 import math
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import textwrap
+import threading
 import warnings
 from pathlib import Path
 
@@ -21,7 +26,7 @@ import transformers
 from mambavlm.config import ConfigError
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.model import MambaVLM
-from mambavlm.training import find_checkpoints, load_train_config, run_finetune
+from mambavlm.training import Trainer, TrainingStopped, find_checkpoints, load_train_config, run_finetune
 from mambavlm.training.checkpoint import TRAINER_STATE_FILE
 from tests.conftest import ROOT, TINY_TRAIN, subprocess_env
 
@@ -93,6 +98,100 @@ def test_resume_repeats_the_uninterrupted_losses(micro_run, tmp_path):
     assert resumed == uninterrupted  # bit-exact on CPU
     # steps 2-3 timed before the checkpoint, 5-6 after the resume (step 4 warms the new start up)
     assert read_metrics(tmp_path)["throughput"]["timed_steps"] == 4
+
+
+
+def signal_at_micro_batch(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
+    """The process sends itself SIGTERM as its ``call``-th micro-batch (1-based) starts: a scheduler's
+    preemption arriving in the middle of a step."""
+    calls = [0]
+    micro_step = Trainer._micro_step
+
+    def signalled(self, *args):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_step(self, *args)
+
+    monkeypatch.setattr(Trainer, "_micro_step", signalled)
+
+
+def test_a_sigterm_ends_the_step_writes_its_checkpoint_and_the_resume_repeats_the_losses(micro_run, tmp_path,
+                                                                                          monkeypatch):
+    """SIGTERM during step 2's first micro-batch (2 per step): step 2 finishes, checkpoint-2 is written
+    (save_every is 3), TrainingStopped says so with exit code 143, the handler before the run is back and
+    output_dir is free (another process can lock it); resuming from latest gives the uninterrupted run's
+    six losses, bit for bit."""
+    before = signal.getsignal(signal.SIGTERM)
+    signal_at_micro_batch(monkeypatch, 3)
+    with pytest.raises(TrainingStopped) as stopped:
+        run_finetune(micro_config(tmp_path, "data.synthetic.num_val=0"))
+    err = stopped.value
+    assert (err.signal_name, err.step, err.checkpoint, err.exit_code) == ("SIGTERM", 2, tmp_path / "checkpoint-2", 143)
+    assert str(err) == f"stopped by SIGTERM after step 2: its checkpoint is {tmp_path / 'checkpoint-2'}"
+    assert signal.getsignal(signal.SIGTERM) is before
+    assert find_checkpoints(tmp_path) == [tmp_path / "checkpoint-2"] and not (tmp_path / "final").exists()
+    assert json.loads((tmp_path / "checkpoint-2" / TRAINER_STATE_FILE).read_text())["step"] == 2
+    fd = os.open(tmp_path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # raises BlockingIOError while the run holds it
+    finally:
+        os.close(fd)
+    monkeypatch.undo()
+    run_finetune(micro_config(tmp_path, "data.synthetic.num_val=0", "train.resume_from=latest"))
+    assert read_metrics(tmp_path)["step_losses"] == read_metrics(micro_run)["step_losses"]
+
+
+def test_a_sigterm_in_a_checkpoints_step_writes_it_once_and_without_checkpoints_none(tmp_path, monkeypatch):
+    """In step 3 (a save_every step) the stop keeps that step's checkpoint, written once; with
+    checkpoints off the run stops with none and says so."""
+    signal_at_micro_batch(monkeypatch, 5)
+    saves = []
+    save = Trainer._save
+    monkeypatch.setattr(Trainer, "_save", lambda self, state: saves.append(state.global_step) or save(self, state))
+    with pytest.raises(TrainingStopped, match=r"after step 3: its checkpoint is .*checkpoint-3$"):
+        run_finetune(micro_config(tmp_path / "saving", "data.synthetic.num_val=0"))
+    assert saves == [3] and find_checkpoints(tmp_path / "saving") == [tmp_path / "saving" / "checkpoint-3"]
+    signal_at_micro_batch(monkeypatch, 1)
+    with pytest.raises(TrainingStopped, match=r"^stopped by SIGTERM after step 1: no checkpoint \(checkpoints are off\)$"):
+        run_finetune(micro_config(tmp_path / "none", "data.synthetic.num_val=0", "train.checkpoints=false"))
+    assert not list((tmp_path / "none").glob("*checkpoint*")) and saves == [3]
+
+
+def test_killing_the_process_group_stops_the_run_with_a_checkpoint_and_one_line(tmp_path):
+    """train/finetune.py with a DataLoader worker, stopped as the README says (SIGTERM to its process
+    group, the worker included) once it has logged step 2 of 1000: it exits 143 with one line naming the
+    step, its checkpoint and how to resume; no traceback, and the worker did not die under the step."""
+    cmd = [sys.executable, str(ROOT / "train" / "finetune.py"), "--config", str(TINY_TRAIN), f"output_dir={tmp_path}",
+           *MICRO_RUN, "train.max_steps=1000", "data.num_workers=1", "data.synthetic.num_val=0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    lines, logged_step_2 = [], threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "finetune step 2/1000" in line:
+                logged_step_2.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert logged_step_2.wait(timeout=300), "".join(lines)[-3000:]
+        os.killpg(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=120)  # a worker left ignoring SIGTERM would hang multiprocessing's exit
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    reader.join(timeout=30)
+    log = "".join(lines)
+    assert code == 143, log[-3000:]
+    [checkpoint] = find_checkpoints(tmp_path)
+    step = int(checkpoint.name.split("-")[1])
+    assert 2 <= step < 1000
+    assert lines[-1] == (f"stopped by SIGTERM after step {step}: its checkpoint is {checkpoint}; "
+                         "resume with train.resume_from=latest\n")
+    assert "Traceback" not in log and "DataLoader worker" not in log, log[-3000:]
 
 
 def test_resume_with_another_lr_warns_and_keeps_the_checkpoints(micro_run, tmp_path, caplog):
@@ -272,28 +371,60 @@ def test_a_profiled_step_writes_its_operator_tables_and_trace_and_is_not_timed(t
     assert not (plain / "profile").exists()
 
 
-def launch_two_processes(*overrides: str) -> subprocess.CompletedProcess:
-    """train/finetune.py on 2 CPU processes (gloo) with the tiny train config and ``overrides``."""
+def launch_two_processes(*overrides: str, script: Path = ROOT / "train" / "finetune.py") -> subprocess.CompletedProcess:
+    """``script`` (train/finetune.py) on 2 CPU processes (gloo) with the tiny train config and ``overrides``."""
     accelerate = Path(sys.executable).with_name("accelerate")
     cmd = [
         str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "train" / "finetune.py"), "--config", str(TINY_TRAIN), *overrides,
+        str(script), "--config", str(TINY_TRAIN), *overrides,
     ]
     env = subprocess_env(ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1")
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_process_run_resumes_exactly_and_refuses_another_layout(tmp_path):
-    """2 processes, checkpoints at steps 3 and 6; resumed from step 3 on 2 processes, steps 4-6 repeat
-    the uninterrupted losses and final weights; resuming it on 1 process is refused, naming the change."""
+SIGNALLED_RANK_1 = textwrap.dedent(
+    """
+    import os, runpy, signal, sys
+    from mambavlm.training import Trainer
+
+    calls, micro_step = [0], Trainer._micro_step
+
+    def signalled(self, *args):  # rank 1 alone receives SIGTERM as step 2 (one micro-batch per step) starts
+        calls[0] += 1
+        if calls[0] == 2 and self.accelerator.process_index == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return micro_step(self, *args)
+
+    Trainer._micro_step = signalled
+    sys.argv[0] = FINETUNE
+    runpy.run_path(FINETUNE, run_name="__main__")
+    """
+)
+
+
+def test_two_process_run_stopped_on_one_rank_resumes_exactly_and_refuses_another_layout(tmp_path):
+    """2 processes, 6 steps. A SIGTERM to rank 1 alone during step 2 stops both ranks after step 2 (the
+    flag rides in the step's reduction), each saying why, with checkpoint-2 holding both ranks' RNG
+    states; resumed from it on 2 processes, the run repeats the uninterrupted losses and final
+    weights; resuming it on 1 process is refused, naming the change."""
     common = [*MICRO_RUN, "data.synthetic.num_val=0"]
     whole = tmp_path / "whole"
     result = launch_two_processes(f"output_dir={whole}", *common)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert (whole / "checkpoint-3").is_dir()
     resumed = tmp_path / "resumed"
-    result = launch_two_processes(f"output_dir={resumed}", *common, f"train.resume_from={whole / 'checkpoint-3'}")
+    script = tmp_path / "signalled.py"
+    script.write_text(SIGNALLED_RANK_1.replace("FINETUNE", repr(str(ROOT / "train" / "finetune.py"))))
+    result = launch_two_processes(f"output_dir={resumed}", *common, script=script)
+    log = result.stdout + result.stderr
+    assert result.returncode != 0
+    checkpoint = resumed / "checkpoint-2"
+    hint = "; resume with train.resume_from=latest"
+    assert f"stopped by SIGTERM after step 2: its checkpoint is {checkpoint}{hint}" in log, log[-3000:]
+    assert f"stopped by another process's signal after step 2: its checkpoint is {checkpoint}{hint}" in log
+    assert find_checkpoints(resumed) == [checkpoint]
+    assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    result = launch_two_processes(f"output_dir={resumed}", *common, "train.resume_from=latest")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert read_metrics(resumed)["step_losses"] == pytest.approx(read_metrics(whole)["step_losses"], rel=1e-6)
     final_whole = MambaVLM.from_pretrained(whole / "final").state_dict()
