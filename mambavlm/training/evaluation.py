@@ -86,8 +86,8 @@ def load_vqa_items(records: Sequence[dict] | str | Path, image_root: str | Path 
     """The first question/answer pair of every LLaVA-format record.
 
     ``image_root`` None means the JSON file's directory (or the working directory for in-memory
-    records). An entry that is not a record, or a record without a human turn followed by an
-    assistant turn, is a ValueError naming it (the question's own type is checked when it is answered:
+    records). An entry that is not a record, a record without a human turn followed by an assistant
+    turn, or one whose assistant turn is empty (no reference), is a ValueError naming it (the question's own type is checked when it is answered:
     ``generate_answers``); ``read_vqa_items`` skips those instead.
     """
     items, skipped = _vqa_items(records, image_root)
@@ -101,8 +101,8 @@ def read_vqa_items(
     records: Sequence[dict] | str | Path, image_root: str | Path | None
 ) -> tuple[list[VQAItem], list[tuple[str, str]]]:
     """``load_vqa_items`` that skips what it would refuse: ``(items, skipped)``, ``(id, reason)`` for each
-    entry that is not a record or has no human turn followed by an assistant turn (the entry's index for
-    an id where it has none), each named in a warning. A file that is not a JSON list of records is still
+    entry that is not a record, has no human turn followed by an assistant turn or an empty assistant turn
+    (the entry's index for an id where it has none), each named in a warning. A file that is not a JSON list of records is still
     a ValueError naming it (``load_records``)."""
     items, skipped = _vqa_items(records, image_root)
     for record_id, reason in skipped:
@@ -133,6 +133,9 @@ def _vqa_items(
             or _role(turns[1]) not in ASSISTANT_ROLES
         ):
             skipped.append((record_id, "expected a human turn then an assistant turn"))
+            continue
+        if not turns[1]["value"].strip():  # scored against "", every answer but an empty one is wrong
+            skipped.append((record_id, "the assistant turn is empty: no reference answer to score against"))
             continue
         image = record.get("image")
         if image and not isinstance(image, str):  # a list or a number: no path to join (was a TypeError)

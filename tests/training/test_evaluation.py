@@ -85,6 +85,22 @@ def test_an_entry_that_is_not_a_record_is_named_by_its_index() -> None:
         load_vqa_items([good, "oops"], None)
 
 
+def test_a_record_with_an_empty_reference_is_skipped_not_scored_against_nothing() -> None:
+    """A val record whose assistant turn is empty or blank was scored against "": wrong for every answer
+    but an empty one, and counted in the accuracy. It is named and skipped, as training skips it."""
+    from mambavlm.training.evaluation import load_vqa_items, read_vqa_items
+
+    def record(record_id: str, answer: str) -> dict:
+        return {"id": record_id, "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": answer}]}
+
+    items, skipped = read_vqa_items([record("a", "red"), record("b", ""), record("c", " \n"), record("d", " x ")], None)
+    assert [(i.id, i.reference) for i in items] == [("a", "red"), ("d", "x")]
+    reason = "the assistant turn is empty: no reference answer to score against"
+    assert skipped == [("b", reason), ("c", reason)]
+    with pytest.raises(ValueError, match=f"record b: {reason}"):
+        load_vqa_items([record("a", "red"), record("b", "")], None)
+
+
 def test_records_sharing_an_id_are_each_answered_against_their_own_question(tmp_path, tiny_model) -> None:
     """Two val records with one id: both rows had taken the later record's question and reference."""
     import json
