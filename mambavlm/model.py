@@ -153,6 +153,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         # FSDP auto-wrap (configs/accelerate/fsdp.yaml) wraps the LLM's own decoder blocks
         self._no_split_modules = list(getattr(self.llm, "_no_split_modules", None) or [])
         self._static_decoder: StaticDecoder | None = None
+        self._fused_decode_step = False
         self.post_init()
         self.generation_config = GenerationConfig.from_dict(self.llm.generation_config.to_dict())
         self.attach_tokenizer(tokenizer)
@@ -310,11 +311,29 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
             return str(err)
         return None
 
+    def set_fused_decode_step(self, enabled: bool = True) -> None:
+        """Whether the static-state decoder (``generate_ids``' fast path, ``cache_implementation="static"``)
+        steps a Mamba-1 LLM through the fused Triton kernels (``mambavlm.ops.mamba_step``; three per block
+        for one sequence): on an H200, MambaVLM-2.8B at batch 1 takes 2.01-2.04 ms per token fused against
+        3.18-3.30 for mamba_ssm's ``generate(cg=True)`` and 2.86-3.16 unfused (``benchmarks/RESULTS.md``
+        a2, a8). Off by default: ``x_proj``'s split-K sums and the norm's row sums are float32 atomic adds,
+        whose order, so the last bits of the logits (and at a near tie a greedy token), can vary from run
+        to run; unfused, decoding repeats exactly. Greedy tokens equal the unfused path's in float32
+        (tested on the H200 and under Triton's interpreter). Raises ValueError for an LLM without Mamba-1
+        mixers (a Mamba-2 layer's step kernel runs by default: it sums nothing across programs); the first
+        decode raises ValueError where Triton cannot run (not CUDA, outside ``TRITON_INTERPRET=1``)."""
+        if enabled and not isinstance(self.llm, MambaForCausalLM):
+            raise ValueError(f"the fused decode step runs Mamba-1 mixers; this model's LLM is a "
+                             f"{type(self.llm).__name__} (a Mamba-2 layer's step kernel runs without it)")
+        self._fused_decode_step = enabled
+
     def static_decoder(self) -> StaticDecoder:
-        """The LLM's static-cache decoder, built on first use and kept (with its CUDA graph)."""
+        """The LLM's static-cache decoder, built on first use and kept (with its CUDA graph); rebuilt when
+        the LLM, its device or ``set_fused_decode_step`` changed."""
         decoder = self._static_decoder
-        if decoder is None or decoder.model is not self.llm or decoder.device != self.device:
-            self._static_decoder = build_static_decoder(self.llm)
+        if (decoder is None or decoder.model is not self.llm or decoder.device != self.device
+                or getattr(decoder, "fused_step", False) != self._fused_decode_step):
+            self._static_decoder = build_static_decoder(self.llm, fused_step=self._fused_decode_step)
         return self._static_decoder
 
     @torch.no_grad()

@@ -131,6 +131,47 @@ def test_fused_step_on_cuda_replays_in_the_cuda_graph_to_the_unfused_tokens(dtyp
     assert_same_up_to_near_tie(runs[1][0], runs[0][0], runs[0][1], tol)
 
 
+def test_a_vlms_fused_decode_step_switch_reaches_its_decoder_and_refuses_other_llms(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``MambaVLM.set_fused_decode_step``: off by default; on, its static decoder is rebuilt with the fused
+    step (which refuses the CPU without the interpreter: the switch reached it); off again, rebuilt
+    without. An LLM without Mamba-1 mixers is refused at the switch and by the decoder factory."""
+    from mambavlm.generation import build_static_decoder
+    from tests.conftest import tiny_llama_vlm
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    vlm = tiny_vlm()
+    assert vlm.static_decoder().fused_step is False
+    vlm.set_fused_decode_step()
+    with pytest.raises(ValueError, match="fused_step needs Triton on CUDA"):
+        vlm.static_decoder()
+    vlm.set_fused_decode_step(False)
+    assert vlm.static_decoder().fused_step is False
+    llama = tiny_llama_vlm()
+    with pytest.raises(ValueError, match="runs Mamba-1 mixers; this model's LLM is a LlamaForCausalLM"):
+        llama.set_fused_decode_step()
+    with pytest.raises(ValueError, match="fused_step runs Mamba-1 mixers; LlamaForCausalLM has none"):
+        build_static_decoder(llama.llm, fused_step=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_vlm_switched_to_the_fused_step_generates_the_unfused_tokens_on_cuda() -> None:
+    """The tiny MambaVLM (float32) through ``generate_ids``' fast path: the same greedy tokens with the
+    fused step as without, and its decoder really steps fused (one sequence: the whole-block kernels)."""
+    vlm = tiny_vlm().to("cuda")
+    generator = torch.Generator("cuda").manual_seed(0)
+    ids = torch.randint(3, vlm.llm.config.vocab_size, (1, 17), device="cuda", generator=generator)
+    tokens = []
+    for fused in (False, True):
+        vlm.set_fused_decode_step(fused)
+        tokens.append(vlm.generate_ids(ids, torch.ones_like(ids), fast=True, max_new_tokens=16, eos_token_id=None))
+    assert vlm.static_decoder().fused_step and vlm.static_decoder()._whole_block_steps(1)
+    assert len(set(tokens[0].flatten().tolist())) > 3
+    assert torch.equal(tokens[0], tokens[1])
+
+
 def test_fused_step_needs_a_mamba_1_model() -> None:
     from mambavlm.generation import HybridStaticDecoder  # noqa: F401  (the LLaMA decoder has no fused step)
 
