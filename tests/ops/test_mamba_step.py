@@ -160,7 +160,11 @@ def test_a_vlms_fused_decode_step_switch_reaches_its_decoder_and_refuses_other_l
 def test_a_vlm_switched_to_the_fused_step_generates_the_unfused_tokens_on_cuda() -> None:
     """The tiny MambaVLM (float32) through ``generate_ids``' fast path: the same greedy tokens with the
     fused step as without, and its decoder really steps fused (one sequence: the whole-block kernels)."""
-    vlm = tiny_vlm().to("cuda")
+    from tests.conftest import strengthen_mixers
+
+    vlm = tiny_vlm()
+    strengthen_mixers(vlm.llm)  # random mixers this small decode one token over and over
+    vlm.to("cuda")
     generator = torch.Generator("cuda").manual_seed(0)
     ids = torch.randint(3, vlm.llm.config.vocab_size, (1, 17), device="cuda", generator=generator)
     tokens = []
