@@ -31,10 +31,14 @@ from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["FUSED_STEP_MAX_BATCH", "WHOLE_BLOCK_MAX_BATCH", "StaticStateDecoder"]
 
-WHOLE_BLOCK_MAX_BATCH = 1
-"""The largest batch the fused step runs as whole-block kernels (``step_block``). Its projection
-kernels take up to 4 sequences, but at 4 they took twice cuBLAS's time on an H200
-(``benchmarks/results/decode_projections.md``); at 1 they match cuBLAS with the norm folded in."""
+WHOLE_BLOCK_MAX_BATCH = 2
+"""The largest batch the fused step runs as whole-block kernels (``step_block``). Their projection
+kernels take up to 4 sequences. On an H200 (2026-12-01, MambaVLM-2.8B shapes, bf16, random weights, 128
+CUDA-graph steps, three alternating repeats; ``benchmarks/RESULTS.md`` a8) a whole step took, in ms,
+whole-block against two kernels between cuBLAS's projections: 2.438-2.440 against 2.601-2.603 at 2
+sequences, but 4.039-4.041 against 2.674-2.677 at 3 and 4.043-4.045 against 2.745-2.746 at 4 (3 runs
+as 4: the kernels hold a power-of-two batch); fed the same tokens, both paths' logits stayed as close to
+the unfused step's at every batch (float32: within 1e-3 over six steps)."""
 FUSED_STEP_MAX_BATCH = 4
 """The largest batch the fused step runs at all; larger batches step unfused (mamba_ssm's conv update
 and state update, cuBLAS's ``x_proj``). On an H200 (2026-12-01, MambaVLM-2.8B, bf16,
