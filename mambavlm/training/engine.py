@@ -68,6 +68,7 @@ from mambavlm.atomic import atomic_file
 from mambavlm.config import ConfigError
 from mambavlm.data.llava import SkippedSample
 from mambavlm.processes import check_process_group
+from mambavlm.progress import format_duration
 from mambavlm.training.checkpoint import (
     CHECKPOINT_PREFIX,
     TRAINER_STATE_FILE,
@@ -1175,16 +1176,6 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     if batch["pixel_values"] is not None:
         out["pixel_values"] = [p.to(device) for p in batch["pixel_values"]]
     return out
-
-
-def format_duration(seconds: float) -> str:
-    """Seconds as a log line shows them: ``42s``, ``4m31s``, ``2h05m``."""
-    seconds = round(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def format_loss(loss: float | None) -> str:

@@ -12,6 +12,7 @@ import os
 import string
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +20,11 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from mambavlm.data.llava import IMAGE_LOAD_ERRORS, load_records
 from mambavlm.llm.templates import ASSISTANT_ROLES, HUMAN_ROLES
 from mambavlm.processing import left_pad
+from mambavlm.progress import Progress
 from mambavlm.vision.image import image_path_problem, open_image
 
 __all__ = [
@@ -268,16 +269,19 @@ def iter_answers(
     batch over and launches the model, so the GPU does not wait for the CPU between batches (measured
     in ``benchmarks/eval_throughput.py --profile``). ``fast``: as in ``MambaVLM.generate_ids`` (None:
     the static decoder where it applies). ``options``: answer by likelihood instead
-    (``MambaVLM.option_logprobs``): each answer is then {option: log-probability}.
+    (``MambaVLM.option_logprobs``): each answer is then {option: log-probability}. ``show_progress``: a
+    bar on a terminal, a log line at each tenth of the batches in a log file (``mambavlm.progress``).
     Raises ValueError for a batch size below 1.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     batches = [items[start : start + batch_size] for start in range(0, len(items), batch_size)]
     device = torch.device(model.device)
-    with ThreadPoolExecutor(max_workers=image_workers(), thread_name_prefix="eval-batches") as pool:
+    with ExitStack() as stack:
+        pool = stack.enter_context(ThreadPoolExecutor(max_workers=image_workers(), thread_name_prefix="eval-batches"))
         pending = _prepare_batch(pool, model, batches[0], blind, max_new_tokens) if batches else None
-        for index in tqdm(range(len(batches)), desc="generate", disable=not show_progress):
+        progress = stack.enter_context(Progress(len(batches), "generate", "batches", show_progress, logger))
+        for index in range(len(batches)):
             prepared = pending.result()
             if index + 1 < len(batches):
                 pending = _prepare_batch(pool, model, batches[index + 1], blind, max_new_tokens)
@@ -294,6 +298,7 @@ def iter_answers(
                 else:
                     answers = model.option_logprobs_ids(input_ids, attention_mask, pixels, options)
             yield list(zip(prepared.ids, answers)), prepared.skipped
+            progress.update()
 
 
 def _to_device(tensor: Tensor, device: torch.device) -> Tensor:

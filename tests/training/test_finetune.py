@@ -227,7 +227,7 @@ def test_resume_with_other_training_data_warns_that_the_batches_differ(micro_run
 
 
 def test_durations_in_log_lines_read_as_a_person_writes_them():
-    from mambavlm.training.engine import format_duration
+    from mambavlm.progress import format_duration
 
     assert [format_duration(s) for s in (0.4, 42, 59.6, 61, 271, 3599, 3600, 7500)] == [
         "0s", "42s", "1m00s", "1m01s", "4m31s", "59m59s", "1h00m", "2h05m"]
