@@ -16,8 +16,10 @@ results.json records (the log names them; --annotations picks others; a recorded
 read now is an error), so the scores are not dropped. With --limit N only the first N questions are
 asked and only their annotations scored (results.json: ``limit``, ``num_not_asked``, ``scores_cover``;
 MME's image pairs and MMBench's circular passes are kept whole, a member not asked counting as
-missing). --mode likelihood with --annotations needs a benchmark with a likelihood scorer (tallyqa,
-vsr): any other is refused before answering. A run that answers no question at all (a wrong
+missing). With --annotations, a question file holding questions the annotation files do not (another
+benchmark's or split's, or an id repeated) is refused before any answer. --mode likelihood with
+--annotations needs a benchmark with a likelihood scorer (tallyqa, vsr): any other is refused before
+answering. A run that answers no question at all (a wrong
 --image-folder, say) exits with status 1 naming the first reasons, and writes no results.json.
 
 NAME is one of the known benchmarks (an unknown name is an error), or, with ``--custom-benchmark``, a
@@ -45,6 +47,7 @@ from mambavlm.eval.runner import (
     RecordFileError,
     RunSettings,
     SettingsMismatchError,
+    UnannotatedQuestionsError,
     check_benchmark_name,
     recorded_annotations,
     run_benchmark,
@@ -146,7 +149,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         f"({files}), as the earlier run was scored")
     try:
         results = run_benchmark(settings)
-    except (SettingsMismatchError, QuestionFileError, RecordFileError) as err:
+    except (SettingsMismatchError, QuestionFileError, RecordFileError, UnannotatedQuestionsError) as err:
         parser.error(str(err))
     except NothingAnsweredError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")

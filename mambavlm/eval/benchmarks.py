@@ -54,7 +54,7 @@ from mambavlm.eval.scorers.vqa import (
     score_vqa,
 )
 
-__all__ = ["BENCHMARKS", "AnnotationFiles", "Benchmark", "read_answers", "score_answers"]
+__all__ = ["BENCHMARKS", "AnnotationFiles", "Benchmark", "ids_held_by", "read_answers", "score_answers"]
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ def _textvqa_predictions(
     return predictions
 
 
-def _held_by(benchmark: str, files: AnnotationFiles) -> str:
+def ids_held_by(benchmark: str, files: AnnotationFiles) -> str:
     """What holds the question ids every answer's id must be among (the files), as the error names it."""
     if benchmark == "scienceqa":
         return f"the test split of {files.split_file} ({files.annotations})"
@@ -243,7 +243,7 @@ def score_answers(
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     spec = BENCHMARKS[benchmark]
     rows = read_answers(answers)
-    where, subject = _held_by(benchmark, files), f"{benchmark}: {answers} has answers"
+    where, subject = ids_held_by(benchmark, files), f"{benchmark}: {answers} has answers"
     by_likelihood = ["option_logprobs" in row for row in rows]
     if any(by_likelihood):
         if not all(by_likelihood):
