@@ -267,3 +267,36 @@ def test_submission_files_for_the_test_servers(tmp_path: Path) -> None:
                                 "--out", str(tmp_path / "vw.json")])
     assert json.loads(out.read_text()) == [{"image": "a.jpg", "answer": "unanswerable"},
                                            {"image": "b.jpg", "answer": "it 's red i think"}]  # mmf's word_tokenize splits "'s"
+
+
+@pytest.mark.parametrize("benchmark", ["vqav2", "vizwiz"])
+def test_a_submission_of_answers_to_other_questions_is_refused(benchmark: str, tmp_path: Path, capsys) -> None:
+    """Answers of another benchmark (POPE's ids) given with the VQAv2 test questions: the upload held every
+    question with the answer "" and the script said "wrote 2 answers", rc 0. Now one error line naming the
+    answers not among the questions, and no file."""
+    questions = write_jsonl(tmp_path / "test2015.jsonl", [
+        {"question_id": 7, "image": "a.jpg", "text": "How many?"}, {"question_id": 8, "image": "b.jpg", "text": "?"}])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": 7, "text": "two"}, {"question_id": 8, "text": "no"},
+        *({"question_id": qid, "text": "yes"} for qid in (1, 2, 3, 10000001, 10000002, 10000003))])
+    out = tmp_path / "up.json"
+    with pytest.raises(SystemExit) as exit_info:
+        script("submission")([benchmark, "--answers", str(answers), "--questions", str(questions), "--out", str(out)])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].endswith(
+        f" error: {benchmark}: {answers} has answers for 6 questions not in {questions}: "
+        "1, 2, 3, 10000001, 10000002 and 1 more"), errors
+    assert not out.exists()
+
+
+def test_a_submission_question_file_error_names_the_file(tmp_path: Path, capsys) -> None:
+    """The official questions JSON given as --questions: "question line 1: missing field 'question_id'"."""
+    questions = tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json"
+    questions.write_text(json.dumps({"questions": [{"question_id": 7, "image_id": 1, "question": "How many?"}]}))
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 7, "text": "two"}])
+    with pytest.raises(SystemExit):
+        script("submission")(["vqav2", "--answers", str(answers), "--questions", str(questions),
+                              "--out", str(tmp_path / "up.json")])
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].endswith(f" error: {questions}: line 1: missing field 'question_id'"), errors
