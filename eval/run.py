@@ -115,7 +115,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, path in (("--model", args.model), ("--data", args.data)):
         if not path.exists():
             parser.error(f"{name} {path} does not exist")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data} is a folder, not a question JSONL")
     output_dir = args.output_dir or Path("outputs/eval") / args.benchmark
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output-dir {output_dir} is a file, not a folder")
     try:
         check_benchmark_name(args.benchmark, args.custom_benchmark)  # before the options, which it names
         annotations, recorded = _annotations(args, output_dir)

@@ -370,6 +370,27 @@ def test_a_run_that_answers_nothing_exits_1_naming_the_first_reasons(setup, tmp_
     assert (results["num_answered"], results["num_skipped"]) == (4, 0)
 
 
+@pytest.mark.parametrize("wrong", ["data", "output-dir"])
+def test_a_folder_as_data_or_a_file_as_output_dir_is_a_one_line_error(setup, tmp_path: Path, capsys, wrong: str) -> None:
+    """--data the benchmark's folder rather than its JSONL, or --output-dir an existing file: a
+    FileNotFoundError / FileExistsError traceback (after the model was resolved)."""
+    model, questions = setup
+    out = tmp_path / "out.json"
+    out.write_text("{}")
+    data = questions.parent if wrong == "data" else questions
+    argv = ["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(data),
+            "--output-dir", str(out if wrong == "output-dir" else tmp_path / "out")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()(argv)
+    assert exit_info.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    expected = (f"--data {data} is a folder, not a question JSONL" if wrong == "data"
+                else f"--output-dir {out} is a file, not a folder")
+    assert len(errors) == 1 and errors[0].endswith(f"error: {expected}"), errors
+    assert out.read_text() == "{}" and not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("pretty", ["array", "object"])
 def test_a_json_file_given_as_the_question_jsonl_is_refused(setup, tmp_path: Path, capsys, pretty: str) -> None:
     """A LLaVA training JSON (one pretty-printed array) is not counted line by line as skipped questions."""
