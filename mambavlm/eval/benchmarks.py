@@ -154,14 +154,19 @@ BENCHMARKS: dict[str, Benchmark] = {
 def read_answers(path: Path) -> list[dict[str, Any]]:
     """The rows of an answers JSONL (LLaVA's format: ``question_id``, ``text``, optionally ``prompt``).
 
-    Raises FileNotFoundError for a missing file, ValueError naming the line of a row that is not a JSON
-    object with a ``question_id`` and a string ``text``, or whose question id repeats.
+    Raises FileNotFoundError for a missing file, ValueError naming the file where it is not UTF-8 text or
+    holds no row, and naming the line of a row that is not a JSON object with a ``question_id`` and a
+    string ``text``, or whose question id repeats.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"answers file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): expected an answers JSONL") from None
     rows, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -175,6 +180,8 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
             raise ValueError(f"{path}: line {number}: question_id {row['question_id']} repeated")
         seen.add(row["question_id"])
         rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} holds no answers (a run that answered nothing?)")
     return rows
 
 

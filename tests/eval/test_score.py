@@ -27,6 +27,27 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "{answers} holds no answers (a run that answered nothing?)"),
+    (b"\n\n", "{answers} holds no answers (a run that answered nothing?)"),
+    (b'\xff\xfe{"question_id": 1000, "text": "net"}\n',
+     "{answers}: not UTF-8 text (invalid start byte at byte 0): expected an answers JSONL"),
+])
+def test_an_empty_or_binary_answers_file_is_one_error_naming_it(
+    content: bytes, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty answers file scored 0.0 (POPE: every metric empty, overall 0.0, status 0), a UTF-16 one
+    failed with "'utf-8' codec can't decode byte 0xff ...", naming no file."""
+    annotations = vqav2_annotations(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        script("score")(["vqav2", "--answers", str(answers), "--annotations", str(annotations)])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].endswith("error: " + problem.format(answers=answers)), errors
+
+
 def ten(*groups: tuple[str, int]) -> list[dict[str, Any]]:
     answers = [a for a, n in groups for _ in range(n)]
     assert len(answers) == 10
