@@ -54,7 +54,15 @@ from mambavlm.eval.scorers.vqa import (
     score_vqa,
 )
 
-__all__ = ["BENCHMARKS", "AnnotationFiles", "Benchmark", "ids_held_by", "read_answers", "score_answers"]
+__all__ = [
+    "BENCHMARKS",
+    "AnnotationFiles",
+    "Benchmark",
+    "check_annotation_files",
+    "ids_held_by",
+    "read_answers",
+    "score_answers",
+]
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,9 @@ class Benchmark:
     annotations: what ``--annotations`` (and ``--questions`` / ``--split-file``) take, as published.
     read: files -> question id -> item. score: (question id -> answer, items) -> ScoreReport.
     likelihood_options / score_likelihood: the closed set answered by likelihood (Prismatic's mode:
-    ``MambaVLM.option_logprobs``) and its scorer, for the benchmarks that have one."""
+    ``MambaVLM.option_logprobs``) and its scorer, for the benchmarks that have one. takes: which of
+    ``AnnotationFiles``' optional files (``"questions"``, ``"split_file"``) ``read`` reads; any other
+    given is refused by ``check_annotation_files``."""
 
     name: str
     prompt: str
@@ -83,6 +93,7 @@ class Benchmark:
     score: Callable[[Mapping[str, str], Mapping[str, Any]], ScoreReport]
     likelihood_options: tuple[str, ...] = ()
     score_likelihood: Callable[[Mapping[str, Mapping[str, float]], Mapping[str, Any]], ScoreReport] | None = None
+    takes: tuple[str, ...] = ()
 
 
 def _required(files: AnnotationFiles, attribute: str, benchmark: str, what: str) -> Path:
@@ -114,6 +125,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "vqav2", VQAV2_PROMPT, "v2_mscoco_val2014_annotations.json [--questions v2_OpenEnded_mscoco_val2014_questions.json]",
             lambda f: read_vqa_annotations(f.annotations, "vqav2", f.questions),
             lambda p, items: score_vqa(p, items, "vqav2"),
+            takes=("questions",),
         ),
         Benchmark(
             "textvqa", TEXTVQA_PROMPT, "TextVQA_0.5.1_val.json",
@@ -134,6 +146,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 f.annotations, _required(f, "split_file", "scienceqa", "ScienceQA's pid_splits.json")
             ),
             score_scienceqa,
+            takes=("split_file",),
         ),
         Benchmark("mme", MME_PROMPT, "the MME_Benchmark_release_version folder", lambda f: read_mme(f.annotations), score_mme),
         Benchmark("mmbench", MMBENCH_PROMPT, "mmbench_dev_20230712.tsv", lambda f: read_mmbench(f.annotations), score_mmbench),
@@ -142,6 +155,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "mmmu", MMMU_PROMPT, "answer_dict_val.json --questions MMMU_DATASET_FOLDER (the Hugging Face MMMU/MMMU copy)",
             lambda f: read_mmmu(f.annotations, _required(f, "questions", "mmmu", "the MMMU/MMMU dataset folder")),
             score_mmmu,
+            takes=("questions",),
         ),
         Benchmark("tallyqa", TALLYQA_PROMPT, "TallyQA test.json", lambda f: read_tallyqa(f.annotations),
                   _score_tallyqa_generated, TALLYQA_LETTERS, score_tallyqa_likelihood),
@@ -149,6 +163,19 @@ BENCHMARKS: dict[str, Benchmark] = {
                   score_vsr, VSR_OPTIONS, score_vsr_likelihood),
     )
 }
+
+
+def check_annotation_files(benchmark: str, files: AnnotationFiles) -> None:
+    """ValueError where ``files`` gives a questions or split file that ``benchmark``'s reader does not read
+    (a ``--split-file`` with POPE, say): passed over, it would be recorded in results.json as scored against
+    while nothing read it. The message names the file and what the benchmark is scored against."""
+    spec = BENCHMARKS[benchmark]
+    for attribute in ("questions", "split_file"):
+        given = getattr(files, attribute)
+        if given is not None and attribute not in spec.takes:
+            what = {"questions": "questions file", "split_file": "split file"}[attribute]
+            raise ValueError(f"{benchmark} reads no {what} ({given} given): it is scored against "
+                             f"{spec.annotations}")
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
@@ -243,11 +270,13 @@ def score_answers(
     all of ``files``'; a run limited to its first questions passes those questions' own, so that the
     questions it never asked are neither missing nor wrong, as lmms-eval's ``--limit`` scores).
 
-    Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
-    FileNotFoundError for a missing file (the readers' and scorers' errors, which name the record).
+    Raises ValueError for an unknown benchmark, a questions or split file it does not read
+    (``check_annotation_files``) or an answer whose question id the files do not hold, FileNotFoundError for
+    a missing file (the readers' and scorers' errors, which name the record).
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+    check_annotation_files(benchmark, files)
     spec = BENCHMARKS[benchmark]
     rows = read_answers(answers)
     where, subject = ids_held_by(benchmark, files), f"{benchmark}: {answers} has answers"

@@ -45,7 +45,13 @@ from typing import Any
 from accelerate import Accelerator
 
 from mambavlm.atomic import atomic_file
-from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles, ids_held_by, score_answers
+from mambavlm.eval.benchmarks import (
+    BENCHMARKS,
+    AnnotationFiles,
+    check_annotation_files,
+    ids_held_by,
+    score_answers,
+)
 from mambavlm.eval.questions import EvalQuestion, read_questions
 from mambavlm.eval.scorers.closed_set import argmax_option
 from mambavlm.eval.scorers.report import ScoreReport, format_report, unknown_ids_message
@@ -158,7 +164,8 @@ class RunSettings:
     directory). output_dir: where answers and results go. batch_size: prompts per generate call;
     limit: answer only the first N questions; max_new_tokens: greedy decoding length. annotations:
     the benchmark's published files (``mambavlm.eval.benchmarks``): read before any question is
-    answered (a wrong file fails at once) and the answers scored into results.json. options: answer
+    answered (a wrong file fails at once; a questions or split file the benchmark does not read is a
+    ValueError) and the answers scored into results.json. options: answer
     by likelihood over this closed set (``MambaVLM.option_logprobs``, Prismatic's mode) instead of
     generating; each answer row then also holds ``option_logprobs`` and ``text`` is the argmax.
     custom_benchmark: ``benchmark`` is deliberately not one of ``BENCHMARKS`` (answered, not scored);
@@ -186,6 +193,8 @@ class RunSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.annotations is not None and self.benchmark not in BENCHMARKS:
             raise ValueError(f"scoring needs a known benchmark ({', '.join(BENCHMARKS)}), got {self.benchmark!r}")
+        if self.annotations is not None:
+            check_annotation_files(self.benchmark, self.annotations)
         if self.annotations is not None and self.options is not None and BENCHMARKS[self.benchmark].score_likelihood is None:
             with_one = [name for name, spec in BENCHMARKS.items() if spec.score_likelihood is not None]
             raise ValueError(

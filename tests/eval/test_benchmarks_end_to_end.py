@@ -390,3 +390,29 @@ def test_questions_the_annotations_do_not_hold_are_refused_before_answering(
     assert f"{mini.name}: {mini.questions} " + named.format(where=mini.files.annotations) in errors[0], errors[0]
     assert errors[0].endswith("their answers could not be scored; nothing answered")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("script_name", ["score", "run"])
+def test_an_annotation_file_the_benchmark_does_not_read_is_refused(
+    script_name: str, model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """POPE given ScienceQA's --split-file: passed over unread, and recorded in results.json's
+    ``annotations`` as a file the scores were computed against."""
+    mini = _pope(tmp_path)
+    split_file = tmp_path / "pid_splits.json"
+    split_file.write_text('{"test": []}')
+    out = tmp_path / "out"
+    if script_name == "run":
+        argv = [*_run_args(mini, model_dir, out), "--split-file", str(split_file)]
+    else:
+        answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 1, "text": "yes"}])
+        argv = ["pope", "--answers", str(answers), "--annotations", str(mini.files.annotations),
+                "--split-file", str(split_file)]
+    with pytest.raises(SystemExit) as exit_info:
+        script(script_name)(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"error: pope reads no split file ({split_file} given): it is scored against "
+        "coco_pope_{random,popular,adversarial}.json, or their folder"), errors
+    assert not out.exists()
