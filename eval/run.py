@@ -85,7 +85,8 @@ def _annotations(args: argparse.Namespace, output_dir: Path) -> tuple[Annotation
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run eval/run.py; returns results.json's content (``{}`` on processes other than the main one).
     Exits with status 2 (usage: a bad argument or file, settings that differ from the output folder's
-    answers) before answering anything, and with status 1 where no question could be answered."""
+    answers) before answering anything, with status 1 where no question could be answered, and with
+    status 130 and one line saying where the answers so far are kept on Ctrl-C (KeyboardInterrupt)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="a MambaVLM directory (save_pretrained), or a run's output_dir (its final/ after "
@@ -157,6 +158,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(str(err))
     except NothingAnsweredError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted: the answers written so far are kept in {output_dir}; "
+                         "the same command run again goes on from them\n")
     if results:
         json.dump(results, sys.stdout, indent=1)
         print()

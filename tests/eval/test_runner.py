@@ -76,7 +76,9 @@ def test_answers_in_order_with_every_bad_record_named(setup, tmp_path: Path) -> 
     assert json.loads((tmp_path / "one" / "results.json").read_text()) == results
 
 
-def test_a_killed_run_goes_on_from_the_answers_written(setup, tmp_path: Path, monkeypatch) -> None:
+def test_a_killed_run_goes_on_from_the_answers_written(setup, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C after two batches: exit 130 with one line saying where the answers are kept (it was a
+    KeyboardInterrupt traceback through generate), then the same command goes on from them."""
     whole = tmp_path / "whole"
     run_script()(args(setup, whole))
     out = tmp_path / "killed"
@@ -89,8 +91,12 @@ def test_a_killed_run_goes_on_from_the_answers_written(setup, tmp_path: Path, mo
             yield batch
 
     monkeypatch.setattr(runner, "iter_answers", die_after_two_batches)
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         run_script()(args(setup, out))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f": interrupted: the answers written so far are kept in {out}; the same command run again goes on from them")
     shard = out / "answers.0-of-1.jsonl"
     written = shard.read_text()
     shard.write_text(written + '{"question_id": "q6", "te')  # the kill also cut a line in half
