@@ -179,11 +179,20 @@ def check_annotation_files(benchmark: str, files: AnnotationFiles) -> None:
 
 
 def read_answers(path: Path) -> list[dict[str, Any]]:
-    """The rows of an answers JSONL (LLaVA's format: ``question_id``, ``text``, optionally ``prompt``).
+    """The rows of an answers JSONL (LLaVA's format: ``question_id``, ``text``, optionally ``prompt``), in
+    file order, each ``question_id`` a string.
+
+    LLaVA's TextVQA and MME question files give an image's questions one id (the image's), so LLaVA's own
+    answers to them repeat it, the prompt telling them apart (its ``eval_textvqa.py`` and
+    ``convert_answer_to_mme.py`` match answers by prompt). Rows sharing an id with different prompts are
+    therefore kept apart as ``ID#n``, n their position among them from 0, as ``read_questions`` names such
+    questions (``eval/run.py``'s own answers already carry these ids); the TextVQA scorer finds them through
+    their prompts, MME's by these ids, and any other benchmark refuses them as unknown ids.
 
     Raises FileNotFoundError for a missing file, ValueError naming the file where it is not UTF-8 text or
     holds no row, and naming the line of a row that is not a JSON object with a ``question_id`` and a
-    string ``text``, or whose question id repeats.
+    string ``text``, or whose question id repeats with the same prompt (or without one), or is the ``ID#n``
+    another row's repeated id becomes.
     """
     path = Path(path)
     if not path.is_file():
@@ -192,7 +201,7 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): expected an answers JSONL") from None
-    rows, seen = [], set()
+    numbered: dict[str, list[tuple[int, dict[str, Any]]]] = {}
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -203,13 +212,24 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
             raise ValueError(f"{path}: line {number}: expected an object with a question_id and a string text")
         row["question_id"] = str(row["question_id"])
-        if row["question_id"] in seen:
-            raise ValueError(f"{path}: line {number}: question_id {row['question_id']} repeated")
-        seen.add(row["question_id"])
-        rows.append(row)
+        same_id = numbered.setdefault(row["question_id"], [])
+        prompt = row.get("prompt")
+        if same_id and (not isinstance(prompt, str) or any(other.get("prompt") == prompt for _, other in same_id)):
+            raise ValueError(f"{path}: line {number}: question_id {row['question_id']} repeated"
+                             + (" with the same prompt" if isinstance(prompt, str) else ""))
+        same_id.append((number, row))
+    rows = sorted((entry for same_id in numbered.values() for entry in same_id), key=lambda entry: entry[0])
+    for question_id, same_id in numbered.items():
+        if len(same_id) == 1:
+            continue
+        for position, (number, row) in enumerate(same_id):
+            row["question_id"] = f"{question_id}#{position}"
+            if row["question_id"] in numbered:
+                raise ValueError(f"{path}: line {number}: question_id {question_id} repeated, and "
+                                 f"{row['question_id']}, the id its repeats are told apart by, is taken")
     if not rows:
         raise ValueError(f"{path} holds no answers (a run that answered nothing?)")
-    return rows
+    return [row for _, row in rows]
 
 
 def _textvqa_predictions(

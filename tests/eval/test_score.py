@@ -107,6 +107,31 @@ def test_textvqa_answers_of_llavas_question_file_are_found_by_prompt(tmp_path: P
         score_answers("textvqa", stray, AnnotationFiles(annotations))
 
 
+def test_llavas_own_textvqa_answers_repeating_the_image_id_are_scored(tmp_path: Path) -> None:
+    """LLaVA's model_vqa_loader writes the question file's id, the image's, for both questions of an image
+    (its eval_textvqa.py matches them by prompt): such a file was refused ("question_id img1 repeated").
+    Hand-worked as in the test above: "Nike" 1.0, "red" against 2 of 10 humans 0.6, overall 80.0. The same
+    id with the same prompt twice is still a repeat."""
+    annotations = tmp_path / "TextVQA_0.5.1_val.json"
+    annotations.write_text(json.dumps({"dataset_name": "textvqa", "data": [
+        {"question_id": 34, "image_id": "img1", "question": "What brand is shown?", "answers": ["nike"] * 10},
+        {"question_id": 35, "image_id": "img1", "question": "What color is the sign?",
+         "answers": ["red"] * 2 + ["blue"] * 8},
+    ]}))
+    suffix = "\nReference OCR token: nike, sale\nAnswer the question using a single word or phrase."
+    llava = [{"question_id": "img1", "prompt": "What color is the sign?" + suffix, "text": "red", "answer_id": "a",
+              "model_id": "llava-v1.5-7b", "metadata": {}},
+             {"question_id": "img1", "prompt": "What brand is shown?" + suffix, "text": "Nike", "answer_id": "b",
+              "model_id": "llava-v1.5-7b", "metadata": {}}]
+    answers = write_jsonl(tmp_path / "llava_answers.jsonl", llava)
+    result = script("score")(["textvqa", "--answers", str(answers), "--annotations", str(annotations)])
+    assert (result["overall"], result["counts"]) == (80.0, {"questions": 2, "missing": 0})
+    assert [row["question_id"] for row in read_answers(answers)] == ["img1#0", "img1#1"]
+    twice = write_jsonl(tmp_path / "twice.jsonl", [llava[0], {**llava[0], "text": "blue"}])
+    with pytest.raises(ValueError, match=r"twice.jsonl: line 2: question_id img1 repeated with the same prompt$"):
+        read_answers(twice)
+
+
 def test_tallyqa_letters_are_the_options_counts(tmp_path: Path) -> None:
     # The multiple-choice prompt lists "A. 0" .. "P. 15": "C" is 2, "(D)" is 3, "1" parses as 1.
     # q1 (simple, 2): "C" right; q2 (complex, 3): "(D)." right; q3 (simple, 4): "1" wrong -> 2 of 3.
