@@ -73,9 +73,14 @@ def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
 def _annotations(args: argparse.Namespace, output_dir: Path) -> tuple[AnnotationFiles | None, bool]:
     """The files to score against: --annotations, else (a known benchmark) those that ``output_dir``'s
     results.json was scored against; and whether they are the recorded ones. Raises RecordFileError for a
-    results.json that cannot be read."""
+    results.json that cannot be read, and ValueError for --annotation-questions or --split-file without
+    --annotations (passed over, they would leave the run unscored, or scored against other files)."""
     if args.annotations is not None:
         return AnnotationFiles(args.annotations, args.annotation_questions, args.split_file), False
+    for name, given in (("--annotation-questions", args.annotation_questions), ("--split-file", args.split_file)):
+        if given is not None:
+            raise ValueError(f"{name} goes with --annotations (the benchmark's published file to score against): "
+                             "give both")
     if args.custom_benchmark:
         return None, False
     recorded = recorded_annotations(output_dir, args.benchmark)

@@ -416,3 +416,16 @@ def test_an_annotation_file_the_benchmark_does_not_read_is_refused(
         f"error: pope reads no split file ({split_file} given): it is scored against "
         "coco_pope_{random,popular,adversarial}.json, or their folder"), errors
     assert not out.exists()
+
+
+def test_a_split_file_without_annotations_is_refused(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """ScienceQA run with --split-file but no --annotations: answered, unscored, the split file passed over."""
+    mini = _scienceqa(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        script("run")([*_run_args(mini, model_dir, out, annotations=False), "--split-file", str(mini.files.split_file)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "error: --split-file goes with --annotations (the benchmark's published file to score against): give both"), errors
+    assert not out.exists()
