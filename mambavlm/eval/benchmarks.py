@@ -178,21 +178,20 @@ def check_annotation_files(benchmark: str, files: AnnotationFiles) -> None:
                              f"{spec.annotations}")
 
 
-def read_answers(path: Path) -> list[dict[str, Any]]:
+def read_answers(path: Path, by_prompt: bool = False) -> list[dict[str, Any]]:
     """The rows of an answers JSONL (LLaVA's format: ``question_id``, ``text``, optionally ``prompt``), in
     file order, each ``question_id`` a string.
 
-    LLaVA's TextVQA and MME question files give an image's questions one id (the image's), so LLaVA's own
-    answers to them repeat it, the prompt telling them apart (its ``eval_textvqa.py`` and
-    ``convert_answer_to_mme.py`` match answers by prompt). Rows sharing an id with different prompts are
-    therefore kept apart as ``ID#n``, n their position among them from 0, as ``read_questions`` names such
-    questions (``eval/run.py``'s own answers already carry these ids); the TextVQA scorer finds them through
-    their prompts, MME's by these ids, and any other benchmark refuses them as unknown ids.
+    ``by_prompt`` (TextVQA): LLaVA's TextVQA question file gives an image's questions one id (the image's),
+    so LLaVA's own answers repeat it, the prompt telling them apart (its ``eval_textvqa.py`` matches answers
+    by image and prompt). Rows sharing an id with different prompts are then kept apart as ``ID#n``, n their
+    position among them from 0, as ``read_questions`` names such questions (``eval/run.py``'s own answers
+    already carry these ids), for the scorer to find through their prompts.
 
     Raises FileNotFoundError for a missing file, ValueError naming the file where it is not UTF-8 text or
     holds no row, and naming the line of a row that is not a JSON object with a ``question_id`` and a
-    string ``text``, or whose question id repeats with the same prompt (or without one), or is the ``ID#n``
-    another row's repeated id becomes.
+    string ``text``, or whose question id repeats (``by_prompt``: with the same prompt, or without one, or
+    where the ``ID#n`` it would become is another row's id).
     """
     path = Path(path)
     if not path.is_file():
@@ -214,9 +213,10 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
         row["question_id"] = str(row["question_id"])
         same_id = numbered.setdefault(row["question_id"], [])
         prompt = row.get("prompt")
-        if same_id and (not isinstance(prompt, str) or any(other.get("prompt") == prompt for _, other in same_id)):
+        if same_id and (not by_prompt or not isinstance(prompt, str)
+                        or any(other.get("prompt") == prompt for _, other in same_id)):
             raise ValueError(f"{path}: line {number}: question_id {row['question_id']} repeated"
-                             + (" with the same prompt" if isinstance(prompt, str) else ""))
+                             + (" with the same prompt" if by_prompt and isinstance(prompt, str) else ""))
         same_id.append((number, row))
     rows = sorted((entry for same_id in numbered.values() for entry in same_id), key=lambda entry: entry[0])
     for question_id, same_id in numbered.items():
@@ -298,7 +298,7 @@ def score_answers(
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
     check_annotation_files(benchmark, files)
     spec = BENCHMARKS[benchmark]
-    rows = read_answers(answers)
+    rows = read_answers(answers, by_prompt=benchmark == "textvqa")
     where, subject = ids_held_by(benchmark, files), f"{benchmark}: {answers} has answers"
     by_likelihood = ["option_logprobs" in row for row in rows]
     if any(by_likelihood):

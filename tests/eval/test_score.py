@@ -111,7 +111,7 @@ def test_llavas_own_textvqa_answers_repeating_the_image_id_are_scored(tmp_path: 
     """LLaVA's model_vqa_loader writes the question file's id, the image's, for both questions of an image
     (its eval_textvqa.py matches them by prompt): such a file was refused ("question_id img1 repeated").
     Hand-worked as in the test above: "Nike" 1.0, "red" against 2 of 10 humans 0.6, overall 80.0. The same
-    id with the same prompt twice is still a repeat."""
+    id with the same prompt twice is still a repeat, and so is any repeat outside TextVQA."""
     annotations = tmp_path / "TextVQA_0.5.1_val.json"
     annotations.write_text(json.dumps({"dataset_name": "textvqa", "data": [
         {"question_id": 34, "image_id": "img1", "question": "What brand is shown?", "answers": ["nike"] * 10},
@@ -126,10 +126,12 @@ def test_llavas_own_textvqa_answers_repeating_the_image_id_are_scored(tmp_path: 
     answers = write_jsonl(tmp_path / "llava_answers.jsonl", llava)
     result = script("score")(["textvqa", "--answers", str(answers), "--annotations", str(annotations)])
     assert (result["overall"], result["counts"]) == (80.0, {"questions": 2, "missing": 0})
-    assert [row["question_id"] for row in read_answers(answers)] == ["img1#0", "img1#1"]
+    assert [row["question_id"] for row in read_answers(answers, by_prompt=True)] == ["img1#0", "img1#1"]
+    with pytest.raises(ValueError, match=r"llava_answers.jsonl: line 2: question_id img1 repeated$"):
+        read_answers(answers)  # any other benchmark: no prompt-matching scorer to tell them apart
     twice = write_jsonl(tmp_path / "twice.jsonl", [llava[0], {**llava[0], "text": "blue"}])
     with pytest.raises(ValueError, match=r"twice.jsonl: line 2: question_id img1 repeated with the same prompt$"):
-        read_answers(twice)
+        read_answers(twice, by_prompt=True)
 
 
 def test_tallyqa_letters_are_the_options_counts(tmp_path: Path) -> None:
