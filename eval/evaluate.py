@@ -173,7 +173,12 @@ def main(argv: Sequence[str] | None = None) -> float:
     if args.out is not None and args.output_dir is not None:
         parser.error("give --out or --output-dir, not both")
     if not args.data.is_file():
-        parser.error(f"--data {args.data} does not exist")
+        parser.error(f"--data {args.data} is a folder, not a LLaVA-format JSON" if args.data.is_dir()
+                     else f"--data {args.data} does not exist")
+    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
+    if args.out is not None and args.out.is_dir():
+        parser.error(f"--out {args.out} is a folder, not a file")
     try:
         model_dir = resolve_model_dir(args.model)
     except FileNotFoundError as err:

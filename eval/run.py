@@ -16,8 +16,10 @@ results.json records (the log names them; --annotations picks others; a recorded
 read now is an error), so the scores are not dropped. With --limit N only the first N questions are
 asked and only their annotations scored (results.json: ``limit``, ``num_not_asked``, ``scores_cover``;
 MME's image pairs and MMBench's circular passes are kept whole, a member not asked counting as
-missing). --mode likelihood with --annotations needs a benchmark with a likelihood scorer (tallyqa,
-vsr): any other is refused before answering. A run that answers no question at all (a wrong
+missing). With --annotations, a question file holding questions the annotation files do not (another
+benchmark's or split's, or an id repeated) is refused before any answer. --mode likelihood with
+--annotations needs a benchmark with a likelihood scorer (tallyqa, vsr): any other is refused before
+answering. A run that answers no question at all (a wrong
 --image-folder, say) exits with status 1 naming the first reasons, and writes no results.json.
 
 NAME is one of the known benchmarks (an unknown name is an error), or, with ``--custom-benchmark``, a
@@ -45,6 +47,7 @@ from mambavlm.eval.runner import (
     RecordFileError,
     RunSettings,
     SettingsMismatchError,
+    UnannotatedQuestionsError,
     check_benchmark_name,
     recorded_annotations,
     run_benchmark,
@@ -70,9 +73,14 @@ def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
 def _annotations(args: argparse.Namespace, output_dir: Path) -> tuple[AnnotationFiles | None, bool]:
     """The files to score against: --annotations, else (a known benchmark) those that ``output_dir``'s
     results.json was scored against; and whether they are the recorded ones. Raises RecordFileError for a
-    results.json that cannot be read."""
+    results.json that cannot be read, and ValueError for --annotation-questions or --split-file without
+    --annotations (passed over, they would leave the run unscored, or scored against other files)."""
     if args.annotations is not None:
         return AnnotationFiles(args.annotations, args.annotation_questions, args.split_file), False
+    for name, given in (("--annotation-questions", args.annotation_questions), ("--split-file", args.split_file)):
+        if given is not None:
+            raise ValueError(f"{name} goes with --annotations (the benchmark's published file to score against): "
+                             "give both")
     if args.custom_benchmark:
         return None, False
     recorded = recorded_annotations(output_dir, args.benchmark)
@@ -82,7 +90,8 @@ def _annotations(args: argparse.Namespace, output_dir: Path) -> tuple[Annotation
 def main(argv: Sequence[str] | None = None) -> dict:
     """Run eval/run.py; returns results.json's content (``{}`` on processes other than the main one).
     Exits with status 2 (usage: a bad argument or file, settings that differ from the output folder's
-    answers) before answering anything, and with status 1 where no question could be answered."""
+    answers) before answering anything, with status 1 where no question could be answered, and with
+    status 130 and one line saying where the answers so far are kept on Ctrl-C (KeyboardInterrupt)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="a MambaVLM directory (save_pretrained), or a run's output_dir (its final/ after "
@@ -112,7 +121,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, path in (("--model", args.model), ("--data", args.data)):
         if not path.exists():
             parser.error(f"{name} {path} does not exist")
+    if not args.data.is_file():
+        parser.error(f"--data {args.data} is a folder, not a question JSONL")
     output_dir = args.output_dir or Path("outputs/eval") / args.benchmark
+    if output_dir.exists() and not output_dir.is_dir():
+        parser.error(f"--output-dir {output_dir} is a file, not a folder")
     try:
         check_benchmark_name(args.benchmark, args.custom_benchmark)  # before the options, which it names
         annotations, recorded = _annotations(args, output_dir)
@@ -146,10 +159,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         f"({files}), as the earlier run was scored")
     try:
         results = run_benchmark(settings)
-    except (SettingsMismatchError, QuestionFileError, RecordFileError) as err:
+    except (SettingsMismatchError, QuestionFileError, RecordFileError, UnannotatedQuestionsError) as err:
         parser.error(str(err))
     except NothingAnsweredError as err:
         parser.exit(1, f"{parser.prog}: error: {err}\n")
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted: the answers written so far are kept in {output_dir}; "
+                         "the same command run again goes on from them\n")
     if results:
         json.dump(results, sys.stdout, indent=1)
         print()

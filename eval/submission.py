@@ -4,7 +4,9 @@
     python eval/submission.py vizwiz --answers answers.jsonl --questions llava_test.jsonl --out vizwiz.json
 
 The test splits' answers are not published, so these two benchmarks are scored by uploading this file
-(EvalAI); every answer is normalised by the EvalAI answer processor first, as LLaVA does.
+(EvalAI); every answer is normalised by the EvalAI answer processor first, as LLaVA does. Answers whose
+question id is not in --questions (another benchmark's or split's) are refused, naming how many and the
+first ids, and nothing is written.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ def main(argv: Sequence[str] | None = None) -> Path:
                     lines.append(json.loads(line))
                 except json.JSONDecodeError as err:
                     raise ValueError(f"{args.questions}: line {number}: not JSON ({err.msg})") from None
-        rows = vqa_submission(args.benchmark, predictions, lines)
+        rows = vqa_submission(args.benchmark, predictions, lines, str(args.questions),
+                              f"{args.benchmark}: {args.answers} has answers")
     except (FileNotFoundError, ValueError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     with atomic_file(args.out) as f:

@@ -54,7 +54,15 @@ from mambavlm.eval.scorers.vqa import (
     score_vqa,
 )
 
-__all__ = ["BENCHMARKS", "AnnotationFiles", "Benchmark", "read_answers", "score_answers"]
+__all__ = [
+    "BENCHMARKS",
+    "AnnotationFiles",
+    "Benchmark",
+    "check_annotation_files",
+    "ids_held_by",
+    "read_answers",
+    "score_answers",
+]
 
 
 @dataclass(frozen=True)
@@ -74,7 +82,9 @@ class Benchmark:
     annotations: what ``--annotations`` (and ``--questions`` / ``--split-file``) take, as published.
     read: files -> question id -> item. score: (question id -> answer, items) -> ScoreReport.
     likelihood_options / score_likelihood: the closed set answered by likelihood (Prismatic's mode:
-    ``MambaVLM.option_logprobs``) and its scorer, for the benchmarks that have one."""
+    ``MambaVLM.option_logprobs``) and its scorer, for the benchmarks that have one. takes: which of
+    ``AnnotationFiles``' optional files (``"questions"``, ``"split_file"``) ``read`` reads; any other
+    given is refused by ``check_annotation_files``."""
 
     name: str
     prompt: str
@@ -83,6 +93,7 @@ class Benchmark:
     score: Callable[[Mapping[str, str], Mapping[str, Any]], ScoreReport]
     likelihood_options: tuple[str, ...] = ()
     score_likelihood: Callable[[Mapping[str, Mapping[str, float]], Mapping[str, Any]], ScoreReport] | None = None
+    takes: tuple[str, ...] = ()
 
 
 def _required(files: AnnotationFiles, attribute: str, benchmark: str, what: str) -> Path:
@@ -114,6 +125,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "vqav2", VQAV2_PROMPT, "v2_mscoco_val2014_annotations.json [--questions v2_OpenEnded_mscoco_val2014_questions.json]",
             lambda f: read_vqa_annotations(f.annotations, "vqav2", f.questions),
             lambda p, items: score_vqa(p, items, "vqav2"),
+            takes=("questions",),
         ),
         Benchmark(
             "textvqa", TEXTVQA_PROMPT, "TextVQA_0.5.1_val.json",
@@ -134,6 +146,7 @@ BENCHMARKS: dict[str, Benchmark] = {
                 f.annotations, _required(f, "split_file", "scienceqa", "ScienceQA's pid_splits.json")
             ),
             score_scienceqa,
+            takes=("split_file",),
         ),
         Benchmark("mme", MME_PROMPT, "the MME_Benchmark_release_version folder", lambda f: read_mme(f.annotations), score_mme),
         Benchmark("mmbench", MMBENCH_PROMPT, "mmbench_dev_20230712.tsv", lambda f: read_mmbench(f.annotations), score_mmbench),
@@ -142,6 +155,7 @@ BENCHMARKS: dict[str, Benchmark] = {
             "mmmu", MMMU_PROMPT, "answer_dict_val.json --questions MMMU_DATASET_FOLDER (the Hugging Face MMMU/MMMU copy)",
             lambda f: read_mmmu(f.annotations, _required(f, "questions", "mmmu", "the MMMU/MMMU dataset folder")),
             score_mmmu,
+            takes=("questions",),
         ),
         Benchmark("tallyqa", TALLYQA_PROMPT, "TallyQA test.json", lambda f: read_tallyqa(f.annotations),
                   _score_tallyqa_generated, TALLYQA_LETTERS, score_tallyqa_likelihood),
@@ -151,17 +165,43 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-def read_answers(path: Path) -> list[dict[str, Any]]:
-    """The rows of an answers JSONL (LLaVA's format: ``question_id``, ``text``, optionally ``prompt``).
+def check_annotation_files(benchmark: str, files: AnnotationFiles) -> None:
+    """ValueError where ``files`` gives a questions or split file that ``benchmark``'s reader does not read
+    (a ``--split-file`` with POPE, say): passed over, it would be recorded in results.json as scored against
+    while nothing read it. The message names the file and what the benchmark is scored against."""
+    spec = BENCHMARKS[benchmark]
+    for attribute in ("questions", "split_file"):
+        given = getattr(files, attribute)
+        if given is not None and attribute not in spec.takes:
+            what = {"questions": "questions file", "split_file": "split file"}[attribute]
+            raise ValueError(f"{benchmark} reads no {what} ({given} given): it is scored against "
+                             f"{spec.annotations}")
 
-    Raises FileNotFoundError for a missing file, ValueError naming the line of a row that is not a JSON
-    object with a ``question_id`` and a string ``text``, or whose question id repeats.
+
+def read_answers(path: Path, by_prompt: bool = False) -> list[dict[str, Any]]:
+    """The rows of an answers JSONL (LLaVA's format: ``question_id``, ``text``, optionally ``prompt``), in
+    file order, each ``question_id`` a string.
+
+    ``by_prompt`` (TextVQA): LLaVA's TextVQA question file gives an image's questions one id (the image's),
+    so LLaVA's own answers repeat it, the prompt telling them apart (its ``eval_textvqa.py`` matches answers
+    by image and prompt). Rows sharing an id with different prompts are then kept apart as ``ID#n``, n their
+    position among them from 0, as ``read_questions`` names such questions (``eval/run.py``'s own answers
+    already carry these ids), for the scorer to find through their prompts.
+
+    Raises FileNotFoundError for a missing file, ValueError naming the file where it is not UTF-8 text or
+    holds no row, and naming the line of a row that is not a JSON object with a ``question_id`` and a
+    string ``text``, or whose question id repeats (``by_prompt``: with the same prompt, or without one, or
+    where the ``ID#n`` it would become is another row's id).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"answers file not found: {path}")
-    rows, seen = [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): expected an answers JSONL") from None
+    numbered: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -171,11 +211,25 @@ def read_answers(path: Path) -> list[dict[str, Any]]:
         if not isinstance(row, dict) or "question_id" not in row or not isinstance(row.get("text"), str):
             raise ValueError(f"{path}: line {number}: expected an object with a question_id and a string text")
         row["question_id"] = str(row["question_id"])
-        if row["question_id"] in seen:
-            raise ValueError(f"{path}: line {number}: question_id {row['question_id']} repeated")
-        seen.add(row["question_id"])
-        rows.append(row)
-    return rows
+        same_id = numbered.setdefault(row["question_id"], [])
+        prompt = row.get("prompt")
+        if same_id and (not by_prompt or not isinstance(prompt, str)
+                        or any(other.get("prompt") == prompt for _, other in same_id)):
+            raise ValueError(f"{path}: line {number}: question_id {row['question_id']} repeated"
+                             + (" with the same prompt" if by_prompt and isinstance(prompt, str) else ""))
+        same_id.append((number, row))
+    rows = sorted((entry for same_id in numbered.values() for entry in same_id), key=lambda entry: entry[0])
+    for question_id, same_id in numbered.items():
+        if len(same_id) == 1:
+            continue
+        for position, (number, row) in enumerate(same_id):
+            row["question_id"] = f"{question_id}#{position}"
+            if row["question_id"] in numbered:
+                raise ValueError(f"{path}: line {number}: question_id {question_id} repeated, and "
+                                 f"{row['question_id']}, the id its repeats are told apart by, is taken")
+    if not rows:
+        raise ValueError(f"{path} holds no answers (a run that answered nothing?)")
+    return [row for _, row in rows]
 
 
 def _textvqa_predictions(
@@ -208,7 +262,7 @@ def _textvqa_predictions(
     return predictions
 
 
-def _held_by(benchmark: str, files: AnnotationFiles) -> str:
+def ids_held_by(benchmark: str, files: AnnotationFiles) -> str:
     """What holds the question ids every answer's id must be among (the files), as the error names it."""
     if benchmark == "scienceqa":
         return f"the test split of {files.split_file} ({files.annotations})"
@@ -236,14 +290,16 @@ def score_answers(
     all of ``files``'; a run limited to its first questions passes those questions' own, so that the
     questions it never asked are neither missing nor wrong, as lmms-eval's ``--limit`` scores).
 
-    Raises ValueError for an unknown benchmark or an answer whose question id the files do not hold,
-    FileNotFoundError for a missing file (the readers' and scorers' errors, which name the record).
+    Raises ValueError for an unknown benchmark, a questions or split file it does not read
+    (``check_annotation_files``) or an answer whose question id the files do not hold, FileNotFoundError for
+    a missing file (the readers' and scorers' errors, which name the record).
     """
     if benchmark not in BENCHMARKS:
         raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {', '.join(BENCHMARKS)}")
+    check_annotation_files(benchmark, files)
     spec = BENCHMARKS[benchmark]
-    rows = read_answers(answers)
-    where, subject = _held_by(benchmark, files), f"{benchmark}: {answers} has answers"
+    rows = read_answers(answers, by_prompt=benchmark == "textvqa")
+    where, subject = ids_held_by(benchmark, files), f"{benchmark}: {answers} has answers"
     by_likelihood = ["option_logprobs" in row for row in rows]
     if any(by_likelihood):
         if not all(by_likelihood):

@@ -19,7 +19,8 @@ kept. A run that ends with no question answered writes ``skipped.jsonl`` only an
 ``NothingAnsweredError`` (no results.json: no score over zero answers).
 
 Scores: with ``annotations`` the answers are scored against the benchmark's published files
-(``score_run``). With ``limit`` below the number of questions, only the asked questions' annotations are
+(``score_run``); a question file holding questions those files do not (another benchmark's or split's) is
+refused before any answer (``check_questions_annotated``), as the scorer would refuse their answers. With ``limit`` below the number of questions, only the asked questions' annotations are
 scored (as lmms-eval's ``--limit`` does), so ``scores`` covers those questions, the asked ones without an
 answer (skipped) counting as missing; results.json says so in ``scores_cover`` and counts the questions
 left out in ``num_not_asked``. ``recorded_annotations`` reads the annotation files an earlier run's
@@ -36,7 +37,7 @@ import logging
 import os
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,16 @@ from typing import Any
 from accelerate import Accelerator
 
 from mambavlm.atomic import atomic_file
-from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles, score_answers
+from mambavlm.eval.benchmarks import (
+    BENCHMARKS,
+    AnnotationFiles,
+    check_annotation_files,
+    ids_held_by,
+    score_answers,
+)
 from mambavlm.eval.questions import EvalQuestion, read_questions
 from mambavlm.eval.scorers.closed_set import argmax_option
-from mambavlm.eval.scorers.report import ScoreReport, format_report
+from mambavlm.eval.scorers.report import ScoreReport, format_report, unknown_ids_message
 from mambavlm.eval.scorers.vqa import llava_textvqa_question, read_textvqa_llava_index
 from mambavlm.model import MambaVLM
 from mambavlm.processes import check_process_group
@@ -65,8 +72,10 @@ __all__ = [
     "RecordFileError",
     "RunSettings",
     "SettingsMismatchError",
+    "UnannotatedQuestionsError",
     "answer_settings",
     "check_benchmark_name",
+    "check_questions_annotated",
     "file_sha256",
     "nothing_answered_message",
     "read_json_object",
@@ -93,6 +102,11 @@ class SettingsMismatchError(ValueError):
 class RecordFileError(ValueError):
     """A JSON file a run recorded (``run_settings.json``, ``results.json``) cannot be read back as a JSON
     object; the message names the file and what is wrong with it."""
+
+
+class UnannotatedQuestionsError(ValueError):
+    """Questions of the question file that the annotation files do not hold (``check_questions_annotated``):
+    their answers could not be scored; the message names how many, the first ids and the files."""
 
 
 class NothingAnsweredError(RuntimeError):
@@ -150,7 +164,8 @@ class RunSettings:
     directory). output_dir: where answers and results go. batch_size: prompts per generate call;
     limit: answer only the first N questions; max_new_tokens: greedy decoding length. annotations:
     the benchmark's published files (``mambavlm.eval.benchmarks``): read before any question is
-    answered (a wrong file fails at once) and the answers scored into results.json. options: answer
+    answered (a wrong file fails at once; a questions or split file the benchmark does not read is a
+    ValueError) and the answers scored into results.json. options: answer
     by likelihood over this closed set (``MambaVLM.option_logprobs``, Prismatic's mode) instead of
     generating; each answer row then also holds ``option_logprobs`` and ``text`` is the argmax.
     custom_benchmark: ``benchmark`` is deliberately not one of ``BENCHMARKS`` (answered, not scored);
@@ -178,6 +193,8 @@ class RunSettings:
             raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
         if self.annotations is not None and self.benchmark not in BENCHMARKS:
             raise ValueError(f"scoring needs a known benchmark ({', '.join(BENCHMARKS)}), got {self.benchmark!r}")
+        if self.annotations is not None:
+            check_annotation_files(self.benchmark, self.annotations)
         if self.annotations is not None and self.options is not None and BENCHMARKS[self.benchmark].score_likelihood is None:
             with_one = [name for name, spec in BENCHMARKS.items() if spec.score_likelihood is not None]
             raise ValueError(
@@ -330,23 +347,47 @@ _GROUP_KEYS: dict[str, Callable[[Any], Hashable]] = {
 group whole (its members not asked count as missing), as the scorer needs."""
 
 
-def _asked_items(benchmark: str, items: dict[str, Any], asked: Sequence[EvalQuestion],
-                 files: AnnotationFiles) -> dict[str, Any]:
-    """The annotation items of the ``asked`` questions: keyed by the question file's id, or (TextVQA run
-    on LLaVA's file, whose id is the image's) found through the prompt as the scorer finds answers;
-    MME's and MMBench's groups kept whole (``_GROUP_KEYS``)."""
-    keys = {str(q.source_id) for q in asked} & set(items)
-    if benchmark == "textvqa" and len(keys) < len(asked):
+def _item_keys(benchmark: str, items: Mapping[str, Any], questions: Sequence[EvalQuestion],
+               files: AnnotationFiles) -> dict[str, str | None]:
+    """Question id -> the key of its annotation item in ``items``: the question file's id, or (TextVQA run
+    on LLaVA's file, whose id is the image's) the one found through the prompt as the scorer finds answers;
+    None where the files hold no item for the question (or its TextVQA prompt is not a string, or not one
+    the scorer reads a question from)."""
+    keys = {q.question_id: str(q.source_id) if str(q.source_id) in items else None for q in questions}
+    if benchmark == "textvqa" and None in keys.values():
         index = read_textvqa_llava_index(files.annotations)
-        for question in asked:
-            if str(question.source_id) in items or not isinstance(question.text, str):
+        for question in questions:
+            if keys[question.question_id] is not None or not isinstance(question.text, str):
                 continue
             try:
                 key = (str(question.source_id).split("#", 1)[0], llava_textvqa_question(question.text))
             except ValueError:
                 continue
-            if key in index:
-                keys.add(index[key])
+            keys[question.question_id] = index.get(key)
+    return keys
+
+
+def check_questions_annotated(benchmark: str, items: Mapping[str, Any], questions: Sequence[EvalQuestion],
+                              files: AnnotationFiles, path: Path) -> None:
+    """UnannotatedQuestionsError where a question of ``path`` (its string-prompted ``questions``: the others
+    are skipped, not answered) has no annotation item in ``items``, so that its answer could not be scored
+    (``score_answers`` refuses it): named before anything is answered, with how many, the first five ids (a
+    repeated id reads ``ID#n``) and the files."""
+    keys = _item_keys(benchmark, items, questions, files)
+    unknown = [str(q.source_id) for q in questions if keys[q.question_id] is None and isinstance(q.text, str)]
+    if unknown:
+        message = unknown_ids_message(unknown, ids_held_by(benchmark, files), f"{benchmark}: {path} asks")
+        raise UnannotatedQuestionsError(
+            f"{message} (a question file of another benchmark or split, or ids it repeats, read as ID#n?): their "
+            "answers could not be scored; nothing answered"
+        )
+
+
+def _asked_items(benchmark: str, items: dict[str, Any], asked: Sequence[EvalQuestion],
+                 files: AnnotationFiles) -> dict[str, Any]:
+    """The annotation items of the ``asked`` questions (``_item_keys``), MME's and MMBench's groups kept
+    whole (``_GROUP_KEYS``)."""
+    keys = {key for key in _item_keys(benchmark, items, asked, files).values() if key is not None}
     group_of = _GROUP_KEYS.get(benchmark)
     if group_of is not None:
         groups = {group_of(items[key]) for key in keys}
@@ -400,15 +441,17 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     Raises FileNotFoundError for a missing model or question file, QuestionFileError (a ValueError) for a
     question file that is not JSONL, SettingsMismatchError where ``output_dir`` holds answers made with
     other settings or its run_settings.json cannot be read, the annotation readers' ValueError or
-    FileNotFoundError for a wrong annotation file (all before any answer), and NothingAnsweredError (on
+    FileNotFoundError for a wrong annotation file, UnannotatedQuestionsError (a ValueError) for questions
+    the annotation files do not hold (all before any answer), and NothingAnsweredError (on
     the main process, after writing skipped.jsonl) where no question ends up answered.
     """
     acc = accelerator or Accelerator()
     check_process_group(acc)
     out = settings.output_dir
-    if settings.annotations is not None:
-        BENCHMARKS[settings.benchmark].read(settings.annotations)  # fail now, not after the answers
+    items = None if settings.annotations is None else BENCHMARKS[settings.benchmark].read(settings.annotations)
     questions, problems = read_questions(settings.questions, settings.image_root)
+    if items is not None:  # a wrong annotation or question file fails now, not after the answers
+        check_questions_annotated(settings.benchmark, items, questions, settings.annotations, settings.questions)
     num_not_asked = 0
     if settings.limit is not None:
         num_not_asked = max(len(questions) - settings.limit, 0)

@@ -353,3 +353,79 @@ def test_a_limited_run_scores_the_asked_questions_only(
     full = script("run")(_run_args(mini, model_dir, out))  # the rest answered: every question scored again
     assert full["num_not_asked"] == 0 and full["scores"]["counts"]["missing"] == 0
     assert full["scores_cover"].startswith("every question in the annotation files")
+
+
+@pytest.mark.parametrize("case", ["other-benchmark", "repeated-id", "textvqa-unknown-question"])
+def test_questions_the_annotations_do_not_hold_are_refused_before_answering(
+    case: str, model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """POPE's question file run as VQAv2, a VQAv2 question repeated (read as ID#0 / ID#1), and a TextVQA
+    question on LLaVA's file that the annotations do not ask: every question was answered, then scoring
+    stopped with a ValueError traceback and no results.json. Now one error line before any answer."""
+    if case == "other-benchmark":
+        mini = _vqav2(tmp_path)
+        (tmp_path / "pope").mkdir()
+        pope = _pope(tmp_path / "pope")
+        mini = MiniBenchmark(mini.name, pope.questions, pope.images, mini.files, 5, "questions", 3)
+        named = "asks for 5 questions not in {where}: 1, 2, 3, 10000001, 10000002 ("
+    elif case == "repeated-id":
+        mini = _vqav2(tmp_path)
+        lines = mini.questions.read_text().splitlines()
+        mini.questions.write_text("\n".join([*lines, lines[0]]) + "\n")
+        qid = json.loads(lines[0])["question_id"]
+        named = f"asks for 2 questions not in {{where}}: {qid}#0, {qid}#1 ("
+    else:
+        mini = _textvqa(tmp_path)
+        row = json.loads(mini.questions.read_text().splitlines()[0])
+        row["text"] = row["text"].replace("What is the brand", "What is the colour")
+        with mini.questions.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        named = f"asks for 1 questions not in {{where}}: {row['question_id']}#1 ("
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        script("run")(_run_args(mini, model_dir, out))
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert f"{mini.name}: {mini.questions} " + named.format(where=mini.files.annotations) in errors[0], errors[0]
+    assert errors[0].endswith("their answers could not be scored; nothing answered")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("script_name", ["score", "run"])
+def test_an_annotation_file_the_benchmark_does_not_read_is_refused(
+    script_name: str, model_dir: Path, tmp_path: Path, capsys
+) -> None:
+    """POPE given ScienceQA's --split-file: passed over unread, and recorded in results.json's
+    ``annotations`` as a file the scores were computed against."""
+    mini = _pope(tmp_path)
+    split_file = tmp_path / "pid_splits.json"
+    split_file.write_text('{"test": []}')
+    out = tmp_path / "out"
+    if script_name == "run":
+        argv = [*_run_args(mini, model_dir, out), "--split-file", str(split_file)]
+    else:
+        answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 1, "text": "yes"}])
+        argv = ["pope", "--answers", str(answers), "--annotations", str(mini.files.annotations),
+                "--split-file", str(split_file)]
+    with pytest.raises(SystemExit) as exit_info:
+        script(script_name)(argv)
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"error: pope reads no split file ({split_file} given): it is scored against "
+        "coco_pope_{random,popular,adversarial}.json, or their folder"), errors
+    assert not out.exists()
+
+
+def test_a_split_file_without_annotations_is_refused(model_dir: Path, tmp_path: Path, capsys) -> None:
+    """ScienceQA run with --split-file but no --annotations: answered, unscored, the split file passed over."""
+    mini = _scienceqa(tmp_path)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        script("run")([*_run_args(mini, model_dir, out, annotations=False), "--split-file", str(mini.files.split_file)])
+    assert exit_info.value.code == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        "error: --split-file goes with --annotations (the benchmark's published file to score against): give both"), errors
+    assert not out.exists()

@@ -131,6 +131,25 @@ def test_a_data_file_that_is_not_a_json_list_of_records_is_one_usage_error(evalu
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("wrong", ["--data", "--output-dir", "--out"])
+def test_a_folder_for_a_file_or_a_file_for_a_folder_is_one_usage_error(evaluate, setup, tmp_path, capsys, wrong):
+    """--data the data folder was said not to exist; --output-dir an existing file, or --out an existing
+    folder, answered every record and then ended in a FileExistsError / IsADirectoryError traceback."""
+    run, val, _, _ = setup
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    extra = {"--data": ["--output-dir", str(tmp_path / "out")], "--output-dir": ["--output-dir", str(a_file)],
+             "--out": ["--out", str(tmp_path)]}[wrong]
+    expected = {"--data": f"--data {val.parent} is a folder, not a LLaVA-format JSON",
+                "--output-dir": f"--output-dir {a_file} is a file, not a folder",
+                "--out": f"--out {tmp_path} is a folder, not a file"}[wrong]
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, val.parent if wrong == "--data" else val, *extra))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.endswith(f"error: {expected}\n")
+    assert a_file.read_text() == "kept" and not (tmp_path / "out").exists()
+
+
 # --- 2: a local path that does not exist ----------------------------------------------------------------
 
 

@@ -76,7 +76,9 @@ def test_answers_in_order_with_every_bad_record_named(setup, tmp_path: Path) -> 
     assert json.loads((tmp_path / "one" / "results.json").read_text()) == results
 
 
-def test_a_killed_run_goes_on_from_the_answers_written(setup, tmp_path: Path, monkeypatch) -> None:
+def test_a_killed_run_goes_on_from_the_answers_written(setup, tmp_path: Path, monkeypatch, capsys) -> None:
+    """Ctrl-C after two batches: exit 130 with one line saying where the answers are kept (it was a
+    KeyboardInterrupt traceback through generate), then the same command goes on from them."""
     whole = tmp_path / "whole"
     run_script()(args(setup, whole))
     out = tmp_path / "killed"
@@ -89,8 +91,12 @@ def test_a_killed_run_goes_on_from_the_answers_written(setup, tmp_path: Path, mo
             yield batch
 
     monkeypatch.setattr(runner, "iter_answers", die_after_two_batches)
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
         run_script()(args(setup, out))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.splitlines()[-1].endswith(
+        f": interrupted: the answers written so far are kept in {out}; the same command run again goes on from them")
     shard = out / "answers.0-of-1.jsonl"
     written = shard.read_text()
     shard.write_text(written + '{"question_id": "q6", "te')  # the kill also cut a line in half
@@ -368,6 +374,27 @@ def test_a_run_that_answers_nothing_exits_1_naming_the_first_reasons(setup, tmp_
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 4
     results = run_script()([*argv, "--image-folder", str(questions.parent)])
     assert (results["num_answered"], results["num_skipped"]) == (4, 0)
+
+
+@pytest.mark.parametrize("wrong", ["data", "output-dir"])
+def test_a_folder_as_data_or_a_file_as_output_dir_is_a_one_line_error(setup, tmp_path: Path, capsys, wrong: str) -> None:
+    """--data the benchmark's folder rather than its JSONL, or --output-dir an existing file: a
+    FileNotFoundError / FileExistsError traceback (after the model was resolved)."""
+    model, questions = setup
+    out = tmp_path / "out.json"
+    out.write_text("{}")
+    data = questions.parent if wrong == "data" else questions
+    argv = ["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(data),
+            "--output-dir", str(out if wrong == "output-dir" else tmp_path / "out")]
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_script()(argv)
+    assert exit_info.value.code == 2
+    errors = _error_lines(capsys.readouterr().err)
+    expected = (f"--data {data} is a folder, not a question JSONL" if wrong == "data"
+                else f"--output-dir {out} is a file, not a folder")
+    assert len(errors) == 1 and errors[0].endswith(f"error: {expected}"), errors
+    assert out.read_text() == "{}" and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("pretty", ["array", "object"])

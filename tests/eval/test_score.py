@@ -27,6 +27,27 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+@pytest.mark.parametrize(("content", "problem"), [
+    (b"", "{answers} holds no answers (a run that answered nothing?)"),
+    (b"\n\n", "{answers} holds no answers (a run that answered nothing?)"),
+    (b'\xff\xfe{"question_id": 1000, "text": "net"}\n',
+     "{answers}: not UTF-8 text (invalid start byte at byte 0): expected an answers JSONL"),
+])
+def test_an_empty_or_binary_answers_file_is_one_error_naming_it(
+    content: bytes, problem: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty answers file scored 0.0 (POPE: every metric empty, overall 0.0, status 0), a UTF-16 one
+    failed with "'utf-8' codec can't decode byte 0xff ...", naming no file."""
+    annotations = vqav2_annotations(tmp_path)
+    answers = tmp_path / "answers.jsonl"
+    answers.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        script("score")(["vqav2", "--answers", str(answers), "--annotations", str(annotations)])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].endswith("error: " + problem.format(answers=answers)), errors
+
+
 def ten(*groups: tuple[str, int]) -> list[dict[str, Any]]:
     answers = [a for a, n in groups for _ in range(n)]
     assert len(answers) == 10
@@ -84,6 +105,33 @@ def test_textvqa_answers_of_llavas_question_file_are_found_by_prompt(tmp_path: P
     stray = write_jsonl(tmp_path / "stray.jsonl", [{"question_id": "img1#2", "prompt": "Who?" + suffix, "text": "x"}])
     with pytest.raises(ValueError, match="no question 'who\\?' on image img1"):
         score_answers("textvqa", stray, AnnotationFiles(annotations))
+
+
+def test_llavas_own_textvqa_answers_repeating_the_image_id_are_scored(tmp_path: Path) -> None:
+    """LLaVA's model_vqa_loader writes the question file's id, the image's, for both questions of an image
+    (its eval_textvqa.py matches them by prompt): such a file was refused ("question_id img1 repeated").
+    Hand-worked as in the test above: "Nike" 1.0, "red" against 2 of 10 humans 0.6, overall 80.0. The same
+    id with the same prompt twice is still a repeat, and so is any repeat outside TextVQA."""
+    annotations = tmp_path / "TextVQA_0.5.1_val.json"
+    annotations.write_text(json.dumps({"dataset_name": "textvqa", "data": [
+        {"question_id": 34, "image_id": "img1", "question": "What brand is shown?", "answers": ["nike"] * 10},
+        {"question_id": 35, "image_id": "img1", "question": "What color is the sign?",
+         "answers": ["red"] * 2 + ["blue"] * 8},
+    ]}))
+    suffix = "\nReference OCR token: nike, sale\nAnswer the question using a single word or phrase."
+    llava = [{"question_id": "img1", "prompt": "What color is the sign?" + suffix, "text": "red", "answer_id": "a",
+              "model_id": "llava-v1.5-7b", "metadata": {}},
+             {"question_id": "img1", "prompt": "What brand is shown?" + suffix, "text": "Nike", "answer_id": "b",
+              "model_id": "llava-v1.5-7b", "metadata": {}}]
+    answers = write_jsonl(tmp_path / "llava_answers.jsonl", llava)
+    result = script("score")(["textvqa", "--answers", str(answers), "--annotations", str(annotations)])
+    assert (result["overall"], result["counts"]) == (80.0, {"questions": 2, "missing": 0})
+    assert [row["question_id"] for row in read_answers(answers, by_prompt=True)] == ["img1#0", "img1#1"]
+    with pytest.raises(ValueError, match=r"llava_answers.jsonl: line 2: question_id img1 repeated$"):
+        read_answers(answers)  # any other benchmark: no prompt-matching scorer to tell them apart
+    twice = write_jsonl(tmp_path / "twice.jsonl", [llava[0], {**llava[0], "text": "blue"}])
+    with pytest.raises(ValueError, match=r"twice.jsonl: line 2: question_id img1 repeated with the same prompt$"):
+        read_answers(twice, by_prompt=True)
 
 
 def test_tallyqa_letters_are_the_options_counts(tmp_path: Path) -> None:
@@ -267,3 +315,36 @@ def test_submission_files_for_the_test_servers(tmp_path: Path) -> None:
                                 "--out", str(tmp_path / "vw.json")])
     assert json.loads(out.read_text()) == [{"image": "a.jpg", "answer": "unanswerable"},
                                            {"image": "b.jpg", "answer": "it 's red i think"}]  # mmf's word_tokenize splits "'s"
+
+
+@pytest.mark.parametrize("benchmark", ["vqav2", "vizwiz"])
+def test_a_submission_of_answers_to_other_questions_is_refused(benchmark: str, tmp_path: Path, capsys) -> None:
+    """Answers of another benchmark (POPE's ids) given with the VQAv2 test questions: the upload held every
+    question with the answer "" and the script said "wrote 2 answers", rc 0. Now one error line naming the
+    answers not among the questions, and no file."""
+    questions = write_jsonl(tmp_path / "test2015.jsonl", [
+        {"question_id": 7, "image": "a.jpg", "text": "How many?"}, {"question_id": 8, "image": "b.jpg", "text": "?"}])
+    answers = write_jsonl(tmp_path / "answers.jsonl", [
+        {"question_id": 7, "text": "two"}, {"question_id": 8, "text": "no"},
+        *({"question_id": qid, "text": "yes"} for qid in (1, 2, 3, 10000001, 10000002, 10000003))])
+    out = tmp_path / "up.json"
+    with pytest.raises(SystemExit) as exit_info:
+        script("submission")([benchmark, "--answers", str(answers), "--questions", str(questions), "--out", str(out)])
+    assert exit_info.value.code == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].endswith(
+        f" error: {benchmark}: {answers} has answers for 6 questions not in {questions}: "
+        "1, 2, 3, 10000001, 10000002 and 1 more"), errors
+    assert not out.exists()
+
+
+def test_a_submission_question_file_error_names_the_file(tmp_path: Path, capsys) -> None:
+    """The official questions JSON given as --questions: "question line 1: missing field 'question_id'"."""
+    questions = tmp_path / "v2_OpenEnded_mscoco_test2015_questions.json"
+    questions.write_text(json.dumps({"questions": [{"question_id": 7, "image_id": 1, "question": "How many?"}]}))
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"question_id": 7, "text": "two"}])
+    with pytest.raises(SystemExit):
+        script("submission")(["vqav2", "--answers", str(answers), "--questions", str(questions),
+                              "--out", str(tmp_path / "up.json")])
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 1 and errors[0].endswith(f" error: {questions}: line 1: missing field 'question_id'"), errors

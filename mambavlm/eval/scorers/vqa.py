@@ -497,7 +497,8 @@ def read_textvqa_llava_index(annotations: Path) -> dict[tuple[str, str], str]:
 
 
 def vqa_submission(
-    benchmark: str, predictions: Mapping[str, str], questions: Sequence[Mapping[str, Any]]
+    benchmark: str, predictions: Mapping[str, str], questions: Sequence[Mapping[str, Any]],
+    where: str = "the questions", subject: str = "answers",
 ) -> list[dict[str, Any]]:
     """The file the benchmark's evaluation server takes, as LLaVA-1.5's submission scripts write it.
 
@@ -508,21 +509,27 @@ def vqa_submission(
     question of the file, "" where the run has no answer (test-dev runs cover part of test2015).
     vizwiz (``scripts/convert_vizwiz_for_submission.py``): ``[{"image", "answer"}]``; every question must
     have an answer (ValueError naming the first missing one, as the script's assert stops there). A question
-    line without ``question_id`` (an int for VQAv2) or, for VizWiz, ``image`` is a ValueError naming the line.
+    line without ``question_id`` (an int for VQAv2) or, for VizWiz, ``image`` is a ValueError naming the line
+    (``where``: what holds the questions, e.g. the file). A prediction whose id is no question's is a
+    ValueError naming how many and the first five (``subject``: what holds the predictions), before anything
+    is written: the answers of another benchmark, split or file would otherwise leave the upload empty
+    (LLaVA's scripts pass over them silently).
     """
     if benchmark not in ("vqav2", "vizwiz"):
         raise ValueError(f"submission files are written for vqav2 and vizwiz, not {benchmark!r}")
-    rows = []
+    rows, asked = [], set()
     for number, line in enumerate(questions, start=1):
-        where = f"question line {number}"
+        at = f"{where}: line {number}"
         if benchmark == "vqav2":
-            question_id = _field(line, "question_id", int, where)
+            question_id = _field(line, "question_id", int, at)
             text = predictions.get(str(question_id))
             rows.append({"question_id": question_id, "answer": "" if text is None else evalai_process_answer(text)})
         else:
-            question_id = str(_field(line, "question_id", object, where))
+            question_id = str(_field(line, "question_id", object, at))
             if question_id not in predictions:
                 raise ValueError(f"VizWiz question {question_id} has no answer; the server needs all of them")
-            image = _field(line, "image", str, f"{where} (question_id {question_id})")
+            image = _field(line, "image", str, f"{at} (question_id {question_id})")
             rows.append({"image": image, "answer": evalai_process_answer(predictions[question_id])})
+        asked.add(str(question_id))
+    reject_unknown_ids(predictions, asked, where, subject)
     return rows
