@@ -87,7 +87,7 @@ def load_records(records: Sequence[dict] | str | Path) -> list[dict]:
         if not path.is_file():
             raise FileNotFoundError(f"LLaVA data file not found: {path}")
         try:
-            with path.open() as f:
+            with path.open(encoding="utf-8-sig") as f:  # UTF-8 whatever the locale; a byte-order mark dropped
                 records = json.load(f)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             if _json_lines(path):

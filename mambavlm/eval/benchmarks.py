@@ -197,7 +197,7 @@ def read_answers(path: Path, by_prompt: bool = False) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"answers file not found: {path}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad and other editors) dropped
     except UnicodeDecodeError as err:
         raise ValueError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start}): expected an answers JSONL") from None
     numbered: dict[str, list[tuple[int, dict[str, Any]]]] = {}

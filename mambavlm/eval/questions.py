@@ -54,7 +54,7 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> tu
         raise FileNotFoundError(f"question file not found: {path}")
     root = Path(image_root) if image_root is not None else path.parent
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Notepad and other editors) dropped
     except UnicodeDecodeError as err:
         raise QuestionFileError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start}): expected a "
                                 "question JSONL") from None
