@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "mambavlm"
 
 LAYERS: list[tuple[str, ...]] = [
-    ("mambavlm.versions", "mambavlm.config", "mambavlm.atomic", "mambavlm.processes"),
+    ("mambavlm.versions", "mambavlm.config", "mambavlm.atomic", "mambavlm.processes", "mambavlm.progress"),
     ("mambavlm.ops",),
     ("mambavlm.scan",),
     ("mambavlm.vision",),
