@@ -20,7 +20,6 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 from mambavlm.config import ConfigError
@@ -403,37 +402,31 @@ SIGNALLED_RANK_1 = textwrap.dedent(
 )
 
 
-def test_two_process_run_stopped_on_one_rank_resumes_exactly_and_refuses_another_layout(tmp_path):
+def test_two_process_run_stopped_on_one_rank_resumes_exactly_and_refuses_another_layout(micro_run, tmp_path):
     """2 processes, 6 steps. A SIGTERM to rank 1 alone during step 2 stops both ranks after step 2 (the
     flag rides in the step's reduction), each saying why, with checkpoint-2 holding both ranks' RNG
-    states; resumed from it on 2 processes, the run repeats the uninterrupted losses and final
-    weights; resuming it on 1 process is refused, naming the change."""
+    states; resumed from it on 2 processes, the run repeats the uninterrupted losses (those of the
+    1-process run: 2 processes give them within 6e-8, test_two_processes_match_one_process); resuming
+    it on 1 process is refused, naming the change."""
     common = [*MICRO_RUN, "data.synthetic.num_val=0"]
-    whole = tmp_path / "whole"
-    result = launch_two_processes(f"output_dir={whole}", *common)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    resumed = tmp_path / "resumed"
+    out = tmp_path / "run"
     script = tmp_path / "signalled.py"
     script.write_text(SIGNALLED_RANK_1.replace("FINETUNE", repr(str(ROOT / "train" / "finetune.py"))))
-    result = launch_two_processes(f"output_dir={resumed}", *common, script=script)
+    result = launch_two_processes(f"output_dir={out}", *common, script=script)
     log = result.stdout + result.stderr
     assert result.returncode != 0
-    checkpoint = resumed / "checkpoint-2"
+    checkpoint = out / "checkpoint-2"
     hint = "; resume with train.resume_from=latest"
     assert f"stopped by SIGTERM after step 2: its checkpoint is {checkpoint}{hint}" in log, log[-3000:]
     assert f"stopped by another process's signal after step 2: its checkpoint is {checkpoint}{hint}" in log
-    assert find_checkpoints(resumed) == [checkpoint]
+    assert find_checkpoints(out) == [checkpoint]
     assert {p.name for p in checkpoint.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
-    result = launch_two_processes(f"output_dir={resumed}", *common, "train.resume_from=latest")
+    result = launch_two_processes(f"output_dir={out}", *common, "train.resume_from=latest")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert read_metrics(resumed)["step_losses"] == pytest.approx(read_metrics(whole)["step_losses"], rel=1e-6)
-    final_whole = MambaVLM.from_pretrained(whole / "final").state_dict()
-    final_resumed = MambaVLM.from_pretrained(resumed / "final").state_dict()
-    for key, value in final_whole.items():
-        assert torch.allclose(final_resumed[key], value, rtol=1e-5, atol=1e-7), key
+    assert read_metrics(out)["step_losses"] == pytest.approx(read_metrics(micro_run)["step_losses"], rel=1e-6)
     with pytest.raises(ConfigError, match=r"batch layout changed \(num_processes: 2 -> 1\)"):
         run_finetune(micro_config(tmp_path / "one", "data.synthetic.num_val=0",
-                                  f"train.resume_from={whole / 'checkpoint-3'}"))
+                                  f"train.resume_from={out / 'checkpoint-3'}"))
 
 
 # --- eval/evaluate.py -----------------------------------------------------------------------------
