@@ -81,18 +81,28 @@ def test_vqav2_scored_from_the_published_file(tmp_path: Path, capsys: pytest.Cap
     assert json.loads(capsys.readouterr().out) == result
 
 
-def test_textvqa_answers_of_llavas_question_file_are_found_by_prompt(tmp_path: Path) -> None:
-    # LLaVA's TextVQA question file uses the image id as question_id, so two questions on one image
-    # arrive as "img1#0" and "img1#1" (read_questions); each is found by (image id, question).
-    # 34: "Nike" -> "nike", 10 of 10 -> 1.0. 35: "red", 2 of 10 humans: leaving out a "red" leaves 1
-    # match -> 1/3, leaving out a "blue" leaves 2 -> 2/3; (2/3 + 8 * 2/3) / 10 = 0.6. Overall 80.0.
+TEXTVQA_PROMPT_SUFFIX = "\nReference OCR token: nike, sale\nAnswer the question using a single word or phrase."
+
+
+def two_textvqa_questions_on_one_image(tmp_path: Path) -> Path:
+    """TextVQA annotations of two questions on image img1: 34 "What brand is shown?" (10 x "nike"), 35 "What
+    color is the sign?" (2 x "red", 8 x "blue")."""
     annotations = tmp_path / "TextVQA_0.5.1_val.json"
     annotations.write_text(json.dumps({"dataset_name": "textvqa", "data": [
         {"question_id": 34, "image_id": "img1", "question": "What brand is shown?", "answers": ["nike"] * 10},
         {"question_id": 35, "image_id": "img1", "question": "What color is the sign?",
          "answers": ["red"] * 2 + ["blue"] * 8},
     ]}))
-    suffix = "\nReference OCR token: nike, sale\nAnswer the question using a single word or phrase."
+    return annotations
+
+
+def test_textvqa_answers_of_llavas_question_file_are_found_by_prompt(tmp_path: Path) -> None:
+    # LLaVA's TextVQA question file uses the image id as question_id, so two questions on one image
+    # arrive as "img1#0" and "img1#1" (read_questions); each is found by (image id, question).
+    # 34: "Nike" -> "nike", 10 of 10 -> 1.0. 35: "red", 2 of 10 humans: leaving out a "red" leaves 1
+    # match -> 1/3, leaving out a "blue" leaves 2 -> 2/3; (2/3 + 8 * 2/3) / 10 = 0.6. Overall 80.0.
+    annotations = two_textvqa_questions_on_one_image(tmp_path)
+    suffix = TEXTVQA_PROMPT_SUFFIX
     answers = write_jsonl(tmp_path / "answers.jsonl", [
         {"question_id": "img1#0", "prompt": "What brand is shown?" + suffix, "text": "Nike"},
         {"question_id": "img1#1", "prompt": "What color is the sign?" + suffix, "text": "red"},
@@ -112,13 +122,8 @@ def test_llavas_own_textvqa_answers_repeating_the_image_id_are_scored(tmp_path: 
     (its eval_textvqa.py matches them by prompt): such a file was refused ("question_id img1 repeated").
     Hand-worked as in the test above: "Nike" 1.0, "red" against 2 of 10 humans 0.6, overall 80.0. The same
     id with the same prompt twice is still a repeat, and so is any repeat outside TextVQA."""
-    annotations = tmp_path / "TextVQA_0.5.1_val.json"
-    annotations.write_text(json.dumps({"dataset_name": "textvqa", "data": [
-        {"question_id": 34, "image_id": "img1", "question": "What brand is shown?", "answers": ["nike"] * 10},
-        {"question_id": 35, "image_id": "img1", "question": "What color is the sign?",
-         "answers": ["red"] * 2 + ["blue"] * 8},
-    ]}))
-    suffix = "\nReference OCR token: nike, sale\nAnswer the question using a single word or phrase."
+    annotations = two_textvqa_questions_on_one_image(tmp_path)
+    suffix = TEXTVQA_PROMPT_SUFFIX
     llava = [{"question_id": "img1", "prompt": "What color is the sign?" + suffix, "text": "red", "answer_id": "a",
               "model_id": "llava-v1.5-7b", "metadata": {}},
              {"question_id": "img1", "prompt": "What brand is shown?" + suffix, "text": "Nike", "answer_id": "b",
