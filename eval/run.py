@@ -37,67 +37,28 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from mambavlm.eval.benchmarks import BENCHMARKS, AnnotationFiles
-from mambavlm.eval.model_dir import resolve_model_dir
-from mambavlm.eval.questions import QuestionFileError
-from mambavlm.eval.runner import (
-    RESULTS_FILE,
-    NothingAnsweredError,
-    RecordFileError,
-    RunSettings,
-    SettingsMismatchError,
-    UnannotatedQuestionsError,
-    check_benchmark_name,
-    recorded_annotations,
-    run_benchmark,
-)
+if TYPE_CHECKING:
+    from mambavlm.eval.benchmarks import AnnotationFiles
+
+BENCHMARK_NAMES = ("vqav2", "textvqa", "vizwiz", "gqa", "pope", "scienceqa", "mme", "mmbench", "seedbench", "mmmu",
+                   "tallyqa", "vsr")
+"""The known benchmarks (``mambavlm.eval.benchmarks.BENCHMARKS``), named literally so that --help and a usage
+error answer before mambavlm is imported: tests/test_entry_points.py checks them against ``BENCHMARKS``."""
 
 logger = logging.getLogger("run")
 
 
-def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
-    """The closed set of --mode likelihood: --options, else the benchmark's own; ValueError if neither."""
-    if args.mode == "generate":
-        if args.options:
-            raise ValueError("--options needs --mode likelihood")
-        return None
-    if args.options:
-        return tuple(option.strip() for option in args.options.split(","))
-    spec = BENCHMARKS.get(args.benchmark)
-    if spec is None or not spec.likelihood_options:
-        raise ValueError(f"--mode likelihood needs --options for benchmark {args.benchmark!r}")
-    return spec.likelihood_options
-
-
-def _annotations(args: argparse.Namespace, output_dir: Path) -> tuple[AnnotationFiles | None, bool]:
-    """The files to score against: --annotations, else (a known benchmark) those that ``output_dir``'s
-    results.json was scored against; and whether they are the recorded ones. Raises RecordFileError for a
-    results.json that cannot be read, and ValueError for --annotation-questions or --split-file without
-    --annotations (passed over, they would leave the run unscored, or scored against other files)."""
-    if args.annotations is not None:
-        return AnnotationFiles(args.annotations, args.annotation_questions, args.split_file), False
-    for name, given in (("--annotation-questions", args.annotation_questions), ("--split-file", args.split_file)):
-        if given is not None:
-            raise ValueError(f"{name} goes with --annotations (the benchmark's published file to score against): "
-                             "give both")
-    if args.custom_benchmark:
-        return None, False
-    recorded = recorded_annotations(output_dir, args.benchmark)
-    return recorded, recorded is not None
-
-
-def main(argv: Sequence[str] | None = None) -> dict:
-    """Run eval/run.py; returns results.json's content (``{}`` on processes other than the main one).
-    Exits with status 2 (usage: a bad argument or file, settings that differ from the output folder's
-    answers) before answering anything, with status 1 where no question could be answered, and with
-    status 130 and one line saying where the answers so far are kept on Ctrl-C (KeyboardInterrupt)."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line, built without importing mambavlm (it loads torch, transformers and the model:
+    seconds), so that --help and a usage error answer at once."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, type=Path,
                         help="a MambaVLM directory (save_pretrained), or a run's output_dir (its final/ after "
                              "fine-tuning, its student/ after distillation)")
     parser.add_argument("--benchmark", required=True,
-                        help=f"its name, recorded in results.json: one of {', '.join(BENCHMARKS)} "
+                        help=f"its name, recorded in results.json: one of {', '.join(BENCHMARK_NAMES)} "
                              "(or your own with --custom-benchmark)")
     parser.add_argument("--custom-benchmark", action="store_true",
                         help="--benchmark is deliberately a name of your own, not a known benchmark: "
@@ -116,6 +77,52 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="likelihood: pick the option with the highest probability (Prismatic's mode; "
                              "TallyQA and VSR have their options built in, others take --options)")
     parser.add_argument("--options", help="comma-separated closed set for --mode likelihood")
+    return parser
+
+
+def _options(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The closed set of --mode likelihood: --options, else the benchmark's own; ValueError if neither."""
+    from mambavlm.eval.benchmarks import BENCHMARKS
+
+    if args.mode == "generate":
+        if args.options:
+            raise ValueError("--options needs --mode likelihood")
+        return None
+    if args.options:
+        return tuple(option.strip() for option in args.options.split(","))
+    spec = BENCHMARKS.get(args.benchmark)
+    if spec is None or not spec.likelihood_options:
+        raise ValueError(f"--mode likelihood needs --options for benchmark {args.benchmark!r}")
+    return spec.likelihood_options
+
+
+def _annotations(args: argparse.Namespace, output_dir: Path) -> tuple[AnnotationFiles | None, bool]:
+    """The files to score against: --annotations, else (a known benchmark) those that ``output_dir``'s
+    results.json was scored against; and whether they are the recorded ones. Raises RecordFileError for a
+    results.json that cannot be read, and ValueError for --annotation-questions or --split-file without
+    --annotations (passed over, they would leave the run unscored, or scored against other files)."""
+    from mambavlm.eval.benchmarks import AnnotationFiles
+    from mambavlm.eval.runner import recorded_annotations
+
+    if args.annotations is not None:
+        return AnnotationFiles(args.annotations, args.annotation_questions, args.split_file), False
+    for name, given in (("--annotation-questions", args.annotation_questions), ("--split-file", args.split_file)):
+        if given is not None:
+            raise ValueError(f"{name} goes with --annotations (the benchmark's published file to score against): "
+                             "give both")
+    if args.custom_benchmark:
+        return None, False
+    recorded = recorded_annotations(output_dir, args.benchmark)
+    return recorded, recorded is not None
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    """Run eval/run.py; returns results.json's content (``{}`` on processes other than the main one).
+    Exits with status 2 (usage: a bad argument or file, settings that differ from the output folder's
+    answers) before answering anything, with status 1 where no question could be answered, and with
+    status 130 and one line saying where the answers so far are kept on Ctrl-C (KeyboardInterrupt).
+    --help, and a usage error up to the output folder's checks, answer before mambavlm is imported."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     for name, path in (("--model", args.model), ("--data", args.data)):
@@ -126,6 +133,22 @@ def main(argv: Sequence[str] | None = None) -> dict:
     output_dir = args.output_dir or Path("outputs/eval") / args.benchmark
     if output_dir.exists() and not output_dir.is_dir():
         parser.error(f"--output-dir {output_dir} is a file, not a folder")
+    # imported after the checks above: importing mambavlm loads torch, transformers and the model (it
+    # registers with transformers' Auto classes), seconds that --help and a usage error need not wait for
+    from mambavlm.eval.benchmarks import BENCHMARKS
+    from mambavlm.eval.model_dir import resolve_model_dir
+    from mambavlm.eval.questions import QuestionFileError
+    from mambavlm.eval.runner import (
+        RESULTS_FILE,
+        NothingAnsweredError,
+        RecordFileError,
+        RunSettings,
+        SettingsMismatchError,
+        UnannotatedQuestionsError,
+        check_benchmark_name,
+        run_benchmark,
+    )
+
     try:
         check_benchmark_name(args.benchmark, args.custom_benchmark)  # before the options, which it names
         annotations, recorded = _annotations(args, output_dir)

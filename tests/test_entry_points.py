@@ -20,15 +20,16 @@ ENTRY_POINTS = [
     ("train/distill.py",),
     ("train/merge_lora.py",),
     ("eval/evaluate.py",),
+    ("eval/run.py",),
+    ("eval/score.py",),
     ("eval/submission.py",),
     *(("-m", f"benchmarks.{name}") for name in (
         "data_loader", "eval_throughput", "generation", "long_context", "lora_step", "multi_gpu", "prefill",
         "projector", "selective_scan", "training_throughput",
     )),
 ]
-"""Each as it is run: a script path, or ``-m`` and a module. Not here: eval/run.py and eval/score.py, whose
-help lists the benchmarks (``mambavlm.eval.benchmarks.BENCHMARKS``), and benchmarks.decode_projections,
-whose help names the kernel's pipeline stages (``mambavlm.ops.mamba_step``): their parsers need mambavlm."""
+"""Each as it is run: a script path, or ``-m`` and a module. Not here: benchmarks.decode_projections, whose
+help names the kernel's pipeline stages (``mambavlm.ops.mamba_step``): its parser needs mambavlm."""
 
 HEAVY = ("torch", "transformers", "mambavlm")
 """Top-level packages that --help and a usage error must not import."""
@@ -83,3 +84,17 @@ def test_evaluate_names_the_run_directories_and_settings_file_the_package_uses()
     text = " ".join(result.stdout.split())
     assert f"(its {FINAL_MODEL_DIR}/ after fine-tuning, its {STUDENT_DIR}/ after distillation)" in text
     assert f"answers.jsonl, skipped.jsonl and {SETTINGS_FILE} go there" in text
+
+
+def test_run_and_score_list_the_benchmarks_the_package_knows() -> None:
+    """eval/run.py's and eval/score.py's help name the benchmarks, and score.py the files each is scored
+    against, literally (their parsers are built before mambavlm is imported): they are ``BENCHMARKS``'."""
+    from mambavlm.eval.benchmarks import BENCHMARKS
+
+    result, _ = run(("eval/run.py",), "--help")
+    assert f"one of {', '.join(BENCHMARKS)} (or your own with --custom-benchmark)" in " ".join(result.stdout.split())
+
+    result, _ = run(("eval/score.py",), "--help")
+    listed = result.stdout.split("the published files each benchmark is scored against:\n", 1)[1].splitlines()
+    assert listed == [f"  {name:<10} --annotations {spec.annotations}" for name, spec in BENCHMARKS.items()]
+    assert f"{{{','.join(sorted(BENCHMARKS))}}}" in result.stdout  # the choices of the benchmark argument
