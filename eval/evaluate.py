@@ -21,6 +21,12 @@ stem + ``.settings.json``), as ``eval/run.py`` records its own. Evaluating again
 answers again and replaces the answers; with other settings, where answers already are, it stops and
 names the differences (as ``eval/run.py`` does): pass another ``--output-dir`` (``--out``), or delete the
 old answers. The batch size and the device are not recorded: they do not change an answer.
+
+The answers, the skipped records and the settings are written as one set, each file whole or not at
+all, the settings file last: it marks the set complete. A run killed while writing them leaves the
+earlier set as it was, or no settings file beside the answers and skipped records (then perhaps one of
+them new and the other earlier): the next run names such answers in a warning as unfinished, answers
+again and replaces them.
 """
 
 from __future__ import annotations
@@ -128,7 +134,8 @@ def check_earlier_settings(args: argparse.Namespace, answers_path: Path, setting
                            current: dict[str, Any]) -> None:
     """SettingsMismatchError (one line) if ``answers_path`` exists and was made with other settings than
     ``current`` (or its settings file cannot be read), naming each difference and how to go on. Answers
-    without a settings file (written before settings were recorded) are replaced, with a warning."""
+    without a settings file (a run killed before it finished writing them, or one from before settings
+    were recorded: see ``write_outputs``) are replaced, with a warning."""
     if not answers_path.is_file():
         return
     if args.out is not None:
@@ -136,7 +143,8 @@ def check_earlier_settings(args: argparse.Namespace, answers_path: Path, setting
     else:
         where, proceed = answers_path.parent, f"pass another --output-dir, or delete {answers_path.parent}"
     if not settings_path.is_file():
-        logger.warning("%s holds answers but no %s (written before settings were recorded): replacing them",
+        logger.warning("%s holds answers but no %s (an evaluation killed before it finished writing them, or "
+                       "one from before settings were recorded): answering again and replacing them",
                        where, settings_path.name)
         return
     try:
@@ -160,6 +168,28 @@ def nothing_answered(data: Path, skipped: list[tuple[str, str]], answers_path: P
         return f"{data} holds no records: nothing to evaluate; {kept}"
     hint = " (is --image-root right? default: the data file's directory)" if image_not_found(skipped) else ""
     return f"no record answered: all {len(skipped)} skipped ({first_skips(skipped)}; each named in a warning){hint}; {kept}"
+
+
+def write_outputs(rows: list[dict[str, Any]], skipped: list[tuple[str, str]], settings: dict[str, Any],
+                  paths: tuple[Path, Path, Path]) -> None:
+    """Write the answers, the skipped records and the settings to ``paths`` (``output_paths``' answers,
+    skipped and settings files) as one set, each file atomically (``atomic_file``), the settings file
+    last: it marks the set complete. Both data files are written to temporary files first; then the
+    earlier settings file is removed, the two renamed over the earlier files, and the settings written.
+    A run killed on the way leaves the earlier set whole (killed before the removal), or answers and
+    skipped records without a settings file, perhaps one new and one earlier (``check_earlier_settings``
+    then warns and the run answers again). Raises OSError where a file cannot be written or renamed
+    (what is left is as after a kill)."""
+    answers_path, skipped_path, settings_path = paths
+    with atomic_file(answers_path) as answers_file, atomic_file(skipped_path) as skipped_file:
+        for row in rows:
+            answers_file.write(json.dumps(row) + "\n")
+        for record_id, reason in skipped:
+            skipped_file.write(json.dumps({"id": record_id, "reason": reason}) + "\n")
+        # the earlier set is about to be replaced: no settings file may vouch for a mixed one
+        settings_path.unlink(missing_ok=True)
+    with atomic_file(settings_path) as f:  # last: the set is complete
+        json.dump(settings, f, indent=1)
 
 
 def main(argv: Sequence[str] | None = None) -> float:
@@ -204,14 +234,7 @@ def main(argv: Sequence[str] | None = None) -> float:
         skipped += not_answered  # each named in a warning as it was skipped
     if not rows:  # earlier answers are kept rather than replaced by an empty file
         parser.exit(1, f"{parser.prog}: error: {nothing_answered(args.data, skipped, answers_path)}\n")
-    with atomic_file(answers_path) as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    with atomic_file(skipped_path) as f:
-        for record_id, reason in skipped:
-            f.write(json.dumps({"id": record_id, "reason": reason}) + "\n")
-    with atomic_file(settings_path) as f:  # last: the settings of the answers now there
-        json.dump(settings, f, indent=1)
+    write_outputs(rows, skipped, settings, (answers_path, skipped_path, settings_path))
     accuracy = sum(r["correct"] for r in rows) / len(rows)
     print(f"exact match: {accuracy:.4f} ({sum(r['correct'] for r in rows)}/{len(rows)}; {len(skipped)} skipped)")
     print(f"answers written to {answers_path}")

@@ -4,6 +4,7 @@ answers go by default."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -348,6 +349,60 @@ def test_the_same_settings_evaluate_again_and_unreadable_settings_are_refused(ev
         [line] = error_lines(capsys.readouterr().err)
         assert f"{out / 'run_settings.json'} is not a JSON object of settings: {problem}: cannot tell" in line
         assert f"delete {out}" in line
+
+
+class Killed(BaseException):
+    """The process killed, simulated: nothing in the script catches it."""
+
+
+def test_a_run_killed_between_its_output_files_leaves_no_mixed_set_and_the_next_run_answers_again(
+    evaluate, setup, tmp_path, monkeypatch, caplog
+):
+    """The answers, skipped records and settings were written one after another: a run killed after the
+    first left its answers beside the earlier run's skipped records, under a settings file vouching for
+    both. Now it leaves the earlier set whole, or no settings file, which the next run takes as unfinished:
+    it answers again and writes a whole set."""
+    run, _, some_bad, _ = setup
+    out = tmp_path / "eval"
+    argv = run_args(run, some_bad, "--output-dir", str(out))
+    args = evaluate.build_parser().parse_args(argv)
+    settings = evaluate.answer_settings(args, evaluate.resolve_model_dir(args.model))
+    out.mkdir()  # an earlier set with these settings (an earlier model saved to the same folder, say)
+    (out / "answers.jsonl").write_text(json.dumps({"id": "earlier", "question": "q", "answer": "a",
+                                                   "reference": "a", "correct": True}) + "\n")
+    (out / "skipped.jsonl").write_text(json.dumps({"id": "earlier", "reason": "earlier"}) + "\n")
+    (out / "run_settings.json").write_text(json.dumps(settings, indent=1))
+    earlier = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    model = MambaVLM.from_pretrained(run / "student")  # loaded once for the two runs: most of a run's time
+    monkeypatch.setattr(MambaVLM, "from_pretrained", lambda *args, **kwargs: model)
+
+    real_atomic_file = evaluate.atomic_file
+    written: list[str] = []
+
+    @contextlib.contextmanager
+    def killed_after_the_first_file(path: Path, mode: str = "w"):
+        with real_atomic_file(path, mode) as f:
+            yield f
+        written.append(Path(path).name)
+        if len(written) == 1:
+            raise Killed
+
+    monkeypatch.setattr(evaluate, "atomic_file", killed_after_the_first_file)
+    with pytest.raises(Killed):
+        evaluate.main(argv)
+    left = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    assert written and (left == earlier or "run_settings.json" not in left), (written, sorted(left))
+
+    monkeypatch.setattr(evaluate, "atomic_file", real_atomic_file)
+    with caplog.at_level(logging.WARNING):
+        evaluate.main(argv)
+    if left != earlier:
+        assert any(f"{out} holds answers but no run_settings.json (an evaluation killed before it finished "
+                   "writing them" in r.getMessage() for r in caplog.records)
+    assert sorted(os.listdir(out)) == ["answers.jsonl", "run_settings.json", "skipped.jsonl"]
+    assert [row["id"] for row in read_jsonl(out / "answers.jsonl")] == [f"val_{i:06d}" for i in range(GOOD)]
+    assert [row["id"] for row in read_jsonl(out / "skipped.jsonl")] == ["missing_image", "too_long"]
+    assert json.loads((out / "run_settings.json").read_text()) == settings
 
 
 # --- 7: nothing answered ----------------------------------------------------------------------------------
