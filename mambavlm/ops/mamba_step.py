@@ -121,6 +121,14 @@ than the barriers saved over launches; 3-5 programs per SM (registers capped at 
 Its projections read through TMA descriptors over stacked copies of every layer's weights (same branch,
 2026-12-01): 2.33 ms for the 64 blocks at best against 1.97-2.04 for these kernels in the same run.
 
+One persistent CUDA kernel for the whole step was tried and not kept (branch ``experiment/stack-kernel-cuda``,
+2026-12-02): a producer warp per multiprocessor streaming its block's weight rows across layers through a ring of
+shared-memory stages (1-D bulk copies on mbarriers), eight consumer warps taking the products, three grid
+barriers per layer. Correct, but 2.24-2.27 ms per token against 2.01 for these kernels in the same run (H200,
+MambaVLM-2.8B shapes, bf16); its bare stream takes 1.38 ms, and in-kernel clocks put about 20 us of each layer's
+34 in L2 round trips (the barriers, the residual row, x_proj's sums, y) that a 160 KB ring cannot cover
+(``benchmarks/RESULTS.md`` a9).
+
 They run on CUDA, and anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
 """
 
