@@ -6,7 +6,9 @@ batches finish, flushed to disk; a run started again reads every shard file alre
 the number of processes was) and answers only what is missing. When all processes are done the main
 process writes ``answers.jsonl`` (LLaVA's format: ``question_id``, ``prompt``, ``text``, ``model_id``, in
 question order), ``skipped.jsonl`` (``question_id``, ``reason``) and ``results.json``, each atomically,
-and prints a summary. The settings that decide the answers (``answer_settings``: the model, the benchmark,
+and prints a summary. results.json comes last, after an earlier run's is removed: a folder holding one
+holds the answers it counts, and a run killed between the files leaves none (the same command run again
+writes all three from the shard files). The settings that decide the answers (``answer_settings``: the model, the benchmark,
 the question file and its content, the image folder, the decoding) are written to ``run_settings.json``
 when a run starts; a run started again in a folder whose answers were made with other settings stops
 with ``SettingsMismatchError`` naming each difference, instead of passing the old answers off as its own
@@ -547,6 +549,9 @@ def _finish(
         raise NothingAnsweredError(
             nothing_answered_message(settings, [(str(row["question_id"]), row["reason"]) for row in skipped_rows])
         )
+    # results.json is written last and vouches for the answers beside it: an earlier run's goes first, so a
+    # run killed in between leaves no results.json rather than one counting other answers
+    (out / RESULTS_FILE).unlink(missing_ok=True)
     with atomic_file(out / ANSWERS_FILE) as f:
         for question_id in order:
             if question_id in answered:

@@ -107,6 +107,32 @@ def test_a_killed_run_goes_on_from_the_answers_written(setup, tmp_path: Path, mo
     assert len(written.splitlines()) >= 3  # two batches were kept, not answered again
 
 
+def test_a_run_killed_before_its_results_leaves_no_earlier_results_beside_its_answers(
+    setup, tmp_path: Path, monkeypatch
+) -> None:
+    """A complete run of 3 questions, then the whole file, killed as results.json is about to be written:
+    the earlier results.json (3 answered) must not stay beside the new answers.jsonl (8); the same command
+    run again writes the whole set."""
+    out = tmp_path / "out"
+    run_script()(args(setup, out, "--limit", "3"))
+    assert json.loads((out / "results.json").read_text())["num_answered"] == 3
+    real = runner.atomic_file
+
+    def killed_at_results(path, *a, **k):
+        if Path(path).name == "results.json":
+            raise KeyboardInterrupt("killed")
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(runner, "atomic_file", killed_at_results)
+    with pytest.raises(SystemExit):
+        run_script()(args(setup, out))
+    assert len(answers(out)) == GOOD + 1 and not (out / "results.json").exists()
+    monkeypatch.setattr(runner, "atomic_file", real)
+    results = run_script()(args(setup, out))
+    assert results["num_answered"] == GOOD + 1 == len(answers(out))
+    assert json.loads((out / "results.json").read_text()) == results
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_answers(setup, tmp_path: Path) -> None:
     run_script()(args(setup, tmp_path / "one"))
