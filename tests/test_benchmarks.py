@@ -31,24 +31,19 @@ def test_benchmark_quick_mode_runs_and_writes_its_table(script: str, tmp_path: P
     assert "- device: CPU" in text
 
 
-def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> None:
+def test_multi_gpu_quick_mode_compares_one_and_two_processes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     """DDP on 1 and 2 gloo processes through accelerate launch: the report's two rows hold the
     same step losses (the same global batches), its ratio line is the rows' tokens/s ratio and its
     per-step line 2 t2 - t1 of the rows' step seconds; step 2 is profiled on every process (its tables
     kept, the step not timed). A second call with the same ``--runs-dir`` reports the kept runs without
-    running them again."""
+    running them again (in this process, the all-reduce measurement replaced: it launches processes)."""
     out, runs_dir = tmp_path / "multi_gpu.md", tmp_path / "runs"
-
-    def benchmark() -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [sys.executable, "-m", "benchmarks.multi_gpu", "--quick", "--steps", "4", "--profile-step", "2",
-             "--out", str(out), "--runs-dir", str(runs_dir)],
-            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-        )
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-        return result
-
-    benchmark()
+    argv = ["--quick", "--steps", "4", "--profile-step", "2", "--out", str(out), "--runs-dir", str(runs_dir)]
+    result = subprocess.run([sys.executable, "-m", "benchmarks.multi_gpu", *argv],
+                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     text = out.read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ddp")]
     assert [(r[1], r[2]) for r in rows] == [("1", "4"), ("2", "2")]  # processes, accumulation steps
@@ -79,8 +74,13 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     seconds = float(text.split("float32 gradients takes ")[1].split(" s")[0])
     assert seconds == pytest.approx(trainable * 4 / busbw, rel=0.06, abs=1.5e-3)
 
-    again = benchmark()
-    assert "kept from" in again.stdout and "ddp x 1:" not in again.stdout  # nothing ran
+    import benchmarks.multi_gpu as multi_gpu
+
+    monkeypatch.setattr(multi_gpu, "allreduce_bus_bandwidth", lambda *a, **k: busbw)
+    capsys.readouterr()
+    multi_gpu.run(multi_gpu.build_parser().parse_args(argv))
+    again = capsys.readouterr().out
+    assert "kept from" in again and "ddp x 1:" not in again  # nothing ran
     def table_and_ratios(report: str) -> list[str]:  # the all-reduce is measured again: not compared
         return [line for line in report.splitlines() if line.startswith(("|", "- ddp"))]
 
@@ -89,12 +89,7 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(tmp_path: Path) -> 
     # --processes 1 over a runs dir without the 2-process run: nothing runs, the report says why
     for path in runs_dir.glob("ddp-2*"):
         path.unlink()
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.multi_gpu", "--quick", "--steps", "4", "--profile-step", "2",
-         "--processes", "1", "--out", str(out), "--runs-dir", str(runs_dir)],
-        cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    multi_gpu.run(multi_gpu.build_parser().parse_args([*argv, "--processes", "1"]))
     assert not list(runs_dir.glob("ddp-2*"))
     assert "- ddp: no run on 2 process(es) (--processes 1)" in out.read_text()
 

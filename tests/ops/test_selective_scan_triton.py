@@ -64,7 +64,7 @@ CHECKS = textwrap.dedent(
         ((2, 20, 4, 70), dict(z=True, skip=True, bias=True, softplus=True, grouped=False), {}),
         ((1, 16, 8, 32), dict(z=False, skip=False, bias=False, softplus=False, grouped=True), {}),
         ((2, 5, 4, 33), dict(z=True, skip=False, bias=True, softplus=True, grouped=True), {}),
-        ((2, 20, 4, 70), dict(z=True, skip=True, bias=True, softplus=True, grouped=False),
+        ((1, 20, 4, 70), dict(z=True, skip=True, bias=True, softplus=True, grouped=False),
          dict(block_d=8, block_t=8, num_warps=2)),
         ((1, 40, 2, 9), dict(z=False, skip=True, bias=False, softplus=True, grouped=False),
          dict(block_d=32, block_t=4, num_warps=4)),
