@@ -124,10 +124,10 @@ Its projections read through TMA descriptors over stacked copies of every layer'
 One persistent CUDA kernel for the whole step was tried and not kept (branch ``experiment/stack-kernel-cuda``,
 2026-12-02): a producer warp per multiprocessor streaming its block's weight rows across layers through a ring of
 shared-memory stages (1-D bulk copies on mbarriers), eight consumer warps taking the products, three grid
-barriers per layer. Correct, but 2.24-2.27 ms per token against 2.01 for these kernels in the same run (H200,
-MambaVLM-2.8B shapes, bf16); its bare stream takes 1.38 ms, and in-kernel clocks put about 20 us of each layer's
-34 in L2 round trips (the barriers, the residual row, x_proj's sums, y) that a 160 KB ring cannot cover
-(``benchmarks/RESULTS.md`` a9).
+barriers per layer. Correct, but 2.24-2.27 ms per token with four 40 KB stages against 2.01 for these kernels in
+the same run (H200, MambaVLM-2.8B shapes, bf16), and 1.97 with eight 20 KB stages (not side by side); its bare
+stream takes 1.35-1.38 ms, and in-kernel clocks put most of each layer's 29-34 us in L2 round trips (the
+barriers, the residual row, x_proj's sums, y) that the ring cannot cover (``benchmarks/RESULTS.md`` a9).
 
 They run on CUDA, and anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
 """
