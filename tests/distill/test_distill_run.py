@@ -179,6 +179,22 @@ def test_a_layout_the_teacher_cannot_take_is_an_error_before_the_data(
     assert not (tmp_path / "run" / "data").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
 
 
+def test_a_teacher_path_that_is_missing_or_a_run_directory_is_named_with_what_to_use(
+    teacher: Path, tmp_path: Path
+) -> None:
+    """A missing teacher says so; a training run's output directory (which eval/evaluate.py takes) names
+    its model directory, where it was 'neither a MambaVLM nor an HF model' alone."""
+    from mambavlm.distill.run import load_teacher
+
+    with pytest.raises(FileNotFoundError, match=rf"^teacher {re.escape(str(tmp_path / 'nope'))} does not exist$"):
+        load_teacher(tmp_path / "nope", "plain")
+    run = tmp_path / "tiny-llama"
+    run.mkdir()
+    (run / "final").symlink_to(teacher, target_is_directory=True)
+    with pytest.raises(FileNotFoundError, match=rf"a training run's output directory\? its model is {re.escape(str(run / 'final'))}\)$"):
+        load_teacher(run, "plain")
+
+
 def test_micro_batch_size_does_not_change_the_stage_losses(teacher: Path, tmp_path: Path) -> None:
     """Every objective (mmMamba's layer MSE and KL, MaTVLM's L2 + KL + CE) averages over the whole global
     batch's real / answer tokens: micro-batches of 4, 2 and 1 give the same step losses."""

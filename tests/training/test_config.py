@@ -145,7 +145,7 @@ def test_the_scripts_report_an_error_found_when_the_run_starts_without_a_traceba
     [
         ("finetune", "model.llm.config.hiden_size=64", "error: llm.config: .* has no field\\(s\\) \\['hiden_size'\\]"),
         ("finetune", "data.train=nope.json", "error: data.train: file not found: nope.json"),
-        ("distill", "teacher=nope", "error: teacher nope: neither a MambaVLM nor"),
+        ("distill", "teacher=nope", "error: teacher nope does not exist$"),
     ],
     ids=["llm-config-typo", "missing-data", "missing-teacher"],
 )
