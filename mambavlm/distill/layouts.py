@@ -39,6 +39,8 @@ LAYOUT_RULES: tuple[str, ...] = get_args(LayoutRule)
 
 _INT_RULES = ("head-interleaved", "tail-interleaved", "head-stacked", "tail-stacked")
 
+_EXAMPLES = "e.g. 'head-interleaved:4', 'ratio:0.25', 'list:1,2,5', 'linear'"
+
 
 def mamba_layer_indices(
     num_layers: int, rule: str, value: int | float | Sequence[int] | None = None
@@ -121,8 +123,12 @@ class HybridLayout(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, data: Any) -> Any:
+        """A ``"rule:value"`` string parsed; a mapping or a HybridLayout as it is. Raises ValueError for
+        anything else (``layout=4``, ``layout=0.25``), naming the form a layout takes."""
         if isinstance(data, str):
             return _parse(data)
+        if not isinstance(data, (dict, HybridLayout)):
+            raise ValueError(f"a layout is written 'RULE:VALUE', RULE one of {', '.join(LAYOUT_RULES)} ({_EXAMPLES})")
         return data
 
     @model_validator(mode="after")
@@ -164,7 +170,7 @@ def _parse(text: str) -> dict[str, Any]:
     if rule not in LAYOUT_RULES:
         raise ValueError(
             f"layout {text!r}: unknown rule {rule!r}; expected 'RULE:VALUE' with RULE one of "
-            f"{', '.join(LAYOUT_RULES)} (e.g. 'head-interleaved:4', 'ratio:0.25', 'list:1,2,5', 'linear')"
+            f"{', '.join(LAYOUT_RULES)} ({_EXAMPLES})"
         )
     if rule == "linear":
         if sep:
