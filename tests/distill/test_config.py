@@ -49,3 +49,16 @@ def test_a_layout_that_is_not_a_rule_string_names_the_form_a_layout_takes(value:
                               "RULE one of head-interleaved, tail-interleaved, head-stacked, tail-stacked, ratio, list, "
                               "linear (e.g. 'head-interleaved:4'"), message
     assert "HybridLayout" not in message and "\n" not in message
+
+
+def test_an_unknown_mixer_option_is_reported_at_mixer_options_with_its_override() -> None:
+    """A typo in mixer_options was reported at '<root>' (a whole-config check), blaming the config file:
+    now at mixer_options, naming the override that wrote it."""
+    with pytest.raises(ConfigError) as info:
+        load_distill_config(ROOT / "configs/distill/tiny.yaml", ["mixer_options={d_cov: 2}"])
+    assert str(info.value).startswith(
+        "command-line override 'mixer_options={d_cov: 2}': mixer_options: ['d_cov'] cannot be set; choose among ["
+    ), str(info.value)
+    assert load_distill_config(ROOT / "configs/distill/tiny.yaml", ["mixer_options={d_conv: 2}"]).mixer_options == {
+        "d_conv": 2
+    }
