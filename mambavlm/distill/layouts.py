@@ -114,7 +114,8 @@ class HybridLayout(StrictModel):
     """A layout rule and its value; validated from ``"rule:value"`` strings or mappings.
 
     ``HybridLayout.parse("head-interleaved:4")``, ``"ratio:0.25"``, ``"list:1,2,5"``, ``"linear"``;
-    ``str(layout)`` gives the same string back.
+    ``str(layout)`` gives the same string back, a list's indices in ascending order (``"list:5,1"`` is
+    ``"list:1,5"``: the same layers, so the same student in a checkpoint's config and a saved hybrid's).
     """
 
     rule: LayoutRule
@@ -158,7 +159,7 @@ class HybridLayout(StrictModel):
         if self.rule == "linear":
             return "linear"
         if self.rule == "list":
-            return "list:" + ",".join(str(i) for i in self.value)
+            return "list:" + ",".join(str(i) for i in sorted(self.value))
         return f"{self.rule}:{self.value}"
 
 
