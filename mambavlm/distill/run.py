@@ -94,6 +94,11 @@ def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
         raise FileNotFoundError(f"teacher {path} does not exist")
     if is_mambavlm_directory(path):
         teacher = MambaVLM.from_pretrained(path)
+        if teacher.config.llm.family == "hybrid_llama":
+            raise ConfigError(
+                f"teacher {path} is already a distilled hybrid (Mamba-2 in layers {teacher.llm.mamba_layers}): "
+                "distill from its LLaMA teacher, with the layout you want"
+            )
         if teacher.config.llm.family != "llama":
             raise ConfigError(
                 f"teacher {path}: its LLM is {teacher.config.llm.family!r}; distillation needs a LLaMA-family one"
@@ -101,6 +106,9 @@ def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
         return teacher, teacher.tokenizer, teacher.template
     if (path / "config.json").is_file():
         model_type = LlamaConfig.get_config_dict(str(path))[0].get("model_type")
+        if model_type == "hybrid_llama":
+            raise ConfigError(f"teacher {path} is already a distilled hybrid: distill from its LLaMA teacher, "
+                              "with the layout you want")
         if model_type != "llama":
             raise ConfigError(f"teacher {path} holds a {model_type!r} model; distillation needs a 'llama' one")
         llm_config = LLMConfig(family="llama", source=str(path), template=template)
