@@ -1,20 +1,28 @@
 """mambavlm: build, train and distill Mamba-based vision-language models.
 
 Importing it registers ``MambaVLMConfig``, ``MambaVLM`` and its processors with transformers'
-``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoImageProcessor`` and ``AutoProcessor``. The
-public API is small; everything else is importable from its own module (``mambavlm.vision``,
-``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``, ``mambavlm.data``,
-``mambavlm.distill``).
+``AutoConfig``, ``AutoModelForImageTextToText``, ``AutoImageProcessor`` and ``AutoProcessor``, and the
+hybrid LLM (``hybrid_llama``: a text-only distilled student) with ``AutoConfig`` and
+``AutoModelForCausalLM``. The public API is small; everything else is importable from its own module
+(``mambavlm.vision``, ``mambavlm.scan``, ``mambavlm.ops``, ``mambavlm.projector``, ``mambavlm.llm``,
+``mambavlm.data``, ``mambavlm.distill``).
 """
 
 from mambavlm.versions import check_installed_versions
 
 check_installed_versions()
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForImageTextToText, AutoProcessor  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
 
 from mambavlm.config import ConfigError, ModelConfig, load_config  # noqa: E402
 from mambavlm.configuration import MambaVLMConfig  # noqa: E402
+from mambavlm.llm.hybrid import HybridLlamaConfig, HybridLlamaForCausalLM  # noqa: E402
 from mambavlm.model import MambaVLM, build_model  # noqa: E402
 from mambavlm.processing import MambaVLMImageProcessor, MambaVLMProcessor  # noqa: E402
 from mambavlm.projector import build_projector  # noqa: E402
@@ -29,6 +37,8 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 AutoProcessor.register(MambaVLMConfig, MambaVLMProcessor, exist_ok=True)
+AutoConfig.register(HybridLlamaConfig.model_type, HybridLlamaConfig, exist_ok=True)
+AutoModelForCausalLM.register(HybridLlamaConfig, HybridLlamaForCausalLM, exist_ok=True)
 
 __version__ = "0.1.0"
 

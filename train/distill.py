@@ -3,7 +3,28 @@ configs/distill/NAME.yaml [teacher=DIR layout=... output_dir=... key=value ...]`
 
 The configuration names the teacher, the layout, the seeding and the stages; the stages run as phases
 of the one training engine (``mambavlm.distill.run``), with checkpoints (``save_every``), exact resume
-(``resume_from=latest``), bad-record skipping, trackers and logs.
+(``resume_from=latest``), bad-record skipping, trackers and logs. The student is written to
+OUTPUT_DIR/student, the losses and val accuracies to OUTPUT_DIR/metrics.json.
+
+Keys (key=value, dotted into sections and lists: stages.2.lr=1e-4):
+  teacher=DIR          a MambaVLM directory whose LLM is LLaMA-family (train/finetune.py's final/), or an
+                       HF Llama directory
+  layout=RULE:VALUE    which layers become Mamba-2: head-interleaved:K, tail-interleaved:K (attention in
+                       the first / last layer of each block of K), head-stacked:N, tail-stacked:N (N
+                       attention layers at the bottom / top), ratio:R (that share of the layers Mamba-2,
+                       spread evenly: MaTVLM), list:I,J,... (these layers), linear (every layer)
+  seeding=mmmamba|matvlm   how the Mamba-2 mixers start from the attention they replace
+  mixer_options={...}  Mamba-2 mixer fields over the seeding's (e.g. {d_conv: 2})
+  stages=[{name, max_steps, lr, ...}]   stage1, stage2, stage3 (mmMamba) or matvlm, run in order
+  data.train=JSON data.val=JSON data.image_root=DIR, or data.synthetic={...}; data.num_workers=N
+                       data.max_length=N
+  output_dir=DIR save_every=N keep_last=N resume_from=latest|CHECKPOINT mixed_precision=no|bf16|fp16
+  gradient_checkpointing=true sync_each_batch=true trackers=[tensorboard] seed=N log_every=N
+  profile_step=N cpu_threads=N eval_batch_size=N eval_max_new_tokens=N
+  template=plain|vicuna_v1   an HF Llama teacher's conversation template (a MambaVLM brings its own)
+
+Exit status: 0 done; 2 a config or path error (one "error: ..." line); 143 stopped by SIGTERM with a
+checkpoint (resume_from=latest continues); 130 interrupted by Ctrl-C (no checkpoint since the last one).
 """
 
 from __future__ import annotations
@@ -37,6 +58,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
         # model path, the LLM config against its source, accelerate setup): also the user's to fix
         parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:  # Ctrl-C: stopped where it was, without a checkpoint (the engine's finally
+        # blocks have run); one line rather than a traceback through the data loader
+        parser.exit(130, f"interrupted by Ctrl-C: no checkpoint written for the steps since the last one; "
+                         f"resume_from=latest continues from the newest in {config.output_dir}, if any\n")
     except TrainingStopped as err:  # a scheduler's SIGTERM: the step's checkpoint is written, say how to go on
         hint = "; resume with resume_from=latest" if err.checkpoint is not None else ""
         parser.exit(err.exit_code, f"{err}{hint}\n")

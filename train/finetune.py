@@ -33,6 +33,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
         # model path, the LLM config against its source, accelerate setup): also the user's to fix
         parser.exit(2, f"error: {err}\n")
+    except KeyboardInterrupt:  # Ctrl-C: stopped where it was, without a checkpoint (the engine's finally
+        # blocks have run); one line rather than a traceback through the data loader
+        parser.exit(130, f"interrupted by Ctrl-C: no checkpoint written for the steps since the last one; "
+                         f"train.resume_from=latest continues from the newest in {config.output_dir}, if any\n")
     except TrainingStopped as err:  # a scheduler's SIGTERM: the step's checkpoint is written, say how to go on
         hint = "; resume with train.resume_from=latest" if err.checkpoint is not None else ""
         parser.exit(err.exit_code, f"{err}{hint}\n")

@@ -22,7 +22,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from mambavlm.config import StrictModel, load_config
 from mambavlm.distill.layouts import HybridLayout
@@ -132,13 +132,16 @@ class DistillConfig(StrictModel):
     eval_batch_size: int = Field(32, gt=0, description="prompts per batch on the val split")
     eval_max_new_tokens: int = Field(16, gt=0)
 
-    @model_validator(mode="after")
-    def _known_mixer_options(self) -> DistillConfig:
+    @field_validator("mixer_options")
+    @classmethod
+    def _known_mixer_options(cls, options: dict[str, Any]) -> dict[str, Any]:
+        """Raises ValueError for a field that is not a settable ``Mamba2MixerConfig`` field, naming the
+        settable ones (the error is reported at ``mixer_options``, with the override that set it)."""
         settable = set(Mamba2MixerConfig.__dataclass_fields__) - SHAPE_FIELDS
-        unknown = sorted(set(self.mixer_options) - settable)
+        unknown = sorted(set(options) - settable)
         if unknown:
-            raise ValueError(f"mixer_options {unknown} cannot be set; choose among {sorted(settable)}")
-        return self
+            raise ValueError(f"{unknown} cannot be set; choose among {sorted(settable)}")
+        return options
 
 
 def load_distill_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> DistillConfig:

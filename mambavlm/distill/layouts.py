@@ -39,6 +39,8 @@ LAYOUT_RULES: tuple[str, ...] = get_args(LayoutRule)
 
 _INT_RULES = ("head-interleaved", "tail-interleaved", "head-stacked", "tail-stacked")
 
+_EXAMPLES = "e.g. 'head-interleaved:4', 'ratio:0.25', 'list:1,2,5', 'linear'"
+
 
 def mamba_layer_indices(
     num_layers: int, rule: str, value: int | float | Sequence[int] | None = None
@@ -112,7 +114,8 @@ class HybridLayout(StrictModel):
     """A layout rule and its value; validated from ``"rule:value"`` strings or mappings.
 
     ``HybridLayout.parse("head-interleaved:4")``, ``"ratio:0.25"``, ``"list:1,2,5"``, ``"linear"``;
-    ``str(layout)`` gives the same string back.
+    ``str(layout)`` gives the same string back, a list's indices in ascending order (``"list:5,1"`` is
+    ``"list:1,5"``: the same layers, so the same student in a checkpoint's config and a saved hybrid's).
     """
 
     rule: LayoutRule
@@ -121,8 +124,12 @@ class HybridLayout(StrictModel):
     @model_validator(mode="before")
     @classmethod
     def _from_string(cls, data: Any) -> Any:
+        """A ``"rule:value"`` string parsed; a mapping or a HybridLayout as it is. Raises ValueError for
+        anything else (``layout=4``, ``layout=0.25``), naming the form a layout takes."""
         if isinstance(data, str):
             return _parse(data)
+        if not isinstance(data, (dict, HybridLayout)):
+            raise ValueError(f"a layout is written 'RULE:VALUE', RULE one of {', '.join(LAYOUT_RULES)} ({_EXAMPLES})")
         return data
 
     @model_validator(mode="after")
@@ -152,7 +159,7 @@ class HybridLayout(StrictModel):
         if self.rule == "linear":
             return "linear"
         if self.rule == "list":
-            return "list:" + ",".join(str(i) for i in self.value)
+            return "list:" + ",".join(str(i) for i in sorted(self.value))
         return f"{self.rule}:{self.value}"
 
 
@@ -164,7 +171,7 @@ def _parse(text: str) -> dict[str, Any]:
     if rule not in LAYOUT_RULES:
         raise ValueError(
             f"layout {text!r}: unknown rule {rule!r}; expected 'RULE:VALUE' with RULE one of "
-            f"{', '.join(LAYOUT_RULES)} (e.g. 'head-interleaved:4', 'ratio:0.25', 'list:1,2,5', 'linear')"
+            f"{', '.join(LAYOUT_RULES)} ({_EXAMPLES})"
         )
     if rule == "linear":
         if sep:

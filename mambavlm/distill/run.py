@@ -57,7 +57,7 @@ from mambavlm.training.engine import (
     throughput_summary,
 )
 from mambavlm.training.evaluation import generate_answers, read_vqa_items
-from mambavlm.training.finetune import prepare_data, skip_metrics, training_dataset
+from mambavlm.training.finetune import FINAL_MODEL_DIR, prepare_data, skip_metrics, training_dataset
 
 __all__ = ["METRICS_FILE", "STUDENT_DIR", "load_teacher", "run_distillation"]
 
@@ -84,10 +84,21 @@ load still refuses other shapes)."""
 
 
 def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
-    """(teacher, tokenizer, conversation template) from a MambaVLM or an HF Llama directory."""
+    """(teacher, tokenizer, conversation template) from a MambaVLM or an HF Llama directory.
+
+    Raises FileNotFoundError when ``path`` does not exist or holds neither model (a training run's
+    output directory is named with the model directory inside it), ConfigError for a model that is
+    not LLaMA-family."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"teacher {path} does not exist")
     if is_mambavlm_directory(path):
         teacher = MambaVLM.from_pretrained(path)
+        if teacher.config.llm.family == "hybrid_llama":
+            raise ConfigError(
+                f"teacher {path} is already a distilled hybrid (Mamba-2 in layers {teacher.llm.mamba_layers}): "
+                "distill from its LLaMA teacher, with the layout you want"
+            )
         if teacher.config.llm.family != "llama":
             raise ConfigError(
                 f"teacher {path}: its LLM is {teacher.config.llm.family!r}; distillation needs a LLaMA-family one"
@@ -95,12 +106,17 @@ def load_teacher(path: str | Path, template: str) -> tuple[nn.Module, Any, Any]:
         return teacher, teacher.tokenizer, teacher.template
     if (path / "config.json").is_file():
         model_type = LlamaConfig.get_config_dict(str(path))[0].get("model_type")
+        if model_type == "hybrid_llama":
+            raise ConfigError(f"teacher {path} is already a distilled hybrid: distill from its LLaMA teacher, "
+                              "with the layout you want")
         if model_type != "llama":
             raise ConfigError(f"teacher {path} holds a {model_type!r} model; distillation needs a 'llama' one")
         llm_config = LLMConfig(family="llama", source=str(path), template=template)
         teacher = LlamaForCausalLM.from_pretrained(path)
         return teacher, build_tokenizer(llm_config), get_template(template)
-    raise FileNotFoundError(f"teacher {path}: neither a MambaVLM nor an HF model (config.json)")
+    saved = [path / sub for sub in (FINAL_MODEL_DIR, STUDENT_DIR) if is_mambavlm_directory(path / sub)]
+    hint = f" (a training run's output directory? its model is {saved[0]})" if saved else ""
+    raise FileNotFoundError(f"teacher {path}: neither a MambaVLM nor an HF model (config.json){hint}")
 
 
 class TextOnly:

@@ -108,13 +108,21 @@ def check_resumed_architecture(
 def resolve_resume(resume_from: str | None, output_dir: str | Path, resume_key: str = "resume_from") -> Path | None:
     """The checkpoint to resume from: ``None``, a directory, or ``"latest"`` (None if there is none).
     Raises FileNotFoundError naming ``resume_key`` (the config key, ``train.resume_from`` in a train
-    config) for a directory without a trainer state."""
+    config) for a directory without a trainer state, or one that does not exist (naming the checkpoints
+    ``output_dir`` holds: ``keep_last`` may have deleted the one a log line named)."""
     if resume_from is None:
         return None
     if resume_from == "latest":
         checkpoints = find_checkpoints(output_dir)
         return checkpoints[-1] if checkpoints else None
     path = Path(resume_from)
+    if not path.exists():
+        held = [c.name for c in find_checkpoints(output_dir)]
+        hint = (
+            f"; {output_dir} holds {', '.join(held)} ({resume_key}=latest takes the newest)" if held
+            else f"; {output_dir} holds no checkpoint"
+        )
+        raise FileNotFoundError(f"{resume_key}={resume_from!r} does not exist{hint}")
     if not (path / TRAINER_STATE_FILE).is_file():
         raise FileNotFoundError(
             f"{resume_key}={resume_from!r} is not a checkpoint directory (no {TRAINER_STATE_FILE})"

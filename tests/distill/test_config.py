@@ -36,3 +36,29 @@ def test_a_public_code_variant_only_where_the_code_differs() -> None:
     assert DistillStageConfig(name="stage3", max_steps=1, lr=1e-3, variant="public_code").variant == "public_code"
     with pytest.raises(ValueError, match="stage 'stage2' has no public_code variant"):
         DistillStageConfig(name="stage2", max_steps=1, lr=1e-3, variant="public_code")
+
+
+@pytest.mark.parametrize("value", ["4", "0.25", "[1, 2]"])
+def test_a_layout_that_is_not_a_rule_string_names_the_form_a_layout_takes(value: str) -> None:
+    """``layout=4`` or ``layout=0.25`` (a number where 'RULE:VALUE' belongs) said 'Input should be a valid
+    dictionary or instance of HybridLayout': now the form and the rules, with the override."""
+    with pytest.raises(ConfigError) as info:
+        load_distill_config(ROOT / "configs/distill/tiny.yaml", [f"layout={value}"])
+    message = str(info.value)
+    assert message.startswith(f"command-line override 'layout={value}': layout: a layout is written 'RULE:VALUE', "
+                              "RULE one of head-interleaved, tail-interleaved, head-stacked, tail-stacked, ratio, list, "
+                              "linear (e.g. 'head-interleaved:4'"), message
+    assert "HybridLayout" not in message and "\n" not in message
+
+
+def test_an_unknown_mixer_option_is_reported_at_mixer_options_with_its_override() -> None:
+    """A typo in mixer_options was reported at '<root>' (a whole-config check), blaming the config file:
+    now at mixer_options, naming the override that wrote it."""
+    with pytest.raises(ConfigError) as info:
+        load_distill_config(ROOT / "configs/distill/tiny.yaml", ["mixer_options={d_cov: 2}"])
+    assert str(info.value).startswith(
+        "command-line override 'mixer_options={d_cov: 2}': mixer_options: ['d_cov'] cannot be set; choose among ["
+    ), str(info.value)
+    assert load_distill_config(ROOT / "configs/distill/tiny.yaml", ["mixer_options={d_conv: 2}"]).mixer_options == {
+        "d_conv": 2
+    }

@@ -103,3 +103,18 @@ def test_convert_vlm_keeps_vision_and_projector(tmp_path: Path) -> None:
         assert torch.equal(loaded(ids, pixel_values=pixels).logits, logits)
     assert type(loaded.llm) is HybridLlamaForCausalLM and loaded.config.llm.family == "hybrid_llama"
     assert loaded.llm.config.mamba_layers == student.llm.config.mamba_layers
+
+
+def test_a_text_only_student_loads_with_transformers_auto_classes(tmp_path: Path) -> None:
+    """A student distilled from an HF Llama teacher is saved as ``hybrid_llama``: after ``import mambavlm``
+    it loads through AutoConfig / AutoModelForCausalLM, as a MambaVLM student does through its Auto class."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    student = convert_llama(tiny_llama(), "head-interleaved:2", "mmmamba")
+    student.save_pretrained(tmp_path / "student")
+    assert isinstance(AutoConfig.from_pretrained(tmp_path / "student"), HybridLlamaConfig)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    assert isinstance(loaded, HybridLlamaForCausalLM) and loaded.mamba_layers == student.mamba_layers
+    ids = torch.tensor([[1, 5, 9, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import typing
 from pathlib import Path
+
+import pytest
 
 from mambavlm.llm.hybrid import HybridLlamaForCausalLM
 from mambavlm.llm.tokenizer import build_tiny_tokenizer
@@ -77,3 +80,22 @@ def test_distill_cli_with_an_hf_llama_teacher(tmp_path: Path) -> None:
     check_metrics(metrics, out, ["stage1", "matvlm"])
     student = HybridLlamaForCausalLM.from_pretrained(out / "student")
     assert student.mamba_layers == [0, 1, 2, 3]
+
+
+def test_help_names_every_key_layout_rule_seeding_and_stage(capsys: pytest.CaptureFixture) -> None:
+    """--help said only that the config names the teacher, layout, seeding and stages: now it lists
+    every top-level key of DistillConfig and the values of layout, seeding and stage names, so that it
+    cannot fall behind the schema."""
+    from mambavlm.distill.config import DistillConfig
+    from mambavlm.distill.layouts import LAYOUT_RULES
+    from mambavlm.distill.stages import StageName
+
+    with pytest.raises(SystemExit) as exit_info:
+        load_distill_script().main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    missing = [f"{key}=" for key in DistillConfig.model_fields if f"{key}=" not in text and f"{key}." not in text]
+    missing += [rule for rule in LAYOUT_RULES if rule not in text]
+    missing += [name for name in (*typing.get_args(DistillConfig.model_fields["seeding"].annotation),
+                                  *typing.get_args(StageName)) if name not in text]
+    assert not missing, missing

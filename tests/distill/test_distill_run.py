@@ -18,7 +18,15 @@ from accelerate.data_loader import SeedableRandomSampler
 from mambavlm.data.synthetic import make_shapes_vqa
 from mambavlm.training import load_train_config, run_finetune
 from mambavlm.training.engine import Trainer
-from tests.conftest import DISTILL_LLAMA, ROOT, assert_same_weights, four_records, tiny_llama_vlm, tiny_vlm
+from tests.conftest import (
+    DISTILL_LLAMA,
+    ROOT,
+    assert_same_weights,
+    four_records,
+    tiny_llama,
+    tiny_llama_vlm,
+    tiny_vlm,
+)
 
 
 def distill_main(argv: list[str]) -> dict:
@@ -67,8 +75,9 @@ def test_distillation_killed_or_stopped_mid_stage_resumes_with_the_uninterrupted
 
     monkeypatch.setattr(Trainer, "_log", crash_at_step_8)
     out = tmp_path / "killed"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(SystemExit) as exit_info:  # the script's one Ctrl-C line, exit 130
         distill_main(distill_args(teacher, out))
+    assert exit_info.value.code == 130
     # checkpoints at steps 3 and 6 (save_every) and 5 (the end of stage1); the last two are kept
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-5", "checkpoint-6"]
     state = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())
@@ -177,6 +186,38 @@ def test_a_layout_the_teacher_cannot_take_is_an_error_before_the_data(
     assert re.search(rf"^error: layout={re.escape(layout)}: .*{message}.* \(the teacher {re.escape(str(teacher))}\)$",
                      err, re.MULTILINE), err[-2000:]
     assert not (tmp_path / "run" / "data").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
+
+
+def test_a_teacher_path_that_is_missing_or_a_run_directory_is_named_with_what_to_use(
+    teacher: Path, tmp_path: Path
+) -> None:
+    """A missing teacher says so; a training run's output directory (which eval/evaluate.py takes) names
+    its model directory, where it was 'neither a MambaVLM nor an HF model' alone."""
+    from mambavlm.distill.run import load_teacher
+
+    with pytest.raises(FileNotFoundError, match=rf"^teacher {re.escape(str(tmp_path / 'nope'))} does not exist$"):
+        load_teacher(tmp_path / "nope", "plain")
+    run = tmp_path / "tiny-llama"
+    run.mkdir()
+    (run / "final").symlink_to(teacher, target_is_directory=True)
+    with pytest.raises(FileNotFoundError, match=rf"a training run's output directory\? its model is {re.escape(str(run / 'final'))}\)$"):
+        load_teacher(run, "plain")
+
+
+def test_a_distilled_hybrid_as_teacher_is_named_as_such(tmp_path: Path) -> None:
+    """A student given back as teacher was refused as 'its LLM is hybrid_llama; distillation needs a
+    LLaMA-family one', which a LLaMA hybrid seems to be: now it says the teacher is already distilled."""
+    from mambavlm.config import ConfigError
+    from mambavlm.distill.convert import convert_llama, convert_vlm
+    from mambavlm.distill.run import load_teacher
+
+    convert_vlm(tiny_llama_vlm(**DISTILL_LLAMA), "list:1,3", "mmmamba").save_pretrained(tmp_path / "student")
+    with pytest.raises(ConfigError, match=r"^teacher .*student is already a distilled hybrid \(Mamba-2 in layers "
+                                          r"\[1, 3\]\): distill from its LLaMA teacher, with the layout you want$"):
+        load_teacher(tmp_path / "student", "plain")
+    convert_llama(tiny_llama(), "linear", "mmmamba").save_pretrained(tmp_path / "text-student")
+    with pytest.raises(ConfigError, match=r"^teacher .*text-student is already a distilled hybrid: distill from"):
+        load_teacher(tmp_path / "text-student", "plain")
 
 
 def test_micro_batch_size_does_not_change_the_stage_losses(teacher: Path, tmp_path: Path) -> None:

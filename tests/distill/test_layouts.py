@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
+from mambavlm.distill.config import load_distill_config
 from mambavlm.distill.layouts import HybridLayout, mamba_layer_indices
+from mambavlm.training.checkpoint import check_resumed_architecture
+from tests.conftest import ROOT
 
 ALL_32 = list(range(32))
 
@@ -93,3 +98,16 @@ def test_layouts_that_do_not_fit_the_model() -> None:
         HybridLayout.parse("list:0,4").mamba_layers(4)
     with pytest.raises(ValueError, match="rounds to 0"):
         HybridLayout.parse("ratio:0.1").mamba_layers(4)
+
+
+
+def test_a_list_layout_is_written_in_ascending_order(tmp_path: Path) -> None:
+    """``list:3,1`` and ``list:1,3`` convert the same layers, but were written as given: a run resumed with
+    the other spelling was refused as another student, and the saved hybrid's config kept the user's order."""
+    assert str(HybridLayout.parse("list:5,1")) == "list:1,5"
+    tiny = ROOT / "configs/distill/tiny.yaml"
+    saved = load_distill_config(tiny, ["layout=list:3,1"]).model_dump(mode="json")
+    assert saved["layout"] == "list:1,3"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    now = load_distill_config(tiny, ["layout=list:1,3"]).model_dump(mode="json")
+    check_resumed_architecture(tmp_path / "checkpoint-5", "config.yaml", now, ("layout",), "resume_from")

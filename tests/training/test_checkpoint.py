@@ -76,6 +76,21 @@ def test_leftovers_of_a_killed_write_are_ignored_and_cleaned(tmp_path):
         resolve_resume(str(tmp_path / "checkpoint-x"), tmp_path, "train.resume_from")
 
 
+def test_a_checkpoint_that_does_not_exist_is_named_with_the_checkpoints_there_are(tmp_path) -> None:
+    """An explicit resume_from whose directory is gone (keep_last deleted the checkpoint a stop line named)
+    said it was 'not a checkpoint directory (no trainer_state.json)': now that it does not exist, and which
+    checkpoints output_dir holds."""
+    for step in (140, 160):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        (tmp_path / f"checkpoint-{step}" / TRAINER_STATE_FILE).write_text("{}")
+    with pytest.raises(FileNotFoundError) as info:
+        resolve_resume(str(tmp_path / "checkpoint-54"), tmp_path)
+    assert str(info.value) == (f"resume_from={str(tmp_path / 'checkpoint-54')!r} does not exist; {tmp_path} holds "
+                               "checkpoint-140, checkpoint-160 (resume_from=latest takes the newest)")
+    with pytest.raises(FileNotFoundError, match=r"^train.resume_from='.*' does not exist; .* holds no checkpoint$"):
+        resolve_resume(str(tmp_path / "checkpoint-54"), tmp_path / "empty", "train.resume_from")
+
+
 def test_a_checkpoint_of_another_model_is_one_config_error_naming_it_and_the_mismatch(tmp_path) -> None:
     """Resuming another model's checkpoint ended in load_state_dict's multi-line RuntimeError."""
     saver = Accelerator()
