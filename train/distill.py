@@ -45,26 +45,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from mambavlm.config import ConfigError
     from mambavlm.distill.config import load_distill_config
     from mambavlm.distill.run import run_distillation
-    from mambavlm.llm.factory import LLMBuildError
-    from mambavlm.training import TrainingStopped
+    from mambavlm.training.cli import run_from_command_line
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = load_distill_config(args.config, args.overrides)
     except (ConfigError, TypeError) as err:  # a config error is the user's to fix: the message, no traceback
         parser.exit(2, f"error: {err}\n")
-    try:
-        return run_distillation(config)
-    except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
-        # model path, the LLM config against its source, accelerate setup): also the user's to fix
-        parser.exit(2, f"error: {err}\n")
-    except KeyboardInterrupt:  # Ctrl-C: stopped where it was, without a checkpoint (the engine's finally
-        # blocks have run); one line rather than a traceback through the data loader
-        parser.exit(130, f"interrupted by Ctrl-C: no checkpoint written for the steps since the last one; "
-                         f"resume_from=latest continues from the newest in {config.output_dir}, if any\n")
-    except TrainingStopped as err:  # a scheduler's SIGTERM: the step's checkpoint is written, say how to go on
-        hint = "; resume with resume_from=latest" if err.checkpoint is not None else ""
-        parser.exit(err.exit_code, f"{err}{hint}\n")
+    return run_from_command_line(parser, lambda: run_distillation(config), config.output_dir, "resume_from")
 
 
 if __name__ == "__main__":

@@ -20,26 +20,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     # imported after parsing: importing mambavlm loads torch, transformers and the model (it registers
     # with transformers' Auto classes), seconds that --help and a usage error need not wait for
     from mambavlm.config import ConfigError
-    from mambavlm.llm.factory import LLMBuildError
-    from mambavlm.training import TrainingStopped, load_train_config, run_finetune
+    from mambavlm.training import load_train_config, run_finetune
+    from mambavlm.training.cli import run_from_command_line
 
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     try:
         config = load_train_config(args.config, args.overrides)
     except (ConfigError, TypeError) as err:  # a config error is the user's to fix: the message, no traceback
         parser.exit(2, f"error: {err}\n")
-    try:
-        run_finetune(config)
-    except (ConfigError, LLMBuildError, FileNotFoundError) as err:  # found once the run starts (a data or
-        # model path, the LLM config against its source, accelerate setup): also the user's to fix
-        parser.exit(2, f"error: {err}\n")
-    except KeyboardInterrupt:  # Ctrl-C: stopped where it was, without a checkpoint (the engine's finally
-        # blocks have run); one line rather than a traceback through the data loader
-        parser.exit(130, f"interrupted by Ctrl-C: no checkpoint written for the steps since the last one; "
-                         f"train.resume_from=latest continues from the newest in {config.output_dir}, if any\n")
-    except TrainingStopped as err:  # a scheduler's SIGTERM: the step's checkpoint is written, say how to go on
-        hint = "; resume with train.resume_from=latest" if err.checkpoint is not None else ""
-        parser.exit(err.exit_code, f"{err}{hint}\n")
+    run_from_command_line(parser, lambda: run_finetune(config), config.output_dir, "train.resume_from")
 
 
 if __name__ == "__main__":
