@@ -48,7 +48,11 @@ from mambavlm.llm.hybrid import mamba_mixers
 from mambavlm.llm.templates import get_template
 from mambavlm.llm.tokenizer import IGNORE_INDEX, build_tokenizer
 from mambavlm.model import MambaVLM, is_mambavlm_directory
-from mambavlm.training.checkpoint import check_resumed_architecture, resolve_resume
+from mambavlm.training.checkpoint import (
+    check_resumed_architecture,
+    releasing_output_dir_on_error,
+    resolve_resume,
+)
 from mambavlm.training.engine import (
     METRICS_FILE,
     Phase,
@@ -195,10 +199,13 @@ def stage_summary(name: str, lr: float, losses: list[float | None]) -> dict[str,
     }
 
 
+@releasing_output_dir_on_error
 def run_distillation(config: DistillConfig) -> dict[str, Any]:
     """Convert the teacher, run the stages, save the student and metrics.json; returns the metrics
     (on the main process; ``{}`` elsewhere). Raises TrainingStopped (the step's checkpoint written,
-    ``output_dir`` released) when a SIGTERM stops the run, mid-stage or not."""
+    ``output_dir`` released) when a SIGTERM stops the run, mid-stage or not. Any other error (a teacher that
+    cannot load, a layout it cannot take, ...) releases ``output_dir`` too, removing it (and the parents
+    created with it) when the run created it and wrote nothing into it (``releasing_output_dir_on_error``)."""
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
     trainer = Trainer(

@@ -13,10 +13,11 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 import yaml
@@ -39,6 +40,7 @@ __all__ = [
     "lock_output_dir",
     "prune_checkpoints",
     "release_output_dir",
+    "releasing_output_dir_on_error",
     "remove_unfinished_writes",
     "resolve_resume",
     "save_checkpoint",
@@ -257,12 +259,15 @@ def remove_unfinished_writes(output_dir: str | Path) -> list[Path]:
 
 
 _HELD_LOCKS: dict[Path, int] = {}  # output directories this process holds: resolved path -> descriptor
+_CREATED_DIRS: dict[Path, list[Path]] = {}  # resolved path -> the directories its lock created, deepest first
 
 
 def lock_output_dir(output_dir: str | Path) -> None:
     """Hold ``output_dir`` (created if missing) for this process until ``release_output_dir`` or the
     process ends (a kill included: the lock is the kernel's ``flock`` on the directory itself, no file is
     written). Taken once per process: a second call for a directory this process holds does nothing.
+    The directories created here (``output_dir`` and any missing parents) are remembered, so that
+    ``release_output_dir`` removes those a run left empty.
 
     Two runs writing one ``output_dir`` at once (a second launch; a process left running after
     ``accelerate launch`` itself was stopped, which does not pass a SIGTERM on) overwrite each other's
@@ -277,6 +282,7 @@ def lock_output_dir(output_dir: str | Path) -> None:
     except ImportError:  # not POSIX
         return
     output_dir = Path(output_dir)
+    missing = [path for path in (output_dir, *output_dir.parents) if not path.exists()]
     output_dir.mkdir(parents=True, exist_ok=True)
     key = output_dir.resolve()
     if key in _HELD_LOCKS:
@@ -292,13 +298,49 @@ def lock_output_dir(output_dir: str | Path) -> None:
             "stop it (a run left behind by a stopped `accelerate launch`, say), or set another output_dir"
         ) from None
     _HELD_LOCKS[key] = fd
+    _CREATED_DIRS[key] = [path.resolve() for path in missing]
 
 
 def release_output_dir(output_dir: str | Path) -> None:
-    """Let another run write ``output_dir`` (``lock_output_dir``); nothing when this process does not hold it."""
-    fd = _HELD_LOCKS.pop(Path(output_dir).resolve(), None)
-    if fd is not None:
-        os.close(fd)  # closing the last descriptor releases the flock
+    """Let another run write ``output_dir`` (``lock_output_dir``); nothing when this process does not hold it.
+
+    The directories ``lock_output_dir`` created that are still empty (a run that failed before writing
+    anything) are removed, deepest first, up to the first that is not empty; a directory that existed
+    before the lock, or holds anything, is kept."""
+    key = Path(output_dir).resolve()
+    fd = _HELD_LOCKS.pop(key, None)
+    if fd is None:
+        return
+    os.close(fd)  # closing the last descriptor releases the flock
+    for created in _CREATED_DIRS.pop(key, []):
+        try:
+            created.rmdir()  # refused for a directory that is not empty: the run wrote something
+        except OSError:
+            break
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def releasing_output_dir_on_error(run: Callable[P, R]) -> Callable[P, R]:
+    """``run`` (a function whose ``Trainer`` locks an output directory: ``run_finetune``,
+    ``run_distillation``) made to release, when it raises, the output directories it locked and still
+    holds (``release_output_dir``: one the lock created and nothing was written into is removed), then
+    re-raise. A run that fails on its model, teacher or layout before writing anything then leaves no
+    empty ``output_dir`` behind; a directory that existed before, or holds anything, is kept."""
+
+    @wraps(run)
+    def released_on_error(*args: P.args, **kwargs: P.kwargs) -> R:
+        held_before = set(_HELD_LOCKS)
+        try:
+            return run(*args, **kwargs)
+        except BaseException:
+            for key in set(_HELD_LOCKS) - held_before:
+                release_output_dir(key)
+            raise
+
+    return released_on_error
 
 
 def _lock_holder(fd: int) -> str | None:

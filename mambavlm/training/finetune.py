@@ -28,7 +28,11 @@ from mambavlm.llm.factory import (
     enable_activation_checkpointing,
 )
 from mambavlm.model import MambaVLM, build_model, is_mambavlm_directory
-from mambavlm.training.checkpoint import check_resumed_architecture, resolve_resume
+from mambavlm.training.checkpoint import (
+    check_resumed_architecture,
+    releasing_output_dir_on_error,
+    resolve_resume,
+)
 from mambavlm.training.config import DataConfig, TrainConfig
 from mambavlm.training.engine import (
     METRICS_FILE,
@@ -81,12 +85,15 @@ def resolve_adapter_dir(path: str | Path) -> Path:
                             f"{FINAL_ADAPTER_DIR}/ ({MODEL_CONFIG_FILE} and peft's adapter files)")
 
 
+@releasing_output_dir_on_error
 def run_finetune(config: TrainConfig) -> dict[str, Any]:
     """Train, save ``final/`` and the last checkpoint (none with ``train.checkpoints=false``), score the val
     split; returns the metrics.
 
     The metrics (``OUTPUT_DIR/metrics.json``) are returned on the main process, ``{}`` elsewhere. Raises
     TrainingStopped (the step's checkpoint written, ``output_dir`` released) when a SIGTERM stops the run.
+    Any other error releases ``output_dir`` too, removing it (and the parents created with it) when the run
+    created it and wrote nothing into it (``releasing_output_dir_on_error``).
     """
     started = time.perf_counter()
     cfg = config

@@ -185,7 +185,25 @@ def test_a_layout_the_teacher_cannot_take_is_an_error_before_the_data(
     err = capsys.readouterr().err
     assert re.search(rf"^error: layout={re.escape(layout)}: .*{message}.* \(the teacher {re.escape(str(teacher))}\)$",
                      err, re.MULTILINE), err[-2000:]
-    assert not (tmp_path / "run" / "data").exists() and not list((tmp_path / "run").glob("checkpoint-*"))
+    assert not (tmp_path / "run").exists()  # nothing written: not even the directory the run created
+
+
+def test_a_run_that_fails_on_its_teacher_leaves_no_directory_it_created(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture) -> None:
+    """A missing teacher stopped the run after its output_dir (and the missing parents) had been created
+    for the run's lock: they were left behind, empty. Now the run removes the directories it created and
+    left empty; one that existed before the run is kept."""
+    missing_teacher = tmp_path / "no-teacher"
+    with pytest.raises(SystemExit) as exit_info:
+        distill_main(distill_args(missing_teacher, tmp_path / "new" / "run"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == f"error: teacher {missing_teacher} does not exist\n"
+    assert list(tmp_path.iterdir()) == []
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    with pytest.raises(SystemExit):
+        distill_main(distill_args(missing_teacher, existing))
+    assert existing.is_dir() and list(existing.iterdir()) == []
 
 
 def test_a_teacher_path_that_is_missing_or_a_run_directory_is_named_with_what_to_use(

@@ -531,6 +531,22 @@ def test_a_data_file_that_is_not_a_json_list_is_one_config_error_before_training
     assert not find_checkpoints(tmp_path / "run") and not (tmp_path / "run" / "final").exists()
 
 
+def test_a_run_whose_model_cannot_be_built_leaves_no_directory_it_created(tmp_path):
+    """A model that cannot be built (here an encoder's weights file that does not exist) stopped the run
+    after its output_dir (and the missing parents) had been created: they were left behind, empty. Now
+    they are removed; a directory that existed before the run, empty or not, is kept as it was."""
+    missing = "model.vision.encoders.0.weights=/nonexistent/dinov2.safetensors"
+    with pytest.raises(FileNotFoundError, match="encoder weights file not found"):
+        run_finetune(micro_config(tmp_path / "new" / "run", missing))
+    assert list(tmp_path.iterdir()) == []
+    existing = tmp_path / "existing"
+    (existing / "notes").mkdir(parents=True)
+    for output_dir in (existing / "notes", existing):
+        with pytest.raises(FileNotFoundError):
+            run_finetune(micro_config(output_dir, missing))
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == [Path("existing"), Path("existing/notes")]
+
+
 def test_training_data_whose_every_record_is_skipped_is_one_config_error_naming_the_kinds(tmp_path):
     """A wrong image folder (every image missing) with one record without an answer: a ConfigError (one
     line from train/finetune.py) counting the kinds and naming the first record; was a ValueError
