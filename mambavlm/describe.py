@@ -2,7 +2,9 @@
 
 CONFIG is a model YAML (with overrides) or a saved MambaVLM directory (its ``config.json``). Builds the
 model on the meta device (no memory, no download, no weights read) and prints a per-part parameter
-table and a ``num_visual_tokens: N`` line (1458 for the paper's MambaVLM-2.8B config).
+table and a ``num_visual_tokens: N`` line (1458 for the paper's MambaVLM-2.8B config); for a hybrid LLM
+(``hybrid_llama``, a distilled student) also which layers are Mamba-2, e.g.
+``llm layers: 8 Mamba-2 (0-3, 5, 7-9), 2 attention``.
 """
 
 from __future__ import annotations

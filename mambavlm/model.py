@@ -47,6 +47,7 @@ from mambavlm.generation import (
     supports_static_decoding,
 )
 from mambavlm.llm.factory import LLM_SECTION_CHECKS, build_llm, check_tokenizer_fits, family_classes
+from mambavlm.llm.hybrid import layout_summary
 from mambavlm.llm.mamba_training import (
     answer_token_loss,
     mamba_lm_hidden_states,
@@ -761,13 +762,17 @@ def parameter_table(model: MambaVLM) -> list[dict[str, Any]]:
 
 
 def describe(model: MambaVLM) -> str:
-    """A human-readable parameter table plus the ``num_visual_tokens: N`` line."""
+    """A human-readable parameter table plus the ``num_visual_tokens: N`` line; for a hybrid LLM
+    (``hybrid_llama``), between them, an ``llm layers:`` line saying which layers are Mamba-2 and how many
+    keep attention (``layout_summary``)."""
     rows = parameter_table(model)
     total = sum(r["params"] for r in rows)
     lines = [f"{'part':<22}{'detail':<44}{'params':>16}{'trainable':>16}"]
     for r in rows:
         lines.append(f"{r['part']:<22}{r['detail']:<44}{r['params']:>16,}{r['trainable']:>16,}")
     lines.append(f"{'total':<66}{total:>16,}{sum(r['trainable'] for r in rows):>16,}")
+    if model.config.llm.family == "hybrid_llama":
+        lines.append(f"llm layers: {layout_summary(model.llm.config)}")
     lines.append(f"num_visual_tokens: {model.num_visual_tokens}")
     return "\n".join(lines)
 

@@ -316,6 +316,29 @@ def test_describe_shows_the_projector_scan_and_each_parts_parameters(scan_mode: 
     assert int(rows["total"].split()[-2].replace(",", "")) == sum(p.numel() for p in model.parameters())
 
 
+def test_describe_shows_which_layers_of_a_hybrid_llm_are_mamba2(capsys) -> None:
+    """describe of a distilled hybrid (``hybrid_llama``) did not say which layers were Mamba-2 and which
+    attention: an ``llm layers:`` line above num_visual_tokens now gives the count of each and the Mamba-2
+    indices as ranges. Worked by hand: 10 layers, Mamba-2 in all but 4 and 6 (listed out of order). A model
+    whose LLM is not hybrid prints no such line."""
+    from mambavlm.describe import main
+
+    llm = ("{hidden_size: 64, intermediate_size: 128, num_hidden_layers: 10, num_attention_heads: 4, "
+           "num_key_value_heads: 2, vocab_size: 1024, mamba_layers: [9, 0, 1, 2, 3, 5, 7, 8], "
+           "mamba2_mixer: {hidden_size: 64, num_heads: 4, head_dim: 16, d_state: 8}}")
+    assert main([str(TINY_MODEL), "llm.family=hybrid_llama", f"llm.config={llm}"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-2:] == ["llm layers: 8 Mamba-2 (0-3, 5, 7-9), 2 attention", "num_visual_tokens: 32"]
+    assert main([str(TINY_MODEL)]) == 0
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.startswith("llm layers")]
+
+
+def test_index_ranges_writes_runs_of_consecutive_layers_as_ranges() -> None:
+    from mambavlm.llm.hybrid import index_ranges
+
+    assert [index_ranges(x) for x in ([], [4], [3, 2], [0, 2, 4], [1, 1, 2])] == ["", "4", "2-3", "0, 2, 4", "1-2"]
+
+
 def test_describe_takes_a_saved_model_directory_and_names_other_directories(tmp_path: Path, capsys) -> None:
     """A saved model's directory describes as the YAML it was built from (a fresh user pointed describe
     at a distilled student's folder and was told a 'config file' did not exist); another directory,

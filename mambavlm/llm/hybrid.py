@@ -19,6 +19,7 @@ so left-padded prompts of unequal lengths (batched ``generate``) give each row w
 from __future__ import annotations
 
 import difflib
+from collections.abc import Iterable
 from dataclasses import fields
 from typing import Any
 
@@ -33,6 +34,8 @@ __all__ = [
     "HybridLlamaConfig",
     "HybridLlamaForCausalLM",
     "Mamba2AttentionAdapter",
+    "index_ranges",
+    "layout_summary",
     "mamba_mixers",
     "mixer_fields_problem",
     "mixer_width_problem",
@@ -227,3 +230,22 @@ def mamba_mixers(model: nn.Module) -> dict[int, Mamba2Mixer]:
     }
 
 
+def index_ranges(indices: Iterable[int]) -> str:
+    """Layer indices written as ascending ranges of consecutive ones: [9, 0, 1, 2, 3, 5, 7, 8] ->
+    ``0-3, 5, 7-9``; no indices -> an empty string."""
+    ordered = sorted(set(indices))
+    runs: list[list[int]] = []
+    for index in ordered:
+        if runs and index == runs[-1][-1] + 1:
+            runs[-1].append(index)
+        else:
+            runs.append([index])
+    return ", ".join(str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}" for run in runs)
+
+
+def layout_summary(config: HybridLlamaConfig) -> str:
+    """Which layers of a hybrid are Mamba-2 and how many keep attention, e.g. ``8 Mamba-2 (0-3, 5, 7-9),
+    2 attention`` for 10 layers: the Mamba-2 indices as ``index_ranges``, the attention layers the rest."""
+    mamba = sorted(config.mamba_layers or [])
+    listed = f" ({index_ranges(mamba)})" if mamba else ""
+    return f"{len(mamba)} Mamba-2{listed}, {config.num_hidden_layers - len(mamba)} attention"
