@@ -23,7 +23,8 @@ Keys (key=value, dotted into sections and lists: stages.2.lr=1e-4):
   profile_step=N cpu_threads=N eval_batch_size=N eval_max_new_tokens=N
   template=plain|vicuna_v1   an HF Llama teacher's conversation template (a MambaVLM brings its own)
 
-Exit status: 0 done; 2 a config or path error (one "error: ..." line); 143 stopped by SIGTERM with a
+Exit status: 0 done (resume_from=latest on a run finished with this config: one line naming the student,
+nothing run or written); 2 a config or path error (one "error: ..." line); 143 stopped by SIGTERM with a
 checkpoint (resume_from=latest continues); 130 interrupted by Ctrl-C (no checkpoint since the last one).
 """
 

@@ -57,6 +57,7 @@ from mambavlm.training.engine import (
     METRICS_FILE,
     Phase,
     Trainer,
+    finished_run_metrics,
     structure_copy,
     throughput_summary,
 )
@@ -205,9 +206,15 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     (on the main process; ``{}`` elsewhere). Raises TrainingStopped (the step's checkpoint written,
     ``output_dir`` released) when a SIGTERM stops the run, mid-stage or not. Any other error (a teacher that
     cannot load, a layout it cannot take, ...) releases ``output_dir`` too, removing it (and the parents
-    created with it) when the run created it and wrote nothing into it (``releasing_output_dir_on_error``)."""
+    created with it) when the run created it and wrote nothing into it (``releasing_output_dir_on_error``).
+    ``resume_from=latest`` on a run that has finished with this config returns its metrics as they are,
+    writing nothing (``finished_run_metrics``)."""
     started = time.perf_counter()
     output_dir = Path(config.output_dir)
+    finished = finished_run_metrics(output_dir, config.resume_from, "resume_from", config.model_dump(mode="json"),
+                                    output_dir / STUDENT_DIR)
+    if finished is not None:
+        return finished
     trainer = Trainer(
         output_dir,
         seed=config.seed,

@@ -10,7 +10,8 @@ DeepSpeed ZeRO-2):
 - gradient accumulation to the global batch, clipping, mixed precision;
 - checkpoints ``OUTPUT_DIR/checkpoint-STEP`` (STEP counts optimiser steps over all phases), written
   atomically, the last K kept, one at the end of every phase; ``resume_from`` continues exactly, in
-  the middle of a phase too;
+  the middle of a phase too, and ``resume_from="latest"`` on a run that has finished with the same config
+  leaves it as it is (``finished_run_metrics``);
 - bad records skipped, logged with their reason and counted by kind; a micro-batch whose records were
   all skipped still runs (with zero weight) so that the processes stay in step;
 - a progress bar, a log line with loss, lr and throughput every ``log_every`` steps, trackers;
@@ -46,7 +47,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.data_loader import SeedableRandomSampler
 from accelerate.logging import get_logger
 from accelerate.utils import (
@@ -97,6 +98,7 @@ __all__ = [
     "changed_settings_note",
     "check_fresh_output_dir",
     "check_trackers",
+    "finished_run_metrics",
     "gradient_accumulation_steps",
     "load_whole",
     "new_throughput",
@@ -346,6 +348,58 @@ def check_fresh_output_dir(resume_from: str | None, output_dir: Path) -> None:
     if (output_dir / "config.json").is_file():
         raise ConfigError(f"{output_dir} is a saved model (config.json): a run writes into a directory of its own; "
                           "set another output_dir")
+
+
+def finished_run_metrics(
+    output_dir: str | Path, resume_from: str | None, resume_key: str, config: dict[str, Any], model_dir: str | Path
+) -> dict[str, Any] | None:
+    """The results of the finished run that ``resume_from="latest"`` asks to continue, read back, or None
+    when the run is to go ahead.
+
+    A run is finished when ``output_dir`` holds its ``METRICS_FILE`` (written last, after the final model)
+    and its final model ``model_dir``, and the config recorded in METRICS_FILE is ``config`` (both as
+    ``model_dump(mode="json")`` gives them) apart from ``resume_key`` (dotted: ``train.resume_from``) and
+    ``output_dir``. Continuing it would train no step and only evaluate again, overwriting its model and
+    results (``wall_seconds`` became the rerun's); instead one line is logged naming the model and the
+    results, and nothing is written. A run recorded with another config (a larger ``max_steps``, say)
+    resumes from its latest checkpoint as before. The metrics are returned on the main process, ``{}``
+    elsewhere.
+
+    Raises:
+        ConfigError: METRICS_FILE is not a JSON object, naming the file.
+    """
+    output_dir, model_dir = Path(output_dir), Path(model_dir)
+    metrics_file = output_dir / METRICS_FILE
+    if resume_from != "latest" or not metrics_file.is_file() or not model_dir.is_dir():
+        return None
+    try:
+        metrics = json.loads(metrics_file.read_text())
+    except ValueError as err:
+        raise ConfigError(f"{metrics_file}: not JSON ({err}); move it aside to resume the run") from None
+    if not isinstance(metrics, dict):
+        raise ConfigError(f"{metrics_file}: expected a JSON object of results, got {type(metrics).__name__}; "
+                          "move it aside to resume the run")
+    recorded = metrics.get("config")
+    if not isinstance(recorded, dict) or _without_keys(recorded, resume_key) != _without_keys(config, resume_key):
+        return None
+    state = PartialState()  # accelerate's logger needs it; the processes of a launch each return here
+    logger.info(f"{resume_key}=latest: {output_dir} holds a finished run of this config, nothing to resume: its model "
+                f"is {model_dir}, its results {metrics_file} (left as they are)")
+    return metrics if state.is_main_process else {}
+
+
+def _without_keys(config: dict[str, Any], resume_key: str) -> dict[str, Any]:
+    """``config`` without ``output_dir`` and the dotted ``resume_key`` (a copy)."""
+    config = copy.deepcopy(config)
+    config.pop("output_dir", None)
+    *parents, last = resume_key.split(".")
+    section = config
+    for name in parents:
+        section = section.get(name)
+        if not isinstance(section, dict):
+            return config
+    section.pop(last, None)
+    return config
 
 
 @dataclass(frozen=True)

@@ -39,6 +39,7 @@ from mambavlm.training.engine import (
     Phase,
     Trainer,
     TrainerState,
+    finished_run_metrics,
     format_loss,
     structure_copy,
     throughput_summary,
@@ -93,11 +94,18 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     The metrics (``OUTPUT_DIR/metrics.json``) are returned on the main process, ``{}`` elsewhere. Raises
     TrainingStopped (the step's checkpoint written, ``output_dir`` released) when a SIGTERM stops the run.
     Any other error releases ``output_dir`` too, removing it (and the parents created with it) when the run
-    created it and wrote nothing into it (``releasing_output_dir_on_error``).
+    created it and wrote nothing into it (``releasing_output_dir_on_error``). ``train.resume_from=latest``
+    on a run that has finished with this config returns its metrics as they are, writing nothing
+    (``finished_run_metrics``).
     """
     started = time.perf_counter()
     cfg = config
     output_dir = Path(cfg.output_dir)
+    model_dir = output_dir / (FINAL_MODEL_DIR if cfg.lora is None else FINAL_ADAPTER_DIR)
+    finished = finished_run_metrics(output_dir, cfg.train.resume_from, "train.resume_from",
+                                    cfg.model_dump(mode="json"), model_dir)
+    if finished is not None:
+        return finished
     trainer = Trainer(
         output_dir,
         seed=cfg.seed,

@@ -117,6 +117,27 @@ def test_distillation_killed_or_stopped_mid_stage_resumes_with_the_uninterrupted
         assert stage["step_losses"] == pytest.approx(expected, rel=1e-6)
 
 
+def test_resume_latest_on_a_finished_distillation_says_so_and_leaves_its_results(
+    teacher: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """resume_from=latest on a distillation that had finished evaluated teacher and student again and
+    overwrote metrics.json (its wall_seconds became the rerun's): now train/distill.py logs one line naming
+    the student, returns the recorded metrics (exit status 0) and writes nothing."""
+    out = tmp_path / "run"
+    one_step = "stages=[{name: stage1, max_steps: 1, lr: 1.0e-2, global_batch_size: 8, micro_batch_size: 8}]"
+    args = distill_args(teacher, out, "data.synthetic={num_train: 8, num_val: 2, image_size: 24}", one_step,
+                        "eval_batch_size=2", "eval_max_new_tokens=2")
+    finished = distill_main(args)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert distill_main([*args, "resume_from=latest"]) == finished
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.endswith(f"resume_from=latest: {out} holds a finished run of this config, nothing to resume: its "
+                         f"model is {out / 'student'}, its results {out / 'metrics.json'} (left as they are)")
+
+
 def bad_image_data(root: Path) -> tuple[Path, set[int]]:
     """16 Shapes-VQA records, the images of the last 8 overwritten with bytes no decoder reads."""
     train, _ = make_shapes_vqa(root, 16, 0, image_size=24)

@@ -100,6 +100,37 @@ def test_resume_repeats_the_uninterrupted_losses(micro_run, tmp_path):
 
 
 
+def test_resume_latest_on_a_finished_run_says_so_and_leaves_its_results(micro_run, tmp_path, caplog):
+    """train.resume_from=latest on a run that had finished evaluated it again and overwrote metrics.json
+    (its wall_seconds became the rerun's) and val_answers.jsonl: now it logs one line naming the final
+    model, returns the recorded metrics and writes nothing."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(micro_run, out)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
+    with caplog.at_level("INFO"):
+        assert run_finetune(micro_config(out, "train.resume_from=latest")) == read_metrics(micro_run)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()} == before
+    [line] = [r.getMessage() for r in caplog.records]
+    assert line.endswith(f"train.resume_from=latest: {out} holds a finished run of this config, nothing to resume: "
+                         f"its model is {out / 'final'}, its results {out / 'metrics.json'} (left as they are)")
+
+
+def test_a_run_is_finished_only_for_resume_latest_with_its_config_and_its_model(micro_run):
+    """Another config (more steps: the run resumes from its latest checkpoint and trains them), no
+    resume_from, or no final model where the config puts it (a LoRA run's final_adapter/): not finished."""
+    from mambavlm.training.engine import finished_run_metrics
+
+    same = micro_config(micro_run).model_dump(mode="json")
+    assert finished_run_metrics(micro_run, "latest", "train.resume_from", same, micro_run / "final") == read_metrics(
+        micro_run)
+    longer = micro_config(micro_run, "train.max_steps=8").model_dump(mode="json")
+    assert finished_run_metrics(micro_run, "latest", "train.resume_from", longer, micro_run / "final") is None
+    assert finished_run_metrics(micro_run, None, "train.resume_from", same, micro_run / "final") is None
+    assert finished_run_metrics(micro_run, "latest", "train.resume_from", same, micro_run / "final_adapter") is None
+
+
 def signal_at_micro_batch(monkeypatch: pytest.MonkeyPatch, call: int) -> None:
     """The process sends itself SIGTERM as its ``call``-th micro-batch (1-based) starts: a scheduler's
     preemption arriving in the middle of a step."""
