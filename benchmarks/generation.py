@@ -7,6 +7,8 @@ Rows, all measured in this one run, batch 1, greedy, EOS off, random weights (no
 - MambaVLM (fast path): one image + a short prompt (1478 tokens for the paper config, 1458 of them
   visual) through ``MambaVLM.generate_ids(fast=True)``: vision, projector, prefill, decoding;
 - the same with the fused Mamba step (``StaticStateDecoder(fused_step=True)``; CUDA);
+- the same with the persistent step (``StaticStateDecoder(persistent_step=True)``: one CUDA kernel per token;
+  a Hopper GPU and nvcc);
 - the plain Mamba LM on a text prompt of the same length, through the same decoder;
 - mamba_ssm's ``MambaLMHeadModel.generate(cg=True)`` on the same LLM weights (skipped without mamba_ssm);
 - HF ``generate`` (the eager path) of the same MambaVLM and prompt.
@@ -71,6 +73,7 @@ from mambavlm.generation import StaticStateDecoder  # noqa: E402
 from mambavlm.generation.mamba_lm import FUSED_STEP_MAX_BATCH  # noqa: E402
 from mambavlm.llm.tokenizer import IMAGE_TOKEN_INDEX  # noqa: E402
 from mambavlm.model import MambaVLM, build_model  # noqa: E402
+from mambavlm.ops.mamba_stack_step import stack_step_unsupported  # noqa: E402
 from mambavlm.ops.mamba_step import triton_available  # noqa: E402
 
 TEXT_TOKENS = 20
@@ -354,6 +357,21 @@ def run(args: argparse.Namespace) -> str:
             )
             rows.append(fused_row)
             del fused
+        persistent_row = None
+        if device.type == "cuda" and stack_step_unsupported(model.llm, 1) is None:
+            persistent = StaticStateDecoder(model.llm, persistent_step=True)
+            persistent_row, _ = measure(
+                f"{model.config.name} static state + CUDA graph, persistent step",
+                device,
+                length,
+                new_tokens,
+                lambda: persistent.prefill(model.embed(input_ids, pixels), attention_mask),
+                lambda: persistent.generate(model.embed(input_ids, pixels), attention_mask, **gen_kwargs),
+                repeats,
+                "ours, one CUDA kernel per step (mambavlm.ops.mamba_stack_step)",
+            )
+            rows.append(persistent_row)
+            del persistent
 
         text_ids = torch.randint(1, model.llm.config.vocab_size, (1, length), generator=generator).to(device)
         embed_tokens = model.llm.get_input_embeddings()
@@ -417,6 +435,9 @@ def run(args: argparse.Namespace) -> str:
         f"- VLM fast path vs plain LM fast path (tok/s): {vlm_row.tokens_per_s / lm_row.tokens_per_s:.3f}x",
         f"- VLM fast path vs HF generate (tok/s): {vlm_row.tokens_per_s / hf_row.tokens_per_s:.2f}x",
     ]
+    if isinstance(ssm, Row) and persistent_row is not None:
+        ratios.insert(0, f"- persistent step: mamba_ssm ms / ours ms per decoded token: "
+                         f"{ssm.ms_per_decoded_token / persistent_row.ms_per_decoded_token:.2f}x (issue 14's target: >= 2.0x)")
     if isinstance(ssm, Row) and fused_row is not None:
         ratios.insert(0, f"- fused step: mamba_ssm ms / ours ms per decoded token: "
                          f"{ssm.ms_per_decoded_token / fused_row.ms_per_decoded_token:.2f}x (issue 14's target: >= 2.0x)")

@@ -155,6 +155,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         self._no_split_modules = list(getattr(self.llm, "_no_split_modules", None) or [])
         self._static_decoder: StaticDecoder | None = None
         self._fused_decode_step = False
+        self._persistent_decode_step = False
         self.post_init()
         self.generation_config = GenerationConfig.from_dict(self.llm.generation_config.to_dict())
         self.attach_tokenizer(tokenizer)
@@ -312,7 +313,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
             return str(err)
         return None
 
-    def set_fused_decode_step(self, enabled: bool = True) -> None:
+    def set_fused_decode_step(self, enabled: bool = True, persistent: bool = False) -> None:
         """Whether the static-state decoder (``generate_ids``' fast path, ``cache_implementation="static"``)
         steps a Mamba-1 LLM through the fused Triton kernels (``mambavlm.ops.mamba_step``; three per block
         for one sequence): on an H200, MambaVLM-2.8B at batch 1 takes 2.01-2.04 ms per token fused against
@@ -322,19 +323,29 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         to run; unfused, decoding repeats exactly. Greedy tokens equal the unfused path's in float32
         (tested on the H200 and under Triton's interpreter). Raises ValueError for an LLM without Mamba-1
         mixers (a Mamba-2 layer's step kernel runs by default: it sums nothing across programs); the first
-        decode raises ValueError where Triton cannot run (not CUDA, outside ``TRITON_INTERPRET=1``)."""
-        if enabled and not isinstance(self.llm, MambaForCausalLM):
+        decode raises ValueError where Triton cannot run (not CUDA, outside ``TRITON_INTERPRET=1``).
+
+        ``persistent``: one sequence steps through one persistent CUDA kernel for the whole LLM instead
+        (``mambavlm.ops.mamba_stack_step``, built with nvcc on first use): 1.86 ms per token against 2.03
+        for the Triton kernels and 3.28 for mamba_ssm in the same run (H200, ``benchmarks/RESULTS.md`` a10);
+        its sums are exact in fixed point, so it repeats bit for bit. Other batches step as ``enabled``
+        says. The first decode raises ValueError where it cannot run (``stack_step_unsupported``: not CUDA,
+        a GPU before compute capability 9.0, no nvcc, ...)."""
+        if (enabled or persistent) and not isinstance(self.llm, MambaForCausalLM):
             raise ValueError(f"the fused decode step runs Mamba-1 mixers; this model's LLM is a "
                              f"{type(self.llm).__name__} (a Mamba-2 layer's step kernel runs without it)")
         self._fused_decode_step = enabled
+        self._persistent_decode_step = persistent
 
     def static_decoder(self) -> StaticDecoder:
         """The LLM's static-cache decoder, built on first use and kept (with its CUDA graph); rebuilt when
         the LLM, its device or ``set_fused_decode_step`` changed."""
         decoder = self._static_decoder
         if (decoder is None or decoder.model is not self.llm or decoder.device != self.device
-                or getattr(decoder, "fused_step", False) != self._fused_decode_step):
-            self._static_decoder = build_static_decoder(self.llm, fused_step=self._fused_decode_step)
+                or getattr(decoder, "fused_step", False) != self._fused_decode_step
+                or getattr(decoder, "persistent_step", False) != self._persistent_decode_step):
+            self._static_decoder = build_static_decoder(self.llm, fused_step=self._fused_decode_step,
+                                                        persistent_step=self._persistent_decode_step)
         return self._static_decoder
 
     @torch.no_grad()

@@ -18,16 +18,19 @@ def supports_static_decoding(model: PreTrainedModel) -> bool:
     return any(isinstance(model, d.supported_models) for d in DECODERS)
 
 
-def build_static_decoder(model: PreTrainedModel, cuda_graph: bool | None = None, fused_step: bool = False) -> StaticDecoder:
+def build_static_decoder(
+    model: PreTrainedModel, cuda_graph: bool | None = None, fused_step: bool = False, persistent_step: bool = False
+) -> StaticDecoder:
     """The static decoder for ``model`` (CUDA graphs by default on CUDA). ``fused_step``: a Mamba-1 LM's
-    steps through the fused Triton kernels (``StaticStateDecoder``'s ``fused_step``). Raises TypeError
-    for a model no decoder runs, ValueError for ``fused_step`` with an LM that has no Mamba-1 mixers, or
-    where Triton cannot run."""
-    if fused_step:
+    steps through the fused Triton kernels; ``persistent_step``: one sequence's through one persistent CUDA
+    kernel (``StaticStateDecoder``'s arguments). Raises TypeError for a model no decoder runs, ValueError
+    for either with an LM that has no Mamba-1 mixers, or where its kernels cannot run."""
+    if fused_step or persistent_step:
         if not isinstance(model, MambaForCausalLM):
-            raise ValueError(f"fused_step runs Mamba-1 mixers; {type(model).__name__} has none (a Mamba-2 "
+            name = "fused_step" if fused_step else "persistent_step"
+            raise ValueError(f"{name} runs Mamba-1 mixers; {type(model).__name__} has none (a Mamba-2 "
                              "layer's step kernel runs without it)")
-        return StaticStateDecoder(model, cuda_graph, fused_step=True)
+        return StaticStateDecoder(model, cuda_graph, fused_step=fused_step, persistent_step=persistent_step)
     for decoder in DECODERS:
         if isinstance(model, decoder.supported_models):
             return decoder(model, cuda_graph)

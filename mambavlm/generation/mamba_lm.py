@@ -27,6 +27,7 @@ from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.ops.dispatch import triton_runs_on
+from mambavlm.ops.mamba_stack_step import MambaStackStep, stack_step_unsupported
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["FUSED_STEP_MAX_BATCH", "WHOLE_BLOCK_MAX_BATCH", "StaticStateDecoder"]
@@ -59,17 +60,35 @@ class StaticStateDecoder(StaticDecoder):
     projections (``step_fused``); larger batches step unfused, where that is faster. Raises
     ValueError for it with another model, or without CUDA (Triton's interpreter,
     ``TRITON_INTERPRET=1``, runs it anywhere, slowly).
+
+    persistent_step: one sequence steps through one persistent CUDA kernel for the whole model
+    (``mambavlm.ops.mamba_stack_step``: every block, the final norm and lm_head in one launch; on an H200
+    1.86 ms per token for MambaVLM-2.8B against 2.03 for the Triton kernels, ``benchmarks/RESULTS.md`` a10),
+    built with nvcc on first use; other batches step as ``fused_step`` says. Raises ValueError where it
+    cannot run at batch 1 (``stack_step_unsupported``: not CUDA, before compute capability 9.0, no nvcc, a
+    bias, ...).
     """
 
     supported_models = (MambaForCausalLM, SSDForCausalLM)
 
-    def __init__(self, model: PreTrainedModel, cuda_graph: bool | None = None, fused_step: bool = False) -> None:
+    def __init__(
+        self, model: PreTrainedModel, cuda_graph: bool | None = None, fused_step: bool = False,
+        persistent_step: bool = False,
+    ) -> None:
         super().__init__(model, cuda_graph)
+        if persistent_step:
+            if not isinstance(model, MambaForCausalLM):
+                raise ValueError(f"persistent_step runs Mamba-1 mixers; {type(model).__name__} has none")
+            reason = stack_step_unsupported(model, 1)
+            if reason is not None:
+                raise ValueError(f"persistent_step cannot run this model: {reason}")
         if fused_step and not isinstance(model, MambaForCausalLM):
             raise ValueError(f"fused_step runs Mamba-1 mixers; {type(model).__name__} has none")
         if fused_step and not triton_runs_on(torch.empty(0, device=self.device)):
             raise ValueError("fused_step needs Triton on CUDA (or TRITON_INTERPRET=1 to interpret its kernels)")
         self.fused_step = fused_step
+        self.persistent_step = persistent_step
+        self._stack: MambaStackStep | None = None
         self.mamba1 = isinstance(model, MambaForCausalLM)
         layers = model.backbone.layers
         self.mamba1_mixers = [StatefulMambaMixer(layer.mixer) for layer in layers] if self.mamba1 else []
@@ -79,11 +98,14 @@ class StaticStateDecoder(StaticDecoder):
         self._states: list[MambaState] | list[Mamba2State] = []
 
     def __deepcopy__(self, memo: dict[int, Any]) -> StaticStateDecoder:
-        return type(self)(copy.deepcopy(self.model, memo), self.cuda_graph, self.fused_step)
+        return type(self)(copy.deepcopy(self.model, memo), self.cuda_graph, self.fused_step, self.persistent_step)
 
     def _allocate(self, batch: int, capacity: int) -> None:
+        self._stack = None
         if self.mamba1:
             self._states = [mixer.allocate(batch) for mixer in self.mamba1_mixers]
+            if self.persistent_step and batch == 1:
+                self._stack = MambaStackStep(self.model, self._states)
         else:
             weight = self.model.get_input_embeddings().weight
             self._states = [
@@ -121,6 +143,8 @@ class StaticStateDecoder(StaticDecoder):
 
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)
+        if self._stack is not None:
+            return self._stack(hidden.float())
         if self._whole_block_steps(input_ids.shape[0]):
             residual = hidden.float()
             rows = self.model.backbone.layers[0].mixer.x_proj.out_features
@@ -145,6 +169,8 @@ class StaticStateDecoder(StaticDecoder):
 
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
         padding = attention_mask
+        if self._stack is not None:  # the weights may have changed in place since the last prefill
+            self._stack.refresh()
         if self.mamba1:
             # Bias-free blocks keep a zero residual stream zero (see StatefulMambaMixer.prefill): more
             # left padding changes nothing, and the padding is zeroed once here, not in every layer.

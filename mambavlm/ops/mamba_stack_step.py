@@ -1,0 +1,229 @@
+"""One decoded token through a whole Mamba-1 language model in one persistent CUDA kernel (batch 1).
+
+``mambavlm.ops.mamba_step`` runs a block in three Triton kernels; between kernels the HBM idles while the
+last programs of one finish and the next kernel starts. Here (``csrc/mamba_stack_step.cu``) one launch runs
+every block, the final norm and lm_head, and the weights stream across layers without a gap:
+
+- One block of threads per multiprocessor. Each owns a run of channels (a multiple of 8: their in_proj x and
+  z rows, conv, x_proj columns, dt_proj rows and state), a run of out_proj rows and a run of vocabulary rows.
+- A producer warp streams the block's weight rows in the order they are used, layer after layer, through a
+  ring of shared-memory stages with 1-D bulk copies (``cp.async.bulk``, completed on mbarriers). Sixteen
+  consumer warps take the matrix-vector products from the ring, each warp a row (or a part of one) with its
+  slice of the activation in registers. A layer's small operands (x_proj's transposed rows, dt_proj's rows,
+  the conv weights and state, A, dt's bias, D, the SSM state, the norm weight) arrive by seven more bulk
+  copies, issued a layer ahead.
+- What crosses blocks travels without grid-wide barriers: y and the float32 residual stream as flagged 64-bit
+  words (32 bits of data, a 32-bit flag naming the launch and the layer; NCCL's LL protocol), which a reader
+  polls in the L2, so one round trip both waits and delivers; x_proj's split-K sums as 64-bit atomic adds of
+  fixed-point values (2^-30) above an arrival count. The producer never waits on them, so the next phase's
+  weights keep streaming while the consumers wait.
+
+Numerics follow ``norm_in_proj_conv`` / ``dt_state_update`` / ``out_proj_residual``: float32 residual, the
+norm's output rounded to the weights' dtype, in_proj's, the conv's and out_proj's outputs rounded to it, dt,
+B and C kept in float32, logits rounded to the weights' dtype (as lm_head's output). x_proj's sums are exact
+in fixed point and the rest adds in a fixed order, so a step repeats bit for bit (the Triton kernels' float32
+atomic adds do not).
+
+Measured (H200, 2026-12-02, MambaVLM-2.8B shapes, bf16, random weights, batch 1, 128 CUDA-graph steps, three
+alternating repeats; ``benchmarks/RESULTS.md`` a10): **1.860-1.867 ms per token** against 2.029-2.034 for the
+Triton kernels and 3.283-3.287 for mamba_ssm's ``generate(cg=True)`` in the same run (1.76x; 2x was the goal).
+On the way (same day): with three grid barriers per layer 2.24 ms (a9); flagged words instead 1.957 (8 consumer
+warps, 16 x 10 KB stages); 16 consumer warps 1.917-1.939; 13 x 12 KB stages 1.897; the small operands by bulk
+copies instead of about 2000 16-byte ``cp.async`` per layer 1.860. With every exchange between blocks
+switched off (a diagnostic build, wrong results) it still takes 1.825 ms, and its bare stream (no products, no
+exchanges, no small operands) 1.383-1.391: the work inside each block (the norm, the conv, x_proj's share, dt
+and the state update) stops the consumers while the ring is full. out_proj split over channels, summed into
+the residual rows with atomic adds (no exchange of y), took 2.75 ms: 338K atomic adds per layer. The
+experiments are on branch ``experiment/stack-kernel-cuda``.
+
+Needs compute capability 9.0 or later (bulk copies, mbarrier transaction counts), nvcc to build the kernel on
+first use (``mambavlm.ops.cuda_build``: seconds, cached), batch 1, bias-free in_proj / out_proj / x_proj, SiLU,
+a float32 residual stream, and shapes whose rows fit a ring stage (``stack_step_unsupported`` says why not).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mambavlm.ops.cuda_build import build_library, find_nvcc
+
+__all__ = ["MambaStackStep", "stack_step_unsupported"]
+
+SOURCE = Path(__file__).parent / "csrc" / "mamba_stack_step.cu"
+CONSUMER_WARPS = 16
+"""Consumer warps per block (``-DCONSUMER_WARPS``): 16 took 1.917-1.939 ms per token against 1.953-1.956 for 8
+(module docstring's setup, 16 x 10 KB stages)."""
+STAGE_KB, RING_STAGES = 12, 13
+"""The ring's stage size (KiB) and depth (``-DSTAGE_KB``, ``-DRING_STAGES``): 13 x 12 KB took 1.897 ms per token
+against 1.917-1.939 for 16 x 10 KB (16 consumer warps); with 8 consumer warps 4 x 40 KB took 3.31, 8 x 20 KB
+2.114 and 16 x 10 KB 1.957 (H200, 2026-12-02)."""
+STAGE_BYTES = STAGE_KB << 10
+MAX_CHANNELS = 48
+MAX_ROWS = 64
+"""Channels and out_proj rows per block at most: the kernel's MAX_CHANNELS and MAX_OWN."""
+
+_CTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
+
+
+def _rows_per_stage(row_bytes: int) -> int:
+    rows = CONSUMER_WARPS
+    while rows > 1 and rows * row_bytes > STAGE_BYTES:
+        rows //= 2
+    return rows
+
+
+def _grid(inner: int, multiprocessors: int) -> int:
+    return min(multiprocessors, inner // 8, 255)  # x_proj's arrival counts are 8 bits
+
+
+def stack_step_unsupported(model: nn.Module, batch: int) -> str | None:
+    """Why ``MambaStackStep`` cannot run this transformers ``MambaForCausalLM`` at ``batch``, or None."""
+    if batch != 1:
+        return f"batch {batch} (it runs batch 1)"
+    weight = model.lm_head.weight
+    if weight.device.type != "cuda":
+        return f"weights on {weight.device} (it runs on CUDA)"
+    if torch.cuda.get_device_capability(weight.device) < (9, 0):
+        return "a GPU before compute capability 9.0 (it needs bulk copies and mbarrier transaction counts)"
+    if weight.dtype not in _CTYPES:
+        return f"weights in {weight.dtype}"
+    if find_nvcc() is None:
+        return "no nvcc to build the kernel (set CUDA_HOME or put nvcc on PATH)"
+    config = model.config
+    if not (config.residual_in_fp32 or weight.dtype == torch.float32):
+        return "a residual stream not in float32 (residual_in_fp32=False)"
+    mixers = [layer.mixer for layer in model.backbone.layers]
+    if not mixers:
+        return "no layers"
+    m = mixers[0]
+    if any(x.in_proj.bias is not None or x.out_proj.bias is not None or x.x_proj.bias is not None for x in mixers):
+        return "projections with a bias"
+    if any(x.activation != "silu" for x in mixers):
+        return "a conv activation other than SiLU"
+    if any(p.dtype != weight.dtype for p in model.parameters() if p.dim() >= 2):
+        return "weights of mixed dtypes"
+    model_dim, inner, size = config.hidden_size, m.intermediate_size, weight.element_size()
+    if model_dim % 8 or inner % 8:
+        return f"hidden size {model_dim} or inner size {inner} not a multiple of 8"
+    if m.ssm_state_size > 32:
+        return f"state size {m.ssm_state_size} (at most 32)"
+    per_vector = 16 // size
+    for name, k in (("hidden", model_dim), ("inner", inner)):
+        if k * size > STAGE_BYTES:
+            return f"{name} size {k}: a row of {k * size} bytes is larger than a ring stage ({STAGE_BYTES})"
+        parts = CONSUMER_WARPS // _rows_per_stage(k * size)
+        if k % (parts * per_vector):
+            return f"{name} size {k}: not a multiple of {parts * per_vector}"
+    grid = _grid(inner, torch.cuda.get_device_properties(weight.device).multi_processor_count)
+    if -(-(inner // 8) // grid) * 8 > MAX_CHANNELS:
+        return f"inner size {inner}: more than {MAX_CHANNELS} channels per multiprocessor"
+    if -(-model_dim // grid) > MAX_ROWS:
+        return f"hidden size {model_dim}: more than {MAX_ROWS} rows per multiprocessor"
+    return None
+
+
+@functools.cache
+def _library(model_dim: int, inner: int, state: int, rank: int, width: int, dtype: torch.dtype, arch: str) -> ctypes.CDLL:
+    lib = build_library(SOURCE, {"MODEL_DIM": model_dim, "INNER_DIM": inner, "STATE_DIM": state, "DT_RANK": rank,
+                                 "CONV_WIDTH": width, "WEIGHT_T": _CTYPES[dtype], "CONSUMER_WARPS": CONSUMER_WARPS,
+                                 "STAGE_KB": STAGE_KB, "RING_STAGES": RING_STAGES}, arch)
+    p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+    lib.mamba_stack_step_launch.argtypes = [p, i, p, p, i, f, f, p, p, p, p, p, p, i, i, p]
+    lib.mamba_stack_step_launch.restype = i
+    return lib
+
+
+class MambaStackStep:
+    """``__call__(residual (1, D) float32) -> logits (1, V) float32`` for a transformers ``MambaForCausalLM``.
+
+    residual: the token's embedding, as float32; overwritten with the final residual stream. ``states``: the
+    decoder's ``MambaState`` s for batch 1 (conv (1, Di, W) in the weights' dtype, ssm (1, Di, N) float32),
+    updated in place. The weights' and states' addresses are read once, here: build it again after moving the
+    model or reallocating the states. ``refresh()`` re-reads A, dt's bias, D, the conv bias and x_proj (kept
+    transposed, (Di, R + 2N), a copy of 2 % of the weights) after the weights change; the decoder calls it at
+    each prefill. The returned logits are a buffer the next call overwrites. Works inside CUDA graphs.
+
+    Raises:
+        ValueError: what ``stack_step_unsupported`` names; weights or states not contiguous, or of other dtypes.
+        mambavlm.ops.cuda_build.CudaBuildError: nvcc failed (its message included).
+        RuntimeError: the kernel's configuration or launch failed (the CUDA error code).
+    """
+
+    def __init__(self, model: nn.Module, states: list) -> None:
+        reason = stack_step_unsupported(model, states[0].conv.shape[0] if states else 0)
+        if reason is not None:
+            raise ValueError(f"the persistent decode step cannot run this model: {reason}")
+        self.model = model
+        self.mixers = [layer.mixer for layer in model.backbone.layers]
+        m = self.mixers[0]
+        weight = model.lm_head.weight
+        device = weight.device
+        for i, state in enumerate(states):
+            if state.conv.dtype != weight.dtype or state.ssm.dtype != torch.float32:
+                raise ValueError(f"layer {i}: conv state in {state.conv.dtype} and SSM state in {state.ssm.dtype}; "
+                                 f"the kernel takes {weight.dtype} and torch.float32")
+        cap = torch.cuda.get_device_capability(device)
+        self.lib = _library(model.config.hidden_size, m.intermediate_size, m.ssm_state_size, m.time_step_rank,
+                            m.conv_kernel_size, weight.dtype, f"{cap[0]}{cap[1]}")
+        with torch.cuda.device(device):
+            check = self.lib.mamba_stack_step_configure()
+        if check != 0:
+            raise RuntimeError(f"mamba_stack_step: raising the shared-memory limit failed (cudaError {check})")
+        self.grid = _grid(m.intermediate_size, torch.cuda.get_device_properties(device).multi_processor_count)
+        rank, n = m.time_step_rank, m.ssm_state_size
+        self.packed = [torch.zeros(m.intermediate_size, n + 4, device=device) for _ in self.mixers]
+        # x_proj transposed (Di, R + 2N): a block's columns are one contiguous run, one bulk copy
+        self.x_proj_t = [torch.empty(m.intermediate_size, rank + 2 * n, dtype=weight.dtype, device=device)
+                         for _ in self.mixers]
+        self.refresh()
+        rows = []
+        for i, (layer, x, state, packed, x_proj_t) in enumerate(
+                zip(model.backbone.layers, self.mixers, states, self.packed, self.x_proj_t)):
+            tensors = (x.in_proj.weight, x.out_proj.weight, x_proj_t, x.dt_proj.weight, x.conv1d.weight,
+                       layer.norm.weight, state.conv, state.ssm, packed)
+            if not all(t.is_contiguous() for t in tensors):
+                raise ValueError(f"layer {i}: the persistent decode step needs contiguous weights and states")
+            rows.append([t.data_ptr() for t in tensors])
+        self.table = torch.tensor(rows, dtype=torch.int64, device=device)
+        self.states = states  # keeps the state buffers alive at the addresses in the table
+        # flagged words (32 bits of data, a 32-bit flag): y, the residual stream; x_proj's fixed-point sums
+        self.ybuf = torch.zeros(m.intermediate_size * weight.element_size() // 4, dtype=torch.int64, device=device)
+        self.rbuf = torch.zeros(model.config.hidden_size, dtype=torch.int64, device=device)
+        self.xacc = torch.zeros(len(self.mixers), rank + 2 * n, dtype=torch.int64, device=device)
+        self.sync = torch.zeros(2, dtype=torch.int32, device=device)
+        self.logits = torch.empty(1, weight.shape[0], device=device)
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        """Re-read each mixer's A = -exp(A_log), dt's bias, D and the conv bias into the kernel's float32
+        per-channel table (Di, N + 4), and x_proj into its transposed copy."""
+        for x, packed, x_proj_t in zip(self.mixers, self.packed, self.x_proj_t):
+            n = x.ssm_state_size
+            packed[:, :n] = -torch.exp(x.A_log.float())
+            packed[:, n] = x.dt_proj.bias.float()
+            packed[:, n + 1] = x.D.float()
+            packed[:, n + 2] = x.conv1d.bias.float() if x.conv1d.bias is not None else 0.0
+            x_proj_t.copy_(x.x_proj.weight.t())
+
+    def __call__(self, residual: Tensor) -> Tensor:
+        if residual.shape != (1, self.model.config.hidden_size) or residual.dtype != torch.float32:
+            raise ValueError(f"residual must be (1, {self.model.config.hidden_size}) float32, got "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+        if not residual.is_contiguous() or residual.device != self.logits.device:
+            raise ValueError(f"residual must be contiguous on {self.logits.device}")
+        norm_f = self.model.backbone.norm_f
+        stream = torch.cuda.current_stream(residual.device)
+        error = self.lib.mamba_stack_step_launch(
+            self.table.data_ptr(), len(self.mixers), norm_f.weight.data_ptr(), self.model.lm_head.weight.data_ptr(),
+            self.model.lm_head.weight.shape[0], self.model.backbone.layers[0].norm.variance_epsilon,
+            norm_f.variance_epsilon, residual.data_ptr(), self.logits.data_ptr(), self.ybuf.data_ptr(),
+            self.rbuf.data_ptr(), self.xacc.data_ptr(), self.sync.data_ptr(), self.grid, 1, stream.cuda_stream,
+        )
+        if error != 0:
+            raise RuntimeError(f"mamba_stack_step launch failed (cudaError {error})")
+        return self.logits

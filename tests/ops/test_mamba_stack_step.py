@@ -1,0 +1,145 @@
+"""The persistent decode step (``mambavlm.ops.mamba_stack_step``) and its nvcc build (``mambavlm.ops.cuda_build``).
+
+On the CPU: where it cannot run it is refused with the reason; the kernel source builds with the project's
+build options, which the library reports back, and a second build comes from the cache; nvcc's failures reach
+the user. On a Hopper GPU: a decoder stepping through it in its CUDA graph gives the unfused step's tokens and
+logits, follows weights changed in place, and repeats bit for bit.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import MambaForCausalLM
+
+from mambavlm.generation import StaticStateDecoder
+from mambavlm.ops import cuda_build
+from mambavlm.ops.cuda_build import CudaBuildError, build_library, find_nvcc
+from mambavlm.ops.mamba_stack_step import SOURCE, stack_step_unsupported
+from tests.conftest import tiny_mamba, tiny_mamba_config, tiny_vlm
+
+needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc")
+on_hopper = pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (9, 0) or find_nvcc() is None,
+    reason="needs a GPU of compute capability 9.0 or later and nvcc",
+)
+
+
+def test_the_persistent_step_is_refused_where_it_cannot_run() -> None:
+    lm = tiny_mamba()
+    assert stack_step_unsupported(lm, 2) == "batch 2 (it runs batch 1)"
+    with pytest.raises(ValueError, match=r"persistent_step cannot run this model: weights on cpu \(it runs on CUDA\)"):
+        StaticStateDecoder(lm, persistent_step=True)
+    vlm = tiny_vlm()
+    vlm.set_fused_decode_step(False, persistent=True)  # the switch reaches the decoder, which refuses the CPU
+    with pytest.raises(ValueError, match="persistent_step cannot run this model: weights on cpu"):
+        vlm.static_decoder()
+    vlm.set_fused_decode_step(False)
+    assert vlm.static_decoder().persistent_step is False
+
+
+def test_a_build_without_nvcc_says_how_to_get_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cuda_build, "find_nvcc", lambda: None)
+    with pytest.raises(CudaBuildError, match=r"nvcc not found \(set CUDA_HOME or put nvcc on PATH\) to build x\.cu"):
+        build_library(Path("x.cu"), {}, "90")
+
+
+@needs_nvcc
+def test_nvccs_error_reaches_the_user_and_leaves_nothing_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MAMBAVLM_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "broken.cu"
+    source.write_text("__global__ void k() { undeclared_name = 1; }\n")
+    with pytest.raises(CudaBuildError, match=r"nvcc failed to build broken\.cu[\s\S]*undeclared_name"):
+        build_library(source, {"X": 1}, "90")
+    assert list((tmp_path / "cache" / "cuda").iterdir()) == []  # no partial library, no temporary left
+
+
+@needs_nvcc
+def test_the_kernel_builds_with_the_projects_options_and_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tiny Mamba's shape (width 32, inner 64, state 8, rank 2, conv 4) in bfloat16, with the options the
+    wrapper builds with: the library reports the consumer warps and ring stages it was built with (so the -D
+    options arrive), its shared memory holds the ring and fits a Hopper multiprocessor (227 KiB), and a second
+    build is served from the cache without running nvcc."""
+    from mambavlm.ops import mamba_stack_step as mss
+
+    monkeypatch.setenv("MAMBAVLM_CACHE", str(tmp_path))
+    config = tiny_mamba_config()
+    defines = {"MODEL_DIM": config.hidden_size, "INNER_DIM": 2 * config.hidden_size, "STATE_DIM": config.state_size,
+               "DT_RANK": 2, "CONV_WIDTH": config.conv_kernel, "WEIGHT_T": "__nv_bfloat16",
+               "CONSUMER_WARPS": mss.CONSUMER_WARPS, "STAGE_KB": mss.STAGE_KB, "RING_STAGES": mss.RING_STAGES}
+    lib = build_library(SOURCE, defines, "90")
+    assert lib.mamba_stack_step_threads() == 32 * (mss.CONSUMER_WARPS + 1)
+    assert lib.mamba_stack_step_stages() == mss.RING_STAGES
+    assert lib.mamba_stack_step_max_channels() == mss.MAX_CHANNELS
+    assert lib.mamba_stack_step_max_rows() == mss.MAX_ROWS
+    assert mss.RING_STAGES * mss.STAGE_BYTES < lib.mamba_stack_step_smem_bytes() <= 227 << 10
+
+    def no_nvcc(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"nvcc ran again: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_nvcc)
+    assert build_library(SOURCE, defines, "90").mamba_stack_step_stages() == mss.RING_STAGES
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["tiny", "wide"])
+def test_the_persistent_step_replays_in_the_cuda_graph_to_the_unfused_tokens(dtype: torch.dtype, shape: str) -> None:
+    """Greedy decoding from one prompt, the persistent step in the decoder's CUDA graph against the unfused
+    step: the same tokens (up to a near tie) and logits within float32's or bfloat16's tolerance; after the
+    weights change in place (A, dt's bias, x_proj, a norm) the next prefill's decoding follows them; and a
+    second decoder fed the same tokens gives the same logits bit for bit (its sums are exact in fixed point).
+    "wide": 4 layers of width 256 (inner 512: 64 programs of 8 channels)."""
+    from tests.conftest import assert_same_up_to_near_tie, strengthen_mixers
+
+    if shape == "tiny":
+        lm = tiny_mamba()
+    else:
+        torch.manual_seed(2)
+        lm = strengthen_mixers(MambaForCausalLM(tiny_mamba_config(hidden_size=256, num_hidden_layers=4,
+                                                                  state_size=16)).eval())
+    lm = lm.to("cuda", dtype)
+    generator = torch.Generator("cuda").manual_seed(0)
+    embeds = lm.get_input_embeddings()(torch.randint(3, lm.config.vocab_size, (1, 33), device="cuda",
+                                                     generator=generator))
+
+    def decode(decoder: StaticStateDecoder, forced: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = decoder.prefill(embeds, max_new_tokens=20)
+            tokens, seen = [], []
+            for t in range(20):
+                seen.append(logits.clone())
+                tokens.append(logits.argmax(-1) if forced is None else forced[:, t])
+                logits = decoder.step(tokens[-1])
+        return torch.stack(tokens, 1), torch.stack(seen, 1)
+
+    unfused = StaticStateDecoder(lm)
+    persistent = StaticStateDecoder(lm, persistent_step=True)
+    assert persistent.cuda_graph
+    for change in (False, True):
+        if change:
+            with torch.no_grad():
+                for layer in lm.backbone.layers:
+                    layer.mixer.A_log.add_(0.25)
+                    layer.mixer.dt_proj.bias.sub_(0.5)
+                    layer.mixer.x_proj.weight.mul_(1.5)
+                    layer.norm.weight.mul_(0.75)
+        reference = decode(unfused)
+        ours = decode(persistent)
+        assert persistent._stack is not None  # it really stepped through the kernel
+        tol = 1e-4 * float(reference[1].abs().max()) if dtype == torch.float32 else 0.03 * float(reference[1].abs().max())
+        assert_same_up_to_near_tie(ours[0], reference[0], reference[1], tol)
+        assert len(set(reference[0].flatten().tolist())) > 3
+        forced = decode(unfused, reference[0])[1]
+        again = decode(StaticStateDecoder(lm, persistent_step=True), reference[0])[1]
+        mine = decode(persistent, reference[0])[1]
+        assert (mine - forced).abs().max() <= tol
+        assert torch.equal(mine, again)
