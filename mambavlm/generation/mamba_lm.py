@@ -143,8 +143,9 @@ class StaticStateDecoder(StaticDecoder):
 
     def _step_eager(self, input_ids: Tensor) -> Tensor:
         hidden = self.model.get_input_embeddings()(input_ids)
-        if self._stack is not None:
-            return self._stack(hidden.float())
+        if self._stack is not None:  # its logits are a buffer the next launch overwrites, as a graph's output is
+            logits = self._stack(hidden.float())
+            return logits if torch.cuda.is_current_stream_capturing() else logits.clone()
         if self._whole_block_steps(input_ids.shape[0]):
             residual = hidden.float()
             rows = self.model.backbone.layers[0].mixer.x_proj.out_features
