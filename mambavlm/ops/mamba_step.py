@@ -129,7 +129,7 @@ the same run (H200, MambaVLM-2.8B shapes, bf16), and 1.97 with eight 20 KB stage
 stream takes 1.35-1.38 ms, and in-kernel clocks put most of each layer's 29-34 us in L2 round trips (the
 barriers, the residual row, x_proj's sums, y) that the ring cannot cover (``benchmarks/RESULTS.md`` a9). Without
 the barriers (what crosses blocks sent as flagged words, NCCL's LL protocol, polled in the L2) it took 1.957 ms
-against 2.02 for these kernels and 3.40 for mamba_ssm in the same run, and 1.69 with every exchange between
+against 2.02 for these kernels and 3.40 for mamba_ssm in the same run, and 1.77 with every exchange between
 blocks switched off (a diagnostic build): the work inside each block stalls the stream, whatever the exchanges
 cost. With out_proj split over channels and summed into the residual rows with 64-bit atomic adds it took 2.75
 (a10). With sixteen consumer warps and its small operands fetched by bulk copies it took 1.860 ms against 2.03
