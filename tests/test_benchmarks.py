@@ -38,12 +38,15 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(
     same step losses (the same global batches), its ratio line is the rows' tokens/s ratio and its
     per-step line 2 t2 - t1 of the rows' step seconds; step 2 is profiled on every process (its tables
     kept, the step not timed). A second call with the same ``--runs-dir`` reports the kept runs without
-    running them again (in this process, the all-reduce measurement replaced: it launches processes)."""
+    running them again (the all-reduce measurement replaced: it launches processes). Both calls run in
+    this process, as ``python -m benchmarks.multi_gpu`` would (its ``main`` is ``run`` of the parsed
+    arguments): the runs themselves are still ``accelerate launch`` processes."""
+    import benchmarks.multi_gpu as multi_gpu
+
     out, runs_dir = tmp_path / "multi_gpu.md", tmp_path / "runs"
     argv = ["--quick", "--steps", "4", "--profile-step", "2", "--out", str(out), "--runs-dir", str(runs_dir)]
-    result = subprocess.run([sys.executable, "-m", "benchmarks.multi_gpu", *argv],
-                            cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.chdir(ROOT)
+    multi_gpu.run(multi_gpu.build_parser().parse_args(argv))
     text = out.read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| ddp")]
     assert [(r[1], r[2]) for r in rows] == [("1", "4"), ("2", "2")]  # processes, accumulation steps
@@ -73,8 +76,6 @@ def test_multi_gpu_quick_mode_compares_one_and_two_processes(
     assert busbw > 0
     seconds = float(text.split("float32 gradients takes ")[1].split(" s")[0])
     assert seconds == pytest.approx(trainable * 4 / busbw, rel=0.06, abs=1.5e-3)
-
-    import benchmarks.multi_gpu as multi_gpu
 
     monkeypatch.setattr(multi_gpu, "allreduce_bus_bandwidth", lambda *a, **k: busbw)
     capsys.readouterr()
