@@ -342,36 +342,30 @@ def run(args: argparse.Namespace) -> str:
             "ours, image + prompt",
         )
         rows.append(vlm_row)
-        fused_row = None
+
+        def decoder_row(label: str, note: str, decoder: StaticStateDecoder) -> Row:
+            """The same generation through ``decoder`` (another step of the same LLM)."""
+            row, _ = measure(
+                f"{model.config.name} static state + CUDA graph, {label}",
+                device,
+                length,
+                new_tokens,
+                lambda: decoder.prefill(model.embed(input_ids, pixels), attention_mask),
+                lambda: decoder.generate(model.embed(input_ids, pixels), attention_mask, **gen_kwargs),
+                repeats,
+                note,
+            )
+            rows.append(row)
+            return row
+
+        fused_row = persistent_row = None
         if device.type == "cuda" and triton_available():
-            fused = StaticStateDecoder(model.llm, fused_step=True)
-            fused_row, _ = measure(
-                f"{model.config.name} static state + CUDA graph, fused step",
-                device,
-                length,
-                new_tokens,
-                lambda: fused.prefill(model.embed(input_ids, pixels), attention_mask),
-                lambda: fused.generate(model.embed(input_ids, pixels), attention_mask, **gen_kwargs),
-                repeats,
-                "ours, Triton kernels per block (mambavlm.ops.mamba_step)",
-            )
-            rows.append(fused_row)
-            del fused
-        persistent_row = None
+            fused_row = decoder_row("fused step", "ours, Triton kernels per block (mambavlm.ops.mamba_step)",
+                                    StaticStateDecoder(model.llm, fused_step=True))
         if device.type == "cuda" and stack_step_unsupported(model.llm, 1) is None:
-            persistent = StaticStateDecoder(model.llm, persistent_step=True)
-            persistent_row, _ = measure(
-                f"{model.config.name} static state + CUDA graph, persistent step",
-                device,
-                length,
-                new_tokens,
-                lambda: persistent.prefill(model.embed(input_ids, pixels), attention_mask),
-                lambda: persistent.generate(model.embed(input_ids, pixels), attention_mask, **gen_kwargs),
-                repeats,
-                "ours, one CUDA kernel per step (mambavlm.ops.mamba_stack_step)",
-            )
-            rows.append(persistent_row)
-            del persistent
+            persistent_row = decoder_row("persistent step",
+                                         "ours, one CUDA kernel per step (mambavlm.ops.mamba_stack_step)",
+                                         StaticStateDecoder(model.llm, persistent_step=True))
 
         text_ids = torch.randint(1, model.llm.config.vocab_size, (1, length), generator=generator).to(device)
         embed_tokens = model.llm.get_input_embeddings()
