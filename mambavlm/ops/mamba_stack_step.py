@@ -7,9 +7,10 @@ every block, the final norm and lm_head, and the weights stream across layers wi
 - One block of threads per multiprocessor. Each owns a run of channels (a multiple of 8: their in_proj x and
   z rows, conv, x_proj columns, dt_proj rows and state), a run of out_proj rows and a run of vocabulary rows.
 - A producer warp streams the block's weight rows in the order they are used, layer after layer, through a
-  ring of shared-memory stages with 1-D bulk copies (``cp.async.bulk``, completed on mbarriers). Sixteen
-  consumer warps take the matrix-vector products from the ring, each warp a row (or a part of one) with its
-  slice of the activation in registers. A layer's small operands (x_proj's transposed rows, dt_proj's rows,
+  ring of shared-memory stages with 1-D bulk copies (``cp.async.bulk``, completed on mbarriers), and keeps
+  the HBM fetching 64 KB further into the L2 (``cp.async.bulk.prefetch.L2``). Sixteen consumer warps take the
+  matrix-vector products from the ring, each warp a row (or a part of one) with its slice of the activation in
+  registers, four stages at a time. A layer's small operands (x_proj's transposed rows, dt_proj's rows,
   the conv weights and state, A, dt's bias, D, the SSM state, the norm weight) arrive by seven more bulk
   copies, issued a layer ahead.
 - What crosses blocks travels without grid-wide barriers: y and the float32 residual stream as flagged 64-bit
@@ -34,7 +35,8 @@ switched off (a diagnostic build, wrong results) it still takes 1.825 ms, and it
 exchanges, no small operands) 1.383-1.391: the work inside each block (the norm, the conv, x_proj's share, dt
 and the state update) stops the consumers while the ring is full. out_proj split over channels, summed into
 the residual rows with atomic adds (no exchange of y), took 2.75 ms: 338K atomic adds per layer. The
-experiments are on branch ``experiment/stack-kernel-cuda``.
+experiments are on branch ``experiment/stack-kernel-cuda``. Then (RESULTS.md a11) four stages a consumer warp and
+the L2 prefetch: 1.778-1.803 ms against 1.831-1.836 for the build above, compared on one decoder's buffers.
 
 Needs compute capability 9.0 or later (bulk copies, mbarrier transaction counts), nvcc to build the kernel on
 first use (``mambavlm.ops.cuda_build``: seconds, cached), batch 1, bias-free in_proj / out_proj / x_proj, SiLU,
@@ -62,6 +64,20 @@ STAGE_KB, RING_STAGES = 12, 13
 """The ring's stage size (KiB) and depth (``-DSTAGE_KB``, ``-DRING_STAGES``): 13 x 12 KB took 1.897 ms per token
 against 1.917-1.939 for 16 x 10 KB (16 consumer warps); with 8 consumer warps 4 x 40 KB took 3.31, 8 x 20 KB
 2.114 and 16 x 10 KB 1.957 (H200, 2026-12-02)."""
+GEMV_UNROLL = 4
+"""Ring stages a consumer warp takes at a time (``-DGEMV_UNROLL``): it releases each one as soon as its products
+are in registers, then does the U warp sums together, so their shuffle latencies overlap. 4 took 1.803 ms per
+token against 1.831-1.834 for 1 and 1.810 for 2 (8: 1.821 against 1.793 for 4). Measured as ``L2_AHEAD_KB``."""
+L2_AHEAD_KB, L2_HINTS = 64, 1
+"""The producer's L2 prefetch (``-DL2_AHEAD_KB``): it keeps the HBM fetching the block's rows this far past the
+ring's last copy (``cp.async.bulk.prefetch.L2``); ``-DL2_HINTS=1`` marks those prefetches evict-last and the
+ring's copies evict-first. With 4 stages a warp: 1.778-1.803 ms per token with both, 1.793 with the hints alone,
+1.803 with neither. Further ahead the L2 thrashes (one stage a warp: 128 KB 1.90 ms, 256 KB 1.92 with the hints
+and 2.52 without). A pause between polls of the exchanged words (``__nanosleep`` 32-1000 ns) cost 0.07-0.11 ms.
+
+H200, 2026-12-02, 128 CUDA-graph steps, MambaVLM-2.8B shapes, bf16: builds compared on one decoder's buffers,
+only the library changing (``scratch/l2_ahead.py`` on branch ``experiment/stack-kernel-cuda``). Two decoders
+with the same build differ by up to 2.5 %: it matters where their exchanged words land in memory."""
 STAGE_BYTES = STAGE_KB << 10
 MAX_CHANNELS = 48
 MAX_ROWS = 64
@@ -131,7 +147,8 @@ def stack_step_unsupported(model: nn.Module, batch: int) -> str | None:
 def _library(model_dim: int, inner: int, state: int, rank: int, width: int, dtype: torch.dtype, arch: str) -> ctypes.CDLL:
     lib = build_library(SOURCE, {"MODEL_DIM": model_dim, "INNER_DIM": inner, "STATE_DIM": state, "DT_RANK": rank,
                                  "CONV_WIDTH": width, "WEIGHT_T": _CTYPES[dtype], "CONSUMER_WARPS": CONSUMER_WARPS,
-                                 "STAGE_KB": STAGE_KB, "RING_STAGES": RING_STAGES}, arch)
+                                 "STAGE_KB": STAGE_KB, "RING_STAGES": RING_STAGES,
+                                 "GEMV_UNROLL": GEMV_UNROLL, "L2_AHEAD_KB": L2_AHEAD_KB, "L2_HINTS": L2_HINTS}, arch)
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.mamba_stack_step_launch.argtypes = [p, i, p, p, i, f, f, p, p, p, p, p, p, i, i, p]
     lib.mamba_stack_step_launch.restype = i
@@ -176,10 +193,10 @@ class MambaStackStep:
             raise RuntimeError(f"mamba_stack_step: raising the shared-memory limit failed (cudaError {check})")
         self.grid = _grid(m.intermediate_size, torch.cuda.get_device_properties(device).multi_processor_count)
         rank, n = m.time_step_rank, m.ssm_state_size
-        self.packed = [torch.zeros(m.intermediate_size, n + 4, device=device) for _ in self.mixers]
-        # x_proj transposed (Di, R + 2N): a block's columns are one contiguous run, one bulk copy
-        self.x_proj_t = [torch.empty(m.intermediate_size, rank + 2 * n, dtype=weight.dtype, device=device)
-                         for _ in self.mixers]
+        layers = len(self.mixers)
+        self.packed = torch.zeros(layers, m.intermediate_size, n + 4, device=device)
+        # x_proj transposed (Di, R + 2N) per layer: a block's columns are one contiguous run, one bulk copy
+        self.x_proj_t = torch.empty(layers, m.intermediate_size, rank + 2 * n, dtype=weight.dtype, device=device)
         self.refresh()
         rows = []
         for i, (layer, x, state, packed, x_proj_t) in enumerate(
@@ -201,14 +218,21 @@ class MambaStackStep:
     @torch.no_grad()
     def refresh(self) -> None:
         """Re-read each mixer's A = -exp(A_log), dt's bias, D and the conv bias into the kernel's float32
-        per-channel table (Di, N + 4), and x_proj into its transposed copy."""
-        for x, packed, x_proj_t in zip(self.mixers, self.packed, self.x_proj_t):
-            n = x.ssm_state_size
-            packed[:, :n] = -torch.exp(x.A_log.float())
-            packed[:, n] = x.dt_proj.bias.float()
-            packed[:, n + 1] = x.D.float()
-            packed[:, n + 2] = x.conv1d.bias.float() if x.conv1d.bias is not None else 0.0
-            x_proj_t.copy_(x.x_proj.weight.t())
+        per-channel table (layers, Di, N + 4), and x_proj into its transposed copy (layers, Di, R + 2N): every
+        layer at once, about a dozen launches (one layer at a time took about 450)."""
+        n = self.mixers[0].ssm_state_size
+        def stack(tensors: object) -> Tensor:
+            return torch.stack(list(tensors))
+
+        self.packed[..., :n] = stack(x.A_log for x in self.mixers).float().exp().neg()
+        self.packed[..., n] = stack(x.dt_proj.bias for x in self.mixers)
+        self.packed[..., n + 1] = stack(x.D for x in self.mixers)
+        if all(x.conv1d.bias is not None for x in self.mixers):
+            self.packed[..., n + 2] = stack(x.conv1d.bias for x in self.mixers)
+        else:
+            for packed, x in zip(self.packed, self.mixers):
+                packed[:, n + 2] = x.conv1d.bias if x.conv1d.bias is not None else 0.0
+        self.x_proj_t.copy_(stack(x.x_proj.weight for x in self.mixers).transpose(1, 2))
 
     def __call__(self, residual: Tensor) -> Tensor:
         if residual.shape != (1, self.model.config.hidden_size) or residual.dtype != torch.float32:

@@ -3,12 +3,14 @@
 //
 // Compile-time shape (nvcc -D...): MODEL_DIM (D), INNER_DIM (Di), STATE_DIM (N), DT_RANK (R), CONV_WIDTH (W),
 // WEIGHT_T (__nv_bfloat16, __half or float); the build: CONSUMER_WARPS (8 or 16), STAGE_KB and RING_STAGES (the
-// ring of shared-memory stages).
+// ring of shared-memory stages), GEMV_UNROLL (stages a consumer warp takes at a time), L2_AHEAD_KB and L2_HINTS
+// (the producer's L2 prefetch past the ring, and its eviction hints).
 //
 // Each block (one per SM) owns a run of channels (a multiple of 8), a run of out_proj rows and a run of
 // vocabulary rows. A producer warp streams that block's weight rows (in_proj's x rows, its z rows, out_proj's
 // rows, layer after layer, then lm_head's) through the ring with 1-D bulk copies (cp.async.bulk, completed on
-// mbarriers); the consumer warps take matrix-vector products from the ring. A layer's small per-channel
+// mbarriers), and keeps the HBM fetching L2_AHEAD_KB further into the L2; the consumer warps take matrix-vector
+// products from the ring. A layer's small per-channel
 // operands (x_proj's transposed rows, dt_proj's rows, the conv weights and state, A / dt's bias / D / the conv
 // bias, the SSM state, the norm weight) arrive by seven more bulk copies, issued a layer ahead.
 //
@@ -153,6 +155,9 @@ __device__ __forceinline__ void bulk_copy(void* dst, const void* src, unsigned b
 }
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS) : "memory"); }
 
+#ifndef GEMV_UNROLL
+#define GEMV_UNROLL 1
+#endif
 constexpr int EPW = 4 / ES;  // elements of T per flagged word
 #ifndef XACC_SHIFT
 #define XACC_SHIFT 30
@@ -228,9 +233,71 @@ struct Stream {
   }
 };
 
+#ifndef L2_AHEAD_KB
+#define L2_AHEAD_KB 0
+#endif
+#ifndef L2_HINTS
+#define L2_HINTS 0
+#endif
+constexpr long long L2_AHEAD = static_cast<long long>(L2_AHEAD_KB) * 1024;
+constexpr unsigned PREFETCH_CHUNK = 16 * 1024;
+
+__device__ __forceinline__ void prefetch_l2(const void* src, unsigned bytes, uint64_t policy) {
+#if L2_HINTS
+  asm volatile("cp.async.bulk.prefetch.L2.global.L2::cache_hint [%0], %1, %2;" ::"l"(src), "r"(bytes), "l"(policy)
+               : "memory");
+#else
+  (void)policy;
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(src), "r"(bytes) : "memory");
+#endif
+}
+__device__ __forceinline__ void bulk_copy_hint(void* dst, const void* src, unsigned bytes, uint64_t* bar,
+                                               uint64_t policy) {
+#if L2_HINTS
+  asm volatile(
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+          smem_u32(dst)),
+      "l"(src), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+#else
+  (void)policy;
+  bulk_copy(dst, src, bytes, bar);
+#endif
+}
+
+// The L2 prefetch cursor: keeps the HBM streaming the block's rows L2_AHEAD bytes past what the ring has asked
+// for, so that the stream does not stop while the consumers work between products and the ring is full.
+struct Ahead {
+  int k = 0;
+  long long off = 0;
+  long long lead = 0;  // bytes prefetched past the ring's last copy
+  uint64_t policy = 0;
+  __device__ __forceinline__ void fill(const Stream& st) {
+    const int segs = st.segments();
+    while (lead < L2_AHEAD && k < segs) {
+      const long long left = st.bytes(k) - off;
+      const unsigned n = static_cast<unsigned>(left < PREFETCH_CHUNK ? left : PREFETCH_CHUNK);
+      if (n > 0) prefetch_l2(st.base(k) + off, n, policy);
+      off += n;
+      lead += n;
+      if (off == st.bytes(k)) {
+        ++k;
+        off = 0;
+      }
+    }
+  }
+};
+
 // The producer: stream every segment through the ring, S rows a stage.
 __device__ void produce_all(Ring& ring, const Stream& st) {
   const int segs = st.segments();
+  Ahead ahead;
+  uint64_t evict_first = 0;
+#if L2_HINTS
+  asm volatile("createpolicy.fractional.L2::evict_last.b64 %0, 1.0;" : "=l"(ahead.policy));
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
+#endif
+  if constexpr (L2_AHEAD > 0) ahead.fill(st);
   for (int k = 0; k < segs; ++k) {
     constexpr int row_bytes = D * ES;
     const bool out_rows = k % 3 == 2 && k != segs - 1;
@@ -242,8 +309,13 @@ __device__ void produce_all(Ring& ring, const Stream& st) {
       const int n = rows - r < per_stage ? rows - r : per_stage;
       mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1u);
       mbar_expect_tx(&ring.full[ring.stage], n * rb);
-      bulk_copy(ring.buf + ring.stage * STAGE_BYTES, src + static_cast<size_t>(r) * rb, n * rb, &ring.full[ring.stage]);
+      bulk_copy_hint(ring.buf + ring.stage * STAGE_BYTES, src + static_cast<size_t>(r) * rb, n * rb,
+                     &ring.full[ring.stage], evict_first);
       ring.advance();
+      if constexpr (L2_AHEAD > 0) {
+        ahead.lead -= n * rb;
+        ahead.fill(st);
+      }
     }
   }
 }
@@ -369,29 +441,50 @@ struct Gemv {
     }
   }
 
+  // U stages at a time: each is released as soon as its products are in registers, and the U warp sums
+  // interleave, so a warp's shuffle latencies overlap instead of adding up stage after stage
   __device__ __forceinline__ void run(Ring& ring, int rows, float* partial, int warp, int lane) {
+    constexpr int U = GEMV_UNROLL;
     const int s = warp % S;
     const int part = warp / S;
-    for (int r = 0; r < rows; r += S) {
-      mbar_wait(&ring.full[ring.stage], ring.phase);
-      const int row = r + s;
-      if (row < rows) {
-        const uint4* tile = reinterpret_cast<const uint4*>(ring.buf + ring.stage * STAGE_BYTES +
-                                                           (s * K + part * KP) * ES);
-        float acc[2] = {0.f, 0.f};  // two chains for the FMA latency
+    for (int r = 0; r < rows; r += S * U) {
+      float sums[U];
 #pragma unroll
-        for (int i = 0; i < VPL; ++i) {
-          const uint4 raw = has(lane, i) ? tile[lane + 32 * i] : uint4{};
-          const T* w = reinterpret_cast<const T*>(&raw);
+      for (int u = 0; u < U; ++u) {
+        sums[u] = 0.f;
+        const int first = r + u * S;
+        if (first < rows) {
+          mbar_wait(&ring.full[ring.stage], ring.phase);
+          if (first + s < rows) {
+            const uint4* tile = reinterpret_cast<const uint4*>(ring.buf + ring.stage * STAGE_BYTES +
+                                                               (s * K + part * KP) * ES);
+            float acc[2] = {0.f, 0.f};  // two chains for the FMA latency
 #pragma unroll
-          for (int e = 0; e < EPV; ++e) acc[e & 1] = fmaf(to_f(w[e]), act[i * EPV + e], acc[e & 1]);
+            for (int i = 0; i < VPL; ++i) {
+              const uint4 raw = has(lane, i) ? tile[lane + 32 * i] : uint4{};
+              const T* w = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+              for (int e = 0; e < EPV; ++e) acc[e & 1] = fmaf(to_f(w[e]), act[i * EPV + e], acc[e & 1]);
+            }
+            sums[u] = acc[0] + acc[1];
+          }
+          __syncwarp();
+          if (lane == 0) mbar_arrive(&ring.empty[ring.stage]);
+          ring.advance();
         }
-        const float sum = warp_sum(acc[0] + acc[1]);
-        if (lane == 0) partial[row * P + part] = sum;
       }
-      __syncwarp();
-      if (lane == 0) mbar_arrive(&ring.empty[ring.stage]);
-      ring.advance();
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) sums[u] += __shfl_xor_sync(0xffffffffu, sums[u], o);
+      }
+      if (lane == 0) {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int row = r + u * S + s;
+          if (row < rows) partial[row * P + part] = sums[u];
+        }
+      }
     }
   }
 
