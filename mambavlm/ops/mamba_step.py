@@ -133,7 +133,8 @@ against 2.02 for these kernels and 3.40 for mamba_ssm in the same run, and 1.77 
 blocks switched off (a diagnostic build): the work inside each block stalls the stream, whatever the exchanges
 cost. With out_proj split over channels and summed into the residual rows with 64-bit atomic adds it took 2.75
 (a10). With sixteen consumer warps and its small operands fetched by bulk copies it took 1.860 ms against 2.03
-for these kernels: it ships as the opt-in persistent step, ``mambavlm.ops.mamba_stack_step``.
+for these kernels, and 1.78-1.80 with four ring stages per consumer warp and an L2 prefetch ahead of the ring
+(a11): it ships as the opt-in persistent step, ``mambavlm.ops.mamba_stack_step``.
 
 They run on CUDA, and anywhere under Triton's interpreter (``TRITON_INTERPRET=1``), which the CPU tests use.
 """
