@@ -6,6 +6,7 @@
                                                       # every run kept in runs/
     python -m benchmarks.multi_gpu --global-batch 16  # a small global batch: the communication it cannot hide
     python -m benchmarks.multi_gpu --quick            # CPU: the tiny config, DDP on 1 and 2 gloo processes
+                                                      # at once (a check of the machinery, not a speed figure)
 
 Each run is what a user runs, ``accelerate launch --config_file configs/accelerate/STRATEGY.yaml
 --num_processes N train/finetune.py --config ...``, on the synthetic Shapes-VQA records (nothing
@@ -375,15 +376,19 @@ def run(args: argparse.Namespace) -> str:
     with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
         work = Path(tmp)
         singles = [(s, 1, None) for s in strategies if (s, 1) not in done and 1 in args.processes]
-        if not args.quick and args.concurrent_single:
-            for start in range(0, len(singles), gpus):
-                runs += run_all([(s, 1, str(i)) for i, (s, _, _) in enumerate(singles[start:start + gpus])], args, work)
+        pairs = [(s, 2, None) for s in strategies if (s, 2) not in done and 2 in args.processes]
+        if args.quick:  # a check of the machinery on the CPU, not a speed figure: every run at once
+            runs += run_all(singles + pairs, args, work)
         else:
-            for job in singles:
+            if args.concurrent_single:
+                for start in range(0, len(singles), gpus):
+                    runs += run_all([(s, 1, str(i)) for i, (s, _, _) in enumerate(singles[start:start + gpus])],
+                                    args, work)
+            else:
+                for job in singles:
+                    runs += run_all([job], args, work)
+            for job in pairs:
                 runs += run_all([job], args, work)
-        for strategy in strategies:
-            if (strategy, 2) not in done and 2 in args.processes:
-                runs += run_all([(strategy, 2, None)], args, work)
 
     rows, lines = [], []
     for strategy in strategies:
@@ -419,7 +424,7 @@ def run(args: argparse.Namespace) -> str:
                  f"{trainable * 4 / busbw:.3f} s at it (a DDP step's communication, hidden only behind the last "
                  "micro-batch's backward)")
     lines.insert(0, link)
-    model = "tiny config (float32, CPU, gloo)" if args.quick else (
+    model = "tiny config (float32, CPU, gloo; the 1- and 2-process runs at once, sharing the cores)" if args.quick else (
         "MambaVLM-2.8B, random weights: LLM float32 master weights + bf16 autocast, gradient checkpointing")
     setup = (f"{model}; synthetic Shapes-VQA records; global batch {args.global_batch}, micro-batch "
              f"{args.micro_batch} per process, {args.steps} steps (the first untimed"
