@@ -368,7 +368,11 @@ struct Gemv {
           for (int e = 0; e < EPV; ++e) act[i * EPV + e] = 0.f;
         }
       }
-      while (pending) {  // every pending group's loads in flight at once, then the flags
+      // Group after group: ptxas checks a group's flags before it issues the next group's loads (SASS), so a
+      // round of polls is up to four L2 round trips. Issuing a round's loads before any check waited less here
+      // (3.4 us a layer against 4.7) but the step took 1.82-1.85 ms against 1.78: the time moved to the next
+      // latency-bound wait (benchmarks/RESULTS.md a12), as it did with one warp polling done words first.
+      while (pending) {
         const unsigned snap = pending;
 #pragma unroll
         for (int i = 0; i < VPL; ++i) {
