@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import typing
+from collections.abc import Hashable
 from pathlib import Path
 from typing import IO, Any, Literal, TypeVar
 
@@ -168,19 +169,65 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's booleans: only ``true`` / ``false`` (any case of those
-    two) are booleans. PyYAML follows YAML 1.1, where ``no``, ``yes``, ``on`` and ``off`` are booleans
-    too, so ``mixed_precision: no`` or the override ``train.mixed_precision=no`` would reach the
-    schema as ``False`` instead of accelerate's ``"no"``; here they stay strings."""
+    """PyYAML's safe loader with YAML 1.2's core schema for booleans and numbers, and no repeated keys.
+
+    PyYAML follows YAML 1.1: ``no``, ``yes``, ``on`` and ``off`` are booleans there, so
+    ``mixed_precision: no`` or the override ``train.mixed_precision=no`` would reach the schema as
+    ``False`` instead of accelerate's ``"no"``; a float needs a dot, so ``1e-5`` stays a string (which
+    a free-form mapping such as ``llm.config`` hands to transformers as ``'1e-5'``); and ``010`` is
+    octal. Here only ``true`` / ``false`` are booleans, ``1e-5`` and ``.5`` are floats, ``010`` is 10,
+    ``0o17`` 15 and ``0x1F`` 31 (the YAML 1.2 spec's core schema, section 10.3.2; ``1_000`` is a string).
+    A key given twice in one mapping is an error naming both lines (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first_line: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # PyYAML's own error names it
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark,
+                    f"found key {key!r} twice (first on line {first_line[key] + 1})", key_node.start_mark,
+                )
+            first_line[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
+_INT, _FLOAT = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 ConfigLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", _INT, _FLOAT)]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 ConfigLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
+ConfigLoader.add_implicit_resolver(  # before the floats: "1" is an int, not a float
+    _INT, re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")
+)
+ConfigLoader.add_implicit_resolver(
+    _FLOAT,
+    re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+.0123456789"),
+)
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text, 0) if text[:2] in ("0o", "0x") else int(text, 10)  # int(_, 10): "010" is ten
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    if text.lstrip("+-") in (".inf", ".nan"):
+        return float(text.replace(".", ""))
+    return float(text)
+
+
+ConfigLoader.add_constructor(_INT, _construct_int)
+ConfigLoader.add_constructor(_FLOAT, _construct_float)
 
 
 class Replace(dict):

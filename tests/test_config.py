@@ -14,6 +14,7 @@ from mambavlm.config import (
     apply_overrides,
     deep_merge,
     load_config,
+    load_yaml,
     parse_yaml,
 )
 from tests.conftest import ROOT
@@ -116,6 +117,32 @@ def test_yaml_booleans_are_only_true_and_false() -> None:
         True, False, True, "no", "yes", "on", "off", "no", "y"
     ]
     assert parse_yaml("a: {b: no, c: 1.5e-3, d: null, e: 3}") == {"a": {"b": "no", "c": 1.5e-3, "d": None, "e": 3}}
+
+
+def test_yaml_numbers_follow_the_1_2_core_schema_in_files_and_overrides(tmp_path: Path) -> None:
+    """The YAML 1.2 spec's core schema (section 10.3.2), each value worked by hand: a float needs no dot
+    (``1e-5``, PyYAML's 1.1 rules a string, which a free-form ``llm.config`` handed to transformers as
+    text), ``010`` is ten (1.1: octal 8), ``0o`` / ``0x`` are octal / hex, ``_`` is no digit separator."""
+    assert parse_yaml("[1e-5, 1.0e-5, -2E+3, .5, 3., 010, 0o17, 0x1F, +3, 1_000, 0x, 1.2.3, -.inf, .NaN]")[:13] == [
+        0.00001, 0.00001, -2000.0, 0.5, 3.0, 10, 15, 31, 3, "1_000", "0x", "1.2.3", float("-inf")
+    ]
+    assert [type(v) for v in parse_yaml("[1, 1.0, 1e0]")] == [int, float, float]
+    nan = parse_yaml(".NaN")
+    assert nan != nan
+    model = load_config(ModelConfig, ROOT / "configs" / "model" / "tiny.yaml", ["llm.config.layer_norm_epsilon=1e-5"])
+    assert model.llm.config["layer_norm_epsilon"] == 0.00001
+    (tmp_path / "m.yaml").write_text(f"base: {ROOT / 'configs' / 'model' / 'tiny.yaml'}\nmax_length: 010\n")
+    assert load_config(ModelConfig, tmp_path / "m.yaml").max_length == 10
+
+
+def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently; a config's second ``lr`` is a mistake to name."""
+    (tmp_path / "t.yaml").write_text("train:\n  lr: 1.0e-3\n  epochs: 1\n  lr: 2.0e-3\n")
+    with pytest.raises(ConfigError, match=r"t\.yaml: .*'lr' twice \(first on line 2\).*line 4"):
+        load_yaml(tmp_path / "t.yaml")
+    with pytest.raises(yaml.YAMLError, match="'b' twice"):
+        parse_yaml("a: {b: 1, b: 2}")
+    assert parse_yaml("a: {b: 1}\nc: {b: 2}") == {"a": {"b": 1}, "c": {"b": 2}}  # the same key in two mappings
 
 
 def test_mixed_precision_no_reads_as_a_string_from_file_and_command_line(tmp_path: Path) -> None:
