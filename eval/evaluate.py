@@ -73,7 +73,7 @@ if __name__ == "__main__":  # --help and usage errors exit here, before the heav
 import torch  # noqa: E402
 
 from mambavlm.atomic import atomic_file  # noqa: E402
-from mambavlm.eval.model_dir import RUN_MODEL_DIRS, resolve_model_dir  # noqa: E402
+from mambavlm.eval.model_dir import model_label, resolve_model_dir  # noqa: E402
 from mambavlm.eval.runner import (  # noqa: E402
     SETTINGS_FILE,
     RecordFileError,
@@ -94,12 +94,6 @@ def load_items(data: Path, image_root: Path | None) -> tuple[list[VQAItem], list
     """The records' questions, and ``(id, reason)`` for each record without a human turn then an
     assistant turn (each named in a warning; training skips them too)."""
     return read_vqa_items(data, image_root if image_root is not None else data.parent)
-
-
-def model_label(model_dir: Path) -> str:
-    """A model's name in the default output path: its run's directory name for a run's ``final/`` or
-    ``student/`` (every run names its model so), else its own."""
-    return model_dir.parent.name if model_dir.name in RUN_MODEL_DIRS and model_dir.parent.name else model_dir.name
 
 
 def output_paths(args: argparse.Namespace, model_dir: Path) -> tuple[Path, Path, Path]:

@@ -65,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "answer the questions without a baseline prompt or scoring")
     parser.add_argument("--data", required=True, type=Path, help="question JSONL (LLaVA-1.5 evaluation format)")
     parser.add_argument("--image-folder", type=Path, help="image paths are relative to it (default: the JSONL's folder)")
-    parser.add_argument("--output-dir", type=Path, help="default: outputs/eval/BENCHMARK")
+    parser.add_argument("--output-dir", type=Path,
+                        help="default: outputs/eval/MODEL/BENCHMARK, MODEL the run's directory name for a run's "
+                             "final/ or student/ (as eval/evaluate.py names its own)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--limit", type=int, help="answer only the first N questions")
     parser.add_argument("--max-new-tokens", type=int, default=16)
@@ -130,13 +132,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
             parser.error(f"{name} {path} does not exist")
     if not args.data.is_file():
         parser.error(f"--data {args.data} is a folder, not a question JSONL")
-    output_dir = args.output_dir or Path("outputs/eval") / args.benchmark
-    if output_dir.exists() and not output_dir.is_dir():
-        parser.error(f"--output-dir {output_dir} is a file, not a folder")
+    if args.output_dir is not None and args.output_dir.exists() and not args.output_dir.is_dir():
+        parser.error(f"--output-dir {args.output_dir} is a file, not a folder")
     # imported after the checks above: importing mambavlm loads torch, transformers and the model (it
     # registers with transformers' Auto classes), seconds that --help and a usage error need not wait for
     from mambavlm.eval.benchmarks import BENCHMARKS
-    from mambavlm.eval.model_dir import resolve_model_dir
+    from mambavlm.eval.model_dir import model_label, resolve_model_dir
     from mambavlm.eval.questions import QuestionFileError
     from mambavlm.eval.runner import (
         RESULTS_FILE,
@@ -151,9 +152,14 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
     try:
         check_benchmark_name(args.benchmark, args.custom_benchmark)  # before the options, which it names
+        model_dir = resolve_model_dir(args.model)
+        # by default one folder per model and benchmark: a second model's answers do not meet the first's
+        output_dir = args.output_dir or Path("outputs/eval") / model_label(model_dir) / args.benchmark
+        if output_dir.exists() and not output_dir.is_dir():
+            parser.error(f"{output_dir} is a file, not a folder")
         annotations, recorded = _annotations(args, output_dir)
         settings = RunSettings(
-            model=resolve_model_dir(args.model),
+            model=model_dir,
             benchmark=args.benchmark,
             custom_benchmark=args.custom_benchmark,
             questions=args.data,

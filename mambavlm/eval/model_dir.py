@@ -12,12 +12,18 @@ from mambavlm.training.finetune import (
     TRAIN_CONFIG_FILE,
 )
 
-__all__ = ["RUN_MODEL_DIRS", "resolve_model_dir"]
+__all__ = ["RUN_MODEL_DIRS", "model_label", "resolve_model_dir"]
 
 RUN_MODEL_DIRS = (FINAL_MODEL_DIR, STUDENT_DIR)
 """Where a run's output_dir holds its model: fine-tuning's ``final/``, distillation's ``student/``."""
 RUN_CONFIG_FILES = (TRAIN_CONFIG_FILE, CONFIG_COPY)
 """What a fine-tuning / distillation run writes into its output_dir when it starts."""
+
+
+def model_label(model_dir: Path) -> str:
+    """A model's name in the default output path: its run's directory name for a run's ``final/`` or
+    ``student/`` (every run names its model so), else its own."""
+    return model_dir.parent.name if model_dir.name in RUN_MODEL_DIRS and model_dir.parent.name else model_dir.name
 
 
 def resolve_model_dir(model: str | Path) -> Path:

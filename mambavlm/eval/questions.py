@@ -4,7 +4,7 @@ Each line is ``{"question_id": ..., "image": "relative/path.jpg" (optional), "te
 (LLaVA's ``llava_vqav2_mscoco_test-dev2015.jsonl``, ``llava_gqa_testdev_balanced.jsonl``,
 ``llava_pope_test.jsonl``, ...): the prompt is used as written, suffix included ("Answer the question
 using a single word or phrase."). A line that is not a JSON object, or has no ``question_id``, is
-reported with its line number and counted, not fatal (a file that is one JSON array or one object spread
+reported with its line number and counted, not fatal, as is one without a ``text`` (a file that is one JSON array or one object spread
 over several lines, such as a LLaVA training JSON, is not JSONL at all: ``QuestionFileError``); the fields' types are checked when the question
 is answered. Some of LLaVA's files give one id to several questions (TextVQA's and MME's use the image
 as the id, one per image for two questions): every occurrence of an id that occurs more than once
@@ -89,6 +89,9 @@ def read_questions(path: str | Path, image_root: str | Path | None = None) -> tu
         image = record.get("image")
         if image is not None and not (isinstance(image, str) and image):
             problems.append((question_id, f"'image' must be a non-empty path string, got {image!r}"))
+            continue
+        if "text" not in record:
+            problems.append((question_id, f"no 'text' (the question to ask) on line {number}"))
             continue
         questions.append(EvalQuestion(question_id, root / image if image else None, record.get("text"), source_id))
     return questions, problems

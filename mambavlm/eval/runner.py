@@ -452,6 +452,9 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     out = settings.output_dir
     items = None if settings.annotations is None else BENCHMARKS[settings.benchmark].read(settings.annotations)
     questions, problems = read_questions(settings.questions, settings.image_root)
+    if acc.is_main_process:  # the file's own problems (the questions' are named as they are answered)
+        for where, reason in problems:
+            logger.warning("skipping %s: %s", where, reason)
     if items is not None:  # a wrong annotation or question file fails now, not after the answers
         check_questions_annotated(settings.benchmark, items, questions, settings.annotations, settings.questions)
     num_not_asked = 0

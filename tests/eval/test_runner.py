@@ -7,6 +7,7 @@ import ast
 import hashlib
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -60,7 +61,8 @@ def answers(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
 
 
-def test_answers_in_order_with_every_bad_record_named(setup, tmp_path: Path) -> None:
+def test_answers_in_order_with_every_bad_record_named(setup, tmp_path: Path, caplog) -> None:
+    caplog.set_level(logging.WARNING)
     results = run_script()(args(setup, tmp_path / "one"))
     rows = answers(tmp_path / "one")
     # q0 occurs twice (as TextVQA's and MME's image ids do): both answered, as q0#0 and q0#1; a literal
@@ -72,6 +74,9 @@ def test_answers_in_order_with_every_bad_record_named(setup, tmp_path: Path) -> 
     assert "not JSON" in skipped["line 4"] and "repeated on line 6" in skipped["q0#1"]
     assert "image file not found" in skipped["long"] and "exceeds max_length" in skipped["huge"]
     assert "not a string" in skipped["num"] and "non-empty path string" in skipped["bad_image"]
+    # each is named in the log too, the file's own problems (a fresh user saw only the questions') with them
+    for question_id, reason in skipped.items():
+        assert f"skipping {question_id}: {reason}" in caplog.text
     assert (results["num_questions"], results["num_answered"], results["num_skipped"]) == (GOOD + 7, GOOD + 1, 6)
     assert json.loads((tmp_path / "one" / "results.json").read_text()) == results
 
@@ -309,6 +314,22 @@ def test_a_runs_output_dir_is_its_model(setup, tmp_path: Path, capsys) -> None:
     assert "LoRA adapter (final_adapter/): merge it first" in err and "Traceback" not in err
 
 
+def test_the_default_output_folder_is_per_model_and_benchmark(setup, tmp_path: Path, monkeypatch) -> None:
+    """Without --output-dir: outputs/eval/<model>/<benchmark>/, the model named as eval/evaluate.py names it
+    (a run's directory for its final/), so a second model's answers to a benchmark do not meet the first's
+    settings (outputs/eval/<benchmark>/ refused the second model: a fresh user's report)."""
+    model, _ = setup
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "my-run"
+    run.mkdir()
+    (run / "final").symlink_to(model, target_is_directory=True)
+    for given in (run, model):
+        run_script()(["--model", str(given), "--benchmark", "shapes", "--custom-benchmark", "--data",
+                      str(setup[1]), "--limit", "1", "--max-new-tokens", "2"])
+    written = sorted(str(p.relative_to(tmp_path)) for p in (tmp_path / "outputs").rglob("answers.jsonl"))
+    assert written == ["outputs/eval/model/shapes/answers.jsonl", "outputs/eval/my-run/shapes/answers.jsonl"]
+
+
 def test_answers_give_each_question_id_as_the_question_file_does(setup, tmp_path: Path) -> None:
     """Integer ids come back as integers and string ids as strings (LLaVA's ``model_vqa_loader`` copies
     the id, and its VQAv2 submission script matches answers to the test split's integer ids); a repeated
@@ -475,3 +496,15 @@ def test_read_json_object(tmp_path: Path) -> None:
     path.write_text("null")
     with pytest.raises(runner.RecordFileError, match=r"settings.json is not a JSON object of results: JSON null"):
         runner.read_json_object(path, "results")
+
+
+def test_a_question_without_text_is_skipped_naming_the_field(tmp_path: Path) -> None:
+    """A line with no ``text`` is reported as such when the file is read (it was answered as "the question
+    is a NoneType, not a string"); the others are read."""
+    from mambavlm.eval.questions import read_questions
+
+    questions_file = tmp_path / "q.jsonl"
+    questions_file.write_text(json.dumps({"question_id": 1, "text": "a?"}) + "\n" + json.dumps({"question_id": 2}) + "\n")
+    questions, problems = read_questions(questions_file)
+    assert [q.question_id for q in questions] == ["1"]
+    assert problems == [("2", "no 'text' (the question to ask) on line 2")]
