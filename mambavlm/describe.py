@@ -1,6 +1,7 @@
 """Inspect a model without its weights: ``python -m mambavlm.describe CONFIG [key=value ...]``.
 
-CONFIG is a model YAML (with overrides) or a saved MambaVLM directory (its ``config.json``). Builds the
+CONFIG is a model YAML (with overrides), a saved MambaVLM directory (its ``config.json``) or a training
+run's output directory (its ``final/``, a distillation's ``student/``, as ``eval/`` and ``chat`` take it). Builds the
 model on the meta device (no memory, no download, no weights read) and prints a per-part parameter
 table and a ``num_visual_tokens: N`` line (1458 for the paper's MambaVLM-2.8B config); for a hybrid LLM
 (``hybrid_llama``, a distilled student) also which layers are Mamba-2, e.g.
@@ -18,6 +19,7 @@ import torch
 
 from mambavlm.config import ConfigError, exception_line
 from mambavlm.configuration import MambaVLMConfig
+from mambavlm.eval.model_dir import RUN_MODEL_DIRS
 from mambavlm.model import MambaVLM, build_model, describe, is_mambavlm_directory
 
 CONFIG_CLASS_ERRORS: tuple[type[Exception], ...] = tuple(
@@ -37,8 +39,11 @@ def meta_model(config: str, overrides: list[str]) -> MambaVLM:
         if not path.is_dir():
             return build_model(config, overrides, load_weights=False, load_tokenizer=False)
         if not is_mambavlm_directory(path):
+            path = next((path / name for name in RUN_MODEL_DIRS if is_mambavlm_directory(path / name)), path)
+        if not is_mambavlm_directory(path):
             raise ConfigError(f"{config} is a directory but not a saved MambaVLM (config.json + weights): describe "
-                              "takes a model YAML (configs/model/*.yaml) or a saved model's directory")
+                              "takes a model YAML (configs/model/*.yaml), a saved model's directory or a run's "
+                              "output directory")
         if overrides:
             raise ConfigError(f"overrides apply to a model YAML, not to the saved model {config}")
         return MambaVLM(MambaVLMConfig.from_pretrained(path))
@@ -46,7 +51,7 @@ def meta_model(config: str, overrides: list[str]) -> MambaVLM:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mambavlm.describe", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="model YAML, e.g. configs/model/mambavlm-2.8b.yaml, or a saved model's directory")
+    parser.add_argument("config", help="model YAML (e.g. configs/model/mambavlm-2.8b.yaml), a saved model's directory or a run's output directory")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. projector.d_state=32")
     args = parser.parse_args(argv)
     try:

@@ -350,6 +350,10 @@ def test_describe_takes_a_saved_model_directory_and_names_other_directories(tmp_
     from_yaml = capsys.readouterr().out
     assert main([str(tmp_path / "model")]) == 0
     assert capsys.readouterr().out == from_yaml
+    (tmp_path / "run").mkdir()  # a run's output directory: its final/, as eval/ and chat take it
+    (tmp_path / "run" / "final").symlink_to(tmp_path / "model", target_is_directory=True)
+    assert main([str(tmp_path / "run")]) == 0
+    assert capsys.readouterr().out == from_yaml
     assert main([str(tmp_path)]) == 2
     assert f"error: {tmp_path} is a directory but not a saved MambaVLM" in capsys.readouterr().err
     assert main([str(tmp_path / "model"), "projector.d_state=4"]) == 2
