@@ -75,8 +75,8 @@ class ChatSession:
     def ask(self, text: str) -> Iterator[str]:
         """Ask ``text``: yields the answer's text as it is generated; the turn and the whole answer
         join the conversation when the answer ends. Raises ValueError for an empty question, and for
-        a conversation that leaves no room below the model's ``max_length`` (start a new one); re-raises
-        any error of the generation."""
+        a question that with the conversation so far leaves no room below the model's ``max_length``
+        (the conversation is kept as it was); re-raises any error of the generation."""
         if not text.strip():
             raise ValueError("the question is empty")
         messages = self._with_turn(text)
@@ -87,8 +87,9 @@ class ChatSession:
         room = self.model.config.max_sequence_length - prompt_tokens
         if room < 1:
             raise ValueError(
-                f"the conversation is {prompt_tokens} tokens, the model takes {self.model.config.max_sequence_length}: "
-                "start a new one"
+                f"the conversation with this question is {prompt_tokens} tokens, the model takes "
+                f"{self.model.config.max_sequence_length}: not asked (ask a shorter one, or /reset for a new "
+                "conversation)"
             )
         generate_kwargs = {**self.generate_kwargs, "max_new_tokens": min(self.generate_kwargs["max_new_tokens"], room)}
         streamer = TextIteratorStreamer(self.processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
@@ -164,22 +165,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             session.reset(session.image)
             print("(new conversation)", flush=True)
             continue
-        if text.startswith("/image "):
-            path = Path(text.split(" ", 1)[1].strip())
-            try:
-                session.reset(open_image(path))
-            except (OSError, ValueError) as error:
-                print(f"error: cannot open {path}: {error}", flush=True)
-                continue
-            print(f"(new conversation about {path})", flush=True)
+        if text.startswith("/"):  # a command, never a question: a mistyped one is named, not asked
+            command, _, rest = text.partition(" ")
+            if command != "/image":
+                print(f"unknown command {command}: /reset, /image FILE, /quit", flush=True)
+            elif not rest.strip():
+                print("usage: /image FILE", flush=True)
+            else:
+                path = Path(rest.strip())
+                try:
+                    session.reset(open_image(path))
+                except (OSError, ValueError) as error:
+                    print(f"error: cannot open {path}: {error}", flush=True)
+                    continue
+                print(f"(new conversation about {path})", flush=True)
             continue
-        print("model> ", end="", flush=True)
+        answer = session.ask(text)
         try:
-            for piece in session.ask(text):
-                print(piece, end="", flush=True)
+            first = next(answer, "")  # a question that cannot be asked fails here, before "model> "
         except ValueError as error:
-            print(f"\nerror: {error}", flush=True)
+            print(f"error: {error}", flush=True)
             continue
+        print(f"model> {first}", end="", flush=True)
+        for piece in answer:
+            print(piece, end="", flush=True)
         print(flush=True)
 
 

@@ -52,7 +52,8 @@ def test_command_line_chat_answers_each_line_and_resets(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "model")
     image = Image.new("RGB", (40, 30), (30, 30, 230))
     image.save(tmp_path / "blue.png")
-    lines = "what colour is it ?\nand now ?\n/reset\nwhat colour is it ?\n/image missing.png\n/quit\n"
+    lines = ("what colour is it ?\nand now ?\n/reset\nwhat colour is it ?\n/image missing.png\n/image\n/imag x.png\n"
+             "/quit\n")
     result = subprocess.run(
         [sys.executable, "-m", "mambavlm.chat", "--model", str(tmp_path / "model"), "--image",
          str(tmp_path / "blue.png"), "--max-new-tokens", "5", "--device", "cpu"],
@@ -63,6 +64,8 @@ def test_command_line_chat_answers_each_line_and_resets(tmp_path: Path) -> None:
     expected = model.answer([image], ["what colour is it ?"], max_new_tokens=5, fast=False)[0]
     assert len(answers) == 3 and answers[0] == expected and answers[2] == expected  # /reset forgot turn 1
     assert "(new conversation)" in result.stdout and "error: cannot open missing.png" in result.stdout
+    # a mistyped command is named, never asked as a question (a fresh user got three answers to them)
+    assert "usage: /image FILE" in result.stdout and "unknown command /imag: /reset" in result.stdout
 
 
 def test_answers_are_cut_at_the_models_max_length_and_a_full_conversation_is_refused() -> None:
@@ -80,8 +83,10 @@ def test_answers_are_cut_at_the_models_max_length_and_a_full_conversation_is_ref
                              max_new_tokens=64 - prompt_tokens, do_sample=False, eos_token_id=None)
     assert out.shape[1] == 64 - prompt_tokens > 0
     assert answer == model.tokenizer.decode(out[0], skip_special_tokens=True).strip()
-    with pytest.raises(ValueError, match="start a new one"):
+    history = list(session.messages)
+    with pytest.raises(ValueError, match=r"not asked \(ask a shorter one, or /reset"):
         list(session.ask("and now ?"))
+    assert session.messages == history  # the conversation as it was
 
 
 def chat(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str, lines: str = "/quit\n"):
