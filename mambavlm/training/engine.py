@@ -624,6 +624,11 @@ class Trainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True, gradient_as_bucket_view=True)],
         )
         check_process_group(self.accelerator)
+        if self.accelerator.mixed_precision == "fp16" and not self.accelerator.native_amp:
+            logger.warning(  # accelerate leaves fp16 off on a CPU (no autocast): the run records fp16 but is not
+                f"mixed_precision=fp16 has no effect on {self.accelerator.device.type}: training in float32 "
+                "(bf16 autocasts on a CPU too)"
+            )
         if self.accelerator.is_main_process:  # before anything reads or writes output_dir
             lock_output_dir(self.output_dir)
         check_fresh_output_dir(resume_from, self.output_dir)

@@ -4,6 +4,7 @@ micro-batch size and the number of processes change neither the step losses nor 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import socket
 import subprocess
@@ -111,6 +112,26 @@ def test_cpu_threads_default_to_the_cores_each_process_may_use(monkeypatch: pyte
         torch.set_num_threads(before)
     with pytest.raises(ValueError, match="cpu_threads"):
         load_train_config(TINY_TRAIN, ["output_dir=x", "cpu_threads=0"])
+
+
+def test_fp16_on_a_cpu_says_it_trains_in_float32(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """accelerate turns fp16 off on a CPU without a word (no autocast: the matmuls stay float32), while
+    the run's train_config.yaml records fp16: a fresh user trained "in fp16" with float32's losses."""
+    from accelerate.state import AcceleratorState
+
+    from mambavlm.training.engine import Trainer
+
+    caplog.set_level(logging.WARNING)
+    AcceleratorState._reset_state(True)
+    try:
+        Trainer(tmp_path / "a", mixed_precision="fp16")
+        assert "mixed_precision=fp16 has no effect on cpu: training in float32" in caplog.text
+        AcceleratorState._reset_state(True)
+        caplog.clear()
+        Trainer(tmp_path / "b", mixed_precision="bf16")  # autocasts on a CPU: nothing to say
+        assert "has no effect" not in caplog.text
+    finally:
+        AcceleratorState._reset_state(True)
 
 
 def test_processes_that_did_not_join_one_group_refuse_to_train(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
