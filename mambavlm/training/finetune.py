@@ -65,6 +65,9 @@ VAL_ANSWERS_FILE = "val_answers.jsonl"
 TRAIN_CONFIG_FILE = "train_config.yaml"
 FINAL_ADAPTER_DIR = "final_adapter"
 """Where a LoRA run writes its adapters (``python train/merge_lora.py`` makes a full model of them)."""
+MERGED_MODEL_DIR = "merged"
+"""Where the README's ``python train/merge_lora.py RUN/final_adapter --out RUN/merged`` puts a LoRA run's merged
+model: the run's model for ``eval/``, ``chat`` and ``describe``, as ``final/`` is a full fine-tuning's."""
 
 
 def resolve_adapter_dir(path: str | Path) -> Path:

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -85,6 +86,16 @@ def test_a_distillation_output_dir_resolves_to_its_student(evaluate, setup, tmp_
     finetune.mkdir()
     (finetune / "final").symlink_to(run / "student", target_is_directory=True)
     assert evaluate.resolve_model_dir(finetune) == finetune / "final"
+    lora = tmp_path / "tiny-lora"  # a LoRA run: its adapter named with the merge to run, then merged/
+    (lora / "final_adapter").mkdir(parents=True)
+    (lora / "final_adapter" / "adapter_config.json").write_text("{}")
+    (lora / "train_config.yaml").write_text("output_dir: x\n")
+    merge = f"python train/merge_lora.py {lora / 'final_adapter'} --out {lora / 'merged'}"
+    for given in (lora, lora / "final_adapter"):
+        with pytest.raises(FileNotFoundError, match="merge it first with " + re.escape(merge)):
+            evaluate.resolve_model_dir(given)
+    (lora / "merged").symlink_to(run / "student", target_is_directory=True)
+    assert evaluate.resolve_model_dir(lora) == lora / "merged"
 
     out = tmp_path / "answers.jsonl"
     accuracy = evaluate.main(run_args(run, val, "--out", str(out)))
