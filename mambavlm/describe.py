@@ -1,6 +1,7 @@
 """Inspect a model without its weights: ``python -m mambavlm.describe CONFIG [key=value ...]``.
 
-CONFIG is a model YAML (with overrides), a saved MambaVLM directory (its ``config.json``) or a training
+CONFIG is a model YAML (with overrides), a train YAML (its ``model:`` section; overrides as the train
+config takes them, ``model.projector.d_state=32``), a saved MambaVLM directory (its ``config.json``) or a training
 run's output directory (its ``final/``, a distillation's ``student/``, as ``eval/`` and ``chat`` take it). Builds the
 model on the meta device (no memory, no download, no weights read) and prints a per-part parameter
 table and a ``num_visual_tokens: N`` line (1458 for the paper's MambaVLM-2.8B config); for a hybrid LLM
@@ -17,7 +18,7 @@ from pathlib import Path
 import huggingface_hub.errors
 import torch
 
-from mambavlm.config import ConfigError, exception_line
+from mambavlm.config import ConfigError, exception_line, load_yaml
 from mambavlm.configuration import MambaVLMConfig
 from mambavlm.eval.model_dir import RUN_MODEL_DIRS
 from mambavlm.model import MambaVLM, build_model, describe, is_mambavlm_directory
@@ -37,6 +38,11 @@ def meta_model(config: str, overrides: list[str]) -> MambaVLM:
     path = Path(config)
     with torch.device("meta"):
         if not path.is_dir():
+            if path.is_file() and {"model", "train"} <= load_yaml(path).keys():  # a train config: its model
+                from mambavlm.training.config import load_train_config
+
+                model_config = load_train_config(path, overrides).model
+                return build_model(model_config, load_weights=False, load_tokenizer=False)
             return build_model(config, overrides, load_weights=False, load_tokenizer=False)
         if not is_mambavlm_directory(path):
             path = next((path / name for name in RUN_MODEL_DIRS if is_mambavlm_directory(path / name)), path)

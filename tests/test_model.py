@@ -22,7 +22,7 @@ from mambavlm.model import (
     MambaVLM,
     build_model,
 )
-from tests.conftest import TINY_MODEL, tiny_vlm
+from tests.conftest import ROOT, TINY_MODEL, tiny_vlm
 
 LLAMA_OVERRIDES = [
     "llm.family=llama",
@@ -350,6 +350,20 @@ def test_describe_takes_a_saved_model_directory_and_names_other_directories(tmp_
     from_yaml = capsys.readouterr().out
     assert main([str(tmp_path / "model")]) == 0
     assert capsys.readouterr().out == from_yaml
+    # a train config: its model section, as that section written out as a model YAML describes
+    from mambavlm.training import load_train_config
+
+    train_yaml = ROOT / "configs" / "train" / "tiny.yaml"
+    section = tmp_path / "section.yaml"
+    section.write_text(yaml.safe_dump(load_train_config(train_yaml).model.model_dump(mode="json")))
+    assert main([str(section)]) == 0
+    from_section = capsys.readouterr().out
+    assert main([str(train_yaml)]) == 0
+    assert capsys.readouterr().out == from_section != from_yaml
+    assert main([str(train_yaml), "model.projector.d_state=4"]) == 0
+    assert main([str(section), "projector.d_state=4"]) == 0
+    with_override, same = capsys.readouterr().out.split("model: ", 2)[1:]
+    assert with_override == same and "model: " + same != from_section
     (tmp_path / "run").mkdir()  # a run's output directory: its final/, as eval/ and chat take it
     (tmp_path / "run" / "final").symlink_to(tmp_path / "model", target_is_directory=True)
     assert main([str(tmp_path / "run")]) == 0
