@@ -7,6 +7,9 @@ second-to-last block: no CLS / register tokens, no final norm (as LLaVA, Prismat
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -246,19 +249,41 @@ def _create_open_clip(
             f"open_clip pretrained tag of {model_name} (tags: {tags})"
         )
     force_preprocess = None if pretrained in tags else _shared_tag_preprocess(model_name, tags)
-    model = open_clip.create_model(
-        model_name,
-        pretrained=pretrained,
-        device=torch.get_default_device(),
-        force_image_size=cfg.image_size,
-        force_preprocess_cfg=force_preprocess,
-        pretrained_hf=False,
-        **cfg.kwargs,
-    )
+    with _without_random_init_warning(pretrained is None):
+        model = open_clip.create_model(
+            model_name,
+            pretrained=pretrained,
+            device=torch.get_default_device(),
+            force_image_size=cfg.image_size,
+            force_preprocess_cfg=force_preprocess,
+            pretrained_hf=False,
+            **cfg.kwargs,
+        )
     visual = model.visual
     preprocess = ImagePreprocess.from_open_clip(visual.preprocess_cfg, cfg.image_size, resize_strategy)
     backbone = visual.trunk if isinstance(visual, TimmModel) else visual
     return backbone, preprocess
+
+
+class _DropRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded for model")
+
+
+@contextmanager
+def _without_random_init_warning(asked: bool) -> Iterator[None]:
+    """Without open_clip's root-logger warning "No pretrained weights loaded ... initialized randomly" where
+    random weights are what was asked for (``weights: null``; ``describe`` on the meta device; a saved
+    model's ``from_pretrained``, whose own weights are loaded next): it read as if something had failed."""
+    if not asked:
+        yield
+        return
+    root, drop = logging.getLogger(), _DropRandomInitWarning()
+    root.addFilter(drop)
+    try:
+        yield
+    finally:
+        root.removeFilter(drop)
 
 
 def _shared_tag_preprocess(model_name: str, tags: list[str]) -> dict[str, Any] | None:

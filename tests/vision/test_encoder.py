@@ -4,6 +4,7 @@ weights, frozen encoders, and clear errors (tiny random models; the paper's on t
 from __future__ import annotations
 
 import json
+import logging
 
 import open_clip
 import pytest
@@ -212,3 +213,16 @@ def test_bad_weights_and_bad_kwargs_are_named(tmp_path, tiny_open_clip_name):
     enc = create_encoder(EncoderConfig(name=f"timm:{DINO}", image_size=28, kwargs=DINO_KWARGS))
     with pytest.raises(ValueError, match=r"\(B, 3, 28, 28\)"):
         enc(torch.randn(1, 3, 42, 42))
+
+
+def test_random_open_clip_weights_asked_for_are_built_without_open_clips_warning(tiny_open_clip_name, caplog) -> None:
+    """weights: null (and describe, and a saved model's from_pretrained) build random weights on purpose:
+    open_clip's "No pretrained weights loaded ... initialized randomly" read as a failure to fresh users.
+    Only that message is dropped, and only while the encoder is built."""
+    caplog.set_level(logging.WARNING)
+    create_encoder(EncoderConfig(name=f"open_clip:{tiny_open_clip_name}", image_size=28))
+    assert "No pretrained weights loaded" not in caplog.text
+    open_clip.create_model(tiny_open_clip_name, pretrained=None)  # open_clip itself still says it
+    assert f"No pretrained weights loaded for model '{tiny_open_clip_name}'" in caplog.text
+    logging.warning("another warning")
+    assert "another warning" in caplog.text
