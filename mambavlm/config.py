@@ -245,6 +245,27 @@ def _construct_replace(loader: yaml.SafeLoader, node: yaml.Node) -> Replace:
 ConfigLoader.add_constructor("!replace", _construct_replace)
 
 
+class ConfigDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper that quotes a string which either YAML 1.1 (PyYAML, other tools) or
+    ``ConfigLoader``'s 1.2 rules would read as something else: ``"no"`` as 1.1 quotes it, and ``"1e5"``,
+    which 1.1 leaves plain but ``ConfigLoader`` reads back as a float. A run's recorded config reads back
+    as it was written, by either."""
+
+    def resolve(self, kind: type[yaml.Node], value: Any, implicit: tuple[bool, bool]) -> str:
+        tag = super().resolve(kind, value, implicit)
+        if kind is yaml.ScalarNode and implicit[0] and tag == "tag:yaml.org,2002:str":
+            for other, regexp in ConfigLoader.yaml_implicit_resolvers.get(value[:1], []):
+                if regexp.match(value):
+                    return other
+        return tag
+
+
+def dump_yaml(data: Any) -> str:
+    """``data`` as YAML text (keys in their order) that ``parse_yaml`` and PyYAML's ``safe_load`` both read
+    back as ``data`` (``ConfigDumper``)."""
+    return yaml.dump(data, Dumper=ConfigDumper, sort_keys=False)
+
+
 def parse_yaml(text: str | IO[str]) -> Any:
     """A YAML document (a string or an open file) read with ``ConfigLoader``."""
     return yaml.load(text, Loader=ConfigLoader)

@@ -13,6 +13,7 @@ from mambavlm.config import (
     ModelConfig,
     apply_overrides,
     deep_merge,
+    dump_yaml,
     load_config,
     load_yaml,
     parse_yaml,
@@ -133,6 +134,18 @@ def test_yaml_numbers_follow_the_1_2_core_schema_in_files_and_overrides(tmp_path
     assert model.llm.config["layer_norm_epsilon"] == 0.00001
     (tmp_path / "m.yaml").write_text(f"base: {ROOT / 'configs' / 'model' / 'tiny.yaml'}\nmax_length: 010\n")
     assert load_config(ModelConfig, tmp_path / "m.yaml").max_length == 10
+
+
+def test_a_recorded_config_reads_back_as_written_by_either_yaml_version() -> None:
+    """train_config.yaml and the like are written by ``dump_yaml``: PyYAML's safe_dump leaves "1e5" plain
+    (a string in YAML 1.1), which ``ConfigLoader`` reads back as a float; a run name or path like that
+    would change type on resume."""
+    data = {"name": "1e5", "mp": "no", "n": "010", "o": "0o7", "h": "0x1F", "d": ".5", "t": "true", "x": "x",
+            "lr": 1e-5, "steps": 10, "none": None, "list": [1, "2"]}
+    assert parse_yaml(yaml.safe_dump(data, sort_keys=False))["name"] == 100000.0  # the hazard
+    text = dump_yaml(data)
+    assert parse_yaml(text) == data and yaml.safe_load(text) == data
+    assert list(parse_yaml(text)) == list(data)  # keys in their order
 
 
 def test_a_key_given_twice_is_an_error_naming_both_lines(tmp_path: Path) -> None:

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 from PIL import Image
@@ -32,7 +31,7 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mambavlm.atomic import atomic_file
-from mambavlm.config import ConfigError, LLMConfig
+from mambavlm.config import ConfigError, LLMConfig, dump_yaml
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset
 from mambavlm.distill.config import DistillConfig
@@ -266,7 +265,7 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
     val_set = build_dataset(teacher, tokenizer, template, val_json, image_root, max_length) if val_json else None
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / CONFIG_COPY).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+        (output_dir / CONFIG_COPY).write_text(dump_yaml(config.model_dump(mode="json")))
     teacher_accuracy = val_accuracy(teacher, val_json, image_root, val_set, config) if acc.is_main_process else None
 
     module = DistillationModule(student, teacher)

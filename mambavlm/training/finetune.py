@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 from accelerate.utils import set_seed
 
 from mambavlm.atomic import atomic_file
-from mambavlm.config import ConfigError
+from mambavlm.config import ConfigError, dump_yaml
 from mambavlm.data.collate import VLMCollator
 from mambavlm.data.llava import LlavaDataset, check_records_file, load_records
 from mambavlm.data.synthetic import make_shapes_vqa
@@ -142,7 +141,7 @@ def run_finetune(config: TrainConfig) -> dict[str, Any]:
     val = val_items(val_json, image_root)  # before training: a val file that cannot be read stops the run now
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        (output_dir / TRAIN_CONFIG_FILE).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (output_dir / TRAIN_CONFIG_FILE).write_text(dump_yaml(cfg.model_dump(mode="json")))
     train = cfg.train
     phase = Phase(
         name="finetune",

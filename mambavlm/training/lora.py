@@ -24,12 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mambavlm.atomic import atomic_directory
-from mambavlm.config import ConfigError
+from mambavlm.config import ConfigError, dump_yaml
 from mambavlm.model import MambaVLM
 from mambavlm.training.config import LoraSettings
 
@@ -233,7 +232,7 @@ def save_adapter(model: nn.Module, settings: LoraSettings, path: str | Path) -> 
         model.llm.save_pretrained(tmp / ADAPTER_DIR)
         save_file(_projector_state(model, settings), str(tmp / PROJECTOR_FILE), metadata={"format": "pt"})
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings.model_dump(mode="json"), indent=1))
-        (tmp / MODEL_CONFIG_FILE).write_text(yaml.safe_dump(model.config.spec.model_dump(mode="json"), sort_keys=False))
+        (tmp / MODEL_CONFIG_FILE).write_text(dump_yaml(model.config.spec.model_dump(mode="json")))
         if not reproducible(model) and settings.qlora:
             logger.warning(
                 "%s: the base model is not pinned by its config and its LLM is 4-bit here, so it is not saved; "
