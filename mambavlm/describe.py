@@ -57,7 +57,8 @@ def meta_model(config: str, overrides: list[str]) -> MambaVLM:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mambavlm.describe", description=__doc__.split("\n")[0])
-    parser.add_argument("config", help="model YAML (e.g. configs/model/mambavlm-2.8b.yaml), a saved model's directory or a run's output directory")
+    parser.add_argument("config", help="model YAML (e.g. configs/model/mambavlm-2.8b.yaml), train YAML, saved "
+                                       "model's directory or run's output directory")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. projector.d_state=32")
     args = parser.parse_args(argv)
     try:

@@ -23,8 +23,8 @@ RUN_CONFIG_FILES = (TRAIN_CONFIG_FILE, CONFIG_COPY)
 
 
 def model_label(model_dir: Path) -> str:
-    """A model's name in the default output path: its run's directory name for a run's ``final/`` or
-    ``student/`` (every run names its model so), else its own."""
+    """A model's name in the default output path: its run's directory name for a run's ``final/``,
+    ``student/`` or ``merged/`` (every run names its model so), else its own."""
     return model_dir.parent.name if model_dir.name in RUN_MODEL_DIRS and model_dir.parent.name else model_dir.name
 
 
