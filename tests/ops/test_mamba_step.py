@@ -85,7 +85,7 @@ CHECKS = textwrap.dedent(
         ids = torch.randint(3, lm.config.vocab_size, (batch, 9), generator=torch.Generator().manual_seed(batch))
         embeds = lm.get_input_embeddings()(ids)
         decoders = [StaticStateDecoder(lm, fused_step=fused) for fused in (False, True)]
-        tokens = [d.generate(embeds, max_new_tokens=12, eos_token_id=None) for d in decoders]
+        tokens = [d.generate(embeds, max_new_tokens=6, eos_token_id=None) for d in decoders]
         assert decoders[1]._whole_block_steps(batch) == (batch <= 2)
         assert decoders[1]._fused_mixer_steps(batch) == (batch <= 4)
         assert len(set(tokens[0].flatten().tolist())) > 3

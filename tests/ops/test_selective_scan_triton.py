@@ -70,11 +70,12 @@ CHECKS = textwrap.dedent(
         ((1, 40, 2, 9), dict(z=False, skip=True, bias=False, softplus=True, grouped=False),
          dict(block_d=32, block_t=4, num_warps=4)),
         # the projector's four scan directions: one group of B / C per direction
-        ((2, 64, 4, 21), dict(z=True, skip=True, bias=True, softplus=True, grouped=True, groups=4), {}),
+        ((1, 64, 4, 21), dict(z=True, skip=True, bias=True, softplus=True, grouped=True, groups=4), {}),
         ((1, 32, 8, 17), dict(z=False, skip=True, bias=True, softplus=True, grouped=True, groups=2),
          dict(block_d=8, block_t=8, num_warps=2)),
-        # channel-contiguous u, delta, z (read through their strides; the gradients in the same order)
-        ((2, 20, 4, 38), dict(z=True, skip=True, bias=True, softplus=True, grouped=False, channels_last=True), {}),
+        # channel-contiguous u, delta, z (read through their strides; the gradients in the same order); two
+        # chunks, the last partial
+        ((2, 20, 4, 21), dict(z=True, skip=True, bias=True, softplus=True, grouped=False, channels_last=True), {}),
         ((1, 40, 2, 9), dict(z=False, skip=False, bias=True, softplus=True, grouped=True, channels_last=True),
          dict(block_d=32, block_t=4, num_warps=4)),
     ]
