@@ -8,9 +8,10 @@ every block, the final norm and lm_head, and the weights stream across layers wi
   z rows, conv, x_proj columns, dt_proj rows and state), a run of out_proj rows and a run of vocabulary rows.
 - A producer warp streams the block's weight rows in the order they are used, layer after layer, through a
   ring of shared-memory stages with 1-D bulk copies (``cp.async.bulk``, completed on mbarriers), and keeps
-  the HBM fetching 64 KB further into the L2 (``cp.async.bulk.prefetch.L2``). Sixteen consumer warps take the
+  the HBM fetching 64 KB further into the L2 (``cp.async.bulk.prefetch.L2``). Twenty consumer warps take the
   matrix-vector products from the ring, each warp a row (or a part of one) with its slice of the activation in
-  registers, four stages at a time. A layer's small operands (x_proj's transposed rows, dt_proj's rows,
+  registers, four stages at a time (17 stages of 10 KB: two in_proj rows or one out_proj row, one 16-byte
+  vector a lane). A layer's small operands (x_proj's transposed rows, dt_proj's rows,
   the conv weights and state, A, dt's bias, D, the SSM state, the norm weight) arrive by seven more bulk
   copies, issued a layer ahead.
 - What crosses blocks travels without grid-wide barriers: y and the float32 residual stream as flagged 64-bit
@@ -57,13 +58,17 @@ from mambavlm.ops.cuda_build import build_library, find_nvcc
 __all__ = ["MambaStackStep", "stack_step_unsupported"]
 
 SOURCE = Path(__file__).parent / "csrc" / "mamba_stack_step.cu"
-CONSUMER_WARPS = 16
-"""Consumer warps per block (``-DCONSUMER_WARPS``): 16 took 1.917-1.939 ms per token against 1.953-1.956 for 8
-(module docstring's setup, 16 x 10 KB stages)."""
-STAGE_KB, RING_STAGES = 12, 13
-"""The ring's stage size (KiB) and depth (``-DSTAGE_KB``, ``-DRING_STAGES``): 13 x 12 KB took 1.897 ms per token
-against 1.917-1.939 for 16 x 10 KB (16 consumer warps); with 8 consumer warps 4 x 40 KB took 3.31, 8 x 20 KB
-2.114 and 16 x 10 KB 1.957 (H200, 2026-12-02)."""
+CONSUMER_WARPS = 20
+"""Consumer warps per block (``-DCONSUMER_WARPS``). With MambaVLM-2.8B's rows (5 KB and 10 KB in bf16) in 10 KB
+stages, 20 warps make every row part exactly one 16-byte vector a lane (with 16 a part is 40 vectors, and lanes
+8-31 idle in each part's second): 0.935-0.947 of 16 warps' time in the same runs (``benchmarks/RESULTS.md`` a13).
+Earlier: 16 took 1.917-1.939 ms per token against 1.953-1.956 for 8 (16 x 10 KB stages, a10). 20 is the most the
+register file allows: 21 warps at 80 registers."""
+STAGE_KB, RING_STAGES = 10, 17
+"""The ring's stage size (KiB) and depth (``-DSTAGE_KB``, ``-DRING_STAGES``): with 20 consumer warps 17 x 10 KB
+(with at most 40 channels a block) took 0.923 of 16 warps' 13 x 12 KB, 16 x 10 KB 0.924-0.947, 13 x 12 KB
+0.960, 8 x 20 KB (4 in_proj rows a stage) 1.24-1.29 (a13). With 16 warps 13 x 12 KB took 1.897 ms per token
+against 1.917-1.939 for 16 x 10 KB; with 8 warps 4 x 40 KB 3.31, 8 x 20 KB 2.114, 16 x 10 KB 1.957 (a10)."""
 GEMV_UNROLL = 4
 """Ring stages a consumer warp takes at a time (``-DGEMV_UNROLL``): it releases each one as soon as its products
 are in registers, then does the U warp sums together, so their shuffle latencies overlap. 4 took 1.803 ms per
@@ -79,17 +84,21 @@ H200, 2026-12-02, 128 CUDA-graph steps, MambaVLM-2.8B shapes, bf16: builds compa
 only the library changing (``scratch/l2_ahead.py`` on branch ``experiment/stack-kernel-cuda``). Two decoders
 with the same build differ by up to 2.5 %: it matters where their exchanged words land in memory."""
 STAGE_BYTES = STAGE_KB << 10
-MAX_CHANNELS = 48
+MAX_CHANNELS = 40
+"""Channels per block at most (``-DMAX_CHANNELS``): MambaVLM-2.8B's 5120 on 132 multiprocessors are 32-40 a block.
+40 rather than 48 frees a 17th ring stage and shortens the per-channel loops (0.924 against 0.935 of 16 warps'
+time, a13)."""
 MAX_ROWS = 64
-"""Channels and out_proj rows per block at most: the kernel's MAX_CHANNELS and MAX_OWN."""
+"""out_proj rows per block at most: the kernel's MAX_OWN."""
 
 _CTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
 
 
 def _rows_per_stage(row_bytes: int) -> int:
+    """The kernel's ``rows_per_stage``: the most rows a stage holds that divide the consumer warps."""
     rows = CONSUMER_WARPS
-    while rows > 1 and rows * row_bytes > STAGE_BYTES:
-        rows //= 2
+    while rows > 1 and (rows * row_bytes > STAGE_BYTES or CONSUMER_WARPS % rows):
+        rows -= 1
     return rows
 
 
@@ -143,12 +152,16 @@ def stack_step_unsupported(model: nn.Module, batch: int) -> str | None:
     return None
 
 
+def build_options() -> dict[str, int]:
+    """The kernel's build options (``-D``) besides the model's shape: the tuning constants above."""
+    return {"CONSUMER_WARPS": CONSUMER_WARPS, "STAGE_KB": STAGE_KB, "RING_STAGES": RING_STAGES,
+            "MAX_CHANNELS": MAX_CHANNELS, "GEMV_UNROLL": GEMV_UNROLL, "L2_AHEAD_KB": L2_AHEAD_KB, "L2_HINTS": L2_HINTS}
+
+
 @functools.cache
 def _library(model_dim: int, inner: int, state: int, rank: int, width: int, dtype: torch.dtype, arch: str) -> ctypes.CDLL:
     lib = build_library(SOURCE, {"MODEL_DIM": model_dim, "INNER_DIM": inner, "STATE_DIM": state, "DT_RANK": rank,
-                                 "CONV_WIDTH": width, "WEIGHT_T": _CTYPES[dtype], "CONSUMER_WARPS": CONSUMER_WARPS,
-                                 "STAGE_KB": STAGE_KB, "RING_STAGES": RING_STAGES,
-                                 "GEMV_UNROLL": GEMV_UNROLL, "L2_AHEAD_KB": L2_AHEAD_KB, "L2_HINTS": L2_HINTS}, arch)
+                                 "CONV_WIDTH": width, "WEIGHT_T": _CTYPES[dtype], **build_options()}, arch)
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.mamba_stack_step_launch.argtypes = [p, i, p, p, i, f, f, p, p, p, p, p, p, i, i, p]
     lib.mamba_stack_step_launch.restype = i

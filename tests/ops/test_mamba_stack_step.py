@@ -72,9 +72,7 @@ def test_the_kernel_builds_with_the_projects_options_and_is_cached(
     monkeypatch.setenv("MAMBAVLM_CACHE", str(tmp_path))
     config = tiny_mamba_config()
     defines = {"MODEL_DIM": config.hidden_size, "INNER_DIM": 2 * config.hidden_size, "STATE_DIM": config.state_size,
-               "DT_RANK": 2, "CONV_WIDTH": config.conv_kernel, "WEIGHT_T": "__nv_bfloat16",
-               "CONSUMER_WARPS": mss.CONSUMER_WARPS, "STAGE_KB": mss.STAGE_KB, "RING_STAGES": mss.RING_STAGES,
-               "GEMV_UNROLL": mss.GEMV_UNROLL, "L2_AHEAD_KB": mss.L2_AHEAD_KB, "L2_HINTS": mss.L2_HINTS}
+               "DT_RANK": 2, "CONV_WIDTH": config.conv_kernel, "WEIGHT_T": "__nv_bfloat16", **mss.build_options()}
     lib = build_library(SOURCE, defines, "90")
     assert lib.mamba_stack_step_threads() == 32 * (mss.CONSUMER_WARPS + 1)
     assert lib.mamba_stack_step_stages() == mss.RING_STAGES
@@ -92,7 +90,7 @@ def test_the_kernel_builds_with_the_projects_options_and_is_cached(
 @pytest.mark.gpu
 @on_hopper
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", ["tiny", "wide", "wide on 11 blocks"])
+@pytest.mark.parametrize("shape", ["tiny", "wide", "wide on 13 blocks"])
 def test_the_persistent_step_replays_in_the_cuda_graph_to_the_unfused_tokens(
     dtype: torch.dtype, shape: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -100,14 +98,14 @@ def test_the_persistent_step_replays_in_the_cuda_graph_to_the_unfused_tokens(
     step: the same tokens (up to a near tie) and logits within float32's or bfloat16's tolerance; after the
     weights change in place (A, dt's bias, x_proj, a norm) the next prefill's decoding follows them; and a
     second decoder fed the same tokens gives the same logits bit for bit (its sums are exact in fixed point).
-    "wide": 4 layers of width 256 (inner 512: 64 programs of 8 channels). "wide on 11 blocks": the same model on
-    a grid of 11, so each block streams 40-48 in_proj rows and 23-24 out_proj rows over several ring stages, a
+    "wide": 4 layers of width 256 (inner 512: 64 programs of 8 channels). "wide on 13 blocks": the same model on
+    a grid of 13, so each block streams 32-40 in_proj rows and 19-20 out_proj rows over several ring stages, a
     number that is not a multiple of the stages a consumer warp takes at a time (``GEMV_UNROLL``)."""
     from mambavlm.ops import mamba_stack_step as mss
     from tests.conftest import assert_same_up_to_near_tie, strengthen_mixers
 
-    if shape == "wide on 11 blocks":
-        monkeypatch.setattr(mss, "_grid", lambda inner, multiprocessors: 11)
+    if shape == "wide on 13 blocks":
+        monkeypatch.setattr(mss, "_grid", lambda inner, multiprocessors: 13)
     if shape == "tiny":
         lm = tiny_mamba()
     else:

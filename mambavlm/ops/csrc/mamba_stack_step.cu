@@ -2,9 +2,9 @@
 // persistent kernel, batch 1. See mambavlm/ops/mamba_stack_step.py for the design and its measurements.
 //
 // Compile-time shape (nvcc -D...): MODEL_DIM (D), INNER_DIM (Di), STATE_DIM (N), DT_RANK (R), CONV_WIDTH (W),
-// WEIGHT_T (__nv_bfloat16, __half or float); the build: CONSUMER_WARPS (8 or 16), STAGE_KB and RING_STAGES (the
-// ring of shared-memory stages), GEMV_UNROLL (stages a consumer warp takes at a time), L2_AHEAD_KB and L2_HINTS
-// (the producer's L2 prefetch past the ring, and its eviction hints).
+// WEIGHT_T (__nv_bfloat16, __half or float); the build: CONSUMER_WARPS, STAGE_KB and RING_STAGES (the
+// ring of shared-memory stages), MAX_CHANNELS (per block), GEMV_UNROLL (stages a consumer warp takes at a time),
+// L2_AHEAD_KB and L2_HINTS (the producer's L2 prefetch past the ring, and its eviction hints).
 //
 // Each block (one per SM) owns a run of channels (a multiple of 8), a run of out_proj rows and a run of
 // vocabulary rows. A producer warp streams that block's weight rows (in_proj's x rows, its z rows, out_proj's
@@ -53,7 +53,9 @@ constexpr int EPV = 16 / ES;  // elements per 16-byte vector
 #define STAGE_KB 40
 #endif
 constexpr int STAGE_BYTES = STAGE_KB * 1024;
-constexpr int MAX_CHANNELS = 48;  // per block
+#ifndef MAX_CHANNELS
+#define MAX_CHANNELS 48  // per block
+#endif
 constexpr int MAX_PARTIALS = 1024;
 constexpr int SMEM_LIMIT = 227 * 1024;
 
@@ -61,9 +63,10 @@ static_assert(DI % 8 == 0, "inner dim must be a multiple of 8");
 static_assert(N <= 32, "state dim must fit a warp");
 static_assert(D * ES <= STAGE_BYTES && DI * ES <= STAGE_BYTES, "a weight row must fit one stage");
 
+// the most rows of `row_bytes` a stage holds that divide the consumer warps (each row split over NW / S warps)
 constexpr int rows_per_stage(int row_bytes) {
   int s = NW;
-  while (s > 1 && s * row_bytes > STAGE_BYTES) s /= 2;
+  while (s > 1 && (s * row_bytes > STAGE_BYTES || NW % s != 0)) --s;
   return s;
 }
 
@@ -445,36 +448,51 @@ struct Gemv {
     }
   }
 
+  // this lane's products with one stage's tile of this warp's row part (two chains for the FMA latency)
+  __device__ __forceinline__ float dot(const uint4* tile, int lane) const {
+    float acc[2] = {0.f, 0.f};
+#pragma unroll
+    for (int i = 0; i < VPL; ++i) {
+      const uint4 raw = has(lane, i) ? tile[32 * i] : uint4{};
+      const T* w = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int e = 0; e < EPV; ++e) acc[e & 1] = fmaf(to_f(w[e]), act[i * EPV + e], acc[e & 1]);
+    }
+    return acc[0] + acc[1];
+  }
+
   // U stages at a time: each is released as soon as its products are in registers, and the U warp sums
-  // interleave, so a warp's shuffle latencies overlap instead of adding up stage after stage
+  // interleave, so a warp's shuffle latencies overlap instead of adding up stage after stage. Where all U
+  // stages are whole and hold this warp's row, the loop runs without bounds checks (a third fewer instructions a
+  // stage: the consumers' issue rate, not the HBM, bounds the products, benchmarks/RESULTS.md a13).
   __device__ __forceinline__ void run(Ring& ring, int rows, float* partial, int warp, int lane) {
     constexpr int U = GEMV_UNROLL;
     const int s = warp % S;
     const int part = warp / S;
+    const char* mine = ring.buf + (s * K + part * KP) * ES + lane * 16;  // this lane's first vector in a stage
     for (int r = 0; r < rows; r += S * U) {
       float sums[U];
+      if (r + S * U <= rows) {
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
-        sums[u] = 0.f;
-        const int first = r + u * S;
-        if (first < rows) {
+        for (int u = 0; u < U; ++u) {
           mbar_wait(&ring.full[ring.stage], ring.phase);
-          if (first + s < rows) {
-            const uint4* tile = reinterpret_cast<const uint4*>(ring.buf + ring.stage * STAGE_BYTES +
-                                                               (s * K + part * KP) * ES);
-            float acc[2] = {0.f, 0.f};  // two chains for the FMA latency
-#pragma unroll
-            for (int i = 0; i < VPL; ++i) {
-              const uint4 raw = has(lane, i) ? tile[lane + 32 * i] : uint4{};
-              const T* w = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-              for (int e = 0; e < EPV; ++e) acc[e & 1] = fmaf(to_f(w[e]), act[i * EPV + e], acc[e & 1]);
-            }
-            sums[u] = acc[0] + acc[1];
-          }
+          sums[u] = dot(reinterpret_cast<const uint4*>(mine + ring.stage * STAGE_BYTES), lane);
           __syncwarp();
           if (lane == 0) mbar_arrive(&ring.empty[ring.stage]);
           ring.advance();
+        }
+      } else {
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          sums[u] = 0.f;
+          const int first = r + u * S;
+          if (first < rows) {
+            mbar_wait(&ring.full[ring.stage], ring.phase);
+            if (first + s < rows) sums[u] = dot(reinterpret_cast<const uint4*>(mine + ring.stage * STAGE_BYTES), lane);
+            __syncwarp();
+            if (lane == 0) mbar_arrive(&ring.empty[ring.stage]);
+            ring.advance();
+          }
         }
       }
 #pragma unroll
