@@ -326,8 +326,8 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         decode raises ValueError where Triton cannot run (not CUDA, outside ``TRITON_INTERPRET=1``).
 
         ``persistent``: one sequence steps through one persistent CUDA kernel for the whole LLM instead
-        (``mambavlm.ops.mamba_stack_step``, built with nvcc on first use): 1.86 ms per token against 2.03
-        for the Triton kernels and 3.28 for mamba_ssm in the same run (H200, ``benchmarks/RESULTS.md`` a10);
+        (``mambavlm.ops.mamba_stack_step``, built with nvcc on first use): 1.67-1.80 ms per token against 2.0
+        for the Triton kernels and 3.29-3.41 for mamba_ssm in the same runs (H200, ``benchmarks/RESULTS.md`` a13);
         its sums are exact in fixed point, so it repeats bit for bit. Other batches step as ``enabled``
         says. The first decode raises ValueError where it cannot run (``stack_step_unsupported``: not CUDA,
         a GPU before compute capability 9.0, no nvcc, ...)."""

@@ -63,7 +63,7 @@ class StaticStateDecoder(StaticDecoder):
 
     persistent_step: one sequence steps through one persistent CUDA kernel for the whole model
     (``mambavlm.ops.mamba_stack_step``: every block, the final norm and lm_head in one launch; on an H200
-    1.86 ms per token for MambaVLM-2.8B against 2.03 for the Triton kernels, ``benchmarks/RESULTS.md`` a10),
+    1.67-1.80 ms per token for MambaVLM-2.8B against 2.0 for the Triton kernels, ``benchmarks/RESULTS.md`` a13),
     built with nvcc on first use; other batches step as ``fused_step`` says. Raises ValueError where it
     cannot run at batch 1 (``stack_step_unsupported``: not CUDA, before compute capability 9.0, no nvcc, a
     bias, ...).
