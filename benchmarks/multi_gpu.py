@@ -89,10 +89,9 @@ if __name__ == "__main__":  # --help and usage errors exit here, before the heav
     build_parser().parse_args()
 
 import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 from benchmarks import ROOT  # noqa: E402
+from benchmarks.allreduce import allreduce_bus_bandwidth  # noqa: E402
 from benchmarks.report import default_out, markdown_table, write_report  # noqa: E402
 from mambavlm.atomic import atomic_file  # noqa: E402
 from mambavlm.training.config import load_train_config  # noqa: E402
@@ -228,41 +227,6 @@ def keep_partial_log(log: Path, runs_dir: Path | None) -> None:
     timestamped lines say how far it got and how fast); nothing without a runs dir or a log."""
     if runs_dir is not None and log.is_file():
         shutil.copyfile(log, runs_dir / f"{log.stem}.partial.log")
-
-
-def _allreduce_worker(rank: int, world: int, init_file: str, backend: str, numel: int, repeats: int,
-                      result: str) -> None:
-    dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank, world_size=world)
-    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    buffer = torch.ones(numel, dtype=torch.float32, device=device)
-    seconds = []
-    for _ in range(repeats + 1):  # the first call sets up the communicator: untimed
-        dist.barrier()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        dist.all_reduce(buffer)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - started)
-    if rank == 0:
-        Path(result).write_text(json.dumps(sorted(seconds[1:])[len(seconds[1:]) // 2]))
-    dist.destroy_process_group()
-
-
-def allreduce_bus_bandwidth(processes: int, cuda: bool, nbytes: int = ALLREDUCE_BYTES, repeats: int = 5) -> float:
-    """Bus bandwidth in bytes/s of a float32 all-reduce of ``nbytes`` over ``processes`` processes (NCCL
-    between GPUs 0..n-1, or gloo between CPU processes): ``2 (n - 1) / n * bytes / seconds``, NCCL's
-    ``busbw`` (the bytes each link carries in a ring all-reduce), from the median of ``repeats``."""
-    with tempfile.TemporaryDirectory() as tmp:
-        result = Path(tmp) / "seconds.json"
-        mp.spawn(_allreduce_worker, nprocs=processes, join=True,
-                 args=(processes, str(Path(tmp) / "init"), "nccl" if cuda else "gloo", nbytes // 4, repeats,
-                       str(result)))
-        seconds = json.loads(result.read_text())
-    return 2 * (processes - 1) / processes * nbytes / seconds
 
 
 def trainable_parameters(runs: list[Run]) -> int | None:

@@ -349,11 +349,10 @@ def test_micro_batches_with_every_record_skipped_keep_training(tmp_path):
     assert sorted(loss is None for loss in metrics["step_losses"]) == [False, True]
 
 
-@pytest.mark.parametrize("sync_each_batch", [False, True])
-def test_two_processes_match_one_process(tmp_path, sync_each_batch):
+def test_two_processes_match_one_process(tmp_path):
     """Same global batch (16) on 1 process x 4 accumulation steps and on 2 processes x 2, the 2-process
-    gradients reduced once per step (DDP's no_sync over the first micro-batch) or after every micro-batch
-    (``train.sync_each_batch``)."""
+    gradients reduced after every micro-batch (``train.sync_each_batch``); the default, once per step (DDP's
+    no_sync over the first micro-batch), is test_engine's two-process test (losses and weights)."""
     common = [*MICRO_RUN, "train.max_steps=3", "train.global_batch_size=16", "train.save_every=null",
               "data.synthetic.num_val=0"]
     one = tmp_path / "one"
@@ -361,12 +360,12 @@ def test_two_processes_match_one_process(tmp_path, sync_each_batch):
     two = tmp_path / "two"
     # `accelerate launch --cpu` starts one process unless given an MPI hostfile; the torchrun launcher
     # (--multi_gpu) with ACCELERATE_USE_CPU starts two CPU processes that talk through gloo.
-    result = launch_two_processes(f"output_dir={two}", *common, f"train.sync_each_batch={str(sync_each_batch).lower()}")
+    result = launch_two_processes(f"output_dir={two}", *common, "train.sync_each_batch=true")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     m1, m2 = read_metrics(one), read_metrics(two)
     assert (m1["num_processes"], m1["gradient_accumulation_steps"]) == (1, 4)
     assert (m2["num_processes"], m2["gradient_accumulation_steps"]) == (2, 2)
-    assert m2["config"]["train"]["sync_each_batch"] is sync_each_batch
+    assert m2["config"]["train"]["sync_each_batch"] is True
     assert m2["step_losses"] == pytest.approx(m1["step_losses"], rel=1e-5)  # seen: <= 6e-8
     # the timed steps' samples and tokens are counted over both processes: the same global batches
     for key in ("timed_steps", "samples", "tokens"):
