@@ -463,8 +463,8 @@ struct Gemv {
 
   // U stages at a time: each is released as soon as its products are in registers, and the U warp sums
   // interleave, so a warp's shuffle latencies overlap instead of adding up stage after stage. Where all U
-  // stages are whole and hold this warp's row, the loop runs without bounds checks (a third fewer instructions a
-  // stage: the consumers' issue rate, not the HBM, bounds the products, benchmarks/RESULTS.md a13).
+  // stages are whole and hold this warp's row, the loop runs without bounds checks (38 instructions a stage a
+  // warp, not 50: the consumers' issue rate, not the HBM, bounds the products, benchmarks/RESULTS.md a13).
   __device__ __forceinline__ void run(Ring& ring, int rows, float* partial, int warp, int lane) {
     constexpr int U = GEMV_UNROLL;
     const int s = warp % S;
