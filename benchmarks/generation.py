@@ -14,8 +14,10 @@ Rows, all measured in this one run, batch 1, greedy, EOS off, random weights (no
 - HF ``generate`` (the eager path) of the same MambaVLM and prompt.
 
 Per row: the prefill (prompt -> first logits) timed on its own, the whole generation, and from them
-ms per decoded token = (total - prefill) / (new tokens - 1); tok/s = new tokens / total; peak memory
-of the generation. Medians over ``--repeats`` runs after a warm-up run. Each decode figure stands beside
+ms per decoded token = median over the repeats of (total - prefill) / (new tokens - 1), each repeat timing
+its prefill and its generation back to back (so a drift of the prefill's time between repeats does not
+move the per-token figure); tok/s = new tokens / total; peak memory of the generation. Prefill and total
+are medians over ``--repeats`` repeats after a warm-up of each. Each decode figure stands beside
 its bandwidth floor on CUDA: the bytes one step must move (every weight once, each sequence's conv + SSM
 state read and written) over the GPU's HBM bandwidth.
 
@@ -32,6 +34,7 @@ mamba_ssm's: GPU busy time vs the step's span, launches, the longest-running ker
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,6 +96,9 @@ class Row:
     note: str = ""
     batch: int = 1
     floor_ms: float | None = None
+    decode_s: float | None = None
+    """Median over the repeats of (total - prefill), each repeat's two timed back to back; None: the
+    difference of the medians."""
 
     @property
     def tokens_per_s(self) -> float:
@@ -100,7 +106,8 @@ class Row:
 
     @property
     def ms_per_decoded_token(self) -> float:
-        return 1e3 * (self.total_s - self.prefill_s) / max(self.new_tokens - 1, 1)
+        decode = self.total_s - self.prefill_s if self.decode_s is None else self.decode_s
+        return 1e3 * decode / max(self.new_tokens - 1, 1)
 
     def cells(self) -> list[str]:
         peak = "n/a" if self.peak_gib is None else f"{self.peak_gib:.2f}"
@@ -167,14 +174,18 @@ def measure(
     note: str = "",
     batch: int = 1,
 ) -> tuple[Row, Tensor]:
-    """Time ``prefill`` and ``generate`` (after one warm-up each); returns the row and the tokens."""
-    prefill_s = median_seconds(prefill, device, repeats, warmup=1)
+    """Time ``prefill`` and ``generate`` (after one warm-up each), ``repeats`` times back to back; returns
+    the row and the tokens."""
+    prefill()
     tokens = generate()  # warm-up (and CUDA-graph capture); also the tokens to compare
     if tokens.shape[-1] != new_tokens:
         raise RuntimeError(f"{name}: generated {tokens.shape[-1]} tokens, expected {new_tokens}")
     reset_peak_memory(device)
-    total_s = median_seconds(generate, device, repeats, warmup=0)
-    row = Row(name, prompt_tokens, new_tokens, prefill_s, total_s, peak_memory_gib(device), note, batch)
+    pairs = [(median_seconds(prefill, device, 1, warmup=0), median_seconds(generate, device, 1, warmup=0))
+             for _ in range(repeats)]
+    prefills, totals = zip(*pairs)
+    row = Row(name, prompt_tokens, new_tokens, statistics.median(prefills), statistics.median(totals),
+              peak_memory_gib(device), note, batch, decode_s=statistics.median([t - p for p, t in pairs]))
     print(f"{name}, batch {batch}: {row.ms_per_decoded_token:.3f} ms / decoded token, {row.tokens_per_s:.1f} tok/s", flush=True)
     return row, tokens
 

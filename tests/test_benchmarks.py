@@ -297,3 +297,19 @@ def test_long_context_words_a_slower_student_as_slower_and_more_memory_as_more()
     assert speed_change(0.5) == "**2.0x** slower per token"  # teacher 1 ms, student 2 ms
     assert memory_change(0.513) == "decode memory 51.3 % less"
     assert memory_change(-0.25) == "decode memory 25.0 % more"
+
+
+def test_generation_per_token_figure_is_the_median_of_each_repeats_own_difference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Three repeats, prefill then generation back to back: prefills 0.30, 0.10, 0.20 s, totals 0.80, 0.60,
+    0.75 s. Their differences 0.50, 0.50, 0.55 have the median 0.50, so 5 new tokens decode at 0.50 / 4 s
+    a token; the difference of the medians (0.75 - 0.20 = 0.55) would say 0.1375 s."""
+    import benchmarks.generation as generation
+
+    seconds = iter([0.30, 0.80, 0.10, 0.60, 0.20, 0.75])
+    monkeypatch.setattr(generation, "median_seconds", lambda fn, device, repeats, warmup: next(seconds))
+    row, tokens = generation.measure("x", torch.device("cpu"), 7, 5, lambda: None, lambda: torch.zeros(1, 5), 3)
+    assert (row.prefill_s, row.total_s) == (0.20, 0.75)
+    assert row.ms_per_decoded_token == pytest.approx(1e3 * 0.50 / 4)
+    assert tokens.shape == (1, 5) and next(seconds, None) is None
