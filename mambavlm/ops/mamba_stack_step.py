@@ -39,9 +39,11 @@ the residual rows with atomic adds (no exchange of y), took 2.75 ms: 338K atomic
 experiments are on branch ``experiment/stack-kernel-cuda``. Then (RESULTS.md a11) four stages a consumer warp and
 the L2 prefetch: 1.778-1.803 ms against 1.831-1.836 for the build above, compared on one decoder's buffers.
 Then (a13) twenty consumer warps, 17 x 10 KB stages and the products' loop without bounds checks: 0.950 of that
-build's time per CUDA-graph step (about 1.68 ms), and end to end 1.67 and 1.80 ms per decoded token against
-mamba_ssm's 3.41 and 3.29 in two runs (2.04x, 1.83x). With the ring's stages released empty (no HBM traffic)
-the products take as long: the consumers' instructions per stage, not the HBM, bound them.
+build's time per CUDA-graph step (about 1.68 ms). End to end (a14, each repeat's prefill and generation timed
+back to back) 1.74 and 1.73 ms per decoded token against mamba_ssm's 3.27 in two runs (1.88x, 1.89x). With the
+ring's stages released empty (no HBM traffic) the products take as long, yet fewer instructions a stage did not
+help (a14: two groups of consumer warps taking the stages in turn, two 16-byte vectors a lane, 1.31x slower;
+bf16 converted by masks 1.07x; a deferred RMSNorm scale 1.006x).
 
 Needs compute capability 9.0 or later (bulk copies, mbarrier transaction counts), nvcc to build the kernel on
 first use (``mambavlm.ops.cuda_build``: seconds, cached), batch 1, bias-free in_proj / out_proj / x_proj, SiLU,
