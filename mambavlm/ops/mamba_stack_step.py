@@ -43,7 +43,9 @@ build's time per CUDA-graph step (about 1.68 ms). End to end (a14, each repeat's
 back to back) 1.74 and 1.73 ms per decoded token against mamba_ssm's 3.27 in two runs (1.88x, 1.89x). With the
 ring's stages released empty (no HBM traffic) the products take as long, yet fewer instructions a stage did not
 help (a14: two groups of consumer warps taking the stages in turn, two 16-byte vectors a lane, 1.31x slower;
-bf16 converted by masks 1.07x; a deferred RMSNorm scale 1.006x).
+bf16 converted by masks 1.07x; a deferred RMSNorm scale 1.006x), nor did a cheaper producer, though per-warp
+probes find it busy 80 % of the step and the consumers waiting on it a quarter of theirs (its L2 prefetch cursor
+caching its segment: 1.04x, the time moving out of the products into the phases between them).
 
 Needs compute capability 9.0 or later (bulk copies, mbarrier transaction counts), nvcc to build the kernel on
 first use (``mambavlm.ops.cuda_build``: seconds, cached), batch 1, bias-free in_proj / out_proj / x_proj, SiLU,
