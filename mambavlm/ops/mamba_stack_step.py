@@ -45,7 +45,10 @@ ring's stages released empty (no HBM traffic) the products take as long, yet few
 help (a14: two groups of consumer warps taking the stages in turn, two 16-byte vectors a lane, 1.31x slower;
 bf16 converted by masks 1.07x; a deferred RMSNorm scale 1.006x), nor did a cheaper producer, though per-warp
 probes find it busy 80 % of the step and the consumers waiting on it a quarter of theirs (its L2 prefetch cursor
-caching its segment: 1.04x, the time moving out of the products into the phases between them).
+caching its segment: 1.04x, the time moving out of the products into the phases between them). The phase
+probes showed where: the wait for x_proj's split-K sums, whose 192 words lay packed in 12 cache lines that
+every block's atomic adds queued on; one sum to a 128-byte line (the kernel's ``XACC_STRIDE``) took the step to
+1.66 ms, 0.971 of the packed layout's time (1.97x of mamba_ssm per CUDA-graph step).
 
 Needs compute capability 9.0 or later (bulk copies, mbarrier transaction counts), nvcc to build the kernel on
 first use (``mambavlm.ops.cuda_build``: seconds, cached), batch 1, bias-free in_proj / out_proj / x_proj, SiLU,
@@ -229,10 +232,12 @@ class MambaStackStep:
             rows.append([t.data_ptr() for t in tensors])
         self.table = torch.tensor(rows, dtype=torch.int64, device=device)
         self.states = states  # keeps the state buffers alive at the addresses in the table
-        # flagged words (32 bits of data, a 32-bit flag): y, the residual stream; x_proj's fixed-point sums
+        # flagged words (32 bits of data, a 32-bit flag): y, the residual stream
         self.ybuf = torch.zeros(m.intermediate_size * weight.element_size() // 4, dtype=torch.int64, device=device)
         self.rbuf = torch.zeros(model.config.hidden_size, dtype=torch.int64, device=device)
-        self.xacc = torch.zeros(len(self.mixers), rank + 2 * n, dtype=torch.int64, device=device)
+        # x_proj's sums, one to a 128-byte line (the kernel's XACC_STRIDE words apart)
+        self.xacc = torch.zeros(len(self.mixers), rank + 2 * n, self.lib.mamba_stack_step_xacc_stride(),
+                                dtype=torch.int64, device=device)
         self.sync = torch.zeros(2, dtype=torch.int32, device=device)
         self.logits = torch.empty(1, weight.shape[0], device=device)
 

@@ -65,7 +65,7 @@ def test_the_kernel_builds_with_the_projects_options_and_is_cached(
 ) -> None:
     """The tiny Mamba's shape (width 32, inner 64, state 8, rank 2, conv 4) in bfloat16, with the options the
     wrapper builds with: the library reports the consumer warps and ring stages it was built with (so the -D
-    options arrive), its shared memory holds the ring and fits a Hopper multiprocessor (227 KiB), and a second
+    options arrive) and lays x_proj's sums out one to a 128-byte line, its shared memory holds the ring and fits a Hopper multiprocessor (227 KiB), and a second
     build is served from the cache without running nvcc."""
     from mambavlm.ops import mamba_stack_step as mss
 
@@ -78,6 +78,7 @@ def test_the_kernel_builds_with_the_projects_options_and_is_cached(
     assert lib.mamba_stack_step_stages() == mss.RING_STAGES
     assert lib.mamba_stack_step_max_channels() == mss.MAX_CHANNELS
     assert lib.mamba_stack_step_max_rows() == mss.MAX_ROWS
+    assert lib.mamba_stack_step_xacc_stride() * 8 == 128  # x_proj's 64-bit sums one to a 128-byte line
     assert mss.RING_STAGES * mss.STAGE_BYTES < lib.mamba_stack_step_smem_bytes() <= 227 << 10
 
     def no_nvcc(*args: object, **kwargs: object) -> None:

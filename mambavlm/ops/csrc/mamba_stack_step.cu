@@ -20,7 +20,7 @@
 // output y and the residual stream. x_proj's split-K sums are 64-bit atomic adds of fixed-point values
 // (2^-XACC_SHIFT, so |x_proj's outputs| < 2^(55 - XACC_SHIFT)) above an arrival count in the low 8 bits: a
 // word is whole when its count reaches the grid's size (< 256), and the sums do not depend on the order the
-// blocks add in. The producer never waits on any of it, so the HBM keeps streaming the next phase's weights
+// blocks add in; each word has a 128-byte line of its own (XACC_STRIDE). The producer never waits on any of it, so the HBM keeps streaming the next phase's weights
 // while the consumers wait.
 
 #include <cuda_bf16.h>
@@ -126,7 +126,7 @@ struct Args {
   float* logits;     // (V,) float32
   unsigned long long* ybuf;  // (Di * ES / 4,) flagged words: y
   unsigned long long* rbuf;  // (D,) flagged words: the residual stream
-  unsigned long long* xacc;  // (n_layers, R2) fixed-point sums and counts, zero between launches
+  unsigned long long* xacc;  // (n_layers, R2, XACC_STRIDE) fixed-point sums and counts in [..., 0], zero between launches
   unsigned* sync;    // [0]: blocks done (zero between launches), [1]: the launch count (the flags' epoch)
 };
 
@@ -165,6 +165,10 @@ constexpr int EPW = 4 / ES;  // elements of T per flagged word
 #ifndef XACC_SHIFT
 #define XACC_SHIFT 30
 #endif
+// 64-bit words from one x_proj sum to the next: one sum to a 128-byte L2 line. Packed (R2 sums in 12 lines for
+// MambaVLM-2.8B), the grid's 132 x R2 atomic adds queued on 12 lines; a line each took the step to 0.971 of the
+// packed layout's time, 32 bytes each 0.992 (benchmarks/RESULTS.md a14).
+constexpr int XACC_STRIDE = 16;
 
 __device__ __forceinline__ void store_word(unsigned long long* p, unsigned data, unsigned flag) {
   const unsigned long long w = (static_cast<unsigned long long>(flag) << 32) | data;
@@ -615,7 +619,7 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
     GIn gin;
     gin.load_norm(args.residual, l == 0 ? nullptr : args.rbuf, flag0 + l - 1, s_nw, args.eps, red, warp, lane);
     if (g == 0 && l > 0) {  // every block has read layer l - 1's x_proj sums: zero them for the next launch
-      for (int r = tid; r < R2; r += CONSUMERS) args.xacc[(l - 1) * R2 + r] = 0ull;
+      for (int r = tid; r < R2; r += CONSUMERS) args.xacc[((l - 1) * R2 + r) * XACC_STRIDE] = 0ull;
     }
     gin.run(ring, nc, partial, warp, lane);
     consumers_sync();
@@ -660,7 +664,7 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
 #pragma unroll
         for (int w = 0; w < NW; ++w) v += partial[w * R2 + r];
         const long long q = __float2ll_rn(v * (1ll << XACC_SHIFT));  // fixed point; the count in the low byte
-        asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(args.xacc + l * R2 + r),
+        asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(args.xacc + (l * R2 + r) * XACC_STRIDE),
                      "l"((static_cast<unsigned long long>(q) << 8) + 1ull)
                      : "memory");
       }
@@ -674,7 +678,7 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
     for (int r = tid; r < R2; r += CONSUMERS) {  // x_proj's sums, once every block's share is in
       unsigned long long w;
       do {
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(args.xacc + l * R2 + r) : "memory");
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(args.xacc + (l * R2 + r) * XACC_STRIDE) : "memory");
       } while ((w & 0xffull) != (static_cast<unsigned>(G) & 0xffu));
       xdbl[r] = static_cast<float>(__ll2double_rn(static_cast<long long>(w) >> 8) * (1.0 / (1ll << XACC_SHIFT)));
     }
@@ -744,7 +748,7 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
   gin.load_norm(args.residual, nl == 0 ? nullptr : args.rbuf, flag0 + nl - 1, args.norm_f, args.eps_f, red, warp,
                 lane);
   if (g == 0 && nl > 0) {
-    for (int r = tid; r < R2; r += CONSUMERS) args.xacc[(nl - 1) * R2 + r] = 0ull;
+    for (int r = tid; r < R2; r += CONSUMERS) args.xacc[((nl - 1) * R2 + r) * XACC_STRIDE] = 0ull;
   }
   // the final residual rows, over the embedding every block read at layer 0 (which each block is past: its
   // last rows are in)
@@ -775,6 +779,7 @@ int mamba_stack_step_threads() { return THREADS; }
 int mamba_stack_step_stages() { return STAGES; }
 int mamba_stack_step_max_channels() { return MAX_CHANNELS; }
 int mamba_stack_step_max_rows() { return MAX_OWN; }
+int mamba_stack_step_xacc_stride() { return XACC_STRIDE; }
 
 // Raise the kernel's shared-memory limit; returns a cudaError_t.
 int mamba_stack_step_configure() {
