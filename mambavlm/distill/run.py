@@ -318,7 +318,8 @@ def run_distillation(config: DistillConfig) -> dict[str, Any]:
             f"{s['name']} {s['first_loss']:.4g} -> {s['last_loss']:.4g}" for s in stages if s["first_loss"] is not None
         )
         logger.info(
-            f"done in {metrics['wall_seconds']:.0f} s: {summary}; val accuracy teacher "
+            f"done in {metrics['wall_seconds']:.0f} s: loss, mean of the first -> last tenth of each stage's steps: "
+            f"{summary}; val accuracy teacher "
             f"{metrics['teacher_val_accuracy']}, student {metrics['student_val_accuracy']}, "
             f"{state.num_skipped} skipped records; student in {output_dir / STUDENT_DIR}"
         )

@@ -84,6 +84,7 @@ from mambavlm.training.checkpoint import (
 from mambavlm.training.optim import build_optimizer, build_scheduler, no_decay_names
 
 __all__ = [
+    "DUPLICATE_SIGNAL_S",
     "METRICS_FILE",
     "RESTORED_SETTINGS",
     "STOP_SIGNALS",
@@ -152,19 +153,33 @@ def close_batches(batches: Iterator[Any]) -> None:
         batches._shutdown_workers()
 
 
+DUPLICATE_SIGNAL_S = 1.0
+"""Seconds after a stop signal within which the same signal again counts as the same request. ``accelerate
+launch`` (1.16) passes a SIGTERM it receives on to its training process, so a SIGTERM sent to the whole process
+group reaches that process twice, milliseconds apart; as a second request it ended the run without its
+checkpoint (1 run in 5 in a user's trial)."""
+
+
 @contextmanager
 def stop_signals_caught(received: list[int]) -> Iterator[None]:
-    """While inside, each of ``STOP_SIGNALS`` appends its number to ``received`` and restores the handler it
-    replaced (so a second signal acts at once); on exit every replaced handler is back. Outside the main
-    thread (where Python cannot install handlers) it does nothing."""
+    """While inside, each of ``STOP_SIGNALS`` appends its number to ``received``; the same signal again more
+    than ``DUPLICATE_SIGNAL_S`` later acts at once (the handler it replaced runs: the default ends the
+    process), within that it is a duplicate and ignored. On exit every replaced handler is back. Outside the
+    main thread (where Python cannot install handlers) it does nothing."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {signum: signal.getsignal(signum) for signum in STOP_SIGNALS}
+    first: dict[int, float] = {}
 
     def caught(signum: int, frame: Any) -> None:
-        received.append(signum)
-        signal.signal(signum, previous[signum])
+        now = time.monotonic()
+        if signum not in first:
+            first[signum] = now
+            received.append(signum)
+        elif now - first[signum] > DUPLICATE_SIGNAL_S:
+            signal.signal(signum, previous[signum])
+            signal.raise_signal(signum)
 
     for signum in STOP_SIGNALS:
         signal.signal(signum, caught)

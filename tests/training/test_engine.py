@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -387,3 +390,28 @@ def test_log_lines_label_each_step_with_the_1_based_epoch_it_belongs_to(tmp_path
         if match := re.search(r"finetune step (\d+)/6 \| epoch (\S+) \|", record.getMessage()):
             labels[int(match[1])] = match[2]
     assert labels == {1: "1/3", 2: "1/3", 3: "2/3", 4: "2/3", 5: "3/3", 6: "3/3"}
+
+
+def test_a_stop_signal_repeated_within_the_duplicate_window_is_one_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate launch passes a group's SIGTERM on to its training process, which then gets it twice: inside
+    ``stop_signals_caught`` the first SIGTERM is recorded, the same again at once is a duplicate (neither
+    recorded nor acted on), and one after DUPLICATE_SIGNAL_S runs the handler it replaced (the default would
+    end the process); on exit that handler is back."""
+    from mambavlm.training import engine
+
+    calls: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
+    try:
+        received: list[int] = []
+        with engine.stop_signals_caught(received):
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [signal.SIGTERM] and calls == []
+            monkeypatch.setattr(engine, "DUPLICATE_SIGNAL_S", 0.0)
+            time.sleep(0.01)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert received == [signal.SIGTERM] and calls == [signal.SIGTERM]
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert calls == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, before)
