@@ -99,14 +99,16 @@ def convert_vlm(
     generator: torch.Generator | None = None,
     mixer_options: dict[str, Any] | None = None,
 ) -> MambaVLM:
-    """A ``MambaVLM`` copy whose LLaMA-family LLM is converted by ``convert_llama``; the vision
-    encoders, projector and tokenizer are copies of ``vlm``'s (``vlm`` is left unchanged)."""
+    """A ``MambaVLM`` copy whose LLaMA-family LLM is converted by ``convert_llama``, named ``vlm``'s name +
+    ``-hybrid``; the vision encoders, projector and tokenizer are copies of ``vlm``'s (``vlm`` is left
+    unchanged)."""
     if not isinstance(vlm, MambaVLM):
         raise TypeError(f"convert_vlm needs a MambaVLM, got {type(vlm).__name__}")
     if vlm.config.llm.family != "llama":
         raise ValueError(f"only a LLaMA-family LLM can be converted; this MambaVLM's llm.family is {vlm.config.llm.family!r}")
     llm = convert_llama(vlm.llm, layout, mode, generator, mixer_options)
     spec = vlm.config.spec
+    spec.name = f"{spec.name}-hybrid"  # the student, not the teacher, in describe, chat and the demo
     spec.llm.family = "hybrid_llama"
     spec.llm.config = {}
     student = MambaVLM(

@@ -103,6 +103,7 @@ def test_convert_vlm_keeps_vision_and_projector(tmp_path: Path) -> None:
         assert torch.equal(loaded(ids, pixel_values=pixels).logits, logits)
     assert type(loaded.llm) is HybridLlamaForCausalLM and loaded.config.llm.family == "hybrid_llama"
     assert loaded.llm.config.mamba_layers == student.llm.config.mamba_layers
+    assert (teacher.config.name, loaded.config.name) == ("tiny", "tiny-hybrid")  # the teacher's + "-hybrid"
 
 
 def test_a_text_only_student_loads_with_transformers_auto_classes(tmp_path: Path) -> None:
