@@ -9,6 +9,7 @@ is shared. Nothing is sent anywhere: gradio's analytics are off and the page is 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator, Sequence
@@ -84,6 +85,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     args = parser.parse_args(argv)
+    if importlib.util.find_spec("gradio") is None:  # before the model loads: one line, not a traceback
+        print('error: the demo needs gradio: pip install -e ".[demo]"', file=sys.stderr)
+        return 2
     model = MambaVLM.from_pretrained(args.model).to(args.device).eval()
     if model.tokenizer is None:
         print(f"error: {args.model} holds no tokenizer", file=sys.stderr)

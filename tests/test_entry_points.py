@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,18 @@ def test_run_and_score_list_the_benchmarks_the_package_knows() -> None:
     listed = result.stdout.split("the published files each benchmark is scored against:\n", 1)[1].splitlines()
     assert listed == [f"  {name:<10} --annotations {spec.annotations}" for name, spec in BENCHMARKS.items()]
     assert f"{{{','.join(sorted(BENCHMARKS))}}}" in result.stdout  # the choices of the benchmark argument
+
+
+def test_the_demo_without_gradio_says_how_to_install_it_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, tmp_path: Path
+) -> None:
+    """Without gradio the demo ended in an ImportError traceback after loading the model; now it exits 2 with
+    the install command, before reading --model (here a folder that does not exist)."""
+    import importlib.util
+
+    from mambavlm import demo
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else find_spec(name, *a))
+    assert demo.main(["--model", str(tmp_path / "absent")]) == 2
+    assert capsys.readouterr().err == 'error: the demo needs gradio: pip install -e ".[demo]"\n'
