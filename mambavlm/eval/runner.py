@@ -54,6 +54,7 @@ from mambavlm.eval.benchmarks import (
     ids_held_by,
     score_answers,
 )
+from mambavlm.eval.model_dir import model_label
 from mambavlm.eval.questions import EvalQuestion, read_questions
 from mambavlm.eval.scorers.closed_set import argmax_option
 from mambavlm.eval.scorers.report import ScoreReport, format_report, unknown_ids_message
@@ -462,7 +463,7 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
         num_not_asked = max(len(questions) - settings.limit, 0)
         questions = questions[: settings.limit]
     current = answer_settings(settings)
-    model_id = settings.model.resolve().name
+    model_id = model_label(settings.model.resolve())  # a run's name for its final/ or student/, as the output path
     if acc.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
     acc.wait_for_everyone()

@@ -508,3 +508,16 @@ def test_a_question_without_text_is_skipped_naming_the_field(tmp_path: Path) -> 
     questions, problems = read_questions(questions_file)
     assert [q.question_id for q in questions] == ["1"]
     assert problems == [("2", "no 'text' (the question to ask) on line 2")]
+
+
+def test_a_runs_model_is_answered_under_the_runs_name(setup, tmp_path: Path) -> None:
+    """--model RUN (a fine-tuning run's output_dir): the answers' model_id is RUN's name, as the default
+    output path names it, not ``final`` (the folder the model sits in)."""
+    _, questions = setup
+    run = tmp_path / "tiny-run"
+    tiny_vlm().save_pretrained(run / "final")
+    (run / "train_config.yaml").write_text("{}\n")
+    out = tmp_path / "out"
+    run_script()(["--model", str(run), "--benchmark", "shapes", "--custom-benchmark", "--data", str(questions),
+                  "--output-dir", str(out), "--limit", "2", "--max-new-tokens", "2"])
+    assert {r["model_id"] for r in answers(out)} == {"tiny-run"}
