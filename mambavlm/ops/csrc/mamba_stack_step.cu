@@ -20,8 +20,8 @@
 // output y and the residual stream. x_proj's split-K sums are 64-bit atomic adds of fixed-point values
 // (2^-XACC_SHIFT, so |x_proj's outputs| < 2^(55 - XACC_SHIFT)) above an arrival count in the low 8 bits: a
 // word is whole when its count reaches the grid's size (< 256), and the sums do not depend on the order the
-// blocks add in; each word has a 128-byte line of its own (XACC_STRIDE). The producer never waits on any of it, so the HBM keeps streaming the next phase's weights
-// while the consumers wait.
+// blocks add in; each word has a 128-byte line of its own (XACC_STRIDE). The producer never waits on any of it,
+// so the HBM keeps streaming the next phase's weights while the consumers wait.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -126,7 +126,7 @@ struct Args {
   float* logits;     // (V,) float32
   unsigned long long* ybuf;  // (Di * ES / 4,) flagged words: y
   unsigned long long* rbuf;  // (D,) flagged words: the residual stream
-  unsigned long long* xacc;  // (n_layers, R2, XACC_STRIDE) fixed-point sums and counts in [..., 0], zero between launches
+  unsigned long long* xacc;  // (n_layers, R2, XACC_STRIDE): sums and counts in [..., 0], zero between launches
   unsigned* sync;    // [0]: blocks done (zero between launches), [1]: the launch count (the flags' epoch)
 };
 
@@ -678,7 +678,10 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
     for (int r = tid; r < R2; r += CONSUMERS) {  // x_proj's sums, once every block's share is in
       unsigned long long w;
       do {
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(w) : "l"(args.xacc + (l * R2 + r) * XACC_STRIDE) : "memory");
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
+                     : "=l"(w)
+                     : "l"(args.xacc + (l * R2 + r) * XACC_STRIDE)
+                     : "memory");
       } while ((w & 0xffull) != (static_cast<unsigned>(G) & 0xffu));
       xdbl[r] = static_cast<float>(__ll2double_rn(static_cast<long long>(w) >> 8) * (1.0 / (1ll << XACC_SHIFT)));
     }
