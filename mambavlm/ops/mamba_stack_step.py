@@ -48,7 +48,9 @@ probes find it busy 80 % of the step and the consumers waiting on it a quarter o
 caching its segment: 1.04x, the time moving out of the products into the phases between them). The phase
 probes showed where: the wait for x_proj's split-K sums, whose 192 words lay packed in 12 cache lines that
 every block's atomic adds queued on; one sum to a 128-byte line (the kernel's ``XACC_STRIDE``) took the step to
-1.66 ms, 0.971 of the packed layout's time (1.97x of mamba_ssm per CUDA-graph step).
+1.66 ms, 0.971 of the packed layout's time (1.97x of mamba_ssm per CUDA-graph step), and end to end 1.70 and 1.69
+ms per decoded token against mamba_ssm's 3.28 (1.93x). Greedy decoding many tokens a launch, the argmax and the
+next token's embedding in the kernel, was bit-exact but slower so far (a15).
 
 Needs compute capability 9.0 or later (bulk copies, mbarrier transaction counts), nvcc to build the kernel on
 first use (``mambavlm.ops.cuda_build``: seconds, cached), batch 1, bias-free in_proj / out_proj / x_proj, SiLU,
