@@ -597,3 +597,31 @@ def test_training_data_whose_every_record_is_skipped_is_one_config_error_naming_
         "every record of the training data was skipped, nothing to train on: 16 records (15 image file not found, "
         f"1 no assistant turn); the first, {first}: image file not found: {elsewhere / records[0]['image']}"
     )
+
+
+def test_help_names_every_key_of_the_train_config(capsys: pytest.CaptureFixture) -> None:
+    """train/finetune.py --help gave only ``--config`` and ``overrides``: a user had to read the schema to learn
+    the keys. Now it lists every field of TrainConfig and of its train, data, data.synthetic, lora and model
+    sections, and the values of the Literal ones (freeze, mixed precision, LoRA's projector), so that it cannot
+    fall behind the schema."""
+    import typing
+
+    from mambavlm.config import ModelConfig
+    from mambavlm.training.config import DataConfig, LoraSettings, SyntheticDataConfig, TrainConfig, TrainingConfig
+
+    spec = importlib.util.spec_from_file_location("finetune_script", ROOT / "train/finetune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    missing = [f"{key}=" for key in TrainConfig.model_fields if f"{key}=" not in text and f"{key}." not in text]
+    for prefix, section in (("train", TrainingConfig), ("data", DataConfig), ("lora", LoraSettings),
+                            ("model", ModelConfig)):
+        missing += [f"{prefix}.{key}" for key in section.model_fields
+                    if f"{prefix}.{key}" not in text and not (prefix == "lora" and f"{key}:" in text)]
+    missing += [f"synthetic {key}" for key in SyntheticDataConfig.model_fields if f"{key}:" not in text]
+    for section, key in ((TrainingConfig, "freeze"), (TrainingConfig, "mixed_precision"), (LoraSettings, "projector")):
+        missing += [value for value in typing.get_args(section.model_fields[key].annotation) if value not in text]
+    assert not missing, missing
