@@ -13,7 +13,8 @@ assistant turn, a missing or unreadable image, a prompt too long for the model) 
 skipped, and listed as ``{id, reason}`` in ``skipped.jsonl`` beside the answers (``--out FILE``:
 ``FILE``'s stem + ``.skipped.jsonl``). When no record at all is answered (every one skipped: a wrong
 ``--image-root``, say) the script exits with status 1, naming the count and the first reasons, and writes
-nothing: earlier answers are kept.
+nothing: earlier answers are kept. Where no record's image exists it says so once, before loading the model
+(and without a warning for each record).
 
 The settings that decide the answers (model, data file and its content, image root, ``--blind``,
 ``--max-new-tokens``) are recorded beside the answers in ``run_settings.json`` (``--out FILE``: ``FILE``'s
@@ -81,6 +82,7 @@ from mambavlm.eval.runner import (  # noqa: E402
     file_sha256,
     first_skips,
     image_not_found,
+    no_image_opens,
     read_json_object,
     settings_differences,
 )
@@ -155,13 +157,15 @@ def check_earlier_settings(args: argparse.Namespace, answers_path: Path, setting
         )
 
 
-def nothing_answered(data: Path, skipped: list[tuple[str, str]], answers_path: Path) -> str:
-    """The error of a run that answered no record: how many were skipped and the first reasons."""
+def nothing_answered(data: Path, skipped: list[tuple[str, str]], answers_path: Path, warned: bool = True) -> str:
+    """The error of a run that answered no record: how many were skipped and the first reasons (``warned``:
+    each skip was named in a warning too)."""
     kept = f"nothing written ({answers_path} left as it was)"
     if not skipped:
         return f"{data} holds no records: nothing to evaluate; {kept}"
     hint = " (is --image-root right? default: the data file's directory)" if image_not_found(skipped) else ""
-    return f"no record answered: all {len(skipped)} skipped ({first_skips(skipped)}; each named in a warning){hint}; {kept}"
+    named = "; each named in a warning" if warned else ""
+    return f"no record answered: all {len(skipped)} skipped ({first_skips(skipped)}{named}){hint}; {kept}"
 
 
 def write_outputs(rows: list[dict[str, Any]], skipped: list[tuple[str, str]], settings: dict[str, Any],
@@ -217,6 +221,16 @@ def main(argv: Sequence[str] | None = None) -> float:
         items, skipped = load_items(args.data, args.image_root)
     except ValueError as err:  # not a JSON list of LLaVA records
         parser.error(f"--data: {err}")
+    missing = no_image_opens([(item.id, item.image) for item in items])
+    if missing is not None:  # a wrong --image-root: said once, before the model loads, not a warning a record
+        skipped += missing
+        items = [item for item in items if item.image is None]
+        if not items:
+            parser.exit(1, f"{parser.prog}: error: "
+                           f"{nothing_answered(args.data, skipped, answers_path, warned=False)}\n")
+        logger.warning(f"none of the {len(missing)} records' images can be opened ({first_skips(missing)}): "
+                       f"is --image-root right? (default: the data file's directory); they are skipped, the "
+                       f"text-only ones ({len(items)}) answered")
     rows: list[dict[str, Any]] = []
     if items:
         try:
@@ -227,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> float:
         rows, not_answered = generate_answers(model, items, args.batch_size, args.max_new_tokens, blind=args.blind)
         skipped += not_answered  # each named in a warning as it was skipped
     if not rows:  # earlier answers are kept rather than replaced by an empty file
-        parser.exit(1, f"{parser.prog}: error: {nothing_answered(args.data, skipped, answers_path)}\n")
+        message = nothing_answered(args.data, skipped, answers_path, warned=missing is None)
+        parser.exit(1, f"{parser.prog}: error: {message}\n")
     write_outputs(rows, skipped, settings, (answers_path, skipped_path, settings_path))
     accuracy = sum(r["correct"] for r in rows) / len(rows)
     print(f"exact match: {accuracy:.4f} ({sum(r['correct'] for r in rows)}/{len(rows)}; {len(skipped)} skipped)")

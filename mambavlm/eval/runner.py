@@ -62,6 +62,7 @@ from mambavlm.eval.scorers.vqa import llava_textvqa_question, read_textvqa_llava
 from mambavlm.model import MambaVLM
 from mambavlm.processes import check_process_group
 from mambavlm.training.evaluation import iter_answers
+from mambavlm.vision.image import image_path_problem
 
 __all__ = [
     "ANSWERS_FILE",
@@ -70,6 +71,7 @@ __all__ = [
     "SHOWN_SKIPS",
     "first_skips",
     "image_not_found",
+    "no_image_opens",
     "SKIPPED_FILE",
     "NothingAnsweredError",
     "RecordFileError",
@@ -424,6 +426,15 @@ def image_not_found(skipped: Sequence[tuple[str, str]]) -> bool:
     """Whether any of ``skipped`` was skipped for an image file that was not found (the image folder may
     be wrong)."""
     return any(reason.startswith("image file not found") for _, reason in skipped)
+
+
+def no_image_opens(items: Sequence[tuple[str, str | Path | None]]) -> list[tuple[str, str]] | None:
+    """``(id, reason)`` for every ``(id, image path)`` of ``items`` that has an image, when there is one and none
+    of them is a file (``image_path_problem``: a wrong image folder, say), else None. Checked before the model
+    loads, so that such a run says it once rather than warning for every record after trying to read its image."""
+    with_images = [(item_id, image) for item_id, image in items if image is not None]
+    problems = [(item_id, problem) for item_id, image in with_images if (problem := image_path_problem(image))]
+    return problems if with_images and len(problems) == len(with_images) else None
 
 
 def nothing_answered_message(settings: RunSettings, skipped: list[tuple[str, str]]) -> str:

@@ -419,21 +419,47 @@ def test_a_run_killed_between_its_output_files_leaves_no_mixed_set_and_the_next_
 # --- 7: nothing answered ----------------------------------------------------------------------------------
 
 
-def test_nothing_answered_exits_nonzero_naming_the_skips_and_writes_nothing(evaluate, setup, tmp_path, capsys):
+def test_nothing_answered_exits_nonzero_naming_the_skips_and_writes_nothing(
+    evaluate, setup, tmp_path, capsys, caplog
+):
     """A wrong --image-root: every record skipped. The script exits 1 with one line naming how many and
-    the first reasons (the missing image path), and writes no (empty) answers file."""
+    the first reasons (the missing image path), and writes no (empty) answers file. The images are named
+    in one warning before the model loads, not one a record (for a benchmark, thousands of lines)."""
     run, _, _, all_bad = setup
     out = tmp_path / "eval"
-    with pytest.raises(SystemExit) as exit_info:
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as exit_info:
         evaluate.main(run_args(run, all_bad, "--output-dir", str(out), "--image-root", str(tmp_path)))
     assert exit_info.value.code == 1
     [line] = error_lines(capsys.readouterr().err)
     assert ("error: no record answered: all 7 skipped (no_answer: expected a human turn then an assistant turn; "
             "2: a str, not a record (a mapping with 'conversations'); ") in line
     assert f"val_000000: image file not found: {tmp_path / 'images' / 'val_000000.png'}; " in line
-    assert "; and 4 more; each named in a warning) (is --image-root right? " in line
+    assert "; and 4 more) (is --image-root right? " in line
     assert line.endswith(f"nothing written ({out / 'answers.jsonl'} left as it was)")
     assert not out.exists()
+    images = [r.getMessage() for r in caplog.records if "image" in r.getMessage()]
+    assert len(images) == 1 and images[0].startswith("none of the 4 records' images can be opened (val_000000: "
+                                                     "image file not found: "), images
+    # the text-only one is too_long, then skipped as too long
+    assert images[0].endswith("they are skipped, the text-only ones (1) answered")
+
+
+def test_no_image_found_is_said_before_the_model_loads(evaluate, setup, tmp_path, capsys, caplog, monkeypatch):
+    """Every record has an image and none exists under --image-root: one error line at once, no warning, and
+    the model is not loaded (it had been loaded, then every record warned about before the error)."""
+    run, val, _, _ = setup
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(evaluate.MambaVLM, "from_pretrained", no_loading)
+    with caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as exit_info:
+        evaluate.main(run_args(run, val, "--output-dir", str(tmp_path / "eval"), "--image-root", str(tmp_path)))
+    assert exit_info.value.code == 1
+    [line] = error_lines(capsys.readouterr().err)
+    assert f"error: no record answered: all {GOOD} skipped (val_000000: image file not found: " in line
+    assert "(is --image-root right? default: the data file's directory)" in line and "warning" not in line
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_nothing_answered_keeps_the_earlier_answers(evaluate, setup, tmp_path, capsys):
