@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import itertools
 import json
 import logging
 import os
 import subprocess
 from collections import Counter
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -451,6 +452,8 @@ def nothing_answered_message(settings: RunSettings, skipped: list[tuple[str, str
 def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None) -> dict[str, Any]:
     """Answer ``settings.questions`` (sharded, resumable: answered questions are kept, skipped ones
     retried) and write the outputs; returns results.json's content on the main process (``{}`` elsewhere).
+    Where none of a process's questions with an image can open it (a wrong image folder), they are skipped
+    with one warning, before the model loads (not loaded at all where nothing else is left to answer).
 
     Raises FileNotFoundError for a missing model or question file, QuestionFileError (a ValueError) for a
     question file that is not JSONL, SettingsMismatchError where ``output_dir`` holds answers made with
@@ -499,18 +502,29 @@ def run_benchmark(settings: RunSettings, accelerator: Accelerator | None = None)
     acc.wait_for_everyone()
     mine = [q for q in questions[rank::world] if q.question_id not in done]
     retried = sum(q.question_id in skipped_before for q in mine)
-    model = MambaVLM.from_pretrained(settings.model).to(acc.device).eval()
     logger.info(
         f"process {rank}/{world}: {len(mine)} of {len(questions[rank::world])} questions to answer "
         f"({len(done)} answered before, kept; {retried} of these skipped before, retried)"
     )
+    # a wrong --image-folder: said once, before the model loads, rather than a warning a question
+    no_image = no_image_opens([(q.question_id, q.image) for q in mine]) or []
+    if no_image:
+        logger.warning(f"process {rank}/{world}: none of the {len(no_image)} questions' images can be opened "
+                       f"({first_skips(no_image)}): is --image-folder right? (default: the question file's "
+                       "folder); they are skipped")
+        gone = {question_id for question_id, _ in no_image}
+        mine = [q for q in mine if q.question_id not in gone]
     prompts = {q.question_id: q.text for q in mine}
     items = [(q.question_id, q.image, q.text) for q in mine]
-    with answers_path.open("a") as answers_file, skipped_path.open("a") as skipped_file:
-        for answers, skipped in iter_answers(
+    batches: Iterable[tuple[list[tuple[str, Any]], list[tuple[str, str]]]] = [([], no_image)]
+    if items:
+        model = MambaVLM.from_pretrained(settings.model).to(acc.device).eval()
+        batches = itertools.chain(batches, iter_answers(
             model, items, settings.batch_size, settings.max_new_tokens, show_progress=acc.is_local_main_process,
             options=settings.options,
-        ):
+        ))
+    with answers_path.open("a") as answers_file, skipped_path.open("a") as skipped_file:
+        for answers, skipped in batches:
             for question_id, answer in answers:
                 row = {"question_id": question_id, "prompt": prompts[question_id], "text": answer, "model_id": model_id}
                 if settings.options is not None:

@@ -399,9 +399,15 @@ def test_a_resume_retries_the_questions_skipped_before(setup, tmp_path: Path, ca
     assert len((out / "skipped.jsonl").read_text().splitlines()) == 1
 
 
-def test_a_run_that_answers_nothing_exits_1_naming_the_first_reasons(setup, tmp_path: Path, capsys) -> None:
+def test_a_run_that_answers_nothing_exits_1_naming_the_first_reasons(
+    setup, tmp_path: Path, capsys, caplog, monkeypatch
+) -> None:
     """A wrong --image-folder: status 1, the count and the first reasons, a hint at --image-folder, and no
-    results.json with a score over zero answers; run again with the right folder, it is not refused."""
+    results.json with a score over zero answers; run again with the right folder, it is not refused. No
+    question's image exists, so that is said in one warning and the model is not loaded (it had been, then a
+    warning for every question)."""
+    import mambavlm.eval.runner as runner
+
     model, questions = setup
     rows = _image_rows(setup)[:4]
     path = tmp_path / "questions.jsonl"
@@ -410,9 +416,16 @@ def test_a_run_that_answers_nothing_exits_1_naming_the_first_reasons(setup, tmp_
     argv = ["--model", str(model), "--benchmark", "shapes", "--custom-benchmark", "--data", str(path),
             "--output-dir", str(out), "--max-new-tokens", "2"]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
+
+    def no_loading(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded")
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING), pytest.raises(SystemExit) as exit_info:
+        patch.setattr(runner.MambaVLM, "from_pretrained", no_loading)
         run_script()([*argv, "--image-folder", str(tmp_path / "wrong")])
     assert exit_info.value.code == 1
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and "none of the 4 questions' images can be opened (q0: image file not found: " in warned[0]
     errors = _error_lines(capsys.readouterr().err)
     assert len(errors) == 1, errors
     assert "no question answered: all 4 skipped (q0: image file not found: " in errors[0]
