@@ -7,8 +7,9 @@ Rows, all measured in this one run, batch 1, greedy, EOS off, random weights (no
 - MambaVLM (fast path): one image + a short prompt (1478 tokens for the paper config, 1458 of them
   visual) through ``MambaVLM.generate_ids(fast=True)``: vision, projector, prefill, decoding;
 - the same with the fused Mamba step (``StaticStateDecoder(fused_step=True)``; CUDA);
-- the same with the persistent step (``StaticStateDecoder(persistent_step=True)``: one CUDA kernel per token;
-  a Hopper GPU and nvcc);
+- the same with the persistent step (``StaticStateDecoder(persistent_step=True)``: one CUDA kernel for the
+  whole model, greedy decoding 64 tokens a launch with the argmax and the next embedding in the kernel; a
+  Hopper GPU and nvcc);
 - the plain Mamba LM on a text prompt of the same length, through the same decoder;
 - mamba_ssm's ``MambaLMHeadModel.generate(cg=True)`` on the same LLM weights (skipped without mamba_ssm);
 - HF ``generate`` (the eager path) of the same MambaVLM and prompt.
@@ -375,7 +376,7 @@ def run(args: argparse.Namespace) -> str:
                                     StaticStateDecoder(model.llm, fused_step=True))
         if device.type == "cuda" and stack_step_unsupported(model.llm, 1) is None:
             persistent_row = decoder_row("persistent step",
-                                         "ours, one CUDA kernel per step (mambavlm.ops.mamba_stack_step)",
+                                         "ours, 64 greedy tokens a launch (mambavlm.ops.mamba_stack_step)",
                                          StaticStateDecoder(model.llm, persistent_step=True))
 
         text_ids = torch.randint(1, model.llm.config.vocab_size, (1, length), generator=generator).to(device)

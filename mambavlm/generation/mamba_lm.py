@@ -22,12 +22,13 @@ import torch
 from torch import Tensor
 from transformers import MambaForCausalLM, PreTrainedModel
 
-from mambavlm.generation.decoder import StaticDecoder
+from mambavlm.generation.decoder import EOS_CHECK_INTERVAL, StaticDecoder, trim_after_eos
 from mambavlm.generation.mamba1 import MambaState, StatefulMambaMixer
+from mambavlm.generation.settings import GenerationSettings
 from mambavlm.llm.mamba2 import Mamba2State
 from mambavlm.llm.mamba2_lm import SSDForCausalLM
 from mambavlm.ops.dispatch import triton_runs_on
-from mambavlm.ops.mamba_stack_step import MambaStackStep, stack_step_unsupported
+from mambavlm.ops.mamba_stack_step import MAX_GREEDY_STEPS, MambaStackStep, stack_step_unsupported
 from mambavlm.ops.norm import add_rms_norm, rms_norm
 
 __all__ = ["FUSED_STEP_MAX_BATCH", "WHOLE_BLOCK_MAX_BATCH", "StaticStateDecoder"]
@@ -62,11 +63,11 @@ class StaticStateDecoder(StaticDecoder):
     ``TRITON_INTERPRET=1``, runs it anywhere, slowly).
 
     persistent_step: one sequence steps through one persistent CUDA kernel for the whole model
-    (``mambavlm.ops.mamba_stack_step``: every block, the final norm and lm_head in one launch; on an H200
-    1.67-1.80 ms per token for MambaVLM-2.8B against 2.0 for the Triton kernels, ``benchmarks/RESULTS.md`` a13),
-    built with nvcc on first use; other batches step as ``fused_step`` says. Raises ValueError where it
-    cannot run at batch 1 (``stack_step_unsupported``: not CUDA, before compute capability 9.0, no nvcc, a
-    bias, ...).
+    (``mambavlm.ops.mamba_stack_step``: every block, the final norm and lm_head in one launch), built with nvcc
+    on first use; greedy decoding runs up to ``MAX_GREEDY_STEPS`` tokens in one launch (the argmax and the next
+    token's embedding in the kernel, ``EOS_CHECK_INTERVAL`` tokens a launch where an EOS can end it), sampling
+    one step a CUDA-graph replay; other batches step as ``fused_step`` says. Raises ValueError where it cannot
+    run at batch 1 (``stack_step_unsupported``: not CUDA, before compute capability 9.0, no nvcc, a bias, ...).
     """
 
     supported_models = (MambaForCausalLM, SSDForCausalLM)
@@ -167,6 +168,50 @@ class StaticStateDecoder(StaticDecoder):
             layers = self.model.backbone.layers
             step = lambda i, x: layers[i].mixer.step(x, self._states[i])
         return self._logits(self._blocks(hidden, step, last_only=False))
+
+    def decode(
+        self, logits: Tensor, settings: GenerationSettings, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """From the prefill's logits (B, V): choose, step, repeat -> new token ids (B, T). With the persistent
+        step, greedy decoding runs in the kernel (``_decode_in_kernel``); otherwise ``StaticDecoder.decode``."""
+        if self._stack is None or settings.do_sample:
+            return super().decode(logits, settings, generator)
+        return self._decode_in_kernel(logits, settings)
+
+    def _decode_in_kernel(self, logits: Tensor, settings: GenerationSettings) -> Tensor:
+        """Greedy decoding of one sequence, many tokens a launch (``MambaStackStep.greedy``): the tokens
+        ``StaticDecoder.decode`` chooses (the kernel's logits and argmax are the one-step path's bit for bit).
+        Without EOS ids, ``MAX_GREEDY_STEPS`` tokens a launch and no sync; with them ``EOS_CHECK_INTERVAL``, the
+        tokens of each launch copied to the host behind it and checked while the next one runs, so that the GPU
+        never waits for the host and at most two launches' tokens follow the first EOS (trimmed, as there)."""
+        total = settings.max_new_tokens
+        tokens = torch.empty(1, total, dtype=torch.long, device=logits.device)
+        tokens[:, 0] = torch.argmax(logits, dim=-1)
+        eos = set(settings.eos_token_ids or ())
+        chunk = EOS_CHECK_INTERVAL if eos else MAX_GREEDY_STEPS
+        host = torch.empty(total, dtype=torch.long, pin_memory=True) if eos else None
+        produced, copied = 1, 0  # tokens decoded, tokens sent to the host for the EOS check
+        pending: list[tuple[torch.cuda.Event, int, int]] = []  # launches whose tokens are on their way to the host
+        with torch.cuda.device(logits.device):
+            while produced < total:
+                steps = min(chunk, total - produced)
+                self._stack.greedy(tokens[0, produced - 1 : produced], tokens[0, produced : produced + steps])
+                self._length += steps
+                produced += steps
+                if host is None:
+                    continue
+                host[copied:produced].copy_(tokens[0, copied:produced], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+                pending.append((event, copied, produced))
+                copied = produced
+                if len(pending) == 2:  # the launch before this one is done: did its tokens end the sequence?
+                    event, start, end = pending.pop(0)
+                    event.synchronize()
+                    if eos.intersection(host[start:end].tolist()):
+                        break
+        eos_ids = torch.tensor(sorted(eos), device=logits.device) if eos else None
+        return trim_after_eos(tokens[:, :produced], eos_ids)
 
     def _prefill(self, inputs_embeds: Tensor, attention_mask: Tensor | None) -> Tensor:
         padding = attention_mask

@@ -12,13 +12,22 @@ every block, the final norm and lm_head, and the weights stream across layers wi
   matrix-vector products from the ring, each warp a row (or a part of one) with its slice of the activation in
   registers, four stages at a time (17 stages of 10 KB: two in_proj rows or one out_proj row, one 16-byte
   vector a lane). A layer's small operands (x_proj's transposed rows, dt_proj's rows,
-  the conv weights and state, A, dt's bias, D, the SSM state, the norm weight) arrive by seven more bulk
-  copies, issued a layer ahead.
+  the conv weights, A, dt's bias, D, the norm weight) and the conv and SSM states arrive by seven more bulk
+  copies, issued a layer ahead (in the greedy loop below after one proxy fence a token: a bulk copy is in the
+  async proxy and must see the previous token's state writes).
 - What crosses blocks travels without grid-wide barriers: y and the float32 residual stream as flagged 64-bit
   words (32 bits of data, a 32-bit flag naming the launch and the layer; NCCL's LL protocol), which a reader
   polls in the L2, so one round trip both waits and delivers; x_proj's split-K sums as 64-bit atomic adds of
   fixed-point values (2^-30) above an arrival count. The producer never waits on them, so the next phase's
   weights keep streaming while the consumers wait.
+
+Greedy decoding runs many tokens in one launch (``MambaStackStep.greedy``): each block reduces its vocabulary
+rows' logits to an argmax key (the value's bits in an unsigned order above the complement of the index, so the
+largest key is the first index of the largest value, as ``torch.argmax`` chooses) and adds it to the step's slot
+with a 64-bit atomic max, then counts itself in (a release add); every block waits for the count, reads the
+token, and takes its embedding row as the next step's residual stream. The producer streams the next token's
+weights on without a break, so between tokens there is no kernel boundary, no argmax or embedding kernel and no
+host.
 
 Numerics follow ``norm_in_proj_conv`` / ``dt_state_update`` / ``out_proj_residual``: float32 residual, the
 norm's output rounded to the weights' dtype, in_proj's, the conv's and out_proj's outputs rounded to it, dt,
@@ -49,8 +58,10 @@ caching its segment: 1.04x, the time moving out of the products into the phases 
 probes showed where: the wait for x_proj's split-K sums, whose 192 words lay packed in 12 cache lines that
 every block's atomic adds queued on; one sum to a 128-byte line (the kernel's ``XACC_STRIDE``) took the step to
 1.66 ms, 0.971 of the packed layout's time (1.97x of mamba_ssm per CUDA-graph step), and end to end 1.70 and 1.69
-ms per decoded token against mamba_ssm's 3.28 (1.93x). Greedy decoding many tokens a launch, the argmax and the
-next token's embedding in the kernel, was bit-exact but slower so far (a15).
+ms per decoded token against mamba_ssm's 3.28 (1.93x). Greedy decoding 64 tokens a launch, the argmax and the
+next token's embedding in the kernel (a15): bit for bit the one-step path's tokens, 1.629 ms a token against 1.660
+for the one-step kernel in a CUDA graph, and end to end 1.68 ms against mamba_ssm's 3.29 (1.96x); on an H100 2.00
+against 3.78 (1.90x), 1.20x the H100's 1.67 ms floor.
 
 Needs compute capability 9.0 or later (bulk copies, mbarrier transaction counts), nvcc to build the kernel on
 first use (``mambavlm.ops.cuda_build``: seconds, cached), batch 1, bias-free in_proj / out_proj / x_proj, SiLU,
@@ -103,6 +114,8 @@ MAX_CHANNELS = 40
 time, a13)."""
 MAX_ROWS = 64
 """out_proj rows per block at most: the kernel's MAX_OWN."""
+MAX_GREEDY_STEPS = 64
+"""Greedy tokens one launch decodes at most (``MambaStackStep.greedy``): the argmax slots it allocates."""
 
 _CTYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half", torch.float32: "float"}
 
@@ -176,7 +189,7 @@ def _library(model_dim: int, inner: int, state: int, rank: int, width: int, dtyp
     lib = build_library(SOURCE, {"MODEL_DIM": model_dim, "INNER_DIM": inner, "STATE_DIM": state, "DT_RANK": rank,
                                  "CONV_WIDTH": width, "WEIGHT_T": _CTYPES[dtype], **build_options()}, arch)
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
-    lib.mamba_stack_step_launch.argtypes = [p, i, p, p, i, f, f, p, p, p, p, p, p, i, i, p]
+    lib.mamba_stack_step_launch.argtypes = [p, i, p, p, i, f, f, p, p, p, p, p, p, p, p, p, p, i, i, i, p]
     lib.mamba_stack_step_launch.restype = i
     return lib
 
@@ -242,6 +255,12 @@ class MambaStackStep:
                                 dtype=torch.int64, device=device)
         self.sync = torch.zeros(2, dtype=torch.int32, device=device)
         self.logits = torch.empty(1, weight.shape[0], device=device)
+        # greedy decoding: each step's argmax key and arrival count, each on a 128-byte line
+        self.amax = torch.zeros(MAX_GREEDY_STEPS, self.lib.mamba_stack_step_amax_stride(), dtype=torch.int64,
+                                device=device)
+        self.embedding = model.get_input_embeddings().weight
+        if not self.embedding.is_contiguous():
+            raise ValueError("the persistent decode step needs a contiguous input embedding")
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -262,20 +281,49 @@ class MambaStackStep:
                 packed[:, n + 2] = x.conv1d.bias if x.conv1d.bias is not None else 0.0
         self.x_proj_t.copy_(stack(x.x_proj.weight for x in self.mixers).transpose(1, 2))
 
+    def greedy(self, token: Tensor, out: Tensor) -> Tensor:
+        """Greedy decoding in one launch: token (1,) int64, the last token so far -> out (S,) int64 (written), the
+        next S tokens, each the argmax of its step's logits (the first index of the largest, as ``torch.argmax``)
+        and the input of the next step, which reads its embedding row in the kernel; returns the last step's
+        logits (1, V) float32 (a buffer the next call overwrites). The logits and tokens are those of S calls of
+        the one-step path with ``torch.argmax`` between them, bit for bit, without a launch, an argmax or an
+        embedding lookup between the steps.
+
+        Raises:
+            ValueError: S outside 1..MAX_GREEDY_STEPS, or token / out not contiguous int64 on the model's device.
+        """
+        steps = out.numel()
+        if not 1 <= steps <= MAX_GREEDY_STEPS:
+            raise ValueError(f"greedy decodes 1 to {MAX_GREEDY_STEPS} tokens a launch, asked for {steps}")
+        for name, t, shape in (("token", token, (1,)), ("out", out, (steps,))):
+            if t.shape != shape or t.dtype != torch.int64 or not t.is_contiguous() or t.device != self.logits.device:
+                raise ValueError(f"{name} must be a contiguous {shape} int64 tensor on {self.logits.device}, got "
+                                 f"{tuple(t.shape)} {t.dtype} on {t.device}")
+        self._launch(None, self.embedding, token, out, steps)
+        return self.logits
+
     def __call__(self, residual: Tensor) -> Tensor:
         if residual.shape != (1, self.model.config.hidden_size) or residual.dtype != torch.float32:
             raise ValueError(f"residual must be (1, {self.model.config.hidden_size}) float32, got "
                              f"{tuple(residual.shape)} {residual.dtype}")
         if not residual.is_contiguous() or residual.device != self.logits.device:
             raise ValueError(f"residual must be contiguous on {self.logits.device}")
+        self._launch(residual, None, None, None, 1)
+        return self.logits
+
+    def _launch(self, residual: Tensor | None, embedding: Tensor | None, token: Tensor | None, out: Tensor | None,
+                steps: int) -> None:
+        def ptr(t: Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
         norm_f = self.model.backbone.norm_f
-        stream = torch.cuda.current_stream(residual.device)
+        stream = torch.cuda.current_stream(self.logits.device)
         error = self.lib.mamba_stack_step_launch(
             self.table.data_ptr(), len(self.mixers), norm_f.weight.data_ptr(), self.model.lm_head.weight.data_ptr(),
             self.model.lm_head.weight.shape[0], self.model.backbone.layers[0].norm.variance_epsilon,
-            norm_f.variance_epsilon, residual.data_ptr(), self.logits.data_ptr(), self.ybuf.data_ptr(),
-            self.rbuf.data_ptr(), self.xacc.data_ptr(), self.sync.data_ptr(), self.grid, 1, stream.cuda_stream,
+            norm_f.variance_epsilon, ptr(residual), self.logits.data_ptr(), self.ybuf.data_ptr(),
+            self.rbuf.data_ptr(), self.xacc.data_ptr(), self.sync.data_ptr(), ptr(embedding), ptr(token), ptr(out),
+            self.amax.data_ptr(), steps, self.grid, 1, stream.cuda_stream,
         )
         if error != 0:
             raise RuntimeError(f"mamba_stack_step launch failed (cudaError {error})")
-        return self.logits

@@ -19,7 +19,7 @@ from mambavlm.generation import StaticStateDecoder
 from mambavlm.ops import cuda_build
 from mambavlm.ops.cuda_build import CudaBuildError, build_library, find_nvcc
 from mambavlm.ops.mamba_stack_step import SOURCE, stack_step_unsupported
-from tests.conftest import tiny_mamba, tiny_mamba_config, tiny_vlm
+from tests.conftest import strengthen_mixers, tiny_mamba, tiny_mamba_config, tiny_vlm
 
 needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="needs nvcc")
 on_hopper = pytest.mark.skipif(
@@ -150,3 +150,72 @@ def test_the_persistent_step_replays_in_the_cuda_graph_to_the_unfused_tokens(
         mine = decode(persistent, reference[0])[1]
         assert (mine - forced).abs().max() <= tol
         assert torch.equal(mine, again)
+
+
+@pytest.mark.gpu
+@on_hopper
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", ["wide", "wide on 13 blocks"])
+def test_greedy_decoding_in_the_kernel_gives_the_one_step_paths_tokens_bit_for_bit(
+    dtype: torch.dtype, shape: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``generate`` with the persistent step decodes greedily in the kernel (150 new tokens: launches of 64, 64
+    and 21 steps, the argmax and the next token's embedding between steps in the kernel), against the same
+    decoder stepping one token a CUDA-graph replay with ``torch.argmax`` between: the same tokens, and the last
+    step's logits bit for bit. With an EOS id (the reference's 40th token) it ends where ``StaticDecoder.decode``
+    ends (launches of 8, each checked while the next runs). With lm_head's rows tied across the blocks (rows
+    from 30 on all one row, the rest its negation) the largest logit of every step is shared by many blocks'
+    rows, and the kernel takes the first of them, as ``torch.argmax`` does. One greedy step a launch (the kernel
+    built without the step loop, which a chunk of one token runs) gives the same tokens and logits."""
+    from mambavlm.ops import mamba_stack_step as mss
+
+    if shape == "wide on 13 blocks":
+        monkeypatch.setattr(mss, "_grid", lambda inner, multiprocessors: 13)
+    torch.manual_seed(3)
+    lm = MambaForCausalLM(tiny_mamba_config(hidden_size=256, num_hidden_layers=4, state_size=16)).eval()
+    lm = strengthen_mixers(lm).to("cuda", dtype)
+    generator = torch.Generator("cuda").manual_seed(0)
+    embeds = lm.get_input_embeddings()(torch.randint(3, lm.config.vocab_size, (1, 21), device="cuda",
+                                                     generator=generator))
+    decoder = StaticStateDecoder(lm, persistent_step=True)
+
+    def stepwise(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.no_grad():
+            logits = decoder.prefill(embeds, max_new_tokens=n)
+            tokens = [logits.argmax(-1)]
+            for _ in range(n - 1):
+                logits = decoder.step(tokens[-1])
+                tokens.append(logits.argmax(-1))
+        return torch.stack(tokens, 1), logits.clone()
+
+    def in_kernel(n: int, eos: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = decoder.generate(embeds, max_new_tokens=n, eos_token_id=eos)
+        return tokens, decoder._stack.logits.clone()
+
+    def one_a_launch(n: int) -> tuple[torch.Tensor, torch.Tensor]:  # the one-step greedy kernel, launch after launch
+        with torch.no_grad():
+            out = torch.empty(n, dtype=torch.long, device="cuda")
+            out[:1] = decoder.prefill(embeds, max_new_tokens=n).argmax(-1)
+            for t in range(1, n):
+                decoder._stack.greedy(out[t - 1 : t], out[t : t + 1])
+        return out[None], decoder._stack.logits.clone()
+
+    reference, last = stepwise(150)
+    assert len(set(reference.flatten().tolist())) > 10
+    for tokens, logits in (in_kernel(150), one_a_launch(150)):
+        assert torch.equal(tokens, reference)
+        assert torch.equal(logits, last)
+
+    eos = int(reference[0, 39])
+    first = int((reference[0] == eos).nonzero()[0])
+    assert torch.equal(in_kernel(150, eos)[0], reference[:, : first + 1])
+
+    with torch.no_grad():
+        row = lm.lm_head.weight[30].clone()
+        lm.lm_head.weight[30:] = row
+        lm.lm_head.weight[:30] = -row
+    reference, last = stepwise(24)
+    assert set(reference.flatten().tolist()) <= {0, 30}  # the first of a tied group (0-29 or 30-96)
+    for tokens, logits in (in_kernel(24), one_a_launch(24)):
+        assert torch.equal(tokens, reference)
+        assert torch.equal(logits, last)

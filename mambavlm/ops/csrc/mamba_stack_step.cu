@@ -10,9 +10,14 @@
 // vocabulary rows. A producer warp streams that block's weight rows (in_proj's x rows, its z rows, out_proj's
 // rows, layer after layer, then lm_head's) through the ring with 1-D bulk copies (cp.async.bulk, completed on
 // mbarriers), and keeps the HBM fetching L2_AHEAD_KB further into the L2; the consumer warps take matrix-vector
-// products from the ring. A layer's small per-channel
-// operands (x_proj's transposed rows, dt_proj's rows, the conv weights and state, A / dt's bias / D / the conv
-// bias, the SSM state, the norm weight) arrive by seven more bulk copies, issued a layer ahead.
+// products from the ring. A layer's small per-channel operands (x_proj's transposed rows, dt_proj's rows, the
+// conv weights, A / dt's bias / D / the conv bias, the norm weight) and the conv and SSM states arrive by seven
+// more bulk copies, issued a layer ahead (in the greedy loop, after a proxy fence once a step: a bulk copy is the
+// async proxy and must see the previous token's generic state writes).
+//
+// With `embedding` (greedy decoding), one launch runs `steps` tokens: each step's blocks publish their argmax
+// keys (atomic max, then a release add on the step's count), and every block embeds the winner as the next
+// step's residual stream, while the producer streams on into the next token's weights.
 //
 // No grid-wide barrier: what crosses blocks travels as flagged words (NCCL's LL protocol), each 64-bit word
 // 32 bits of data and a 32-bit flag naming the launch and the layer, stored and loaded whole (single-copy
@@ -90,7 +95,8 @@ constexpr int ZG = XC + MAX_CHANNELS * 4;                          // gate z (nc
 constexpr int YS = ZG + MAX_CHANNELS * 4;                          // y (nc), T
 constexpr int XDBL = YS + MAX_CHANNELS * 4;                        // dt_low | B | C, float
 constexpr int RED = XDBL + R2 * 4;                                 // reduction scratch (NW), float
-constexpr int BARS = (RED + NW * 4 + 15) / 16 * 16;                // mbarriers
+constexpr int TOKEN = (RED + NW * 4 + 7) / 8 * 8;                   // the step's token (greedy), long long
+constexpr int BARS = (TOKEN + 8 + 15) / 16 * 16;                   // mbarriers
 constexpr int RING_MAX_STAGES = 24;
 constexpr int RING = (BARS + (2 * RING_MAX_STAGES + 1) * 8 + 1023) / 1024 * 1024;  // + the small operands' barrier
 constexpr int STAGES_FIT = (SMEM_LIMIT - RING) / STAGE_BYTES;
@@ -116,6 +122,7 @@ struct Layer {
 
 struct Args {
   const Layer* layers;
+  int steps;         // tokens this launch: 1 without `embedding`; with it, greedy tokens one after another
   int n_layers;
   const T* norm_f;   // (D,)
   const T* lm_head;  // (V, D)
@@ -127,7 +134,14 @@ struct Args {
   unsigned long long* ybuf;  // (Di * ES / 4,) flagged words: y
   unsigned long long* rbuf;  // (D,) flagged words: the residual stream
   unsigned long long* xacc;  // (n_layers, R2, XACC_STRIDE): sums and counts in [..., 0], zero between launches
-  unsigned* sync;    // [0]: blocks done (zero between launches), [1]: the launch count (the flags' epoch)
+  unsigned* sync;    // [0]: blocks done (zero between launches), [1]: tokens so far (the flags' epoch)
+  // greedy decoding in the kernel (null `embedding`: one step from `residual`): step j embeds token j (token_in
+  // for j = 0), and its logits' argmax is tokens_out[j]; the argmax's key and arrival count in amax[j * AMAX_STRIDE]
+  // and amax[j * AMAX_STRIDE + AMAX_STRIDE / 2], zero between launches
+  const T* embedding;            // (V, D)
+  const long long* token_in;     // (1,)
+  long long* tokens_out;         // (steps,)
+  unsigned long long* amax;      // (steps, AMAX_STRIDE)
 };
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) {
@@ -169,6 +183,19 @@ constexpr int EPW = 4 / ES;  // elements of T per flagged word
 // MambaVLM-2.8B), the grid's 132 x R2 atomic adds queued on 12 lines; a line each took the step to 0.971 of the
 // packed layout's time, 32 bytes each 0.992 (benchmarks/RESULTS.md a14).
 constexpr int XACC_STRIDE = 16;
+// 64-bit words from one step's argmax slot to the next: its key and its count each on a 128-byte line of its own
+constexpr int AMAX_STRIDE = 32;
+
+// The argmax's key: a float's bits mapped to an unsigned order (NaN above everything, as torch.argmax takes NaN
+// for the maximum) above the complement of its index, so the largest key is the largest value at its first index.
+__device__ __forceinline__ unsigned long long argmax_key(float v, int index) {
+  const unsigned b = __float_as_uint(v);
+  const unsigned order = v != v ? 0xffffffffu : (b & 0x80000000u) ? ~b : b | 0x80000000u;
+  return (static_cast<unsigned long long>(order) << 32) | (0xffffffffu - static_cast<unsigned>(index));
+}
+__device__ __forceinline__ long long argmax_index(unsigned long long key) {
+  return static_cast<long long>(0xffffffffu - static_cast<unsigned>(key));
+}
 
 __device__ __forceinline__ void store_word(unsigned long long* p, unsigned data, unsigned flag) {
   const unsigned long long w = (static_cast<unsigned long long>(flag) << 32) | data;
@@ -219,10 +246,11 @@ struct Ring {
   }
 };
 
-// What one block streams, in order: per layer its in_proj x rows, its z rows, its out_proj rows; then its
-// lm_head rows. Segment k's first byte and length.
+// What one block streams for a token, in order: per layer its in_proj x rows, its z rows, its out_proj rows;
+// then its lm_head rows; and again for the next token. Segment k's (of a token's) first byte and length.
 struct Stream {
   const Args* args;
+  int steps;  // tokens
   int c0, nc, o0, no, v0, nv;
   __device__ __forceinline__ int segments() const { return 3 * args->n_layers + 1; }
   __device__ __forceinline__ const char* base(int k) const {
@@ -275,21 +303,25 @@ __device__ __forceinline__ void bulk_copy_hint(void* dst, const void* src, unsig
 // The L2 prefetch cursor: keeps the HBM streaming the block's rows L2_AHEAD bytes past what the ring has asked
 // for, so that the stream does not stop while the consumers work between products and the ring is full.
 struct Ahead {
-  int k = 0;
+  int k = 0;       // segment of the token
+  int token = 0;   // of the launch's steps
   long long off = 0;
   long long lead = 0;  // bytes prefetched past the ring's last copy
   uint64_t policy = 0;
   __device__ __forceinline__ void fill(const Stream& st) {
     const int segs = st.segments();
-    while (lead < L2_AHEAD && k < segs) {
+    while (lead < L2_AHEAD && token < st.steps) {
       const long long left = st.bytes(k) - off;
       const unsigned n = static_cast<unsigned>(left < PREFETCH_CHUNK ? left : PREFETCH_CHUNK);
       if (n > 0) prefetch_l2(st.base(k) + off, n, policy);
       off += n;
       lead += n;
       if (off == st.bytes(k)) {
-        ++k;
         off = 0;
+        if (++k == segs) {
+          k = 0;
+          ++token;
+        }
       }
     }
   }
@@ -305,23 +337,25 @@ __device__ void produce_all(Ring& ring, const Stream& st) {
   asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(evict_first));
 #endif
   if constexpr (L2_AHEAD > 0) ahead.fill(st);
-  for (int k = 0; k < segs; ++k) {
-    constexpr int row_bytes = D * ES;
-    const bool out_rows = k % 3 == 2 && k != segs - 1;
-    const int rb = out_rows ? DI * ES : row_bytes;
-    const int per_stage = out_rows ? S_OUT : S_IN;
-    const char* src = st.base(k);
-    const int rows = static_cast<int>(st.bytes(k) / rb);
-    for (int r = 0; r < rows; r += per_stage) {
-      const int n = rows - r < per_stage ? rows - r : per_stage;
-      mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1u);
-      mbar_expect_tx(&ring.full[ring.stage], n * rb);
-      bulk_copy_hint(ring.buf + ring.stage * STAGE_BYTES, src + static_cast<size_t>(r) * rb, n * rb,
-                     &ring.full[ring.stage], evict_first);
-      ring.advance();
-      if constexpr (L2_AHEAD > 0) {
-        ahead.lead -= n * rb;
-        ahead.fill(st);
+  for (int j = 0; j < st.steps; ++j) {
+    for (int k = 0; k < segs; ++k) {
+      constexpr int row_bytes = D * ES;
+      const bool out_rows = k % 3 == 2 && k != segs - 1;
+      const int rb = out_rows ? DI * ES : row_bytes;
+      const int per_stage = out_rows ? S_OUT : S_IN;
+      const char* src = st.base(k);
+      const int rows = static_cast<int>(st.bytes(k) / rb);
+      for (int r = 0; r < rows; r += per_stage) {
+        const int n = rows - r < per_stage ? rows - r : per_stage;
+        mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1u);
+        mbar_expect_tx(&ring.full[ring.stage], n * rb);
+        bulk_copy_hint(ring.buf + ring.stage * STAGE_BYTES, src + static_cast<size_t>(r) * rb, n * rb,
+                       &ring.full[ring.stage], evict_first);
+        ring.advance();
+        if constexpr (L2_AHEAD > 0) {
+          ahead.lead -= n * rb;
+          ahead.fill(st);
+        }
       }
     }
   }
@@ -345,13 +379,23 @@ struct Gemv {
     return part * KP + (lane + 32 * i) * EPV + e;
   }
 
-  // act = RMSNorm(residual) * weight over the part's slice, rounded to T. The residual is `plain` (written
-  // before the launch) when `words` is null, else the flagged words carrying `flag` (polled in the L2).
-  __device__ __forceinline__ void load_norm(const float* plain, const unsigned long long* words, unsigned flag,
-                                            const T* weight, float eps, float* red, int warp, int lane) {
+  // act = RMSNorm(residual) * weight over the part's slice, rounded to T. The residual is the flagged words
+  // carrying `flag` (polled in the L2); without words, the token's embedding row `emb` or else `plain` (both
+  // written before the launch).
+  __device__ __forceinline__ void load_norm(const float* plain, const T* emb, const unsigned long long* words,
+                                            unsigned flag, const T* weight, float eps, float* red, int warp,
+                                            int lane) {
     const int part = warp / S;
     static_assert(VPL * EPV / 4 <= 32, "a lane's residual slice must fit a 32-bit mask of groups");
-    if (words == nullptr) {
+    if (words == nullptr && emb != nullptr) {
+#pragma unroll
+      for (int i = 0; i < VPL; ++i) {
+        const uint4 raw = has(lane, i) ? *reinterpret_cast<const uint4*>(emb + index(part, lane, i, 0)) : uint4{};
+        const T* x = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+        for (int e = 0; e < EPV; ++e) act[i * EPV + e] = to_f(x[e]);
+      }
+    } else if (words == nullptr) {
 #pragma unroll
       for (int i = 0; i < VPL; ++i) {
 #pragma unroll
@@ -524,8 +568,12 @@ struct Gemv {
 };
 
 constexpr int CPW = (MAX_CHANNELS + NW - 1) / NW;  // channels per consumer warp, at most
+static_assert(MAX_CHANNELS <= CONSUMERS, "a block's channels must have a consumer thread each");
 constexpr int RPL = (R2 + 31) / 32;                // x_proj outputs per lane
 
+// GREEDY: greedy tokens from token_in, `steps` of them (ONE: one, its step count known at compile time, so
+// without the loop's registers); otherwise one step from `residual`
+template <bool GREEDY, bool ONE>
 __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args args) {
   extern __shared__ __align__(1024) char smem[];
   const int tid = threadIdx.x;
@@ -536,6 +584,7 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
 
   Stream st;
   st.args = &args;
+  st.steps = GREEDY && !ONE ? args.steps : 1;
   const int groups = DI / 8;
   st.c0 = (g * groups / G) * 8;
   st.nc = ((g + 1) * groups / G) * 8 - st.c0;
@@ -570,8 +619,8 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
   T* s_dt = reinterpret_cast<T*>(smem + SMALL_DT);
   T* s_cw = reinterpret_cast<T*>(smem + SMALL_CW);
   T* s_cs = reinterpret_cast<T*>(smem + SMALL_CS);
-  float* s_pk = reinterpret_cast<float*>(smem + SMALL_PK);
   float* s_h = reinterpret_cast<float*>(smem + SMALL_H);
+  float* s_pk = reinterpret_cast<float*>(smem + SMALL_PK);
   T* s_nw = reinterpret_cast<T*>(smem + SMALL_NW);
   float* partial = reinterpret_cast<float*>(smem + PART);
   float* own = reinterpret_cast<float*>(smem + OWN);
@@ -580,13 +629,14 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
   float* xdbl = reinterpret_cast<float*>(smem + XDBL);
   T* ys = reinterpret_cast<T*>(smem + YS);
   float* red = reinterpret_cast<float*>(smem + RED);
-  // the flags of this launch: layer l's words carry epoch * (n_layers + 1) + l + 1 (mod 2^32), never those of
-  // the launch before, nor the zeros the buffers start with
+  long long* s_token = reinterpret_cast<long long*>(smem + TOKEN);
+  // the flags: step j's layer l words carry (epoch + j) * (n_layers + 1) + l + 1 (mod 2^32), never those of the
+  // token before, nor the zeros the buffers start with
   unsigned epoch;
   asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(epoch) : "l"(args.sync + 1) : "memory");
-  const unsigned flag0 = epoch * static_cast<unsigned>(args.n_layers + 1) + 1u;
-
-  for (int o = tid; o < no; o += CONSUMERS) own[o] = args.residual[o0 + o];  // rows only this block writes
+  const int nl = args.n_layers;
+  constexpr bool greedy = GREEDY;
+  const int steps = GREEDY && !ONE ? args.steps : 1;
 
   using GIn = Gemv<D, S_IN>;
   using GOut = Gemv<DI, S_OUT>;
@@ -594,7 +644,9 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
   // a layer's small operands: x_proj's transposed rows, dt_proj's rows, conv weights and state, the packed
   // float32 table, the SSM state and the norm weight; seven 1-D bulk copies by one thread, completed on their
   // own mbarrier (every size a multiple of 16 bytes: c0 and nc are multiples of 8, D of 8), issued for layer
-  // l + 1 once layer l's state update is done
+  // l + 1 once layer l's state update is done (greedy: layer 0's for the next step once this step's argmax is
+  // out, behind every consumer thread's proxy fence, so that the copies (the async proxy) see this step's state
+  // writes)
   uint64_t* small_bar = ring.empty + RING_MAX_STAGES;
   unsigned small_phase = 0;
   auto issue_small = [&](const Layer& L) {
@@ -609,167 +661,234 @@ __global__ void __launch_bounds__(THREADS, 1) mamba_stack_step_kernel(const Args
     bulk_copy(s_h, L.ssm_state + static_cast<size_t>(c0) * N, h, small_bar);
     bulk_copy(s_nw, L.norm_w, D * ES, small_bar);
   };
-  if (args.n_layers > 0) issue_small(args.layers[0]);
+  if (nl > 0) issue_small(args.layers[0]);
 
-  for (int l = 0; l < args.n_layers; ++l) {
-    const Layer& L = args.layers[l];
-    mbar_wait(small_bar, small_phase);  // this layer's small operands (issued during the previous layer)
-    small_phase ^= 1u;
-    // P1: RMSNorm, in_proj's x rows, the conv update, x_proj's share (split-K), in_proj's z rows
-    GIn gin;
-    gin.load_norm(args.residual, l == 0 ? nullptr : args.rbuf, flag0 + l - 1, s_nw, args.eps, red, warp, lane);
-    if (g == 0 && l > 0) {  // every block has read layer l - 1's x_proj sums: zero them for the next launch
-      for (int r = tid; r < R2; r += CONSUMERS) args.xacc[((l - 1) * R2 + r) * XACC_STRIDE] = 0ull;
-    }
-    gin.run(ring, nc, partial, warp, lane);
-    consumers_sync();
-    for (int c = tid; c < nc; c += CONSUMERS) {
-      const float x_new = round_t(GIn::total(partial, c));
-      float out = s_pk[c * PACK + N + 2];  // conv bias
-      T* state = L.conv_state + static_cast<size_t>(c0 + c) * W;
-#pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const float win = j + 1 < W ? to_f(s_cs[c * W + j + 1]) : x_new;
-        state[j] = static_cast<T>(win);
-        out = fmaf(win, to_f(s_cw[c * W + j]), out);
+  for (int j = 0; j < steps; ++j) {
+    const unsigned flag0 = (epoch + static_cast<unsigned>(j)) * static_cast<unsigned>(nl + 1) + 1u;
+    if (greedy) {
+      if (tid == 0) {
+        long long token;
+        if (j == 0) {
+          token = *args.token_in;
+        } else {  // the previous step's argmax, once every block's share is in
+          const unsigned long long* slot = args.amax + static_cast<size_t>(j - 1) * AMAX_STRIDE;
+          unsigned long long count, key;
+          do {
+            asm volatile("ld.acquire.gpu.global.u64 %0, [%1];" : "=l"(count) : "l"(slot + AMAX_STRIDE / 2) : "memory");
+          } while (count != static_cast<unsigned long long>(G));
+          asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(key) : "l"(slot) : "memory");
+          token = argmax_index(key);
+          if (g == 0) args.tokens_out[j - 1] = token;
+        }
+        *s_token = token;
       }
-      out = out / (1.f + expf(-out));  // SiLU
-      xc[c] = round_t(out);
+      consumers_sync();
     }
-    consumers_sync();
-    {  // x_proj's share: warp w sums its channels (w, w + NW, ...) for every output, then the warps' sums
-      float acc[RPL];
+    // the token's embedding row (greedy; else the residual written before the launch), from the shared token
+    // where it is used rather than held across the step (registers are the kernel's limit)
+    auto embedding = [&]() -> const T* {
+      return greedy ? args.embedding + static_cast<size_t>(*s_token) * D : nullptr;
+    };
+    for (int o = tid; o < no; o += CONSUMERS) own[o] = greedy ? to_f(embedding()[o0 + o]) : args.residual[o0 + o];
+
+    for (int l = 0; l < nl; ++l) {
+      const Layer& L = args.layers[l];
+      mbar_wait(small_bar, small_phase);  // this layer's small operands (issued during the previous layer)
+      small_phase ^= 1u;
+      // P1: RMSNorm, in_proj's x rows, the conv update, x_proj's share (split-K), in_proj's z rows
+      GIn gin;
+      gin.load_norm(args.residual, l == 0 ? embedding() : nullptr, l == 0 ? nullptr : args.rbuf, flag0 + l - 1, s_nw,
+                    args.eps, red, warp, lane);
+      if (g == 0 && l > 0) {  // every block has read layer l - 1's x_proj sums: zero them for the next step
+        for (int r = tid; r < R2; r += CONSUMERS) args.xacc[((l - 1) * R2 + r) * XACC_STRIDE] = 0ull;
+      }
+      gin.run(ring, nc, partial, warp, lane);
+      consumers_sync();
+      if (tid < nc) {
+        const int c = tid;
+        const float x_new = round_t(GIn::total(partial, c));
+        float out = s_pk[c * PACK + N + 2];  // conv bias
+        T* state = L.conv_state + static_cast<size_t>(c0 + c) * W;
 #pragma unroll
-      for (int j = 0; j < RPL; ++j) acc[j] = 0.f;
+        for (int i = 0; i < W; ++i) {
+          const float win = i + 1 < W ? to_f(s_cs[c * W + i + 1]) : x_new;
+          state[i] = static_cast<T>(win);
+          out = fmaf(win, to_f(s_cw[c * W + i]), out);
+        }
+        out = out / (1.f + expf(-out));  // SiLU
+        xc[c] = round_t(out);
+      }
+      consumers_sync();
+      {  // x_proj's share: warp w sums its channels (w, w + NW, ...) for every output, then the warps' sums
+        float acc[RPL];
 #pragma unroll
-      for (int k = 0; k < CPW; ++k) {
-        const int c = warp + NW * k;
-        if (c < nc) {
-          const float x = xc[c];
+        for (int i = 0; i < RPL; ++i) acc[i] = 0.f;
 #pragma unroll
-          for (int j = 0; j < RPL; ++j) {
-            const int r = lane + 32 * j;
-            if (r < R2) acc[j] = fmaf(to_f(s_xp[c * R2 + r]), x, acc[j]);
+        for (int k = 0; k < CPW; ++k) {
+          const int c = warp + NW * k;
+          if (c < nc) {
+            const float x = xc[c];
+#pragma unroll
+            for (int i = 0; i < RPL; ++i) {
+              const int r = lane + 32 * i;
+              if (r < R2) acc[i] = fmaf(to_f(s_xp[c * R2 + r]), x, acc[i]);
+            }
+          }
+        }
+#pragma unroll
+        for (int i = 0; i < RPL; ++i) {
+          const int r = lane + 32 * i;
+          if (r < R2) partial[warp * R2 + r] = acc[i];
+        }
+        consumers_sync();
+        for (int r = tid; r < R2; r += CONSUMERS) {
+          float v = 0.f;
+#pragma unroll
+          for (int w = 0; w < NW; ++w) v += partial[w * R2 + r];
+          const long long q = __float2ll_rn(v * (1ll << XACC_SHIFT));  // fixed point; the count in the low byte
+          asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(args.xacc + (l * R2 + r) * XACC_STRIDE),
+                       "l"((static_cast<unsigned long long>(q) << 8) + 1ull)
+                       : "memory");
+        }
+      }
+      consumers_sync();
+      gin.run(ring, nc, partial, warp, lane);
+      consumers_sync();
+      for (int c = tid; c < nc; c += CONSUMERS) zg[c] = round_t(GIn::total(partial, c));
+
+      // P2: dt_proj + softplus, the selective state update, y = (C h + D x) silu(z); warp w: channels w + NW k
+      for (int r = tid; r < R2; r += CONSUMERS) {  // x_proj's sums, once every block's share is in
+        unsigned long long w;
+        do {
+          asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
+                       : "=l"(w)
+                       : "l"(args.xacc + (l * R2 + r) * XACC_STRIDE)
+                       : "memory");
+        } while ((w & 0xffull) != (static_cast<unsigned>(G) & 0xffu));
+        xdbl[r] = static_cast<float>(__ll2double_rn(static_cast<long long>(w) >> 8) * (1.0 / (1ll << XACC_SHIFT)));
+      }
+      consumers_sync();
+      {
+        float dt[CPW];
+#pragma unroll
+        for (int k = 0; k < CPW; ++k) {
+          const int c = warp + NW * k;
+          float v = 0.f;
+          if (c < nc) {
+            for (int i = lane; i < R; i += 32) v = fmaf(to_f(s_dt[c * R + i]), xdbl[i], v);
+          }
+          dt[k] = v;
+        }
+#pragma unroll
+        for (int k = 0; k < CPW; ++k) {
+          const int c = warp + NW * k;
+          const float v = warp_sum(dt[k]) + (c < nc ? s_pk[c * PACK + N] : 0.f);
+          dt[k] = v <= 20.f ? logf(1.f + expf(v)) : v;
+        }
+#pragma unroll
+        for (int k = 0; k < CPW; ++k) {
+          const int c = warp + NW * k;
+          float contrib = 0.f;
+          if (c < nc && lane < N) {
+            const float x = xc[c];
+            const float h = s_h[c * N + lane] * expf(dt[k] * s_pk[c * PACK + lane]) + dt[k] * xdbl[R + lane] * x;
+            L.ssm_state[static_cast<size_t>(c0 + c) * N + lane] = h;
+            contrib = h * xdbl[R + N + lane];
+          }
+          dt[k] = contrib;
+        }
+#pragma unroll
+        for (int k = 0; k < CPW; ++k) {
+          const int c = warp + NW * k;
+          const float sum = warp_sum(dt[k]);
+          if (c < nc && lane == 0) {
+            const float x = xc[c];
+            const float z = zg[c];
+            const float y = (sum + s_pk[c * PACK + N + 1] * x) * z / (1.f + expf(-z));
+            ys[c] = static_cast<T>(y);
           }
         }
       }
-#pragma unroll
-      for (int j = 0; j < RPL; ++j) {
-        const int r = lane + 32 * j;
-        if (r < R2) partial[warp * R2 + r] = acc[j];
+      consumers_sync();  // the small operands are read: the next layer's (or the next step's first) may land
+      for (int i = tid; i < nc / EPW; i += CONSUMERS) {
+        store_word(args.ybuf + c0 / EPW + i, reinterpret_cast<const unsigned*>(ys)[i], flag0 + l);
+      }
+      if (l + 1 < nl) issue_small(args.layers[l + 1]);
+
+      // P3: out_proj + the residual add
+      GOut gout;
+      gout.load_vector(args.ybuf, flag0 + l, warp, lane);
+      gout.run(ring, no, partial, warp, lane);
+      consumers_sync();
+      for (int o = tid; o < no; o += CONSUMERS) {
+        own[o] += round_t(GOut::total(partial, o));
+        store_word(args.rbuf + o0 + o, __float_as_uint(own[o]), flag0 + l);
+      }
+    }
+
+    // the final norm and lm_head
+    GIn gin;
+    gin.load_norm(args.residual, nl == 0 ? embedding() : nullptr, nl == 0 ? nullptr : args.rbuf, flag0 + nl - 1,
+                  args.norm_f, args.eps_f, red, warp, lane);
+    if (g == 0 && nl > 0) {
+      for (int r = tid; r < R2; r += CONSUMERS) args.xacc[((nl - 1) * R2 + r) * XACC_STRIDE] = 0ull;
+    }
+    // the final residual rows, over the embedding every block read at layer 0 (which each block is past: its
+    // last rows are in)
+    if (!greedy) {
+      for (int o = tid; o < no; o += CONSUMERS) args.residual[o0 + o] = own[o];
+    }
+    const bool write_logits = !greedy || j + 1 == steps;
+    unsigned long long best = 0;  // this thread's argmax key
+    constexpr int CHUNK = MAX_PARTIALS / GIn::P;  // lm_head's rows in chunks that fit the partial sums
+    for (int v = 0; v < nv; v += CHUNK) {
+      const int rows = nv - v < CHUNK ? nv - v : CHUNK;
+      gin.run(ring, rows, partial, warp, lane);
+      consumers_sync();
+      for (int o = tid; o < rows; o += CONSUMERS) {
+        const float logit = round_t(GIn::total(partial, o));
+        if (write_logits) args.logits[v0 + v + o] = logit;
+        if (greedy) best = max(best, argmax_key(logit, v0 + v + o));
       }
       consumers_sync();
-      for (int r = tid; r < R2; r += CONSUMERS) {
-        float v = 0.f;
-#pragma unroll
-        for (int w = 0; w < NW; ++w) v += partial[w * R2 + r];
-        const long long q = __float2ll_rn(v * (1ll << XACC_SHIFT));  // fixed point; the count in the low byte
-        asm volatile("red.relaxed.gpu.global.add.u64 [%0], %1;" ::"l"(args.xacc + (l * R2 + r) * XACC_STRIDE),
-                     "l"((static_cast<unsigned long long>(q) << 8) + 1ull)
-                     : "memory");
-      }
     }
-    consumers_sync();
-    gin.run(ring, nc, partial, warp, lane);
-    consumers_sync();
-    for (int c = tid; c < nc; c += CONSUMERS) zg[c] = round_t(GIn::total(partial, c));
-
-    // P2: dt_proj + softplus, the selective state update, y = (C h + D x) silu(z); warp w: channels w + NW k
-    for (int r = tid; r < R2; r += CONSUMERS) {  // x_proj's sums, once every block's share is in
-      unsigned long long w;
-      do {
-        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];"
-                     : "=l"(w)
-                     : "l"(args.xacc + (l * R2 + r) * XACC_STRIDE)
-                     : "memory");
-      } while ((w & 0xffull) != (static_cast<unsigned>(G) & 0xffu));
-      xdbl[r] = static_cast<float>(__ll2double_rn(static_cast<long long>(w) >> 8) * (1.0 / (1ll << XACC_SHIFT)));
-    }
-    consumers_sync();
-    {
-      float dt[CPW];
+    if (greedy) {  // the block's argmax into the step's slot, then its arrival (release: the key first)
+      // this thread's state writes of the step before the next step's bulk copies of the states (async proxy),
+      // which tid 0 issues after the barrier below (a fence after each layer's writes cost ~1 us a layer); one
+      // step a launch needs none (the launch's end orders them)
+      if (j + 1 < steps) asm volatile("fence.proxy.async.global;" ::: "memory");
 #pragma unroll
-      for (int k = 0; k < CPW; ++k) {
-        const int c = warp + NW * k;
-        float v = 0.f;
-        if (c < nc) {
-          for (int j = lane; j < R; j += 32) v = fmaf(to_f(s_dt[c * R + j]), xdbl[j], v);
-        }
-        dt[k] = v;
+      for (int o = 16; o > 0; o >>= 1) best = max(best, __shfl_xor_sync(0xffffffffu, best, o));
+      unsigned long long* keys = reinterpret_cast<unsigned long long*>(partial);
+      if (lane == 0) keys[warp] = best;
+      consumers_sync();
+      if (tid == 0) {
+        for (int w = 0; w < NW; ++w) best = max(best, keys[w]);
+        unsigned long long* slot = args.amax + static_cast<size_t>(j) * AMAX_STRIDE;
+        atomicMax(slot, best);
+        asm volatile("red.release.gpu.global.add.u64 [%0], 1;" ::"l"(slot + AMAX_STRIDE / 2) : "memory");
+        if (j + 1 < steps && nl > 0) issue_small(args.layers[0]);
       }
-#pragma unroll
-      for (int k = 0; k < CPW; ++k) {
-        const int c = warp + NW * k;
-        const float v = warp_sum(dt[k]) + (c < nc ? s_pk[c * PACK + N] : 0.f);
-        dt[k] = v <= 20.f ? logf(1.f + expf(v)) : v;
-      }
-#pragma unroll
-      for (int k = 0; k < CPW; ++k) {
-        const int c = warp + NW * k;
-        float contrib = 0.f;
-        if (c < nc && lane < N) {
-          const float x = xc[c];
-          float h = s_h[c * N + lane];
-          h = h * expf(dt[k] * s_pk[c * PACK + lane]) + dt[k] * xdbl[R + lane] * x;
-          L.ssm_state[static_cast<size_t>(c0 + c) * N + lane] = h;
-          contrib = h * xdbl[R + N + lane];
-        }
-        dt[k] = contrib;
-      }
-#pragma unroll
-      for (int k = 0; k < CPW; ++k) {
-        const int c = warp + NW * k;
-        const float sum = warp_sum(dt[k]);
-        if (c < nc && lane == 0) {
-          const float x = xc[c];
-          const float z = zg[c];
-          const float y = (sum + s_pk[c * PACK + N + 1] * x) * z / (1.f + expf(-z));
-          ys[c] = static_cast<T>(y);
-        }
-      }
-    }
-    consumers_sync();  // the small operands are read: the next layer's may land
-    for (int i = tid; i < nc / EPW; i += CONSUMERS) {
-      store_word(args.ybuf + c0 / EPW + i, reinterpret_cast<const unsigned*>(ys)[i], flag0 + l);
-    }
-    if (l + 1 < args.n_layers) issue_small(args.layers[l + 1]);
-
-    // P3: out_proj + the residual add
-    GOut gout;
-    gout.load_vector(args.ybuf, flag0 + l, warp, lane);
-    gout.run(ring, no, partial, warp, lane);
-    consumers_sync();
-    for (int o = tid; o < no; o += CONSUMERS) {
-      own[o] += round_t(GOut::total(partial, o));
-      store_word(args.rbuf + o0 + o, __float_as_uint(own[o]), flag0 + l);
     }
   }
 
-  // the final norm and lm_head
-  GIn gin;
-  const int nl = args.n_layers;
-  gin.load_norm(args.residual, nl == 0 ? nullptr : args.rbuf, flag0 + nl - 1, args.norm_f, args.eps_f, red, warp,
-                lane);
-  if (g == 0 && nl > 0) {
-    for (int r = tid; r < R2; r += CONSUMERS) args.xacc[((nl - 1) * R2 + r) * XACC_STRIDE] = 0ull;
-  }
-  // the final residual rows, over the embedding every block read at layer 0 (which each block is past: its
-  // last rows are in)
-  for (int o = tid; o < no; o += CONSUMERS) args.residual[o0 + o] = own[o];
-  constexpr int CHUNK = MAX_PARTIALS / GIn::P;  // lm_head's rows in chunks that fit the partial sums
-  for (int v = 0; v < nv; v += CHUNK) {
-    const int rows = nv - v < CHUNK ? nv - v : CHUNK;
-    gin.run(ring, rows, partial, warp, lane);
-    consumers_sync();
-    for (int o = tid; o < rows; o += CONSUMERS) args.logits[v0 + v + o] = round_t(GIn::total(partial, o));
-    consumers_sync();
-  }
-
-  // the last block out resets the count and advances the epoch for the next launch
+  // the last block out: the last step's token, the argmax slots zeroed, the count reset and the epoch advanced
   if (tid == 0) {
-    if (atomicAdd(args.sync, 1u) == static_cast<unsigned>(G) - 1) {
+    unsigned done;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;" : "=r"(done) : "l"(args.sync) : "memory");
+    if (done == static_cast<unsigned>(G) - 1) {
+      if (greedy) {
+        unsigned long long key;
+        const unsigned long long* last = args.amax + static_cast<size_t>(steps - 1) * AMAX_STRIDE;
+        asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(key) : "l"(last) : "memory");
+        args.tokens_out[steps - 1] = argmax_index(key);
+        for (int j = 0; j < steps; ++j) {
+          args.amax[static_cast<size_t>(j) * AMAX_STRIDE] = 0ull;
+          args.amax[static_cast<size_t>(j) * AMAX_STRIDE + AMAX_STRIDE / 2] = 0ull;
+        }
+      }
       atomicExch(args.sync, 0u);
-      atomicAdd(args.sync + 1, 1u);
+      atomicAdd(args.sync + 1, static_cast<unsigned>(steps));
     }
   }
 }
@@ -783,20 +902,36 @@ int mamba_stack_step_stages() { return STAGES; }
 int mamba_stack_step_max_channels() { return MAX_CHANNELS; }
 int mamba_stack_step_max_rows() { return MAX_OWN; }
 int mamba_stack_step_xacc_stride() { return XACC_STRIDE; }
+int mamba_stack_step_amax_stride() { return AMAX_STRIDE; }
 
 // Raise the kernel's shared-memory limit; returns a cudaError_t.
 int mamba_stack_step_configure() {
-  return static_cast<int>(
-      cudaFuncSetAttribute(mamba_stack_step_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES));
+  for (const void* kernel : {reinterpret_cast<const void*>(mamba_stack_step_kernel<false, true>),
+                             reinterpret_cast<const void*>(mamba_stack_step_kernel<true, true>),
+                             reinterpret_cast<const void*>(mamba_stack_step_kernel<true, false>)}) {
+    const cudaError_t error =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, SMEM_BYTES);
+    if (error != cudaSuccess) return static_cast<int>(error);
+  }
+  return 0;
 }
 
 // Launch on `stream` with `grid` blocks (all resident: at most one per multiprocessor); returns a cudaError_t.
+// Without `embedding`: one step from `residual` (its logits; residual overwritten with the final residual
+// stream). With it: `steps` greedy tokens from token_in into tokens_out, the last step's logits.
 int mamba_stack_step_launch(const void* layers, int n_layers, const void* norm_f, const void* lm_head, int vocab,
                             float eps, float eps_f, float* residual, float* logits, void* ybuf, void* rbuf,
-                            void* xacc, unsigned* sync, int grid, int cooperative, void* stream) {
+                            void* xacc, unsigned* sync, const void* embedding, const void* token_in,
+                            void* tokens_out, void* amax, int steps, int grid, int cooperative, void* stream) {
   if (grid < 1 || grid > 255) return static_cast<int>(cudaErrorInvalidValue);  // x_proj's counts: 8 bits
+  if (steps < 1 || (embedding == nullptr && steps != 1)) return static_cast<int>(cudaErrorInvalidValue);
   Args args;
   args.layers = static_cast<const Layer*>(layers);
+  args.steps = steps;
+  args.embedding = static_cast<const T*>(embedding);
+  args.token_in = static_cast<const long long*>(token_in);
+  args.tokens_out = static_cast<long long*>(tokens_out);
+  args.amax = static_cast<unsigned long long*>(amax);
   args.n_layers = n_layers;
   args.norm_f = static_cast<const T*>(norm_f);
   args.lm_head = static_cast<const T*>(lm_head);
@@ -819,6 +954,10 @@ int mamba_stack_step_launch(const void* layers, int n_layers, const void* norm_f
   attribute[0].val.cooperative = cooperative;
   config.attrs = attribute;
   config.numAttrs = 1;
-  return static_cast<int>(cudaLaunchKernelEx(&config, mamba_stack_step_kernel, args));
+  if (embedding == nullptr) {
+    return static_cast<int>(cudaLaunchKernelEx(&config, mamba_stack_step_kernel<false, true>, args));
+  }
+  if (steps == 1) return static_cast<int>(cudaLaunchKernelEx(&config, mamba_stack_step_kernel<true, true>, args));
+  return static_cast<int>(cudaLaunchKernelEx(&config, mamba_stack_step_kernel<true, false>, args));
 }
 }
