@@ -587,8 +587,9 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
     def attach_tokenizer(self, tokenizer: PreTrainedTokenizerBase | None) -> None:
         """Use ``tokenizer`` for prompts and answers. Its chat template becomes the model's conversation
         format (``ConversationTemplate.chat_template``: ``tokenizer.apply_chat_template`` gives the text
-        ``answer`` prompts with), and its EOS and PAD the generation defaults where the generation
-        config has none.
+        ``answer`` prompts with), and its EOS, PAD and BOS ids the generation defaults where the generation
+        config has none or was derived from the LLM's config (whose class defaults, MambaConfig's 0 for all
+        three, need not be the tokenizer's); a saved ``generation_config.json`` keeps its own.
 
         Raises LLMBuildError (``check_tokenizer_fits``) when the tokenizer has more tokens than the LLM has
         token embeddings (``llm.config.vocab_size`` too small)."""
@@ -600,10 +601,16 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
             return
         tokenizer.chat_template = self.template.chat_template
         for config in (self.generation_config, self.llm.generation_config):
-            if config.eos_token_id is None:
-                config.eos_token_id = tokenizer.eos_token_id
-            if config.pad_token_id is None:
-                config.pad_token_id = tokenizer.pad_token_id
+            # a generation config derived from the LLM's config (not a saved generation_config.json) holds that
+            # config class's default ids (MambaConfig: 0 for EOS, BOS and PAD), which need not be the tokenizer's
+            derived = bool(getattr(config, "_from_model_config", False))
+            for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+                ours = getattr(tokenizer, name, None)
+                current = getattr(config, name)
+                if ours is None or current == ours or (isinstance(current, list) and ours in current):
+                    continue
+                if current is None or derived:
+                    setattr(config, name, ours)
 
     def processor(self) -> MambaVLMProcessor:
         """This model's processor: its encoders' image preprocessing, its tokenizer and its conversation

@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, MambaConfig
+from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor, GenerationConfig, MambaConfig
 from transformers.generation.streamers import BaseStreamer
 
 import mambavlm  # noqa: F401  (registers the Auto classes)
 from mambavlm.config import ConfigError, ModelConfig, load_config
 from mambavlm.configuration import MambaVLMConfig
 from mambavlm.llm.factory import family_classes
+from mambavlm.llm.tokenizer import TINY_VOCAB_FILE
 from mambavlm.model import MambaVLM
 from mambavlm.processing import MambaVLMImageProcessor, MambaVLMProcessor
 from tests.conftest import TINY_MODEL, tiny_vlm
@@ -207,3 +208,25 @@ def test_static_cache_implementation_on_cuda_replays_the_cuda_graph_to_the_defau
     static = model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None, cache_implementation="static")
     assert model.static_decoder().cuda_graph
     torch.testing.assert_close(static, default, rtol=0, atol=0)
+
+
+def test_generation_defaults_take_the_tokenizers_special_ids_and_a_saved_config_keeps_its_own(tmp_path: Path) -> None:
+    """The tiny LLM's config carries MambaConfig's defaults (0 for EOS, BOS and PAD); the tokenizer's
+    ``</s>``, ``<s>`` and ``<pad>`` are lines 2, 1 and 0 of its vocabulary file. Generation (generate,
+    generate_ids, the chat) must stop at the tokenizer's EOS, also after a save and reload; a
+    generation_config.json written by hand keeps its ids."""
+    words = TINY_VOCAB_FILE.read_text().split("\n")
+    eos, bos, pad = words.index("</s>"), words.index("<s>"), words.index("<pad>")
+    model = tiny_vlm()
+    assert model.llm.config.eos_token_id == 0  # the default the generation configs must not keep
+    for config in (model.generation_config, model.llm.generation_config):
+        assert (config.eos_token_id, config.bos_token_id, config.pad_token_id) == (eos, bos, pad)
+    model.save_pretrained(tmp_path / "saved")
+    loaded = AutoModelForImageTextToText.from_pretrained(tmp_path / "saved")
+    assert (loaded.generation_config.eos_token_id, loaded.generation_config.pad_token_id) == (eos, pad)
+
+    mine = GenerationConfig(eos_token_id=[5, 7], pad_token_id=3, bos_token_id=4)
+    assert not getattr(mine, "_from_model_config", False)
+    model.generation_config = mine
+    model.attach_tokenizer(model.tokenizer)
+    assert (mine.eos_token_id, mine.pad_token_id, mine.bos_token_id) == ([5, 7], 3, 4)

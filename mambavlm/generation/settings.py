@@ -56,6 +56,10 @@ def _token_ids(value: int | Sequence[int] | None) -> tuple[int, ...]:
 class GenerationSettings:
     """max_new_tokens new tokens, greedy or sampled (temperature, then top-k, then top-p, as HF).
 
+    Raises ValueError for max_new_tokens < 1 and, when sampling, temperature <= 0, top_k < 0 or top_p outside
+    (0, 1]; greedy decoding ignores the sampling settings, as HF ``generate`` does (LLaVA's scripts pass
+    ``temperature=0, do_sample=False``).
+
     Generation stops early once every row has produced one of ``eos_token_ids``; a finished row gets
     ``pad_token_id`` (the first EOS id when None) for the rest, as in HF ``generate``.
     """
@@ -71,12 +75,14 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.do_sample:  # as HF: greedy decoding ignores the sampling settings (LLaVA passes temperature=0)
+            return
         if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ValueError(f"top_p must be in (0, 1] when sampling, got {self.top_p}")
 
     @property
     def fill_token_id(self) -> int | None:

@@ -9,7 +9,7 @@ from transformers import GenerationConfig
 
 from mambavlm.generation import GenerationSettings, StaticStateDecoder
 from mambavlm.generation.sampling import TokenChooser, sample_from_probs
-from tests.conftest import TINY_LMS, left_padded_prompt
+from tests.conftest import TINY_LMS, left_padded_prompt, tiny_vlm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -64,5 +64,22 @@ def test_settings_follow_hf_precedence_and_reject_what_they_cannot_do() -> None:
     with pytest.raises(ValueError, match="max_new_tokens is required"):
         GenerationSettings.from_generate_kwargs({})
     with pytest.raises(ValueError, match="top_p"):
-        GenerationSettings(max_new_tokens=1, top_p=0.0)
+        GenerationSettings(max_new_tokens=1, do_sample=True, top_p=0.0)
+    with pytest.raises(ValueError, match="temperature must be > 0 when sampling"):
+        GenerationSettings.from_generate_kwargs({"max_new_tokens": 3, "do_sample": True, "temperature": 0.0})
+    # greedy decoding ignores the sampling settings, as HF generate does (LLaVA passes temperature=0)
+    greedy = GenerationSettings.from_generate_kwargs({"max_new_tokens": 3, "temperature": 0.0, "top_p": 1.5})
+    assert not greedy.do_sample and greedy.temperature == 0.0
     assert not GenerationSettings.accepts({"num_beams": 2})
+
+
+def test_greedy_fast_path_takes_llavas_temperature_zero_as_hf_does() -> None:
+    """``temperature=0, do_sample=False`` (LLaVA's evaluation scripts): the fast path decodes greedily, the
+    tokens of HF generate with the same arguments (which ignores the temperature when not sampling)."""
+    model = tiny_vlm()
+    images, prompts = [None, None], ["what colour ?", "and this one ?"]
+    input_ids, attention_mask, pixel_values = model._prompt_batch(images, prompts)
+    kwargs = {"max_new_tokens": 4, "do_sample": False, "temperature": 0.0, "top_p": None, "eos_token_id": None}
+    fast = model.generate_ids(input_ids, attention_mask, pixel_values, fast=True, **kwargs)
+    hf = model.generate_ids(input_ids, attention_mask, pixel_values, fast=False, **kwargs)
+    assert torch.equal(fast, hf)
