@@ -46,6 +46,7 @@ from mambavlm.generation import (
     build_static_decoder,
     supports_static_decoding,
 )
+from mambavlm.generation.decoder import check_left_padded
 from mambavlm.llm.factory import LLM_SECTION_CHECKS, build_llm, check_tokenizer_fits, family_classes
 from mambavlm.llm.hybrid import layout_summary
 from mambavlm.llm.mamba_training import (
@@ -75,6 +76,15 @@ STATIC_CACHE = "static"
 """``generation_config.cache_implementation`` that selects the static-state (CUDA-graph) decoder."""
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.txt")
 """Files that say a directory holds a saved tokenizer."""
+
+
+def _check_prompts(input_ids: Tensor, attention_mask: Tensor) -> None:
+    """Generation's prompts: input_ids (B, L) with a left-padding attention_mask (B, L) (``check_left_padded``),
+    on both paths (transformers' own generate cannot tell right padding from left with ``inputs_embeds``).
+    Raises ValueError naming what is wrong."""
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (B, L), got shape {tuple(input_ids.shape)} (a single prompt: input_ids[None])")
+    check_left_padded(attention_mask, tuple(input_ids.shape))
 
 
 def is_mambavlm_directory(path: str | Path) -> bool:
@@ -364,6 +374,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
         (Mamba / Mamba-2, LLaMA and hybrid LLMs; CUDA-graph steps on CUDA); ``False``: the LLM's HF ``generate``;
         None: the fast path when the LLM is on CUDA, supported, and the arguments are ones it handles.
         """
+        _check_prompts(input_ids, attention_mask)
         self._check_length(input_ids.shape[1] + generate_kwargs.get("max_new_tokens", 0))
         inputs_embeds = self.embed(input_ids, pixel_values)
         tok = self.tokenizer
@@ -411,6 +422,7 @@ class MambaVLM(PreTrainedModel, GenerationMixin):
             raise ValueError("MambaVLM.generate needs input_ids (the processor's output)")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        _check_prompts(input_ids, attention_mask)
         config = copy.deepcopy(generation_config if generation_config is not None else self.generation_config)
         kwargs = config.update(**kwargs)
         self._check_length(input_ids.shape[1] + (config.max_new_tokens or 0))

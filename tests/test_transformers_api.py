@@ -139,6 +139,21 @@ def test_generate_reports_bad_inputs() -> None:
     with pytest.raises(ValueError, match=r"sequence too long: \d+ tokens > max_length=256"):
         model.generate(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                        max_new_tokens=1000)
+    # right padding (the HF path cannot see it behind inputs_embeds: it decoded other tokens, silently), a mask of
+    # another shape and a 1-D prompt are refused on both paths, before any model work
+    right = attention_mask.flip(1)
+    assert not bool(right[:, -1].all())
+    for call in (lambda **kw: model.generate(input_ids=input_ids, pixel_values=pixel_values, max_new_tokens=2, **kw),
+                 lambda **kw: model.generate_ids(input_ids, kw["attention_mask"], pixel_values, fast=False,
+                                                 max_new_tokens=2),
+                 lambda **kw: model.generate_ids(input_ids, kw["attention_mask"], pixel_values, fast=True,
+                                                 max_new_tokens=2)):
+        with pytest.raises(ValueError, match=r"prompts must be left-padded: attention_mask\[:, -1\] has zeros \(rows"):
+            call(attention_mask=right)
+        with pytest.raises(ValueError, match=r"attention_mask must be \(3, \d+\), got \(3, \d+\)"):
+            call(attention_mask=attention_mask[:, 1:])
+    with pytest.raises(ValueError, match=r"input_ids must be \(B, L\)"):
+        model.generate_ids(input_ids[0], attention_mask[0], pixel_values, fast=False, max_new_tokens=2)
 
 
 def test_processor_round_trips_and_prepares_what_the_model_prepares_itself(tmp_path: Path) -> None:

@@ -22,7 +22,7 @@ from mambavlm.generation.cuda_graph import CudaGraphStep
 from mambavlm.generation.sampling import TokenChooser
 from mambavlm.generation.settings import GenerationSettings
 
-__all__ = ["EOS_CHECK_INTERVAL", "StaticDecoder", "trim_after_eos"]
+__all__ = ["EOS_CHECK_INTERVAL", "StaticDecoder", "check_left_padded", "trim_after_eos"]
 
 EOS_CHECK_INTERVAL = 8
 """Tokens between the host's checks whether every row has finished (the loop's only sync)."""
@@ -119,22 +119,8 @@ class StaticDecoder(ABC):
             raise ValueError(f"inputs_embeds width {inputs_embeds.shape[-1]} != the model's hidden_size {hidden_size}")
         if inputs_embeds.device != self.device:
             raise ValueError(f"inputs_embeds are on {inputs_embeds.device}, the model on {self.device}")
-        if attention_mask is not None:
-            if attention_mask.shape != inputs_embeds.shape[:2]:
-                raise ValueError(
-                    f"attention_mask must be {tuple(inputs_embeds.shape[:2])}, got {tuple(attention_mask.shape)}"
-                )
-            mask = attention_mask.cpu()  # one sync, then every check on the host
-            if not bool(mask[:, -1].all()):
-                raise ValueError("prompts must be left-padded: attention_mask[:, -1] has zeros")
-            holes = (mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
-            if holes:
-                raise ValueError(
-                    f"prompts must be left-padded: attention_mask rows {holes} have a 0 after a 1 "
-                    "(padding only before a prompt)"
-                )
-            if bool(mask.all()):
-                attention_mask = None
+        if attention_mask is not None and check_left_padded(attention_mask, tuple(inputs_embeds.shape[:2])):
+            attention_mask = None
         self._prepare(inputs_embeds.shape[0], inputs_embeds.shape[1] + max_new_tokens)
         self._length = inputs_embeds.shape[1]
         return self._prefill(inputs_embeds, attention_mask)
@@ -200,6 +186,29 @@ class StaticDecoder(ABC):
                 break
             logits = self.step(next_ids)
         return trim_after_eos(tokens[:, :produced], eos)
+
+
+def check_left_padded(attention_mask: Tensor, shape: tuple[int, ...]) -> bool:
+    """Check a prompt batch's attention_mask (B, L) against the prompts' (B, L) ``shape``; returns whether it is
+    all ones (no padding). One device-to-host copy.
+
+    Raises:
+        ValueError: a mask of another shape, or one that is not left padding (a zero in the last column, or a
+            0 after a 1 in a row), naming the rows.
+    """
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask must be {tuple(shape)}, got {tuple(attention_mask.shape)}")
+    mask = attention_mask.cpu()  # one sync, then every check on the host
+    if not bool(mask[:, -1].all()):
+        rows = (mask[:, -1] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"prompts must be left-padded: attention_mask[:, -1] has zeros (rows {rows})")
+    holes = (mask[:, 1:] < mask[:, :-1]).any(dim=1).nonzero().flatten().tolist()
+    if holes:
+        raise ValueError(
+            f"prompts must be left-padded: attention_mask rows {holes} have a 0 after a 1 "
+            "(padding only before a prompt)"
+        )
+    return bool(mask.all())
 
 
 def trim_after_eos(tokens: Tensor, eos: Tensor | None) -> Tensor:
