@@ -8,6 +8,7 @@ logits, follows weights changed in place, and repeats bit for bit.
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 from pathlib import Path
 
@@ -219,3 +220,42 @@ def test_greedy_decoding_in_the_kernel_gives_the_one_step_paths_tokens_bit_for_b
     for tokens, logits in (in_kernel(24), one_a_launch(24)):
         assert torch.equal(tokens, reference)
         assert torch.equal(logits, last)
+
+
+@pytest.mark.gpu
+@on_hopper
+def test_choosing_the_exchange_buffers_leaves_the_states_and_the_step_as_they_were(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``MambaStackStep`` times six allocations of its y and residual words at construction, running the kernel on
+    the decoder's states: the states must come back bit for bit, and a step from them must give the logits and
+    states of a step built without the choice (one allocation) from copies of the same states."""
+    from mambavlm.generation.mamba1 import StatefulMambaMixer
+    from mambavlm.ops import mamba_stack_step as mss
+
+    torch.manual_seed(5)
+    lm = MambaForCausalLM(tiny_mamba_config(hidden_size=256, num_hidden_layers=4, state_size=16)).eval()
+    lm = strengthen_mixers(lm).to("cuda", torch.bfloat16)
+    generator = torch.Generator("cuda").manual_seed(2)
+
+    def random_states() -> list:
+        states = [StatefulMambaMixer(layer.mixer).allocate(1) for layer in lm.backbone.layers]
+        for state in states:
+            state.conv.normal_(generator=generator)
+            state.ssm.normal_(generator=generator)
+        return states
+
+    chosen_states = random_states()
+    plain_states = [dataclasses.replace(s, conv=s.conv.clone(), ssm=s.ssm.clone()) for s in chosen_states]
+    before = [(s.conv.clone(), s.ssm.clone()) for s in chosen_states]
+    chosen = mss.MambaStackStep(lm, chosen_states)
+    assert len(chosen.exchange_times_ms) == mss.EXCHANGE_CANDIDATES > 1
+    for state, (conv, ssm) in zip(chosen_states, before):
+        assert torch.equal(state.conv, conv) and torch.equal(state.ssm, ssm)
+    monkeypatch.setattr(mss, "EXCHANGE_CANDIDATES", 1)
+    plain = mss.MambaStackStep(lm, plain_states)
+    residual = torch.randn(1, 256, device="cuda", generator=generator)
+    logits = chosen(residual.clone()).clone()
+    assert torch.equal(logits, plain(residual.clone()))
+    for a, b in zip(chosen_states, plain_states):
+        assert torch.equal(a.conv, b.conv) and torch.equal(a.ssm, b.ssm)
